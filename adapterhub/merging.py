@@ -1,0 +1,665 @@
+"""Merging sparse experts in sparse space.
+
+Every method works on the **union of the experts' flat indices** of one parameter at a time
+(``cat`` + ``unique(return_inverse)`` + ``index_add_``), so the cost is O(total nnz) and no whole
+tensor is ever densified (DESIGN.md, "Merging in sparse space"). Experts are read lazily, one
+parameter of each expert at a time (:class:`LazyAdapterFile`), so peak memory stays near the size
+of the result plus one tensor per expert.
+
+Methods (registry ids are the CLI names):
+
+=================  ===============================================================================
+``uniform-sparse``  the paper's merge (Arnob et al. 2025): each entry is averaged over the experts
+                    whose mask contains it, ``sum_i w_i v_i / sum_{i: idx in mask_i} w_i``
+``uniform``         mean over all N experts, ``sum_i v_i / N``
+``weighted``        weighted mean, ``sum_i w_i v_i / sum_i w_i`` (needs ``weights``)
+``task-arithmetic`` ``lambda * sum_i w_i v_i`` (== ``peft.utils.merge_utils.task_arithmetic``)
+``ties``            trim to the top-``density`` entries of each expert by magnitude, elect the sign
+                    of the (unweighted) sum, disjoint mean (== peft ``ties``, see below)
+``dare-linear``     drop each entry with probability ``1-density``, rescale by ``1/density``, sum
+``dare-ties``       DARE drop + rescale, then sign election and disjoint mean
+``breadcrumbs``     drop the top ``gamma`` fraction (outliers) and keep the next ``density``
+                    fraction of each expert's entries by magnitude, then ``lambda * sum w_i v_i``
+=================  ===============================================================================
+
+Where the definitions coincide with PEFT, results on densified tensors equal
+``peft.utils.merge_utils`` (tests/test_merging.py). Two documented differences:
+
+* ``density`` for trimming (``ties``, ``breadcrumbs``) is a fraction of each expert's *stored
+  entries* (``k = int(density * nnz)``), not of the whole tensor: a 1% expert trimmed at 0.5 keeps
+  half its entries. PEFT's ``magnitude_based_pruning`` uses ``k = int(density * numel)``; for a
+  fully dense expert the two coincide, and for a sparse one PEFT with ``density' = k / numel``
+  keeps the same entries.
+* DARE needs random draws. ``rng="sparse"`` (default) draws one uniform number per stored entry
+  from a generator seeded by ``(seed, parameter, expert key)``: O(nnz), and independent of the
+  order the experts are given in. PEFT draws ``torch.bernoulli`` over the *whole* dense tensor
+  from the global generator, expert after expert, so its masks cannot be reproduced from O(nnz)
+  draws. ``rng="peft"`` reproduces PEFT's stream exactly (one dense Bernoulli draw per expert and
+  parameter from a generator seeded with :func:`param_seed`; use it to compare against PEFT,
+  it costs O(numel)).
+
+Merge order never changes the result: experts are put in a canonical order (their content hash)
+before any floating-point accumulation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from . import format as fmt
+from .errors import FormatError, MergeError
+from .format import SparseAdapter, SparseParam
+
+__all__ = [
+    "ExpertSource", "InMemoryExpert", "LazyAdapterFile", "MergeMethod", "MergeParamDef", "MergeResult",
+    "METHODS", "get_method", "method_names", "merge_adapters", "merge", "param_seed",
+]
+
+
+# -- expert sources ---------------------------------------------------------------------------
+
+
+class ExpertSource(ABC):
+    """One expert, readable one parameter at a time.
+
+    ``key`` orders experts canonically (content hash); ``base_fingerprint`` guards against mixing
+    bases; ``label`` is what errors and lineage show.
+    """
+
+    key: str
+    label: str
+    base_fingerprint: str | None
+
+    @abstractmethod
+    def param_names(self) -> list[str]:
+        """Names of the stored sparse parameters."""
+
+    @abstractmethod
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the base tensor ``name`` (without loading values)."""
+
+    @abstractmethod
+    def get_param(self, name: str) -> SparseParam:
+        """Load one parameter (raises KeyError if absent)."""
+
+    @abstractmethod
+    def extras(self) -> dict[str, torch.Tensor]:
+        """Dense extras (task heads)."""
+
+    @abstractmethod
+    def card(self) -> dict[str, Any]:
+        """The adapter's JSON card."""
+
+    def close(self) -> None:  # pragma: no cover - trivial
+        """Release file handles."""
+
+
+class InMemoryExpert(ExpertSource):
+    """An expert already loaded as a :class:`SparseAdapter`."""
+
+    def __init__(self, adapter: SparseAdapter, key: str | None = None, label: str | None = None,
+                 base_fingerprint: str | None = None) -> None:
+        self.adapter = adapter
+        self.key = key if key is not None else fmt.sha256_hex(fmt.save(adapter))
+        self.label = label or self.key[:12]
+        base = adapter.card.get("base") if isinstance(adapter.card.get("base"), dict) else {}
+        self.base_fingerprint = base_fingerprint if base_fingerprint is not None else base.get("fingerprint")
+
+    def param_names(self) -> list[str]:
+        return sorted(self.adapter.params)
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        return self.adapter.params[name].shape
+
+    def get_param(self, name: str) -> SparseParam:
+        return self.adapter.params[name]
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        return dict(self.adapter.extras)
+
+    def card(self) -> dict[str, Any]:
+        return dict(self.adapter.card)
+
+
+class LazyAdapterFile(ExpertSource):
+    """An adapter file read through ``mmap``: the header is parsed once, each parameter is decoded
+    on demand, so only one parameter's indices and values are in memory at a time.
+
+    Takes: ``path`` of an ``adapterhub.sparse/1`` file; ``expected_sha256`` (checked by streaming
+    the file once, so a corrupted blob is refused before any merge).
+    Raises: FormatError for a malformed file or a hash mismatch.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: str | None = None, label: str | None = None,
+                 expected_sha256: str | None = None, base_fingerprint: str | None = None) -> None:
+        self.path = Path(path)
+        if expected_sha256 is not None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            if h.hexdigest() != expected_sha256:
+                raise FormatError(f"{self.path.name}: content hash mismatch (blob corrupted)")
+        self._f = open(self.path, "rb")
+        size = os.fstat(self._f.fileno()).st_size
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._entries, meta, self._start = fmt._read_container(self._mm)  # noqa: SLF001 - same package
+        self._doc = fmt._parse_doc(meta)  # noqa: SLF001
+        self.key = key or expected_sha256 or self.path.name
+        self.label = label or self.key[:12]
+        base = self._doc.get("card", {}).get("base") or {}
+        self.base_fingerprint = base_fingerprint if base_fingerprint is not None else (
+            base.get("fingerprint") if isinstance(base, dict) else None)
+
+    def _tensor(self, tname: str) -> torch.Tensor:
+        if tname not in self._entries:
+            raise FormatError(f"{tname}: tensor missing from file")
+        dt, shape, b, e = self._entries[tname]
+        return fmt._tensor_from_bytes(self._mm[self._start + b:self._start + e], dt, shape)  # noqa: SLF001
+
+    def param_names(self) -> list[str]:
+        return sorted(self._doc["params"])
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._doc["params"][name]["shape"])
+
+    def get_param(self, name: str) -> SparseParam:
+        spec = self._doc["params"][name]
+        gaps = self._tensor(f"param::{name}::idx")
+        esc_name = f"param::{name}::esc"
+        esc = self._tensor(esc_name) if esc_name in self._entries else torch.zeros(0, dtype=torch.int64)
+        idx = fmt.decode_indices(gaps, esc, name)
+        vals = self._tensor(f"param::{name}::val")
+        p = SparseParam(tuple(spec["shape"]), idx, vals, block_size=spec.get("block_size"))
+        p.validate(name, allow_nonfinite=bool(self._doc.get("card", {}).get("allow_nonfinite", False)))
+        return p
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        return {n: self._tensor(f"extra::{n}") for n in self._doc.get("extras", [])}
+
+    def card(self) -> dict[str, Any]:
+        return dict(self._doc.get("card", {}))
+
+    def close(self) -> None:
+        if isinstance(self._mm, mmap.mmap):
+            self._mm.close()
+        self._f.close()
+
+
+# -- method registry -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeParamDef:
+    """A parameter a method accepts: name, whether required, default."""
+
+    name: str
+    required: bool = False
+    default: Any = None
+
+
+@dataclass
+class _Entry:
+    """One expert's contribution to one parameter: fp32 values at sorted flat indices."""
+
+    idx: torch.Tensor
+    vals: torch.Tensor
+    weight: float
+    key: str
+
+
+def param_seed(seed: int, param: str, key: str = "") -> int:
+    """Deterministic 63-bit seed for (seed, parameter, expert key) — the DARE generator seed."""
+    d = hashlib.sha256(f"{int(seed)}\0{param}\0{key}".encode()).digest()
+    return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
+
+
+class MergeMethod(ABC):
+    """A merge strategy. Subclasses declare ``name``, ``params`` and implement :meth:`merge_param`.
+
+    ``merge_param`` receives each contributing expert's entries (canonical order, fp32 values) and
+    returns ``(indices, values)`` on the union of indices (sorted, fp32).
+    """
+
+    name: str = ""
+    description: str = ""
+    reference: str | None = None
+    params: tuple[MergeParamDef, ...] = ()
+
+    def configure(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults, check required and unknown options, validate ranges.
+
+        Raises: MergeError naming the bad option.
+        """
+        allowed = {p.name for p in self.params}
+        out: dict[str, Any] = {}
+        for k, v in options.items():
+            if v is None:
+                continue
+            if k not in allowed:
+                raise MergeError(f"method {self.name!r} does not take {_opt(k)} (it takes: "
+                                 f"{', '.join(_opt(p.name) for p in self.params) or 'no options'})")
+            out[k] = v
+        for p in self.params:
+            if p.name not in out:
+                if p.required:
+                    raise MergeError(f"method {self.name!r} needs {_opt(p.name)}")
+                if p.default is not None:
+                    out[p.name] = p.default
+        if "density" in out and not (0.0 < float(out["density"]) <= 1.0):
+            raise MergeError(f"density must be in (0, 1], got {out['density']}")
+        if "gamma" in out and not (0.0 <= float(out["gamma"]) < 1.0):
+            raise MergeError(f"gamma must be in [0, 1), got {out['gamma']}")
+        if "lam" in out and not math.isfinite(float(out["lam"])):
+            raise MergeError(f"lambda must be finite, got {out['lam']}")
+        if out.get("rng", "sparse") not in ("sparse", "peft"):
+            raise MergeError(f"rng must be 'sparse' or 'peft', got {out['rng']!r}")
+        return out
+
+    @abstractmethod
+    def merge_param(self, name: str, shape: tuple[int, ...], entries: list[_Entry], n_experts: int,
+                    opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge one parameter."""
+
+
+def _opt(name: str) -> str:
+    return {"lam": "--lambda"}.get(name, f"--{name}")
+
+
+# - building blocks -
+
+def _union(entries: list[_Entry]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sorted union of the entries' indices and, per entry, the positions of its indices in it."""
+    cat = torch.cat([e.idx for e in entries])
+    uniq, inv = torch.unique(cat, sorted=True, return_inverse=True)
+    return uniq, list(torch.split(inv, [e.idx.numel() for e in entries]))
+
+
+def _weighted_sum(entries: list[_Entry], size: int, pos: list[torch.Tensor]) -> torch.Tensor:
+    acc = torch.zeros(size, dtype=torch.float32)
+    for e, p in zip(entries, pos):
+        w = torch.tensor(e.weight, dtype=torch.float32)
+        acc.index_add_(0, p, e.vals * w)
+    return acc
+
+
+def _magnitude_trim(e: _Entry, density: float) -> _Entry:
+    k = int(density * e.idx.numel())
+    if k >= e.idx.numel():
+        return e
+    top = torch.topk(e.vals.abs(), k, largest=True, sorted=False).indices.sort().values
+    return _Entry(e.idx[top], e.vals[top], e.weight, e.key)
+
+
+def _breadcrumbs_trim(e: _Entry, density: float, gamma: float) -> _Entry:
+    n = e.idx.numel()
+    drop_top = int(gamma * n)
+    keep = min(int(density * n), n - drop_top)
+    order = torch.argsort(e.vals.abs(), descending=True, stable=True)
+    sel = order[drop_top:drop_top + keep].sort().values
+    return _Entry(e.idx[sel], e.vals[sel], e.weight, e.key)
+
+
+def _dare_drop(e: _Entry, density: float, keep: torch.Tensor) -> _Entry:
+    # PEFT: (t * mask) / density, then * weight — same operation order for identical rounding.
+    return _Entry(e.idx[keep], e.vals[keep] / density, e.weight, e.key)
+
+
+def _dare_keep_masks(name: str, shape: tuple[int, ...], entries: list[_Entry], opts: dict[str, Any]) -> list[torch.Tensor]:
+    density = float(opts["density"])
+    seed = int(opts.get("seed", 0))
+    masks = []
+    if opts.get("rng", "sparse") == "peft":
+        g = torch.Generator().manual_seed(param_seed(seed, name))
+        for e in entries:
+            # Exactly peft.utils.merge_utils.random_pruning's draw, from our generator.
+            m = torch.bernoulli(torch.full(shape, density, dtype=torch.float32), generator=g).reshape(-1)
+            masks.append(m[e.idx] != 0)
+    else:
+        for e in entries:
+            g = torch.Generator().manual_seed(param_seed(seed, name, e.key))
+            masks.append(torch.rand(e.idx.numel(), generator=g) < density)
+    return masks
+
+
+def _disjoint(entries: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES sign election (PEFT 'total': sign of the unweighted sum) and disjoint mean."""
+    if not entries:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
+    uniq, pos = _union(entries)
+    total = torch.zeros(uniq.numel(), dtype=torch.float32)
+    for e, p in zip(entries, pos):
+        total.index_add_(0, p, e.vals)
+    majority = torch.where(total >= 0, 1.0, -1.0)
+    acc = torch.zeros(uniq.numel(), dtype=torch.float32)
+    cnt = torch.zeros(uniq.numel(), dtype=torch.float32)
+    for e, p in zip(entries, pos):
+        agree = torch.sign(e.vals) == majority[p]
+        w = torch.tensor(e.weight, dtype=torch.float32)
+        acc.index_add_(0, p[agree], (e.vals * w)[agree])
+        cnt.index_add_(0, p[agree], torch.ones(int(agree.sum()), dtype=torch.float32))
+    keep = cnt > 0
+    return uniq[keep], acc[keep] / torch.clamp(cnt[keep], min=1.0)
+
+
+class UniformSparseMerge(MergeMethod):
+    name = "uniform-sparse"
+    description = "each entry averaged over the experts whose mask contains it (Arnob et al. 2025)"
+    reference = "https://arxiv.org/abs/2507.07140"
+    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0))
+
+    def merge_param(self, name, shape, entries, n_experts, opts):
+        uniq, pos = _union(entries)
+        acc = _weighted_sum(entries, uniq.numel(), pos)
+        den = torch.zeros(uniq.numel(), dtype=torch.float32)
+        for e, p in zip(entries, pos):
+            den.index_add_(0, p, torch.full((p.numel(),), e.weight, dtype=torch.float32))
+        out = acc / den
+        lam = float(opts.get("lam", 1.0))
+        return uniq, out if lam == 1.0 else out * lam
+
+
+class WeightedMerge(MergeMethod):
+    name = "weighted"
+    description = "weighted mean over all experts: sum w_i v_i / sum w_i"
+    params = (MergeParamDef("weights", required=True), MergeParamDef("lam", default=1.0))
+
+    def merge_param(self, name, shape, entries, n_experts, opts):
+        uniq, pos = _union(entries)
+        acc = _weighted_sum(entries, uniq.numel(), pos)
+        out = acc / float(opts["_weight_total"])
+        lam = float(opts.get("lam", 1.0))
+        return uniq, out if lam == 1.0 else out * lam
+
+
+class UniformMerge(WeightedMerge):
+    name = "uniform"
+    description = "mean over all N experts"
+    params = (MergeParamDef("lam", default=1.0),)
+
+
+class TaskArithmeticMerge(MergeMethod):
+    name = "task-arithmetic"
+    description = "lambda * sum_i w_i v_i (peft task_arithmetic)"
+    reference = "https://arxiv.org/abs/2212.04089"
+    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0))
+
+    def merge_param(self, name, shape, entries, n_experts, opts):
+        uniq, pos = _union(entries)
+        return uniq, _weighted_sum(entries, uniq.numel(), pos)
+
+
+class TiesMerge(MergeMethod):
+    name = "ties"
+    description = "trim each expert to its top-density entries, elect sign, disjoint mean (peft ties)"
+    reference = "https://arxiv.org/abs/2306.01708"
+    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0), MergeParamDef("density", default=1.0))
+
+    def merge_param(self, name, shape, entries, n_experts, opts):
+        d = float(opts["density"])
+        return _disjoint([_magnitude_trim(e, d) for e in entries])
+
+
+class DareLinearMerge(MergeMethod):
+    name = "dare-linear"
+    description = "random drop (keep prob. density), rescale 1/density, weighted sum (peft dare_linear)"
+    reference = "https://arxiv.org/abs/2311.03099"
+    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0), MergeParamDef("density", required=True),
+              MergeParamDef("seed", default=0), MergeParamDef("rng", default="sparse"))
+
+    def merge_param(self, name, shape, entries, n_experts, opts):
+        masks = _dare_keep_masks(name, shape, entries, opts)
+        kept = [_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)]
+        uniq, pos = _union(kept)
+        return uniq, _weighted_sum(kept, uniq.numel(), pos)
+
+
+class DareTiesMerge(DareLinearMerge):
+    name = "dare-ties"
+    description = "random drop + rescale, then sign election and disjoint mean (peft dare_ties)"
+
+    def merge_param(self, name, shape, entries, n_experts, opts):
+        masks = _dare_keep_masks(name, shape, entries, opts)
+        return _disjoint([_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)])
+
+
+class BreadcrumbsMerge(MergeMethod):
+    name = "breadcrumbs"
+    description = "drop the top-gamma outliers, keep the next density fraction per expert, weighted sum"
+    reference = "https://arxiv.org/abs/2312.06795"
+    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0), MergeParamDef("density", default=0.9),
+              MergeParamDef("gamma", default=0.01))
+
+    def merge_param(self, name, shape, entries, n_experts, opts):
+        kept = [_breadcrumbs_trim(e, float(opts["density"]), float(opts["gamma"])) for e in entries]
+        uniq, pos = _union(kept)
+        return uniq, _weighted_sum(kept, uniq.numel(), pos)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register_method(method: MergeMethod) -> None:
+    """Add a method to the registry; raises MergeError on a duplicate name."""
+    if method.name in METHODS:
+        raise MergeError(f"merge method {method.name!r} is already registered")
+    METHODS[method.name] = method
+
+
+for _cls in (UniformSparseMerge, UniformMerge, WeightedMerge, TaskArithmeticMerge, TiesMerge,
+             DareLinearMerge, DareTiesMerge, BreadcrumbsMerge):
+    register_method(_cls())
+
+
+def method_names() -> list[str]:
+    """Registered method ids, in registry order (the CLI's choices)."""
+    return list(METHODS)
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look up a method; raises MergeError listing the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+# -- driver ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult:
+    """The merged adapter and what went into it (in the caller's order)."""
+
+    adapter: SparseAdapter
+    method: str
+    options: dict[str, Any]
+    weights: list[float]
+    labels: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Sequence[float] | None = None,
+                   lam: float | None = None, density: float | None = None, seed: int | None = None,
+                   gamma: float | None = None, rng: str | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> MergeResult:
+    """Merge experts parameter by parameter in sparse space.
+
+    Takes: expert sources (at least 2), a method id and its options (``weights`` one per expert
+    in the given order; ``lam`` the task-arithmetic lambda; ``density``/``seed``/``gamma``/``rng``
+    for trimming and DARE); ``progress(done, total)`` called after each parameter.
+    Returns: :class:`MergeResult` with an element-layout adapter whose values have the promoted
+    dtype of the experts' values; extras are carried over (same-name extras that differ are averaged).
+    Raises: MergeError (fewer than 2 experts, different bases, shape clash, bad options).
+    """
+    m = get_method(method)
+    if len(experts) < 2:
+        raise MergeError("merging needs at least two adapters")
+    if weights is not None and len(weights) != len(experts):
+        raise MergeError(f"got {len(weights)} weights for {len(experts)} adapters")
+    if weights is not None and not all(math.isfinite(float(w)) for w in weights):
+        raise MergeError("weights must be finite numbers")
+    opts = m.configure({"weights": list(weights) if weights is not None else None, "lam": lam, "density": density,
+                        "seed": seed, "gamma": gamma, "rng": rng})
+    fps = {e.base_fingerprint for e in experts}
+    if len(fps) > 1:
+        raise MergeError("cannot merge adapters of different bases: " + ", ".join(
+            f"{e.label} ({(e.base_fingerprint or 'unknown')[:12]})" for e in experts))
+    w_in = [float(w) for w in (weights if weights is not None else [1.0] * len(experts))]
+    lam_v = float(opts.get("lam", 1.0))
+    if isinstance(m, (TaskArithmeticMerge, TiesMerge, DareLinearMerge, BreadcrumbsMerge)):
+        eff = [lam_v * w for w in w_in]  # lambda folded into the weights, as peft is called with
+    else:
+        eff = list(w_in)
+    if isinstance(m, WeightedMerge):
+        total = sum(w_in)
+        if total == 0:
+            raise MergeError("weights sum to zero")
+        opts["_weight_total"] = total
+    if isinstance(m, UniformSparseMerge) and any(w <= 0 for w in w_in):
+        raise MergeError("uniform-sparse weights must be positive")
+    # Canonical order: by content key, so the input order never changes the floating-point result.
+    order = sorted(range(len(experts)), key=lambda i: (experts[i].key, eff[i]))
+    keys = [experts[i].key for i in order]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise MergeError(f"the same adapter is given twice ({dup[:12]}); use --weights instead")
+    ordered = [(experts[i], eff[i]) for i in order]
+    names = sorted({n for e, _ in ordered for n in e.param_names()})
+    params: dict[str, SparseParam] = {}
+    dtypes: list[torch.dtype] = []
+    nnz_in = 0
+    for k, name in enumerate(names):
+        entries: list[_Entry] = []
+        shape: tuple[int, ...] | None = None
+        for e, w in ordered:
+            if name not in e.param_names():
+                continue
+            sh = e.param_shape(name)
+            if shape is not None and sh != shape:
+                raise MergeError(f"{name}: shape {sh} in {e.label} differs from {shape}")
+            shape = sh
+            p = e.get_param(name)
+            idx, vals = p.flat()
+            dtypes.append(vals.dtype)
+            nnz_in += idx.numel()
+            entries.append(_Entry(idx, vals.to(torch.float32), w, e.key))
+            del p
+        assert shape is not None
+        idx, vals = m.merge_param(name, shape, entries, len(ordered), opts)
+        del entries
+        params[name] = SparseParam(shape, idx.contiguous(), vals)
+        if progress is not None:
+            progress(k + 1, len(names))
+    out_dtype = _promote(dtypes) if dtypes else torch.float32
+    for p in params.values():
+        p.values = p.values.to(out_dtype).contiguous()
+    extras, averaged = _merge_extras([e for e, _ in ordered])
+    public_opts = {k: v for k, v in opts.items() if not k.startswith("_") and k != "weights"}
+    card: dict[str, Any] = {"kind": "merge", "merge": {"method": m.name, "options": public_opts, "weights": w_in,
+                                                      "experts": [e.label for e in experts]}}
+    cards = [e.card() for e, _ in ordered]
+    base = next((c.get("base") for c in cards if isinstance(c.get("base"), dict)), None)
+    if base:
+        card["base"] = base
+    labels: dict[str, Any] = {}
+    for c in cards:
+        if isinstance(c.get("labels"), dict):
+            labels.update(c["labels"])
+    if labels:
+        card["labels"] = labels
+    tasks = sorted({str(c["task"]) for c in cards if c.get("task")})
+    if tasks:
+        card["tasks"] = tasks
+    if averaged:
+        card["merge"]["extras_averaged"] = averaged
+    adapter = SparseAdapter(params, extras, card)
+    return MergeResult(adapter, m.name, public_opts, w_in, [e.label for e in experts],
+                       {"params": len(params), "nnz_in": nnz_in, "nnz_out": adapter.nnz})
+
+
+def _merge_extras(experts: Sequence[ExpertSource]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    seen: dict[str, list[torch.Tensor]] = {}
+    for e in experts:
+        for n, t in e.extras().items():
+            seen.setdefault(n, []).append(t)
+    out: dict[str, torch.Tensor] = {}
+    averaged = []
+    for n in sorted(seen):
+        ts = seen[n]
+        if any(t.shape != ts[0].shape or t.dtype != ts[0].dtype for t in ts):
+            raise MergeError(f"extra {n}: experts carry it with different shapes or dtypes")
+        if all(torch.equal(t, ts[0]) for t in ts[1:]):
+            out[n] = ts[0]
+        elif ts[0].is_floating_point():
+            out[n] = (torch.stack([t.to(torch.float32) for t in ts]).mean(0)).to(ts[0].dtype)
+            averaged.append(n)
+        else:
+            raise MergeError(f"extra {n}: experts disagree on a non-float tensor")
+    return out, averaged
+
+
+def merge(ws: Any, refs: Sequence[str], method: str, *, weights: Sequence[float] | None = None,
+          lam: float | None = None, density: float | None = None, seed: int | None = None,
+          gamma: float | None = None, rng: str | None = None, name: str,
+          progress: Callable[[int, int], None] | None = None) -> Any:
+    """Merge catalog versions into a new ``merge`` version with ``merged_from`` lineage.
+
+    Takes: a Workspace, at least two REFs, the method and its options, the output adapter ``name``.
+    Returns: the new VersionInfo.
+    Raises: RefError (unknown ref), MergeError (different bases, bad options), StoreError.
+    Nothing is written unless the merge succeeds.
+    """
+    from .api import Parent  # local: api imports the whole stack
+
+    infos = [ws.resolve(r) for r in refs]
+    bases = {(i.base, i.base_fingerprint) for i in infos}
+    if len({fp for _, fp in bases}) > 1:
+        raise MergeError("cannot merge adapters of different bases: " + ", ".join(
+            f"{i.ref} (base {i.base})" for i in infos))
+    sources: list[ExpertSource] = []
+    try:
+        for i in infos:
+            sources.append(LazyAdapterFile(ws.store.path(i.content_hash), key=i.content_hash, label=i.ref,
+                                           expected_sha256=i.content_hash, base_fingerprint=i.base_fingerprint))
+        res = merge_adapters(sources, method, weights=weights, lam=lam, density=density, seed=seed, gamma=gamma,
+                             rng=rng, progress=progress)
+    finally:
+        for s in sources:
+            s.close()
+    base_name = infos[0].base
+    params_doc = {"method": res.method, **res.options}
+    parents = tuple(Parent(i.ref, "merged_from", weight=w, params=params_doc) for i, w in zip(infos, res.weights))
+    tasks = sorted({i.task for i in infos if i.task})
+    task = tasks[0] if len(tasks) == 1 else "multi"
+    res.adapter.card.setdefault("task", task)
+    return ws.register(res.adapter, name=name, task=task, base=base_name, kind="merge", parents=parents)
+
+
+def iter_methods() -> Iterator[dict[str, Any]]:
+    """Rows describing each method (for ``--help`` text and docs)."""
+    for m in METHODS.values():
+        yield {"name": m.name, "description": m.description, "reference": m.reference,
+               "params": [p.name for p in m.params]}
+
+
+def describe(result: MergeResult) -> str:
+    """One-line JSON summary of a merge (for logs)."""
+    return json.dumps({"method": result.method, "options": result.options, "weights": result.weights,
+                       **result.stats}, sort_keys=True)
