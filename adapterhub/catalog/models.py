@@ -1,0 +1,164 @@
+"""SQLAlchemy 2.0 ORM models of the catalog. The schema itself comes only from Alembic revisions
+in ``migrations/`` (a test checks that these models and the migrations agree)."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData,
+                        String, Text, UniqueConstraint)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# One portable JSON column type: JSONB on PostgreSQL, JSON (text) elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+KINDS = ("expert", "merge", "unlearning")
+RELATIONS = ("finetuned_from", "merged_from", "unlearns", "imported_from")
+ACTIONS = ("create", "apply", "revert", "rollback", "recover")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class BaseModel(Base):
+    """A base model adapters are trained on, identified by a fingerprint of its weights."""
+
+    __tablename__ = "base_models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    source: Mapped[str] = mapped_column(Text)
+    revision: Mapped[Optional[str]] = mapped_column(String(200))
+    architecture: Mapped[Optional[str]] = mapped_column(String(200))
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    num_params: Mapped[Optional[int]] = mapped_column(BigInteger)
+    local_path: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Adapter(Base):
+    """A named adapter; its immutable versions are AdapterVersion rows."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (CheckConstraint("kind IN ('expert','merge','unlearning')", name="kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    description: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    base: Mapped[BaseModel] = relationship(lazy="joined")
+    versions: Mapped[list["AdapterVersion"]] = relationship(back_populates="adapter", lazy="raise",
+                                                            order_by="AdapterVersion.number")
+
+
+class AdapterVersion(Base):
+    """One immutable version of an adapter: a blob in the store plus its metadata."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "number"),
+        Index("ix_adapter_versions_task_created", "task", "created_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    task: Mapped[Optional[str]] = mapped_column(String(100))
+    mask_method: Mapped[Optional[str]] = mapped_column(String(50))
+    density: Mapped[Optional[float]] = mapped_column(Float)
+    granularity: Mapped[Optional[str]] = mapped_column(String(20))
+    block_size: Mapped[Optional[int]] = mapped_column(Integer)
+    target_modules: Mapped[Optional[Any]] = mapped_column(JSONType)
+    nnz: Mapped[int] = mapped_column(BigInteger)
+    nnz_per_param: Mapped[Optional[Any]] = mapped_column(JSONType)
+    dtype: Mapped[Optional[str]] = mapped_column(String(20))
+    mask_hash: Mapped[Optional[str]] = mapped_column(String(64))
+    training_config: Mapped[Optional[Any]] = mapped_column(JSONType)
+    metrics: Mapped[Optional[Any]] = mapped_column(JSONType)
+    card: Mapped[Optional[Any]] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    hub_repo: Mapped[Optional[str]] = mapped_column(String(300))
+    hub_commit: Mapped[Optional[str]] = mapped_column(String(64))
+    hub_tag: Mapped[Optional[str]] = mapped_column(String(100))
+    hub_endpoint: Mapped[Optional[str]] = mapped_column(String(300))
+
+    adapter: Mapped[Adapter] = relationship(back_populates="versions", lazy="joined")
+
+
+class LineageEdge(Base):
+    """child -> parent with a relation; parent is NULL for imported_from (provenance in params)."""
+
+    __tablename__ = "lineage_edges"
+    __table_args__ = (
+        CheckConstraint("relation IN ('finetuned_from','merged_from','unlearns','imported_from')", name="relation"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    child_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"), index=True)
+    relation: Mapped[str] = mapped_column(String(20))
+    weight: Mapped[Optional[float]] = mapped_column(Float)
+    params: Mapped[Optional[Any]] = mapped_column(JSONType)
+
+
+class Tag(Base):
+    """A movable name (``prod``, ``candidate``) pointing at one version of an adapter."""
+
+    __tablename__ = "tags"
+    __table_args__ = (UniqueConstraint("adapter_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Deployment(Base):
+    """A materialised model folder = base + ordered stack of applied adapter versions."""
+
+    __tablename__ = "deployments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    state_fingerprint: Mapped[Optional[str]] = mapped_column(String(64))
+    stack: Mapped[Optional[Any]] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    base: Mapped[BaseModel] = relationship(lazy="joined")
+
+
+class DeploymentEvent(Base):
+    """One create/apply/revert/rollback/recover on a deployment, with the resulting state."""
+
+    __tablename__ = "deployment_events"
+    __table_args__ = (
+        UniqueConstraint("deployment_id", "seq"),
+        CheckConstraint("action IN ('create','apply','revert','rollback','recover')", name="action"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(20))
+    version_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    scale: Mapped[Optional[float]] = mapped_column(Float)
+    stack: Mapped[Optional[Any]] = mapped_column(JSONType)
+    state_fingerprint: Mapped[str] = mapped_column(String(64))
+    details: Mapped[Optional[Any]] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,563 @@
+"""The adapterhub sparse adapter file format (``adapterhub.sparse/1``).
+
+One ``.safetensors`` file holds, per target parameter of a base model, the positions of the
+non-zero entries of a weight delta and their values, plus optional dense extras (a task head)
+and a JSON card in the header metadata. See ``docs/format.md`` for the full specification.
+
+Design points (why, not what):
+
+* Indices are flat row-major positions, strictly increasing. They are stored as **uint16 gaps**
+  (``idx[i] - idx[i-1]``, with ``idx[-1] = -1``); a gap that does not fit in 16 bits is written
+  as ``0`` (impossible otherwise, gaps are >= 1) and its real value goes into a small int64
+  escape list. That is 2 bytes per non-zero at any density where gaps stay below 65536
+  (PEFT SHiRA stores 8: two int32 COO coordinates).
+* Block layout stores one gap-encoded index per ``b x b`` tile of the 2-D view of the tensor.
+* We write the safetensors container ourselves (it is tiny: u64 header length, JSON header,
+  raw bytes) so the bytes are canonical: sorted JSON keys, no whitespace, tensors ordered by
+  (alignment, name), header padded with spaces to 8 bytes, a single metadata entry. The file
+  is still read by the ``safetensors`` library. The same adapter always gives the same bytes,
+  so the file's sha256 is the version identity.
+* Loading parses and validates the header *before* touching tensor data: declared sizes must
+  match the offsets and the file length (a crafted header cannot make us allocate), then
+  dtypes, counts, sortedness, ranges and finiteness are checked. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .errors import FormatError
+
+FORMAT_ID = "adapterhub.sparse/1"
+METADATA_KEY = "adapterhub"
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+GAP_LIMIT = 1 << 16
+
+_DTYPE_TO_ST: dict[torch.dtype, str] = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.bool: "BOOL",
+}
+_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "BOOL": 1}
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EXTRA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name of a value dtype as the catalog and CLI show it (``fp32``, ``bf16``, ``fp16``)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name` for value dtypes; raises FormatError on anything else."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    try:
+        return table[name]
+    except KeyError:
+        raise FormatError(f"unknown value dtype {name!r}; use fp32, bf16 or fp16") from None
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data`` (the identity of an adapter file)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _view2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+        return (1, shape[0]) if shape else (1, 1)
+    return math.prod(shape[:-1]), shape[-1]
+
+
+@dataclass
+class SparseParam:
+    """The sparse delta of one base tensor.
+
+    Element layout (``block_size is None``): ``indices`` are sorted, unique flat row-major
+    positions into the base tensor (int64, 1-D) and ``values`` is 1-D of the same length.
+    Block layout: the tensor is viewed 2-D as ``(prod(shape[:-1]), shape[-1])``, both dims
+    divisible by ``block_size``; ``indices`` are sorted unique flat positions in the block grid
+    and ``values`` has shape ``(nblocks, b, b)``.
+    """
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @property
+    def layout(self) -> str:
+        return "element" if self.block_size is None else "block"
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored values (elements, not blocks)."""
+        return int(self.values.numel())
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Element indices (int64, sorted) and 1-D values, whatever the layout."""
+        if self.block_size is None:
+            return self.indices, self.values
+        b = self.block_size
+        _, cols = _view2d(self.shape)
+        nbc = cols // b
+        br = torch.div(self.indices, nbc, rounding_mode="floor")
+        bc = self.indices % nbc
+        ar = torch.arange(b, dtype=torch.int64)
+        rows_idx = (br[:, None, None] * b + ar[None, :, None])  # (nb, b, 1)
+        cols_idx = (bc[:, None, None] * b + ar[None, None, :])  # (nb, 1, b)
+        flat = (rows_idx * cols + cols_idx).reshape(-1)
+        vals = self.values.reshape(-1)
+        order = torch.argsort(flat)
+        return flat[order], vals[order]
+
+    def mask(self) -> torch.Tensor:
+        """Dense boolean mask of the base tensor's shape."""
+        m = torch.zeros(self.numel, dtype=torch.bool)
+        m[self.flat()[0]] = True
+        return m.reshape(self.shape)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The delta as a dense tensor (for tests and small tensors; never done for whole models)."""
+        idx, vals = self.flat()
+        out = torch.zeros(self.numel, dtype=dtype or vals.dtype)
+        out[idx] = vals.to(out.dtype)
+        return out.reshape(self.shape)
+
+    @classmethod
+    def from_flat(cls, shape: tuple[int, ...], indices: torch.Tensor, values: torch.Tensor) -> "SparseParam":
+        """Element layout from (possibly unsorted, unique) flat indices and values."""
+        indices = indices.to(torch.int64).reshape(-1)
+        values = values.reshape(-1)
+        order = torch.argsort(indices)
+        return cls(tuple(shape), indices[order].contiguous(), values[order].contiguous())
+
+    @classmethod
+    def from_mask(cls, delta: torch.Tensor, mask: torch.Tensor) -> "SparseParam":
+        """Element layout keeping ``delta`` where ``mask`` is true."""
+        if delta.shape != mask.shape:
+            raise FormatError(f"mask shape {tuple(mask.shape)} differs from delta shape {tuple(delta.shape)}")
+        idx = mask.reshape(-1).nonzero().reshape(-1)
+        return cls(tuple(delta.shape), idx, delta.reshape(-1)[idx].contiguous())
+
+    @classmethod
+    def from_block_mask(cls, delta: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> "SparseParam":
+        """Block layout: ``block_mask`` has shape (rows//b, cols//b) of the 2-D view of ``delta``."""
+        shape = tuple(delta.shape)
+        rows, cols = _view2d(shape)
+        b = block_size
+        if rows % b or cols % b:
+            raise FormatError(f"shape {shape} is not divisible into {b}x{b} blocks")
+        grid = delta.reshape(rows // b, b, cols // b, b).permute(0, 2, 1, 3)
+        bidx = block_mask.reshape(-1).nonzero().reshape(-1)
+        vals = grid.reshape(-1, b, b)[bidx].contiguous()
+        return cls(shape, bidx, vals, block_size=b)
+
+    def validate(self, name: str, *, allow_nonfinite: bool = False) -> None:
+        """Raise FormatError naming ``name`` if this parameter is inconsistent."""
+        idx, vals = self.indices, self.values
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            raise FormatError(f"{name}: indices must be a 1-D int64 tensor")
+        if vals.dtype not in VALUE_DTYPES:
+            raise FormatError(f"{name}: values dtype {vals.dtype} not allowed (fp32, bf16, fp16)")
+        if any(s <= 0 for s in self.shape):
+            raise FormatError(f"{name}: invalid shape {self.shape}")
+        if self.block_size is None:
+            limit = self.numel
+            if vals.dim() != 1 or vals.numel() != idx.numel():
+                raise FormatError(f"{name}: {idx.numel()} indices but values of shape {tuple(vals.shape)}")
+        else:
+            b = self.block_size
+            if b <= 0:
+                raise FormatError(f"{name}: invalid block size {b}")
+            rows, cols = _view2d(self.shape)
+            if rows % b or cols % b:
+                raise FormatError(f"{name}: shape {self.shape} is not divisible into {b}x{b} blocks")
+            limit = (rows // b) * (cols // b)
+            if tuple(vals.shape) != (idx.numel(), b, b):
+                raise FormatError(f"{name}: {idx.numel()} blocks but values of shape {tuple(vals.shape)}")
+        if idx.numel():
+            if int(idx[0]) < 0:
+                raise FormatError(f"{name}: negative index {int(idx[0])}")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise FormatError(f"{name}: indices are not strictly increasing (unsorted or duplicate)")
+            if int(idx[-1]) >= limit:
+                raise FormatError(f"{name}: index {int(idx[-1])} out of range for {limit} positions")
+        if not allow_nonfinite and vals.numel() and not bool(torch.isfinite(vals).all()):
+            raise FormatError(f"{name}: values contain NaN or infinity")
+
+
+@dataclass
+class SparseAdapter:
+    """A sparse adapter: sparse deltas per base tensor, dense extras, and a JSON card."""
+
+    params: dict[str, SparseParam]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nnz(self) -> int:
+        return sum(p.nnz for p in self.params.values())
+
+    @property
+    def numel(self) -> int:
+        """Total size of the targeted base tensors."""
+        return sum(p.numel for p in self.params.values())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        dts = {p.dtype for p in self.params.values()}
+        return dts.pop() if len(dts) == 1 else None
+
+    def nnz_per_param(self) -> dict[str, int]:
+        return {k: self.params[k].nnz for k in sorted(self.params)}
+
+    def mask_hash(self) -> str:
+        """sha256 over the sorted parameter names, shapes and element indices: same mask, same hash."""
+        h = hashlib.sha256()
+        for name in sorted(self.params):
+            p = self.params[name]
+            idx, _ = p.flat()
+            h.update(name.encode() + b"\0" + json.dumps(list(p.shape)).encode() + b"\0")
+            h.update(idx.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
+    def validate(self, *, allow_nonfinite: bool = False) -> None:
+        for name in sorted(self.params):
+            _check_name(name)
+            self.params[name].validate(name, allow_nonfinite=allow_nonfinite)
+        for name in sorted(self.extras):
+            _check_name(name)
+            t = self.extras[name]
+            if t.dtype not in EXTRA_DTYPES:
+                raise FormatError(f"extra {name}: dtype {t.dtype} not allowed")
+            if not allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"extra {name}: values contain NaN or infinity")
+        try:
+            json.dumps(self.card, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"card is not JSON-serialisable: {e}") from None
+
+    def check_base(self, base_shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise FormatError if a parameter is missing from the base or its shape differs."""
+        for name in sorted(self.params):
+            if name not in base_shapes:
+                raise FormatError(f"{name}: no such tensor in the base model")
+            if tuple(base_shapes[name]) != self.params[name].shape:
+                raise FormatError(
+                    f"{name}: shape {self.params[name].shape} does not match the base's {tuple(base_shapes[name])}")
+
+
+def _check_name(name: str) -> None:
+    if not name or "\0" in name or len(name) > 1024 or "::" in name:
+        raise FormatError(f"invalid tensor name {name!r}")
+
+
+# -- index coding -------------------------------------------------------------------------------
+
+def encode_indices(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted int64 indices -> (uint16 gaps, int64 escapes). See the module docstring."""
+    idx = idx.to(torch.int64)
+    if idx.numel() == 0:
+        return torch.zeros(0, dtype=torch.uint16), torch.zeros(0, dtype=torch.int64)
+    gaps = torch.diff(idx, prepend=torch.tensor([-1], dtype=torch.int64))
+    big = gaps >= GAP_LIMIT
+    escapes = gaps[big].contiguous()
+    gaps = torch.where(big, torch.zeros_like(gaps), gaps)
+    return gaps.to(torch.uint16), escapes
+
+
+def decode_indices(gaps: torch.Tensor, escapes: torch.Tensor, name: str) -> torch.Tensor:
+    """Inverse of :func:`encode_indices`; raises FormatError if escapes do not match."""
+    g = gaps.to(torch.int64)
+    zero = g == 0
+    nz = int(zero.sum())
+    if nz != escapes.numel():
+        raise FormatError(f"{name}: {nz} escaped gaps but {escapes.numel()} escape values")
+    if nz:
+        if bool((escapes < GAP_LIMIT).any()):
+            raise FormatError(f"{name}: escape value below {GAP_LIMIT}")
+        g[zero] = escapes
+    idx = torch.cumsum(g, 0) - 1
+    return idx
+
+
+# -- container -----------------------------------------------------------------------------------
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().tobytes()
+    if t.dtype == torch.uint16:
+        return t.to(torch.int32).numpy().astype("<u2").tobytes()
+    return t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
+
+
+def _tensor_from_bytes(buf: bytes, st_dtype: str, shape: list[int]) -> torch.Tensor:
+    dtype = _ST_TO_DTYPE[st_dtype]
+    if not buf:
+        return torch.zeros(shape, dtype=dtype)
+    if dtype == torch.uint16:
+        import numpy as np
+
+        arr = np.frombuffer(buf, dtype="<u2").astype(np.int32)
+        return torch.from_numpy(arr).to(torch.uint16).reshape(shape)
+    return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape).clone()
+
+
+def _write_container(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    # Order by (itemsize desc, name) so every tensor starts aligned to its own size, like safetensors.
+    names = sorted(tensors, key=lambda n: (-_ITEMSIZE[_DTYPE_TO_ST[tensors[n].dtype]], n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    chunks: list[bytes] = []
+    offset = 0
+    for n in names:
+        t = tensors[n]
+        data = _tensor_bytes(t)
+        header[n] = {"dtype": _DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hjson += b" " * ((8 - len(hjson) % 8) % 8)
+    return struct.pack("<Q", len(hjson)) + hjson + b"".join(chunks)
+
+
+def _read_container(data: bytes) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str], int]:
+    """Parse and check the header. Returns ({name: (dtype, shape, begin, end)}, metadata, data_start)."""
+    if len(data) < 8:
+        raise FormatError("file is truncated: no safetensors header")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(data):
+        raise FormatError(f"file is truncated or corrupt: header declares {hlen} bytes, file has {len(data)}")
+    try:
+        header = json.loads(data[8:8 + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"bad safetensors header: {e.__class__.__name__}") from None
+    if not isinstance(header, dict):
+        raise FormatError("bad safetensors header: not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise FormatError("bad safetensors header: __metadata__ must map strings to strings")
+    start = 8 + hlen
+    body = len(data) - start
+    entries: dict[str, tuple[str, list[int], int, int]] = {}
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise FormatError(f"{name}: bad tensor entry in header")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dt not in _ST_TO_DTYPE:
+            raise FormatError(f"{name}: unsupported dtype {dt!r}")
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**48 for s in shape)
+                or len(shape) > 8):
+            raise FormatError(f"{name}: bad shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                or not 0 <= offs[0] <= offs[1] <= body):
+            raise FormatError(f"{name}: data offsets {offs!r} outside the file ({body} data bytes)")
+        n = 1
+        for s in shape:
+            n *= s
+        if n * _ITEMSIZE[dt] != offs[1] - offs[0]:
+            raise FormatError(f"{name}: shape {shape} of {dt} needs {n * _ITEMSIZE[dt]} bytes, header gives {offs[1] - offs[0]}")
+        entries[name] = (dt, shape, offs[0], offs[1])
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    pos = 0
+    for b, e, name in spans:
+        if b != pos:
+            raise FormatError(f"{name}: tensor data overlaps or leaves a hole at byte {pos}")
+        pos = e
+    if pos != body:
+        raise FormatError(f"file has {body - pos} trailing bytes after the last tensor (truncated or corrupt)")
+    return entries, meta, start
+
+
+def save(adapter: SparseAdapter) -> bytes:
+    """Serialise ``adapter`` to canonical bytes (validates first; raises FormatError)."""
+    adapter.validate(allow_nonfinite=bool(adapter.card.get("allow_nonfinite", False)))
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {}
+    for name in sorted(adapter.params):
+        p = adapter.params[name]
+        gaps, esc = encode_indices(p.indices)
+        tensors[f"param::{name}::idx"] = gaps
+        if esc.numel():
+            tensors[f"param::{name}::esc"] = esc
+        tensors[f"param::{name}::val"] = p.values.detach().cpu().contiguous()
+        layout[name] = {"shape": list(p.shape), "layout": p.layout, "block_size": p.block_size,
+                        "count": int(p.indices.numel()), "nnz": p.nnz, "dtype": dtype_name(p.values.dtype)}
+    for name in sorted(adapter.extras):
+        tensors[f"extra::{name}"] = adapter.extras[name].detach().cpu().contiguous()
+    doc = {"format": FORMAT_ID, "params": layout, "extras": sorted(adapter.extras), "card": adapter.card}
+    meta = {METADATA_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)}
+    return _write_container(tensors, meta)
+
+
+def read_card(data: bytes) -> dict[str, Any]:
+    """Only the JSON document of a file (format, params layout, extras, card), without loading tensors."""
+    _, meta, _ = _read_container(data)
+    return _parse_doc(meta)
+
+
+def _parse_doc(meta: dict[str, str]) -> dict[str, Any]:
+    if METADATA_KEY not in meta:
+        raise FormatError("not an adapterhub file: no 'adapterhub' metadata in the safetensors header")
+    try:
+        doc = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"bad adapterhub card JSON: {e.msg}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_ID:
+        raise FormatError(f"unsupported adapter format {doc.get('format') if isinstance(doc, dict) else None!r} (expected {FORMAT_ID})")
+    if not isinstance(doc.get("params"), dict) or not isinstance(doc.get("extras", []), list) or not isinstance(doc.get("card", {}), dict):
+        raise FormatError("bad adapterhub card: params, extras or card has the wrong type")
+    return doc
+
+
+def load(data: bytes, *, allow_nonfinite: bool = False) -> SparseAdapter:
+    """Parse and validate adapter bytes. Raises FormatError naming the tensor and the problem."""
+    entries, meta, start = _read_container(data)
+    doc = _parse_doc(meta)
+    card = doc.get("card", {})
+    allow_nonfinite = allow_nonfinite or bool(card.get("allow_nonfinite", False))
+    expected: set[str] = set()
+
+    def get(tname: str, dtypes: tuple[str, ...]) -> torch.Tensor:
+        if tname not in entries:
+            raise FormatError(f"{tname}: tensor missing from file")
+        dt, shape, b, e = entries[tname]
+        if dt not in dtypes:
+            raise FormatError(f"{tname}: dtype {dt} not allowed here (expected {' or '.join(dtypes)})")
+        expected.add(tname)
+        return _tensor_from_bytes(data[start + b:start + e], dt, shape)
+
+    params: dict[str, SparseParam] = {}
+    for name, spec in sorted(doc["params"].items()):
+        _check_name(name)
+        try:
+            shape = tuple(int(s) for s in spec["shape"])
+            layout = spec["layout"]
+            block = spec.get("block_size")
+            count = int(spec["count"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{name}: bad layout entry in card") from None
+        if layout not in ("element", "block") or (layout == "block") != (block is not None):
+            raise FormatError(f"{name}: bad layout {layout!r} / block size {block!r}")
+        if block is not None and (not isinstance(block, int) or block <= 0):
+            raise FormatError(f"{name}: bad block size {block!r}")
+        gaps = get(f"param::{name}::idx", ("U16",))
+        if gaps.dim() != 1 or gaps.numel() != count:
+            raise FormatError(f"{name}: index count {gaps.numel()} does not match the card's {count}")
+        esc_name = f"param::{name}::esc"
+        esc = get(esc_name, ("I64",)) if esc_name in entries else torch.zeros(0, dtype=torch.int64)
+        if esc.dim() != 1:
+            raise FormatError(f"{name}: escape list must be 1-D")
+        idx = decode_indices(gaps, esc, name)
+        vals = get(f"param::{name}::val", ("F32", "BF16", "F16"))
+        p = SparseParam(shape, idx, vals, block_size=block)
+        p.validate(name, allow_nonfinite=allow_nonfinite)
+        params[name] = p
+    extras: dict[str, torch.Tensor] = {}
+    for name in doc.get("extras", []):
+        if not isinstance(name, str):
+            raise FormatError("bad extras list in card")
+        _check_name(name)
+        extras[name] = get(f"extra::{name}", tuple(_DTYPE_TO_ST[d] for d in EXTRA_DTYPES))
+    unknown = sorted(set(entries) - expected)
+    if unknown:
+        raise FormatError(f"{unknown[0]}: tensor not described by the card")
+    adapter = SparseAdapter(params, extras, card)
+    for name, t in extras.items():
+        if not allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"extra {name}: values contain NaN or infinity")
+    return adapter
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_file(adapter: SparseAdapter, path: str | os.PathLike[str]) -> str:
+    """Write ``adapter`` to ``path`` atomically; returns the file's sha256."""
+    data = save(adapter)
+    atomic_write_bytes(path, data)
+    return sha256_hex(data)
+
+
+_REFUSED_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+
+def read_bytes_checked(path: str | os.PathLike[str]) -> bytes:
+    """Read an adapter file, refusing pickle-based formats with a pointer to safetensors."""
+    path = Path(path)
+    if path.suffix.lower() in _REFUSED_SUFFIXES:
+        raise FormatError(f"{path.name}: pickle-based files ({path.suffix}) are refused; convert to .safetensors")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, expected a .safetensors file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def load_file(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> SparseAdapter:
+    """Load and validate an adapter file."""
+    return load(read_bytes_checked(path), allow_nonfinite=allow_nonfinite)

@@ -1,0 +1,432 @@
+"""Exact apply and revert of sparse adapters, in memory and in place on disk.
+
+Applying writes ``W[idx] = round(W[idx] + scale * v)``: the sum is computed in fp32 (fp64 for
+fp64 weights) and rounded **once** to the weight dtype. Before writing, the original ``W[idx]``
+are saved (``index_select``) in an undo record; revert writes them back (``index_copy_``), so the
+weights return bit for bit — unlike PEFT's unmerge, which subtracts and drifts (DESIGN.md, "Exact
+apply and revert"). Cost is O(nnz).
+
+On disk a safetensors file is patched in place through a memory map of its data region (we parse
+the 8-byte length + JSON header ourselves). :class:`DiskTransaction` writes a write-ahead undo
+record — the original bytes of every position the operation will touch — and fsyncs it *before*
+the first byte of the weights changes; :func:`recover_wal` puts those bytes back after a crash.
+
+``fault_point(name)`` is the fault-injection hook used by the crash tests: with
+``ADAPTERHUB_FAULT=<name>`` in the environment the process SIGKILLs itself there.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import BaseModelError, DeploymentError
+from .faults import fault_point  # re-exported: the crash tests' hook
+from .format import SparseAdapter
+
+__all__ = [
+    "UndoEntry", "UndoRecord", "apply_adapter", "revert", "revert_all", "applied", "state_fingerprint",
+    "resolve_names", "patch_flat", "SafetensorsFile", "DiskTransaction", "recover_wal", "fault_point",
+    "ST_DTYPES",
+]
+
+ST_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                                     "F64": torch.float64}
+_TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+_ALL_ST = {**ST_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
+
+
+# -- the numeric core --------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``flat[idx] = round(flat[idx] + scale * values)`` in place; returns the originals.
+
+    Takes: a 1-D floating tensor (a view of the weights), sorted unique int64 positions, values.
+    Returns: a copy of ``flat[idx]`` before the write (the undo data).
+    """
+    orig = flat.index_select(0, idx)
+    ct = _compute_dtype(flat.dtype)
+    delta = values.to(ct)
+    if scale != 1.0:
+        delta = delta * scale
+    flat.index_copy_(0, idx, (orig.to(ct) + delta).to(flat.dtype))
+    return orig
+
+
+# -- in memory ------------------------------------------------------------------------------------
+
+
+@dataclass
+class UndoEntry:
+    """Original values of one tensor at the positions an apply touched."""
+
+    name: str
+    indices: torch.Tensor
+    original: torch.Tensor
+
+
+@dataclass
+class UndoRecord:
+    """Everything needed to revert one apply exactly (entries in application order)."""
+
+    entries: list[UndoEntry] = field(default_factory=list)
+    label: str = ""
+    scale: float = 1.0
+
+    @property
+    def nnz(self) -> int:
+        return sum(e.indices.numel() for e in self.entries)
+
+
+def _tensors_of(target: Any) -> MutableMapping[str, torch.Tensor]:
+    if isinstance(target, torch.nn.Module):
+        out: dict[str, torch.Tensor] = {}
+        for k, v in target.state_dict(keep_vars=True).items():
+            out[k] = v.data if isinstance(v, torch.nn.Parameter) else v
+        return out
+    if isinstance(target, Mapping):
+        return target  # type: ignore[return-value]
+    raise TypeError(f"expected a torch.nn.Module or a state dict, got {type(target).__name__}")
+
+
+def resolve_names(adapter_names: Iterable[str], target_names: Iterable[str]) -> dict[str, str]:
+    """Map adapter parameter names (the base file's tensor names) onto a module's state-dict names.
+
+    Exact names win; otherwise a unique match differing by a leading prefix (``bert.`` etc.).
+    Raises: BaseModelError naming the first parameter with no or an ambiguous match.
+    """
+    tnames = list(target_names)
+    tset = set(tnames)
+    out = {}
+    for n in adapter_names:
+        if n in tset:
+            out[n] = n
+            continue
+        cands = [t for t in tnames if t.endswith("." + n) or n.endswith("." + t)]
+        if len(cands) != 1:
+            why = "no tensor" if not cands else f"{len(cands)} tensors ({', '.join(cands[:3])})"
+            raise BaseModelError(f"{n}: {why} of the model matches this adapter parameter")
+        out[n] = cands[0]
+    return out
+
+
+def _flat_view(t: torch.Tensor, name: str) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise BaseModelError(f"{name}: cannot patch a {t.dtype} tensor")
+    if not t.is_contiguous():
+        raise BaseModelError(f"{name}: tensor is not contiguous; cannot patch it in place")
+    return t.view(-1)
+
+
+def apply_adapter(target: Any, adapter: SparseAdapter, scale: float = 1.0, *, label: str = "") -> UndoRecord:
+    """Apply ``adapter`` in place to a module or state dict.
+
+    Takes: a ``torch.nn.Module`` or a mapping name -> tensor; the adapter; a scale.
+    Returns: the :class:`UndoRecord` that :func:`revert` needs.
+    Raises: BaseModelError (missing tensor, shape mismatch) before anything is changed.
+    """
+    tensors = _tensors_of(target)
+    names = resolve_names(sorted(adapter.params), tensors.keys())
+    for n, tn in names.items():
+        t = tensors[tn]
+        if tuple(t.shape) != adapter.params[n].shape:
+            raise BaseModelError(f"{n}: adapter shape {adapter.params[n].shape} does not match {tuple(t.shape)}")
+        _flat_view(t, n)
+    rec = UndoRecord(label=label, scale=float(scale))
+    with torch.no_grad():
+        for n in sorted(adapter.params):
+            idx, vals = adapter.params[n].flat()
+            flat = _flat_view(tensors[names[n]], n)
+            rec.entries.append(UndoEntry(names[n], idx, patch_flat(flat, idx, vals, scale)))
+    return rec
+
+
+def revert(target: Any, record: UndoRecord) -> None:
+    """Write an undo record's originals back (must be the most recent un-reverted apply)."""
+    tensors = _tensors_of(target)
+    with torch.no_grad():
+        for e in reversed(record.entries):
+            tensors[e.name].view(-1).index_copy_(0, e.indices, e.original)
+
+
+def revert_all(target: Any, records: Sequence[UndoRecord]) -> None:
+    """Revert several applies, newest first."""
+    for r in reversed(list(records)):
+        revert(target, r)
+
+
+@contextlib.contextmanager
+def applied(target: Any, *adapters: SparseAdapter, scale: float | Sequence[float] = 1.0) -> Iterator[list[UndoRecord]]:
+    """Context manager: the adapters are applied inside the block and reverted exactly on exit
+    (also on an exception)."""
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [float(scale)] * len(adapters)  # type: ignore[arg-type]
+    records: list[UndoRecord] = []
+    try:
+        for a, s in zip(adapters, scales):
+            records.append(apply_adapter(target, a, s))
+        yield records
+    finally:
+        revert_all(target, records)
+
+
+def _tensor_raw(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def state_fingerprint(target: Any) -> str:
+    """sha256 over tensor names, dtypes, shapes and bytes in name order.
+
+    Same definition as ``adapterhub.models.fingerprint_folder``, so the fingerprint of a state dict
+    loaded from a folder equals the folder's fingerprint.
+    """
+    tensors = _tensors_of(target)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        st = {**{v: k for k, v in _ALL_ST.items()}}.get(t.dtype)
+        if st is None:
+            raise BaseModelError(f"{name}: unsupported dtype {t.dtype}")
+        h.update(json.dumps([name, st, list(t.shape)]).encode() + b"\n")
+        h.update(_tensor_raw(t))
+    return h.hexdigest()
+
+
+# -- on disk --------------------------------------------------------------------------------------
+
+
+class SafetensorsFile:
+    """A safetensors file memory-mapped for in-place patching of its data region.
+
+    Takes: the path; ``writable``.
+    Raises: DeploymentError if the header is malformed or offsets leave the file (corrupt file).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], writable: bool = True) -> None:
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise DeploymentError(f"{self.path.name}: truncated safetensors file")
+                (n,) = struct.unpack("<Q", raw)
+                if n > 100 * 1024 * 1024 or 8 + n > size:
+                    raise DeploymentError(f"{self.path.name}: corrupt safetensors header")
+                header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DeploymentError(f"{self.path.name}: corrupt safetensors header") from None
+        except FileNotFoundError:
+            raise DeploymentError(f"{self.path}: weights file is missing") from None
+        if not isinstance(header, dict):
+            raise DeploymentError(f"{self.path.name}: corrupt safetensors header")
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        body = size - self.data_start
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for k, v in header.items():
+            try:
+                dt, shape, (b, e) = v["dtype"], tuple(int(s) for s in v["shape"]), v["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise DeploymentError(f"{self.path.name}: corrupt header entry for {k}") from None
+            if not (0 <= b <= e <= body):
+                raise DeploymentError(f"{self.path.name}: {k} lies outside the file (truncated or corrupt)")
+            self.entries[k] = (dt, shape, int(b), int(e))
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r+" if writable else "r") if size else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def flat(self, name: str) -> torch.Tensor:
+        """A 1-D torch view sharing memory with the mapped file (writes go to the file)."""
+        dt, shape, b, e = self.entries[name]
+        if dt not in ST_DTYPES:
+            raise DeploymentError(f"{name}: cannot patch a {dt} tensor")
+        assert self._mm is not None
+        arr = self._mm[self.data_start + b:self.data_start + e]
+        with contextlib.suppress(UserWarning):
+            t = torch.from_numpy(arr)
+        return t.view(ST_DTYPES[dt])
+
+    def sync(self) -> None:
+        """msync the mapping and fsync the file."""
+        if self._mm is not None:
+            self._mm.flush()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            mm = getattr(self._mm, "_mmap", None)
+            self._mm = None
+            if mm is not None:
+                with contextlib.suppress(BufferError):
+                    mm.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes atomically and durably (temp file, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+# Undo / WAL records are small safetensors files: per tensor an int64 index list and the original
+# values in the weight dtype, plus a JSON document in the metadata. No pickle.
+
+def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
+    """Serialise undo entries (+ JSON metadata) as safetensors bytes (deterministic)."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    names = []
+    for i, e in enumerate(entries):
+        tensors[f"{i:06d}.idx"] = e.indices.contiguous()
+        tensors[f"{i:06d}.orig"] = e.original.contiguous()
+        names.append(e.name)
+    doc = dict(meta)
+    doc["names"] = names
+    return save(tensors, metadata={"adapterhub.undo": json.dumps(doc, sort_keys=True)})
+
+
+def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
+    """Inverse of :func:`encode_undo`. Raises DeploymentError if the record is damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        if len(data) < 8:
+            raise ValueError("short")
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        doc = json.loads(meta["adapterhub.undo"])
+        tensors = load(data)
+        entries = [UndoEntry(name, tensors[f"{i:06d}.idx"], tensors[f"{i:06d}.orig"]) for i, name in enumerate(doc["names"])]
+    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        raise DeploymentError("undo record is damaged") from None
+    return entries, doc
+
+
+class DiskTransaction:
+    """A crash-safe batch of in-place writes to one safetensors file.
+
+    Usage: ``tx = DiskTransaction(file, wal_path, meta)``; ``tx.begin(touched)`` with every
+    (tensor, indices) the operation will write — it saves their current bytes to ``wal_path`` and
+    fsyncs it before anything is written; then ``tx.apply(...)``/``tx.restore(...)`` steps; then
+    ``tx.sync()``. The caller records the new state, then calls ``tx.finish()`` (deletes the WAL).
+    """
+
+    def __init__(self, file: SafetensorsFile, wal_path: Path, meta: Mapping[str, Any]) -> None:
+        self.file = file
+        self.wal_path = wal_path
+        self.meta = dict(meta)
+
+    def begin(self, touched: Mapping[str, Sequence[torch.Tensor]]) -> None:
+        entries = []
+        for name in sorted(touched):
+            idx = torch.unique(torch.cat([t.to(torch.int64) for t in touched[name]]))
+            entries.append(UndoEntry(name, idx, self.file.flat(name).index_select(0, idx).clone()))
+        write_atomic(self.wal_path, encode_undo(entries, {**self.meta, "phase": "patching", "file": self.file.path.name}))
+        fault_point("wal.written")
+
+    def apply(self, adapter_params: Mapping[str, Any], scale: float, fault: str | None = None) -> list[UndoEntry]:
+        """Apply sparse params (name -> SparseParam) in place; returns their undo entries."""
+        out = []
+        for i, name in enumerate(sorted(adapter_params)):
+            idx, vals = adapter_params[name].flat()
+            out.append(UndoEntry(name, idx, patch_flat(self.file.flat(name), idx, vals, scale).clone()))
+            if fault and i == len(adapter_params) // 2:
+                self.file.sync()  # make the half-written state durable so recovery has real work to do
+                fault_point(fault)
+        return out
+
+    def restore(self, entries: Sequence[UndoEntry], fault: str | None = None) -> None:
+        """Write originals back (reverse order)."""
+        ents = list(reversed(list(entries)))
+        for i, e in enumerate(ents):
+            self.file.flat(e.name).index_copy_(0, e.indices, e.original)
+            if fault and i == len(ents) // 2:
+                self.file.sync()
+                fault_point(fault)
+
+    def sync(self) -> None:
+        self.file.sync()
+
+    def mark_done(self, extra: Mapping[str, Any]) -> None:
+        """Rewrite the WAL with phase 'done' (the new state is on disk, not yet recorded)."""
+        entries, doc = decode_undo(self.wal_path.read_bytes())
+        doc.pop("names", None)
+        doc.update(extra)
+        doc["phase"] = "done"
+        write_atomic(self.wal_path, encode_undo(entries, doc))
+
+    def finish(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.wal_path.unlink()
+        _fsync_dir(self.wal_path.parent)
+
+
+def read_wal(wal_path: Path) -> dict[str, Any] | None:
+    """The WAL's JSON document, or None when there is no WAL."""
+    if not wal_path.exists():
+        return None
+    return decode_undo(wal_path.read_bytes())[1]
+
+
+def recover_wal(weights_path: Path, wal_path: Path) -> bool:
+    """Put back the bytes saved in a WAL (undo an interrupted operation), then delete the WAL.
+
+    Idempotent: a crash during recovery is recovered again next time.
+    Returns: True if something was restored.
+    """
+    if not wal_path.exists():
+        return False
+    entries, _ = decode_undo(wal_path.read_bytes())
+    f = SafetensorsFile(weights_path)
+    try:
+        for e in entries:
+            f.flat(e.name).index_copy_(0, e.indices, e.original)
+        f.sync()
+    finally:
+        f.close()
+    wal_path.unlink()
+    _fsync_dir(wal_path.parent)
+    return True

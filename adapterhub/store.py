@@ -1,0 +1,108 @@
+"""Content-addressed blob store: ``<home>/blobs/sha256/ab/cdef...`` keyed by the sha256 of the bytes."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import StoreError
+from .format import atomic_write_bytes, sha256_hex
+
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class GcResult:
+    removed: list[str]
+    freed_bytes: int
+    temp_files_removed: int
+
+
+class BlobStore:
+    """Immutable blobs addressed by sha256. Writes are atomic; reads are verified."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        """Where the blob ``digest`` lives (validates the digest: no path tricks)."""
+        if not isinstance(digest, str) or not _HEX_RE.match(digest):
+            raise StoreError(f"invalid blob digest {digest!r}")
+        return self.root / digest[:2] / digest[2:]
+
+    def has(self, digest: str) -> bool:
+        p = self.path(digest)
+        return p.is_file() and not p.is_symlink()
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store ``data`` (idempotent) and return its sha256 hex digest."""
+        digest = sha256_hex(data)
+        p = self.path(digest)
+        if self.has(digest):
+            return digest
+        if p.is_symlink():
+            raise StoreError(f"refusing to write through a symlink at {p}")
+        atomic_write_bytes(p, data)
+        return digest
+
+    def get_bytes(self, digest: str) -> bytes:
+        """Read a blob and verify its hash; raises StoreError if missing or corrupt."""
+        p = self.path(digest)
+        if p.is_symlink():
+            raise StoreError(f"blob {digest[:12]} is a symlink; refusing to follow it")
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest[:12]} is missing from the store") from None
+        if sha256_hex(data) != digest:
+            raise StoreError(f"blob {digest[:12]} is corrupt: its bytes no longer match their hash")
+        return data
+
+    def verify(self, digest: str) -> str | None:
+        """None if the blob is present and intact, else a one-line problem description."""
+        try:
+            self.get_bytes(digest)
+        except StoreError as e:
+            return str(e)
+        return None
+
+    def iter_digests(self) -> Iterator[str]:
+        if not self.root.exists():
+            return
+        for d in sorted(self.root.iterdir()):
+            if not d.is_dir() or len(d.name) != 2:
+                continue
+            for f in sorted(d.iterdir()):
+                name = d.name + f.name
+                if _HEX_RE.match(name) and f.is_file():
+                    yield name
+
+    def delete(self, digest: str) -> int:
+        p = self.path(digest)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+            return size
+        except FileNotFoundError:
+            return 0
+
+    def gc(self, referenced: Iterable[str], *, dry_run: bool = False) -> GcResult:
+        """Remove blobs not in ``referenced`` and stale temp files from interrupted writes."""
+        keep = set(referenced)
+        removed: list[str] = []
+        freed = 0
+        for digest in list(self.iter_digests()):
+            if digest not in keep:
+                removed.append(digest)
+                freed += self.path(digest).stat().st_size if dry_run else self.delete(digest)
+        temps = 0
+        for d in self.root.iterdir() if self.root.exists() else []:
+            if d.is_dir():
+                for f in d.glob(".*.tmp"):
+                    temps += 1
+                    if not dry_run:
+                        f.unlink(missing_ok=True)
+        return GcResult(removed, freed, temps)

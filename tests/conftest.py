@@ -1,0 +1,125 @@
+"""Shared fixtures: isolated homes, tiny random base models, a throwaway PostgreSQL server."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """Every test gets its own ADAPTERHUB_HOME and HF cache and never reaches the network."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(home))
+    monkeypatch.delenv("ADAPTERHUB_DB_URL", raising=False)
+    monkeypatch.delenv("ADAPTERHUB_FAULT", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(home / "_hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "ahome"
+
+
+@pytest.fixture
+def ws(home):
+    from adapterhub.api import Workspace
+
+    w = Workspace.open(home)
+    yield w
+    w.close()
+
+
+def _save_tiny(kind: str, dest: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer  # noqa: F401  (imported to fail early if missing)
+
+    torch.manual_seed(seed)
+    if kind == "bert":
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)
+        model = BertModel(cfg)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer random BERT (hidden 32) saved as a Hugging Face folder with model.safetensors."""
+    return _save_tiny("bert", tmp_path_factory.mktemp("tiny_bert") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 32) saved as a Hugging Face folder."""
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny_llama") / "model")
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------
+
+def _no_pg(reason: str):
+    """Skip (locally) or fail (in CI, where ADAPTERHUB_REQUIRE_PG=1) when no PostgreSQL can be had."""
+    if os.environ.get("ADAPTERHUB_REQUIRE_PG") == "1":
+        pytest.fail(f"PostgreSQL required but unavailable: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """URL of a PostgreSQL server: ADAPTERHUB_TEST_PG_URL, or a throwaway one we start; else skip."""
+    url = os.environ.get("ADAPTERHUB_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    script = ROOT / "scripts" / "pg-test-server"
+    if not shutil.which("runuser") and os.geteuid() == 0:
+        _no_pg("no runuser to start PostgreSQL as the postgres user")
+    d = Path("/tmp") / f"adapterhub-pg-{uuid.uuid4().hex[:8]}"
+    port = str(56000 + (os.getpid() % 2000))
+    try:
+        out = subprocess.run([str(script), "start", str(d), port], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _no_pg(f"cannot start a PostgreSQL server: {e}")
+    if out.returncode != 0:
+        _no_pg(f"cannot start a PostgreSQL server: {out.stderr.strip() or out.stdout.strip()}")
+    try:
+        yield out.stdout.strip()
+    finally:
+        subprocess.run([str(script), "stop", str(d)], capture_output=True, timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty PostgreSQL database for one test."""
+    from sqlalchemy import create_engine, text
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = pg_server.rsplit("/", 1)[0] + "/" + name
+    yield url
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
