@@ -35,7 +35,7 @@ from .format import SparseAdapter
 
 __all__ = [
     "UndoEntry", "UndoRecord", "apply_adapter", "revert", "revert_all", "applied", "state_fingerprint",
-    "resolve_names", "patch_flat", "SafetensorsFile", "DiskTransaction", "recover_wal", "fault_point",
+    "resolve_names", "patch_flat", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "recover_wal", "fault_point",
     "ST_DTYPES",
 ]
 
@@ -284,6 +284,55 @@ class SafetensorsFile:
                     mm.close()
 
 
+class WeightsFolder:
+    """All ``*.safetensors`` files of a model folder, addressed by tensor name (shards allowed).
+
+    Raises: DeploymentError if a file is corrupt or a tensor name appears twice.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], writable: bool = True) -> None:
+        self.path = Path(folder)
+        self.files = [SafetensorsFile(p, writable) for p in sorted(self.path.glob("*.safetensors"))]
+        if not self.files:
+            self.close()
+            raise DeploymentError(f"{self.path}: no .safetensors weights file")
+        self._by_name: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for n in f.entries:
+                if n in self._by_name:
+                    self.close()
+                    raise DeploymentError(f"{n}: tensor appears in two weights files")
+                self._by_name[n] = f
+        self._dirty: set[int] = set()
+
+    @property
+    def entries(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        return {n: f.entries[n] for n, f in self._by_name.items()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise DeploymentError(f"{name}: no such tensor in the deployment's weights") from None
+
+    def flat(self, name: str) -> torch.Tensor:
+        f = self._file(name)
+        self._dirty.add(id(f))
+        return f.flat(name)
+
+    def sync(self) -> None:
+        for f in self.files:
+            if id(f) in self._dirty:
+                f.sync()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -354,7 +403,7 @@ class DiskTransaction:
     ``tx.sync()``. The caller records the new state, then calls ``tx.finish()`` (deletes the WAL).
     """
 
-    def __init__(self, file: SafetensorsFile, wal_path: Path, meta: Mapping[str, Any]) -> None:
+    def __init__(self, file: SafetensorsFile | WeightsFolder, wal_path: Path, meta: Mapping[str, Any]) -> None:
         self.file = file
         self.wal_path = wal_path
         self.meta = dict(meta)
@@ -364,7 +413,7 @@ class DiskTransaction:
         for name in sorted(touched):
             idx = torch.unique(torch.cat([t.to(torch.int64) for t in touched[name]]))
             entries.append(UndoEntry(name, idx, self.file.flat(name).index_select(0, idx).clone()))
-        write_atomic(self.wal_path, encode_undo(entries, {**self.meta, "phase": "patching", "file": self.file.path.name}))
+        write_atomic(self.wal_path, encode_undo(entries, {**self.meta, "phase": "patching"}))
         fault_point("wal.written")
 
     def apply(self, adapter_params: Mapping[str, Any], scale: float, fault: str | None = None) -> list[UndoEntry]:
@@ -411,22 +460,19 @@ def read_wal(wal_path: Path) -> dict[str, Any] | None:
     return decode_undo(wal_path.read_bytes())[1]
 
 
-def recover_wal(weights_path: Path, wal_path: Path) -> bool:
+def recover_wal(target: SafetensorsFile | WeightsFolder, wal_path: Path) -> bool:
     """Put back the bytes saved in a WAL (undo an interrupted operation), then delete the WAL.
 
     Idempotent: a crash during recovery is recovered again next time.
     Returns: True if something was restored.
+    Raises: DeploymentError if the WAL is damaged or names a tensor the weights lack.
     """
     if not wal_path.exists():
         return False
     entries, _ = decode_undo(wal_path.read_bytes())
-    f = SafetensorsFile(weights_path)
-    try:
-        for e in entries:
-            f.flat(e.name).index_copy_(0, e.indices, e.original)
-        f.sync()
-    finally:
-        f.close()
+    for e in entries:
+        target.flat(e.name).index_copy_(0, e.indices, e.original)
+    target.sync()
     wal_path.unlink()
     _fsync_dir(wal_path.parent)
     return True
