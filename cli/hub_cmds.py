@@ -1,8 +1,114 @@
-"""CLI commands (placeholder until its owner lands the real commands)."""
+"""Hugging Face Hub commands: ``push``, ``pull`` and ``hub versions`` (thin wrappers over adapterhub.hub)."""
 from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Iterator
 
 import click
 
+from .common import Ctx, echo_err, handle_errors, json_option, output, pass_ctx, print_json
+
+
+def _endpoint_option(fn: Any) -> Any:
+    return click.option("--endpoint", metavar="URL", default=None,
+                        help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co).")(fn)
+
+
+@contextlib.contextmanager
+def _status(quiet: bool) -> Iterator[Any]:
+    """A rich spinner on stderr showing the library's stage messages (transfers show their own bars)."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda msg: None
+        return
+    from rich.console import Console
+
+    console = Console(file=sys.stderr)
+    with console.status("contacting the Hub") as status:
+        yield lambda msg: status.update(msg)
+
 
 def register(cli: click.Group) -> None:
-    """Add this module's commands to the root group."""
+    """Add ``push``, ``pull`` and the ``hub`` group to the root group."""
+
+    @cli.command("push")
+    @click.argument("ref")
+    @click.option("--repo", metavar="OWNER/NAME", default=None,
+                  help="Hub repo (default: <your user>/<adapter name>).")
+    @click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
+    @click.option("--branch", default="main", show_default=True, help="Branch to commit to.")
+    @_endpoint_option
+    @json_option
+    @pass_ctx
+    @handle_errors
+    def push_cmd(c: Ctx, ref: str, repo: str | None, private: bool, branch: str, endpoint: str | None,
+                 as_json: bool) -> None:
+        """Push one version to the Hugging Face Hub: one commit tagged v{N}.
+
+        The commit holds adapter.safetensors, adapterhub.json (hash, base, mask, metrics, lineage) and a
+        README.md model card. Pushing a version that is already there uploads nothing.
+        The token comes from HF_TOKEN or `hf auth login`.
+
+        Example: adapterhub push rt-sentiment@2 --repo alice/rt-sentiment
+        """
+        from adapterhub.hub import push
+
+        with _status(as_json) as status:
+            res = push(c.ws, ref, repo=repo, private=private, branch=branch, endpoint=endpoint, progress=status)
+        if as_json:
+            print_json(res.to_json())
+        else:
+            click.echo(res.message)
+            click.echo(f"{res.url}/tree/{res.tag}")
+
+    @cli.command("pull")
+    @click.argument("spec", metavar="REPO[@REV]")
+    @click.option("--name", default=None, help="Local adapter name (default: the name in the card).")
+    @click.option("--with-parents", is_flag=True, help="Also pull missing ancestors (merges, fine-tunes).")
+    @_endpoint_option
+    @json_option
+    @pass_ctx
+    @handle_errors
+    def pull_cmd(c: Ctx, spec: str, name: str | None, with_parents: bool, endpoint: str | None,
+                 as_json: bool) -> None:
+        """Pull a version from the Hub into the catalog (REV: a tag such as v3, a branch or a commit).
+
+        The weights' sha256 is checked against the card before anything is registered; the version is
+        recorded with an imported_from edge (repo, revision, commit). Pulling twice is a no-op.
+
+        Example: adapterhub pull alice/rt-sentiment@v2 --with-parents
+        """
+        from adapterhub.hub import iter_pull_results, pull
+
+        with _status(as_json) as status:
+            res = pull(c.ws, spec, name=name, with_parents=with_parents, endpoint=endpoint, progress=status)
+        if as_json:
+            print_json(res.to_json())
+            return
+        for r in iter_pull_results(res):
+            if r is not res:
+                echo_err(f"parent: {r.message}")
+        click.echo(res.message)
+
+    @cli.group("hub")
+    def hub_group() -> None:
+        """Look at adapters on the Hugging Face Hub."""
+
+    @hub_group.command("versions")
+    @click.argument("repo", metavar="OWNER/NAME")
+    @_endpoint_option
+    @json_option
+    @pass_ctx
+    @handle_errors
+    def versions_cmd(c: Ctx, repo: str, endpoint: str | None, as_json: bool) -> None:
+        """List the versions (v{N} tags) of a Hub repo with the content hash each one holds.
+
+        Example: adapterhub hub versions alice/rt-sentiment --json
+        """
+        from adapterhub.hub import hub_versions
+
+        rows = hub_versions(repo, endpoint=endpoint)
+        output({"repo": repo, "versions": [r.to_json() for r in rows]}, as_json,
+               ["tag", "commit", "sha256", "name", "kind", "task"],
+               ([r.tag, r.commit[:12], (r.content_hash or f"({r.error})")[:16], r.name, r.kind, r.task] for r in rows),
+               title=repo)

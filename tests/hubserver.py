@@ -145,6 +145,7 @@ class HubServer:
 
     def __init__(self, *, token: str | None = None, record_bodies: bool = True) -> None:
         self.token = token
+        self.user = "hubtester"
         self.record_bodies = record_bodies
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
@@ -402,6 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
             return "create_repo"
         if path == "/api/validate-yaml":
             return "validate_yaml"
+        if path == "/api/whoami-v2":
+            return "whoami"
         if _LFS_BATCH.match(path):
             return "lfs_batch"
         if _LFS_UPLOAD.match(path):
@@ -496,6 +499,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return 409, {"error": "You already created this model repo", "url": f"{base}/{repo_id}"}, ok, jtype
             hub.create_repo(repo_id, private=req.get("visibility") == "private" or bool(req.get("private")))
             return 200, {"url": f"{base}/{repo_id}", "name": repo_id}, ok, jtype
+        if path == "/api/whoami-v2" and method == "GET":
+            auth = self.headers.get("Authorization", "")
+            if not auth.startswith("Bearer ") or not self._authorized():
+                raise _HTTPError(401, "Invalid credentials in Authorization header")
+            return 200, {"type": "user", "name": hub.user, "auth": {"type": "access_token"}}, ok, jtype
         if path == "/api/validate-yaml" and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
 
