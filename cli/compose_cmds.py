@@ -1,8 +1,216 @@
-"""CLI commands (placeholder until its owner lands the real commands)."""
+"""``adapterhub merge`` and ``adapterhub deploy ...``: thin commands over adapterhub.merging and
+adapterhub.deployments."""
 from __future__ import annotations
 
 import click
 
+from .common import echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+
+
+def _method_choices() -> list[str]:
+    from adapterhub.merging import method_names
+
+    return method_names()
+
+
+class WeightsType(click.ParamType):
+    """Comma-separated finite floats: ``0.5,1,2``."""
+
+    name = "W1,W2,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            out = [float(x) for x in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+        import math
+
+        if not out or not all(math.isfinite(x) for x in out):
+            self.fail(f"{value!r}: weights must be finite numbers", param, ctx)
+        return out
+
+
+@click.command("merge")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--method", "-m", type=click.Choice(_method_choices()), required=True, help="Merge method.")
+@click.option("--weights", type=WeightsType(), default=None, help="One weight per REF, comma-separated.")
+@click.option("--lambda", "lam", type=float, default=None, help="Scaling lambda (task-arithmetic, ties, dare-*, breadcrumbs).")
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Fraction kept per expert (ties, breadcrumbs: of its entries; dare-*: keep probability).")
+@click.option("--seed", type=int, default=None, help="Seed of the DARE random drop.")
+@click.option("--name", "out_name", required=True, help="Name of the merged adapter.")
+@json_option
+@pass_ctx
+@handle_errors
+def merge_cmd(c, refs, method, weights, lam, density, seed, out_name, as_json):
+    """Merge experts in sparse space into a new `merge` version with merged_from lineage.
+
+    Example: adapterhub merge rt-sentiment@2 sms-spam trec --method uniform-sparse --name multi
+    """
+    from adapterhub.merging import merge
+
+    if len(refs) < 2:
+        raise click.UsageError("merge needs at least two REFs")
+    if weights is not None and len(weights) != len(refs):
+        raise click.UsageError(f"--weights has {len(weights)} values for {len(refs)} REFs")
+    with progress("merging") as prog:
+        task = prog.add_task("merging", total=None, info="")
+
+        def tick(done: int, total: int) -> None:
+            prog.update(task, total=total, completed=done)
+
+        info = merge(c.ws, list(refs), method, weights=weights, lam=lam, density=density, seed=seed, name=out_name,
+                     progress=tick)
+    doc = info.to_json()
+    doc["merged_from"] = list(refs)
+    output(doc, as_json, ["ref", "kind", "method", "nnz", "content hash"],
+           [[info.ref, info.kind, method, info.nnz, info.content_hash[:16]]], title="merged")
+
+
+@click.group("deploy")
+def deploy_group() -> None:
+    """Materialised model folders with adapters applied and reverted exactly, in place on disk."""
+
+
+@deploy_group.command("create")
+@click.argument("name")
+@click.option("--base", required=True, help="Registered base model name.")
+@click.option("--path", "path", type=click.Path(file_okay=False), default=None,
+              help="Target folder (default: <home>/deployments/NAME).")
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_create(c, name, base, path, as_json):
+    """Create deployment NAME: a Hugging Face folder copied from base B.
+
+    Example: adapterhub deploy create prod --base minilm
+    """
+    from adapterhub import deployments
+
+    info = deployments.create(c.ws, name, base, path)
+    _show(info, as_json)
+
+
+def _show(info, as_json: bool) -> None:
+    if info.recovered:
+        echo_err(f"recovered deployment {info.name} from an interrupted operation")
+    output(info.to_json(), as_json, ["deployment", "base", "stack", "state", "path"],
+           [[info.name, info.base, " > ".join(f"{l['ref']}x{l['scale']:g}" if l["scale"] != 1 else l["ref"]
+                                               for l in info.stack) or "-",
+             info.state_fingerprint[:16], str(info.path)]])
+
+
+@deploy_group.command("list")
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_list(c, as_json):
+    """List deployments.
+
+    Example: adapterhub deploy list --json
+    """
+    from adapterhub import deployments
+
+    infos = deployments.list_deployments(c.ws)
+    output([i.to_json() for i in infos], as_json, ["deployment", "base", "stack", "events", "state", "path"],
+           [[i.name, i.base, " > ".join(l["ref"] for l in i.stack) or "-", i.events, i.state_fingerprint[:16], str(i.path)]
+            for i in infos])
+
+
+@deploy_group.command("apply")
+@click.argument("name")
+@click.argument("ref")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's values.")
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_apply(c, name, ref, scale, as_json):
+    """Apply adapter REF on top of deployment NAME (patched in place, crash-safe).
+
+    Example: adapterhub deploy apply prod rt-sentiment@2 --scale 0.5
+    """
+    from adapterhub import deployments
+
+    _show(deployments.apply(c.ws, name, ref, scale), as_json)
+
+
+@deploy_group.command("revert")
+@click.argument("name")
+@click.argument("ref", required=False)
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_revert(c, name, ref, as_json):
+    """Revert the top adapter, or REF wherever it is in the stack (those above are re-applied).
+
+    Example: adapterhub deploy revert prod rt-sentiment@2
+    """
+    from adapterhub import deployments
+
+    _show(deployments.revert(c.ws, name, ref), as_json)
+
+
+@deploy_group.command("rollback")
+@click.argument("name")
+@click.option("--to", "to", type=click.IntRange(min=0), required=True, help="Event number (see `deploy history`).")
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_rollback(c, name, to, as_json):
+    """Restore deployment NAME exactly to its state after event EVENT.
+
+    Example: adapterhub deploy rollback prod --to 3
+    """
+    from adapterhub import deployments
+
+    _show(deployments.rollback(c.ws, name, to), as_json)
+
+
+@deploy_group.command("history")
+@click.argument("name")
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_history(c, name, as_json):
+    """Events of deployment NAME: event, action, adapter ref, state fingerprint, time.
+
+    Example: adapterhub deploy history prod --json
+    """
+    from adapterhub import deployments
+
+    evs = deployments.history(c.ws, name)
+    output([e.to_json() for e in evs], as_json, ["event", "action", "ref", "scale", "state", "stack", "time"],
+           [[e.seq, e.action, e.ref or (f"to {e.details['to']}" if "to" in e.details else ""),
+             "" if e.scale is None else f"{e.scale:g}", e.state_fingerprint[:16],
+             " > ".join(l["ref"] for l in e.stack) or "-", e.created_at] for e in evs])
+
+
+@deploy_group.command("verify")
+@click.argument("name")
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_verify(c, name, as_json):
+    """Re-hash the weights of NAME and compare with the recorded state (exit 1 on mismatch).
+
+    Example: adapterhub deploy verify prod
+    """
+    from adapterhub import deployments
+
+    r = deployments.verify(c.ws, name)
+    if as_json:
+        print_json(r)
+    else:
+        output(r, False, ["deployment", "ok", "expected", "actual"],
+               [[r["name"], "yes" if r["ok"] else "NO", r["expected"][:16], str(r["actual"])[:16]]])
+    if not r["ok"]:
+        why = "an interrupted operation is pending recovery" if r["pending_recovery"] else "weights differ"
+        raise click.ClickException(f"deployment {name} does not match its recorded state ({why})")
+
 
 def register(cli: click.Group) -> None:
-    """Add this module's commands to the root group."""
+    """Add ``merge`` and the ``deploy`` group to the root group."""
+    cli.add_command(merge_cmd)
+    cli.add_command(deploy_group)

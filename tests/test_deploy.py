@@ -1,0 +1,347 @@
+"""Deployments: create/apply/revert/rollback/history/verify, exactness on disk, errors leave nothing
+changed, and recovery from crashes (including a SIGKILLed `adapterhub deploy apply`)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from adapterhub import deployments as dep
+from adapterhub.errors import BaseModelError, DeploymentError, RefError
+from adapterhub.format import SparseAdapter, SparseParam
+from adapterhub.models import fingerprint_folder, tensor_shapes
+from adapterhub.patching import apply_adapter, state_fingerprint
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight",
+           "encoder.layer.1.output.dense.weight", "encoder.layer.1.attention.output.dense.bias"]
+
+
+def base_in_dtype(src: Path, dest: Path, dtype: torch.dtype) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy2(f, dest / f.name)
+    sd = load_file(src / "model.safetensors")
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}, dest / "model.safetensors",
+              metadata={"format": "pt"})
+    return dest
+
+
+def make_adapter(folder: Path, seed: int, density: float = 0.3, vdtype=torch.float32) -> SparseAdapter:
+    shapes = tensor_shapes(folder)
+    g = torch.Generator().manual_seed(seed)
+    params = {}
+    for n in TARGETS:
+        s = shapes[n]
+        mask = torch.rand(s, generator=g) < density
+        params[n] = SparseParam.from_mask((torch.randn(s, generator=g) * 0.05).to(vdtype), mask)
+    return SparseAdapter(params, {}, {"task": f"t{seed}"})
+
+
+@pytest.fixture
+def setup(ws, tiny_bert_dir):
+    ws.add_base("tiny", str(tiny_bert_dir))
+    refs = []
+    for i in range(3):
+        info = ws.register(make_adapter(tiny_bert_dir, i), name=f"ex{i}", task=f"t{i}", base="tiny")
+        refs.append(info.ref)
+    return ws, tiny_bert_dir, refs
+
+
+def expected_fp(base_dir: Path, ws, stack):
+    sd = load_file(base_dir / "model.safetensors")
+    for ref, scale in stack:
+        apply_adapter(sd, ws.load_adapter(ref), scale)
+    return state_fingerprint(sd)
+
+
+def test_create_apply_revert_rollback_history_verify(setup):
+    ws, base_dir, (a, b, c) = setup
+    info = dep.create(ws, "prod", "tiny")
+    assert info.state_fingerprint == ws.get_base("tiny").fingerprint
+    assert (info.path / "config.json").is_file() and (info.path / "model.safetensors").is_file()
+    base_bytes = (info.path / "model.safetensors").read_bytes()
+    size = len(base_bytes)
+    dep.apply(ws, "prod", a)
+    dep.apply(ws, "prod", b, 0.5)
+    info = dep.apply(ws, "prod", c)
+    assert [x["ref"] for x in info.stack] == [a, b, c]
+    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0), (b, 0.5), (c, 1.0)])
+    assert (info.path / "model.safetensors").stat().st_size == size
+    # revert a non-top layer: c is re-applied on top of a
+    info = dep.revert(ws, "prod", b)
+    assert [x["ref"] for x in info.stack] == [a, c]
+    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0), (c, 1.0)])
+    assert fingerprint_folder(info.path) == info.state_fingerprint
+    # rollback to event 3 (a, b@0.5 applied)
+    info = dep.rollback(ws, "prod", 2)  # state after event 2: a, b@0.5
+    assert [x["ref"] for x in info.stack] == [a, b]
+    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0), (b, 0.5)])
+    info = dep.rollback(ws, "prod", 0)
+    assert info.stack == [] and (info.path / "model.safetensors").read_bytes() == base_bytes
+    hist = dep.history(ws, "prod")
+    assert [e.action for e in hist] == ["create", "apply", "apply", "apply", "revert", "rollback", "rollback"]
+    assert hist[2].scale == 0.5 and hist[2].ref == b
+    assert dep.verify(ws, "prod")["ok"]
+    # undo records are garbage-collected with the stack
+    assert list((info.path / ".adapterhub" / "undo").iterdir()) == []
+    # the folder loads with transformers
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(info.path)
+
+
+def test_errors_leave_everything_unchanged(setup, tmp_path):
+    ws, base_dir, (a, b, c) = setup
+    dep.create(ws, "d", "tiny")
+    dep.apply(ws, "d", a)
+    path = dep.get(ws, "d").path
+    wfile = path / "model.safetensors"
+    snap = wfile.read_bytes()
+    n_events = len(dep.history(ws, "d"))
+    with pytest.raises(RefError):
+        dep.apply(ws, "d", "nope@3")
+    with pytest.raises(DeploymentError, match="unknown deployment"):
+        dep.apply(ws, "zz", a)
+    with pytest.raises(DeploymentError, match="not applied"):
+        dep.revert(ws, "d", b)
+    with pytest.raises(DeploymentError, match="no event 99"):
+        dep.rollback(ws, "d", 99)
+    with pytest.raises(DeploymentError, match="already exists"):
+        dep.create(ws, "d", "tiny")
+    # another base
+    other = tmp_path / "other"
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(5)
+    BertModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(other)
+    ws.add_base("other", str(other))
+    o = ws.register(make_adapter(other, 9), name="ox", task="t", base="other")
+    with pytest.raises(BaseModelError, match="made for base 'other'"):
+        dep.apply(ws, "d", o.ref)
+    assert wfile.read_bytes() == snap and len(dep.history(ws, "d")) == n_events
+    # corrupted data byte: refused before anything is written
+    data = bytearray(snap)
+    data[-3] ^= 0xFF
+    wfile.write_bytes(bytes(data))
+    with pytest.raises(DeploymentError, match="do not match the recorded state"):
+        dep.apply(ws, "d", b)
+    assert wfile.read_bytes() == bytes(data)
+    assert not dep.verify(ws, "d")["ok"]
+    # truncated file
+    wfile.write_bytes(snap[:-100])
+    with pytest.raises(DeploymentError, match="truncated or corrupt"):
+        dep.apply(ws, "d", b)
+    assert wfile.read_bytes() == snap[:-100]
+    assert len(dep.history(ws, "d")) == n_events
+
+
+@pytest.mark.parametrize("point,kept", [("deploy.apply.mid-patch", False), ("wal.written", False),
+                                        ("deploy.apply.before-commit", False), ("deploy.apply.after-commit", True)])
+def test_crash_points_in_process_recover_to_last_completed_state(setup, monkeypatch, point, kept):
+    """Simulate each crash point by raising instead of dying, then check the next command recovers."""
+    ws, base_dir, (a, b, c) = setup
+    dep.create(ws, "d", "tiny")
+    dep.apply(ws, "d", a)
+    before = dep.get(ws, "d").state_fingerprint
+
+    class Crash(BaseException):
+        pass
+
+    def boom(name):
+        if name == point:
+            raise Crash(name)
+
+    import adapterhub.deployments as dmod
+    import adapterhub.patching as pmod
+
+    monkeypatch.setattr(dmod, "fault_point", boom)
+    monkeypatch.setattr(pmod, "fault_point", boom)
+    with pytest.raises(Crash):
+        dep.apply(ws, "d", b)
+    monkeypatch.undo()
+    info = dep.get(ws, "d")
+    want = expected_fp(base_dir, ws, [(a, 1.0), (b, 1.0)]) if kept else before
+    dep.recover(ws, "d")
+    assert fingerprint_folder(info.path) == want
+    assert dep.get(ws, "d").state_fingerprint == want
+    assert dep.verify(ws, "d")["ok"]
+    hist = dep.history(ws, "d")
+    assert hist[-1].action == ("apply" if kept else "recover")
+    info = dep.apply(ws, "d", c)  # and it keeps working
+    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0)] + ([(b, 1.0)] if kept else []) + [(c, 1.0)])
+
+
+def _cli_env(home: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env["ADAPTERHUB_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def _adapterhub() -> list[str]:
+    exe = ROOT / ".venv" / "bin" / "adapterhub"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "adapterhub_cli.main"]
+
+
+@pytest.mark.e2e
+def test_sigkill_mid_patch_real_process_then_recovery(setup, home):
+    ws, base_dir, (a, b, c) = setup
+    dep.create(ws, "prod", "tiny")
+    dep.apply(ws, "prod", a)
+    path = dep.get(ws, "prod").path
+    before = (path / "model.safetensors").read_bytes()
+    proc = subprocess.run(_adapterhub() + ["deploy", "apply", "prod", b], env=_cli_env(
+        home, ADAPTERHUB_FAULT="deploy.apply.mid-patch"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert (path / ".adapterhub" / "wal.safetensors").exists()
+    assert (path / "model.safetensors").read_bytes() != before  # really half-patched
+    v = subprocess.run(_adapterhub() + ["deploy", "verify", "prod", "--json"], env=_cli_env(home),
+                       capture_output=True, text=True, timeout=300)
+    assert v.returncode == 1 and json.loads(v.stdout)["pending_recovery"]
+    h = subprocess.run(_adapterhub() + ["deploy", "apply", "prod", c, "--json"], env=_cli_env(home),
+                       capture_output=True, text=True, timeout=300)
+    assert h.returncode == 0, h.stderr
+    assert "recovered" in h.stderr
+    out = json.loads(h.stdout)
+    assert [x["ref"] for x in out["stack"]] == [a, c]
+    assert out["state_fingerprint"] == expected_fp(base_dir, ws, [(a, 1.0), (c, 1.0)])
+    assert [e.action for e in dep.history(ws, "prod")] == ["create", "apply", "recover", "apply"]
+    assert dep.history(ws, "prod")[2].state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0)])
+    assert dep.verify(ws, "prod")["ok"]
+
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("dname", list(DT))
+def test_property_random_sequences_on_disk(ws, tiny_bert_dir, tmp_path, dname):
+    base_dir = base_in_dtype(tiny_bert_dir, tmp_path / f"base-{dname}", DT[dname])
+    ws.add_base("b", str(base_dir))
+    refs = [ws.register(make_adapter(base_dir, 20 + i, 0.4, [torch.float32, torch.bfloat16][i % 2]),
+                        name=f"x{i}", task="t", base="b").ref for i in range(4)]
+    dep.create(ws, "p", "b")
+    base_bytes = (dep.get(ws, "p").path / "model.safetensors").read_bytes()
+    base_sd = load_file(base_dir / "model.safetensors")
+    adapters = {r: ws.load_adapter(r) for r in refs}
+
+    def expect(stack):
+        sd = {k: v.clone() for k, v in base_sd.items()}
+        for layer in stack:
+            apply_adapter(sd, adapters[layer["ref"]], layer["scale"])
+        return state_fingerprint(sd)
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(ops=st.lists(st.tuples(st.sampled_from(["apply", "apply", "revert", "revert_ref", "rollback"]),
+                                  st.integers(0, 50), st.sampled_from([1.0, 0.5, -1.5])), min_size=1, max_size=7))
+    def run(ops):
+        for op, i, scale in ops:
+            info = dep.get(ws, "p")
+            if op == "apply":
+                info = dep.apply(ws, "p", refs[i % 4], scale, check=False)
+            elif op == "revert" and info.stack:
+                info = dep.revert(ws, "p", check=False)
+            elif op == "revert_ref" and info.stack:
+                info = dep.revert(ws, "p", info.stack[i % len(info.stack)]["ref"], check=False)
+            elif op == "rollback":
+                info = dep.rollback(ws, "p", i % info.events, check=False)
+            assert info.state_fingerprint == expect(info.stack)
+            assert fingerprint_folder(info.path) == info.state_fingerprint
+        info = dep.rollback(ws, "p", 0, check=False)
+        assert (info.path / "model.safetensors").read_bytes() == base_bytes
+
+    run()
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+def invoke(args, home):
+    from adapterhub_cli.main import cli
+
+    return CliRunner().invoke(cli, ["--home", str(home)] + args, catch_exceptions=False)
+
+
+def test_cli_deploy_and_merge(setup, home):
+    ws, base_dir, (a, b, c) = setup
+    r = invoke(["deploy", "create", "srv", "--base", "tiny", "--json"], home)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["stack"] == []
+    r = invoke(["deploy", "apply", "srv", a, "--scale", "0.5"], home)
+    assert r.exit_code == 0, r.output
+    r = invoke(["merge", a, b, c, "--method", "ties", "--density", "0.5", "--name", "m", "--json"], home)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert m["kind"] == "merge" and m["ref"] == "m@1"
+    parents = ws.parents("m@1")
+    assert sorted(p["parent"] for p in parents) == sorted([a, b, c])
+    assert all(p["weight"] == 1.0 and p["params"]["density"] == 0.5 for p in parents)
+    assert all(p["relation"] == "merged_from" and p["params"]["method"] == "ties" for p in parents)
+    r = invoke(["deploy", "apply", "srv", "m@1"], home)
+    assert r.exit_code == 0, r.output
+    r = invoke(["deploy", "revert", "srv", a], home)
+    assert r.exit_code == 0, r.output
+    r = invoke(["deploy", "history", "srv", "--json"], home)
+    hist = json.loads(r.output)
+    assert [e["action"] for e in hist] == ["create", "apply", "apply", "revert"]
+    assert hist[-1]["stack"] == ["m@1"] and hist[1]["scale"] == 0.5
+    assert all(len(e["state_fingerprint"]) == 64 and e["time"] for e in hist)
+    r = invoke(["deploy", "rollback", "srv", "--to", "1"], home)
+    assert r.exit_code == 0, r.output
+    r = invoke(["deploy", "verify", "srv", "--json"], home)
+    assert r.exit_code == 0 and json.loads(r.output)["ok"]
+    r = invoke(["deploy", "list", "--json"], home)
+    assert [d["name"] for d in json.loads(r.output)] == ["srv"]
+    r = invoke(["deploy", "list"], home)
+    assert "srv" in r.output
+    r = invoke(["deploy", "history", "srv"], home)
+    assert "rollback" in r.output
+
+
+def test_cli_errors(setup, home):
+    ws, base_dir, (a, b, c) = setup
+    invoke(["deploy", "create", "srv", "--base", "tiny"], home)
+    r = invoke(["deploy", "apply", "srv", "ghost"], home)
+    assert r.exit_code == 1 and "unknown adapter 'ghost'" in r.output
+    r = invoke(["deploy", "revert", "srv"], home)
+    assert r.exit_code == 1 and "no adapter applied" in r.output
+    r = invoke(["deploy", "rollback", "srv", "--to", "-1"], home)
+    assert r.exit_code == 2
+    r = invoke(["merge", a, "--method", "uniform", "--name", "m"], home)
+    assert r.exit_code == 2 and "at least two" in r.output
+    r = invoke(["merge", a, b, "--method", "nope", "--name", "m"], home)
+    assert r.exit_code == 2
+    r = invoke(["merge", a, b, "--method", "weighted", "--weights", "1,x", "--name", "m"], home)
+    assert r.exit_code == 2
+    r = invoke(["merge", a, b, "--method", "weighted", "--weights", "1,2,3", "--name", "m"], home)
+    assert r.exit_code == 2 and "3 values for 2" in r.output
+    r = invoke(["merge", a, b, "--method", "dare-ties", "--name", "m"], home)
+    assert r.exit_code == 1 and "needs --density" in r.output
+    r = invoke(["deploy", "create", "../x", "--base", "tiny"], home)
+    assert r.exit_code == 1
+    r = invoke(["deploy", "create", "y", "--base", "nobase"], home)
+    assert r.exit_code == 1 and "unknown base" in r.output
+    with pytest.raises(RefError):
+        ws.resolve("m")  # no merge was registered by the failures
+
+
+def test_merge_refuses_different_bases(setup, tmp_path, home):
+    ws, base_dir, (a, b, c) = setup
+    other = base_in_dtype(base_dir, tmp_path / "o16", torch.float16)
+    ws.add_base("o16", str(other))
+    o = ws.register(make_adapter(other, 1), name="o", task="t", base="o16")
+    r = invoke(["merge", a, o.ref, "--method", "uniform-sparse", "--name", "m"], home)
+    assert r.exit_code == 1 and "different bases" in r.output
