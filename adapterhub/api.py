@@ -124,16 +124,25 @@ def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None =
 
 
 def retry_on_busy(fn, *, attempts: int = 12, base_delay: float = 0.02):
-    """Run ``fn()`` retrying on lock/busy/serialization errors and unique-key races, with jittered backoff."""
+    """Run ``fn()`` retrying on lock/busy/serialization errors and unique-key races, with jittered backoff.
+
+    Raises CatalogError (one line) when the error is not transient or the retries are exhausted, so a
+    raw driver error never reaches the user.
+    """
     for i in range(attempts):
         try:
             return fn()
         except (OperationalError, IntegrityError) as e:
             msg = str(e.orig if hasattr(e, "orig") else e).lower()
-            transient = isinstance(e, IntegrityError) or any(
-                s in msg for s in ("locked", "busy", "could not serialize", "deadlock"))
-            if not transient or i == attempts - 1:
-                raise
+            if isinstance(e, IntegrityError):  # only a unique-key race is worth retrying (FK/CHECK are bugs)
+                transient = "unique" in msg or "duplicate key" in msg
+            else:
+                transient = any(s in msg for s in ("locked", "busy", "could not serialize", "deadlock"))
+            first = (msg.strip().splitlines() or ["?"])[0]
+            if not transient:
+                raise CatalogError(f"catalog write failed: {first}") from e
+            if i == attempts - 1:
+                raise CatalogError(f"the catalog stayed busy after {attempts} attempts: {first}") from e
             time.sleep(base_delay * (2 ** min(i, 6)) * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
