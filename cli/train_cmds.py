@@ -1,8 +1,179 @@
-"""CLI commands (placeholder until its owner lands the real commands)."""
+"""``adapterhub tasks``, ``adapterhub train`` and ``adapterhub eval``: thin commands over
+:mod:`adapterhub.data`, :mod:`adapterhub.training` and :mod:`adapterhub.evaluation`."""
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import click
 
+from .common import echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+
+
+class DensityType(click.ParamType):
+    """A density in (0, 1]."""
+
+    name = "density"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(v) and 0 < v <= 1):
+            self.fail(f"density must be in (0, 1], got {value}", param, ctx)
+        return v
+
+
+def _mask_choices() -> list[str]:
+    from adapterhub.masks import MASK_METHODS
+
+    return list(MASK_METHODS)
+
+
+def _progress_cb(bar, task_id):
+    def cb(step: int, total: int, info: dict[str, Any]) -> None:
+        bar.update(task_id, completed=step, total=total,
+                   info=f"loss {info['loss']:.4f}  {info['steps_per_s']:.2f} steps/s  [{info['phase']}]")
+    return cb
+
 
 def register(cli: click.Group) -> None:
-    """Add this module's commands to the root group."""
+    """Add ``tasks``, ``train`` and ``eval`` to the root group."""
+
+    @cli.command("tasks")
+    @json_option
+    def tasks_cmd(as_json: bool) -> None:
+        """List the built-in offline tasks with their labels and split sizes.
+
+        Example: adapterhub tasks --json
+        """
+        from adapterhub.data import list_tasks
+
+        specs = list_tasks()
+        doc = [{"name": s.name, "description": s.description, "labels": list(s.labels), "rows": dict(s.rows),
+                "files": [{"package": f.package, "path": f.relpath, "sha256": f.sha256} for f in s.files]}
+               for s in specs]
+        rows = [(s.name, len(s.labels), s.rows["train"], s.rows["validation"], s.rows["test"], s.description)
+                for s in specs]
+        output(doc, as_json, ["task", "labels", "train", "validation", "test", "description"], rows,
+               title="built-in tasks")
+
+    @cli.command("train")
+    @click.option("--base", required=True, help="Base model name (see `adapterhub base list`).")
+    @click.option("--task", default=None, help="Built-in task (see `adapterhub tasks`).")
+    @click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID instead of --task.")
+    @click.option("--text-column", default="text", show_default=True)
+    @click.option("--label-column", default="label", show_default=True)
+    @click.option("--name", default=None, help="Adapter name (default <task>-<mask>).")
+    @click.option("--density", type=DensityType(), default=0.05, show_default=True,
+                  help="Fraction of each target weight that is trained, in (0, 1].")
+    @click.option("--mask", "mask_method", type=click.Choice(_mask_choices()), default="connection-sensitivity",
+                  show_default=True)
+    @click.option("--score", type=click.Choice(["signed", "abs"]), default="signed", show_default=True,
+                  help="connection-sensitivity ranking: signed -Ŵ·∇Ŵ or |Ŵ·∇Ŵ|.")
+    @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+    @click.option("--granularity", type=click.Choice(["element", "block"]), default="element", show_default=True)
+    @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
+    @click.option("--targets", default=None, metavar="REGEX",
+                  help="Regex over module names (default query|key|value or q_proj|k_proj|v_proj).")
+    @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (wins over --epochs).")
+    @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None)
+    @click.option("--select-steps", type=click.IntRange(min=0), default=100, show_default=True,
+                  help="Dense warm-up steps before the mask is selected.")
+    @click.option("--reselect-every", type=click.IntRange(min=0), default=100, show_default=True,
+                  help="Reselect the mask every N steps during the first epoch (0: never).")
+    @click.option("--score-batches", type=click.IntRange(min=1), default=16, show_default=True,
+                  help="Batches of gradients summed by the gradient and snip masks.")
+    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+    @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Learning rate of the encoder task head (default: --lr).")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+    @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+    @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--max-eval-examples", type=click.IntRange(min=1), default=None,
+                  help="Cap the validation rows evaluated after training.")
+    @json_option
+    @pass_ctx
+    @handle_errors
+    def train_cmd(c, base: str, task: str | None, dataset: str | None, text_column: str, label_column: str,
+                  name: str | None, density: float, mask_method: str, score: str, scope: str, granularity: str,
+                  block_size: int, targets: str | None, steps: int | None, epochs: float | None,
+                  select_steps: int, reselect_every: int, score_batches: int, lr: float, head_lr: float | None,
+                  batch_size: int, max_length: int, device: str, dtype: str, seed: int,
+                  max_eval_examples: int | None, as_json: bool) -> None:
+        """Train a sparse adapter and register it as a new version; prints its ref.
+
+        Runs on several GPUs or nodes with `accelerate launch -m adapterhub_cli.main train ...`.
+
+        Example: adapterhub train --base minilm --task rt-sentiment --density 0.05 --steps 300
+        """
+        if (task is None) == (dataset is None):
+            raise click.UsageError("give exactly one of --task or --dataset")
+        from adapterhub.training import TrainConfig, init_distributed_from_env, train
+
+        cfg = TrainConfig(density=density, mask=mask_method, score=score, scope=scope, granularity=granularity,
+                          block_size=block_size, targets=targets, steps=steps, epochs=epochs,
+                          select_steps=select_steps, reselect_every=reselect_every, score_batches=score_batches,
+                          lr=lr, head_lr=head_lr, batch_size=batch_size, max_length=max_length, device=device,
+                          dtype=dtype, seed=seed, max_eval_examples=max_eval_examples)
+        init_distributed_from_env()
+        with progress(transient=True) as bar:
+            tid = bar.add_task(f"train {task or dataset}", total=None, info="loading")
+            info = train(c.ws, base=base, task=task, dataset=dataset, name=name, config=cfg,
+                         text_column=text_column, label_column=label_column, progress=_progress_cb(bar, tid))
+        if info is None:  # a non-zero distributed rank: rank 0 reports
+            return
+        if as_json:
+            print_json(info.to_json())
+            return
+        m = info.metrics or {}
+        acc = m.get("validation_accuracy")
+        echo_err(f"trained {info.nnz} values ({info.density:.4g} of targets), validation accuracy "
+                 f"{acc:.4f}" if acc is not None else f"trained {info.nnz} values")
+        click.echo(info.ref)
+
+    @cli.command("eval")
+    @click.argument("ref", required=False)
+    @click.option("--task", default=None, help="Built-in task (default: the version's task).")
+    @click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID.")
+    @click.option("--text-column", default="text", show_default=True)
+    @click.option("--label-column", default="label", show_default=True)
+    @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
+    @click.option("--deployment", default=None, metavar="NAME",
+                  help="Evaluate a deployment's materialised weights (REF gives the head and labels).")
+    @click.option("--max-examples", type=click.IntRange(min=1), default=None)
+    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+    @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+    @json_option
+    @pass_ctx
+    @handle_errors
+    def eval_cmd(c, ref: str | None, task: str | None, dataset: str | None, text_column: str, label_column: str,
+                 split: str, deployment: str | None, max_examples: int | None, batch_size: int, max_length: int,
+                 device: str, as_json: bool) -> None:
+        """Accuracy and loss of a version on a task split, recorded on the version.
+
+        Example: adapterhub eval rt-sentiment-connection-sensitivity@1 --split test --json
+        """
+        if task is not None and dataset is not None:
+            raise click.UsageError("give at most one of --task or --dataset")
+        if ref is None and deployment is None:
+            raise click.UsageError("give a REF (or --deployment NAME)")
+        from adapterhub.evaluation import deployment_path, evaluate
+
+        model_dir = deployment_path(c.ws, deployment) if deployment else None
+        with progress(transient=True) as bar:
+            bar.add_task(f"eval {ref or deployment}", total=None, info="")
+            res = evaluate(c.ws, ref, task=task, dataset=dataset, split=split, model_dir=model_dir,
+                           text_column=text_column, label_column=label_column, batch_size=batch_size,
+                           max_examples=max_examples, max_length=max_length, device=device,
+                           deployment=deployment)
+        doc = res.to_json()
+        doc["deployment"] = deployment
+        output(doc, as_json, ["ref", "task", "split", "accuracy", "loss", "n"],
+               [(res.ref or "-", res.task, res.split, f"{res.accuracy:.4f}", f"{res.loss:.4f}", res.n)],
+               title=f"evaluation{' of deployment ' + deployment if deployment else ''}")
+
