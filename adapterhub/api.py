@@ -133,12 +133,13 @@ def retry_on_busy(fn, *, attempts: int = 12, base_delay: float = 0.02):
         try:
             return fn()
         except (OperationalError, IntegrityError) as e:
-            msg = str(e.orig if hasattr(e, "orig") else e).lower()
+            raw = str(e.orig if hasattr(e, "orig") else e)
+            msg = raw.lower()
             if isinstance(e, IntegrityError):  # only a unique-key race is worth retrying (FK/CHECK are bugs)
                 transient = "unique" in msg or "duplicate key" in msg
             else:
                 transient = any(s in msg for s in ("locked", "busy", "could not serialize", "deadlock"))
-            first = (msg.strip().splitlines() or ["?"])[0]
+            first = (raw.strip().splitlines() or ["?"])[0]
             if not transient:
                 raise CatalogError(f"catalog write failed: {first}") from e
             if i == attempts - 1:
