@@ -296,6 +296,7 @@ class Workspace:
         card.setdefault("kind", kind)
         adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card)
         data = fmt.save(adapter)
+        self._precheck_register(name, kind, binfo.id, parents)  # refuse before the blob is written
         digest = self.store.put_bytes(data)
         from .faults import fault_point
 
@@ -306,6 +307,22 @@ class Workspace:
             name=name, kind=kind, base_id=binfo.id, digest=digest, size=len(data), task=task, mask=mask,
             adapter=adapter, dtype=fmt.dtype_name(dtype) if dtype is not None else "mixed", parents=parents,
             metrics=metrics, training_config=training_config, card=card, hub=hub))
+
+    def _precheck_register(self, name: str, kind: str, base_id: int, parents: Sequence[Parent]) -> None:
+        """Raise what :meth:`_insert_version` would raise for kind/base conflicts and unknown parents, so a
+        refused registration leaves the store unchanged (the insert re-checks inside its transaction)."""
+        with self.session() as s:
+            a = s.scalar(select(Adapter).where(Adapter.name == name))
+            if a is not None and a.kind != kind:
+                raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
+            if a is not None and a.base_id != base_id:
+                raise CatalogError(f"adapter {name!r} belongs to base {a.base.name!r}")
+            for p in parents:
+                if p.ref is None:
+                    if p.relation != "imported_from":
+                        raise CatalogError(f"relation {p.relation} needs a parent ref")
+                else:
+                    self._resolve_row(s, p.ref)
 
     def _insert_version(self, *, name: str, kind: str, base_id: int, digest: str, size: int, task: str | None,
                         mask: dict[str, Any], adapter: fmt.SparseAdapter, dtype: str, parents: Sequence[Parent],
