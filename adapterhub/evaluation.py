@@ -21,7 +21,7 @@ import torch
 from . import format as fmt
 from .data import BUILTIN_TASKS, TaskData, load_dataset, load_task
 from .errors import DataError, TrainingError
-from .training import (DTYPES, Batcher, SparseDeltaModel, _file_key, _MeanPoolHead, base_tensor_keys,
+from .training import (DTYPES, _dataset_task_name, Batcher, SparseDeltaModel, _file_key, _MeanPoolHead, base_tensor_keys,
                        load_backbone, load_tokenizer, model_kind, predict, resolve_device)
 
 
@@ -168,7 +168,7 @@ def evaluate(ws, ref: str | None, task: str | None = None, dataset: str | None =
     tok = load_tokenizer(path)
     batcher = Batcher(tok, kind, data.labels, max_length)
     acc, loss, n = predict(sdm, batcher, rows, batch_size)
-    task_label = task if task is not None else data.name
+    task_label = task if task is not None else _dataset_task_name(dataset or "")
     prefix = "" if (version is not None and task_label == version.task) else f"{task_label}/"
     if deployment:
         prefix = f"deployment:{deployment}/" + prefix

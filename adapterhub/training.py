@@ -761,6 +761,7 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
     if cfg.max_eval_examples:
         val_rows = val_rows[:cfg.max_eval_examples]
     metrics: dict[str, Any] = {"train_loss": _tail_mean(trainer.losses), "steps": trainer.total,
+                               "trainable_values": sdm.trainable_delta_count(),
                                "train_seconds": round(train_seconds, 3),
                                "steps_per_second": round(trainer.total / train_seconds, 4) if train_seconds else None}
     if val_rows:

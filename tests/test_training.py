@@ -1,0 +1,199 @@
+"""Sparse training on tiny random BERT-like and Llama-like models: budgets, masked gradients,
+frozen base, reselection schedule, determinism, catalog registration and bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from adapterhub import format as fmt
+from adapterhub import masks as M
+from adapterhub.data import load_dataset
+from adapterhub.errors import AdapterHubError, DataError, TrainingError
+from adapterhub.evaluation import evaluate
+from adapterhub.training import (Batcher, SparseDeltaModel, TrainConfig, find_targets, load_backbone,
+                                 load_tokenizer, train, train_adapter)
+from test_training_util import folder_digest, sentiment_rows, tiny_model, write_csv
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_bases")
+    return {"bert": tiny_model("bert", root / "bert"), "llama": tiny_model("llama", root / "llama")}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    p = tmp_path_factory.mktemp("toy") / "toy.csv"
+    write_csv(p, sentiment_rows(60))  # 48 train rows -> 6 steps per epoch at batch 8
+    return load_dataset(f"csv:{p}")
+
+
+def _cfg(**kw):
+    base = dict(steps=8, select_steps=2, reselect_every=2, batch_size=8, max_length=24, density=0.1,
+                score_batches=2, lr=5e-3, max_eval_examples=12, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _file_shapes(folder):
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("method", sorted(M.MASK_METHODS))
+def test_every_method_trains_exactly_its_budget_on_base_tensor_names(bases, toy, kind, method):
+    before = folder_digest(bases[kind])
+    res = train_adapter(bases[kind], toy, _cfg(mask=method), task_name="toy")
+    shapes = _file_shapes(bases[kind])
+    a = res.adapter
+    pattern = "attention.self" if kind == "bert" else "self_attn"
+    assert a.params and all(k in shapes and pattern in k for k in a.params)  # names = file tensor names
+    assert len(a.params) == 6  # q, k, v in 2 layers
+    for k, p in a.params.items():
+        assert p.shape == shapes[k]
+        assert p.nnz == M.budget(p.numel, 0.1)
+    assert res.metrics["trainable_values"] == a.nnz  # values phase: 1-D values only
+    assert a.card["mask"]["method"] == method and a.card["mask"]["density"] == 0.1
+    assert (("heads.toy.weight" in a.extras) == (kind == "bert"))
+    assert folder_digest(bases[kind]) == before  # base files untouched
+    assert any(float(p.values.abs().sum()) > 0 for p in a.params.values())  # something was learned
+
+
+def test_gradients_reach_only_the_masked_entries(bases, toy):
+    folder = bases["bert"]
+    backbone = load_backbone(folder, "encoder", torch.float32, torch.device("cpu"))
+    targets = find_targets(backbone, r"(query|key|value)$", _file_shapes(folder))
+    sdm = SparseDeltaModel(backbone, "encoder", targets, 2, torch.device("cpu"), autocast=False)
+    base_state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for k, w in sdm.weights.items():
+        idx = torch.sort(torch.randperm(w.numel(), generator=g)[: w.numel() // 10]).values
+        sdm.idx[k] = idx
+        sdm.values[k] = torch.nn.Parameter(torch.zeros(idx.numel()))
+    batch = Batcher(load_tokenizer(folder), "encoder", toy.labels, 24).encoder_batch(toy.train[:8], sdm.device)
+    loss, _ = sdm.forward(batch, capture=True)
+    loss.backward()
+    dense = sdm.captured_grads()
+    opt = torch.optim.SGD([sdm.values[k] for k in sdm.values], lr=1.0)
+    for k in sdm.weights:
+        assert sdm.values[k].grad.shape == (sdm.idx[k].numel(),)
+        assert torch.equal(sdm.values[k].grad, dense[k].reshape(-1)[sdm.idx[k]])
+    opt.step()
+    for k, w in sdm.weights.items():
+        changed = (sdm.effective(k) != w).reshape(-1).nonzero().reshape(-1)
+        assert changed.numel() > 0 and bool(torch.isin(changed, sdm.idx[k]).all())
+        assert w.grad is None  # the base never gets a gradient
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, base_state[k])  # bit-identical in memory
+
+
+def test_reselection_happens_only_during_the_first_epoch(bases, toy):
+    # 48 rows, batch 8: 6 steps per epoch; warm-up 1 step then reselect every step until step 5
+    res = train_adapter(bases["bert"], toy, _cfg(steps=18, select_steps=1, reselect_every=1), task_name="toy")
+    ev = res.mask_events
+    assert [e["event"] for e in ev] == ["select"] + ["reselect"] * 4
+    assert [e["step"] for e in ev] == [1, 2, 3, 4, 5]
+    assert len({e["mask_hash"] for e in ev}) > 1  # the mask did move
+    assert all(e["nnz"] == res.adapter.nnz for e in ev)
+    assert res.adapter.mask_hash() is not None
+    gd = train_adapter(bases["bert"], toy, _cfg(mask="grow-drop", steps=18, reselect_every=2), task_name="toy")
+    assert [e["step"] for e in gd.mask_events] == [0, 2, 4]
+    assert len({e["mask_hash"] for e in gd.mask_events}) == 3
+
+
+def test_same_seed_same_bytes_different_seed_different_bytes(bases, toy):
+    a = fmt.save(train_adapter(bases["bert"], toy, _cfg(), task_name="toy").adapter)
+    b = fmt.save(train_adapter(bases["bert"], toy, _cfg(), task_name="toy").adapter)
+    c = fmt.save(train_adapter(bases["bert"], toy, _cfg(seed=1), task_name="toy").adapter)
+    assert a == b
+    assert a != c
+
+
+def test_block_granularity_and_global_scope(bases, toy):
+    res = train_adapter(bases["bert"], toy, _cfg(granularity="block", block_size=8, density=0.25), task_name="toy")
+    for p in res.adapter.params.values():
+        assert p.block_size == 8 and p.nnz == 64 * M.budget(p.numel // 64, 0.25)
+    assert res.adapter.card["mask"]["granularity"] == "block"
+    glob = train_adapter(bases["llama"], toy, _cfg(scope="global", density=0.05), task_name="toy").adapter
+    assert glob.nnz == M.budget(glob.numel, 0.05)
+
+
+def test_register_and_evaluate_through_the_workspace(ws, bases, toy, tmp_path):
+    ws.add_base("tb", str(bases["bert"]))
+    csv = tmp_path / "toy.csv"
+    write_csv(csv, sentiment_rows(60))
+    info = train(ws, base="tb", dataset=f"csv:{csv}", name="toy-expert", config=_cfg(steps=30, lr=2e-2))
+    assert info.ref == "toy-expert@1" and info.mask_method == "connection-sensitivity"
+    assert info.metrics["validation_accuracy"] >= 0 and info.training_config["density"] == 0.1
+    assert info.card["labels"]["toy"] == ["negative", "positive"]
+    r = evaluate(ws, "toy-expert", dataset=f"csv:{csv}", split="test")
+    assert r.n == 6 and 0 <= r.accuracy <= 1
+    assert ws.resolve("toy-expert@1").metrics["test_accuracy"] == r.accuracy
+    # the same weights materialised in a folder (as a deployment is) give the same figures
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    dep = tmp_path / "dep"
+    shutil.copytree(bases["bert"], dep)
+    sd = load_file(str(dep / "model.safetensors"))
+    adapter = ws.load_adapter("toy-expert@1")
+    for k, p in adapter.params.items():
+        idx, vals = p.flat()
+        flat = sd[k].reshape(-1).clone()
+        flat.index_add_(0, idx, vals.to(flat.dtype))
+        sd[k] = flat.reshape(sd[k].shape)
+    save_file(sd, str(dep / "model.safetensors"), metadata={"format": "pt"})
+    r2 = evaluate(ws, "toy-expert", dataset=f"csv:{csv}", split="test", model_dir=dep, record=False)
+    assert r2.accuracy == r.accuracy and abs(r2.loss - r.loss) < 1e-5
+
+
+def test_causal_lm_scores_labels_by_log_likelihood(ws, bases, tmp_path):
+    ws.add_base("tl", str(bases["llama"]))
+    csv = tmp_path / "toy.csv"
+    write_csv(csv, sentiment_rows(60))
+    info = train(ws, base="tl", dataset=f"csv:{csv}", name="toy-lm", config=_cfg(steps=10))
+    assert info.card["model_kind"] == "causal-lm" and not ws.load_adapter(info.ref).extras
+    r = evaluate(ws, info.ref, dataset=f"csv:{csv}", split="validation")
+    assert r.n == 6 and r.loss > 0
+
+
+def _bad(tmp_path, name):
+    if name == "missing-label":
+        p = write_csv(tmp_path / "m.csv", [("a", "x")] * 4, header=("text", "stars"))
+        return {"dataset": f"csv:{p}"}
+    if name == "empty":
+        p = tmp_path / "e.csv"
+        p.write_text("text,label\n")
+        return {"dataset": f"csv:{p}"}
+    return {}
+
+
+@pytest.mark.parametrize("case,kw,err,match", [
+    ("unknown task", {"task": "nope"}, DataError, "unknown task"),
+    ("unknown base", {"task": "rt-sentiment", "base": "nobase"}, AdapterHubError, "unknown base"),
+    ("density 0", {"task": "rt-sentiment", "config": _cfg(density=0.0)}, TrainingError, "density"),
+    ("density > 1", {"task": "rt-sentiment", "config": _cfg(density=1.5)}, TrainingError, "density"),
+    ("regex", {"task": "rt-sentiment", "config": _cfg(targets="nothing_matches")}, TrainingError, "matches no"),
+    ("cuda", {"task": "rt-sentiment", "config": _cfg(device="cuda")}, TrainingError, "CUDA"),
+    ("missing-label", {}, DataError, "no label column"),
+    ("empty", {}, DataError, "no rows"),
+    ("bad method", {"task": "rt-sentiment", "config": _cfg(mask="nope")}, TrainingError, "unknown mask"),
+    ("warm-up too long", {"task": "rt-sentiment", "config": _cfg(steps=2, select_steps=5)}, TrainingError,
+     "select-steps"),
+])
+def test_bad_input_is_one_clear_error_and_registers_nothing(ws, bases, tmp_path, case, kw, err, match):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    ws.add_base("tb", str(bases["bert"]))
+    kw = dict(kw)
+    kw.update(_bad(tmp_path, case))
+    kw.setdefault("base", "tb")
+    kw.setdefault("config", _cfg())
+    with pytest.raises(err, match=match) as ei:
+        train(ws, name="x", **kw)
+    assert "\n" not in str(ei.value)
+    assert ws.list_versions() == []
