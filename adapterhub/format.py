@@ -41,6 +41,7 @@ FORMAT_ID = "adapterhub.sparse/1"
 METADATA_KEY = "adapterhub"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 GAP_LIMIT = 1 << 16
+MAX_NUMEL = 1 << 62  # flat positions (and block-expanded ones) must stay inside int64
 
 _DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -193,7 +194,7 @@ class SparseParam:
             raise FormatError(f"{name}: indices must be a 1-D int64 tensor")
         if vals.dtype not in VALUE_DTYPES:
             raise FormatError(f"{name}: values dtype {vals.dtype} not allowed (fp32, bf16, fp16)")
-        if any(s <= 0 for s in self.shape):
+        if any(s <= 0 for s in self.shape) or len(self.shape) > 8 or self.numel >= MAX_NUMEL:
             raise FormatError(f"{name}: invalid shape {self.shape}")
         if self.block_size is None:
             limit = self.numel
@@ -286,8 +287,13 @@ class SparseAdapter:
 
 
 def _check_name(name: str) -> None:
-    if not name or "\0" in name or len(name) > 1024 or "::" in name:
+    if (not isinstance(name, str) or not name or len(name) > 1024 or "::" in name
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):  # NUL, newlines, terminal escapes
         raise FormatError(f"invalid tensor name {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a JSON header could never be written back
+        raise FormatError(f"invalid tensor name {name!r}: not valid Unicode") from None
 
 
 # -- index coding -------------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def _read_container(data: bytes) -> tuple[dict[str, tuple[str, list[int], int, i
         raise FormatError(f"file is truncated or corrupt: header declares {hlen} bytes, file has {len(data)}")
     try:
         header = json.loads(data[8:8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints over 4300 digits
         raise FormatError(f"bad safetensors header: {e.__class__.__name__}") from None
     if not isinstance(header, dict):
         raise FormatError("bad safetensors header: not a JSON object")
@@ -436,13 +442,20 @@ def read_card(data: bytes) -> dict[str, Any]:
     return _parse_doc(meta)
 
 
+def _refuse_constant(name: str) -> Any:
+    """NaN/Infinity are not JSON: a card holding them could never be written back (save uses allow_nan=False)."""
+    raise FormatError(f"bad adapterhub card JSON: {name} is not a JSON value")
+
+
 def _parse_doc(meta: dict[str, str]) -> dict[str, Any]:
     if METADATA_KEY not in meta:
         raise FormatError("not an adapterhub file: no 'adapterhub' metadata in the safetensors header")
     try:
-        doc = json.loads(meta[METADATA_KEY])
+        doc = json.loads(meta[METADATA_KEY], parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise FormatError(f"bad adapterhub card JSON: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # nesting bombs, integers over 4300 digits
+        raise FormatError(f"bad adapterhub card JSON: {e.__class__.__name__}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_ID:
         raise FormatError(f"unsupported adapter format {doc.get('format') if isinstance(doc, dict) else None!r} (expected {FORMAT_ID})")
     if not isinstance(doc.get("params"), dict) or not isinstance(doc.get("extras", []), list) or not isinstance(doc.get("card", {}), dict):
@@ -475,7 +488,7 @@ def load(data: bytes, *, allow_nonfinite: bool = False) -> SparseAdapter:
             layout = spec["layout"]
             block = spec.get("block_size")
             count = int(spec["count"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
             raise FormatError(f"{name}: bad layout entry in card") from None
         if layout not in ("element", "block") or (layout == "block") != (block is not None):
             raise FormatError(f"{name}: bad layout {layout!r} / block size {block!r}")

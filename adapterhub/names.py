@@ -24,6 +24,6 @@ def validate_name(name: object, what: str = "name") -> str:
         raise NameError_(f"{what} is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed")
     if "/" in name or "\\" in name or "\0" in name or ".." in name:
         raise NameError_(f"{what} {name!r} contains a path separator, NUL or '..'")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # fullmatch: '$' would accept a trailing newline
         raise NameError_(f"{what} {name!r} may contain only letters, digits, '_', '.' and '-', starting with a letter or digit")
     return name

@@ -44,7 +44,7 @@ def parse_ref(text: object) -> Ref:
         validate_name(name, "adapter name")
         if not sep:
             return Ref(name=name)
-        if rest.isdigit():
+        if rest.isascii() and rest.isdigit():  # not '²' or other Unicode digits
             n = int(rest)
             if n < 1 or len(rest) > 9:
                 raise RefError(f"invalid ref {text!r}: version numbers start at 1")

@@ -25,7 +25,17 @@ class BlobStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        for p in (self.root, self.root.parent):  # a planted symlink would send writes outside the home
+            if p.is_symlink():
+                raise StoreError(f"{p} is a symlink; refusing to use it as the blob store")
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def _shard(self, digest: str) -> Path:
+        """The blob's shard folder; raises StoreError if it is a symlink (planted to escape the store)."""
+        d = self.path(digest).parent
+        if d.is_symlink():
+            raise StoreError(f"store folder {d.name} is a symlink; refusing to follow it")
+        return d
 
     def path(self, digest: str) -> Path:
         """Where the blob ``digest`` lives (validates the digest: no path tricks)."""
@@ -35,12 +45,13 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         p = self.path(digest)
-        return p.is_file() and not p.is_symlink()
+        return p.is_file() and not p.is_symlink() and not p.parent.is_symlink()
 
     def put_bytes(self, data: bytes) -> str:
         """Store ``data`` (idempotent) and return its sha256 hex digest."""
         digest = sha256_hex(data)
         p = self.path(digest)
+        self._shard(digest)
         if self.has(digest):
             return digest
         if p.is_symlink():
@@ -51,6 +62,7 @@ class BlobStore:
     def get_bytes(self, digest: str) -> bytes:
         """Read a blob and verify its hash; raises StoreError if missing or corrupt."""
         p = self.path(digest)
+        self._shard(digest)
         if p.is_symlink():
             raise StoreError(f"blob {digest[:12]} is a symlink; refusing to follow it")
         try:
@@ -73,7 +85,7 @@ class BlobStore:
         if not self.root.exists():
             return
         for d in sorted(self.root.iterdir()):
-            if not d.is_dir() or len(d.name) != 2:
+            if not d.is_dir() or d.is_symlink() or len(d.name) != 2:
                 continue
             for f in sorted(d.iterdir()):
                 name = d.name + f.name
@@ -100,7 +112,7 @@ class BlobStore:
                 freed += self.path(digest).stat().st_size if dry_run else self.delete(digest)
         temps = 0
         for d in self.root.iterdir() if self.root.exists() else []:
-            if d.is_dir():
+            if d.is_dir() and not d.is_symlink():
                 for f in d.glob(".*.tmp"):
                     temps += 1
                     if not dry_run:
