@@ -277,10 +277,24 @@ def _opt(name: str) -> str:
 
 # - building blocks -
 
-def _union(entries: list[_Entry]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Sorted union of the entries' indices and, per entry, the positions of its indices in it."""
+def _union(entries: list[_Entry], numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sorted union of the entries' indices and, per entry, the positions of its indices in it.
+
+    A boolean mark over the tensor plus a prefix-sum rank (O(numel + nnz), no value densified):
+    on CPU this is several times faster than ``torch.unique(return_inverse=True)``, which sorts.
+    """
+    if not entries:
+        return torch.zeros(0, dtype=torch.int64), []
+    if len(entries) == 1:
+        return entries[0].idx, [torch.arange(entries[0].idx.numel())]
     cat = torch.cat([e.idx for e in entries])
-    uniq, inv = torch.unique(cat, sorted=True, return_inverse=True)
+    mark = torch.zeros(numel, dtype=torch.bool)
+    mark[cat] = True
+    uniq = mark.nonzero().view(-1)
+    rank = torch.cumsum(mark, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
+    del mark
+    inv = rank[cat].to(torch.int64) - 1
+    del rank
     return uniq, list(torch.split(inv, [e.idx.numel() for e in entries]))
 
 
@@ -331,11 +345,11 @@ def _dare_keep_masks(name: str, shape: tuple[int, ...], entries: list[_Entry], o
     return masks
 
 
-def _disjoint(entries: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor]:
+def _disjoint(entries: list[_Entry], numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES sign election (PEFT 'total': sign of the unweighted sum) and disjoint mean."""
     if not entries:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
-    uniq, pos = _union(entries)
+    uniq, pos = _union(entries, numel)
     total = torch.zeros(uniq.numel(), dtype=torch.float32)
     for e, p in zip(entries, pos):
         total.index_add_(0, p, e.vals)
@@ -358,7 +372,7 @@ class UniformSparseMerge(MergeMethod):
     params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0))
 
     def merge_param(self, name, shape, entries, n_experts, opts):
-        uniq, pos = _union(entries)
+        uniq, pos = _union(entries, math.prod(shape) if shape else 1)
         acc = _weighted_sum(entries, uniq.numel(), pos)
         den = torch.zeros(uniq.numel(), dtype=torch.float32)
         for e, p in zip(entries, pos):
@@ -374,7 +388,7 @@ class WeightedMerge(MergeMethod):
     params = (MergeParamDef("weights", required=True), MergeParamDef("lam", default=1.0))
 
     def merge_param(self, name, shape, entries, n_experts, opts):
-        uniq, pos = _union(entries)
+        uniq, pos = _union(entries, math.prod(shape) if shape else 1)
         acc = _weighted_sum(entries, uniq.numel(), pos)
         out = acc / float(opts["_weight_total"])
         lam = float(opts.get("lam", 1.0))
@@ -394,7 +408,7 @@ class TaskArithmeticMerge(MergeMethod):
     params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0))
 
     def merge_param(self, name, shape, entries, n_experts, opts):
-        uniq, pos = _union(entries)
+        uniq, pos = _union(entries, math.prod(shape) if shape else 1)
         return uniq, _weighted_sum(entries, uniq.numel(), pos)
 
 
@@ -406,7 +420,7 @@ class TiesMerge(MergeMethod):
 
     def merge_param(self, name, shape, entries, n_experts, opts):
         d = float(opts["density"])
-        return _disjoint([_magnitude_trim(e, d) for e in entries])
+        return _disjoint([_magnitude_trim(e, d) for e in entries], math.prod(shape) if shape else 1)
 
 
 class DareLinearMerge(MergeMethod):
@@ -419,7 +433,7 @@ class DareLinearMerge(MergeMethod):
     def merge_param(self, name, shape, entries, n_experts, opts):
         masks = _dare_keep_masks(name, shape, entries, opts)
         kept = [_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)]
-        uniq, pos = _union(kept)
+        uniq, pos = _union(kept, math.prod(shape) if shape else 1)
         return uniq, _weighted_sum(kept, uniq.numel(), pos)
 
 
@@ -429,7 +443,8 @@ class DareTiesMerge(DareLinearMerge):
 
     def merge_param(self, name, shape, entries, n_experts, opts):
         masks = _dare_keep_masks(name, shape, entries, opts)
-        return _disjoint([_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)])
+        return _disjoint([_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)],
+                         math.prod(shape) if shape else 1)
 
 
 class BreadcrumbsMerge(MergeMethod):
@@ -441,7 +456,7 @@ class BreadcrumbsMerge(MergeMethod):
 
     def merge_param(self, name, shape, entries, n_experts, opts):
         kept = [_breadcrumbs_trim(e, float(opts["density"]), float(opts["gamma"])) for e in entries]
-        uniq, pos = _union(kept)
+        uniq, pos = _union(kept, math.prod(shape) if shape else 1)
         return uniq, _weighted_sum(kept, uniq.numel(), pos)
 
 

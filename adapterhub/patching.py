@@ -394,6 +394,16 @@ def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
     return entries, doc
 
 
+def _union_sorted(lists: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
+    """Sorted union of sorted index lists (a boolean mark over the tensor: faster than torch.unique on CPU)."""
+    if len(lists) == 1:
+        return lists[0].to(torch.int64)
+    mark = torch.zeros(numel, dtype=torch.bool)
+    for t in lists:
+        mark[t] = True
+    return mark.nonzero().view(-1)
+
+
 class DiskTransaction:
     """A crash-safe batch of in-place writes to one safetensors file.
 
@@ -411,7 +421,7 @@ class DiskTransaction:
     def begin(self, touched: Mapping[str, Sequence[torch.Tensor]]) -> None:
         entries = []
         for name in sorted(touched):
-            idx = torch.unique(torch.cat([t.to(torch.int64) for t in touched[name]]))
+            idx = _union_sorted(touched[name], self.file.flat(name).numel())
             entries.append(UndoEntry(name, idx, self.file.flat(name).index_select(0, idx).clone()))
         write_atomic(self.wal_path, encode_undo(entries, {**self.meta, "phase": "patching"}))
         fault_point("wal.written")
