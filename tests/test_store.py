@@ -1,0 +1,85 @@
+"""Content-addressed blob store: idempotent atomic writes, verified reads, gc."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from adapterhub.errors import StoreError
+from adapterhub.format import sha256_hex
+from adapterhub.store import BlobStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    return BlobStore(tmp_path / "blobs")
+
+
+def test_put_get_has(store):
+    d = store.put_bytes(b"hello")
+    assert d == sha256_hex(b"hello") and store.has(d)
+    assert store.get_bytes(d) == b"hello"
+    assert store.path(d) == store.root / d[:2] / d[2:]
+    mtime = store.path(d).stat().st_mtime_ns
+    assert store.put_bytes(b"hello") == d  # idempotent: no rewrite
+    assert store.path(d).stat().st_mtime_ns == mtime
+    assert list(store.iter_digests()) == [d]
+    assert not any(p.name.endswith(".tmp") for p in store.root.rglob("*"))
+
+
+def test_corrupt_and_missing_blobs_are_detected(store):
+    d = store.put_bytes(b"payload")
+    store.path(d).write_bytes(b"payloaX")
+    with pytest.raises(StoreError, match="corrupt"):
+        store.get_bytes(d)
+    assert "corrupt" in store.verify(d)
+    store.path(d).unlink()
+    with pytest.raises(StoreError, match="missing"):
+        store.get_bytes(d)
+    assert store.verify(store.put_bytes(b"payload")) is None
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "ab", "G" * 64, "A" * 64, "", "0" * 63 + "/"])
+def test_invalid_digests_refused(store, bad):
+    with pytest.raises(StoreError, match="invalid blob digest"):
+        store.path(bad)
+
+
+def test_symlinks_refused(store, tmp_path):
+    target = tmp_path / "outside"
+    target.write_bytes(b"x")
+    d = sha256_hex(b"x")
+    store.path(d).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, store.path(d))
+    assert not store.has(d)
+    with pytest.raises(StoreError, match="symlink"):
+        store.get_bytes(d)
+    with pytest.raises(StoreError, match="symlink"):
+        store.put_bytes(b"x")
+    assert target.read_bytes() == b"x"
+
+
+def test_gc(store):
+    keep = store.put_bytes(b"keep")
+    drop = store.put_bytes(b"drop")
+    tmp = store.path(keep).parent / ".half.tmp"
+    tmp.write_bytes(b"partial")
+    dry = store.gc({keep}, dry_run=True)
+    assert dry.removed == [drop] and dry.freed_bytes == 4 and store.has(drop) and tmp.exists()
+    res = store.gc({keep})
+    assert res.removed == [drop] and res.freed_bytes == 4 and res.temp_files_removed == 1
+    assert store.has(keep) and not store.has(drop) and not tmp.exists()
+    assert store.gc({keep}).removed == []
+
+
+def test_atomic_write_leaves_old_content_on_failure(store, monkeypatch):
+    import adapterhub.format as fmt
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fmt.os, "replace", boom)
+    with pytest.raises(OSError):
+        store.put_bytes(b"never")
+    assert list(store.iter_digests()) == []
+    assert not any(p.name.endswith(".tmp") for p in store.root.rglob("*"))
