@@ -544,7 +544,7 @@ def _pull(ws: "Workspace", hub: _Hub, spec: str, *, name: str | None, with_paren
 
     base_name = _ensure_base(ws, card["base"])
     hub.progress(f"registering {local_name}")
-    info = ws.register(data, name=local_name, task=card.get("task"), base=base_name,
+    info = ws.register(adapter, name=local_name, task=card.get("task"), base=base_name,
                        kind=card.get("kind") or "expert", parents=parents, metrics=card.get("metrics") or None,
                        training_config=card.get("training") or None,
                        hub={"repo": repo, "commit": commit, "tag": tag, "endpoint": public_endpoint(hub.endpoint)})

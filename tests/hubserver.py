@@ -95,6 +95,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    lfs_oids: set[str] = field(default_factory=set)  # LFS objects uploaded to this repo (per-repo, like git LFS)
 
     def resolve(self, rev: str) -> str | None:
         """Branch, tag, full commit id or a 7+ hex prefix -> commit id (None when unknown)."""
@@ -122,6 +123,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: bytes
     status: int = 0
+    uploaded: int = 0  # file bytes this request carried that the server accepted (LFS PUT, inline commit files)
 
 
 @dataclass
@@ -220,16 +222,7 @@ class HubServer:
 
     def uploaded_bytes(self, since: int = 0) -> int:
         """File bytes pushed since request index ``since``: LFS PUT bodies + inline (regular) file contents."""
-        total = 0
-        for r in self.requests[since:]:
-            if r.kind == "lfs_upload" and r.method == "PUT":
-                total += len(r.body) if self.record_bodies else int(r.headers.get("x-body-length", "0"))
-            elif r.kind == "commit" and r.status == 200:
-                for line in r.body.splitlines():
-                    item = json.loads(line)
-                    if item.get("key") == "file":
-                        total += len(base64.b64decode(item["value"]["content"]))
-        return total
+        return sum(r.uploaded for r in self.requests[since:])
 
     def commits(self, repo_id: str, branch: str = "main") -> list[Commit]:
         """The commits of ``branch``, newest first."""
@@ -271,6 +264,7 @@ class HubServer:
                 if self._is_lfs(path, data[:512]):
                     oid = hashlib.sha256(data).hexdigest()
                     self.lfs_objects[oid] = data
+                    repo.lfs_oids.add(oid)
                     tree[path] = FileEntry(path, len(data), lfs_oid=oid)
                 else:
                     tree[path] = FileEntry(path, len(data), content=data)
@@ -449,6 +443,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(fault.status, {"error": f"injected fault on {kind}"})
                 return
             record.status = status
+            if status == 200 and kind == "lfs_upload":
+                record.uploaded = len(body)
+            elif status == 200 and kind == "commit":
+                for line in body.splitlines():
+                    item = json.loads(line) if line.strip() else {}
+                    if item.get("key") == "file":
+                        record.uploaded += len(base64.b64decode(item["value"]["content"]))
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             if method == "HEAD":
                 extra = {**extra, "Content-Length": extra.get("Content-Length", str(len(data)))}
@@ -517,7 +518,7 @@ class _Handler(BaseHTTPRequestHandler):
             for obj in req.get("objects", []):
                 oid, size = obj["oid"], int(obj["size"])
                 entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-                if oid not in hub.lfs_objects:
+                if oid not in repo.lfs_oids:
                     entry["actions"] = {
                         "upload": {"href": f"{base}/_lfs/upload/{quote(repo.repo_id, safe='/')}/{oid}"},
                         "verify": {"href": f"{base}/_lfs/verify/{quote(repo.repo_id, safe='/')}"},
@@ -528,15 +529,19 @@ class _Handler(BaseHTTPRequestHandler):
         if m and method == "PUT":
             # like a pre-signed S3 URL: no Authorization header expected here
             oid = m["oid"]
+            repo_id = f"{unquote(m['owner'])}/{unquote(m['name'])}"
+            if repo_id not in hub.repos:
+                raise _HTTPError(404, "Repository not found", "RepoNotFound")
             if hashlib.sha256(body).hexdigest() != oid:
                 raise _HTTPError(400, "sha256 of the uploaded body does not match the object id")
             hub.lfs_objects[oid] = body
+            hub.repos[repo_id].lfs_oids.add(oid)
             return 200, b"", {"ETag": f'"{hashlib.md5(body).hexdigest()}"'}, "text/plain"
         m = _LFS_VERIFY.match(path)
         if m and method == "POST":
-            self._repo(m["owner"], m["name"], write=True)
+            vrepo = self._repo(m["owner"], m["name"], write=True)
             req = json.loads(body or b"{}")
-            obj = hub.lfs_objects.get(req.get("oid", ""))
+            obj = hub.lfs_objects.get(req.get("oid", "")) if req.get("oid") in vrepo.lfs_oids else None
             if obj is None or len(obj) != int(req.get("size", -1)):
                 raise _HTTPError(404, "object not found or wrong size")
             return 200, {}, ok, jtype
@@ -672,7 +677,7 @@ class _Handler(BaseHTTPRequestHandler):
                 tree[p] = FileEntry(p, len(data), content=data)
             elif key == "lfsFile":
                 oid = value["oid"]
-                obj = self.hub.lfs_objects.get(oid)
+                obj = self.hub.lfs_objects.get(oid) if oid in repo.lfs_oids else None
                 if obj is None or len(obj) != int(value["size"]):
                     raise _HTTPError(422, f"LFS object {oid} for {p} was never uploaded")
                 tree[p] = FileEntry(p, len(obj), lfs_oid=oid)

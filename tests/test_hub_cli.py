@@ -129,3 +129,29 @@ def test_cli_help_texts() -> None:
     for args in (["push", "--help"], ["pull", "--help"], ["hub", "versions", "--help"]):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0 and "Example:" in r.output
+
+
+@pytest.mark.e2e
+def test_real_cli_subprocess_honours_hf_endpoint_env(hub_server: HubServer, tmp_path: Path) -> None:
+    """The installed `adapterhub` in a fresh process: HF_ENDPOINT/HF_HUB_DISABLE_XET from the environment only."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("adapterhub")
+    a = _home(tmp_path, "a", adapters=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_ENDPOINT=hub_server.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "proc_hf"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+
+    def sh(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=300)
+
+    r = sh("--home", str(a), "push", "rt@1", "--repo", "eve/rt", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tag"] == "v1"
+    r = sh("--home", str(tmp_path / "b"), "pull", "eve/rt@v1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["registered"] is True
+    r = sh("--home", str(tmp_path / "b"), "pull", "eve/rt@v9")
+    assert r.returncode == 1 and r.stderr.strip().startswith("Error: ") and "v9" in r.stderr
