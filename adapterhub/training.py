@@ -888,4 +888,103 @@ def init_distributed_from_env() -> bool:
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_adapter", "validate_config", "find_targets",
            "predict", "SparseDeltaModel", "Batcher", "model_kind", "resolve_device", "DEFAULT_TARGETS",
-           "AdapterHubError"]
+           "AdapterHubError", "train_baseline", "build_baseline_model", "BaselineResult", "BASELINES"]
+
+
+# ---------------------------------------------------------------------------- baselines
+
+BASELINES = ("lora", "full")
+
+
+def build_baseline_model(base_path: Path, method: str, *, n_labels: int, lora_r: int = 16,
+                         targets: str | None = None, dtype: str = "fp32", device: str = "auto"
+                         ) -> tuple[SparseDeltaModel, list[nn.Parameter], list[nn.Parameter]]:
+    """A comparison model: PEFT LoRA on the target modules, or full fine-tuning.
+
+    Returns ``(model, body_params, head_params)``; the model runs through the same forward and
+    loss as the sparse adapter (it is a SparseDeltaModel without deltas), so only the
+    parametrisation differs.
+    Raises:
+        TrainingError: unknown method, or peft missing for LoRA.
+    """
+    if method not in BASELINES:
+        raise TrainingError(f"unknown baseline {method!r}; choose lora or full")
+    dev = resolve_device(device)
+    kind = model_kind(base_path)
+    backbone = load_backbone(base_path, kind, DTYPES[dtype], dev)
+    regex = targets or DEFAULT_TARGETS[kind]
+    names = sorted({m.rsplit(".", 1)[-1] for m, mod in backbone.named_modules()
+                    if m and re.search(regex, m) and isinstance(mod, TARGET_TYPES)})
+    if not names:
+        raise TrainingError(f"--targets {regex!r} matches no module")
+    if method == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise TrainingError("the LoRA baseline needs peft (pip install peft)") from None
+        pm = get_peft_model(backbone, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                                 target_modules=names))
+        backbone = pm.base_model.model
+        body = [p for p in backbone.parameters() if p.requires_grad]
+        for p in body:
+            p.data = p.data.float()
+    else:
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        body = [p for p in backbone.parameters()]
+    sdm = SparseDeltaModel(backbone, kind, {}, n_labels, dev, autocast=dev.type == "cuda")
+    return sdm, body, sdm.head_params()
+
+
+@dataclass
+class BaselineResult:
+    """Metrics of a baseline run plus the trained model (for test-set evaluation)."""
+
+    metrics: dict[str, Any]
+    model: SparseDeltaModel
+    batcher: Batcher
+
+
+def train_baseline(base_path: Path, data: TaskData, cfg: TrainConfig, *, method: str, lora_r: int = 16,
+                   progress: ProgressFn | None = None) -> BaselineResult:
+    """Train a LoRA or full fine-tuning baseline with the same data order, schedule and loss.
+
+    Returns a BaselineResult whose metrics match :func:`train_adapter`'s
+    (``validation_accuracy``, ``train_loss``, ``trainable_values``...). Nothing is registered:
+    baselines are for benchmarks.
+    """
+    validate_config(cfg)
+    torch.manual_seed(cfg.seed)
+    sdm, body, head = build_baseline_model(base_path, method, n_labels=len(data.labels), lora_r=lora_r,
+                                           targets=cfg.targets, dtype=cfg.dtype, device=cfg.device)
+    batcher = Batcher(load_tokenizer(base_path), sdm.kind, data.labels, cfg.max_length)
+    tr = _Trainer(sdm, data, batcher, cfg, progress)
+    groups = [{"params": body, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if head:
+        hlr = cfg.head_lr or cfg.lr
+        groups.append({"params": head, "lr": hlr, "base_lr": hlr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, foreach=False)
+    sdm.backbone.train()
+    t0 = time.perf_counter()
+    for step in range(1, tr.total + 1):
+        loss, _ = sdm.forward(tr.batch(tr.next_rows()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _allreduce_mean([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * _lr_at(step - 1, tr.total)
+        opt.step()
+        tr.losses.append(float(loss.detach()))
+        if progress is not None:
+            el = time.perf_counter() - t0
+            progress(step, tr.total, {"loss": tr.losses[-1], "phase": method, "steps_per_s": step / el if el else 0.0})
+    secs = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"train_loss": _tail_mean(tr.losses), "steps": tr.total, "train_seconds": round(secs, 3),
+                               "trainable_values": sum(p.numel() for p in body)}
+    rows = data.validation or data.test
+    if cfg.max_eval_examples:
+        rows = rows[:cfg.max_eval_examples]
+    if rows:
+        acc, vloss, n = predict(sdm, batcher, rows, cfg.eval_batch_size)
+        metrics.update({"validation_accuracy": acc, "validation_loss": vloss, "validation_n": n})
+    return BaselineResult(metrics, sdm, batcher)
