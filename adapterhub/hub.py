@@ -481,7 +481,7 @@ def _pull(ws: "Workspace", hub: _Hub, spec: str, *, name: str | None, with_paren
                           repo=repo, rev=revision)
     card = parse_hub_card(card_path.read_bytes(), where=f"{repo}@{revision}/{CARD_FILE}")
     digest = card["content_hash"]
-    tag = rev if rev is not None and _TAG_RE.match(rev) else f"v{card['version']}"
+    tag: str | None = rev if rev is not None and _TAG_RE.match(rev) else None
     local_name = name or card["name"]
     validate_name(local_name, "adapter name")
 
@@ -542,6 +542,9 @@ def _pull(ws: "Workspace", hub: _Hub, spec: str, *, name: str | None, with_paren
         provenance["missing_parents"] = missing
     parents.append(Parent(None, "imported_from", None, provenance))
 
+    if tag is None:  # pulled by branch or commit: name the version tag pointing at this commit, if any
+        tags = sorted(t.name for t in hub.refs(repo).tags if t.target_commit == commit and _TAG_RE.match(t.name))
+        tag = tags[0] if tags else None
     base_name = _ensure_base(ws, card["base"])
     hub.progress(f"registering {local_name}")
     info = ws.register(adapter, name=local_name, task=card.get("task"), base=base_name,

@@ -301,3 +301,29 @@ def test_parse_repo_spec() -> None:
     for bad in ("ab", "a/b/c", "a/b@", "a/../b", "a/b@../x", "../b@v1"):
         with pytest.raises(HubError):
             parse_repo_spec(bad)
+
+
+def test_local_folder_base_must_exist_on_the_pulling_side(hub_server: HubServer, tiny_bert_dir: Path,
+                                                          tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    ws = new_ws(tmp_path / "a")
+    ws.add_base("tiny", str(tiny_bert_dir))
+    shapes = tensor_shapes(tiny_bert_dir)
+    name = "encoder.layer.0.attention.self.query.weight"
+    param = fmt.SparseParam.from_flat(shapes[name], torch.tensor([0, 5, 77]), torch.tensor([0.1, -0.2, 0.3]))
+    v = ws.register(fmt.SparseAdapter({name: param}), name="tiny-x", task="t", base="tiny")
+    res = push(ws, v.ref, repo="alice/tiny-x")
+    readme = ModelCard(hub_server.file_bytes("alice/tiny-x", "v1", "README.md").decode())
+    assert readme.data.base_model is None and readme.data.base_model_relation == "adapter"
+
+    ws_b = new_ws(tmp_path / "b")
+    with pytest.raises(HubError, match="not in this catalog"):
+        pull(ws_b, "alice/tiny-x@main")
+    assert ws_b.list_versions() == []
+    ws_b.add_base("tiny", str(tiny_bert_dir))
+    got = pull(ws_b, f"alice/tiny-x@{res.commit[:12]}")  # a short commit id works too
+    info = ws_b.resolve(got.ref)
+    assert info.content_hash == v.content_hash and info.hub_tag == "v1" and info.hub_commit == res.commit
+    for w in (ws, ws_b):
+        w.close()
