@@ -1,0 +1,273 @@
+"""FUSED unlearning on a tiny random BERT and synthetic data: partition, critical layers, the adapter, guards."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from adapterhub import federated as F
+from adapterhub import masks as M
+from adapterhub import unlearning as U
+from adapterhub.data import TaskData
+from adapterhub.errors import AdapterHubError, TrainingError, UnlearningError
+
+pytestmark = pytest.mark.timeout(300)
+
+WORDS = [["red", "fire", "apple", "blood"], ["blue", "sea", "sky", "ocean"], ["green", "leaf", "grass", "moss"]]
+NOISE = ["the", "a", "of", "and", "it", "is", "very", "so"]
+
+
+def synth_task(n: int = 240, seed: int = 0) -> TaskData:
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        lab = i % 3
+        words = [r.choice(WORDS[lab]) if r.random() < 0.5 else r.choice(NOISE) for _ in range(6)]
+        rows.append((" ".join(words) + f" w{i}", lab))
+    return TaskData("synth", ["red", "blue", "green"], rows[:180], rows[180:210], rows[210:])
+
+
+FED_KW = dict(clients=4, alpha=1.0, rounds=2, local_steps=3, max_length=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert_dir):
+    """A workspace with the tiny base and a density-1 global model trained on the synthetic task."""
+    from adapterhub.api import Workspace
+
+    home = tmp_path_factory.mktemp("unl_home")
+    ws = Workspace.open(home)
+    ws.add_base("tiny", str(tiny_bert_dir))
+    data = synth_task()
+    info, res = F.fed_train(ws, base="tiny", task="synth", name="glob", density=1.0, data=data, **FED_KW)
+    yield ws, info, res, data
+    ws.close()
+
+
+# ---------------------------------------------------------------------------- partition
+
+def test_dirichlet_partition_is_seeded_disjoint_and_complete():
+    labels = [i % 4 for i in range(400)]
+    a = F.dirichlet_partition(labels, 8, 0.5, seed=3)
+    b = F.dirichlet_partition(labels, 8, 0.5, seed=3)
+    c = F.dirichlet_partition(labels, 8, 0.5, seed=4)
+    assert a.hash == b.hash and a.clients == b.clients
+    assert c.hash != a.hash
+    flat = [i for cl in a.clients for i in cl]
+    assert sorted(flat) == list(range(400))  # every row exactly once
+    assert min(a.sizes) >= 1
+    # small alpha is non-IID: some client's label mix is far from uniform
+    skew = max(max(sum(1 for i in cl if labels[i] == k) for k in range(4)) / len(cl) for cl in a.clients)
+    assert skew > 0.5
+    with pytest.raises(TrainingError):
+        F.dirichlet_partition(labels, 0, 1.0, 0)
+    with pytest.raises(TrainingError):
+        F.dirichlet_partition(labels, 2, 0.0, 0)
+
+
+# ---------------------------------------------------------------------------- critical layers
+
+def test_layer_ranking_matches_hand_computed_l1():
+    g = {"delta:a": torch.zeros(2, 2), "delta:b": torch.zeros(3), "delta:c": torch.ones(2), "head:weight": torch.zeros(1)}
+    c1 = {"delta:a": torch.tensor([[1.0, -1.0], [0.0, 0.0]]), "delta:b": torch.tensor([3.0, 0.0, 0.0]),
+          "delta:c": torch.tensor([1.0, 1.5]), "head:weight": torch.ones(1) * 100}
+    c2 = {"delta:a": torch.tensor([[0.0, 0.0], [0.0, 0.5]]), "delta:b": torch.tensor([0.0, 0.0, 0.0]),
+          "delta:c": torch.tensor([3.0, 1.0]), "head:weight": torch.ones(1) * 100}
+    # sizes 30 and 10 -> weights 0.75, 0.25
+    # a: 0.75*2 + 0.25*0.5 = 1.625 ; b: 0.75*3 + 0 = 2.25 ; c: 0.75*0.5 + 0.25*2 = 0.875
+    d = U.layer_l1_distances(g, [c1, c2], [30, 10])
+    assert d == pytest.approx({"a": 1.625, "b": 2.25, "c": 0.875})
+    ranking = U.rank_layers(d)
+    assert [r["layer"] for r in ranking] == ["b", "a", "c"]
+    assert [r["rank"] for r in ranking] == [1, 2, 3]
+    assert "head:weight" not in d and "weight" not in d  # the head is not a layer
+
+
+def test_identify_critical_layers_equals_manual_l1(trained, tiny_bert_dir):
+    ws, info, res, data = trained
+    fed = res.federation
+    cfg = F.FedConfig(**res.training_config["fedavg"])
+    model = F.FedModel(tiny_bert_dir, 3, max_length=16)
+    model.apply_adapter(ws.load_adapter(info), head_task="synth")
+    clients = [fed.client_rows(c) for c in range(fed.n_clients)]
+    ranking = U.identify_critical_layers(model, {}, clients, cfg, client_ids=list(range(fed.n_clients)), steps=2)
+    # by hand: each client trains every layer from the global model; L1 weighted by client size
+    start = {"delta:" + k: torch.zeros(model.shape(k)) for k in model.layers}
+    start.update(model.head_state())
+    n = sum(len(c) for c in clients)
+    manual = {k: 0.0 for k in model.layers}
+    for cid, rows in enumerate(clients):
+        out = F.local_train(model, start, rows, cfg, gen=F._client_generator(cfg.seed, -1, cid, "critical"), steps=2)
+        for k in model.layers:
+            manual[k] += len(rows) / n * float(sum(abs(float(x)) for x in out["delta:" + k].reshape(-1)))
+    expected = sorted(manual, key=lambda k: (-manual[k], k))
+    assert [r["layer"] for r in ranking] == expected
+    for r in ranking:
+        assert r["l1"] == pytest.approx(manual[r["layer"]], rel=1e-5)
+    assert len(ranking) == len(model.layers) == 12  # 2 layers x 6 linears
+
+
+# ---------------------------------------------------------------------------- the unlearning adapter
+
+def test_global_model_records_federation(trained):
+    ws, info, res, data = trained
+    v = ws.resolve(info.ref)
+    fedrec = v.training_config["federation"]
+    assert fedrec["clients"] == 4 and fedrec["alpha"] == 1.0 and fedrec["seed"] == 0 and fedrec["rounds"] == 2
+    assert fedrec["partition_hash"] == res.federation.partition.hash
+    assert v.kind == "expert" and v.density == 1.0
+    a = ws.load_adapter(v)
+    for name, p in a.params.items():  # dense-as-sparse: every index stored
+        assert p.nnz == p.numel
+    assert set(a.extras) == {"heads.synth.weight", "heads.synth.bias"}
+    assert [r["layer"] for r in v.training_config["critical_layers"]] == [r["layer"] for r in res.critical_layers]
+
+
+def test_only_k_layers_masked_entries_change(trained, tiny_bert_dir):
+    ws, info, res, data = trained
+    gad = ws.load_adapter(info)
+    k, density = 2, 0.25
+    out = U.run_unlearning(tiny_bert_dir, gad, res.federation, F.FedConfig(**res.training_config["fedavg"]),
+                           U.parse_forget("class:red"), layers=k, density=density, rounds=1, seed=5,
+                           ranking=res.critical_layers, evaluate_metrics=False)
+    critical = [r["layer"] for r in res.critical_layers[:k]]
+    assert out.critical == critical
+    assert sorted(out.adapter.params) == sorted(critical)
+    assert out.adapter.extras == {}  # head frozen: nothing but the K layers
+    # the global model's weights, exactly as a deployment computes them
+    from safetensors.torch import load_file
+
+    from adapterhub.patching import apply_adapter
+
+    base = load_file(str(tiny_bert_dir / "model.safetensors"))
+    glob = {k_: v.clone() for k_, v in base.items()}
+    apply_adapter(glob, gad)
+    after = {k_: v.clone() for k_, v in glob.items()}
+    apply_adapter(after, out.adapter)
+    for name in glob:
+        changed = (after[name] != glob[name]).reshape(-1).nonzero().reshape(-1)
+        if name not in critical:
+            assert changed.numel() == 0, name
+            continue
+        p = out.adapter.params[name]
+        idx = p.flat()[0]
+        assert p.nnz == M.budget(p.numel, density)
+        assert set(changed.tolist()) <= set(idx.tolist())  # only masked entries
+        assert changed.numel() > 0
+    # seeded: same request, same bytes
+    again = U.run_unlearning(tiny_bert_dir, gad, res.federation, F.FedConfig(**res.training_config["fedavg"]),
+                             U.parse_forget("class:red"), layers=k, density=density, rounds=1, seed=5,
+                             ranking=res.critical_layers, evaluate_metrics=False)
+    from adapterhub import format as fmt
+
+    assert fmt.sha256_hex(fmt.save(again.adapter)) == fmt.sha256_hex(fmt.save(out.adapter))
+
+
+class GuardedRows(list):
+    """The train split, but touching a forgotten client's row raises."""
+
+    def __init__(self, rows, forbidden):
+        super().__init__(rows)
+        self.forbidden = set(forbidden)
+        self.touched = 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            raise AssertionError("slice of the train split")
+        if i in self.forbidden:
+            self.touched += 1
+            raise AssertionError(f"forgotten row {i} was read")
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        raise AssertionError("iterated over the whole train split (would read forgotten rows)")
+
+
+def test_forgotten_client_data_never_read(trained, tiny_bert_dir):
+    ws, info, res, data = trained
+    fed = res.federation
+    forgotten = 1
+    guarded = F.Federation(fed.task, fed.labels, GuardedRows(fed.train, fed.partition.clients[forgotten]), fed.test,
+                           fed.validation, fed.partition, fed.data_fingerprint)
+    with pytest.raises(AssertionError):  # the guard works
+        guarded.client_rows(forgotten)
+    guarded.train.touched = 0
+    cfg = F.FedConfig(**res.training_config["fedavg"])
+    # ranking recomputed on the remaining clients, FedAvg on the remaining clients: no forgotten row read
+    out = U.run_unlearning(tiny_bert_dir, ws.load_adapter(info), guarded, cfg, U.parse_forget(f"client:{forgotten}"),
+                           layers=2, density=0.5, rounds=1, ranking=None, evaluate_metrics=False)
+    assert guarded.train.touched == 0
+    assert out.metrics["remaining_clients"] == 3
+    assert out.training_config["critical_layers"]["source"] == "remaining clients"
+
+
+def test_unlearn_registers_version_with_lineage_and_metrics(trained):
+    ws, info, res, data = trained
+    v, out = U.unlearn(ws, info.ref, forget="class:blue", name="forget-blue", layers=2, density=0.3, rounds=1,
+                       compare_retrain=True, data=data, max_eval=30)
+    assert v.kind == "unlearning"
+    edges = ws.parents(v.ref)
+    assert len(edges) == 1 and edges[0]["relation"] == "unlearns" and edges[0]["parent"] == info.ref
+    assert edges[0]["params"]["forget"] == "class:blue"
+    tc = ws.resolve(v.ref).training_config
+    assert tc["forget"]["spec"] == "class:blue" and tc["forget"]["class"] == "blue"
+    assert tc["critical_layers"]["chosen"] == out.critical
+    assert [r["layer"] for r in tc["critical_layers"]["ranking"]][:2] == out.critical
+    card = ws.load_adapter(v).card
+    assert card["unlearning"]["forget"]["spec"] == "class:blue"
+    assert card["unlearning"]["applies_on"]["content_hash"] == info.content_hash
+    m = v.metrics
+    for key in ("ra", "fa", "mia", "seconds", "bytes_per_client"):
+        assert key in m, key
+    assert 0.0 <= m["fa"] <= 1.0 and 0.0 <= m["mia"] <= 1.0
+    assert m["retrain"]["fa"] is not None and m["retrain"]["bytes_per_client"] > m["bytes_per_client"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"forget": "client:99"}, "no client 99"),
+    ({"forget": "class:purple"}, "not a label"),
+    ({"forget": "client:0", "layers": 13}, "larger than the model's 12 layers"),
+    ({"forget": "nonsense"}, "bad forget spec"),
+    ({"forget": "samples:/nonexistent/file.txt"}, "does not exist"),
+    ({"forget": "client:0", "density": 1.5}, "density"),
+])
+def test_bad_requests_register_nothing(trained, kw, msg):
+    ws, info, res, data = trained
+    before = {v.ref for v in ws.list_versions()}
+    blobs = sorted(ws.store.iter_digests())
+    args = {"layers": 2, "density": 0.2, "rounds": 1, **kw}
+    with pytest.raises(AdapterHubError, match=msg):
+        U.unlearn(ws, info.ref, name="bad", data=data, **args)
+    assert {v.ref for v in ws.list_versions()} == before
+    assert sorted(ws.store.iter_digests()) == blobs
+
+
+def test_empty_remaining_set_is_refused(trained, tmp_path):
+    ws, info, res, data = trained
+    f = tmp_path / "all.txt"
+    f.write_text("\n".join(str(i) for i in range(len(res.federation.train))))
+    before = {v.ref for v in ws.list_versions()}
+    with pytest.raises(UnlearningError, match="leaves no remaining data"):
+        U.unlearn(ws, info.ref, forget=f"samples:{f}", name="bad", layers=2, rounds=1, data=data)
+    assert {v.ref for v in ws.list_versions()} == before
+    # and a single-client federation cannot forget its only client
+    fed1 = F.make_federation("synth", 1, 1.0, 0, data=data)
+    with pytest.raises(UnlearningError, match="leaves no remaining data"):
+        U.plan_forget(fed1, U.parse_forget("client:0"))
+
+
+def test_samples_spec_by_id_and_text(trained, tmp_path):
+    ws, info, res, data = trained
+    fed = res.federation
+    f = tmp_path / "s.txt"
+    f.write_text(f"3\n{fed.train[7][0]}\n\n")
+    plan = U.plan_forget(fed, U.parse_forget(f"samples:{f}"))
+    assert plan.record["samples"] == 2
+    assert sorted(plan.forgotten_train()) == sorted([fed.train[3], fed.train[7]])
+    kept = sum(len(r) for _, r in plan.remaining)
+    assert kept == len(fed.train) - 2
+    f.write_text("not a training text at all\n")
+    with pytest.raises(UnlearningError, match="neither a train-row id"):
+        U.plan_forget(fed, U.parse_forget(f"samples:{f}"))
