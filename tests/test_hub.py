@@ -139,21 +139,11 @@ def test_merge_pushed_after_parents_pulls_with_parents_into_empty_catalog(
         hub_server: HubServer, ws_a: Workspace, tmp_path: Path) -> None:
     ea = ws_a.register(make_adapter(ws_a, 11, task="sms-spam"), name="spam", task="sms-spam", base="minilm")
     eb = ws_a.register(make_adapter(ws_a, 12, task="trec"), name="trec", task="trec", base="minilm")
-    # a merge-kind adapter with merged_from edges (weights and method in the edge)
-    pa, pb = ws_a.load_adapter(ea), ws_a.load_adapter(eb)
-    merged = {}
-    for name in TARGETS:
-        ia, va = pa.params[name].flat()
-        ib, vb = pb.params[name].flat()
-        idx = torch.cat([ia, ib])
-        val = torch.cat([0.5 * va, 0.5 * vb])
-        uniq, inv = torch.unique(idx, return_inverse=True)
-        out = torch.zeros(uniq.numel()).index_add_(0, inv, val)
-        merged[name] = fmt.SparseParam(pa.params[name].shape, uniq, out)
-    m = ws_a.register(fmt.SparseAdapter(merged, {}, {"mask": {"method": "union"}}), name="spam-trec", task=None,
-                      base="minilm", kind="merge",
-                      parents=[Parent(ea.ref, "merged_from", 0.5, {"method": "task-arithmetic"}),
-                               Parent(eb.ref, "merged_from", 0.5, {"method": "task-arithmetic"})])
+    # the composer's sparse-space merge: a `merge` version with merged_from edges (weight + method)
+    from adapterhub.merging import merge
+
+    m = merge(ws_a, [ea.ref, eb.ref], "task-arithmetic", weights=[0.5, 0.5], name="spam-trec")
+    assert m.kind == "merge"
     push(ws_a, ea.ref, repo="alice/spam")
     push(ws_a, eb.ref, repo="alice/trec")
     pm = push(ws_a, m.ref, repo="alice/spam-trec")
@@ -327,3 +317,13 @@ def test_local_folder_base_must_exist_on_the_pulling_side(hub_server: HubServer,
     assert info.content_hash == v.content_hash and info.hub_tag == "v1" and info.hub_commit == res.commit
     for w in (ws, ws_b):
         w.close()
+
+
+def test_transient_lfs_upload_failure_is_retried_by_the_client(hub_server: HubServer, ws_a: Workspace) -> None:
+    r1, _ = _register_two(ws_a)
+    hub_server.fail("lfs_upload", status=500)  # huggingface_hub retries LFS PUTs with backoff
+    res = push(ws_a, r1, repo="alice/rt")
+    assert res.uploaded and len(hub_server.commits("alice/rt")) == 2
+    puts = [r for r in hub_server.requests if r.kind == "lfs_upload"]
+    assert [r.status for r in puts] == [500, 200]
+    assert hub_server.file_bytes("alice/rt", "v1", "adapter.safetensors") == ws_a.adapter_bytes(r1)
