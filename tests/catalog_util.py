@@ -104,5 +104,6 @@ def all_commands(group, prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, ...
 def catalog_url(request, home):
     """A catalog database URL: SQLite in the test's home, or a fresh PostgreSQL database (skips without a server)."""
     if request.param == "sqlite":
+        home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{home / 'catalog.db'}"
     return request.getfixturevalue("pg_url")
