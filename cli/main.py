@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import click
 
-from . import catalog_cmds, compose_cmds, hub_cmds, train_cmds, unlearn_cmds
+from . import catalog_cmds, compose_cmds, demo_cmd, hub_cmds, train_cmds, unlearn_cmds
 from .common import Ctx
 
+# commands that load models: transformers' own per-load progress bars would interleave with ours
+MODEL_COMMANDS = {"train", "eval", "demo", "fed", "unlearn"}
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -22,13 +24,30 @@ def cli(ctx: click.Context, home: str | None, db_url: str | None) -> None:
 
     Example: adapterhub base add minilm minilm && adapterhub train --base minilm --task rt-sentiment
     """
+    if ctx.invoked_subcommand in MODEL_COMMANDS:
+        _quiet_libraries()
     c = Ctx(home, db_url)
     ctx.obj = c
     ctx.call_on_close(c.close)
 
 
-for _module in (catalog_cmds, train_cmds, compose_cmds, hub_cmds, unlearn_cmds):
+for _module in (catalog_cmds, train_cmds, compose_cmds, hub_cmds, unlearn_cmds, demo_cmd):
     _module.register(cli)
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars only: silence transformers' per-load bars and info logs."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # transformers missing or changed: bars are cosmetic
+        pass
 
 
 def main() -> None:
