@@ -367,7 +367,11 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
             commit = head
     if commit is None:
         hub.progress(f"uploading {v.ref} ({len(data)} bytes) to {repo_id}@{branch}")
-        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=b) for p, b in files.items()]
+        # the weights go from the store's blob file (huggingface_hub shows a byte progress bar for files)
+        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(ws.store.path(v.content_hash))
+                                  if p == WEIGHTS_FILE else b) for p, b in files.items()]
+        if ops[0].upload_info.sha256.hex() != v.content_hash or ops[0].upload_info.size != len(data):
+            raise HubError(f"{v.ref}: the store blob changed while pushing; run `adapterhub verify`")
         info = hub.call("commit", lambda: hub.api.create_commit(
             repo_id, ops, commit_message=f"{v.name} {tag} (sha256 {v.content_hash[:12]})",
             commit_description=f"adapterhub {v.ref}, content hash {v.content_hash}", revision=branch,
