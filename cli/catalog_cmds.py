@@ -343,15 +343,19 @@ def register(cli: click.Group) -> None:
     @click.option("--descendants", "direction", flag_value="descendants", help="Walk to children.")
     @click.option("--format", "fmt_", type=click.Choice(LINEAGE_FORMATS), default="text", show_default=True,
                   help="Output format.")
+    @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
     @pass_ctx
     @handle_errors
-    def lineage_cmd(c: Ctx, ref: str, direction: str, fmt_: str) -> None:
+    def lineage_cmd(c: Ctx, ref: str, direction: str, fmt_: str, as_json: bool) -> None:
         """All ancestors (or descendants) of REF, as a tree, JSON, Mermaid or Graphviz DOT.
 
         Example: adapterhub lineage merged-qa --format mermaid
         """
         from adapterhub.lineage_render import render
 
+        if as_json and fmt_ not in ("text", "json"):
+            raise click.UsageError("--json conflicts with --format " + fmt_)
+        fmt_ = "json" if as_json else fmt_
         info = c.ws.resolve(ref)
         edges = c.ws.lineage(info.ref, direction=direction)
         click.echo(render(info.ref, edges, direction=direction, fmt=fmt_))

@@ -135,6 +135,8 @@ def test_lineage_and_parents(hub, tmp_path):
     assert doc["root"] == "n3@1" and doc["direction"] == "ancestors"
     assert {(e["child"], e["parent"], e["relation"], e["depth"]) for e in doc["edges"]} == {
         ("n3@1", "n1@1", "merged_from", 1), ("n3@1", "n2@1", "unlearns", 1), ("n1@1", "n0@1", "finetuned_from", 2)}
+    assert hub.json("lineage", "n3") == doc
+    hub("lineage", "n3", "--json", "--format", "dot", code=2)
     down = json.loads(hub("lineage", "n0", "--descendants", "--format", "json").stdout)
     assert {e["child"] for e in down["edges"]} == {"n1@1", "n3@1"}
     text = hub("lineage", "n3").stdout
@@ -378,7 +380,7 @@ def test_json_is_one_document(hub, tmp_path):
     r = hub("register", f, "--name", "a", "--task", "t", "--base", "tiny", "--json")
     assert json.loads(r.stdout)["created"] is False and "already" in r.stderr
     for args in (["list"], ["show", "a"], ["log", "a"], ["base", "list"], ["db", "current"], ["verify"],
-                 ["gc", "--dry-run"], ["diff", "a", "a"], ["init"]):
+                 ["gc", "--dry-run"], ["diff", "a", "a"], ["init"], ["lineage", "a"]):
         r = hub(*args, "--json")
         json.loads(r.stdout)
 
