@@ -369,6 +369,9 @@ class Workspace:
                 s.add(LineageEdge(child_id=row.id, parent_id=prow.id if prow is not None else None,
                                   relation=p.relation, weight=p.weight, params=p.params))
             s.flush()
+            from .faults import fault_point
+
+            fault_point("register.before-commit")  # row and edges flushed, transaction not committed
             return _version_info(row, a.base)
 
     # -- resolve / read ---------------------------------------------------------------------------

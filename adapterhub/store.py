@@ -53,6 +53,10 @@ class BlobStore:
         p = self.path(digest)
         self._shard(digest)
         if self.has(digest):
+            try:  # refresh the mtime: a grace-period gc must not take a blob a register is about to reference
+                os.utime(p)
+            except OSError:
+                pass
             return digest
         if p.is_symlink():
             raise StoreError(f"refusing to write through a symlink at {p}")

@@ -1,0 +1,111 @@
+"""``adapterhub verify --repair``: bring a home back to a consistent state after a crash.
+
+What a crash (SIGKILL, power cut) can leave behind, and what repair does about it:
+
+* an **orphan blob** (the blob is written before its catalog row, so a crash in between leaves a blob
+  no version references) and **temp files** of interrupted atomic writes: removed through
+  :meth:`Workspace.gc <adapterhub.api.Workspace.gc>`;
+* a **deployment with a leftover write-ahead log** (killed mid apply/revert/rollback): finished or
+  undone, bit for bit, by :func:`adapterhub.deployments.recover`, which records a ``recover`` event.
+
+A catalog row is never half-written (each register is one transaction), so nothing else needs fixing;
+problems repair cannot fix (a referenced blob missing or corrupt, a deployment whose weights were
+changed outside adapterhub) are reported, not hidden.
+
+Orphan removal races with a concurrent ``register`` (its blob exists a moment before its row). With
+``grace_s > 0`` only orphans not touched for that many seconds are removed (``BlobStore.put_bytes``
+refreshes the mtime of a blob it finds already present), which is safe to run next to writers; the
+default ``grace_s=0`` removes every orphan at once, like ``git gc --prune=now``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import AdapterHubError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import Workspace
+
+
+@dataclass
+class RepairReport:
+    """What repair did and what is still wrong (``ok`` is True when nothing is)."""
+
+    removed_blobs: list[str] = field(default_factory=list)
+    kept_recent_orphans: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    temp_files_removed: int = 0
+    recovered_deployments: list[str] = field(default_factory=list)
+    deployment_problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    checked: int = 0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.deployment_problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checked": self.checked, "removed_blobs": self.removed_blobs,
+                "kept_recent_orphans": self.kept_recent_orphans, "freed_bytes": self.freed_bytes,
+                "temp_files_removed": self.temp_files_removed, "recovered_deployments": self.recovered_deployments,
+                "deployment_problems": self.deployment_problems, "problems": self.problems, "dry_run": self.dry_run}
+
+
+def repair(ws: "Workspace", *, grace_s: float = 0.0, dry_run: bool = False) -> RepairReport:
+    """Recover interrupted deployments, remove orphan blobs and temp files, then verify everything.
+
+    Takes: the workspace; ``grace_s``: keep orphans modified less than this many seconds ago (0: remove all);
+    ``dry_run``: only report (deployments are checked, not recovered).
+    Returns: a :class:`RepairReport`. Raises: nothing for per-item problems (they are in the report);
+    AdapterHubError only if the catalog itself cannot be read.
+    """
+    from . import deployments
+
+    rep = RepairReport(dry_run=dry_run)
+    # 1. deployments first: recovery reads blobs (undo records live in the deployment folder, not the store)
+    for d in deployments.list_deployments(ws):
+        try:
+            if not dry_run and deployments.recover(ws, d.name):
+                rep.recovered_deployments.append(d.name)
+            chk = deployments.verify(ws, d.name)
+        except (AdapterHubError, OSError) as e:
+            rep.deployment_problems.append(f"{d.name}: {_one_line(e)}")
+            continue
+        if not chk["ok"]:
+            why = "an interrupted operation is pending" if chk.get("pending_recovery") else \
+                f"weights {str(chk['actual'])[:12]} do not match the recorded state {str(chk['expected'])[:12]}"
+            rep.deployment_problems.append(f"{d.name}: {why}")
+    # 2. orphans and temp files
+    if grace_s <= 0 or dry_run:
+        res = ws.gc(dry_run=dry_run)
+        rep.removed_blobs, rep.freed_bytes, rep.temp_files_removed = res.removed, res.freed_bytes, res.temp_files_removed
+    else:
+        candidates = ws.gc(dry_run=True).removed
+        now = time.time()
+        for digest in candidates:
+            try:
+                age = now - ws.store.path(digest).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < grace_s:
+                rep.kept_recent_orphans.append(digest)
+                continue
+            if digest in ws.referenced_hashes():  # registered meanwhile
+                continue
+            rep.freed_bytes += ws.store.delete(digest)
+            rep.removed_blobs.append(digest)
+    # 3. what is left must verify
+    v = ws.verify()
+    rep.checked = v["checked"]
+    rep.problems = list(v["problems"])
+    return rep
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+__all__ = ["repair", "RepairReport"]
