@@ -1,0 +1,230 @@
+"""Training step time and peak memory: sparse adapter (values phase) vs PEFT LoRA vs full fine-tuning.
+
+All three run the same model, batch, sequence length, loss and AdamW in one invocation; each
+variant runs in a fresh subprocess so memory figures do not leak into each other. The sparse
+adapter's density is matched to LoRA's trainable-parameter count on the same target modules.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the peak
+resident set size sampled every millisecond during the timed steps, minus the RSS just before
+them (so it counts activations, gradients and optimizer state, not the model itself).
+
+    .venv/bin/python benchmarks/train_speed.py                 # MiniLM, CPU, small defaults
+    .venv/bin/python benchmarks/train_speed.py --model smollm2 # SmolLM2-135M (causal LM)
+    .venv/bin/python benchmarks/train_speed.py --device cuda --dtype bf16 --model smollm2
+
+Writes docs/bench/training_speed.json and docs/img/train_speed.png (unless --no-write).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("sparse", "lora", "full")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.base = _rss()
+        self.peak = self.base
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *a) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def model_path(name: str) -> Path:
+    from adapterhub.models import minilm_path
+    from adapterhub.smollm import materialize_smollm2
+
+    if name == "minilm":
+        return minilm_path()
+    if name == "smollm2":
+        return materialize_smollm2(Path(os.environ.get("ADAPTERHUB_BENCH_CACHE", ROOT / ".bench-cache")) / "smollm2")
+    return Path(name)
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    import torch
+
+    from adapterhub.data import load_task
+    from adapterhub.training import (DEFAULT_TARGETS, DTYPES, Batcher, SparseDeltaModel, build_baseline_model,
+                                     find_targets, load_backbone, load_tokenizer, model_kind, resolve_device)
+    from adapterhub.training import base_tensor_keys
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    path = model_path(args.model)
+    dev = resolve_device(args.device)
+    kind = model_kind(path)
+    data = load_task(args.task)
+    # LoRA's trainable count on the same targets sets the sparse density
+    lora_sdm, lora_body, _ = build_baseline_model(path, "lora", n_labels=len(data.labels), lora_r=args.rank,
+                                                  dtype=args.dtype, device=args.device)
+    lora_count = sum(p.numel() for p in lora_body)
+    del lora_sdm, lora_body
+    if args.variant == "sparse":
+        backbone = load_backbone(path, kind, DTYPES[args.dtype], dev)
+        targets = find_targets(backbone, DEFAULT_TARGETS[kind], base_tensor_keys(path))
+        sdm = SparseDeltaModel(backbone, kind, targets, len(data.labels), dev, autocast=dev.type == "cuda")
+        total = sum(sdm.weights[k].numel() for k in targets)
+        density = lora_count / total
+        g = torch.Generator().manual_seed(0)
+        for k, w in sdm.weights.items():
+            n = max(1, round(density * w.numel()))
+            sdm.idx[k] = torch.sort(torch.randperm(w.numel(), generator=g)[:n]).values.to(dev)
+            sdm.values[k] = torch.nn.Parameter(torch.zeros(n, device=dev))
+        body = sdm.delta_params()
+        head = sdm.head_params()
+    else:
+        sdm, body, head = build_baseline_model(path, args.variant, n_labels=len(data.labels), lora_r=args.rank,
+                                               dtype=args.dtype, device=args.device)
+        density = None
+    opt = torch.optim.AdamW([{"params": body}, {"params": head}], lr=1e-4, foreach=False)
+    batcher = Batcher(load_tokenizer(path), kind, data.labels, args.max_length)
+    rows = data.train[: args.batch_size]
+    if kind == "encoder":
+        batch = batcher.encoder_batch(rows, dev)
+        enc = batcher.tok([t for t, _ in rows], padding="max_length", truncation=True, max_length=args.max_length,
+                          return_tensors="pt")
+        batch.update({k: v.to(dev) for k, v in enc.items() if k in batch})
+    else:
+        long_rows = [((t + " ") * 40, lab) for t, lab in rows]  # fill the sequence length
+        batch = batcher.causal_batch(long_rows, dev)
+    sdm.backbone.train()
+
+    def step() -> float:
+        loss, _ = sdm.forward(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    for _ in range(args.warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    times = []
+    with _PeakRSS() as rss:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            loss = step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base_mem
+        peak_total = torch.cuda.max_memory_allocated()
+    else:
+        peak = rss.peak - rss.base
+        peak_total = rss.peak
+    return {"variant": args.variant, "model": args.model, "device": str(dev), "dtype": args.dtype,
+            "batch_size": args.batch_size, "max_length": args.max_length, "tokens": int(batch["input_ids"].numel()),
+            "trainable": int(sum(p.numel() for p in body)), "lora_trainable": int(lora_count), "density": density,
+            "step_ms_median": 1000 * statistics.median(times), "step_ms_mean": 1000 * statistics.mean(times),
+            "peak_bytes": int(peak), "peak_total_bytes": int(peak_total), "final_loss": loss,
+            "threads": args.threads}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm", help="minilm | smollm2 | a local HF folder")
+    ap.add_argument("--task", default="rt-sentiment")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (r)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "training_speed.json"))
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(run_one(args)))
+        return
+    results = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", v] + [a for a in sys.argv[1:] if a != "--no-write"]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        if p.returncode != 0:
+            sys.stderr.write(p.stderr[-4000:])
+            raise SystemExit(f"variant {v} failed")
+        results[v] = json.loads(p.stdout.strip().splitlines()[-1])
+        r = results[v]
+        print(f"{v:7s} trainable {r['trainable']:>11,d}  step {r['step_ms_median']:8.1f} ms  "
+              f"peak +{r['peak_bytes'] / 2**20:8.1f} MiB  loss {r['final_loss']:.4f}", flush=True)
+    s, lo, fu = results["sparse"], results["lora"], results["full"]
+    ratios = {"sparse_vs_lora_step": s["step_ms_median"] / lo["step_ms_median"],
+              "sparse_vs_lora_peak": s["peak_bytes"] / max(1, lo["peak_bytes"]),
+              "full_vs_lora_step": fu["step_ms_median"] / lo["step_ms_median"],
+              "full_vs_lora_peak": fu["peak_bytes"] / max(1, lo["peak_bytes"])}
+    print(f"sparse/LoRA step time {ratios['sparse_vs_lora_step']:.2f}x (target <= 1.2x), "
+          f"peak memory {ratios['sparse_vs_lora_peak']:.2f}x (target <= 1.3x); "
+          f"full/LoRA step {ratios['full_vs_lora_step']:.2f}x, memory {ratios['full_vs_lora_peak']:.2f}x")
+    if not args.no_write:
+        out = Path(args.out)
+        doc = {}
+        if out.is_file():
+            doc = json.loads(out.read_text())
+        key = f"{args.model}-{results['sparse']['device']}-{args.dtype}"
+        doc[key] = {"results": results, "ratios": ratios, "command": " ".join(["benchmarks/train_speed.py"] + sys.argv[1:])}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        _plot(doc, ROOT / "docs" / "img" / "train_speed.png")
+
+
+def _plot(doc: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(doc)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(VARIANTS)
+    for i, v in enumerate(VARIANTS):
+        xs = [j + i * width for j in range(len(keys))]
+        axes[0].bar(xs, [doc[k]["results"][v]["step_ms_median"] for k in keys], width, label=v)
+        axes[1].bar(xs, [doc[k]["results"][v]["peak_bytes"] / 2**20 for k in keys], width, label=v)
+    for ax, title in zip(axes, ("step time (ms, median)", "peak training memory (MiB)")):
+        ax.set_xticks([j + width for j in range(len(keys))])
+        ax.set_xticklabels(keys, fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
