@@ -50,6 +50,10 @@ def test_init_and_db(home):
     r = h("db", "upgrade")
     assert "0001 -> 0001" in r.stdout
     assert h("db", "current").stdout.strip() == "0001 (head)"
+    r = h("db", "upgrade", "--revision", "zzz", code=1)
+    assert "zzz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = Hub(home, db_url="nonsense://x")("list", code=1)
+    assert "cannot use database URL" in r.stderr
 
 
 def test_db_upgrade_on_empty_database(tmp_path):

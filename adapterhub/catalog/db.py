@@ -89,12 +89,16 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply Alembic migrations up to ``revision``."""
     from alembic import command
 
+    from alembic.util import CommandError
+
     with _upgrade_lock:
         try:
             with engine.begin() as conn:
                 command.upgrade(alembic_config(engine, conn), revision)
         except OperationalError as e:
             raise CatalogError(f"cannot migrate the catalog database: {str(e.orig).splitlines()[0]}") from None
+        except CommandError as e:  # unknown revision and the like
+            raise CatalogError(f"cannot migrate the catalog database: {e}") from None
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:
