@@ -357,10 +357,11 @@ def _disjoint(entries: list[_Entry], numel: int) -> tuple[torch.Tensor, torch.Te
     acc = torch.zeros(uniq.numel(), dtype=torch.float32)
     cnt = torch.zeros(uniq.numel(), dtype=torch.float32)
     for e, p in zip(entries, pos):
-        agree = torch.sign(e.vals) == majority[p]
+        # multiply by the 0/1 agreement instead of boolean indexing (much faster on CPU; adding 0 is exact)
+        agree = (torch.sign(e.vals) == majority[p]).to(torch.float32)
         w = torch.tensor(e.weight, dtype=torch.float32)
-        acc.index_add_(0, p[agree], (e.vals * w)[agree])
-        cnt.index_add_(0, p[agree], torch.ones(int(agree.sum()), dtype=torch.float32))
+        acc.index_add_(0, p, (e.vals * w) * agree)
+        cnt.index_add_(0, p, agree)
     keep = cnt > 0
     return uniq[keep], acc[keep] / torch.clamp(cnt[keep], min=1.0)
 

@@ -11,7 +11,7 @@ random tensors — nothing is downloaded. Measured in one run:
 3. On disk: patch a safetensors file in place (WAL written + fsynced, then patch + fsync, then the
    same for revert) vs rewriting the whole file (load, add, save) — and patch time vs density.
 
-Usage:  .venv/bin/python benchmarks/apply_revert.py [--layers 30] [--cycles 50] [--exact-layers 2] [--big]
+Usage:  .venv/bin/python benchmarks/apply_revert.py [--layers 30] [--cycles 50] [--exact-layers 2] [--threads 1] [--big]
 ``--big`` adds the on-disk run on a synthetic ~1B-parameter bf16 file (2 GB of disk, a few minutes).
 Writes docs/img/apply_revert_density.png and prints a markdown table.
 """
@@ -312,9 +312,12 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--exact-layers", type=int, default=2, help="layers for the 1/50-cycle drift study")
     ap.add_argument("--big", action="store_true", help="also a synthetic ~1B-parameter bf16 file on disk")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # One thread by default: on a shared, overloaded machine OpenMP wake-ups dominate and turn the
+    # figures into noise; every implementation runs under the same setting.
+    torch.set_num_threads(args.threads)
     results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     import peft
 
