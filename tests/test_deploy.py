@@ -345,3 +345,24 @@ def test_merge_refuses_different_bases(setup, tmp_path, home):
     o = ws.register(make_adapter(other, 1), name="o", task="t", base="o16")
     r = invoke(["merge", a, o.ref, "--method", "uniform-sparse", "--name", "m"], home)
     assert r.exit_code == 1 and "different bases" in r.output
+
+
+def test_create_interrupted_before_commit_is_cleaned_up(setup, monkeypatch):
+    ws, base_dir, refs = setup
+    import adapterhub.deployments as dmod
+
+    class Crash(BaseException):
+        pass
+
+    def boom(name):
+        if name == "deploy.create.before-commit":
+            raise Crash(name)
+
+    monkeypatch.setattr(dmod, "fault_point", boom)
+    with pytest.raises(Crash):
+        dep.create(ws, "c", "tiny")
+    monkeypatch.undo()
+    assert (ws.deployments_dir / "c" / "model.safetensors").exists()  # the orphan folder, no catalog row
+    info = dep.create(ws, "c", "tiny")  # replaces the orphan
+    assert info.state_fingerprint == ws.get_base("tiny").fingerprint
+    assert [e.action for e in dep.history(ws, "c")] == ["create"]

@@ -216,3 +216,32 @@ def test_lazy_file_source_equals_in_memory(tmp_path):
 def test_all_methods_have_help_text():
     for m in METHODS.values():
         assert m.description
+
+
+def test_workspace_merge_registers_lineage_and_ignores_order(ws, tiny_bert_dir):
+    from adapterhub.merging import merge
+    from adapterhub.models import tensor_shapes
+
+    ws.add_base("tiny", str(tiny_bert_dir))
+    shapes = tensor_shapes(tiny_bert_dir)
+    names = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight"]
+    refs = []
+    for i in range(3):
+        ad = make_expert(i, shapes={n: shapes[n] for n in names},
+                         extras={f"heads.t{i}.weight": torch.full((2, 32), float(i))})
+        ad.card.pop("base")
+        refs.append(ws.register(ad, name=f"e{i}", task=f"t{i}", base="tiny").ref)
+    one = merge(ws, refs, "dare-ties", density=0.5, seed=3, weights=[1.0, 2.0, 3.0], name="m1")
+    two = merge(ws, refs[::-1], "dare-ties", density=0.5, seed=3, weights=[3.0, 2.0, 1.0], name="m2")
+    assert one.kind == "merge" and one.content_hash != ""
+    a1, a2 = ws.load_adapter(one.ref), ws.load_adapter(two.ref)
+    for n in names:
+        assert torch.equal(a1.params[n].indices, a2.params[n].indices)
+        assert torch.equal(a1.params[n].values, a2.params[n].values)
+    assert set(a1.extras) == {"heads.t0.weight", "heads.t1.weight", "heads.t2.weight"}
+    edges = ws.parents(one.ref)
+    assert {(e["parent"], e["weight"]) for e in edges} == {(refs[0], 1.0), (refs[1], 2.0), (refs[2], 3.0)}
+    assert all(e["relation"] == "merged_from" and e["params"] == {"method": "dare-ties", "density": 0.5, "seed": 3,
+                                                                   "lam": 1.0, "rng": "sparse"} for e in edges)
+    with pytest.raises(Exception, match="unknown adapter"):
+        merge(ws, [refs[0], "ghost"], "uniform", name="m3")
