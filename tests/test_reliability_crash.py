@@ -219,13 +219,13 @@ DEPLOY_CASES = [
     # (fault, command, expected stack after the next (fault-free) command)
     ("deploy.apply.mid-patch", ("deploy", "apply", "prod", "e3@1"), ["e1@1", "e2@1", "e3@1"]),
     ("deploy.revert.mid-patch", ("deploy", "revert", "prod", "e1@1"), ["e2@1"]),
-    ("deploy.rollback.before-commit", ("deploy", "rollback", "prod", "1"), ["e1@1"]),
+    ("deploy.rollback.before-commit", ("deploy", "rollback", "prod", "--to", "1"), ["e1@1"]),
     pytest.param("wal.written", ("deploy", "apply", "prod", "e3@1"), ["e1@1", "e2@1", "e3@1"], marks=pytest.mark.slow),
     pytest.param("deploy.apply.before-commit", ("deploy", "apply", "prod", "e3@1"), ["e1@1", "e2@1", "e3@1"],
                  marks=pytest.mark.slow),
     pytest.param("deploy.apply.after-commit", ("deploy", "apply", "prod", "e3@1"), None, marks=pytest.mark.slow),
     pytest.param("deploy.revert.before-commit", ("deploy", "revert", "prod"), ["e1@1"], marks=pytest.mark.slow),
-    pytest.param("deploy.rollback.mid-patch", ("deploy", "rollback", "prod", "1"), ["e1@1"], marks=pytest.mark.slow),
+    pytest.param("deploy.rollback.mid-patch", ("deploy", "rollback", "prod", "--to", "1"), ["e1@1"], marks=pytest.mark.slow),
 ]
 
 
