@@ -103,6 +103,8 @@ class TrainResult:
     losses: list[float]
     config: TrainConfig
     world_size: int = 1
+    model: "SparseDeltaModel | None" = None  # the trained model, for further evaluation in-process
+    batcher: "Batcher | None" = None
 
 
 # ---------------------------------------------------------------------------- validation
@@ -770,7 +772,7 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
     adapter = build_adapter(sdm, cfg, kind=kind, task_name=task_name, labels=data.labels, regex=regex,
                             base_name=base_name, base_fingerprint=base_fingerprint, events=trainer.events,
                             data=data, world=trainer.world)
-    return TrainResult(adapter, metrics, trainer.events, trainer.losses, cfg, trainer.world)
+    return TrainResult(adapter, metrics, trainer.events, trainer.losses, cfg, trainer.world, sdm, batcher)
 
 
 def _tail_mean(xs: list[float], n: int = 20) -> float | None:
