@@ -35,7 +35,7 @@ import torch
 from . import format as fmt
 from . import masks as M
 from .errors import AdapterHubError, TrainingError, UnlearningError
-from .federated import (Example, FedConfig, FedModel, FedStats, Federation, ProgressFn, fedavg, load_global,
+from .federated import (DEFAULT_LAYER_REGEX, Example, FedConfig, FedModel, FedStats, Federation, ProgressFn, fedavg, load_global,
                         local_train, sparse_delta_state, state_to_adapter, train_global, _client_generator, VALUE_BYTES)
 
 FORGET_KINDS = ("client", "class", "samples")
@@ -330,6 +330,7 @@ class UnlearnResult:
     plan: ForgetPlan
     metrics: dict[str, Any]
     training_config: dict[str, Any]
+    attack: "MembershipAttack | None" = None
 
 
 def check_request(fed: Federation, spec: ForgetSpec, n_layers: int, k: int, density: float, rounds: int) -> ForgetPlan:
@@ -352,6 +353,7 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
                    seed: int = 0, local_steps: int | None = None, ranking: list[dict[str, Any]] | None = None,
                    evaluate_metrics: bool = True, compare_retrain: bool = False, retrain_density: float | None = None,
                    max_eval: int | None = 300, global_ref: str = "", global_hash: str = "",
+                   attack: MembershipAttack | None = None, layer_regex: str = DEFAULT_LAYER_REGEX,
                    progress: ProgressFn | None = None) -> UnlearnResult:
     """Build the FUSED unlearning adapter for ``spec`` over the global model (no catalog involved).
 
@@ -362,7 +364,7 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
     Raises: UnlearningError for a bad request (before training).
     """
     task = fed.task
-    model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed)
+    model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed, layer_regex=layer_regex)
     plan = check_request(fed, spec, len(model.layers), layers, density, rounds or cfg.rounds)
     missing = [p for p in global_adapter.params if p not in model.weights]
     if missing:
@@ -397,7 +399,8 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
     metrics: dict[str, Any] = {"seconds": round(seconds, 3), "bytes_per_client": stats.bytes_per_client,
                                "bytes_total": stats.bytes_total, "remaining_clients": len(ids)}
     if evaluate_metrics:
-        attack = MembershipAttack(base_path, len(fed.labels), fed.validation, max_length=cfg.max_length, seed=seed)
+        if attack is None:
+            attack = MembershipAttack(base_path, len(fed.labels), fed.validation, max_length=cfg.max_length, seed=seed)
         metrics["global"] = evaluate(model, {}, plan, attack=attack, max_eval=max_eval)
         metrics.update(evaluate(model, state, plan, attack=attack, max_eval=max_eval))
         if compare_retrain:
@@ -405,7 +408,7 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
             t1 = time.perf_counter()
             rmodel, rstate, rstats = train_global(
                 base_path, fed, cfg, density=retrain_density if retrain_density is not None else _density_of(global_adapter),
-                exclude=lambda c: remaining.get(c, []), progress=progress, desc="retraining")
+                exclude=lambda c: remaining.get(c, []), layer_regex=layer_regex, progress=progress, desc="retraining")
             rsec = time.perf_counter() - t1
             r = evaluate(rmodel, rstate, plan, attack=attack, max_eval=max_eval)
             r.update({"seconds": round(rsec, 3), "bytes_per_client": rstats.bytes_per_client,
@@ -415,7 +418,7 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
                                                      "source": ranking_source},
           "density": density, "seed": seed, "fedavg": ucfg.to_json(), "federation": fed.to_json(),
           "applies_on": {"ref": global_ref, "content_hash": global_hash}, "stats": stats.to_json()}
-    return UnlearnResult(adapter, state, ranking, critical, stats, plan, metrics, tc)
+    return UnlearnResult(adapter, state, ranking, critical, stats, plan, metrics, tc, attack)
 
 
 def _density_of(adapter: fmt.SparseAdapter) -> float:
@@ -425,7 +428,8 @@ def _density_of(adapter: fmt.SparseAdapter) -> float:
 
 def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: float = 0.1, rounds: int | None = None,
             seed: int = 0, local_steps: int | None = None, compare_retrain: bool = False, rerank: bool = False,
-            max_eval: int | None = 300, progress: ProgressFn | None = None, data=None):
+            max_eval: int | None = 300, progress: ProgressFn | None = None, data=None,
+            attack: MembershipAttack | None = None):
     """Produce, evaluate and register a FUSED unlearning adapter for the global model ``ref``.
 
     Registered as kind ``unlearning`` with an ``unlearns`` lineage edge to ``ref``; the forget
@@ -450,7 +454,8 @@ def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: f
     stored = None if rerank else (info.training_config or {}).get("critical_layers")
     res = run_unlearning(binfo.path, gadapter, fed, cfg, spec, layers=layers, density=density, rounds=rounds,
                          seed=seed, local_steps=local_steps, ranking=stored, compare_retrain=compare_retrain,
-                         max_eval=max_eval, global_ref=info.ref, global_hash=info.content_hash, progress=progress)
+                         max_eval=max_eval, global_ref=info.ref, global_hash=info.content_hash, attack=attack,
+                         layer_regex=rec.get("layer_regex") or DEFAULT_LAYER_REGEX, progress=progress)
     v = ws.register(res.adapter, name=name, task=info.task, base=info.base, kind="unlearning",
                     parents=[Parent(info.ref, "unlearns", params={"forget": str(spec),
                                                                  "critical_layers": res.critical})],
@@ -463,14 +468,15 @@ def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: f
 def negative_task_arithmetic(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Federation, cfg: FedConfig,
                              plan: ForgetPlan, *, scale: float = 1.0, density: float | None = None,
                              rounds: int | None = None, attack: MembershipAttack | None = None,
-                             max_eval: int | None = 300, progress: ProgressFn | None = None) -> dict[str, Any]:
+                             max_eval: int | None = 300, layer_regex: str = DEFAULT_LAYER_REGEX,
+                             progress: ProgressFn | None = None) -> dict[str, Any]:
     """Baseline: train an adapter on the forgotten data (FedAvg over its owners), subtract it.
 
     The adapter has the global model's layers and density (random mask), trained over the global
     weights with the head frozen; the unlearned model is ``global − scale·adapter``. Reads the
     forgotten data by construction. Returns the same metrics as :func:`evaluate` plus time and bytes.
     """
-    model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed)
+    model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed, layer_regex=layer_regex)
     model.apply_adapter(global_adapter, head_task=fed.task)
     forgotten = plan.forgotten_train()
     fset = set(forgotten)
