@@ -539,8 +539,10 @@ class Workspace:
                 return []
             edges = s.scalars(select(LineageEdge).where(LineageEdge.id.in_(list(depth)))).all()
             vids = {e.child_id for e in edges} | {e.parent_id for e in edges if e.parent_id is not None}
-            refs = {v.id: f"{v.adapter.name}@{v.number}"
-                    for v in s.scalars(select(AdapterVersion).where(AdapterVersion.id.in_(list(vids))))}
+            # only (id, name, number): loading whole version rows (JSON columns) cost 10x the CTE itself
+            refs = {vid: f"{aname}@{num}" for vid, aname, num in s.execute(
+                select(AdapterVersion.id, Adapter.name, AdapterVersion.number)
+                .join(Adapter, AdapterVersion.adapter_id == Adapter.id).where(AdapterVersion.id.in_(list(vids))))}
             out = [{"child": refs[e.child_id], "parent": refs.get(e.parent_id) if e.parent_id else None,
                     "relation": e.relation, "weight": e.weight, "params": e.params, "depth": depth[e.id]}
                    for e in edges]
