@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import os
 import random
 import statistics
 import sys
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(a.n, a.n_small) < CHAIN + 1 + PER_ADAPTER:
         ap.error(f"--n and --n-small must be at least {CHAIN + 1 + PER_ADAPTER}")
     results = {}
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ah-catalog-bench-") as tmp:
         for n in (a.n_small, a.n):
             ws, facts = build(Path(tmp) / f"h{n}", n)
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
 
         args = "" if (a.n, a.n_small, a.repeat) == (100_000, 1_000, 25) else f" --n {a.n} --n-small {a.n_small} --repeat {a.repeat}"
         body = (f"## Catalog latency at scale (catalog_scale)\n\nCommand: `.venv/bin/python benchmarks/catalog_scale.py"
-                f"{args} --write` (SQLite, WAL; median of {a.repeat} calls through the Workspace API).\n\n"
+                f"{args} --write` (SQLite, WAL; median of {a.repeat} calls through the Workspace API; "
+                f"{os.cpu_count()} CPUs, load average {load:.1f} at the start).\n\n"
                 f"Large catalog: {big['versions']:,} versions of {big['adapters']:,} adapters, {big['edges']:,} lineage "
                 f"edges, {big['tags']:,} tags (bulk insert {big['build_s']:.1f} s). `list --task` returns "
                 f"{big['list_rows']:,} rows at {a.n:,} and {small['list_rows']:,} at {a.n_small:,}.\n\n" + md +

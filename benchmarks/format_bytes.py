@@ -18,6 +18,7 @@ Usage:  .venv/bin/python benchmarks/format_bytes.py [--shapes 3072x9216,576x1536
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--write", action="store_true", help="update docs/bench/catalog.md and docs/img/format_bytes.png")
     a = ap.parse_args(argv)
+    load = os.getloadavg()[0]
     torch.set_num_threads(1)  # single-threaded timings: stable on a shared machine, and the coding is serial anyway
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     dens = [float(d) for d in a.densities.split(",")]
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.write:
         cmd = "python benchmarks/format_bytes.py --write" + (f" --shapes {a.shapes}" if a.shapes != DEFAULT_SHAPES else "")
         body = (f"## Index bytes per non-zero (format_bytes)\n\nCommand: `.venv/bin/{cmd}` "
-                f"(torch {torch.__version__}, {torch.get_num_threads()} threads, median of {a.repeat}).\n\n"
+                f"(torch {torch.__version__}, {torch.get_num_threads()} thread, median of {a.repeat}; "
+                f"{os.cpu_count()} CPUs, load average {load:.1f} at the start — timings on a shared machine).\n\n"
                 "Random masks (seeded). *idx B/nnz* counts only the index tensors; *file B/nnz* is the whole "
                 "file (indices + fp32 values + header). PEFT SHiRA is written as PEFT writes it.\n\n" + md +
                 "\n\n![index bytes per non-zero](../img/format_bytes.png)\n")
