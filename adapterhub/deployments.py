@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from sqlalchemy import func, select
 
-from .catalog.models import AdapterVersion, BaseModel, Deployment, DeploymentEvent
+from .catalog.models import Deployment, DeploymentEvent
 from .errors import AdapterHubError, BaseModelError, DeploymentError, FormatError
 from .format import SparseAdapter
 from .models import fingerprint_folder
@@ -114,6 +114,8 @@ def _wal(path: Path) -> Path:
 
 
 def _undo_path(path: Path, digest: str) -> Path:
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise DeploymentError(f"invalid undo record id {digest!r} in the deployment's stack")
     return _control(path) / "undo" / f"{digest}.safetensors"
 
 
@@ -365,11 +367,18 @@ def _prepare(ws: Any, name: str) -> tuple[DeploymentInfo, bool]:
 
 def _execute(ws: Any, name: str, *, action: str, revert_layers: int = 0, applies: Sequence[_ApplyStep] = (),
              version_id: int | None = None, scale: float | None = None, details: dict[str, Any] | None = None,
-             check: bool = True, fault: str | None = None) -> DeploymentInfo:
-    """Revert the top ``revert_layers`` layers, then apply ``applies``, crash-safely; record the event."""
+             check: bool = True, fault: str | None = None,
+             planned_on: Sequence[dict[str, Any]] | None = None) -> DeploymentInfo:
+    """Revert the top ``revert_layers`` layers, then apply ``applies``, crash-safely; record the event.
+
+    ``planned_on`` is the stack the caller planned against; if another process changed it
+    meanwhile, the operation is refused (nothing changed) rather than applied to the wrong stack.
+    """
     info = get(ws, name)
     with _locked(info.path):
         info, recovered = _prepare(ws, name)
+        if planned_on is not None and [layer["undo"] for layer in planned_on] != [layer["undo"] for layer in info.stack]:
+            raise DeploymentError(f"deployment {name!r} was changed by another command meanwhile; run it again")
         weights = WeightsFolder(info.path)  # parses headers: a corrupt/truncated file fails here, nothing changed
         try:
             for st in applies:
@@ -484,7 +493,7 @@ def revert(ws: Any, name: str, ref: str | None = None, *, check: bool = True) ->
     return _execute(ws, name, action="revert", revert_layers=len(stack) - pos, applies=steps,
                     version_id=target["version_id"], scale=target["scale"],
                     details={"ref": target["ref"], "reapplied": [layer["ref"] for layer in above]}, check=check,
-                    fault="deploy.revert.mid-patch")
+                    fault="deploy.revert.mid-patch", planned_on=stack)
 
 
 def rollback(ws: Any, name: str, to: int, *, check: bool = True) -> DeploymentInfo:
@@ -510,7 +519,7 @@ def rollback(ws: Any, name: str, to: int, *, check: bool = True) -> DeploymentIn
         steps.append(st)
     return _execute(ws, name, action="rollback", revert_layers=len(cur) - p, applies=steps,
                     details={"to": to, "ref": None, "stack": [layer["ref"] for layer in target]}, check=check,
-                    fault="deploy.rollback.mid-patch")
+                    fault="deploy.rollback.mid-patch", planned_on=cur)
 
 
 def weights_path(ws: Any, name: str) -> Path:
