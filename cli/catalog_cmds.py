@@ -388,15 +388,42 @@ def register(cli: click.Group) -> None:
 
     @cli.command("verify")
     @click.argument("refs", nargs=-1, type=REF)
+    @click.option("--repair", is_flag=True,
+                  help="First recover interrupted deployments and remove orphan blobs and temp files (adapterhub.repair).")
+    @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+                  help="With --repair: keep orphan blobs touched less than this long ago (safe next to writers).")
     @json_option
     @click.pass_context
     @handle_errors
-    def verify_cmd(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None:
+    def verify_cmd(ctx: click.Context, refs: tuple[str, ...], repair: bool, grace_s: float, as_json: bool) -> None:
         """Re-hash the blobs of REFs (default: every version) and check catalog <-> store. Exit 1 on problems.
 
-        Example: adapterhub verify
+        Example: adapterhub verify            (after a crash: adapterhub verify --repair)
         """
         c: Ctx = ctx.obj
+        if repair:
+            if refs:
+                raise click.UsageError("--repair works on the whole home; give no REF", ctx)
+            from adapterhub.repair import repair as run_repair
+
+            rep = run_repair(c.ws, grace_s=grace_s)
+            if as_json:
+                print_json(rep.to_json())
+            else:
+                for d in rep.recovered_deployments:
+                    click.echo(f"recovered deployment {d}")
+                if rep.removed_blobs or rep.temp_files_removed:
+                    click.echo(f"removed {len(rep.removed_blobs)} orphan blob(s) ({rep.freed_bytes:,} bytes), "
+                               f"{rep.temp_files_removed} temp file(s)")
+                if rep.kept_recent_orphans:
+                    echo_err(f"kept {len(rep.kept_recent_orphans)} recent orphan blob(s) (--grace)")
+                for p in rep.deployment_problems + rep.problems:
+                    click.echo(f"PROBLEM {p}")
+                click.echo(f"checked {rep.checked} version(s): " + ("ok" if rep.ok else
+                           f"{len(rep.problems) + len(rep.deployment_problems)} problem(s)"))
+            if not rep.ok:
+                ctx.exit(1)
+            return
         res = c.ws.verify(list(refs))
         if as_json:
             print_json(res)

@@ -198,6 +198,9 @@ def test_verify_and_gc(hub, home, tmp_path):
     (store.root / "ab").mkdir(exist_ok=True)
     (store.root / "ab" / ".x.tmp").write_bytes(b"half written")
     assert hub.json("verify")["orphans"] == [orphan]
+    rep = hub.json("verify", "--repair", "--grace", "3600")
+    assert rep["ok"] is True and rep["kept_recent_orphans"] == [orphan] and store.has(orphan)
+    hub("verify", "a", "--repair", code=2)
     dry = hub.json("gc", "--dry-run")
     assert dry["removed"] == [orphan] and store.has(orphan)
     res = hub.json("gc")
@@ -215,8 +218,15 @@ def test_verify_and_gc(hub, home, tmp_path):
     assert len(bad["problems"]) == 1 and bad["problems"][0].startswith("b@1:")
     hub("verify", "a")
     hub("export", "b", tmp_path / "b.out", code=1)
+    r = hub("verify", "--repair", code=1)
+    assert "PROBLEM b@1" in r.stdout
     p.unlink()
     assert "missing" in hub("verify", "b", code=1).stdout
+    (store.root / "cd").mkdir(exist_ok=True)
+    (store.root / "cd" / ".y.tmp").write_bytes(b"half")
+    orphan2 = store.put_bytes(b"another orphan")
+    rep = hub.json("verify", "--repair", code=1)
+    assert rep["removed_blobs"] == [orphan2] and rep["temp_files_removed"] == 1 and not store.has(orphan2)
 
 
 def test_export_safetensors(hub, tmp_path):
