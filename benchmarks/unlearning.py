@@ -55,15 +55,15 @@ def poisoned(td, max_train: int, seed: int, n_poison: int, target: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="trec-coarse,sms-spam")
-    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--head-lr", type=float, default=0.2)
-    ap.add_argument("--max-train", type=int, default=400)
-    ap.add_argument("--max-test", type=int, default=150)
+    ap.add_argument("--max-train", type=int, default=200)
+    ap.add_argument("--max-test", type=int, default=100)
     ap.add_argument("--max-length", type=int, default=24)
     ap.add_argument("--layers-regex", default=r"\.layer\.[3-5]\.",
                     help="trainable layers of the global model (default: the upper half of MiniLM)")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=3, help="critical layers")
     ap.add_argument("--unlearn-density", type=float, default=0.1)
     ap.add_argument("--unlearn-rounds", type=int, default=3)
-    ap.add_argument("--poison", type=int, default=40, help="backdoored training rows (sample unlearning)")
+    ap.add_argument("--poison", type=int, default=20, help="backdoored training rows (sample unlearning)")
     ap.add_argument("--scenarios", default="client,class,sample")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -144,14 +144,16 @@ def main(argv: list[str] | None = None) -> int:
                    "fused": {k: m[k] for k in ("ra", "fa", "mia", "seconds", "bytes_per_client")},
                    "retrain": m["retrain"], "nta": nta}
             results.append(row)
+            # write what we have after every request, so an interrupted run still leaves figures
+            write_markdown(Path(args.out), results, args, _cmd(argv), time.perf_counter() - t_all)
+            plot(Path(args.png), results)
             log(f"{task}: {scenario}: FUSED RA {m['ra']:.3f} FA {m['fa']:.3f} | retrain RA {m['retrain']['ra']:.3f} "
                 f"FA {m['retrain']['fa']:.3f} | NTA RA {nta['ra']:.3f} FA {nta['fa']:.3f}")
     total = time.perf_counter() - t_all
     ws.close()
     tmp.cleanup()
 
-    cmd = "python benchmarks/unlearning.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_markdown(Path(args.out), results, args, cmd.strip(), total)
+    write_markdown(Path(args.out), results, args, _cmd(argv), total)
     plot(Path(args.png), results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
               f"RA FUSED {r['fused']['ra']:.3f} vs retrain {r['retrain']['ra']:.3f}")
     print(f"total {total:.0f} s; wrote {args.out} and {args.png}")
     return 0
+
+
+def _cmd(argv: list[str] | None) -> str:
+    return ("python benchmarks/unlearning.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
 
 def _f(x) -> str:
