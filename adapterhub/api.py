@@ -562,9 +562,10 @@ class Workspace:
         """Remove blobs no version references (and temp files of interrupted writes)."""
         return self.store.gc(self.referenced_hashes(), dry_run=dry_run)
 
-    def verify(self, refs: Sequence[str] = ()) -> dict[str, Any]:
+    def verify(self, refs: Sequence[str] = (), *, on_progress=None) -> dict[str, Any]:
         """Re-hash the blobs of ``refs`` (default all versions) and check catalog <-> store.
 
+        ``on_progress(done, total)``, if given, is called after each version (the CLI draws a progress bar).
         Returns {"checked": n, "problems": [..], "orphans": [digests in the store no version references]}.
         """
         problems: list[str] = []
@@ -572,10 +573,12 @@ class Workspace:
             infos = [self.resolve(r) for r in refs]
         else:
             infos = self.list_versions()
-        for v in infos:
+        for i, v in enumerate(infos):
             p = self.store.verify(v.content_hash)
             if p is not None:
                 problems.append(f"{v.ref}: {p}")
+            if on_progress is not None:
+                on_progress(i + 1, len(infos))
         orphans = sorted(set(self.store.iter_digests()) - self.referenced_hashes()) if not refs else []
         return {"checked": len(infos), "problems": problems, "orphans": orphans}
 

@@ -424,7 +424,11 @@ def register(cli: click.Group) -> None:
             if not rep.ok:
                 ctx.exit(1)
             return
-        res = c.ws.verify(list(refs))
+        from .common import progress
+
+        with progress("verify") as bar:
+            task = bar.add_task("verify", total=None, info="")
+            res = c.ws.verify(list(refs), on_progress=lambda done, total: bar.update(task, completed=done, total=total))
         if as_json:
             print_json(res)
         else:
