@@ -8,7 +8,7 @@ import torch
 
 from adapterhub import format as fmt
 from adapterhub.api import Parent, Workspace
-from adapterhub.errors import AdapterHubError, BaseModelError, CatalogError, NameError_, RefError
+from adapterhub.errors import AdapterHubError, BaseModelError, NameError_, RefError
 from catalog_util import BERT_TARGETS, catalog_url, home_snapshot, make_adapter  # noqa: F401 (fixture)
 
 

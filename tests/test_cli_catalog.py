@@ -404,8 +404,6 @@ COMMANDS = sorted(all_commands(cli))
 
 @pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) for p in COMMANDS])
 def test_every_command_has_help(path):
-    import click
-
     cmd = cli
     for part in path:
         cmd = cmd.commands[part]  # type: ignore[attr-defined]

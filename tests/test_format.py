@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from adapterhub import format as fmt
 from adapterhub.errors import FormatError
-from catalog_util import BERT_TARGETS, home_snapshot, make_adapter
+from catalog_util import home_snapshot, make_adapter
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -98,7 +98,6 @@ def test_bytes_and_hash_deterministic_and_key_order_independent(adapter):
 @settings(max_examples=25, deadline=None)
 @given(adapters())
 def test_readable_by_safetensors(adapter):
-    from safetensors import safe_open
     from safetensors.torch import load
 
     data = fmt.save(adapter)
