@@ -57,6 +57,7 @@ import torch
 
 from . import format as fmt
 from .errors import FormatError, MergeError
+from .faults import fault_point
 from .format import SparseAdapter, SparseParam
 
 __all__ = [
@@ -665,6 +666,7 @@ def merge(ws: Any, refs: Sequence[str], method: str, *, weights: Sequence[float]
     tasks = sorted({i.task for i in infos if i.task})
     task = tasks[0] if len(tasks) == 1 else "multi"
     res.adapter.card.setdefault("task", task)
+    fault_point("merge.before-register")
     return ws.register(res.adapter, name=name, task=task, base=base_name, kind="merge", parents=parents)
 
 
