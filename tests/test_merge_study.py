@@ -30,6 +30,15 @@ def ms():
     return _load_study()
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random BERT and Llama folders with a real (small) tokenizer (test_training_util)."""
+    from test_training_util import tiny_model
+
+    root = tmp_path_factory.mktemp("ms_tiny")
+    return {"bert": tiny_model("bert", root / "bert"), "llama": tiny_model("llama", root / "llama")}
+
+
 def _args(base: Path, tmp: Path) -> list[str]:
     return ["--base", str(base), "--tasks", ",".join(TASKS), "--steps", "4", "--batch-size", "4",
             "--max-length", "24", "--eval-examples", "12", "--subsets", "1", "--lora-r", "4",
@@ -38,8 +47,8 @@ def _args(base: Path, tmp: Path) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_study_end_to_end_and_cache(ms, tiny_bert_dir, tmp_path, capsys):
-    args = _args(tiny_bert_dir, tmp_path)
+def test_study_end_to_end_and_cache(ms, tiny, tmp_path, capsys):
+    args = _args(tiny["bert"], tmp_path)
     assert ms.main(args) == 0
     doc = json.loads((tmp_path / "out" / "ms.json").read_text())
     types = list(ms.EXPERT_TYPES)
@@ -88,7 +97,8 @@ def test_study_end_to_end_and_cache(ms, tiny_bert_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "ms.md").read_text() == md
 
 
-def test_evaluator_matches_adapterhub_evaluate(ms, tiny_bert_dir, tmp_path, ws):
+def test_evaluator_matches_adapterhub_evaluate(ms, tiny, tmp_path, ws):
+    tiny_bert_dir = tiny["bert"]
     from adapterhub.evaluation import evaluate
 
     cfg = ms.StudyConfig(base=str(tiny_bert_dir), tasks=["sms-spam", "rt-sentiment"], types=["element"], steps=4,
@@ -108,7 +118,8 @@ def test_evaluator_matches_adapterhub_evaluate(ms, tiny_bert_dir, tmp_path, ws):
     assert any(p.nnz > 0 for p in e.adapter.params.values())
 
 
-def test_lora_delta_reproduces_peft_model(ms, tiny_bert_dir):
+def test_lora_delta_reproduces_peft_model(ms, tiny):
+    tiny_bert_dir = tiny["bert"]
     from adapterhub.data import load_task
     from adapterhub.training import TrainConfig, base_tensor_keys, load_backbone, train_baseline
 
@@ -162,3 +173,21 @@ def test_dense_baseline_merges_match_adapterhub(ms):
     assert ms.ties_stored_fraction(sp, 0.015) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         ms.merge_experts([sp, experts[0]], "average", cfg)
+
+
+@pytest.mark.timeout(120)
+def test_causal_variant_on_tiny_llama(ms, tiny, tmp_path):
+    """--causal: text-to-label experts scored by label log-likelihood, no heads; report names differ."""
+    args = _args(tiny["llama"], tmp_path) + ["--causal", "--types", "block,lora"]
+    args[args.index("--out-md") + 1] = str(tmp_path / "out" / "c.md")
+    args[args.index("--out-json") + 1] = str(tmp_path / "out" / "c.json")
+    assert ms.main(args) == 0
+    doc = json.loads((tmp_path / "out" / "c.json").read_text())
+    assert doc["config"]["causal"] is True and doc["head_only"] == {}
+    assert doc["config"]["types"] == ["block", "lora"]
+    for k in ("block", "lora"):
+        assert set(doc["single"][k]) == set(TASKS)
+        for m in ms.MERGE_METHODS:
+            assert all(0.0 <= a <= 1.0 for a in doc["merged_all"][k][m].values())
+    assert "causal LM" in (tmp_path / "out" / "c.md").read_text()
+    assert (tmp_path / "img" / "merge_study_causal_curve.png").is_file()
