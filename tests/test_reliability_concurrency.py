@@ -53,6 +53,7 @@ def worker(home: str, db_url: str, worker_id: int, n_ops: int, base: str, base_d
     from adapterhub.api import Parent, Workspace
 
     attempts = [0]
+    refusals = [0]
     real_retry = api.retry_on_busy
 
     def counting_retry(fn, **kw):  # count transaction attempts to show the retries really happen
@@ -80,36 +81,59 @@ def worker(home: str, db_url: str, worker_id: int, n_ops: int, base: str, base_d
                               base=base)
             dep_event = None
             if deploy is not None:
-                dep_event = _deploy_op(ws, deploy, worker_id, i, info.ref)
+                dep_event = _deploy_op(ws, deploy, worker_id, i, info.ref, refusals)
             results.append({"op": i, "number": info.number, "hash": info.content_hash, "created": info.created,
                             "solo": [own.name, own.number, own.content_hash], "deploy": dep_event})
         except Exception as e:  # noqa: BLE001 - recorded and asserted on by the test
             errors.append(f"op {i}: {e.__class__.__name__}: {e}")
     ws.close()
-    Path(out).write_text(json.dumps({"results": results, "errors": errors, "attempts": attempts[0]}))
+    Path(out).write_text(json.dumps({"results": results, "errors": errors, "attempts": attempts[0],
+                                     "refusals": refusals[0]}))
 
 
-def _deploy_op(ws, deploy: str, worker_id: int, i: int, ref: str):  # pragma: no cover - needs deployments.py
-    """Apply then revert on the shared deployment (hook for when deployments land)."""
-    from adapterhub import deployments
+DEPLOY_EVERY = 5
 
-    mgr = deployments.DeploymentManager(ws) if hasattr(deployments, "DeploymentManager") else None
-    if mgr is None:
+
+def _deploy_op(ws, deploy: str, worker_id: int, i: int, ref: str, refusals: list[int]):
+    """Every DEPLOY_EVERY-th op: apply the new version to the shared deployment, then revert it by ref.
+
+    A revert planned against a stack another process changed meanwhile is refused by the library with
+    "changed by another command meanwhile; run it again" (nothing changed); the worker runs it again, as a
+    user would, and counts those refusals.
+    """
+    import random as _random
+
+    from adapterhub import deployments as dep
+    from adapterhub.errors import DeploymentError
+
+    if i % DEPLOY_EVERY:
         return None
-    ev = mgr.apply(deploy, ref)
-    return getattr(ev, "seq", None)
+    dep.apply(ws, deploy, ref)
+    for attempt in range(200):
+        try:
+            dep.revert(ws, deploy, ref)
+            return attempt
+        except DeploymentError as e:
+            if "meanwhile" not in str(e):
+                raise
+            refusals[0] += 1
+            time.sleep(0.01 + 0.05 * _random.random())
+    raise AssertionError("revert kept being refused")
 
 
-def run_writers(home: Path, db_url: str, base_dir: Path, n_procs: int, n_ops: int) -> list[dict]:
-    """Set up the catalog, start n_procs writer processes at once, wait, return their result docs."""
+def run_writers(home: Path, db_url: str, base_dir: Path, n_procs: int, n_ops: int, deploy: bool = True) -> list[dict]:
+    """Set up the catalog (base, shared deployment), start n_procs writers at once, wait, return their docs."""
+    from adapterhub import deployments as dep
     from adapterhub.api import Workspace
 
     with Workspace.open(home, db_url) as ws:
         ws.add_base("tiny", str(base_dir))
+        if deploy:
+            dep.create(ws, "shared-dep", "tiny")
     outs = [home.parent / f"writer-{home.name}-{k}.json" for k in range(n_procs)]
     env = dict(os.environ)
     procs = [subprocess.Popen([sys.executable, str(HERE), "worker", str(home), db_url, str(k), str(n_ops), "tiny",
-                               str(base_dir), str(outs[k])], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               str(base_dir), str(outs[k]), "shared-dep" if deploy else "-"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k in range(n_procs)]
     docs = []
     for p, out in zip(procs, outs):
@@ -163,6 +187,24 @@ def check_catalog(home: Path, db_url: str, docs: list[dict], n_procs: int, n_ops
         rep = ws.verify()
         assert rep["problems"] == [] and rep["orphans"] == []
         assert rep["checked"] == 2 * n_procs * n_ops
+        # deploy events: one create + (apply, revert) per deploy op, seq unique and gapless, state back at the base
+        from adapterhub import deployments as dep
+        from adapterhub.catalog.models import Deployment, DeploymentEvent
+
+        with ws.session() as s:
+            d = s.scalar(select(Deployment).where(Deployment.name == "shared-dep"))
+            if d is not None:
+                seqs = sorted(s.scalars(select(DeploymentEvent.seq).where(DeploymentEvent.deployment_id == d.id)))
+                actions = list(s.scalars(select(DeploymentEvent.action).where(DeploymentEvent.deployment_id == d.id)))
+                n_dep = n_procs * len(range(0, n_ops, DEPLOY_EVERY))
+                assert seqs == list(range(len(seqs))), "deployment event numbers have gaps or duplicates"
+                assert actions.count("apply") == n_dep and actions.count("revert") == n_dep
+                assert actions.count("create") == 1 and "recover" not in actions
+        if d is not None:
+            info = dep.get(ws, "shared-dep")
+            assert info.stack == [] and info.state_fingerprint == ws.get_base("tiny").fingerprint
+            assert dep.verify(ws, "shared-dep")["ok"]
+            print(f"deployment: {len(seqs)} events, {sum(x['refusals'] for x in docs)} stale-plan refusals re-run")
     txns = 4 * n_procs * n_ops  # register, tag, tag, register per op
     print(f"{txns} transactions took {sum(d['attempts'] for d in docs)} attempts (retries absorbed the races)")
 
@@ -239,5 +281,5 @@ def test_concurrent_writers_postgres(tmp_path, tiny_bert_dir, pg_url):
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
-    _, _, h, u, wid, n, b, bd, o = sys.argv[:9]
-    worker(h, u, int(wid), int(n), b, bd, o, None)
+    _, _, h, u, wid, n, b, bd, o, d = sys.argv[:10]
+    worker(h, u, int(wid), int(n), b, bd, o, None if d == "-" else d)
