@@ -37,7 +37,11 @@ def render(root: click.Command | None = None, prog: str = "adapterhub") -> str:
         ctx = None
         for i, name in enumerate(path):
             c = root if i == 0 else ctx.command.commands[name]  # type: ignore[union-attr]
-            ctx = click.Context(c, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH)
+            # apply the command's context_settings (e.g. -h as a help option) as click's make_context would
+            settings = {k: v for k, v in (c.context_settings or {}).items()
+                        if k not in ("terminal_width", "max_content_width")}
+            ctx = click.Context(c, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH,
+                                **settings)
             parent = ctx
         out.append(f"<a id=\"{'-'.join(path).lower()}\"></a>")
         out.append(f"## `{' '.join(path)}`")
