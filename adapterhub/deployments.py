@@ -247,7 +247,15 @@ def verify(ws: Any, name: str) -> dict[str, Any]:
     Returns: {"name", "ok", "expected", "actual", "pending_recovery"}. Does not change anything.
     """
     info = get(ws, name)
-    pending = _wal(info.path).exists()
+    pending = False
+    wal = _wal(info.path)
+    if wal.exists():
+        try:
+            doc = read_wal(wal)
+        except DeploymentError:
+            doc = None
+        # A WAL whose operation is already recorded is a leftover of a completed operation, not pending work.
+        pending = doc is None or not _committed(ws, name, doc)
     try:
         actual = fingerprint_folder(info.path)
     except AdapterHubError as e:
@@ -261,6 +269,15 @@ def verify(ws: Any, name: str) -> dict[str, Any]:
 # -- recovery --------------------------------------------------------------------------------------
 
 
+def _committed(ws: Any, name: str, doc: dict[str, Any]) -> bool:
+    """True if the catalog's latest event of ``name`` is the operation the WAL ``doc`` belongs to."""
+    with ws.session() as s:
+        row = _row(s, name)
+        last = s.scalar(select(DeploymentEvent).where(DeploymentEvent.deployment_id == row.id)
+                        .order_by(DeploymentEvent.seq.desc()).limit(1))
+        return last is not None and (last.details or {}).get("op_id") == doc.get("op_id")
+
+
 def _recover_locked(ws: Any, name: str) -> bool:
     """Finish or undo an interrupted operation (caller holds the lock). Returns True if it did anything."""
     info = get(ws, name)
@@ -269,12 +286,7 @@ def _recover_locked(ws: Any, name: str) -> bool:
         return False
     doc = read_wal(wal)
     assert doc is not None
-    with ws.session() as s:
-        row = _row(s, name)
-        last = s.scalar(select(DeploymentEvent).where(DeploymentEvent.deployment_id == row.id)
-                        .order_by(DeploymentEvent.seq.desc()).limit(1))
-        committed = last is not None and (last.details or {}).get("op_id") == doc.get("op_id")
-    if committed:
+    if _committed(ws, name, doc):
         wal.unlink()
         _gc_undo(info.path, info.stack)
         return True

@@ -2,7 +2,7 @@
 
 Applying writes ``W[idx] = round(W[idx] + scale * v)``: the sum is computed in fp32 (fp64 for
 fp64 weights) and rounded **once** to the weight dtype. Before writing, the original ``W[idx]``
-are saved (``index_select``) in an undo record; revert writes them back (``index_copy_``), so the
+are saved (``index_select``) in an undo record; revert writes them back (:func:`write_at`), so the
 weights return bit for bit — unlike PEFT's unmerge, which subtracts and drifts (DESIGN.md, "Exact
 apply and revert"). Cost is O(nnz).
 
@@ -35,7 +35,7 @@ from .format import SparseAdapter
 
 __all__ = [
     "UndoEntry", "UndoRecord", "apply_adapter", "revert", "revert_all", "applied", "state_fingerprint",
-    "resolve_names", "patch_flat", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "recover_wal", "fault_point",
+    "resolve_names", "patch_flat", "write_at", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "recover_wal", "fault_point",
     "ST_DTYPES",
 ]
 
@@ -53,6 +53,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def write_at(flat: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """``flat[idx] = src`` (same dtype), bit for bit.
+
+    On CPU this goes through numpy fancy assignment on an integer view of the same width, which
+    measured 2-3x faster than ``index_copy_`` at 1% density over SmolLM2-sized weights (and copies
+    bits, so bf16 needs no numpy dtype). Other devices use ``index_copy_``.
+    """
+    if flat.device.type != "cpu" or flat.element_size() not in _INT_VIEW:
+        flat.index_copy_(0, idx, src.to(flat.dtype))
+        return
+    it = _INT_VIEW[flat.element_size()]
+    dst = flat.detach().view(it).numpy()
+    dst[idx.detach().numpy()] = src.detach().to(flat.dtype).contiguous().view(it).numpy()
+
+
 def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``flat[idx] = round(flat[idx] + scale * values)`` in place; returns the originals.
 
@@ -64,7 +82,7 @@ def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scal
     delta = values.to(ct)
     if scale != 1.0:
         delta = delta * scale
-    flat.index_copy_(0, idx, (orig.to(ct) + delta).to(flat.dtype))
+    write_at(flat, idx, (orig.to(ct) + delta).to(flat.dtype))
     return orig
 
 
@@ -161,7 +179,7 @@ def revert(target: Any, record: UndoRecord) -> None:
     tensors = _tensors_of(target)
     with torch.no_grad():
         for e in reversed(record.entries):
-            tensors[e.name].view(-1).index_copy_(0, e.indices, e.original)
+            write_at(tensors[e.name].view(-1), e.indices, e.original)
 
 
 def revert_all(target: Any, records: Sequence[UndoRecord]) -> None:
@@ -422,7 +440,7 @@ class DiskTransaction:
         entries = []
         for name in sorted(touched):
             idx = _union_sorted(touched[name], self.file.flat(name).numel())
-            entries.append(UndoEntry(name, idx, self.file.flat(name).index_select(0, idx).clone()))
+            entries.append(UndoEntry(name, idx, self.file.flat(name).index_select(0, idx)))
         write_atomic(self.wal_path, encode_undo(entries, {**self.meta, "phase": "patching"}))
         fault_point("wal.written")
 
@@ -431,7 +449,7 @@ class DiskTransaction:
         out = []
         for i, name in enumerate(sorted(adapter_params)):
             idx, vals = adapter_params[name].flat()
-            out.append(UndoEntry(name, idx, patch_flat(self.file.flat(name), idx, vals, scale).clone()))
+            out.append(UndoEntry(name, idx, patch_flat(self.file.flat(name), idx, vals, scale)))
             if fault and i == len(adapter_params) // 2:
                 self.file.sync()  # make the half-written state durable so recovery has real work to do
                 fault_point(fault)
@@ -441,7 +459,7 @@ class DiskTransaction:
         """Write originals back (reverse order)."""
         ents = list(reversed(list(entries)))
         for i, e in enumerate(ents):
-            self.file.flat(e.name).index_copy_(0, e.indices, e.original)
+            write_at(self.file.flat(e.name), e.indices, e.original)
             if fault and i == len(ents) // 2:
                 self.file.sync()
                 fault_point(fault)
@@ -481,7 +499,7 @@ def recover_wal(target: SafetensorsFile | WeightsFolder, wal_path: Path) -> bool
         return False
     entries, _ = decode_undo(wal_path.read_bytes())
     for e in entries:
-        target.flat(e.name).index_copy_(0, e.indices, e.original)
+        write_at(target.flat(e.name), e.indices, e.original)
     target.sync()
     wal_path.unlink()
     _fsync_dir(wal_path.parent)

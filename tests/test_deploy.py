@@ -174,6 +174,8 @@ def test_crash_points_in_process_recover_to_last_completed_state(setup, monkeypa
     monkeypatch.undo()
     info = dep.get(ws, "d")
     want = expected_fp(base_dir, ws, [(a, 1.0), (b, 1.0)]) if kept else before
+    v = dep.verify(ws, "d")
+    assert v["ok"] == kept and v["pending_recovery"] == (not kept)  # a committed leftover WAL is not pending
     dep.recover(ws, "d")
     assert fingerprint_folder(info.path) == want
     assert dep.get(ws, "d").state_fingerprint == want
