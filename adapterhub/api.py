@@ -535,22 +535,30 @@ class Workspace:
             SELECT edge_id, MIN(depth) FROM walk GROUP BY edge_id"""
         with self.session() as s:
             depth = {eid: d for eid, d in s.execute(text(sql), {"vid": info.id})}
-            if not depth:
-                return []
-            edges = s.scalars(select(LineageEdge).where(LineageEdge.id.in_(list(depth)))).all()
-            vids = {e.child_id for e in edges} | {e.parent_id for e in edges if e.parent_id is not None}
-            # only (id, name, number): loading whole version rows (JSON columns) cost 10x the CTE itself
-            refs = {vid: f"{aname}@{num}" for vid, aname, num in s.execute(
-                select(AdapterVersion.id, Adapter.name, AdapterVersion.number)
-                .join(Adapter, AdapterVersion.adapter_id == Adapter.id).where(AdapterVersion.id.in_(list(vids))))}
-            out = [{"child": refs[e.child_id], "parent": refs.get(e.parent_id) if e.parent_id else None,
-                    "relation": e.relation, "weight": e.weight, "params": e.params, "depth": depth[e.id]}
-                   for e in edges]
+            return self._edge_dicts(s, depth)
+
+    @staticmethod
+    def _edge_dicts(s: Session, depth: dict[int, int]) -> list[dict[str, Any]]:
+        """Edge ids with their depth -> sorted edge records with ``name@N`` refs."""
+        if not depth:
+            return []
+        edges = s.scalars(select(LineageEdge).where(LineageEdge.id.in_(list(depth)))).all()
+        vids = {e.child_id for e in edges} | {e.parent_id for e in edges if e.parent_id is not None}
+        # only (id, name, number): loading whole version rows (JSON columns) cost 10x the CTE itself
+        refs = {vid: f"{aname}@{num}" for vid, aname, num in s.execute(
+            select(AdapterVersion.id, Adapter.name, AdapterVersion.number)
+            .join(Adapter, AdapterVersion.adapter_id == Adapter.id).where(AdapterVersion.id.in_(list(vids))))}
+        out = [{"child": refs[e.child_id], "parent": refs.get(e.parent_id) if e.parent_id else None,
+                "relation": e.relation, "weight": e.weight, "params": e.params, "depth": depth[e.id]}
+               for e in edges]
         return sorted(out, key=lambda e: (e["depth"], e["child"], e["parent"] or ""))
 
     def parents(self, ref: str) -> list[dict[str, Any]]:
-        """Direct lineage edges of a version (depth 1 ancestors)."""
-        return [e for e in self.lineage(ref) if e["depth"] == 1]
+        """Direct lineage edges of a version (depth-1 ancestors), without walking further up."""
+        info = self.resolve(ref)
+        with self.session() as s:
+            ids = s.scalars(select(LineageEdge.id).where(LineageEdge.child_id == info.id)).all()
+            return self._edge_dicts(s, {i: 1 for i in ids})
 
     # -- integrity --------------------------------------------------------------------------------
 
