@@ -20,6 +20,8 @@ from adapterhub.format import SparseAdapter, SparseParam
 from adapterhub.names import validate_name
 from adapterhub.refs import parse_ref
 
+pytestmark = pytest.mark.timeout(300)  # "no hang": every fuzz test must finish well within this
+
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
