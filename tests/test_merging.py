@@ -245,3 +245,20 @@ def test_workspace_merge_registers_lineage_and_ignores_order(ws, tiny_bert_dir):
                                                                    "lam": 1.0, "rng": "sparse"} for e in edges)
     with pytest.raises(Exception, match="unknown adapter"):
         merge(ws, [refs[0], "ghost"], "uniform", name="m3")
+
+
+def test_block_layout_experts_merge_like_their_element_form():
+    g = torch.Generator().manual_seed(4)
+    shape = (8, 12)
+    blocks, elems = [], []
+    for _ in range(3):
+        delta = torch.randn(shape, generator=g)
+        bm = torch.rand(2, 3, generator=g) < 0.5
+        bp = SparseParam.from_block_mask(delta, bm, 4)
+        blocks.append(SparseAdapter({"w": bp}))
+        idx, vals = bp.flat()
+        elems.append(SparseAdapter({"w": SparseParam(shape, idx, vals)}))
+    for method, kw in [("uniform-sparse", {}), ("ties", {"density": 0.5})]:
+        a = merge_adapters(experts_of(blocks), method, **kw).adapter.params["w"]
+        b = merge_adapters(experts_of(elems), method, **kw).adapter.params["w"]
+        assert a.block_size is None and torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
