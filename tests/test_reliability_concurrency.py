@@ -135,12 +135,48 @@ def run_writers(home: Path, db_url: str, base_dir: Path, n_procs: int, n_ops: in
     procs = [subprocess.Popen([sys.executable, str(HERE), "worker", str(home), db_url, str(k), str(n_ops), "tiny",
                                str(base_dir), str(outs[k]), "shared-dep" if deploy else "-"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k in range(n_procs)]
+    # a repairer runs alongside the writers the whole time: repair(grace_s=30) must never take a blob a
+    # register is about to reference (checked by check_catalog: every version's blob exists and verifies)
+    stop = home.parent / f"stop-{home.name}"
+    rep_out = home.parent / f"repairer-{home.name}.json"
+    repairer = subprocess.Popen([sys.executable, str(HERE), "repairer", str(home), db_url, str(stop), str(rep_out)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     docs = []
-    for p, out in zip(procs, outs):
-        _, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err.decode(errors="replace")[-3000:]
-        docs.append(json.loads(out.read_text()))
+    try:
+        for p, out in zip(procs, outs):
+            _, err = p.communicate(timeout=900)
+            assert p.returncode == 0, err.decode(errors="replace")[-3000:]
+            docs.append(json.loads(out.read_text()))
+    finally:
+        stop.write_text("stop")
+        _, err = repairer.communicate(timeout=300)
+    assert repairer.returncode == 0, err.decode(errors="replace")[-3000:]
+    rdoc = json.loads(rep_out.read_text())
+    assert rdoc["runs"] >= 1 and rdoc["errors"] == [], rdoc
+    print(f"repairer ran {rdoc['runs']} times alongside the writers, removed {rdoc['removed']} blobs")
     return docs
+
+
+def repairer(home: str, db_url: str, stop: str, out: str) -> None:
+    """Loop repair(grace_s=30) until ``stop`` exists; record runs and errors."""
+    from adapterhub.api import Workspace
+    from adapterhub.repair import repair
+
+    ws = Workspace.open(home, db_url, migrate=False)
+    runs, removed, errors = 0, 0, []
+    while True:
+        last = Path(stop).exists()
+        try:
+            rep = repair(ws, grace_s=30)
+            runs += 1
+            removed += len(rep.removed_blobs)
+        except Exception as e:  # noqa: BLE001 - recorded and asserted on by the test
+            errors.append(f"{e.__class__.__name__}: {e}")
+        if last:
+            break
+        time.sleep(0.2)
+    ws.close()
+    Path(out).write_text(json.dumps({"runs": runs, "removed": removed, "errors": errors}))
 
 
 def check_catalog(home: Path, db_url: str, docs: list[dict], n_procs: int, n_ops: int) -> None:
@@ -290,3 +326,5 @@ def test_concurrent_writers_postgres(tmp_path, tiny_bert_dir, pg_url, n_ops):
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
     _, _, h, u, wid, n, b, bd, o, d = sys.argv[:10]
     worker(h, u, int(wid), int(n), b, bd, o, None if d == "-" else d)
+elif __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "repairer":
+    repairer(*sys.argv[2:6])
