@@ -175,6 +175,10 @@ def test_crash_in_register_then_repair_removes_orphan(world):
     rep = check_consistent(home)
     assert "fresh" not in snapshot(home)["adapters"]  # not even the adapter row
     assert len(rep["orphans"]) == 1
+    if "--repair" in cli(home, "verify", "--help").stdout:  # the CLI flag (catalog commands) once it exists
+        r = cli(home, "verify", "--repair")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert check_consistent(home)["orphans"] == []
     check_repair(home)
     r = cli(home, "register", str(f), "--name", "fresh", "--task", "t", "--base", "tiny")
     assert r.returncode == 0 and r.stdout.strip() == "fresh@1", r.stderr
