@@ -32,7 +32,7 @@ number of merged experts (2 .. all, ``--subsets`` seeded random subsets per size
 Trained experts and every evaluation are cached under ``--work`` (safetensors + JSON), so a
 re-run only computes what is missing and ``--replot`` redraws from the JSON.
 
-Default (CPU, about 20-30 minutes on 2 busy cores)::
+Default (CPU; 34 minutes on 2 cores shared with other jobs, 1 thread)::
 
     nice -n 10 .venv/bin/python benchmarks/merge_study.py
 
@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:
 
 from adapterhub import format as fmt  # noqa: E402
 from adapterhub.data import TaskData, load_task  # noqa: E402
+from adapterhub.errors import AdapterHubError  # noqa: E402
 from adapterhub.merging import InMemoryExpert, merge_adapters  # noqa: E402
 from adapterhub.training import (DEFAULT_TARGETS, DTYPES, Batcher, SparseDeltaModel, TrainConfig,  # noqa: E402
                                  _file_key, base_tensor_keys, find_targets, load_backbone, load_tokenizer,
@@ -816,14 +817,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     command = "python benchmarks/merge_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.replot:
+        if not a.out_json.is_file():
+            print(f"merge_study: error: {a.out_json} does not exist; run the study first", file=sys.stderr)
+            return 1
         doc = json.loads(a.out_json.read_text())
         command = doc.get("command", command)
         res = {k: v for k, v in doc.items() if k not in ("summary", "command")}
     else:
         torch.set_num_threads(max(1, a.threads))
-        cfg = build_config(a)
-        res = Study(cfg, a.work).run(
-            checkpoint=lambda r: report(r, a.out_md, a.out_json, a.img_dir, a.prefix, command.strip()))
+        try:
+            cfg = build_config(a)
+            res = Study(cfg, a.work).run(
+                checkpoint=lambda r: report(r, a.out_md, a.out_json, a.img_dir, a.prefix, command.strip()))
+        except AdapterHubError as e:  # bad task name, bad base folder, bad training option...
+            print(f"merge_study: error: {e}", file=sys.stderr)
+            return 1
     summ = report(res, a.out_md, a.out_json, a.img_dir, a.prefix, command.strip())
     for k in res["config"]["types"]:
         print(f"{TYPE_LABELS[k]:22s} single {_pct(summ['single_mean'][k])}%  normalised: " + "  ".join(

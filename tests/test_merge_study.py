@@ -191,3 +191,16 @@ def test_causal_variant_on_tiny_llama(ms, tiny, tmp_path):
             assert all(0.0 <= a <= 1.0 for a in doc["merged_all"][k][m].values())
     assert "causal LM" in (tmp_path / "out" / "c.md").read_text()
     assert (tmp_path / "img" / "merge_study_causal_curve.png").is_file()
+
+
+def test_bad_input_fails_with_one_line(ms, tmp_path, capsys):
+    base = ["--work", str(tmp_path / "w"), "--out-md", str(tmp_path / "o.md"), "--out-json", str(tmp_path / "o.json"),
+            "--img-dir", str(tmp_path / "img"), "--base", str(tmp_path)]
+    assert ms.main(base + ["--tasks", "sms-spam,no-such-task"]) == 1
+    assert "no-such-task" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown expert type"):
+        ms.main(base + ["--types", "element,qlora"])
+    with pytest.raises(SystemExit, match="at least two tasks"):
+        ms.main(base + ["--tasks", "sms-spam"])
+    assert ms.main(base + ["--replot"]) == 1
+    assert not (tmp_path / "o.md").exists() and not (tmp_path / "img").exists()
