@@ -4,7 +4,8 @@ All three run the same model, batch, sequence length, loss and AdamW in one invo
 variant runs in a fresh subprocess so memory figures do not leak into each other. The sparse
 adapter's density is matched to LoRA's trainable-parameter count on the same target modules.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the peak
+Step time: the three variants run round-robin in one process (one step each, repeated), so a
+busy machine slows them alike; the median is reported. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the peak
 resident set size sampled every millisecond during the timed steps, minus the RSS just before
 them (so it counts activations, gradients and optimizer state, not the model itself).
 
@@ -69,16 +70,16 @@ def model_path(name: str) -> Path:
     return Path(name)
 
 
-def run_one(args: argparse.Namespace) -> dict:
+def setup(variant: str, args: argparse.Namespace):
+    """Build one variant; returns (step function, trainable count, LoRA count, density, device, tokens)."""
     import torch
 
     from adapterhub.data import load_task
-    from adapterhub.training import (DEFAULT_TARGETS, DTYPES, Batcher, SparseDeltaModel, build_baseline_model,
-                                     find_targets, load_backbone, load_tokenizer, model_kind, resolve_device)
-    from adapterhub.training import base_tensor_keys
+    from adapterhub.training import (DEFAULT_TARGETS, DTYPES, Batcher, SparseDeltaModel, base_tensor_keys,
+                                     build_baseline_model, find_targets, load_backbone, load_tokenizer, model_kind,
+                                     resolve_device)
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     path = model_path(args.model)
     dev = resolve_device(args.device)
     kind = model_kind(path)
@@ -87,8 +88,12 @@ def run_one(args: argparse.Namespace) -> dict:
     lora_sdm, lora_body, _ = build_baseline_model(path, "lora", n_labels=len(data.labels), lora_r=args.rank,
                                                   dtype=args.dtype, device=args.device)
     lora_count = sum(p.numel() for p in lora_body)
-    del lora_sdm, lora_body
-    if args.variant == "sparse":
+    density = None
+    if variant == "lora":
+        sdm, body, head = lora_sdm, lora_body, lora_sdm.head_params()
+    else:
+        del lora_sdm, lora_body
+    if variant == "sparse":
         backbone = load_backbone(path, kind, DTYPES[args.dtype], dev)
         targets = find_targets(backbone, DEFAULT_TARGETS[kind], base_tensor_keys(path))
         sdm = SparseDeltaModel(backbone, kind, targets, len(data.labels), dev, autocast=dev.type == "cuda")
@@ -99,12 +104,10 @@ def run_one(args: argparse.Namespace) -> dict:
             n = max(1, round(density * w.numel()))
             sdm.idx[k] = torch.sort(torch.randperm(w.numel(), generator=g)[:n]).values.to(dev)
             sdm.values[k] = torch.nn.Parameter(torch.zeros(n, device=dev))
-        body = sdm.delta_params()
-        head = sdm.head_params()
-    else:
-        sdm, body, head = build_baseline_model(path, args.variant, n_labels=len(data.labels), lora_r=args.rank,
-                                               dtype=args.dtype, device=args.device)
-        density = None
+        body, head = sdm.delta_params(), sdm.head_params()
+    elif variant == "full":
+        sdm, body, head = build_baseline_model(path, "full", n_labels=len(data.labels), dtype=args.dtype,
+                                               device=args.device)
     opt = torch.optim.AdamW([{"params": body}, {"params": head}], lr=1e-4, foreach=False)
     batcher = Batcher(load_tokenizer(path), kind, data.labels, args.max_length)
     rows = data.train[: args.batch_size]
@@ -123,21 +126,30 @@ def run_one(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return float(loss.detach())
 
+    trainable = int(sum(p.numel() for p in body))
+    return step, trainable, int(lora_count), density, dev, int(batch["input_ids"].numel())
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Peak memory (and step time) of one variant, alone in this process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step, trainable, lora_count, density, dev, tokens = setup(args.variant, args)
     for _ in range(args.warmup):
         step()
     if dev.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
     times = []
     with _PeakRSS() as rss:
-        for _ in range(args.steps):
+        for _ in range(args.mem_steps):
             t0 = time.perf_counter()
             loss = step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base_mem
@@ -146,11 +158,29 @@ def run_one(args: argparse.Namespace) -> dict:
         peak = rss.peak - rss.base
         peak_total = rss.peak
     return {"variant": args.variant, "model": args.model, "device": str(dev), "dtype": args.dtype,
-            "batch_size": args.batch_size, "max_length": args.max_length, "tokens": int(batch["input_ids"].numel()),
-            "trainable": int(sum(p.numel() for p in body)), "lora_trainable": int(lora_count), "density": density,
-            "step_ms_median": 1000 * statistics.median(times), "step_ms_mean": 1000 * statistics.mean(times),
-            "peak_bytes": int(peak), "peak_total_bytes": int(peak_total), "final_loss": loss,
-            "threads": args.threads}
+            "batch_size": args.batch_size, "max_length": args.max_length, "tokens": tokens,
+            "trainable": trainable, "lora_trainable": lora_count, "density": density,
+            "alone_step_ms_median": 1000 * statistics.median(times), "peak_bytes": int(peak),
+            "peak_total_bytes": int(peak_total), "final_loss": loss, "threads": args.threads}
+
+
+def run_interleaved(args: argparse.Namespace) -> dict:
+    """Step times of all variants in one process, round-robin, so machine load hits them alike."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = {v: setup(v, args)[0] for v in VARIANTS}
+    for _ in range(args.warmup):
+        for v in VARIANTS:
+            steps[v]()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.steps):
+        for v in VARIANTS:
+            t0 = time.perf_counter()
+            steps[v]()
+            times[v].append(time.perf_counter() - t0)
+    return {v: {"step_ms_median": 1000 * statistics.median(t), "step_ms_min": 1000 * min(t),
+                "step_ms_mean": 1000 * statistics.mean(t)} for v, t in times.items()}
 
 
 def main() -> None:
@@ -165,23 +195,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mem-steps", type=int, default=3, help="steps per variant for the memory measurement")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "training_speed.json"))
     args = ap.parse_args()
     if args.variant:
         print(json.dumps(run_one(args)))
         return
+    if args.interleaved:
+        print(json.dumps(run_interleaved(args)))
+        return
     results = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", v] + [a for a in sys.argv[1:] if a != "--no-write"]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    passthrough = [a for a in sys.argv[1:] if a != "--no-write"]
+
+    def sub(extra: list[str]) -> dict:
+        p = subprocess.run([sys.executable, __file__, *extra, *passthrough], capture_output=True, text=True, env=env)
         if p.returncode != 0:
             sys.stderr.write(p.stderr[-4000:])
-            raise SystemExit(f"variant {v} failed")
-        results[v] = json.loads(p.stdout.strip().splitlines()[-1])
+            raise SystemExit(f"{extra} failed")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    for v in VARIANTS:
+        results[v] = sub(["--variant", v])
+    timing = sub(["--interleaved"])
+    for v in VARIANTS:
+        results[v].update(timing[v])
         r = results[v]
-        print(f"{v:7s} trainable {r['trainable']:>11,d}  step {r['step_ms_median']:8.1f} ms  "
+        print(f"{v:7s} trainable {r['trainable']:>11,d}  step {r['step_ms_median']:8.1f} ms (interleaved median)  "
               f"peak +{r['peak_bytes'] / 2**20:8.1f} MiB  loss {r['final_loss']:.4f}", flush=True)
     s, lo, fu = results["sparse"], results["lora"], results["full"]
     ratios = {"sparse_vs_lora_step": s["step_ms_median"] / lo["step_ms_median"],
