@@ -350,7 +350,8 @@ def check_request(fed: Federation, spec: ForgetSpec, n_layers: int, k: int, dens
 
 def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Federation, cfg: FedConfig,
                    spec: ForgetSpec, *, layers: int = 3, density: float = 0.1, rounds: int | None = None,
-                   seed: int = 0, local_steps: int | None = None, ranking: list[dict[str, Any]] | None = None,
+                   seed: int = 0, local_steps: int | None = None, lr: float | None = None,
+                   ranking: list[dict[str, Any]] | None = None,
                    evaluate_metrics: bool = True, compare_retrain: bool = False, retrain_density: float | None = None,
                    max_eval: int | None = 300, global_ref: str = "", global_hash: str = "",
                    attack: MembershipAttack | None = None, layer_regex: str = DEFAULT_LAYER_REGEX,
@@ -371,7 +372,8 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
         raise UnlearningError(f"the global model adapts {missing[0]}, which is not one of the model's layers")
     model.apply_adapter(global_adapter, head_task=task)  # the backbone now holds the global model's weights
     ucfg = FedConfig(**{**cfg.to_json(), "rounds": rounds or cfg.rounds, "seed": seed,
-                        "local_steps": local_steps or cfg.local_steps})
+                        "local_steps": local_steps or cfg.local_steps, "lr": lr or cfg.lr})
+    ucfg.check()
     ids = [c for c, _ in plan.remaining]
     rows = [r for _, r in plan.remaining]
     t0 = time.perf_counter()
@@ -427,7 +429,8 @@ def _density_of(adapter: fmt.SparseAdapter) -> float:
 
 
 def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: float = 0.1, rounds: int | None = None,
-            seed: int = 0, local_steps: int | None = None, compare_retrain: bool = False, rerank: bool = False,
+            seed: int = 0, local_steps: int | None = None, lr: float | None = None, compare_retrain: bool = False,
+            rerank: bool = False,
             max_eval: int | None = 300, progress: ProgressFn | None = None, data=None,
             attack: MembershipAttack | None = None):
     """Produce, evaluate and register a FUSED unlearning adapter for the global model ``ref``.
@@ -453,7 +456,7 @@ def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: f
     binfo = ws.get_base(info.base)
     stored = None if rerank else (info.training_config or {}).get("critical_layers")
     res = run_unlearning(binfo.path, gadapter, fed, cfg, spec, layers=layers, density=density, rounds=rounds,
-                         seed=seed, local_steps=local_steps, ranking=stored, compare_retrain=compare_retrain,
+                         seed=seed, local_steps=local_steps, lr=lr, ranking=stored, compare_retrain=compare_retrain,
                          max_eval=max_eval, global_ref=info.ref, global_hash=info.content_hash, attack=attack,
                          layer_regex=rec.get("layer_regex") or DEFAULT_LAYER_REGEX, progress=progress)
     v = ws.register(res.adapter, name=name, task=info.task, base=info.base, kind="unlearning",

@@ -101,6 +101,8 @@ def register(cli: click.Group) -> None:
     @click.option("--density", type=float, default=0.1, show_default=True, help="Random mask density on the K layers.")
     @click.option("--rounds", type=int, default=None, help="FedAvg rounds (default: the global model's).")
     @click.option("--local-steps", type=click.IntRange(1), default=None, help="Default: the global model's.")
+    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Learning rate of the unlearning adapter (default: the global model's).")
     @click.option("--compare-retrain", is_flag=True, help="Also retrain from scratch without the forgotten data.")
     @click.option("--rerank", is_flag=True,
                   help="Recompute the critical layers on the remaining clients instead of the stored ranking.")
@@ -111,7 +113,7 @@ def register(cli: click.Group) -> None:
     @json_option
     @pass_ctx
     @handle_errors
-    def unlearn_cmd(ctx, ref, forget, k, density, rounds, local_steps, compare_retrain, rerank, max_eval, seed, name,
+    def unlearn_cmd(ctx, ref, forget, k, density, rounds, local_steps, lr, compare_retrain, rerank, max_eval, seed, name,
                     as_json) -> None:
         """Forget a client, a class or samples from a `fed train` global model with a FUSED sparse adapter.
 
@@ -124,7 +126,7 @@ def register(cli: click.Group) -> None:
 
         with progress() as prog:
             info, res = unlearn(ctx.ws, ref, forget=forget, name=name, layers=k, density=density, rounds=rounds,
-                                seed=seed, local_steps=local_steps, compare_retrain=compare_retrain, rerank=rerank,
+                                seed=seed, local_steps=local_steps, lr=lr, compare_retrain=compare_retrain, rerank=rerank,
                                 max_eval=max_eval, progress=_Bars(prog))
         m = res.metrics
         doc = {**info.to_json(), "forget": res.plan.record, "critical_layers": res.critical,

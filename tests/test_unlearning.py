@@ -13,7 +13,7 @@ from adapterhub import unlearning as U
 from adapterhub.data import TaskData
 from adapterhub.errors import AdapterHubError, TrainingError, UnlearningError
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(1200)  # generous: the CI box is shared
 
 WORDS = [["red", "fire", "apple", "blood"], ["blue", "sea", "sky", "ocean"], ["green", "leaf", "grass", "moss"]]
 NOISE = ["the", "a", "of", "and", "it", "is", "very", "so"]

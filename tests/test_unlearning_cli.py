@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from adapterhub_cli.main import cli
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1200)  # generous: the CI box is shared
 
 
 def run(home, *args, ok=True):
