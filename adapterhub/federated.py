@@ -612,7 +612,7 @@ def load_global(ws, ref: str, *, data=None) -> tuple[Any, fmt.SparseAdapter, Fed
     info = ws.resolve(ref)
     tc = info.training_config or {}
     rec = tc.get("federation") if isinstance(tc, dict) else None
-    if not rec or "partition_hash" not in rec:
+    if info.kind != "expert" or not rec or "partition_hash" not in rec or "fedavg" not in tc:
         raise UnlearningError(f"{info.ref} was not trained by `adapterhub fed train` (no federation in its training config)")
     cfg = FedConfig(**tc["fedavg"])
     fed = make_federation(rec["task"], int(rec["clients"]), float(rec["alpha"]), int(rec["seed"]), data=data,
