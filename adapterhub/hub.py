@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import format as fmt
 from .errors import AdapterHubError, HubError, RefError
+from .faults import fault_point
 from .modelcard import (CARD_FILE, README_FILE, WEIGHTS_FILE, build_hub_card, build_model_card, hub_card_bytes,
                         is_repo_id, parse_hub_card, safe_repo_path)
 
@@ -326,6 +327,7 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
     url = f"{public_endpoint(hub.endpoint)}/{repo_id}"
 
     def done(commit: str, uploaded: bool, message: str) -> PushResult:
+        fault_point("push.before-record")  # crash tests: tagged on the Hub, catalog not updated yet
         ws.set_hub(v.ref, repo=repo_id, commit=commit, tag=tag, endpoint=public_endpoint(hub.endpoint))
         return PushResult(v.ref, repo_id, branch, commit, tag, v.content_hash, uploaded, url, message)
 
@@ -378,6 +380,7 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
             parent_commit=head), repo=repo_id, rev=branch)
         commit = info.oid
     assert commit is not None
+    fault_point("push.after-commit")  # crash tests: committed on the Hub, not tagged yet
 
     # 3. Tag. A 409 is fine when the tag already points at our commit (a retried push).
     hub.progress(f"tagging {commit[:12]} as {tag}")
@@ -507,6 +510,7 @@ def _pull(ws: "Workspace", hub: _Hub, spec: str, *, name: str | None, with_paren
         _drop_cached(weights_path)
         raise HubError(f"sha256 mismatch for {repo}@{revision}/{filename}: the card says {digest[:16]}…, the "
                        f"download is {got[:16]}…; refusing it, nothing was registered")
+    fault_point("pull.after-download")  # crash tests: weights verified in the cache, nothing registered yet
     adapter = fmt.load(data)
     embedded = adapter.card.get("base") if isinstance(adapter.card.get("base"), dict) else {}
     if embedded and embedded.get("fingerprint") != card["base"].get("fingerprint"):
