@@ -223,6 +223,11 @@ def test_unlearn_registers_version_with_lineage_and_metrics(trained):
         assert key in m, key
     assert 0.0 <= m["fa"] <= 1.0 and 0.0 <= m["mia"] <= 1.0
     assert m["retrain"]["fa"] is not None and m["retrain"]["bytes_per_client"] > m["bytes_per_client"]
+    # an unlearning version is not a federated global model: clear error, nothing registered
+    before = {x.ref for x in ws.list_versions()}
+    with pytest.raises(UnlearningError, match="fed train"):
+        U.unlearn(ws, v.ref, forget="class:red", name="again", data=data)
+    assert {x.ref for x in ws.list_versions()} == before
 
 
 @pytest.mark.parametrize("kw, msg", [
