@@ -68,7 +68,7 @@ class TrainConfig:
 
     density: float = 0.05
     mask: str = "connection-sensitivity"
-    score: str = "signed"
+    score: str = "abs"
     scope: str = "layer"
     granularity: str = "element"
     block_size: int = 16
@@ -81,6 +81,7 @@ class TrainConfig:
     drop_fraction: float = 0.2
     lr: float = 1e-3
     head_lr: float | None = None
+    warmup_lr: float | None = None
     batch_size: int = 16
     max_length: int = 128
     device: str = "auto"
@@ -114,7 +115,7 @@ def validate_config(cfg: TrainConfig) -> None:
     M.check_density(cfg.density)
     method = M.get_mask_method(cfg.mask)
     if cfg.score not in M.SCORE_MODES:
-        raise TrainingError(f"unknown --score {cfg.score!r}; choose signed or abs")
+        raise TrainingError(f"unknown --score {cfg.score!r}; choose abs or signed")
     if cfg.scope not in M.SCOPES:
         raise TrainingError(f"unknown scope {cfg.scope!r}; choose layer or global")
     if cfg.granularity not in M.GRANULARITIES:
@@ -134,6 +135,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise TrainingError("select-steps and reselect-every must be >= 0, score-batches > 0")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise TrainingError(f"learning rate must be positive, got {cfg.lr}")
+    if cfg.warmup_lr is not None and not (cfg.warmup_lr > 0 and math.isfinite(cfg.warmup_lr)):
+        raise TrainingError(f"warm-up learning rate must be positive, got {cfg.warmup_lr}")
     if cfg.dtype not in DTYPES:
         raise TrainingError(f"unknown dtype {cfg.dtype!r}; choose fp32 or bf16")
     if not 0 <= cfg.drop_fraction < 1:
@@ -523,6 +526,8 @@ class _Trainer:
     # -- mask operations
     def to_sparse(self, sel: dict[str, M.Selection], init: dict[str, torch.Tensor], step: int, kind: str) -> None:
         """Switch every target to values mode with indices ``sel``; values from ``init`` (dense)."""
+        if self.opt is not None:
+            self.opt.param_groups[0]["base_lr"] = self.cfg.lr
         for k in self.sdm.targets:
             idx = sel[k].indices.to(self.sdm.device)
             source = init[k].detach().reshape(-1).float().to(self.sdm.device)
@@ -596,6 +601,8 @@ class _Trainer:
             for k, w in sdm.weights.items():
                 sdm.dense[k] = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
             self.make_opt()
+            if cfg.warmup_lr is not None:  # the dense warm-up may need a gentler rate than the values
+                self.opt.param_groups[0]["base_lr"] = cfg.warmup_lr  # type: ignore[union-attr]
         else:
             if method.needs_grad:
                 scores = method.scores(_score_inputs(sdm, self.mask_gen, cfg, grads=self.accumulate_base_grads()))

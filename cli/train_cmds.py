@@ -70,8 +70,10 @@ def register(cli: click.Group) -> None:
                   help="Fraction of each target weight that is trained, in (0, 1].")
     @click.option("--mask", "mask_method", type=click.Choice(_mask_choices()), default="connection-sensitivity",
                   show_default=True)
-    @click.option("--score", type=click.Choice(["signed", "abs"]), default="signed", show_default=True,
-                  help="connection-sensitivity ranking: signed -Ŵ·∇Ŵ or |Ŵ·∇Ŵ|.")
+    @click.option("--score", type=click.Choice(["abs", "signed"]), default="abs", show_default=True,
+                  help="connection-sensitivity ranking: |Ŵ·∇Ŵ| (abs) or -Ŵ·∇Ŵ (signed).")
+    @click.option("--warmup-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Learning rate of the dense warm-up (default: --lr).")
     @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
     @click.option("--granularity", type=click.Choice(["element", "block"]), default="element", show_default=True)
     @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -101,6 +103,7 @@ def register(cli: click.Group) -> None:
     def train_cmd(c, base: str, task: str | None, dataset: str | None, text_column: str, label_column: str,
                   name: str | None, density: float, mask_method: str, score: str, scope: str, granularity: str,
                   block_size: int, targets: str | None, steps: int | None, epochs: float | None,
+                  warmup_lr: float | None,
                   select_steps: int, reselect_every: int, score_batches: int, lr: float, head_lr: float | None,
                   batch_size: int, max_length: int, device: str, dtype: str, seed: int,
                   max_eval_examples: int | None, as_json: bool) -> None:
@@ -117,7 +120,8 @@ def register(cli: click.Group) -> None:
         cfg = TrainConfig(density=density, mask=mask_method, score=score, scope=scope, granularity=granularity,
                           block_size=block_size, targets=targets, steps=steps, epochs=epochs,
                           select_steps=select_steps, reselect_every=reselect_every, score_batches=score_batches,
-                          lr=lr, head_lr=head_lr, batch_size=batch_size, max_length=max_length, device=device,
+                          lr=lr, head_lr=head_lr, warmup_lr=warmup_lr, batch_size=batch_size,
+                          max_length=max_length, device=device,
                           dtype=dtype, seed=seed, max_eval_examples=max_eval_examples)
         init_distributed_from_env()
         with progress(transient=True) as bar:

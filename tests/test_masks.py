@@ -105,10 +105,15 @@ def test_connection_sensitivity_signed_and_abs():
     delta = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     grad = torch.tensor([[-3.0, 2.0, 0.5, -0.1]])  # -Ŵ·∇Ŵ = [3, -2, -0.5, 0.1]
     inp = M.MaskInputs({"w": w}, torch.Generator(), deltas={"w": delta}, grads={"w": grad})
+    default = M.select(M.ConnectionSensitivityMask().scores(inp), 0.5)["w"].indices.tolist()
+    inp.options["score"] = "signed"
     signed = M.select(M.ConnectionSensitivityMask().scores(inp), 0.5)["w"].indices.tolist()
     inp.options["score"] = "abs"
     absolute = M.select(M.ConnectionSensitivityMask().scores(inp), 0.5)["w"].indices.tolist()
-    assert signed == [0, 3] and absolute == [0, 1]
+    assert signed == [0, 3] and absolute == [0, 1] and default == absolute
+    inp.options["score"] = "raw"
+    with pytest.raises(TrainingError, match="unknown score mode"):
+        M.ConnectionSensitivityMask().scores(inp)
 
 
 def test_grow_drop_update_keeps_the_count_and_regrows_by_gradient():
