@@ -13,10 +13,10 @@ def register(cli: click.Group) -> None:
     """Add ``demo`` to the root group."""
 
     @cli.command("demo")
-    @click.option("--steps", type=click.IntRange(1), default=150, show_default=True, help="Training steps per expert.")
+    @click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Training steps per expert.")
     @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
                   help="Density of each sparse expert.")
-    @click.option("--eval-examples", type=click.IntRange(1), default=300, show_default=True,
+    @click.option("--eval-examples", type=click.IntRange(1), default=200, show_default=True,
                   help="Test examples per evaluation.")
     @click.option("--base-source", default="minilm", show_default=True,
                   help="Base model: 'minilm' (shipped) or a local Hugging Face folder.")
