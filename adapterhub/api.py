@@ -566,9 +566,12 @@ class Workspace:
         with self.session() as s:
             return set(s.scalars(select(AdapterVersion.content_hash)).all())
 
-    def gc(self, *, dry_run: bool = False):
-        """Remove blobs no version references (and temp files of interrupted writes)."""
-        return self.store.gc(self.referenced_hashes(), dry_run=dry_run)
+    def gc(self, *, dry_run: bool = False, grace_s: float = 0.0):
+        """Remove blobs no version references (and temp files of interrupted writes).
+
+        ``grace_s``: keep orphans younger than this (safe while other processes register versions).
+        """
+        return self.store.gc(self.referenced_hashes, dry_run=dry_run, grace_s=grace_s)
 
     def verify(self, refs: Sequence[str] = (), *, on_progress=None) -> dict[str, Any]:
         """Re-hash the blobs of ``refs`` (default all versions) and check catalog <-> store.

@@ -119,9 +119,21 @@ def _undo_path(path: Path, digest: str) -> Path:
     return _control(path) / "undo" / f"{digest}.safetensors"
 
 
+def _refuse_symlinks(path: Path) -> None:
+    """A deployment folder, its weight files and its control folder must be real files of ours: a symlink
+    planted there would make a patch (or a recovery) write through it, outside the home."""
+    suspects = [path, _control(path), _control(path) / "undo", _wal(path)]
+    if path.is_dir() and not path.is_symlink():
+        suspects += sorted(path.glob("*.safetensors"))
+    for p in suspects:
+        if p.is_symlink():
+            raise DeploymentError(f"{p} is a symlink; refusing to patch through it (the deployment folder was tampered with)")
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on a deployment (one operation at a time)."""
+    """Exclusive advisory lock on a deployment (one operation at a time); refuses symlinked folders and files."""
+    _refuse_symlinks(path)
     ctl = _control(path)
     ctl.mkdir(parents=True, exist_ok=True)
     fd = os.open(ctl / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -151,6 +163,8 @@ def create(ws: Any, name: str, base: str, path: str | os.PathLike[str] | None = 
         if s.scalar(select(Deployment).where(Deployment.name == name)) is not None:
             raise DeploymentError(f"deployment {name!r} already exists")
     target = Path(path).expanduser().absolute() if path else ws.deployments_dir / name
+    if target.is_symlink():
+        raise DeploymentError(f"{target} is a symlink; refusing to create a deployment through it")
     if target.exists():
         marker = _control(target) / "deployment.json"
         orphan = marker.is_file() and marker.read_text().strip() == name

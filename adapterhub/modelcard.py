@@ -121,7 +121,8 @@ def parse_hub_card(data: bytes, *, where: str = CARD_FILE) -> dict[str, Any]:
     (not JSON, wrong format id, bad hash, unsafe file name, bad lineage coordinates)."""
     try:
         card = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        # RecursionError: absurdly nested input; ValueError: integers past Python's digit limit
         raise HubError(f"{where}: not a JSON document ({e.__class__.__name__})") from None
     if not isinstance(card, dict) or card.get("format") != HUB_CARD_FORMAT:
         got = card.get("format") if isinstance(card, dict) else None

@@ -19,7 +19,6 @@ default ``grace_s=0`` removes every orphan at once, like ``git gc --prune=now``.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -79,24 +78,9 @@ def repair(ws: "Workspace", *, grace_s: float = 0.0, dry_run: bool = False) -> R
                 f"weights {str(chk['actual'])[:12]} do not match the recorded state {str(chk['expected'])[:12]}"
             rep.deployment_problems.append(f"{d.name}: {why}")
     # 2. orphans and temp files
-    if grace_s <= 0 or dry_run:
-        res = ws.gc(dry_run=dry_run)
-        rep.removed_blobs, rep.freed_bytes, rep.temp_files_removed = res.removed, res.freed_bytes, res.temp_files_removed
-    else:
-        candidates = ws.gc(dry_run=True).removed
-        now = time.time()
-        for digest in candidates:
-            try:
-                age = now - ws.store.path(digest).stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if age < grace_s:
-                rep.kept_recent_orphans.append(digest)
-                continue
-            if digest in ws.referenced_hashes():  # registered meanwhile
-                continue
-            rep.freed_bytes += ws.store.delete(digest)
-            rep.removed_blobs.append(digest)
+    res = ws.gc(dry_run=dry_run, grace_s=grace_s)
+    rep.removed_blobs, rep.freed_bytes, rep.temp_files_removed = res.removed, res.freed_bytes, res.temp_files_removed
+    rep.kept_recent_orphans = res.kept_recent
     # 3. what is left must verify
     v = ws.verify()
     rep.checked = v["checked"]

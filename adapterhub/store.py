@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import StoreError
 from .format import atomic_write_bytes, sha256_hex
@@ -18,6 +19,7 @@ class GcResult:
     removed: list[str]
     freed_bytes: int
     temp_files_removed: int
+    kept_recent: list[str] = field(default_factory=list)
 
 
 class BlobStore:
@@ -105,20 +107,46 @@ class BlobStore:
         except FileNotFoundError:
             return 0
 
-    def gc(self, referenced: Iterable[str], *, dry_run: bool = False) -> GcResult:
-        """Remove blobs not in ``referenced`` and stale temp files from interrupted writes."""
-        keep = set(referenced)
+    def gc(self, referenced: Callable[[], Iterable[str]] | Iterable[str], *, dry_run: bool = False,
+           grace_s: float = 0.0) -> GcResult:
+        """Remove blobs not referenced and stale temp files from interrupted writes.
+
+        ``referenced`` is the set of live digests, or a function returning it. With ``grace_s > 0``,
+        orphans modified less than that many seconds ago are kept (``put_bytes`` refreshes the time of
+        a blob it finds present), and a function is called again just before deleting, so a blob
+        being registered by another process right now is not removed under it.
+        """
+        get_refs = referenced if callable(referenced) else (lambda r=set(referenced): r)
+        keep = set(get_refs())
+        now = time.time()
+        candidates: list[str] = []
+        kept: list[str] = []
+        for digest in list(self.iter_digests()):
+            if digest in keep:
+                continue
+            try:
+                age = now - self.path(digest).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            (kept if grace_s > 0 and age < grace_s else candidates).append(digest)
+        if candidates and grace_s > 0 and callable(referenced):
+            live = set(get_refs())
+            candidates = [d for d in candidates if d not in live]
         removed: list[str] = []
         freed = 0
-        for digest in list(self.iter_digests()):
-            if digest not in keep:
-                removed.append(digest)
-                freed += self.path(digest).stat().st_size if dry_run else self.delete(digest)
+        for digest in candidates:
+            removed.append(digest)
+            freed += self.path(digest).stat().st_size if dry_run else self.delete(digest)
         temps = 0
         for d in self.root.iterdir() if self.root.exists() else []:
             if d.is_dir() and not d.is_symlink():
                 for f in d.glob(".*.tmp"):
+                    try:
+                        if grace_s > 0 and now - f.stat().st_mtime < grace_s:
+                            continue
+                    except FileNotFoundError:
+                        continue
                     temps += 1
                     if not dry_run:
                         f.unlink(missing_ok=True)
-        return GcResult(removed, freed, temps)
+        return GcResult(removed, freed, temps, kept)

@@ -443,17 +443,19 @@ def register(cli: click.Group) -> None:
 
     @cli.command("gc")
     @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+    @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+                  help="Keep orphan blobs younger than this: use it while other processes may be registering.")
     @json_option
     @pass_ctx
     @handle_errors
-    def gc_cmd(c: Ctx, dry_run: bool, as_json: bool) -> None:
+    def gc_cmd(c: Ctx, dry_run: bool, grace_s: float, as_json: bool) -> None:
         """Remove blobs no version references, and temp files of interrupted writes.
 
         Example: adapterhub gc --dry-run
         """
-        r = c.ws.gc(dry_run=dry_run)
+        r = c.ws.gc(dry_run=dry_run, grace_s=grace_s)
         doc = {"removed": r.removed, "freed_bytes": r.freed_bytes, "temp_files_removed": r.temp_files_removed,
-               "dry_run": dry_run}
+               "kept_recent": r.kept_recent, "dry_run": dry_run}
         if as_json:
             print_json(doc)
         else:

@@ -374,14 +374,9 @@ def test_hub_card_parser_only_hub_errors(value, key):
     safe_repo_path(card.get("file", "adapter.safetensors"))
 
 
-_HUB_JSON_BUG = pytest.mark.xfail(strict=True, reason="adapterhub/modelcard.py parse_hub_card catches only "
-                                   "JSONDecodeError: RecursionError / long-int ValueError escape (hub helper's file; "
-                                   "reported to the lead) — remove this mark when fixed")
-
-
 @pytest.mark.parametrize("data", [
-    pytest.param(b"[" * 100_000 + b"]" * 100_000, marks=_HUB_JSON_BUG),
-    pytest.param(b'{"format": "x", "version": ' + b"1" * 5000 + b"}", marks=_HUB_JSON_BUG),
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"format": "x", "version": ' + b"1" * 5000 + b"}",
     b"\xff\xfe\x00",
 ])
 def test_hub_card_parser_pathological_bytes(data):
@@ -435,9 +430,6 @@ def _dep_world(tmp_path, tiny_bert_dir):
     return ws, dep
 
 
-@pytest.mark.xfail(strict=True, reason="deployments/patching follow a symlink planted in place of a deployment's "
-                                       "weights file and patch the file it points to, outside the home (composer's "
-                                       "files; reported to the lead) — remove this mark when fixed")
 def test_symlinked_deployment_weights_are_not_patched(tmp_path, tiny_bert_dir):
     import shutil
 
@@ -457,8 +449,6 @@ def test_symlinked_deployment_weights_are_not_patched(tmp_path, tiny_bert_dir):
     assert victim.read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="deployments.create on a planted symlink at <home>/deployments/NAME raises a raw "
-                                       "NotADirectoryError instead of a DeploymentError (composer's file; reported)")
 def test_symlinked_deployment_folder_gives_a_clear_error(tmp_path, tiny_bert_dir):
     ws, dep = _dep_world(tmp_path, tiny_bert_dir)
     elsewhere = tmp_path / "elsewhere"
