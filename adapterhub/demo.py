@@ -42,7 +42,7 @@ class DemoConfig:
     fed_local_steps: int = 8
     fed_density: float = 0.2
     fed_max_train: int | None = 1500
-    forget_class: str | None = None  # default: the task's first label
+    forget_class: str | None = "NUM"  # falls back to the task's first label if the task has no such class
     unlearn_layers: int = 2
     unlearn_density: float = 0.1
     unlearn_rounds: int = 2
@@ -154,7 +154,7 @@ def run_demo(ws, cfg: DemoConfig = DemoConfig(), *, step: StepFn | None = None,
                      seed=cfg.seed, max_length=cfg.max_length, max_train=cfg.fed_max_train,
                      max_test=cfg.eval_examples, progress=lambda _d, i, n: fed_cb(i, n))
     labels = (g.card or {}).get("labels", {}).get(cfg.fed_task) or []
-    forget = cfg.forget_class or (labels[0] if labels else "0")
+    forget = cfg.forget_class if cfg.forget_class in labels else (labels[0] if labels else "0")
     say(f"FUSED unlearning of class {forget!r} on {cfg.unlearn_layers} critical layers")
     un_cb = bar("unlearning")
     u, _ = unlearn(ws, g.ref, forget=f"class:{forget}", name="demo-unlearn", layers=cfg.unlearn_layers,
