@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from . import format as fmt
 from .catalog import db
-from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag
+from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag, iso_utc
 from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
 from .models import canonical_source, inspect_folder, resolve_source, tensor_shapes
 from .names import validate_name
@@ -49,7 +49,7 @@ class BaseInfo:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "revision": self.revision, "architecture": self.architecture,
                 "fingerprint": self.fingerprint, "num_params": self.num_params, "path": str(self.path),
-                "created_at": _iso(self.created_at)}
+                "created_at": iso_utc(self.created_at)}
 
 
 @dataclass
@@ -98,17 +98,9 @@ class VersionInfo:
                      "block_size": self.block_size, "target_modules": self.target_modules, "nnz": self.nnz,
                      "nnz_per_param": self.nnz_per_param, "dtype": self.dtype, "mask_hash": self.mask_hash},
             "training_config": self.training_config, "metrics": self.metrics or {}, "card": self.card or {},
-            "created_at": _iso(self.created_at), "tags": self.tags,
+            "created_at": iso_utc(self.created_at), "tags": self.tags,
             "hub": {"repo": self.hub_repo, "commit": self.hub_commit, "tag": self.hub_tag, "endpoint": self.hub_endpoint},
         }
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    if t is None:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return t.isoformat()
 
 
 def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None = None) -> VersionInfo:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from sqlalchemy import func, select
 
-from .catalog.models import Deployment, DeploymentEvent
+from .catalog.models import Deployment, DeploymentEvent, iso_utc
 from .errors import AdapterHubError, BaseModelError, DeploymentError, FormatError
 from .format import SparseAdapter
 from .models import fingerprint_folder
@@ -67,7 +67,7 @@ class EventInfo:
     def to_json(self) -> dict[str, Any]:
         return {"event": self.seq, "action": self.action, "ref": self.ref, "scale": self.scale,
                 "state_fingerprint": self.state_fingerprint, "stack": [layer["ref"] for layer in self.stack],
-                "details": self.details, "time": _iso(self.created_at)}
+                "details": self.details, "time": iso_utc(self.created_at)}
 
 
 @dataclass
@@ -89,16 +89,8 @@ class DeploymentInfo:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base, "base_fingerprint": self.base_fingerprint, "path": str(self.path),
                 "state_fingerprint": self.state_fingerprint, "stack": [dict(layer) for layer in self.stack],
-                "events": self.events, "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at),
+                "events": self.events, "created_at": iso_utc(self.created_at), "updated_at": iso_utc(self.updated_at),
                 "recovered": self.recovered}
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    if t is None:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return t.isoformat()
 
 
 def _now() -> dt.datetime:

@@ -21,7 +21,7 @@ import torch
 from . import format as fmt
 from .data import BUILTIN_TASKS, TaskData, load_dataset, load_task
 from .errors import DataError, TrainingError
-from .training import (DTYPES, _dataset_task_name, Batcher, SparseDeltaModel, _file_key, _MeanPoolHead, base_tensor_keys,
+from .training import (DTYPES, _dataset_task_name, Batcher, SparseDeltaModel, _file_key, MeanPoolHead, base_tensor_keys,
                        load_backbone, load_tokenizer, model_kind, predict, resolve_device)
 
 
@@ -196,4 +196,4 @@ def deployment_path(ws, name: str) -> str:
         return row.path
 
 
-_ = _MeanPoolHead  # re-exported for callers building heads
+_ = MeanPoolHead  # re-exported for callers building heads

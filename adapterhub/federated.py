@@ -172,19 +172,6 @@ class FedConfig:
             raise TrainingError("momentum must be in [0, 1)")
 
 
-class MeanPoolHead(nn.Module):
-    """Linear head on the mean-pooled last hidden state (the same head the training module stores)."""
-
-    def __init__(self, hidden: int, n_labels: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(hidden, n_labels)
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.linear(pooled.float())
-
-
 class FedModel:
     """A frozen encoder + head; trainable state is a dict of tensors (deltas and, optionally, the head).
 
@@ -194,7 +181,7 @@ class FedModel:
 
     def __init__(self, base_path: Path, n_labels: int, *, max_length: int = 48, layer_regex: str = DEFAULT_LAYER_REGEX,
                  seed: int = 0) -> None:
-        from .training import find_targets, load_backbone
+        from .training import MeanPoolHead, find_targets, load_backbone
         from .models import tensor_shapes
 
         self.base_path = Path(base_path)

@@ -251,7 +251,7 @@ def _file_key(pname: str, keys: dict[str, tuple[int, ...]]) -> str | None:
     return cands[0] if len(cands) == 1 else None
 
 
-class _MeanPoolHead(nn.Module):
+class MeanPoolHead(nn.Module):
     """Dense task head on the mean-pooled last hidden state (sentence-transformers style)."""
 
     def __init__(self, hidden: int, n_labels: int) -> None:
@@ -350,10 +350,10 @@ class SparseDeltaModel:
         self.values: dict[str, nn.Parameter] = {}
         self.device = device
         self.autocast = autocast
-        self.head: _MeanPoolHead | None = None
+        self.head: MeanPoolHead | None = None
         if kind == "encoder":
             hidden = int(getattr(backbone.config, "hidden_size"))
-            self.head = _MeanPoolHead(hidden, n_labels).to(device)
+            self.head = MeanPoolHead(hidden, n_labels).to(device)
         self.capture: dict[str, torch.Tensor] | None = None  # effective weights to keep grads of
 
     # -- parameters
