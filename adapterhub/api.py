@@ -20,7 +20,7 @@ from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel
 from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
 from .models import canonical_source, inspect_folder, resolve_source, tensor_shapes
 from .names import validate_name
-from .refs import Ref, parse_ref
+from .refs import parse_ref
 from .store import BlobStore
 
 

@@ -557,7 +557,6 @@ def fed_train(ws, *, base: str, task: str, clients: int, alpha: float, rounds: i
     Returns: (VersionInfo, GlobalResult).
     Raises: AdapterHubError subclasses for unknown base/task, bad settings; nothing is registered then.
     """
-    from .api import Parent  # noqa: F401  (kept for symmetry with unlearning)
     from .names import validate_name
 
     validate_name(name, "adapter name")
