@@ -507,22 +507,14 @@ class Workspace:
         if direction not in ("ancestors", "descendants"):
             raise CatalogError("direction must be ancestors or descendants")
         info = self.resolve(ref)
-        if direction == "ancestors":
-            sql = """
+        # one walk for both directions: follow edges from `near` (the side we stand on) to `far`
+        near, far = ("child_id", "parent_id") if direction == "ancestors" else ("parent_id", "child_id")
+        sql = f"""
             WITH RECURSIVE walk(edge_id, child_id, parent_id, depth) AS (
-                SELECT e.id, e.child_id, e.parent_id, 1 FROM lineage_edges e WHERE e.child_id = :vid
+                SELECT e.id, e.child_id, e.parent_id, 1 FROM lineage_edges e WHERE e.{near} = :vid
                 UNION
                 SELECT e.id, e.child_id, e.parent_id, w.depth + 1 FROM lineage_edges e
-                JOIN walk w ON e.child_id = w.parent_id WHERE w.depth < 10000
-            )
-            SELECT edge_id, MIN(depth) FROM walk GROUP BY edge_id"""
-        else:
-            sql = """
-            WITH RECURSIVE walk(edge_id, child_id, parent_id, depth) AS (
-                SELECT e.id, e.child_id, e.parent_id, 1 FROM lineage_edges e WHERE e.parent_id = :vid
-                UNION
-                SELECT e.id, e.child_id, e.parent_id, w.depth + 1 FROM lineage_edges e
-                JOIN walk w ON e.parent_id = w.child_id WHERE w.depth < 10000
+                JOIN walk w ON e.{near} = w.{far} WHERE w.depth < 10000
             )
             SELECT edge_id, MIN(depth) FROM walk GROUP BY edge_id"""
         with self.session() as s:
