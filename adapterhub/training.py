@@ -763,6 +763,8 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
     sdm = SparseDeltaModel(backbone, kind, targets, len(data.labels), device,
                            autocast=device.type == "cuda")
     trainer = _Trainer(sdm, data, batcher, cfg, progress)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     trainer.run()
     train_seconds = time.perf_counter() - t0
@@ -773,6 +775,8 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
                                "trainable_values": sdm.trainable_delta_count(),
                                "train_seconds": round(train_seconds, 3),
                                "steps_per_second": round(trainer.total / train_seconds, 4) if train_seconds else None}
+    if device.type == "cuda":  # peak of everything allocated on the GPU while training (model included)
+        metrics["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if val_rows:
         acc, vloss, n = predict(sdm, batcher, val_rows, cfg.eval_batch_size)
         metrics.update({"validation_accuracy": acc, "validation_loss": vloss, "validation_n": n})
