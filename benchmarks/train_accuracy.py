@@ -65,6 +65,7 @@ def main() -> None:
         results[task] = {}
         for variant in args.variants.split(","):
             best = None
+            sweep = []
             for lr in lrs.get(variant, _floats(args.sparse_lrs)):
                 cfg = TrainConfig(steps=args.steps, select_steps=args.select_steps, reselect_every=args.reselect_every,
                                   batch_size=args.batch_size, max_length=args.max_length, lr=lr, seed=args.seed,
@@ -84,9 +85,10 @@ def main() -> None:
                        "seconds": round(time.perf_counter() - t0, 1)}
                 print(f"{task:16s} {variant:22s} lr {lr:g}: val {row['validation_accuracy']:.3f} "
                       f"test {acc:.3f} ({row['seconds']:.0f} s)", flush=True)
+                sweep.append({"lr": lr, "validation_accuracy": row["validation_accuracy"], "test_accuracy": acc})
                 if best is None or row["validation_accuracy"] > best["validation_accuracy"]:
                     best = row
-            results[task][variant] = best
+            results[task][variant] = dict(best, sweep=sweep)
     print(f"total {time.perf_counter() - t_all:.0f} s")
     _table(results)
     if not args.no_write:
