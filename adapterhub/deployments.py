@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from sqlalchemy import func, select
 
-from .catalog.models import Deployment, DeploymentEvent, iso_utc
+from .catalog.models import Adapter, AdapterVersion, Deployment, DeploymentEvent, iso_utc
 from .errors import AdapterHubError, BaseModelError, DeploymentError, FormatError
 from .format import SparseAdapter
 from .models import fingerprint_folder
@@ -63,9 +63,13 @@ class EventInfo:
     stack: list[dict[str, Any]]
     details: dict[str, Any]
     created_at: dt.datetime | None
+    content_hash: str | None = None  # the applied/reverted version's sha256
+    kind: str | None = None  # its adapter kind (expert, merge, unlearning, ...)
+    forget: str | None = None  # an unlearning version's forget spec, e.g. "class:NUM"
 
     def to_json(self) -> dict[str, Any]:
         return {"event": self.seq, "action": self.action, "ref": self.ref, "scale": self.scale,
+                "content_hash": self.content_hash, "kind": self.kind, "forget": self.forget,
                 "state_fingerprint": self.state_fingerprint, "stack": [layer["ref"] for layer in self.stack],
                 "details": self.details, "time": iso_utc(self.created_at)}
 
@@ -234,17 +238,27 @@ def list_deployments(ws: Any) -> list[DeploymentInfo]:
 
 
 def history(ws: Any, name: str) -> list[EventInfo]:
-    """Events of a deployment, oldest first."""
+    """Events of a deployment, oldest first, each with its version's content hash, kind and forget spec."""
     with ws.session() as s:
         row = _row(s, name)
         evs = s.scalars(select(DeploymentEvent).where(DeploymentEvent.deployment_id == row.id)
                         .order_by(DeploymentEvent.seq)).all()
-        return [_event(e) for e in evs]
+        vids = {e.version_id for e in evs if e.version_id is not None}
+        about: dict[int, tuple[str, str, str | None]] = {}
+        if vids:
+            q = (select(AdapterVersion.id, AdapterVersion.content_hash, Adapter.kind, AdapterVersion.training_config)
+                 .join(Adapter, AdapterVersion.adapter_id == Adapter.id).where(AdapterVersion.id.in_(vids)))
+            for vid, chash, kind, tc in s.execute(q):
+                forget = ((tc or {}).get("forget") or {}).get("spec") if isinstance(tc, dict) else None
+                about[vid] = (chash, kind, forget)
+        return [_event(e, about.get(e.version_id) if e.version_id is not None else None) for e in evs]
 
 
-def _event(e: DeploymentEvent) -> EventInfo:
+def _event(e: DeploymentEvent, about: tuple[str, str, str | None] | None = None) -> EventInfo:
     d = dict(e.details or {})
-    return EventInfo(e.seq, e.action, d.get("ref"), e.scale, e.state_fingerprint, list(e.stack or []), d, e.created_at)
+    chash, kind, forget = about or (None, None, None)
+    return EventInfo(e.seq, e.action, d.get("ref"), e.scale, e.state_fingerprint, list(e.stack or []), d, e.created_at,
+                     chash, kind, forget)
 
 
 def verify(ws: Any, name: str) -> dict[str, Any]:

@@ -139,6 +139,11 @@ def evaluate(ws, ref: str | None, task: str | None = None, dataset: str | None =
     if dtype not in DTYPES:
         raise TrainingError(f"unknown dtype {dtype!r}; choose fp32 or bf16")
     backbone = load_backbone(path, kind, DTYPES[dtype], dev)
+    if version is not None and model_dir is None:
+        for below in underlying_versions(ws, version):  # e.g. an unlearning adapter's global model, patched first
+            from .patching import apply_adapter
+
+            apply_adapter(backbone, ws.load_adapter(below))
     targets: dict[str, str] = {}
     if adapter is not None and model_dir is None:
         shapes = base_tensor_keys(path)
@@ -176,6 +181,33 @@ def evaluate(ws, ref: str | None, task: str | None = None, dataset: str | None =
     if record and version is not None:
         ws.update_metrics(version.ref, {keys["accuracy"]: acc, keys["loss"]: loss, keys["n"]: n})
     return EvalResult(version.ref if version else None, task_label, split, acc, loss, n, str(path), keys)
+
+
+def underlying_versions(ws, version) -> list:
+    """The versions a version is applied on top of, bottom first (``training_config.applies_on``).
+
+    An unlearning adapter holds deltas over its global model's weights, not over the base, so
+    evaluating it alone means evaluating ``base + global + unlearning``, exactly what a deployment
+    with both applied serves. The recorded content hash must still match.
+    Raises: RefError/CatalogError when the recorded version is gone or its bytes changed.
+    """
+    from .errors import RefError
+
+    chain, seen, cur = [], {version.id}, version
+    while True:
+        on = (cur.training_config or {}).get("applies_on") if isinstance(cur.training_config, dict) else None
+        if not on or not on.get("ref"):
+            break
+        below = ws.resolve(on["ref"])
+        if on.get("content_hash") and below.content_hash != on["content_hash"]:
+            raise RefError(f"{cur.ref} applies on {on['ref']} with hash {on['content_hash'][:12]}..., "
+                           f"but that version now has {below.content_hash[:12]}...")
+        if below.id in seen:
+            raise RefError(f"{cur.ref}: applies_on forms a cycle at {below.ref}")
+        seen.add(below.id)
+        chain.append(below)
+        cur = below
+    return chain[::-1]
 
 
 def deployment_path(ws, name: str) -> str:

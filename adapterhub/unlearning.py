@@ -11,10 +11,15 @@ The trained global model is never modified. To forget a client, a class or some 
 2. **Unlearning adapter.** A seeded random mask of ``density`` on each of the ``K`` layers; the
    values (deltas over the *global model's* weights) are trained with FedAvg on the remaining data
    only — the forgotten client's rows, the forgotten class's rows, the forgotten samples are never
-   read. Everything else, head included, stays frozen. The result is a sparse adapter whose
-   parameter names are base tensor names: ``deploy apply <global>`` then ``deploy apply
-   <unlearning>`` gives the unlearned model, reverting the second restores the global model bit
-   for bit.
+   read. The task head (the classifier, the layer that maps features to labels) is trained too,
+   densely (``head="train"``, the default; it is a few thousand values): it is where a class's
+   identity lives, and overwriting it with remaining data is what drives a forgotten class's
+   logit down — with a frozen head the encoder deltas alone did not forget (see
+   docs/unlearning.md). Everything else stays frozen. The result is a sparse adapter whose
+   parameter names are base tensor names plus the new head as a dense extra
+   (``heads.<task>.weight/bias``): ``deploy apply <global>`` then ``deploy apply <unlearning>``
+   gives the unlearned encoder, evaluated with the unlearning version's head (``eval
+   <unlearning> --deployment D``); reverting the second restores the global model bit for bit.
 3. **Metrics.** RA (accuracy on remaining data), FA (accuracy on forgotten data), a
    shadow-model membership-inference attack success rate on the forgotten training rows, wall
    time and the bytes a client uploads; with ``compare_retrain`` the same for retraining the
@@ -39,6 +44,7 @@ from .federated import (DEFAULT_LAYER_REGEX, Example, FedConfig, FedModel, FedSt
                         local_train, sparse_delta_state, state_to_adapter, train_global, _client_generator, VALUE_BYTES)
 
 FORGET_KINDS = ("client", "class", "samples")
+HEAD_MODES = ("reset", "train", "freeze")
 
 
 # ---------------------------------------------------------------------------- forget specs
@@ -320,6 +326,14 @@ def evaluate(model: FedModel, state: Mapping[str, torch.Tensor], plan: ForgetPla
 
 # ---------------------------------------------------------------------------- unlearning
 
+def fresh_head_state(model: FedModel, seed: int) -> dict[str, torch.Tensor]:
+    """A newly initialised head (normal(0, 0.02) weights from ``seed``, zero bias), as trainable state."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    w = model.head.linear.weight
+    return {"head:weight": torch.randn(tuple(w.shape), generator=g) * 0.02,
+            "head:bias": torch.zeros(model.head.linear.out_features)}
+
+
 @dataclass
 class UnlearnResult:
     adapter: fmt.SparseAdapter
@@ -355,16 +369,20 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
                    evaluate_metrics: bool = True, compare_retrain: bool = False, retrain_density: float | None = None,
                    max_eval: int | None = 300, global_ref: str = "", global_hash: str = "",
                    attack: MembershipAttack | None = None, layer_regex: str = DEFAULT_LAYER_REGEX,
-                   progress: ProgressFn | None = None) -> UnlearnResult:
+                   head: str = "reset", progress: ProgressFn | None = None) -> UnlearnResult:
     """Build the FUSED unlearning adapter for ``spec`` over the global model (no catalog involved).
 
     Takes: the base folder, the global adapter (deltas over the base + head), its federation and
         FedAvg config, the forget spec, K, density, rounds (default: the global model's), a seed, a
-        stored critical-layer ranking (``None``: recompute on the remaining clients).
+        stored critical-layer ranking (``None``: recompute on the remaining clients), ``head``:
+        ``train`` (the head is trained densely along with the K layers and stored as the adapter's
+        head) or ``freeze`` (the global model's head is kept; the adapter carries none).
     Returns: :class:`UnlearnResult`. With ``evaluate_metrics=False`` no forgotten row is ever read.
     Raises: UnlearningError for a bad request (before training).
     """
     task = fed.task
+    if head not in HEAD_MODES:
+        raise UnlearningError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
     model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed, layer_regex=layer_regex)
     plan = check_request(fed, spec, len(model.layers), layers, density, rounds or cfg.rounds)
     missing = [p for p in global_adapter.params if p not in model.weights]
@@ -387,17 +405,23 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
             raise UnlearningError("the stored critical-layer ranking does not match the model's layers")
     critical = [r["layer"] for r in ranking[:layers]]
     state = sparse_delta_state(model, critical, density, seed, mask="random")
+    if head == "train":  # starts from the global model's head (loaded by apply_adapter above)
+        state.update(model.head_state())
+    elif head == "reset":  # overwritten: a fresh seeded head, trained on the remaining data only
+        state.update(fresh_head_state(model, seed))
     state, stats = fedavg(model, state, rows, ucfg, client_ids=ids, salt="unlearn", progress=progress,
                           desc="unlearning")
     seconds = time.perf_counter() - t0
     unl = {"forget": plan.record, "critical_layers": critical, "layers": layers, "density": density,
            "ranking_source": ranking_source, "applies_on": {"ref": global_ref, "content_hash": global_hash},
-           "head": "frozen (the global model's)"}
+           "head": {"reset": "re-initialised and trained on the remaining data (stored as this adapter's head)",
+                    "train": "trained from the global model's head (stored as this adapter's head)",
+                    "freeze": "frozen (the global model's)"}[head]}
     card = {"mask": {"method": "random", "density": density, "granularity": "element", "targets": critical,
                      "target_tensors": sorted(critical)},
             "unlearning": unl}
     adapter = state_to_adapter(model, state, task=task, labels=fed.labels, kind="unlearning", card=card,
-                               include_head=False)
+                               include_head=head != "freeze")
     metrics: dict[str, Any] = {"seconds": round(seconds, 3), "bytes_per_client": stats.bytes_per_client,
                                "bytes_total": stats.bytes_total, "remaining_clients": len(ids)}
     if evaluate_metrics:
@@ -418,7 +442,7 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
             metrics["retrain"] = r
     tc = {"forget": plan.record, "critical_layers": {"k": layers, "chosen": critical, "ranking": ranking,
                                                      "source": ranking_source},
-          "density": density, "seed": seed, "fedavg": ucfg.to_json(), "federation": fed.to_json(),
+          "density": density, "seed": seed, "head": head, "fedavg": ucfg.to_json(), "federation": fed.to_json(),
           "applies_on": {"ref": global_ref, "content_hash": global_hash}, "stats": stats.to_json()}
     return UnlearnResult(adapter, state, ranking, critical, stats, plan, metrics, tc, attack)
 
@@ -430,7 +454,7 @@ def _density_of(adapter: fmt.SparseAdapter) -> float:
 
 def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: float = 0.1, rounds: int | None = None,
             seed: int = 0, local_steps: int | None = None, lr: float | None = None, compare_retrain: bool = False,
-            rerank: bool = False,
+            rerank: bool = False, head: str = "reset",
             max_eval: int | None = 300, progress: ProgressFn | None = None, data=None,
             attack: MembershipAttack | None = None):
     """Produce, evaluate and register a FUSED unlearning adapter for the global model ``ref``.
@@ -458,7 +482,7 @@ def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: f
     res = run_unlearning(binfo.path, gadapter, fed, cfg, spec, layers=layers, density=density, rounds=rounds,
                          seed=seed, local_steps=local_steps, lr=lr, ranking=stored, compare_retrain=compare_retrain,
                          max_eval=max_eval, global_ref=info.ref, global_hash=info.content_hash, attack=attack,
-                         layer_regex=rec.get("layer_regex") or DEFAULT_LAYER_REGEX, progress=progress)
+                         layer_regex=rec.get("layer_regex") or DEFAULT_LAYER_REGEX, head=head, progress=progress)
     v = ws.register(res.adapter, name=name, task=info.task, base=info.base, kind="unlearning",
                     parents=[Parent(info.ref, "unlearns", params={"forget": str(spec),
                                                                  "critical_layers": res.critical})],
@@ -504,4 +528,4 @@ def negative_task_arithmetic(base_path: Path, global_adapter: fmt.SparseAdapter,
 
 __all__ = ["ForgetSpec", "parse_forget", "ForgetPlan", "plan_forget", "layer_l1_distances", "rank_layers",
            "identify_critical_layers", "MembershipAttack", "evaluate", "run_unlearning", "unlearn", "UnlearnResult",
-           "negative_task_arithmetic", "check_request", "VALUE_BYTES"]
+           "negative_task_arithmetic", "check_request", "VALUE_BYTES", "HEAD_MODES"]

@@ -174,17 +174,18 @@ def deploy_rollback(c, name, to, as_json):
 @pass_ctx
 @handle_errors
 def deploy_history(c, name, as_json):
-    """Events of deployment NAME: event, action, adapter ref, state fingerprint, time.
+    """Events of deployment NAME: event, action, adapter ref and hash, forget spec, state fingerprint, time.
 
     Example: adapterhub deploy history prod --json
     """
     from adapterhub import deployments
 
     evs = deployments.history(c.ws, name)
-    output([e.to_json() for e in evs], as_json, ["event", "action", "ref", "scale", "state", "stack", "time"],
+    output([e.to_json() for e in evs], as_json,
+           ["event", "action", "ref", "adapter hash", "forget", "scale", "state", "stack", "time"],
            [[e.seq, e.action, e.ref or (f"to {e.details['to']}" if "to" in e.details else ""),
-             "" if e.scale is None else f"{e.scale:g}", e.state_fingerprint[:16],
-             " > ".join(l["ref"] for l in e.stack) or "-", e.created_at] for e in evs])
+             (e.content_hash or "")[:12], e.forget or "", "" if e.scale is None else f"{e.scale:g}",
+             e.state_fingerprint[:16], " > ".join(l["ref"] for l in e.stack) or "-", e.created_at] for e in evs])
 
 
 @deploy_group.command("verify")

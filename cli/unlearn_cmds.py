@@ -104,6 +104,9 @@ def register(cli: click.Group) -> None:
     @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Learning rate of the unlearning adapter (default: the global model's).")
     @click.option("--compare-retrain", is_flag=True, help="Also retrain from scratch without the forgotten data.")
+    @click.option("--head", "head", type=click.Choice(["reset", "train", "freeze"]), default="reset", show_default=True,
+                  help="The task head: re-initialise and train it on the remaining data (reset), fine-tune the global "
+                       "model's (train), or keep it (freeze). A trained head is stored with the adapter.")
     @click.option("--rerank", is_flag=True,
                   help="Recompute the critical layers on the remaining clients instead of the stored ranking.")
     @click.option("--max-eval", type=click.IntRange(1), default=300, show_default=True,
@@ -113,8 +116,8 @@ def register(cli: click.Group) -> None:
     @json_option
     @pass_ctx
     @handle_errors
-    def unlearn_cmd(ctx, ref, forget, k, density, rounds, local_steps, lr, compare_retrain, rerank, max_eval, seed, name,
-                    as_json) -> None:
+    def unlearn_cmd(ctx, ref, forget, k, density, rounds, local_steps, lr, compare_retrain, head, rerank, max_eval, seed,
+                    name, as_json) -> None:
         """Forget a client, a class or samples from a `fed train` global model with a FUSED sparse adapter.
 
         The adapter goes on top of the global model: `deploy apply <global>` then `deploy apply <this>`;
@@ -127,7 +130,7 @@ def register(cli: click.Group) -> None:
         with progress() as prog:
             info, res = unlearn(ctx.ws, ref, forget=forget, name=name, layers=k, density=density, rounds=rounds,
                                 seed=seed, local_steps=local_steps, lr=lr, compare_retrain=compare_retrain, rerank=rerank,
-                                max_eval=max_eval, progress=_Bars(prog))
+                                head=head, max_eval=max_eval, progress=_Bars(prog))
         m = res.metrics
         doc = {**info.to_json(), "forget": res.plan.record, "critical_layers": res.critical,
                "parents": [{"ref": res.training_config["applies_on"]["ref"], "relation": "unlearns"}]}

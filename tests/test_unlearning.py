@@ -135,7 +135,10 @@ def test_only_k_layers_masked_entries_change(trained, tiny_bert_dir):
     critical = [r["layer"] for r in res.critical_layers[:k]]
     assert out.critical == critical
     assert sorted(out.adapter.params) == sorted(critical)
-    assert out.adapter.extras == {}  # head frozen: nothing but the K layers
+    # the head (default: reset, i.e. re-initialised and trained on the remaining data) is the only extra
+    assert set(out.adapter.extras) == {"heads.synth.weight", "heads.synth.bias"}
+    assert not torch.equal(out.adapter.extras["heads.synth.weight"], gad.extras["heads.synth.weight"])
+    assert out.adapter.card["unlearning"]["head"].startswith("re-initialised")
     # the global model's weights, exactly as a deployment computes them
     from safetensors.torch import load_file
 
@@ -163,6 +166,30 @@ def test_only_k_layers_masked_entries_change(trained, tiny_bert_dir):
     from adapterhub import format as fmt
 
     assert fmt.sha256_hex(fmt.save(again.adapter)) == fmt.sha256_hex(fmt.save(out.adapter))
+
+
+@pytest.mark.parametrize("head", ["freeze", "train"])
+def test_head_modes(trained, tiny_bert_dir, head):
+    ws, info, res, data = trained
+    gad = ws.load_adapter(info)
+    out = U.run_unlearning(tiny_bert_dir, gad, res.federation, F.FedConfig(**res.training_config["fedavg"]),
+                           U.parse_forget("class:red"), layers=1, density=0.25, rounds=1, seed=5,
+                           ranking=res.critical_layers, evaluate_metrics=False, head=head)
+    if head == "freeze":  # nothing but the K layers
+        assert out.adapter.extras == {}
+    else:  # fine-tuned from the global head: same shape, moved
+        w = out.adapter.extras["heads.synth.weight"]
+        assert w.shape == gad.extras["heads.synth.weight"].shape
+        assert not torch.equal(w, gad.extras["heads.synth.weight"])
+    assert out.training_config["head"] == head
+
+
+def test_bad_head_mode(trained, tiny_bert_dir):
+    ws, info, res, data = trained
+    with pytest.raises(UnlearningError, match="head must be one of"):
+        U.run_unlearning(tiny_bert_dir, ws.load_adapter(info), res.federation,
+                         F.FedConfig(**res.training_config["fedavg"]), U.parse_forget("class:red"), layers=1,
+                         ranking=res.critical_layers, evaluate_metrics=False, head="bogus")
 
 
 class GuardedRows(list):

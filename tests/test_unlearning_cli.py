@@ -59,6 +59,10 @@ def test_fed_train_unlearn_deploy_apply_revert(tmp_path, tiny_bert_dir):
     assert global_sha != base_sha
     run(home, "deploy", "apply", "prod", u["ref"])
     assert sha(weights) not in (global_sha, base_sha)
+    # evaluating the unlearning version alone means base + global + unlearning: the served model
+    served = json.loads(run(home, "eval", u["ref"], "--deployment", "prod", "--max-examples", "16", "--json").stdout)
+    alone = json.loads(run(home, "eval", u["ref"], "--max-examples", "16", "--json").stdout)
+    assert alone["accuracy"] == served["accuracy"] and abs(alone["loss"] - served["loss"]) < 1e-5
     run(home, "deploy", "revert", "prod", u["ref"])
     assert sha(weights) == global_sha
     run(home, "deploy", "revert", "prod")
@@ -66,6 +70,13 @@ def test_fed_train_unlearn_deploy_apply_revert(tmp_path, tiny_bert_dir):
     hist = json.loads(run(home, "deploy", "history", "prod", "--json").stdout)
     events = hist if isinstance(hist, list) else hist.get("events", [])
     assert [e["action"] for e in events if e.get("ref") == u["ref"]] == ["apply", "revert"]
+    for e in events:  # history names the unlearning version's hash and forget spec
+        if e.get("ref") == u["ref"]:
+            assert e["content_hash"] == h and e["kind"] == "unlearning" and e["forget"] == "class:NUM"
+        elif e.get("ref") == "gfed@1":
+            assert e["forget"] is None and e["kind"] == "expert"
+    table = run(home, "deploy", "history", "prod").stdout
+    assert h[:12] in table and "class:NUM" in table
 
 
 def test_unlearn_cli_bad_input_is_one_line_exit_1(tmp_path, tiny_bert_dir):
