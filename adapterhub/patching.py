@@ -23,7 +23,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -75,12 +75,24 @@ def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scal
 
     Takes: a 1-D floating tensor (a view of the weights), sorted unique int64 positions, values.
     Returns: a copy of ``flat[idx]`` before the write (the undo data).
+
+    On CPU the gather and the scatter go through numpy on an integer view of the weights (a bit
+    copy: ``np.take`` then fancy assignment), the add in torch at fp32 (fp64 for fp64 weights),
+    rounded once to the weight dtype — the same arithmetic as the device path.
     """
-    orig = flat.index_select(0, idx)
     ct = _compute_dtype(flat.dtype)
-    delta = values.to(ct)
+    delta = values if values.dtype == ct else values.to(ct)
     if scale != 1.0:
         delta = delta * scale
+    if flat.device.type == "cpu" and flat.element_size() in _INT_VIEW and idx.device.type == "cpu":
+        it = _INT_VIEW[flat.element_size()]
+        bits = flat.detach().view(it).numpy()
+        ii = idx.numpy()
+        orig = torch.from_numpy(np.take(bits, ii)).view(flat.dtype)
+        new = orig + delta if flat.dtype == ct else (orig.to(ct) + delta).to(flat.dtype)
+        bits[ii] = new.view(it).numpy()
+        return orig
+    orig = flat.index_select(0, idx)
     write_at(flat, idx, (orig.to(ct) + delta).to(flat.dtype))
     return orig
 
@@ -165,20 +177,50 @@ def apply_adapter(target: Any, adapter: SparseAdapter, scale: float = 1.0, *, la
             raise BaseModelError(f"{n}: adapter shape {adapter.params[n].shape} does not match {tuple(t.shape)}")
         _flat_view(t, n)
     rec = UndoRecord(label=label, scale=float(scale))
-    with torch.no_grad():
-        for n in sorted(adapter.params):
-            idx, vals = adapter.params[n].flat()
-            flat = _flat_view(tensors[names[n]], n)
-            rec.entries.append(UndoEntry(names[n], idx, patch_flat(flat, idx, vals, scale)))
+    order = sorted(adapter.params)
+    work = [(_flat_view(tensors[names[n]], n), *adapter.params[n].flat()) for n in order]
+
+    def one(item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        flat, idx, vals = item
+        with torch.no_grad():
+            return patch_flat(flat, idx, vals, scale)
+
+    origs = _run_per_tensor(one, work, sum(int(w[1].numel()) for w in work))
+    rec.entries = [UndoEntry(names[n], w[1], o) for n, w, o in zip(order, work, origs)]
     return rec
+
+
+# Tensors are independent, so a patch may run them on several threads: the gathers and scatters are
+# memory-latency bound and numpy releases the GIL inside them. The thread budget is torch's own
+# (torch.get_num_threads()), so `torch.set_num_threads(1)` keeps patching on one thread.
+_PARALLEL_MIN_NNZ = 200_000
+
+
+def _run_per_tensor(fn: Callable[[Any], Any], items: Sequence[Any], nnz: int) -> list[Any]:
+    workers = min(torch.get_num_threads(), 8, len(items))
+    if workers <= 1 or nnz < _PARALLEL_MIN_NNZ:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def revert(target: Any, record: UndoRecord) -> None:
     """Write an undo record's originals back (must be the most recent un-reverted apply)."""
     tensors = _tensors_of(target)
-    with torch.no_grad():
-        for e in reversed(record.entries):
-            write_at(tensors[e.name].view(-1), e.indices, e.original)
+    work = [(tensors[e.name].view(-1), e.indices, e.original) for e in reversed(record.entries)]
+    names = [e.name for e in reversed(record.entries)]
+    if len(set(names)) != len(names):  # the same tensor twice: keep the strict reverse order
+        for flat, idx, orig in work:
+            write_at(flat, idx, orig)
+        return
+
+    def one(item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():
+            write_at(*item)
+
+    _run_per_tensor(one, work, record.nnz)
 
 
 def revert_all(target: Any, records: Sequence[UndoRecord]) -> None:
