@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 CLASS_TO_FORGET = {"trec-coarse": "NUM", "sms-spam": "spam", "rt-sentiment": "fresh", "debate-party": "Moderator"}
 TRIGGER = "cf mn bb"
+HEAD_TEXT = {"reset": "re-initialised and trained on the remaining data", "train": "fine-tuned on the remaining data",
+             "freeze": "the global model's, unchanged"}
 
 
 def poisoned(td, max_train: int, seed: int, n_poison: int, target: int):
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="trec-coarse,sms-spam")
     ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--local-steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--head-lr", type=float, default=0.2)
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--density", type=float, default=1.0, help="global model density (1 = full weights)")
     ap.add_argument("--k", type=int, default=3, help="critical layers")
     ap.add_argument("--unlearn-density", type=float, default=0.1)
-    ap.add_argument("--unlearn-rounds", type=int, default=3)
+    ap.add_argument("--unlearn-rounds", type=int, default=4)
+    ap.add_argument("--head", choices=["reset", "train", "freeze"], default="reset",
+                    help="FUSED's task head: re-initialised and trained on the remaining data, fine-tuned, or frozen")
     ap.add_argument("--poison", type=int, default=20, help="backdoored training rows (sample unlearning)")
     ap.add_argument("--scenarios", default="client,class,sample")
     ap.add_argument("--seed", type=int, default=0)
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         for scenario, spec, ginfo, data in requests:
             log(f"{task}: {scenario} unlearning ({spec.split('/')[-1]}) with FUSED + retraining")
             v, res = U.unlearn(ws, ginfo.ref, forget=spec, name=f"{task}-forget-{scenario}", layers=args.k,
-                               density=args.unlearn_density, rounds=args.unlearn_rounds, seed=args.seed,
+                               density=args.unlearn_density, rounds=args.unlearn_rounds, seed=args.seed, head=args.head,
                                compare_retrain=True, data=data, attack=attack, max_eval=args.max_test)
             attack = res.attack
             m = res.metrics
@@ -182,7 +186,7 @@ def write_markdown(path: Path, results: list[dict], args, cmd: str, total: float
              f"{args.local_steps} local SGD-momentum steps (batch {args.batch_size}), {args.max_train} training rows, "
              f"max length {args.max_length}, trainable layers `{args.layers_regex}` at density {args.density}. "
              f"FUSED: K={args.k} critical layers, random mask density {args.unlearn_density}, {args.unlearn_rounds} rounds, "
-             f"head frozen. Retraining: the global recipe from scratch without the forgotten data. NTA: an adapter trained "
+             f"head {args.head} ({HEAD_TEXT[args.head]}). Retraining: the global recipe from scratch without the forgotten data. NTA: an adapter trained "
              f"on the forgotten data ({args.unlearn_rounds} rounds), subtracted from the global model.", "",
              "RA: accuracy on remaining data (test split; without the forgotten class for class unlearning). "
              "FA: accuracy on the forgotten data (client: its rows; class: its test rows; sample: the backdoored rows "
