@@ -23,7 +23,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -177,50 +177,20 @@ def apply_adapter(target: Any, adapter: SparseAdapter, scale: float = 1.0, *, la
             raise BaseModelError(f"{n}: adapter shape {adapter.params[n].shape} does not match {tuple(t.shape)}")
         _flat_view(t, n)
     rec = UndoRecord(label=label, scale=float(scale))
-    order = sorted(adapter.params)
-    work = [(_flat_view(tensors[names[n]], n), *adapter.params[n].flat()) for n in order]
-
-    def one(item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        flat, idx, vals = item
-        with torch.no_grad():
-            return patch_flat(flat, idx, vals, scale)
-
-    origs = _run_per_tensor(one, work, sum(int(w[1].numel()) for w in work))
-    rec.entries = [UndoEntry(names[n], w[1], o) for n, w, o in zip(order, work, origs)]
+    with torch.no_grad():
+        for n in sorted(adapter.params):
+            idx, vals = adapter.params[n].flat()
+            flat = _flat_view(tensors[names[n]], n)
+            rec.entries.append(UndoEntry(names[n], idx, patch_flat(flat, idx, vals, scale)))
     return rec
-
-
-# Tensors are independent, so a patch may run them on several threads: the gathers and scatters are
-# memory-latency bound and numpy releases the GIL inside them. The thread budget is torch's own
-# (torch.get_num_threads()), so `torch.set_num_threads(1)` keeps patching on one thread.
-_PARALLEL_MIN_NNZ = 200_000
-
-
-def _run_per_tensor(fn: Callable[[Any], Any], items: Sequence[Any], nnz: int) -> list[Any]:
-    workers = min(torch.get_num_threads(), 8, len(items))
-    if workers <= 1 or nnz < _PARALLEL_MIN_NNZ:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
 
 
 def revert(target: Any, record: UndoRecord) -> None:
     """Write an undo record's originals back (must be the most recent un-reverted apply)."""
     tensors = _tensors_of(target)
-    work = [(tensors[e.name].view(-1), e.indices, e.original) for e in reversed(record.entries)]
-    names = [e.name for e in reversed(record.entries)]
-    if len(set(names)) != len(names):  # the same tensor twice: keep the strict reverse order
-        for flat, idx, orig in work:
-            write_at(flat, idx, orig)
-        return
-
-    def one(item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        with torch.no_grad():
-            write_at(*item)
-
-    _run_per_tensor(one, work, record.nnz)
+    with torch.no_grad():
+        for e in reversed(record.entries):
+            write_at(tensors[e.name].view(-1), e.indices, e.original)
 
 
 def revert_all(target: Any, records: Sequence[UndoRecord]) -> None:

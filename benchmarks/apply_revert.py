@@ -157,8 +157,24 @@ def in_memory(layers: int, results: dict) -> None:
         sm.merge_adapter()
         sm.unmerge_adapter()
 
-    t_ours, t_shira = timed(ours), timed(shira)
-    del sm, weights, target
+    # the memory floor on this machine: the same gather + scatter + scatter over the same positions
+    # with bare numpy calls and no bookkeeping (what any exact in-place apply+revert must touch)
+    import numpy as np
+
+    bare = [(target[n].detach().view(-1).numpy(), adapter.params[n].flat()[0].numpy(),
+             adapter.params[n].flat()[1].numpy()) for n in sorted(adapter.params)]
+
+    def floor():
+        saved = []
+        for a, i, v in bare:  # apply, tensor by tensor: gather, add, scatter
+            o = np.take(a, i)
+            a[i] = o + v
+            saved.append(o)
+        for (a, i, _), o in zip(bare, saved):  # revert: scatter the originals back
+            a[i] = o
+
+    t_ours, t_shira, t_floor = timed(ours), timed(shira), timed(floor)
+    del sm, weights, target, bare
     gc.collect()
     lm = _lora(layers, r, torch.float32)
 
@@ -170,6 +186,7 @@ def in_memory(layers: int, results: dict) -> None:
     del lm
     gc.collect()
     results["in_memory_fp32"] = {"adapterhub_s": t_ours, "peft_shira_s": t_shira, "peft_lora_s": t_lora,
+                                 "memory_floor_s": t_floor, "threads": torch.get_num_threads(),
                                  "speedup_vs_shira": t_shira / t_ours, "speedup_vs_lora": t_lora / t_ours}
 
 
@@ -343,7 +360,9 @@ def main() -> None:
     print(f"\nin memory (fp32, {results['model']['nnz']:,} nnz, density {results['model']['density']:.2%}): "
           f"adapterhub {m['adapterhub_s'] * 1e3:.1f} ms | PEFT SHiRA {m['peft_shira_s'] * 1e3:.1f} ms "
           f"({m['speedup_vs_shira']:.1f}x) | PEFT LoRA r={results['model']['r']} {m['peft_lora_s'] * 1e3:.1f} ms "
-          f"({m['speedup_vs_lora']:.1f}x)")
+          f"({m['speedup_vs_lora']:.1f}x) | memory floor (bare numpy gather+scatter+scatter) "
+          f"{m['memory_floor_s'] * 1e3:.1f} ms (adapterhub / floor {m['adapterhub_s'] / m['memory_floor_s']:.2f}x); "
+          f"{m['threads']} thread(s)")
     for k, v in results["exactness"].items():
         if not isinstance(v, dict):
             continue

@@ -212,29 +212,3 @@ def test_corrupt_files_are_refused(tmp_path):
     ents, doc = decode_undo(encode_undo([], {"k": 1}))
     assert ents == [] and doc["k"] == 1
 
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_threaded_patching_is_bit_identical(monkeypatch, dtype):
-    """Several threads (one tensor each) give exactly the bytes of the one-thread path, and revert."""
-    import adapterhub.patching as P
-
-    shapes = {f"l{i}.weight": (64, 48) for i in range(12)}
-    g = torch.Generator().manual_seed(3)
-    base = {n: torch.randn(s, generator=g).to(dtype) for n, s in shapes.items()}
-    adapters = [rand_adapter(s, density=0.3, shapes=shapes) for s in (1, 2, 3)]
-    before = state_fingerprint(base)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = clone(base)
-        for a in adapters:
-            apply_adapter(one, a, 0.5)
-        torch.set_num_threads(4)
-        monkeypatch.setattr(P, "_PARALLEL_MIN_NNZ", 0)
-        many = clone(base)
-        recs = [apply_adapter(many, a, 0.5) for a in adapters]
-        assert state_fingerprint(many) == state_fingerprint(one)
-        revert_all(many, recs)
-        assert state_fingerprint(many) == before
-    finally:
-        torch.set_num_threads(threads)
