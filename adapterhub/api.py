@@ -289,16 +289,17 @@ class Workspace:
         adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card)
         data = fmt.save(adapter)
         self._precheck_register(name, kind, binfo.id, parents)  # refuse before the blob is written
-        digest = self.store.put_bytes(data)
         from .faults import fault_point
 
-        fault_point("register.after-blob")
         mask = card.get("mask") or {}
         dtype = adapter.dtype
-        return retry_on_busy(lambda: self._insert_version(
-            name=name, kind=kind, base_id=binfo.id, digest=digest, size=len(data), task=task, mask=mask,
-            adapter=adapter, dtype=fmt.dtype_name(dtype) if dtype is not None else "mixed", parents=parents,
-            metrics=metrics, training_config=training_config, card=card, hub=hub))
+        with self.store.lock(exclusive=False):  # a concurrent gc waits until the row is committed
+            digest = self.store.put_bytes(data)
+            fault_point("register.after-blob")
+            return retry_on_busy(lambda: self._insert_version(
+                name=name, kind=kind, base_id=binfo.id, digest=digest, size=len(data), task=task, mask=mask,
+                adapter=adapter, dtype=fmt.dtype_name(dtype) if dtype is not None else "mixed", parents=parents,
+                metrics=metrics, training_config=training_config, card=card, hub=hub))
 
     def _precheck_register(self, name: str, kind: str, base_id: int, parents: Sequence[Parent]) -> None:
         """Raise what :meth:`_insert_version` would raise for kind/base conflicts and unknown parents, so a

@@ -1,6 +1,8 @@
 """Content-addressed blob store: ``<home>/blobs/sha256/ab/cdef...`` keyed by the sha256 of the bytes."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import time
@@ -87,6 +89,25 @@ class BlobStore:
             return str(e)
         return None
 
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool) -> Iterator[None]:
+        """The store's writer/collector lock (``flock`` on ``<root>/.lock``).
+
+        A writer holds it shared from writing a blob until the catalog row that references it is
+        committed (``Workspace.register``); ``gc`` holds it exclusively. So a collection waits for
+        in-flight registrations and never removes a blob between its write and its commit, whatever
+        the grace period. A killed process releases it with its file descriptors.
+        """
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:  # e.g. a symlink planted as the lock file (O_NOFOLLOW)
+            raise StoreError(f"cannot open the blob store lock {self.root / '.lock'}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
     def iter_digests(self) -> Iterator[str]:
         if not self.root.exists():
             return
@@ -116,6 +137,10 @@ class BlobStore:
         a blob it finds present), and a function is called again just before deleting, so a blob
         being registered by another process right now is not removed under it.
         """
+        with self.lock(exclusive=True):
+            return self._gc(referenced, dry_run=dry_run, grace_s=grace_s)
+
+    def _gc(self, referenced: Callable[[], Iterable[str]] | Iterable[str], *, dry_run: bool, grace_s: float) -> GcResult:
         get_refs = referenced if callable(referenced) else (lambda r=set(referenced): r)
         keep = set(get_refs())
         now = time.time()

@@ -444,7 +444,7 @@ def register(cli: click.Group) -> None:
     @cli.command("gc")
     @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
     @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
-                  help="Keep orphan blobs younger than this: use it while other processes may be registering.")
+                  help="Keep orphan blobs younger than this (gc already waits for in-flight registrations).")
     @json_option
     @pass_ctx
     @handle_errors

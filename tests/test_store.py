@@ -83,3 +83,25 @@ def test_atomic_write_leaves_old_content_on_failure(store, monkeypatch):
         store.put_bytes(b"never")
     assert list(store.iter_digests()) == []
     assert not any(p.name.endswith(".tmp") for p in store.root.rglob("*"))
+
+
+def test_gc_waits_for_an_in_flight_register(tmp_path):
+    """gc with no grace never removes a blob between its write and its catalog commit (store lock)."""
+    import threading
+    import time as _time
+
+    store = BlobStore(tmp_path / "s")
+    committed: set[str] = set()
+    results = []
+    with store.lock(exclusive=False):  # what Workspace.register holds from put_bytes to commit
+        digest = store.put_bytes(b"being registered")
+        t = threading.Thread(target=lambda: results.append(store.gc(lambda: set(committed))))
+        t.start()
+        _time.sleep(0.3)
+        assert t.is_alive() and store.has(digest)  # the collector waits
+        committed.add(digest)  # the catalog row commits
+    t.join(10)
+    assert not t.is_alive()
+    assert results[0].removed == [] and store.has(digest)
+    assert store.gc(set()).removed == [digest]  # once unreferenced, it goes
+    assert digest not in list(store.iter_digests())
