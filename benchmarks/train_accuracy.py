@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--full-lrs", default="5e-5")
     ap.add_argument("--eval-rows", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -49,6 +50,7 @@ def main() -> None:
     import torch
 
     from adapterhub.data import load_task
+    from adapterhub.errors import TrainingError
     from adapterhub.models import minilm_path
     from adapterhub.training import TrainConfig, predict, train_adapter, train_baseline
 
@@ -70,15 +72,19 @@ def main() -> None:
                 cfg = TrainConfig(steps=args.steps, select_steps=args.select_steps, reselect_every=args.reselect_every,
                                   batch_size=args.batch_size, max_length=args.max_length, lr=lr, seed=args.seed,
                                   density=density, mask=variant if variant not in ("lora", "full") else "random",
-                                  max_eval_examples=args.eval_rows, device="cpu")
+                                  max_eval_examples=args.eval_rows, device=args.device)
                 t0 = time.perf_counter()
-                if variant in ("lora", "full"):
-                    r = train_baseline(path, data.__class__(data.name, data.labels, data.train, val, test), cfg,
-                                       method=variant)
-                    model, batcher, metrics = r.model, r.batcher, r.metrics
-                else:
-                    r = train_adapter(path, data, cfg, task_name=task)
-                    model, batcher, metrics = r.model, r.batcher, r.metrics
+                try:
+                    if variant in ("lora", "full"):
+                        r = train_baseline(path, data.__class__(data.name, data.labels, data.train, val, test), cfg,
+                                           method=variant)
+                    else:
+                        r = train_adapter(path, data, cfg, task_name=task)
+                except TrainingError as e:  # a diverged rate (NaN loss) is a result of the sweep, not a crash
+                    print(f"{task:16s} {variant:22s} lr {lr:g}: diverged ({e})", flush=True)
+                    sweep.append({"lr": lr, "validation_accuracy": None, "test_accuracy": None, "diverged": True})
+                    continue
+                model, batcher, metrics = r.model, r.batcher, r.metrics
                 acc, loss, n = predict(model, batcher, test, 64)
                 row = {"lr": lr, "validation_accuracy": metrics["validation_accuracy"], "test_accuracy": acc,
                        "test_loss": loss, "test_n": n, "trainable": metrics["trainable_values"],
@@ -95,6 +101,7 @@ def main() -> None:
         out = ROOT / "docs" / "bench" / "training_accuracy.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": " ".join(["benchmarks/train_accuracy.py"] + sys.argv[1:]),
+                                   "device": args.device, "total_seconds": round(time.perf_counter() - t_all, 1),
                                    "density": density, "results": results}, indent=2, sort_keys=True) + "\n")
         _plot(results, ROOT / "docs" / "img" / "train_accuracy.png")
 
