@@ -8,13 +8,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from . import format as fmt
 from .catalog import db
 from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag, iso_utc
 from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
@@ -22,6 +21,9 @@ from .models import canonical_source, inspect_folder, resolve_source, tensor_sha
 from .names import validate_name
 from .refs import parse_ref
 from .store import BlobStore
+
+if TYPE_CHECKING:
+    from . import format as fmt
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,8 @@ class Workspace:
         so a crash leaves at most an unreferenced blob (removed by ``gc``), never a row without a blob.
         Registering content already present as a version of ``name`` returns that version (created=False).
         """
+        from . import format as fmt  # torch: imported only by commands that read or write adapters
+
         validate_name(name, "adapter name")
         if kind not in KINDS:
             raise CatalogError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -408,6 +412,8 @@ class Workspace:
     def load_adapter(self, ref: str | VersionInfo) -> fmt.SparseAdapter:
         """The adapter of a version, read from the store and verified against its hash."""
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        from . import format as fmt
+
         return fmt.load(self.store.get_bytes(info.content_hash))
 
     def adapter_bytes(self, ref: str | VersionInfo) -> bytes:

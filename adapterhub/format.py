@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import FormatError
+from .fsutil import atomic_write_bytes, sha256_hex  # re-exported: part of this module's API
 
 FORMAT_ID = "adapterhub.sparse/1"
 METADATA_KEY = "adapterhub"
@@ -75,11 +76,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return table[name]
     except KeyError:
         raise FormatError(f"unknown value dtype {name!r}; use fp32, bf16 or fp16") from None
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex sha256 of ``data`` (the identity of an adapter file)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -520,30 +516,6 @@ def load(data: bytes, *, allow_nonfinite: bool = False) -> SparseAdapter:
         if not allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise FormatError(f"extra {name}: values contain NaN or infinity")
     return adapter
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def save_file(adapter: SparseAdapter, path: str | os.PathLike[str]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import StoreError
-from .format import atomic_write_bytes, sha256_hex
+from .fsutil import atomic_write_bytes, sha256_hex
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 

@@ -99,3 +99,27 @@ def progress(description: str = "", *, total: float | None = None, transient: bo
 
 def echo_err(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices come from a registry read on first use.
+
+    The merge-method and mask-method registries live in modules that import torch; reading them
+    only when a command that takes the option is parsed (or its help shown) keeps catalog
+    commands (``list``, ``show``, ``tag``...) from paying torch's import time at start-up.
+    """
+
+    def __init__(self, names: Callable[[], Iterable[str]], case_sensitive: bool = True) -> None:
+        self._load = names
+        self._names: tuple[str, ...] | None = None
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._names is None:
+            self._names = tuple(self._load())
+        return self._names
+
+    @choices.setter
+    def choices(self, value: Iterable[str]) -> None:
+        self._names = tuple(value)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .common import echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from .common import LazyChoice, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
 
 
-def _method_choices() -> list[str]:
+def _method_names() -> list[str]:
     from adapterhub.merging import method_names
 
     return method_names()
@@ -34,7 +34,7 @@ class WeightsType(click.ParamType):
 
 @click.command("merge")
 @click.argument("refs", nargs=-1, required=True)
-@click.option("--method", "-m", type=click.Choice(_method_choices()), required=True, help="Merge method.")
+@click.option("--method", "-m", type=LazyChoice(_method_names), required=True, help="Merge method.")
 @click.option("--weights", type=WeightsType(), default=None, help="One weight per REF, comma-separated.")
 @click.option("--lambda", "lam", type=float, default=None, help="Scaling lambda (task-arithmetic, ties, dare-*, breadcrumbs).")
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=None,

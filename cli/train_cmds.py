@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from .common import LazyChoice, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
 
 
 class DensityType(click.ParamType):
@@ -68,7 +68,7 @@ def register(cli: click.Group) -> None:
     @click.option("--name", default=None, help="Adapter name (default <task>-<mask>).")
     @click.option("--density", type=DensityType(), default=0.05, show_default=True,
                   help="Fraction of each target weight that is trained, in (0, 1].")
-    @click.option("--mask", "mask_method", type=click.Choice(_mask_choices()), default="connection-sensitivity",
+    @click.option("--mask", "mask_method", type=LazyChoice(_mask_choices), default="connection-sensitivity",
                   show_default=True)
     @click.option("--score", type=click.Choice(["abs", "signed"]), default="abs", show_default=True,
                   help="connection-sensitivity ranking: |Ŵ·∇Ŵ| (abs) or -Ŵ·∇Ŵ (signed).")

@@ -1,0 +1,29 @@
+"""Catalog commands start fast: importing the CLI and the catalog API must not import torch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_cli_and_catalog_api_do_not_import_torch(tmp_path):
+    code = ("import sys; import adapterhub_cli.main, adapterhub.api, adapterhub.store; "
+            "from adapterhub_cli.main import cli; "
+            "from click.testing import CliRunner; "
+            "r = CliRunner().invoke(cli, ['--home', sys.argv[1], 'list', '--json']); "
+            "assert r.exit_code == 0, r.output; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_lazy_choices_still_validate_and_list():
+    from click.testing import CliRunner
+
+    from adapterhub_cli.main import cli
+
+    r = CliRunner().invoke(cli, ["merge", "a", "--method", "nope", "--name", "x"])
+    assert r.exit_code == 2 and "uniform-sparse" in r.output
+    r = CliRunner().invoke(cli, ["train", "--help"])
+    assert r.exit_code == 0 and "connection-sensitivity" in r.output
