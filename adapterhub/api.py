@@ -448,10 +448,11 @@ class Workspace:
         and one query for the tags: tens of thousands of rows a second even on a 1M-version catalog.
         """
         v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
+        # labelled with VersionInfo's field names, so each row becomes VersionInfo(**row)
         cols = [v.id, a.name, v.number, a.kind, v.content_hash, v.size_bytes, v.task, b.name.label("base"),
-                b.fingerprint, v.mask_method, v.density, v.granularity, v.block_size, v.target_modules, v.nnz,
-                v.nnz_per_param, v.dtype, v.mask_hash, v.training_config, v.metrics, v.card, v.created_at,
-                v.hub_repo, v.hub_commit, v.hub_tag, v.hub_endpoint]
+                b.fingerprint.label("base_fingerprint"), v.mask_method, v.density, v.granularity, v.block_size,
+                v.target_modules, v.nnz, v.nnz_per_param, v.dtype, v.mask_hash, v.training_config, v.metrics,
+                v.card, v.created_at, v.hub_repo, v.hub_commit, v.hub_tag, v.hub_endpoint]
         q = (select(*cols).select_from(AdapterVersion.__table__.join(Adapter.__table__, v.adapter_id == a.id)
                                        .join(BaseModel.__table__, a.base_id == b.id)))
         if task is not None:
@@ -468,16 +469,11 @@ class Workspace:
         with self.session() as s:
             rows = s.execute(q).all()
             tagmap: dict[int, list[str]] = {}
-            ids = [r[0] for r in rows]
+            ids = [r.id for r in rows]
             for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
                 for vid, tname in s.execute(select(Tag.version_id, Tag.name).where(Tag.version_id.in_(ids[i:i + 900]))):
                     tagmap.setdefault(vid, []).append(tname)
-        return [VersionInfo(
-            id=r[0], name=r[1], number=r[2], kind=r[3], content_hash=r[4], size_bytes=r[5], task=r[6], base=r[7],
-            base_fingerprint=r[8], mask_method=r[9], density=r[10], granularity=r[11], block_size=r[12],
-            target_modules=r[13], nnz=r[14], nnz_per_param=r[15], dtype=r[16], mask_hash=r[17],
-            training_config=r[18], metrics=r[19], card=r[20], created_at=r[21], hub_repo=r[22], hub_commit=r[23],
-            hub_tag=r[24], hub_endpoint=r[25], tags=sorted(tagmap.get(r[0], []))) for r in rows]
+        return [VersionInfo(**r._mapping, tags=sorted(tagmap.get(r.id, []))) for r in rows]
 
     def log(self, name: str) -> list[VersionInfo]:
         """All versions of adapter ``name``, oldest first."""
