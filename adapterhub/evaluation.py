@@ -140,9 +140,9 @@ def evaluate(ws, ref: str | None, task: str | None = None, dataset: str | None =
         raise TrainingError(f"unknown dtype {dtype!r}; choose fp32 or bf16")
     backbone = load_backbone(path, kind, DTYPES[dtype], dev)
     if version is not None and model_dir is None:
-        for below in underlying_versions(ws, version):  # e.g. an unlearning adapter's global model, patched first
-            from .patching import apply_adapter
+        from .patching import apply_adapter
 
+        for below in underlying_versions(ws, version):  # e.g. an unlearning adapter's global model, patched first
             apply_adapter(backbone, ws.load_adapter(below))
     targets: dict[str, str] = {}
     if adapter is not None and model_dir is None:

@@ -12,10 +12,11 @@ The trained global model is never modified. To forget a client, a class or some 
    values (deltas over the *global model's* weights) are trained with FedAvg on the remaining data
    only — the forgotten client's rows, the forgotten class's rows, the forgotten samples are never
    read. The task head (the classifier, the layer that maps features to labels) is trained too,
-   densely (``head="train"``, the default; it is a few thousand values): it is where a class's
-   identity lives, and overwriting it with remaining data is what drives a forgotten class's
-   logit down — with a frozen head the encoder deltas alone did not forget (see
-   docs/unlearning.md). Everything else stays frozen. The result is a sparse adapter whose
+   densely (a few thousand values): by default (``head="reset"``) it is re-initialised and
+   trained on the remaining data only (``"train"`` fine-tunes the global head, ``"freeze"`` keeps
+   it). The head is where a class's identity lives; overwriting it with remaining knowledge is what
+   drives a forgotten class's logit down — with a frozen head the encoder deltas alone did not
+   forget (see docs/unlearning.md). Everything else stays frozen. The result is a sparse adapter whose
    parameter names are base tensor names plus the new head as a dense extra
    (``heads.<task>.weight/bias``): ``deploy apply <global>`` then ``deploy apply <unlearning>``
    gives the unlearned encoder, evaluated with the unlearning version's head (``eval
@@ -375,8 +376,9 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
     Takes: the base folder, the global adapter (deltas over the base + head), its federation and
         FedAvg config, the forget spec, K, density, rounds (default: the global model's), a seed, a
         stored critical-layer ranking (``None``: recompute on the remaining clients), ``head``:
-        ``train`` (the head is trained densely along with the K layers and stored as the adapter's
-        head) or ``freeze`` (the global model's head is kept; the adapter carries none).
+        ``reset`` (a fresh seeded head) or ``train`` (the global model's head), trained densely
+        along with the K layers and stored as the adapter's head, or ``freeze`` (the global model's
+        head is kept; the adapter carries none).
     Returns: :class:`UnlearnResult`. With ``evaluate_metrics=False`` no forgotten row is ever read.
     Raises: UnlearningError for a bad request (before training).
     """

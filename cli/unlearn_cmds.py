@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from .common import handle_errors, json_option, output, pass_ctx, progress
+from .common import LazyChoice, handle_errors, json_option, output, pass_ctx, progress
 
 
 class _Bars:
@@ -20,6 +20,12 @@ class _Bars:
         if tid is None:
             tid = self.tasks[desc] = self.prog.add_task(desc, total=total, info="")
         self.prog.update(tid, completed=done, total=total)
+
+
+def _head_modes() -> tuple[str, ...]:
+    from adapterhub.unlearning import HEAD_MODES
+
+    return HEAD_MODES
 
 
 def _fmt(x: Any) -> str:
@@ -104,7 +110,7 @@ def register(cli: click.Group) -> None:
     @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Learning rate of the unlearning adapter (default: the global model's).")
     @click.option("--compare-retrain", is_flag=True, help="Also retrain from scratch without the forgotten data.")
-    @click.option("--head", "head", type=click.Choice(["reset", "train", "freeze"]), default="reset", show_default=True,
+    @click.option("--head", "head", type=LazyChoice(_head_modes), default="reset", show_default=True,
                   help="The task head: re-initialise and train it on the remaining data (reset), fine-tune the global "
                        "model's (train), or keep it (freeze). A trained head is stored with the adapter.")
     @click.option("--rerank", is_flag=True,
