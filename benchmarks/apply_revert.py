@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from adapterhub.format import SparseAdapter, SparseParam  # noqa: E402
 from adapterhub.patching import DiskTransaction, SafetensorsFile, apply_adapter, revert  # noqa: E402
+from benchutil import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 HIDDEN, KV, INTER = 576, 192, 1536
 LINEARS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
@@ -59,15 +59,6 @@ class Toy(torch.nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         self.to(dtype)
-
-
-def timed(fn, repeat: int = 3) -> float:
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def shira_model(base: Toy, r: int):
@@ -173,7 +164,7 @@ def in_memory(layers: int, results: dict) -> None:
         for (a, i, _), o in zip(bare, saved):  # revert: scatter the originals back
             a[i] = o
 
-    t_ours, t_shira, t_floor = timed(ours), timed(shira), timed(floor)
+    t_ours, t_shira, t_floor = median_seconds(ours), median_seconds(shira), median_seconds(floor)
     del sm, weights, target, bare
     gc.collect()
     lm = _lora(layers, r, torch.float32)
@@ -182,7 +173,7 @@ def in_memory(layers: int, results: dict) -> None:
         lm.merge_adapter()
         lm.unmerge_adapter()
 
-    t_lora = timed(lora)
+    t_lora = median_seconds(lora)
     del lm
     gc.collect()
     results["in_memory_fp32"] = {"adapterhub_s": t_ours, "peft_shira_s": t_shira, "peft_lora_s": t_lora,
@@ -295,7 +286,7 @@ def on_disk(layers: int, dtype: torch.dtype, tag: str, densities: list[float], r
         rows = []
         for dens in densities:
             ad = rand_adapter(shapes, dens)
-            t_patch = timed(lambda: disk_apply_revert(path, ad), repeat=3)
+            t_patch = median_seconds(lambda: disk_apply_revert(path, ad), repeat=3)
             # OS pages (4 KiB) that hold at least one touched element: the I/O an fsync really writes
             pages = set()
             for n, p in ad.params.items():
@@ -304,7 +295,7 @@ def on_disk(layers: int, dtype: torch.dtype, tag: str, densities: list[float], r
             rows.append({"density": dens, "nnz": ad.nnz, "patch_s": t_patch,
                          "pages_touched_frac": len(pages) * 4096 / size})
         ad = rand_adapter(shapes, 0.01)
-        t_rewrite = timed(lambda: rewrite_whole(path, ad), repeat=1)
+        t_rewrite = median_seconds(lambda: rewrite_whole(path, ad), repeat=1)
         one = next(r for r in rows if r["density"] == 0.01)
         results[f"on_disk_{tag}"] = {"file_bytes": size, "params": sum(a * b for a, b in shapes.values()),
                                      "by_density": rows, "rewrite_whole_s": t_rewrite,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,18 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adapterhub import format as fmt  # noqa: E402
+from benchutil import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 DEFAULT_SHAPES = "3072x9216,9216x3072,576x1536,4096x4096"
 DEFAULT_DENSITIES = "0.001,0.01,0.1,0.5"
-
-
-def _median_time(fn, repeat: int) -> float:
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def measure(shape: tuple[int, int], density: float, repeat: int, seed: int = 0) -> dict:
@@ -65,12 +56,12 @@ def measure(shape: tuple[int, int], density: float, repeat: int, seed: int = 0) 
     peft_data = st_save(peft_tensors, metadata={"format": "pt"})
     peft_idx = coo.numel() * coo.element_size()
     int64_idx = nnz * 8
-    t_enc = _median_time(lambda: fmt.encode_indices(idx), repeat)
-    t_dec = _median_time(lambda: fmt.decode_indices(gaps, esc, name), repeat)
-    t_save = _median_time(lambda: fmt.save(ad), repeat)
-    t_load = _median_time(lambda: fmt.load(data), repeat)
-    t_peft_save = _median_time(lambda: st_save(peft_tensors, metadata={"format": "pt"}), repeat)
-    t_peft_load = _median_time(lambda: st_load(peft_data), repeat)
+    t_enc = median_seconds(lambda: fmt.encode_indices(idx), repeat)
+    t_dec = median_seconds(lambda: fmt.decode_indices(gaps, esc, name), repeat)
+    t_save = median_seconds(lambda: fmt.save(ad), repeat)
+    t_load = median_seconds(lambda: fmt.load(data), repeat)
+    t_peft_save = median_seconds(lambda: st_save(peft_tensors, metadata={"format": "pt"}), repeat)
+    t_peft_load = median_seconds(lambda: st_load(peft_data), repeat)
     return {"shape": f"{shape[0]}x{shape[1]}", "density": density, "nnz": nnz, "escapes": int(esc.numel()),
             "ours_idx_bpnz": ours_idx / nnz, "peft_idx_bpnz": peft_idx / nnz, "int64_bpnz": int64_idx / nnz,
             "ours_file_bpnz": len(data) / nnz, "peft_file_bpnz": len(peft_data) / nnz,
