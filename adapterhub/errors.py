@@ -13,6 +13,10 @@ class FormatError(AdapterHubError):
     """An adapter file is malformed: names the tensor and what is wrong."""
 
 
+class HeaderError(FormatError):
+    """A safetensors header is malformed (raised only by :mod:`adapterhub.st_io`): names the file and the problem."""
+
+
 class StoreError(AdapterHubError):
     """The content-addressed store is missing a blob or a blob fails verification."""
 

@@ -23,7 +23,6 @@ Design points (why, not what):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,30 +34,20 @@ from typing import Any, Mapping
 
 import torch
 
+from . import st_io
 from .errors import FormatError
 from .fsutil import atomic_write_bytes, sha256_hex  # re-exported: part of this module's API
 
 FORMAT_ID = "adapterhub.sparse/1"
 METADATA_KEY = "adapterhub"
-MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = st_io.MAX_HEADER_BYTES
 GAP_LIMIT = 1 << 16
 MAX_NUMEL = 1 << 62  # flat positions (and block-expanded ones) must stay inside int64
 
-_DTYPE_TO_ST: dict[torch.dtype, str] = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.uint16: "U16",
-    torch.bool: "BOOL",
-}
-_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
-_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "BOOL": 1}
+# The dtype table lives in st_io (the one safetensors reader); these are views of it.
+_ST_TO_DTYPE: dict[str, torch.dtype] = st_io.torch_dtypes()
+_DTYPE_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _ST_TO_DTYPE.items()}
+_ITEMSIZE = st_io.DTYPE_SIZES
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EXTRA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
 
@@ -247,14 +236,13 @@ class SparseAdapter:
         return {k: self.params[k].nnz for k in sorted(self.params)}
 
     def mask_hash(self) -> str:
-        """sha256 over the sorted parameter names, shapes and element indices: same mask, same hash."""
-        h = hashlib.sha256()
-        for name in sorted(self.params):
-            p = self.params[name]
-            idx, _ = p.flat()
-            h.update(name.encode() + b"\0" + json.dumps(list(p.shape)).encode() + b"\0")
-            h.update(idx.to(torch.int64).numpy().tobytes())
-        return h.hexdigest()
+        """sha256 over the sorted parameter names, shapes and element indices: same mask, same hash.
+
+        One definition (:func:`adapterhub.maskhash.mask_hash`), shared with training's mask events.
+        """
+        from .maskhash import mask_hash
+
+        return mask_hash({name: (p.shape, p.flat()[0]) for name, p in self.params.items()})
 
     def validate(self, *, allow_nonfinite: bool = False) -> None:
         for name in sorted(self.params):
@@ -361,59 +349,23 @@ def _write_container(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return struct.pack("<Q", len(hjson)) + hjson + b"".join(chunks)
 
 
-def _read_container(data: bytes) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str], int]:
-    """Parse and check the header. Returns ({name: (dtype, shape, begin, end)}, metadata, data_start)."""
-    if len(data) < 8:
-        raise FormatError("file is truncated: no safetensors header")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(data):
-        raise FormatError(f"file is truncated or corrupt: header declares {hlen} bytes, file has {len(data)}")
-    try:
-        header = json.loads(data[8:8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints over 4300 digits
-        raise FormatError(f"bad safetensors header: {e.__class__.__name__}") from None
-    if not isinstance(header, dict):
-        raise FormatError("bad safetensors header: not a JSON object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise FormatError("bad safetensors header: __metadata__ must map strings to strings")
-    start = 8 + hlen
-    body = len(data) - start
-    entries: dict[str, tuple[str, list[int], int, int]] = {}
-    spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise FormatError(f"{name}: bad tensor entry in header")
-        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dt not in _ST_TO_DTYPE:
-            raise FormatError(f"{name}: unsupported dtype {dt!r}")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**48 for s in shape)
-                or len(shape) > 8):
-            raise FormatError(f"{name}: bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-                or not 0 <= offs[0] <= offs[1] <= body):
-            raise FormatError(f"{name}: data offsets {offs!r} outside the file ({body} data bytes)")
-        n = 1
-        for s in shape:
-            n *= s
-        if n * _ITEMSIZE[dt] != offs[1] - offs[0]:
-            raise FormatError(f"{name}: shape {shape} of {dt} needs {n * _ITEMSIZE[dt]} bytes, header gives {offs[1] - offs[0]}")
-        entries[name] = (dt, shape, offs[0], offs[1])
-        spans.append((offs[0], offs[1], name))
-    spans.sort()
-    pos = 0
-    for b, e, name in spans:
-        if b != pos:
-            raise FormatError(f"{name}: tensor data overlaps or leaves a hole at byte {pos}")
-        pos = e
-    if pos != body:
-        raise FormatError(f"file has {body - pos} trailing bytes after the last tensor (truncated or corrupt)")
-    return entries, meta, start
+def _read_container(data: bytes, source: str | None = None) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str], int]:
+    """Parse and check the header (:func:`adapterhub.st_io.parse_header`, the one strict reader).
+
+    Returns ({name: (dtype, shape, begin, end)}, metadata, data_start). Raises HeaderError (a FormatError).
+    """
+    h = st_io.parse_header(data, source)
+    entries = {n: (e.dtype, list(e.shape), e.begin, e.end) for n, e in h.entries.items()}
+    return entries, dict(h.metadata), h.data_start
 
 
-def save(adapter: SparseAdapter) -> bytes:
-    """Serialise ``adapter`` to canonical bytes (validates first; raises FormatError)."""
-    adapter.validate(allow_nonfinite=bool(adapter.card.get("allow_nonfinite", False)))
+def save(adapter: SparseAdapter, *, allow_nonfinite: bool = False) -> bytes:
+    """Serialise ``adapter`` to canonical bytes (validates first; raises FormatError).
+
+    NaN/inf values are refused unless the caller passes ``allow_nonfinite=True`` (the card's own
+    ``allow_nonfinite`` key is ignored: a file never switches off its own safety check).
+    """
+    adapter.validate(allow_nonfinite=allow_nonfinite)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
     for name in sorted(adapter.params):
@@ -459,12 +411,15 @@ def _parse_doc(meta: dict[str, str]) -> dict[str, Any]:
     return doc
 
 
-def load(data: bytes, *, allow_nonfinite: bool = False) -> SparseAdapter:
-    """Parse and validate adapter bytes. Raises FormatError naming the tensor and the problem."""
-    entries, meta, start = _read_container(data)
+def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = None) -> SparseAdapter:
+    """Parse and validate adapter bytes. Raises FormatError naming the tensor and the problem.
+
+    NaN/inf values are refused unless the caller passes ``allow_nonfinite=True``; a card saying
+    ``"allow_nonfinite": true`` does not switch the check off. ``source`` names the file in header errors.
+    """
+    entries, meta, start = _read_container(data, source)
     doc = _parse_doc(meta)
     card = doc.get("card", {})
-    allow_nonfinite = allow_nonfinite or bool(card.get("allow_nonfinite", False))
     expected: set[str] = set()
 
     def get(tname: str, dtypes: tuple[str, ...]) -> torch.Tensor:
@@ -545,4 +500,4 @@ def read_bytes_checked(path: str | os.PathLike[str]) -> bytes:
 
 def load_file(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> SparseAdapter:
     """Load and validate an adapter file."""
-    return load(read_bytes_checked(path), allow_nonfinite=allow_nonfinite)
+    return load(read_bytes_checked(path), allow_nonfinite=allow_nonfinite, source=Path(path).name)

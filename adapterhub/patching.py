@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -28,21 +28,20 @@ from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Sequence
 import numpy as np
 import torch
 
-from .errors import BaseModelError, DeploymentError
+from . import st_io
+from .errors import BaseModelError, DeploymentError, HeaderError
 from .faults import fault_point  # re-exported: the crash tests' hook
 from .format import SparseAdapter, atomic_write_bytes
 
 __all__ = [
     "UndoEntry", "UndoRecord", "apply_adapter", "revert", "revert_all", "applied", "state_fingerprint",
     "resolve_names", "patch_flat", "write_at", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "recover_wal", "fault_point",
-    "ST_DTYPES",
+    "ST_DTYPES", "NonFiniteWeightsError", "check_finite_plan",
 ]
 
-ST_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                                     "F64": torch.float64}
+# the patchable (floating) dtypes: a view of the one dtype table in st_io
+ST_DTYPES: dict[str, torch.dtype] = {n: st_io.torch_dtype(n) for n in st_io.FLOAT_DTYPES}
 _TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-_ALL_ST = {**ST_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
 
 
 # -- the numeric core --------------------------------------------------------------------------
@@ -70,11 +69,31 @@ def write_at(flat: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
     dst[idx.detach().numpy()] = src.detach().to(flat.dtype).contiguous().view(it).numpy()
 
 
-def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+class NonFiniteWeightsError(DeploymentError):
+    """Applying would write NaN/inf into weights (e.g. a bf16/fp16 overflow, a huge scale); nothing was changed."""
+
+
+def _check_finite(orig: torch.Tensor, new: torch.Tensor, name: str, scale: float) -> None:
+    """Raise NonFiniteWeightsError if ``new`` (in the weight dtype) has NaN/inf where ``orig`` was finite."""
+    if new.numel() == 0 or bool(torch.isfinite(new).all()):
+        return
+    bad = ~torch.isfinite(new) & torch.isfinite(orig)
+    if bool(bad.any()):
+        n = int(bad.sum())
+        dt = str(new.dtype).replace("torch.", "")
+        raise NonFiniteWeightsError(f"{name}: applying at scale {scale:g} would write {n} non-finite value(s) "
+                                    f"(NaN/inf, e.g. {dt} overflow) into the weights; refused, nothing was changed")
+
+
+def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scale: float = 1.0, *,
+               name: str = "tensor") -> torch.Tensor:
     """``flat[idx] = round(flat[idx] + scale * values)`` in place; returns the originals.
 
-    Takes: a 1-D floating tensor (a view of the weights), sorted unique int64 positions, values.
+    Takes: a 1-D floating tensor (a view of the weights), sorted unique int64 positions, values; ``name``
+    for messages.
     Returns: a copy of ``flat[idx]`` before the write (the undo data).
+    Raises: NonFiniteWeightsError, before writing anything, if a patched value would not be finite in
+    the weight dtype (where the original was finite).
 
     On CPU the gather and the scatter go through numpy on an integer view of the weights (a bit
     copy: ``np.take`` then fancy assignment), the add in torch at fp32 (fp64 for fp64 weights),
@@ -90,11 +109,24 @@ def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scal
         ii = idx.numpy()
         orig = torch.from_numpy(np.take(bits, ii)).view(flat.dtype)
         new = orig + delta if flat.dtype == ct else (orig.to(ct) + delta).to(flat.dtype)
+        _check_finite(orig, new, name, scale)
         bits[ii] = new.view(it).numpy()
         return orig
     orig = flat.index_select(0, idx)
-    write_at(flat, idx, (orig.to(ct) + delta).to(flat.dtype))
+    new = (orig.to(ct) + delta).to(flat.dtype)
+    _check_finite(orig, new, name, scale)
+    write_at(flat, idx, new)
     return orig
+
+
+def _check_scale(scale: float) -> float:
+    try:
+        s = float(scale)
+    except (TypeError, ValueError):
+        raise NonFiniteWeightsError(f"scale must be a finite number, got {scale!r}") from None
+    if not math.isfinite(s):
+        raise NonFiniteWeightsError(f"scale must be a finite number, got {scale!r}")
+    return s
 
 
 # -- in memory ------------------------------------------------------------------------------------
@@ -167,8 +199,11 @@ def apply_adapter(target: Any, adapter: SparseAdapter, scale: float = 1.0, *, la
 
     Takes: a ``torch.nn.Module`` or a mapping name -> tensor; the adapter; a scale.
     Returns: the :class:`UndoRecord` that :func:`revert` needs.
-    Raises: BaseModelError (missing tensor, shape mismatch) before anything is changed.
+    Raises: BaseModelError (missing tensor, shape mismatch) before anything is changed;
+    NonFiniteWeightsError (a non-finite scale, or patched values that overflow the weight dtype), the
+    target left exactly as it was.
     """
+    scale = _check_scale(scale)
     tensors = _tensors_of(target)
     names = resolve_names(sorted(adapter.params), tensors.keys())
     for n, tn in names.items():
@@ -176,12 +211,16 @@ def apply_adapter(target: Any, adapter: SparseAdapter, scale: float = 1.0, *, la
         if tuple(t.shape) != adapter.params[n].shape:
             raise BaseModelError(f"{n}: adapter shape {adapter.params[n].shape} does not match {tuple(t.shape)}")
         _flat_view(t, n)
-    rec = UndoRecord(label=label, scale=float(scale))
+    rec = UndoRecord(label=label, scale=scale)
     with torch.no_grad():
-        for n in sorted(adapter.params):
-            idx, vals = adapter.params[n].flat()
-            flat = _flat_view(tensors[names[n]], n)
-            rec.entries.append(UndoEntry(names[n], idx, patch_flat(flat, idx, vals, scale)))
+        try:
+            for n in sorted(adapter.params):
+                idx, vals = adapter.params[n].flat()
+                flat = _flat_view(tensors[names[n]], n)
+                rec.entries.append(UndoEntry(names[n], idx, patch_flat(flat, idx, vals, scale, name=n)))
+        except NonFiniteWeightsError:
+            revert(target, rec)  # the tensors patched so far go back bit for bit
+            raise
     return rec
 
 
@@ -230,7 +269,7 @@ def state_fingerprint(target: Any) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
-        st = {**{v: k for k, v in _ALL_ST.items()}}.get(t.dtype)
+        st = st_io.st_name(t.dtype)
         if st is None:
             raise BaseModelError(f"{name}: unsupported dtype {t.dtype}")
         h.update(json.dumps([name, st, list(t.shape)]).encode() + b"\n")
@@ -250,34 +289,16 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str], writable: bool = True) -> None:
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) < 8:
-                    raise DeploymentError(f"{self.path.name}: truncated safetensors file")
-                (n,) = struct.unpack("<Q", raw)
-                if n > 100 * 1024 * 1024 or 8 + n > size:
-                    raise DeploymentError(f"{self.path.name}: corrupt safetensors header")
-                header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DeploymentError(f"{self.path.name}: corrupt safetensors header") from None
-        except FileNotFoundError:
-            raise DeploymentError(f"{self.path}: weights file is missing") from None
-        if not isinstance(header, dict):
-            raise DeploymentError(f"{self.path.name}: corrupt safetensors header")
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        body = size - self.data_start
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for k, v in header.items():
-            try:
-                dt, shape, (b, e) = v["dtype"], tuple(int(s) for s in v["shape"]), v["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise DeploymentError(f"{self.path.name}: corrupt header entry for {k}") from None
-            if not (0 <= b <= e <= body):
-                raise DeploymentError(f"{self.path.name}: {k} lies outside the file (truncated or corrupt)")
-            self.entries[k] = (dt, shape, int(b), int(e))
+        try:  # the one strict safetensors header reader (st_io): a malformed header fails here, cleanly
+            header = st_io.read_header(self.path)
+        except HeaderError as e:
+            if not self.path.exists():
+                raise DeploymentError(f"{self.path}: weights file is missing") from None
+            raise DeploymentError(str(e)) from None
+        self.data_start = header.data_start
+        size = header.file_size
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            k: (e.dtype, e.shape, e.begin, e.end) for k, e in header.entries.items()}
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r+" if writable else "r") if size else None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -398,14 +419,11 @@ def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
     from safetensors.torch import load
 
     try:
-        if len(data) < 8:
-            raise ValueError("short")
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        meta = st_io.parse_header(data, "undo record").metadata  # the one strict header reader
         doc = json.loads(meta["adapterhub.undo"])
         tensors = load(data)
         entries = [UndoEntry(name, tensors[f"{i:06d}.idx"], tensors[f"{i:06d}.orig"]) for i, name in enumerate(doc["names"])]
-    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+    except (HeaderError, SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise DeploymentError("undo record is damaged") from None
     return entries, doc
 
@@ -418,6 +436,41 @@ def _union_sorted(lists: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
     for t in lists:
         mark[t] = True
     return mark.nonzero().view(-1)
+
+
+def check_finite_plan(weights: SafetensorsFile | WeightsFolder, restores: Sequence[Sequence[UndoEntry]],
+                      applies: Sequence[tuple[Mapping[str, Any], float, str]]) -> None:
+    """Refuse an on-disk operation that would write NaN/inf, before anything is written.
+
+    Takes the weights, the undo entries the operation will restore first (per layer, in the order
+    :meth:`DiskTransaction.restore` is called) and the applies that follow, as (name -> SparseParam,
+    scale, label). Replays them with :func:`patch_flat`'s exact arithmetic on copies of the touched
+    positions only (O(nnz)), in the weight dtype.
+    Raises: NonFiniteWeightsError naming the adapter (label) and the tensor; NonFiniteWeightsError for a
+    non-finite scale.
+    """
+    for _, scale, _ in applies:
+        _check_scale(scale)
+    names = sorted({n for params, _, _ in applies for n in params})
+    for n in names:
+        flat = weights.flat(n)
+        rest = [e for ents in restores for e in reversed(list(ents)) if e.name == n]
+        lists = [params[n].flat()[0] for params, _, _ in applies if n in params]
+        idx = _union_sorted(lists + [e.indices for e in rest], flat.numel())
+        work = flat.index_select(0, idx)  # a copy: the file is not touched
+        for e in rest:
+            work[torch.searchsorted(idx, e.indices)] = e.original.to(work.dtype)
+        for params, scale, label in applies:
+            if n not in params:
+                continue
+            i, v = params[n].flat()
+            pos = torch.searchsorted(idx, i)
+            sub = work[pos]
+            try:
+                patch_flat(sub, torch.arange(sub.numel()), v, scale, name=n)
+            except NonFiniteWeightsError as err:
+                raise NonFiniteWeightsError(f"{label}: {err}") from None
+            work[pos] = sub
 
 
 class DiskTransaction:
@@ -447,7 +500,7 @@ class DiskTransaction:
         out = []
         for i, name in enumerate(sorted(adapter_params)):
             idx, vals = adapter_params[name].flat()
-            out.append(UndoEntry(name, idx, patch_flat(self.file.flat(name), idx, vals, scale)))
+            out.append(UndoEntry(name, idx, patch_flat(self.file.flat(name), idx, vals, scale, name=name)))
             if fault and i == len(adapter_params) // 2:
                 self.file.sync()  # make the half-written state durable so recovery has real work to do
                 fault_point(fault)

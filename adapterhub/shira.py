@@ -164,12 +164,13 @@ def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, 
     return adapter
 
 
-def read_adapter_source(path: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]] | None = None
-                        ) -> tuple[fmt.SparseAdapter, str]:
+def read_adapter_source(path: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                        *, allow_nonfinite: bool = False) -> tuple[fmt.SparseAdapter, str]:
     """Read what ``register`` was given: our ``.safetensors`` file or a PEFT SHiRA folder.
 
     Returns (adapter, source kind ``"adapterhub"`` | ``"peft-shira"``). ``base_shapes`` is needed for PEFT
-    folders (module names and weight shapes come from the base). Raises FormatError.
+    folders (module names and weight shapes come from the base). ``allow_nonfinite`` (the user's explicit
+    flag, never the file's card) lets NaN/inf values through. Raises FormatError.
     """
     p = Path(path)
     if p.is_dir():
@@ -177,8 +178,8 @@ def read_adapter_source(path: str | os.PathLike[str], base_shapes: Mapping[str, 
             raise FormatError(f"{p}: a folder must be a PEFT SHiRA adapter (adapter_config.json missing)")
         if base_shapes is None:
             raise FormatError("a PEFT folder can only be imported against a base model")
-        return import_peft_shira(p, base_shapes), "peft-shira"
-    return fmt.load_file(p), "adapterhub"
+        return import_peft_shira(p, base_shapes, allow_nonfinite=allow_nonfinite), "peft-shira"
+    return fmt.load_file(p, allow_nonfinite=allow_nonfinite), "adapterhub"
 
 
 # -- export --------------------------------------------------------------------------------------

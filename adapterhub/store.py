@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import os
 import re
 import time
@@ -14,6 +16,14 @@ from .errors import StoreError
 from .fsutil import atomic_write_bytes, sha256_hex
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _write_error(e: OSError, digest: str) -> StoreError:
+    """One-line StoreError for a failed blob write (ENOSPC, EDQUOT, EROFS, EIO...)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"no space left on device writing blob {digest[:12]} to the store; the store "
+                          "is unchanged (free some space and run the command again)")
+    return StoreError(f"cannot write blob {digest[:12]} to the store: {e.strerror or ' '.join(str(e).split())[:200] or e.__class__.__name__}")
 
 
 @dataclass
@@ -52,11 +62,17 @@ class BlobStore:
         return p.is_file() and not p.is_symlink() and not p.parent.is_symlink()
 
     def put_bytes(self, data: bytes) -> str:
-        """Store ``data`` (idempotent) and return its sha256 hex digest."""
+        """Store ``data`` (idempotent) and return its sha256 hex digest.
+
+        A blob already present is re-hashed: if its bytes no longer match (bit rot, a torn copy, tampering)
+        it is replaced atomically by ``data``, so re-registering or pulling the good bytes heals the store
+        instead of giving the new version the bad ones. Raises StoreError (one line) for a symlink in the
+        way or a failed write (``no space left on device``...); no temp file is left behind.
+        """
         digest = sha256_hex(data)
         p = self.path(digest)
         self._shard(digest)
-        if self.has(digest):
+        if self.has(digest) and self._intact(p, digest):
             try:  # refresh the mtime: a grace-period gc must not take a blob a register is about to reference
                 os.utime(p)
             except OSError:
@@ -64,8 +80,23 @@ class BlobStore:
             return digest
         if p.is_symlink():
             raise StoreError(f"refusing to write through a symlink at {p}")
-        atomic_write_bytes(p, data)
+        try:
+            atomic_write_bytes(p, data)  # temp file, fsync, rename: replaces a corrupt blob atomically
+        except OSError as e:
+            raise _write_error(e, digest) from None
         return digest
+
+    @staticmethod
+    def _intact(p: Path, digest: str) -> bool:
+        """True if the file at ``p`` hashes to ``digest`` (streamed; False if it cannot be read)."""
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        except OSError:
+            return False
+        return h.hexdigest() == digest
 
     def get_bytes(self, digest: str) -> bytes:
         """Read a blob and verify its hash; raises StoreError if missing or corrupt."""
