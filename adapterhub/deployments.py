@@ -18,13 +18,24 @@ for bit — and records a ``recover`` event.
 Reverting a layer that is not on top reverts the layers above it, then re-applies them;
 rolling back to an event reverts down to the common prefix of both stacks and applies the rest.
 Either way the result equals applying the remaining stack to the base.
+
+Ownership (see docs/deployments.md): every deployment has a random id (``Deployment.uid``) written
+in its folder's marker ``.adapterhub/deployment.json`` together with the id of the home that created
+it (``<home>/home-id``, minted once; a copied home — another path *and* another inode — mints a new
+one, a moved home keeps its id). Only that home changes the deployment (apply, revert, rollback,
+recover, temp-file cleanup); other homes sharing the catalog, and copies of the home, see it
+read-only. A folder whose marker names another deployment or home is never patched or removed.
+Rows made before catalog revision 0002 have no ids: the first home that writes to one adopts it,
+if the folder is inside that home or outside every adapterhub home.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -41,13 +52,16 @@ from .errors import AdapterHubError, BaseModelError, DeploymentError, FormatErro
 from .format import SparseAdapter
 from .models import fingerprint_folder
 from .names import validate_name
-from .patching import (DiskTransaction, UndoEntry, WeightsFolder, decode_undo, encode_undo, fault_point, read_wal,
-                       recover_wal, write_atomic)
+from .patching import (DiskTransaction, UndoEntry, WeightsFolder, check_finite_plan, decode_undo, encode_undo,
+                       fault_point, read_wal, recover_wal, write_atomic)
 
 __all__ = ["DeploymentInfo", "EventInfo", "create", "get", "list_deployments", "apply", "revert", "rollback",
-           "history", "verify", "recover", "CONTROL_DIR"]
+           "history", "verify", "recover", "check_all", "remove_temp_files", "current_home_id", "why_not_ok",
+           "CONTROL_DIR", "HOME_ID_FILE"]
 
 CONTROL_DIR = ".adapterhub"
+HOME_ID_FILE = "home-id"
+_MARKER = "deployment.json"
 _SKIP_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".gguf", ".onnx", ".ot"}
 
 
@@ -89,12 +103,15 @@ class DeploymentInfo:
     updated_at: dt.datetime | None = None
     recovered: bool = False
     last_event: EventInfo | None = field(default=None, repr=False)
+    uid: str | None = None  # the id in the folder's marker (None: made before catalog revision 0002, not adopted)
+    home_id: str | None = None  # the owner home's id
+    read_only: bool = False  # owned by another home (or a copy's original): this home may only read it
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base, "base_fingerprint": self.base_fingerprint, "path": str(self.path),
                 "state_fingerprint": self.state_fingerprint, "stack": [dict(layer) for layer in self.stack],
                 "events": self.events, "created_at": iso_utc(self.created_at), "updated_at": iso_utc(self.updated_at),
-                "recovered": self.recovered}
+                "recovered": self.recovered, "owner_home": self.home_id, "read_only": self.read_only}
 
 
 def _now() -> dt.datetime:
@@ -127,18 +144,211 @@ def _refuse_symlinks(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on a deployment (one operation at a time); refuses symlinked folders and files."""
+def _flock(p: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Exclusive ``flock`` on lock file ``p``, opened without following symlinks (O_NOFOLLOW).
+
+    Yields True when held (False only with ``blocking=False`` when another process holds it).
+    Raises: DeploymentError (one line) if ``p`` is a symlink or cannot be opened.
+    """
+    try:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        why = "it is a symlink" if e.errno == errno.ELOOP else (e.strerror or e.__class__.__name__)
+        raise DeploymentError(f"cannot open the lock file {p}: {why}; refusing to lock through it") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Exclusive advisory lock on a deployment (one operation at a time); refuses symlinked folders and files,
+    the lock file included. Yields False only with ``blocking=False`` when another operation holds it."""
     _refuse_symlinks(path)
     ctl = _control(path)
     ctl.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ctl / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    with _flock(ctl / "lock", blocking=blocking) as got:
+        yield got
+
+
+# -- ownership -----------------------------------------------------------------------------------
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 32 and all(c in "0123456789abcdef" for c in x)
+
+
+def _short(x: Any) -> str:
+    """A marker value, safe for a one-line message."""
+    return repr(str(x)[:12])
+
+
+def _read_nofollow(p: Path, limit: int = 1 << 30) -> bytes | None:
+    """Bytes of file ``p`` without following a symlink; None if it does not exist.
+
+    Raises: DeploymentError if ``p`` is a symlink or cannot be read.
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        why = "it is a symlink" if e.errno == errno.ELOOP else (e.strerror or e.__class__.__name__)
+        raise DeploymentError(f"cannot read {p}: {why}") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit)
+
+
+def _where(home: Path) -> dict[str, Any]:
+    st = os.stat(home)
+    return {"path": str(home), "dev": st.st_dev, "ino": st.st_ino}
+
+
+def _home_doc(home: Path) -> dict[str, Any] | None:
+    raw = _read_nofollow(home / HOME_ID_FILE, 4096)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not (isinstance(doc, dict) and _is_id(doc.get("id")) and isinstance(doc.get("path"), str)
+            and isinstance(doc.get("dev"), int) and isinstance(doc.get("ino"), int)):
+        raise DeploymentError(f"{home / HOME_ID_FILE} is damaged (it holds this home's identity, which its "
+                              "deployments' markers name); restore it from a backup")
+    return doc
+
+
+def _same_home(doc: dict[str, Any], here: dict[str, Any]) -> bool:
+    """Same path (restored in place) or same inode (moved): the same home; both different: a copy."""
+    return doc["path"] == here["path"] or (doc["dev"], doc["ino"]) == (here["dev"], here["ino"])
+
+
+def current_home_id(ws: Any, *, create: bool = True) -> str | None:
+    """The id of ``ws.home`` (``<home>/home-id``: random, minted on first need, written atomically, mode 0600).
+
+    A copy of a home (``cp -a``: another path and another inode) is another home: it mints its own id,
+    so the deployments it copied (their markers name the original's id) are read-only there.
+    With ``create=False`` nothing is written: returns None where an id would have to be minted.
+    Raises: DeploymentError if the file is damaged, a symlink, or unreadable.
+    """
+    home = Path(ws.home)
+    here = _where(home)
+    doc = _home_doc(home)
+    if doc is not None and all(doc[k] == here[k] for k in ("path", "dev", "ino")):
+        return str(doc["id"])
+    if not create:
+        return str(doc["id"]) if doc is not None and _same_home(doc, here) else None
+    with _flock(home / ".home-id.lock"):
+        doc = _home_doc(home)
+        hid = str(doc["id"]) if doc is not None and _same_home(doc, here) else uuid.uuid4().hex
+        if doc is None or any(doc[k] != here[k] for k in ("path", "dev", "ino")) or doc["id"] != hid:
+            write_atomic(home / HOME_ID_FILE, json.dumps({"id": hid, **here}, sort_keys=True).encode())
+        return hid
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """The folder's marker ``{"name", "deployment_id", "home_id", "state"}``; ``{"name": ...}`` for a marker
+    written before catalog revision 0002 (just the name); None if there is none. Never follows symlinks."""
+    ctl = _control(path)
+    if ctl.is_symlink():
+        raise DeploymentError(f"{ctl} is a symlink; refusing to use it")
+    raw = _read_nofollow(ctl / _MARKER, 1 << 16)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        return doc
+    return {"name": raw.decode("utf-8", "replace").strip()}
+
+
+def _write_marker(path: Path, name: str, uid: str, hid: str, state: str) -> None:
+    write_atomic(_control(path) / _MARKER, json.dumps({"name": name, "deployment_id": uid, "home_id": hid,
+                                                       "state": state}, sort_keys=True).encode())
+
+
+def _rel_to_home(ws: Any, path: Path) -> str | None:
+    try:
+        return str(path.relative_to(Path(ws.home)))
+    except ValueError:
+        return None
+
+
+def _resolve_path(ws: Any, row: Deployment, hid: str | None) -> Path:
+    """Where this home finds the folder: relative to the home for its own deployments stored inside it
+    (a moved home keeps working), else the absolute path recorded at creation."""
+    rel = row.rel_path
+    if rel and hid is not None and row.home_id == hid and not os.path.isabs(rel) and ".." not in Path(rel).parts:
+        return Path(ws.home) / rel
+    return Path(row.path)
+
+
+def _other_home(path: Path, home: Path) -> Path | None:
+    """An adapterhub home other than ``home`` that contains ``path`` (it holds a home-id or catalog.db), else None."""
+    for p in path.parents:
+        if p == home:
+            return None
+        if (p / HOME_ID_FILE).exists() or (p / "catalog.db").exists():
+            return p
+    return None
+
+
+def _writable(ws: Any, name: str, *, adopt: bool = False) -> DeploymentInfo:
+    """Check this home may change deployment ``name``: the catalog names this home as its owner and the
+    folder's marker names this deployment and this home. With ``adopt`` (deployment lock held), claim a
+    deployment made before catalog revision 0002 and mark a freshly created folder ready.
+
+    Returns: its DeploymentInfo. Raises: DeploymentError (one line) when it belongs to another home, its
+    folder holds another deployment, or the marker is missing. Reads only, unless ``adopt``.
+    """
+    hid = current_home_id(ws)
+    info = get(ws, name)
+    if info.home_id is not None and info.home_id != hid:
+        raise DeploymentError(f"deployment {name!r} belongs to another home (home id {info.home_id[:12]}); it is "
+                              "read-only here")
+    path = info.path
+    if not path.is_dir() or path.is_symlink():
+        return info  # _refuse_symlinks / _prepare say what is wrong
+    m = _read_marker(path)
+    if m is None:
+        raise DeploymentError(f"{path} has no deployment marker; refusing to change a folder that may not be "
+                              f"deployment {name!r}'s")
+    if m.get("home_id") is not None and m.get("home_id") != hid:
+        raise DeploymentError(f"{path} belongs to another home (home id {_short(m.get('home_id'))}); refusing to "
+                              "change it")
+    if info.home_id is None:  # made before revision 0002
+        other = _other_home(path, Path(ws.home))
+        if other is not None:
+            raise DeploymentError(f"{path} belongs to another home ({other}); deployment {name!r} is read-only here")
+        if m.get("name") != name:
+            raise DeploymentError(f"{path} holds deployment {_short(m.get('name'))}, not {name!r}; refusing to change it")
+        if adopt:
+            uid = m["deployment_id"] if m.get("home_id") == hid and _is_id(m.get("deployment_id")) else uuid.uuid4().hex
+            _write_marker(path, name, uid, hid, "ready")
+            with ws.session() as s:
+                row = _row(s, name)
+                if row.home_id is None:
+                    row.uid, row.home_id, row.rel_path = uid, hid, _rel_to_home(ws, path)
+            info = get(ws, name)
+        return info
+    if m.get("deployment_id") != info.uid or m.get("home_id") != hid:
+        raise DeploymentError(f"{path} holds another deployment (its marker names {_short(m.get('name'))}, id "
+                              f"{_short(m.get('deployment_id'))}); refusing to change it")
+    if adopt and m.get("state") != "ready":
+        _write_marker(path, name, info.uid or "", hid, "ready")
+    return info
 
 
 # -- create / read -------------------------------------------------------------------------------
@@ -148,26 +358,31 @@ def create(ws: Any, name: str, base: str, path: str | os.PathLike[str] | None = 
     """Materialise base ``base`` as deployment ``name`` (a loadable HF folder).
 
     Takes: a Workspace, the deployment name, a registered base name, an optional target folder
-    (default ``<home>/deployments/<name>``; must not exist or be empty).
-    Returns: the new DeploymentInfo (stack empty, state fingerprint == base fingerprint).
+    (default ``<home>/deployments/<name>``; must not exist or be empty — the only non-empty folder it
+    replaces is the leftover of this home's own create that crashed before its catalog row).
+    Returns: the new DeploymentInfo (stack empty, state fingerprint == base fingerprint), owned by this home.
     Raises: NameError_, BaseModelError (unknown base, or its folder no longer matches its
-    fingerprint), DeploymentError (name taken, target folder not empty).
+    fingerprint), DeploymentError (name taken, target folder not empty or another deployment's).
     """
     validate_name(name, "deployment name")
     binfo = ws.get_base(base)
     with ws.session() as s:
         if s.scalar(select(Deployment).where(Deployment.name == name)) is not None:
             raise DeploymentError(f"deployment {name!r} already exists")
+    hid = current_home_id(ws)
     target = Path(path).expanduser().absolute() if path else ws.deployments_dir / name
     if target.is_symlink():
         raise DeploymentError(f"{target} is a symlink; refusing to create a deployment through it")
     if target.exists():
-        marker = _control(target) / "deployment.json"
-        orphan = marker.is_file() and marker.read_text().strip() == name
-        if orphan:  # a create that crashed before its catalog row: ours to replace
+        m = _read_marker(target) if target.is_dir() else None
+        if m is not None and _is_orphan(ws, m, name, hid):  # this home's create that crashed before its row
             shutil.rmtree(target)
+        elif m is not None:
+            raise DeploymentError(f"{target} is the folder of another deployment (its marker names "
+                                  f"{_short(m.get('name'))}); refusing to replace it")
         elif target.is_file() or any(target.iterdir()):
             raise DeploymentError(f"{target} already exists and is not empty")
+    uid = uuid.uuid4().hex
     src = Path(binfo.path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -189,7 +404,7 @@ def create(ws: Any, name: str, base: str, path: str | os.PathLike[str] | None = 
             raise BaseModelError(f"base {base!r} folder {src} no longer matches its registered fingerprint "
                                  f"({binfo.fingerprint[:12]}); its weights changed")
         _control(tmp).mkdir()
-        write_atomic(_control(tmp) / "deployment.json", name.encode())
+        _write_marker(tmp, name, uid, hid, "creating")
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)
@@ -200,7 +415,8 @@ def create(ws: Any, name: str, base: str, path: str | os.PathLike[str] | None = 
     try:
         with ws.session() as s:
             row = Deployment(name=name, base_id=binfo.id, path=str(target), state_fingerprint=fp, stack=[],
-                             created_at=_now(), updated_at=_now())
+                             created_at=_now(), updated_at=_now(), uid=uid, home_id=hid,
+                             rel_path=_rel_to_home(ws, target))
             s.add(row)
             s.flush()
             s.add(DeploymentEvent(deployment_id=row.id, seq=0, action="create", version_id=None, scale=None, stack=[],
@@ -208,7 +424,20 @@ def create(ws: Any, name: str, base: str, path: str | os.PathLike[str] | None = 
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
+    with contextlib.suppress(OSError):  # "creating" -> "ready"; if this is lost, the next write does it
+        _write_marker(target, name, uid, hid, "ready")
     return get(ws, name)
+
+
+def _is_orphan(ws: Any, m: dict[str, Any], name: str, hid: str) -> bool:
+    """True if marker ``m`` is of this home's create of ``name`` that never got its catalog row."""
+    if m.get("state") != "creating" or m.get("name") != name or m.get("home_id") != hid:
+        return False
+    uid = m.get("deployment_id")
+    if not _is_id(uid):
+        return False
+    with ws.session() as s:
+        return s.scalar(select(Deployment.id).where(Deployment.uid == uid)) is None
 
 
 def _row(s: Any, name: str) -> Deployment:
@@ -219,22 +448,26 @@ def _row(s: Any, name: str) -> Deployment:
     return row
 
 
-def _info(s: Any, row: Deployment) -> DeploymentInfo:
+def _info(ws: Any, s: Any, row: Deployment, hid: str | None) -> DeploymentInfo:
     n = s.scalar(select(func.count()).select_from(DeploymentEvent).where(DeploymentEvent.deployment_id == row.id))
-    return DeploymentInfo(row.name, row.base.name, row.base.fingerprint, Path(row.path), row.state_fingerprint or "",
-                          list(row.stack or []), int(n or 0), row.created_at, row.updated_at)
+    return DeploymentInfo(row.name, row.base.name, row.base.fingerprint, _resolve_path(ws, row, hid),
+                          row.state_fingerprint or "", list(row.stack or []), int(n or 0), row.created_at,
+                          row.updated_at, uid=row.uid, home_id=row.home_id,
+                          read_only=row.home_id is not None and row.home_id != hid)
 
 
 def get(ws: Any, name: str) -> DeploymentInfo:
-    """The deployment record (no recovery, no file access). Raises DeploymentError if unknown."""
+    """The deployment record (no recovery; reads only ``<home>/home-id``). Raises DeploymentError if unknown."""
+    hid = current_home_id(ws, create=False)
     with ws.session() as s:
-        return _info(s, _row(s, name))
+        return _info(ws, s, _row(s, name), hid)
 
 
 def list_deployments(ws: Any) -> list[DeploymentInfo]:
-    """All deployments, by name."""
+    """All deployments, by name (those of other homes too, marked ``read_only``)."""
+    hid = current_home_id(ws, create=False)
     with ws.session() as s:
-        return [_info(s, r) for r in s.scalars(select(Deployment).order_by(Deployment.name))]
+        return [_info(ws, s, r, hid) for r in s.scalars(select(Deployment).order_by(Deployment.name))]
 
 
 def history(ws: Any, name: str) -> list[EventInfo]:
@@ -262,11 +495,16 @@ def _event(e: DeploymentEvent, about: tuple[str, str, str | None] | None = None)
 
 
 def verify(ws: Any, name: str) -> dict[str, Any]:
-    """Re-hash the weights and compare with the recorded state fingerprint.
+    """Re-hash the weights and compare with the recorded state fingerprint; check the folder's marker
+    names this deployment and that every undo record the stack needs (to revert or roll back) is there,
+    intact (its sha256 is the stack's) and of its layer.
 
-    Returns: {"name", "ok", "expected", "actual", "pending_recovery"}. Does not change anything.
+    Works on deployments of other homes too (read-only). Does not change anything.
+    Returns: {"name", "ok", "expected", "actual", "pending_recovery", "stack", "problems": [one-line strings],
+    "read_only"}.
     """
     info = get(ws, name)
+    problems = _folder_problems(info)
     pending = False
     wal = _wal(info.path)
     if wal.exists():
@@ -282,8 +520,93 @@ def verify(ws: Any, name: str) -> dict[str, Any]:
         actual = f"unreadable: {e}"
     except OSError as e:
         actual = f"unreadable: {e.strerror}"
-    return {"name": name, "ok": actual == info.state_fingerprint and not pending, "expected": info.state_fingerprint,
-            "actual": actual, "pending_recovery": pending, "stack": [layer["ref"] for layer in info.stack]}
+    return {"name": name, "ok": actual == info.state_fingerprint and not pending and not problems,
+            "expected": info.state_fingerprint, "actual": actual, "pending_recovery": pending,
+            "stack": [layer["ref"] for layer in info.stack], "problems": problems, "read_only": info.read_only}
+
+
+def _folder_problems(info: DeploymentInfo) -> list[str]:
+    """What is wrong with the marker and the undo records of ``info``'s folder (one line each)."""
+    if not info.path.is_dir():
+        return [f"deployment folder {info.path} is missing"]
+    out = []
+    try:
+        m = _read_marker(info.path)
+        if m is None:
+            out.append(f"{info.path} has no deployment marker")
+        elif info.uid is not None and (m.get("deployment_id") != info.uid or m.get("home_id") != info.home_id):
+            out.append(f"{info.path} holds another deployment (its marker names {_short(m.get('name'))}, id "
+                       f"{_short(m.get('deployment_id'))})")
+    except DeploymentError as e:
+        out.append(str(e))
+    for layer in info.stack:
+        try:
+            _load_layer_undo(info.path, layer)
+        except DeploymentError as e:
+            out.append(str(e))
+    return out
+
+
+def why_not_ok(r: dict[str, Any]) -> str:
+    """One line saying why a :func:`verify` result is not ok."""
+    if r.get("problems"):
+        more = len(r["problems"]) - 1
+        return r["problems"][0] + (f" (and {more} more problem(s))" if more else "")
+    if r.get("pending_recovery"):
+        return "an interrupted operation is pending recovery (`adapterhub verify --repair`)"
+    return f"weights {str(r['actual'])[:12]} do not match the recorded state {str(r['expected'])[:12]}"
+
+
+def check_all(ws: Any) -> list[str]:
+    """Problems of every deployment (``"deployment NAME: ..."``, one line each); empty when all verify.
+
+    An interrupted operation pending recovery is not a problem here (its write-ahead log restores the
+    recorded state exactly; the next command on it, or ``verify --repair``, does so), but a damaged or
+    missing marker or undo record is, and so are weights that differ with no recovery pending.
+    """
+    out = []
+    for d in list_deployments(ws):
+        try:
+            r = verify(ws, d.name)
+        except (AdapterHubError, OSError) as e:
+            out.append(f"deployment {d.name}: {' '.join(str(e).split()) or e.__class__.__name__}")
+            continue
+        if not r["ok"] and (r["problems"] or not r["pending_recovery"]):
+            out.append(f"deployment {d.name}: {why_not_ok(r)}")
+    return out
+
+
+def remove_temp_files(ws: Any, *, dry_run: bool = False) -> int:
+    """Remove temp files of interrupted writes (``.adapterhub/.*.tmp``, ``.adapterhub/undo/.*.tmp``) from this
+    home's deployment folders. Skips deployments of other homes, folders that are not provably theirs, and
+    deployments busy with an operation (their temp files may be in use). Returns how many were (would be) removed.
+    """
+    hid = current_home_id(ws, create=False)
+    n = 0
+    for d in list_deployments(ws):
+        mine = d.home_id == hid if d.home_id is not None else _rel_to_home(ws, d.path) is not None
+        ctl = _control(d.path)
+        if hid is None or not mine or d.path.is_symlink() or ctl.is_symlink() or not ctl.is_dir():
+            continue
+        try:
+            m = _read_marker(d.path)
+            if m is None or m.get("deployment_id") != d.uid or m.get("home_id") != d.home_id:
+                continue
+            with _locked(d.path, blocking=False) as got:
+                if not got:
+                    continue
+                for folder in (ctl, ctl / "undo"):
+                    if folder.is_symlink() or not folder.is_dir():
+                        continue
+                    for f in folder.glob(".*.tmp"):
+                        if f.is_symlink() or f.is_file():
+                            n += 1
+                            if not dry_run:
+                                with contextlib.suppress(FileNotFoundError):
+                                    f.unlink()
+        except DeploymentError:
+            continue  # a tampered folder: verify reports it
+    return n
 
 
 # -- recovery --------------------------------------------------------------------------------------
@@ -333,9 +656,13 @@ def _recover_locked(ws: Any, name: str) -> bool:
 
 
 def recover(ws: Any, name: str) -> bool:
-    """Recover deployment ``name`` from an interrupted operation, if any. Returns True if it did."""
-    info = get(ws, name)
+    """Recover deployment ``name`` from an interrupted operation, if any. Returns True if it did.
+
+    Raises: DeploymentError if the deployment belongs to another home (see :func:`_writable`).
+    """
+    info = _writable(ws, name)
     with _locked(info.path):
+        _writable(ws, name, adopt=True)
         return _recover_locked(ws, name)
 
 
@@ -376,15 +703,24 @@ def _check_fit(weights: WeightsFolder, adapter: SparseAdapter, ref: str) -> None
 
 
 def _load_layer_undo(path: Path, layer: dict[str, Any]) -> list[UndoEntry]:
-    p = _undo_path(path, layer["undo"])
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise DeploymentError(f"undo record of {layer['ref']} is missing ({p.name}); the deployment folder was "
-                              "tampered with") from None
+    """The undo entries of stack layer ``layer``: its record must exist (not a symlink), hash to the stack's
+    ``undo`` digest, parse, and name the layer's ref and scale. Raises: DeploymentError (one line naming it)."""
+    p = _undo_path(path, layer.get("undo"))
+    ref = layer.get("ref")
+    data = _read_nofollow(p)
+    if data is None:
+        raise DeploymentError(f"undo record of {ref} is missing ({p.name}); revert and rollback need it (the "
+                              "deployment folder was tampered with)")
     if hashlib.sha256(data).hexdigest() != layer["undo"]:
-        raise DeploymentError(f"undo record of {layer['ref']} is corrupt ({p.name})")
-    return decode_undo(data)[0]
+        raise DeploymentError(f"undo record of {ref} is corrupt ({p.name}: its sha256 differs)")
+    try:
+        entries, doc = decode_undo(data)
+    except DeploymentError:
+        raise DeploymentError(f"undo record of {ref} is damaged ({p.name})") from None
+    if doc.get("ref") != ref or doc.get("scale") != layer.get("scale"):
+        raise DeploymentError(f"undo record {p.name} is of {doc.get('ref')!r} x{doc.get('scale')!r}, not of the "
+                              f"stack's {ref} x{layer.get('scale')!r}")
+    return entries
 
 
 def _prepare(ws: Any, name: str) -> tuple[DeploymentInfo, bool]:
@@ -406,8 +742,9 @@ def _execute(ws: Any, name: str, *, action: str, revert_layers: int = 0, applies
     ``planned_on`` is the stack the caller planned against; if another process changed it
     meanwhile, the operation is refused (nothing changed) rather than applied to the wrong stack.
     """
-    info = get(ws, name)
+    info = _writable(ws, name)
     with _locked(info.path):
+        _writable(ws, name, adopt=True)
         info, recovered = _prepare(ws, name)
         if planned_on is not None and [layer["undo"] for layer in planned_on] != [layer["undo"] for layer in info.stack]:
             raise DeploymentError(f"deployment {name!r} was changed by another command meanwhile; run it again")
@@ -433,6 +770,9 @@ def _execute(ws: Any, name: str, *, action: str, revert_layers: int = 0, applies
             for st in applies:
                 for n, p in st.adapter.params.items():
                     touched.setdefault(n, []).append(p.flat()[0])
+            # NaN/inf (e.g. bf16 overflow, a huge --scale) refused before the WAL or any weight byte is written
+            check_finite_plan(weights, [ents for _, ents in undone], [(st.adapter.params, st.scale, st.info.ref)
+                                                                      for st in applies])
             op_id = uuid.uuid4().hex
             tx = DiskTransaction(weights, _wal(info.path), {"op_id": op_id, "action": action,
                                                             "ref": (details or {}).get("ref")})
@@ -494,7 +834,7 @@ def apply(ws: Any, name: str, ref: str, scale: float = 1.0, *, check: bool = Tru
     Raises: DeploymentError (unknown deployment, corrupt weights), RefError, BaseModelError (other base,
     shape mismatch). On any error the deployment is unchanged.
     """
-    dep = get(ws, name)
+    dep = _writable(ws, name)
     step = _load_step(ws, dep, ref, scale)
     return _execute(ws, name, action="apply", applies=[step], version_id=step.info.id, scale=step.scale,
                     details={"ref": step.info.ref}, check=check, fault="deploy.apply.mid-patch")
@@ -503,9 +843,9 @@ def apply(ws: Any, name: str, ref: str, scale: float = 1.0, *, check: bool = Tru
 def revert(ws: Any, name: str, ref: str | None = None, *, check: bool = True) -> DeploymentInfo:
     """Revert the top layer, or the topmost layer holding version ``ref`` (re-applying those above it).
 
-    Raises: DeploymentError (empty stack, ref not applied), RefError.
+    Raises: DeploymentError (empty stack, ref not applied, another home's deployment), RefError.
     """
-    dep = get(ws, name)
+    dep = _writable(ws, name)
     stack = dep.stack
     if not stack:
         raise DeploymentError(f"deployment {name!r} has no adapter applied")
@@ -531,9 +871,9 @@ def revert(ws: Any, name: str, ref: str | None = None, *, check: bool = True) ->
 def rollback(ws: Any, name: str, to: int, *, check: bool = True) -> DeploymentInfo:
     """Restore the state after event ``to`` (its stack), exactly.
 
-    Raises: DeploymentError (unknown event).
+    Raises: DeploymentError (unknown event, another home's deployment).
     """
-    dep = get(ws, name)
+    dep = _writable(ws, name)
     with ws.session() as s:
         row = _row(s, name)
         ev = s.scalar(select(DeploymentEvent).where(DeploymentEvent.deployment_id == row.id, DeploymentEvent.seq == to))

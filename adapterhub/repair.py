@@ -6,7 +6,14 @@ What a crash (SIGKILL, power cut) can leave behind, and what repair does about i
   no version references) and **temp files** of interrupted atomic writes: removed through
   :meth:`Workspace.gc <adapterhub.api.Workspace.gc>`;
 * a **deployment with a leftover write-ahead log** (killed mid apply/revert/rollback): finished or
-  undone, bit for bit, by :func:`adapterhub.deployments.recover`, which records a ``recover`` event.
+  undone, bit for bit, by :func:`adapterhub.deployments.recover`, which records a ``recover`` event
+  (only for this home's deployments: those of another home sharing the catalog, or of the home this
+  one was copied from, are verified, never changed);
+* **temp files** of interrupted writes in this home's deployment folders (``.adapterhub/.*.tmp``,
+  ``.adapterhub/undo/.*.tmp``): removed through ``Workspace.gc``.
+
+Every deployment is then verified: weights against the recorded state, and each undo record its
+stack needs (missing or corrupt ones are reported: revert and rollback would fail without them).
 
 A catalog row is never half-written (each register is one transaction), so nothing else needs fixing;
 problems repair cannot fix (a referenced blob missing or corrupt, a deployment whose weights were
@@ -67,22 +74,20 @@ def repair(ws: "Workspace", *, grace_s: float = 0.0, dry_run: bool = False) -> R
     # 1. deployments first: recovery reads blobs (undo records live in the deployment folder, not the store)
     for d in deployments.list_deployments(ws):
         try:
-            if not dry_run and deployments.recover(ws, d.name):
+            if not dry_run and not d.read_only and deployments.recover(ws, d.name):
                 rep.recovered_deployments.append(d.name)
             chk = deployments.verify(ws, d.name)
         except (AdapterHubError, OSError) as e:
             rep.deployment_problems.append(f"{d.name}: {_one_line(e)}")
             continue
         if not chk["ok"]:
-            why = "an interrupted operation is pending" if chk.get("pending_recovery") else \
-                f"weights {str(chk['actual'])[:12]} do not match the recorded state {str(chk['expected'])[:12]}"
-            rep.deployment_problems.append(f"{d.name}: {why}")
+            rep.deployment_problems.append(f"{d.name}: {deployments.why_not_ok(chk)}")
     # 2. orphans and temp files
     res = ws.gc(dry_run=dry_run, grace_s=grace_s)
     rep.removed_blobs, rep.freed_bytes, rep.temp_files_removed = res.removed, res.freed_bytes, res.temp_files_removed
     rep.kept_recent_orphans = res.kept_recent
     # 3. what is left must verify
-    v = ws.verify()
+    v = ws.verify(deployments=False)  # checked above
     rep.checked = v["checked"]
     rep.problems = list(v["problems"])
     return rep

@@ -32,6 +32,23 @@ class WeightsType(click.ParamType):
         return out
 
 
+class FiniteFloat(click.ParamType):
+    """A finite number (``inf``/``nan`` refused): a value written into served weights."""
+
+    name = "NUMBER"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r}: must be a finite number", param, ctx)
+        return x
+
+
 @click.command("merge")
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--method", "-m", type=LazyChoice(_method_names), required=True, help="Merge method.")
@@ -122,7 +139,8 @@ def deploy_list(c, as_json):
 @deploy_group.command("apply")
 @click.argument("name")
 @click.argument("ref")
-@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's values.")
+@click.option("--scale", type=FiniteFloat(), default=1.0, show_default=True,
+              help="Multiply the adapter's values (a finite number).")
 @json_option
 @pass_ctx
 @handle_errors
@@ -194,7 +212,7 @@ def deploy_history(c, name, as_json):
 @pass_ctx
 @handle_errors
 def deploy_verify(c, name, as_json):
-    """Re-hash the weights of NAME and compare with the recorded state (exit 1 on mismatch).
+    """Check NAME: weights match the recorded state, undo records intact (exit 1 if not).
 
     Example: adapterhub deploy verify prod
     """
@@ -207,8 +225,7 @@ def deploy_verify(c, name, as_json):
         output(r, False, ["deployment", "ok", "expected", "actual"],
                [[r["name"], "yes" if r["ok"] else "NO", r["expected"][:16], str(r["actual"])[:16]]])
     if not r["ok"]:
-        why = "an interrupted operation is pending recovery" if r["pending_recovery"] else "weights differ"
-        raise click.ClickException(f"deployment {name} does not match its recorded state ({why})")
+        raise click.ClickException(f"deployment {name} does not verify: {deployments.why_not_ok(r)}")
 
 
 def register(cli: click.Group) -> None:

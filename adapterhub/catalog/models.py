@@ -149,6 +149,10 @@ class Deployment(Base):
     stack: Mapped[Optional[Any]] = mapped_column(JSONType)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Ownership (revision 0002; NULL on rows made before it, until a home adopts them):
+    uid: Mapped[Optional[str]] = mapped_column(String(32), unique=True)  # also in the folder's marker
+    home_id: Mapped[Optional[str]] = mapped_column(String(32))  # the home that created it; only it writes
+    rel_path: Mapped[Optional[str]] = mapped_column(Text)  # folder relative to that home, if inside it
 
     base: Mapped[BaseModel] = relationship(lazy="joined")
 
