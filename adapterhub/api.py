@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from .catalog import db
 from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag, iso_utc
@@ -25,6 +27,8 @@ from .store import BlobStore
 if TYPE_CHECKING:
     from . import format as fmt
 
+_log = logging.getLogger("adapterhub.catalog")
+
 
 @dataclass(frozen=True)
 class Parent:
@@ -34,6 +38,46 @@ class Parent:
     relation: str = "finetuned_from"
     weight: float | None = None
     params: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """One version for :meth:`Workspace.register_many` (the arguments of :meth:`Workspace.register`).
+
+    ``expect_hash``: when set, the canonical bytes must hash to it or nothing at all is registered.
+    """
+
+    adapter: Any  # a format.SparseAdapter or the bytes of an adapter file
+    name: str
+    task: str | None
+    base: str
+    kind: str = "expert"
+    parents: tuple[Parent, ...] = ()
+    metrics: dict[str, Any] | None = None
+    training_config: dict[str, Any] | None = None
+    hub: dict[str, str | None] | None = None
+    expect_hash: str | None = None
+    allow_nonfinite: bool = False  # the user's explicit flag (never the file's card): let NaN/inf values in
+
+
+@dataclass
+class _PreparedVersion:
+    """A validated, canonically serialised version, not yet written anywhere (internal)."""
+
+    spec: NewVersion
+    base: "BaseInfo"
+    adapter: Any
+    card: dict[str, Any]
+    data: bytes
+    digest: str
+    dtype: str
+
+    def row_args(self, digest: str) -> dict[str, Any]:
+        """Keyword arguments of :meth:`Workspace._insert_version` / ``_add_version_row``."""
+        s = self.spec
+        return dict(name=s.name, kind=s.kind, base_id=self.base.id, digest=digest, size=len(self.data), task=s.task,
+                    mask=self.card.get("mask") or {}, adapter=self.adapter, dtype=self.dtype, parents=s.parents,
+                    metrics=s.metrics, training_config=s.training_config, card=self.card, hub=s.hub)
 
 
 @dataclass
@@ -117,29 +161,57 @@ def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None =
         tags=sorted(tags or []))
 
 
-def retry_on_busy(fn, *, attempts: int = 12, base_delay: float = 0.02):
-    """Run ``fn()`` retrying on lock/busy/serialization errors and unique-key races, with jittered backoff.
+def retry_on_busy(fn, *, attempts: int | None = None, base_delay: float = 0.02, timeout: float | None = None,
+                  on_wait: Callable[[float], None] | None = None):
+    """Run ``fn()`` retrying on lock/busy/serialization errors, unique-key races and stale rows (a row
+    another process changed or removed meanwhile), with jittered backoff.
 
-    Raises CatalogError (one line) when the error is not transient or the retries are exhausted, so a
+    ``timeout``: seconds to keep trying (default: env ADAPTERHUB_LOCK_TIMEOUT, else 60); ``attempts``:
+    optional cap on tries. Each try waits at most a short slice for SQLite's lock, so once a lock has been
+    waited for ``db.LOCK_NOTICE_AFTER_S`` seconds, ``on_wait(seconds_waited)`` is called once (and the
+    notice logged on ``adapterhub.catalog`` at INFO); the library itself never prints.
+    Raises CatalogError (one line) when the error is not transient or the time/attempts run out, so a
     raw driver error never reaches the user.
     """
-    for i in range(attempts):
+    limit = db.lock_timeout_setting(timeout)
+    start = time.monotonic()
+    noticed = False
+    i = 0
+    while True:
+        remaining = limit - (time.monotonic() - start)
         try:
-            return fn()
-        except (OperationalError, IntegrityError) as e:
-            raw = str(e.orig if hasattr(e, "orig") else e)
+            with db.busy_slice(int(1000 * max(0.05, min(db.LOCK_NOTICE_AFTER_S, remaining)))):
+                return fn()
+        except (OperationalError, IntegrityError, StaleDataError) as e:
+            raw = str(getattr(e, "orig", None) or e)
             msg = raw.lower()
-            if isinstance(e, IntegrityError):  # only a unique-key race is worth retrying (FK/CHECK are bugs)
+            locked = False
+            if isinstance(e, StaleDataError):
+                transient = True
+            elif isinstance(e, IntegrityError):  # only a unique-key race is worth retrying (FK/CHECK are bugs)
                 transient = "unique" in msg or "duplicate key" in msg
             else:
-                transient = any(s in msg for s in ("locked", "busy", "could not serialize", "deadlock"))
+                locked = "locked" in msg or "busy" in msg
+                transient = locked or any(s in msg for s in ("could not serialize", "deadlock"))
             first = (raw.strip().splitlines() or ["?"])[0]
             if not transient:
                 raise CatalogError(f"catalog write failed: {first}") from e
-            if i == attempts - 1:
+            i += 1
+            elapsed = time.monotonic() - start
+            if attempts is not None and i >= attempts:
                 raise CatalogError(f"the catalog stayed busy after {attempts} attempts: {first}") from e
-            time.sleep(base_delay * (2 ** min(i, 6)) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+            if elapsed >= limit:
+                if locked:
+                    raise CatalogError(f"the catalog database is locked by another process; gave up after {elapsed:.0f} s"
+                                       f" (--lock-timeout or {db.LOCK_TIMEOUT_ENV} sets how long to wait)") from e
+                raise CatalogError(f"the catalog stayed busy for {elapsed:.0f} s: {first}") from e
+            if locked and not noticed and elapsed >= 0.95 * db.LOCK_NOTICE_AFTER_S:
+                noticed = True
+                _log.info("waiting for the catalog lock (held by another process), up to %.0f s", limit)
+                if on_wait is not None:
+                    on_wait(elapsed)
+            delay = base_delay * (2 ** min(i - 1, 6)) * (0.5 + random.random())
+            time.sleep(max(0.0, min(delay, limit - elapsed)))
 
 
 class Workspace:
@@ -148,25 +220,43 @@ class Workspace:
     Open with :meth:`open`; every CLI command is one or a few calls on this object.
     """
 
-    def __init__(self, home: Path, db_url: str, *, migrate: bool = True) -> None:
+    def __init__(self, home: Path, db_url: str, *, migrate: bool = True, lock_timeout: float | None = None,
+                 on_lock_wait: Callable[[float], None] | None = None) -> None:
+        """``lock_timeout``: seconds to wait for another process's catalog lock (default: env
+        ADAPTERHUB_LOCK_TIMEOUT, else 60); ``on_lock_wait(seconds)`` is called once when a write has
+        waited ~2 s for it. Raises CatalogError for an unusable home, URL or timeout.
+        """
         self.home = home
         self.db_url = db_url
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = db.lock_timeout_setting(lock_timeout)
+        self.on_lock_wait = on_lock_wait
+        if self.home.exists() and not self.home.is_dir():
+            raise CatalogError(f"the home {home} is not a directory")
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CatalogError(f"cannot create the home directory {home}: {e.strerror or e}") from None
         if self.home.is_symlink():
             raise CatalogError(f"{home}: the home directory must not be a symlink")
         self.store = BlobStore(self.home / "blobs" / "sha256")
-        self.engine = db.make_engine(db_url)
+        self.engine = db.make_engine(db_url, lock_timeout=self.lock_timeout)
         if migrate:
             db.ensure_schema(self.engine)
         self._sessions = db.session_factory(self.engine)
 
     @classmethod
     def open(cls, home: str | os.PathLike[str] | None = None, db_url: str | None = None, *,
-             migrate: bool = True) -> "Workspace":
-        """Open (creating if needed) the workspace. Flags > env (ADAPTERHUB_HOME, ADAPTERHUB_DB_URL) > defaults."""
+             migrate: bool = True, lock_timeout: float | None = None,
+             on_lock_wait: Callable[[float], None] | None = None) -> "Workspace":
+        """Open (creating if needed) the workspace. Flags > env (ADAPTERHUB_HOME, ADAPTERHUB_DB_URL,
+        ADAPTERHUB_LOCK_TIMEOUT) > defaults. See ``__init__`` for the lock options."""
         h = Path(home).expanduser() if home else db.default_home()
         url = db_url or os.environ.get("ADAPTERHUB_DB_URL") or db.default_sqlite_url(h.absolute())
-        return cls(h.absolute(), url, migrate=migrate)
+        return cls(h.absolute(), url, migrate=migrate, lock_timeout=lock_timeout, on_lock_wait=on_lock_wait)
+
+    def _retry(self, fn: Callable[[], Any]) -> Any:
+        """:func:`retry_on_busy` with this workspace's lock timeout and waiting callback."""
+        return retry_on_busy(fn, timeout=self.lock_timeout, on_wait=self.on_lock_wait)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -226,7 +316,7 @@ class Workspace:
                 s.flush()
                 return self._base_info(row, path)
 
-        return retry_on_busy(txn)
+        return self._retry(txn)
 
     def _base_info(self, row: BaseModel, path: Path | None = None) -> BaseInfo:
         if path is None:
@@ -255,8 +345,11 @@ class Workspace:
     def register(self, adapter: fmt.SparseAdapter | bytes, *, name: str, task: str | None, base: str,
                  kind: str = "expert", parents: Sequence[Parent] = (), metrics: dict[str, Any] | None = None,
                  training_config: dict[str, Any] | None = None,
-                 hub: dict[str, str | None] | None = None) -> VersionInfo:
+                 hub: dict[str, str | None] | None = None, allow_nonfinite: bool = False) -> VersionInfo:
         """Store an adapter and record it as the next version of ``name``.
+
+        NaN/inf values are refused (FormatError) unless ``allow_nonfinite`` is passed (``register
+        --allow-nonfinite``); the adapter card's own ``allow_nonfinite`` key does not switch the check off.
 
         ``adapter`` is a SparseAdapter or the bytes of an adapter file (re-serialised canonically).
         Checks: names, kind, relations, parents exist, the adapter fits the base (fingerprint in its card,
@@ -264,20 +357,42 @@ class Workspace:
         so a crash leaves at most an unreferenced blob (removed by ``gc``), never a row without a blob.
         Registering content already present as a version of ``name`` returns that version (created=False).
         """
+        spec = NewVersion(adapter, name=name, task=task, base=base, kind=kind, parents=tuple(parents),
+                          metrics=metrics, training_config=training_config, hub=hub, allow_nonfinite=allow_nonfinite)
+        prep = self._prepare_version(spec, {})
+        self._precheck_register(name, kind, prep.base.id, parents)  # refuse before the blob is written
+        from .faults import fault_point
+
+        with self.store.lock(exclusive=False):  # a concurrent gc waits until the row is committed
+            digest = self.store.put_bytes(prep.data)
+            fault_point("register.after-blob")
+            return self._retry(lambda: self._insert_version(**prep.row_args(digest)))
+
+    def _prepare_version(self, spec: NewVersion, bases: dict[str, BaseInfo]) -> _PreparedVersion:
+        """Validate one version and serialise it canonically; writes nothing.
+
+        Takes the version and bases not yet in the catalog (by name; others are looked up). Returns the
+        canonical bytes and row values. Raises NameError_/CatalogError (names, kind, task, relations),
+        FormatError (unreadable bytes), BaseModelError (the adapter does not fit the base).
+        """
         from . import format as fmt  # torch: imported only by commands that read or write adapters
 
+        name, kind, task, base = spec.name, spec.kind, spec.task, spec.base
         validate_name(name, "adapter name")
         if kind not in KINDS:
             raise CatalogError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
         if task is not None and (not task or len(task) > 100 or any(c in task for c in "\0\n\r")):
             raise NameError_(f"invalid task name {task!r}")
-        for p in parents:
+        for p in spec.parents:
             if p.relation not in RELATIONS:
                 raise CatalogError(f"unknown relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
+        adapter = spec.adapter
         if isinstance(adapter, (bytes, bytearray)):
-            adapter = fmt.load(bytes(adapter))
+            adapter = fmt.load(bytes(adapter), allow_nonfinite=spec.allow_nonfinite)
         card = dict(adapter.card)
-        binfo = self.get_base(base)
+        if spec.allow_nonfinite:  # record the user's decision, so reads from the store accept this blob
+            card["allow_nonfinite"] = True
+        binfo = bases[base] if base in bases else self.get_base(base)
         card_fp = (card.get("base") or {}).get("fingerprint") if isinstance(card.get("base"), dict) else None
         if card_fp and card_fp != binfo.fingerprint:
             raise BaseModelError(
@@ -291,19 +406,113 @@ class Workspace:
             card.setdefault("task", task)
         card.setdefault("kind", kind)
         adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card)
-        data = fmt.save(adapter)
-        self._precheck_register(name, kind, binfo.id, parents)  # refuse before the blob is written
+        data = fmt.save(adapter, allow_nonfinite=spec.allow_nonfinite)
+        dtype = adapter.dtype
+        return _PreparedVersion(spec, binfo, adapter, card, data, fmt.sha256_hex(data),
+                                fmt.dtype_name(dtype) if dtype is not None else "mixed")
+
+    def prepare_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
+        """What :meth:`add_base` would record for ``name``/``source``, without recording it (``id`` is 0).
+
+        Materialises a built-in source into the cache if needed and fingerprints the folder. Raises
+        NameError_ for a bad name, BaseModelError when the source cannot be used.
+        """
+        validate_name(name, "base name")
+        src = canonical_source(source)
+        path = resolve_source(src, self.cache_dir)
+        info = inspect_folder(path)
+        return BaseInfo(name, src, revision, info.architecture, info.fingerprint, info.num_params, path, 0)
+
+    def register_many(self, versions: Sequence[NewVersion], *, new_bases: Sequence[BaseInfo] = ()
+                      ) -> list[VersionInfo]:
+        """Register several versions (and new bases) all-or-nothing: one catalog transaction.
+
+        Takes the versions in order (a parent before its children; a child names a parent of the same
+        batch by ``sha256:<content hash>``) and bases from :meth:`prepare_base` to add in the same
+        transaction. Everything is validated and serialised first, and each ``expect_hash`` checked;
+        then the whole batch is tried against the catalog and rolled back, so refusals happen before any
+        blob is written. Blobs are then written (atomic, fsynced), then every row is inserted and committed
+        at once. If anything fails after that, the blobs this call newly created (and no committed version
+        references) are removed again; blobs that already existed stay. A crash leaves at most
+        unreferenced blobs, which ``gc`` removes. Returns one VersionInfo per version, in order (created
+        False for content already present as a version of that name). Raises what :meth:`register`
+        raises, CatalogError for a hash that differs from ``expect_hash`` or a base that appeared meanwhile
+        with other weights.
+        """
         from .faults import fault_point
 
-        mask = card.get("mask") or {}
-        dtype = adapter.dtype
-        with self.store.lock(exclusive=False):  # a concurrent gc waits until the row is committed
-            digest = self.store.put_bytes(data)
-            fault_point("register.after-blob")
-            return retry_on_busy(lambda: self._insert_version(
-                name=name, kind=kind, base_id=binfo.id, digest=digest, size=len(data), task=task, mask=mask,
-                adapter=adapter, dtype=fmt.dtype_name(dtype) if dtype is not None else "mixed", parents=parents,
-                metrics=metrics, training_config=training_config, card=card, hub=hub))
+        bases = {b.name: b for b in new_bases}
+        for b in new_bases:
+            validate_name(b.name, "base name")
+        prepared = [self._prepare_version(v, bases) for v in versions]
+        for p in prepared:
+            if p.spec.expect_hash is not None and p.digest != p.spec.expect_hash:
+                raise CatalogError(f"{p.spec.name}: the canonical bytes hash {p.digest[:12]} differs from the "
+                                   f"expected {p.spec.expect_hash[:12]} (a non-canonical file); nothing was registered")
+
+        def dry_run() -> None:
+            with self._sessions() as s:
+                try:
+                    self._add_batch(s, new_bases, prepared)
+                finally:
+                    s.rollback()
+
+        self._retry(dry_run)  # refusals (kinds, bases, unknown parents) before any blob is written
+
+        def txn() -> list[VersionInfo]:
+            with self.session() as s:
+                infos = self._add_batch(s, new_bases, prepared)
+                fault_point("register.before-commit")  # rows and edges flushed, transaction not committed
+                return infos
+
+        created: list[str] = []  # blobs this call writes (not there before): removed again on failure
+        try:
+            with self.store.lock(exclusive=False):  # a concurrent gc waits until the rows are committed
+                for p in prepared:
+                    if p.digest not in created and not self.store.has(p.digest):
+                        created.append(p.digest)
+                    self.store.put_bytes(p.data)
+                fault_point("register.after-blob")
+                return self._retry(txn)
+        except BaseException:
+            self._drop_unreferenced(created)
+            raise
+
+    def _add_batch(self, s: Session, new_bases: Sequence[BaseInfo], prepared: Sequence[_PreparedVersion]
+                   ) -> list[VersionInfo]:
+        """Insert the new bases and every version into session ``s`` (flushed, not committed)."""
+        base_ids: dict[str, int] = {}
+        for b in new_bases:
+            row = s.scalar(select(BaseModel).where(BaseModel.name == b.name))
+            if row is not None and (row.fingerprint != b.fingerprint or row.source != b.source):
+                raise CatalogError(f"base {b.name!r} was added meanwhile with other weights or source; pull again")
+            if row is None:
+                row = BaseModel(name=b.name, source=b.source, revision=b.revision, architecture=b.architecture,
+                                fingerprint=b.fingerprint, num_params=b.num_params,
+                                local_path=None if b.source.startswith("builtin:") else str(b.path))
+                s.add(row)
+                s.flush()
+            base_ids[b.name] = row.id
+        out = []
+        for p in prepared:
+            args = p.row_args(p.digest)
+            args["base_id"] = base_ids.get(p.spec.base, p.base.id)
+            out.append(self._add_version_row(s, **args))
+        return out
+
+    def _drop_unreferenced(self, digests: Sequence[str]) -> None:
+        """Remove blobs of a failed batch that no committed version references (best effort, under the
+        store's exclusive lock so no other registration is between its blob write and its commit)."""
+        if not digests:
+            return
+        try:
+            with self.store.lock(exclusive=True):
+                referenced = self.referenced_hashes()
+                for d in digests:
+                    if d not in referenced:
+                        self.store.delete(d)
+        except Exception:  # noqa: BLE001 - the original error matters more; gc removes what is left
+            pass
 
     def _precheck_register(self, name: str, kind: str, base_id: int, parents: Sequence[Parent]) -> None:
         """Raise what :meth:`_insert_version` would raise for kind/base conflicts and unknown parents, so a
@@ -326,50 +535,64 @@ class Workspace:
                         metrics: dict[str, Any] | None, training_config: dict[str, Any] | None, card: dict[str, Any],
                         hub: dict[str, str | None] | None) -> VersionInfo:
         with self.session() as s:
-            a = s.scalar(select(Adapter).where(Adapter.name == name))
-            if a is None:
-                a = Adapter(name=name, kind=kind, base_id=base_id)
-                s.add(a)
-                s.flush()
-            else:
-                if a.kind != kind:
-                    raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
-                if a.base_id != base_id:
-                    raise CatalogError(f"adapter {name!r} belongs to base {a.base.name!r}")
-                same = s.scalar(select(AdapterVersion).where(AdapterVersion.adapter_id == a.id,
-                                                             AdapterVersion.content_hash == digest))
-                if same is not None:
-                    info = _version_info(same, a.base)
-                    info.created = False
-                    return info
-            parent_rows = []
-            for p in parents:
-                prow = self._resolve_row(s, p.ref) if p.ref is not None else None
-                if prow is None and p.relation != "imported_from":
-                    raise CatalogError(f"relation {p.relation} needs a parent ref")
-                parent_rows.append((p, prow))
-            number = (s.scalar(select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == a.id)) or 0) + 1
-            row = AdapterVersion(
-                adapter_id=a.id, number=number, content_hash=digest, size_bytes=size, task=task,
-                mask_method=mask.get("method"), density=float(mask["density"]) if mask.get("density") is not None else adapter.density,
-                granularity=mask.get("granularity") or _granularity(adapter), block_size=mask.get("block_size") or _block_size(adapter),
-                target_modules=mask.get("targets") or sorted(adapter.params), nnz=adapter.nnz,
-                nnz_per_param=adapter.nnz_per_param(), dtype=dtype, mask_hash=adapter.mask_hash(),
-                training_config=training_config, metrics=metrics or {}, card=card,
-                hub_repo=(hub or {}).get("repo"), hub_commit=(hub or {}).get("commit"),
-                hub_tag=(hub or {}).get("tag"), hub_endpoint=(hub or {}).get("endpoint"),
-            )
-            row.adapter = a
-            s.add(row)
-            s.flush()
-            for p, prow in parent_rows:
-                s.add(LineageEdge(child_id=row.id, parent_id=prow.id if prow is not None else None,
-                                  relation=p.relation, weight=p.weight, params=p.params))
-            s.flush()
-            from .faults import fault_point
+            info = self._add_version_row(
+                s, name=name, kind=kind, base_id=base_id, digest=digest, size=size, task=task, mask=mask,
+                adapter=adapter, dtype=dtype, parents=parents, metrics=metrics, training_config=training_config,
+                card=card, hub=hub)
+            if info.created:
+                from .faults import fault_point
 
-            fault_point("register.before-commit")  # row and edges flushed, transaction not committed
-            return _version_info(row, a.base)
+                fault_point("register.before-commit")  # row and edges flushed, transaction not committed
+            return info
+
+    def _add_version_row(self, s: Session, *, name: str, kind: str, base_id: int, digest: str, size: int,
+                         task: str | None, mask: dict[str, Any], adapter: fmt.SparseAdapter, dtype: str,
+                         parents: Sequence[Parent], metrics: dict[str, Any] | None,
+                         training_config: dict[str, Any] | None, card: dict[str, Any],
+                         hub: dict[str, str | None] | None) -> VersionInfo:
+        """Add one version row and its lineage edges to session ``s`` (flushed, not committed); an
+        adapter row is created when ``name`` is new. Raises CatalogError/RefError on conflicts."""
+        a = s.scalar(select(Adapter).where(Adapter.name == name))
+        if a is None:
+            a = Adapter(name=name, kind=kind, base_id=base_id)
+            s.add(a)
+            s.flush()
+        else:
+            if a.kind != kind:
+                raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
+            if a.base_id != base_id:
+                raise CatalogError(f"adapter {name!r} belongs to base {a.base.name!r}")
+            same = s.scalar(select(AdapterVersion).where(AdapterVersion.adapter_id == a.id,
+                                                         AdapterVersion.content_hash == digest))
+            if same is not None:
+                info = _version_info(same, a.base)
+                info.created = False
+                return info
+        parent_rows = []
+        for p in parents:
+            prow = self._resolve_row(s, p.ref) if p.ref is not None else None
+            if prow is None and p.relation != "imported_from":
+                raise CatalogError(f"relation {p.relation} needs a parent ref")
+            parent_rows.append((p, prow))
+        number = (s.scalar(select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == a.id)) or 0) + 1
+        row = AdapterVersion(
+            adapter_id=a.id, number=number, content_hash=digest, size_bytes=size, task=task,
+            mask_method=mask.get("method"), density=float(mask["density"]) if mask.get("density") is not None else adapter.density,
+            granularity=mask.get("granularity") or _granularity(adapter), block_size=mask.get("block_size") or _block_size(adapter),
+            target_modules=mask.get("targets") or sorted(adapter.params), nnz=adapter.nnz,
+            nnz_per_param=adapter.nnz_per_param(), dtype=dtype, mask_hash=adapter.mask_hash(),
+            training_config=training_config, metrics=metrics or {}, card=card,
+            hub_repo=(hub or {}).get("repo"), hub_commit=(hub or {}).get("commit"),
+            hub_tag=(hub or {}).get("tag"), hub_endpoint=(hub or {}).get("endpoint"),
+        )
+        row.adapter = a
+        s.add(row)
+        s.flush()
+        for p, prow in parent_rows:
+            s.add(LineageEdge(child_id=row.id, parent_id=prow.id if prow is not None else None,
+                              relation=p.relation, weight=p.weight, params=p.params))
+        s.flush()
+        return _version_info(row, a.base)
 
     # -- resolve / read ---------------------------------------------------------------------------
 
@@ -414,7 +637,10 @@ class Workspace:
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
         from . import format as fmt
 
-        return fmt.load(self.store.get_bytes(info.content_hash))
+        # The store holds only what register accepted: a blob whose card says allow_nonfinite got in with
+        # finite values or through the user's --allow-nonfinite, so honouring the key here is safe.
+        card = info.card if isinstance(info.card, dict) else {}
+        return fmt.load(self.store.get_bytes(info.content_hash), allow_nonfinite=card.get("allow_nonfinite") is True)
 
     def adapter_bytes(self, ref: str | VersionInfo) -> bytes:
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
@@ -430,7 +656,7 @@ class Workspace:
                 row.metrics = merged
                 s.flush()
                 return _version_info(row, row.adapter.base)
-        return retry_on_busy(txn)
+        return self._retry(txn)
 
     def set_hub(self, ref: str, *, repo: str, commit: str | None, tag: str | None, endpoint: str | None) -> None:
         """Record the Hub coordinates of a pushed version."""
@@ -438,7 +664,7 @@ class Workspace:
             with self.session() as s:
                 row = self._resolve_row(s, ref)
                 row.hub_repo, row.hub_commit, row.hub_tag, row.hub_endpoint = repo, commit, tag, endpoint
-        retry_on_busy(txn)
+        self._retry(txn)
 
     def list_versions(self, *, task: str | None = None, base: str | None = None, kind: str | None = None,
                       name: str | None = None, limit: int | None = None) -> list[VersionInfo]:
@@ -502,17 +728,20 @@ class Workspace:
                     t.updated_at = dt.datetime.now(dt.timezone.utc)
                 s.flush()
                 return _version_info(row, row.adapter.base, [tag])
-        return retry_on_busy(txn)
+        return self._retry(txn)
 
     def untag(self, name: str, tag: str) -> None:
-        with self.session() as s:
-            a = s.scalar(select(Adapter).where(Adapter.name == name))
-            if a is None:
-                raise RefError(f"unknown adapter {name!r}")
-            t = s.scalar(select(Tag).where(Tag.adapter_id == a.id, Tag.name == tag))
-            if t is None:
-                raise RefError(f"{name} has no tag {tag!r}")
-            s.delete(t)
+        """Remove ``tag`` from adapter ``name``; raises RefError if either is unknown (also when another
+        process removed the tag meanwhile). One DELETE statement, retried on a busy catalog."""
+        def txn() -> None:
+            with self.session() as s:
+                a = s.scalar(select(Adapter).where(Adapter.name == name))
+                if a is None:
+                    raise RefError(f"unknown adapter {name!r}")
+                gone = s.execute(delete(Tag).where(Tag.adapter_id == a.id, Tag.name == tag)).rowcount
+                if not gone:
+                    raise RefError(f"{name} has no tag {tag!r}")
+        self._retry(txn)
 
     # -- lineage ----------------------------------------------------------------------------------
 
@@ -572,11 +801,24 @@ class Workspace:
         """Remove blobs no version references (and temp files of interrupted writes).
 
         ``grace_s``: keep orphans younger than this (safe while other processes register versions).
+        Temp files in this home's deployment folders (``.adapterhub/.*.tmp``, ``undo/.*.tmp``) count too.
         """
-        return self.store.gc(self.referenced_hashes, dry_run=dry_run, grace_s=grace_s)
+        res = self.store.gc(self.referenced_hashes, dry_run=dry_run, grace_s=grace_s)
+        if self._has_deployments():
+            from . import deployments  # imports torch: only when there are deployments
 
-    def verify(self, refs: Sequence[str] = (), *, on_progress=None) -> dict[str, Any]:
-        """Re-hash the blobs of ``refs`` (default all versions) and check catalog <-> store.
+            res.temp_files_removed += deployments.remove_temp_files(self, dry_run=dry_run)
+        return res
+
+    def _has_deployments(self) -> bool:
+        from .catalog.models import Deployment
+
+        with self.session() as s:
+            return s.scalar(select(Deployment.id).limit(1)) is not None
+
+    def verify(self, refs: Sequence[str] = (), *, on_progress=None, deployments: bool = True) -> dict[str, Any]:
+        """Re-hash the blobs of ``refs`` (default all versions) and check catalog <-> store; without ``refs``
+        (and unless ``deployments=False``) also verify every deployment (weights, marker, undo records).
 
         ``on_progress(done, total)``, if given, is called after each version (the CLI draws a progress bar).
         Returns {"checked": n, "problems": [..], "orphans": [digests in the store no version references]}.
@@ -593,6 +835,10 @@ class Workspace:
             if on_progress is not None:
                 on_progress(i + 1, len(infos))
         orphans = sorted(set(self.store.iter_digests()) - self.referenced_hashes()) if not refs else []
+        if not refs and deployments and self._has_deployments():
+            from .deployments import check_all
+
+            problems += check_all(self)
         return {"checked": len(infos), "problems": problems, "orphans": orphans}
 
 
@@ -611,4 +857,4 @@ def _block_size(adapter: fmt.SparseAdapter) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-__all__ = ["Workspace", "Parent", "BaseInfo", "VersionInfo", "open_workspace", "retry_on_busy", "AdapterHubError"]
+__all__ = ["Workspace", "Parent", "NewVersion", "BaseInfo", "VersionInfo", "open_workspace", "retry_on_busy", "AdapterHubError"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .common import Ctx, echo_err, handle_errors, json_option, output, pass_ctx, print_json
+from .common import Ctx, echo, echo_err, handle_errors, json_option, output, pass_ctx, print_json, safe_doc
 
 KINDS = ("expert", "merge", "unlearning")
 RELATIONS = ("finetuned_from", "merged_from", "unlearns", "imported_from")
@@ -93,7 +93,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(doc)
         else:
-            click.echo(f"initialised {doc['home']} (catalog {doc['db']}, schema {doc['revision']})")
+            echo(f"initialised {doc['home']} (catalog {doc['db']}, schema {doc['revision']})")
 
     @cli.group("db")
     def db_group() -> None:
@@ -102,7 +102,7 @@ def register(cli: click.Group) -> None:
     def _raw_ws(c: Ctx):
         from adapterhub.api import Workspace
 
-        return Workspace.open(c.home, c.db_url, migrate=False)
+        return Workspace.open(c.home, c.db_url, migrate=False, lock_timeout=c.lock_timeout)
 
     @db_group.command("upgrade")
     @click.option("--revision", default="head", show_default=True, help="Target Alembic revision.")
@@ -122,7 +122,7 @@ def register(cli: click.Group) -> None:
             after = db.current_revision(ws.engine)
         finally:
             ws.close()
-        click.echo(f"catalog schema: {before or 'empty'} -> {after}")
+        echo(f"catalog schema: {before or 'empty'} -> {after}")
 
     @db_group.command("current")
     @json_option
@@ -146,7 +146,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(doc)
         else:
-            click.echo(f"{cur or '(empty)'}{' (head)' if cur == head else f' (head is {head})'}")
+            echo(f"{cur or '(empty)'}{' (head)' if cur == head else f' (head is {head})'}")
 
     @cli.group("base")
     def base_group() -> None:
@@ -168,7 +168,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(info.to_json())
         else:
-            click.echo(f"{info.name}: {info.architecture or '?'}, {info.num_params or 0:,} params, "
+            echo(f"{info.name}: {info.architecture or '?'}, {info.num_params or 0:,} params, "
                        f"fingerprint {info.fingerprint[:12]}")
 
     @base_group.command("list")
@@ -193,11 +193,14 @@ def register(cli: click.Group) -> None:
     @click.option("--parent", "parents", multiple=True, type=REF, help="Parent version (repeatable).")
     @click.option("--relation", "relations", multiple=True, type=click.Choice(RELATIONS),
                   help="Relation of the preceding --parent (default finetuned_from).")
+    @click.option("--allow-nonfinite", is_flag=True,
+                  help="Accept NaN/inf values (refused by default; the file's card cannot switch this on).")
     @json_option
     @click.pass_context
     @handle_errors
     def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str, kind: str,
-                     parents: tuple[str, ...], relations: tuple[str, ...], as_json: bool) -> None:
+                     parents: tuple[str, ...], relations: tuple[str, ...], allow_nonfinite: bool,
+                     as_json: bool) -> None:
         """Add FILE (an adapterhub .safetensors file or a PEFT SHiRA folder) as the next version of NAME.
 
         Prints the new ref. Example: adapterhub register rt.safetensors --name rt-sentiment --task rt --base minilm
@@ -210,14 +213,15 @@ def register(cli: click.Group) -> None:
         c: Ctx = ctx.obj
         ws = c.ws
         shapes = tensor_shapes(ws.get_base(base).path) if is_peft_folder(file) else None
-        adapter, source = read_adapter_source(file, shapes)
+        adapter, source = read_adapter_source(file, shapes, allow_nonfinite=allow_nonfinite)
         plist = [Parent(ref, rel) for ref, rel in pairs]
         if source == "peft-shira":
             import os
 
             plist.append(Parent(None, "imported_from", params={"format": "peft-shira",
                                                                 "path": os.path.basename(os.path.abspath(file))}))
-        info = ws.register(adapter, name=name, task=task, base=base, kind=kind, parents=plist)
+        info = ws.register(adapter, name=name, task=task, base=base, kind=kind, parents=plist,
+                           allow_nonfinite=allow_nonfinite)
         if not info.created:
             echo_err(f"same content is already {info.ref}; nothing added")
         if as_json:
@@ -226,7 +230,7 @@ def register(cli: click.Group) -> None:
             doc["source_format"] = source
             print_json(doc)
         else:
-            click.echo(info.ref)
+            echo(info.ref)
 
     def _pair_parents(ctx: click.Context, parents: tuple[str, ...], relations: tuple[str, ...]) -> list[tuple[str, str]]:
         """Pair each --relation with the --parent before it on the command line."""
@@ -322,7 +326,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json({"tag": f"{info.name}@{tag}", "ref": info.ref})
         else:
-            click.echo(f"{info.name}@{tag} -> {info.ref}")
+            echo(f"{info.name}@{tag} -> {info.ref}")
 
     @cli.command("untag")
     @click.argument("name", type=NameType("adapter name"))
@@ -335,7 +339,7 @@ def register(cli: click.Group) -> None:
         Example: adapterhub untag rt-sentiment candidate
         """
         c.ws.untag(name, tag)
-        click.echo(f"removed {name}@{tag}")
+        echo(f"removed {name}@{tag}")
 
     @cli.command("lineage")
     @click.argument("ref", type=REF)
@@ -358,7 +362,10 @@ def register(cli: click.Group) -> None:
         fmt_ = "json" if as_json else fmt_
         info = c.ws.resolve(ref)
         edges = c.ws.lineage(info.ref, direction=direction)
-        click.echo(render(info.ref, edges, direction=direction, fmt=fmt_))
+        if fmt_ == "json":  # one JSON document, strings exactly as stored (JSON escapes controls)
+            click.echo(render(info.ref, edges, direction=direction, fmt=fmt_))
+        else:  # labels come from catalog rows (and Hub cards): made terminal-safe before rendering
+            echo(render(info.ref, safe_doc(edges), direction=direction, fmt=fmt_))
 
     @cli.command("diff")
     @click.argument("ref_a", metavar="REF", type=REF)
@@ -411,15 +418,15 @@ def register(cli: click.Group) -> None:
                 print_json(rep.to_json())
             else:
                 for d in rep.recovered_deployments:
-                    click.echo(f"recovered deployment {d}")
+                    echo(f"recovered deployment {d}")
                 if rep.removed_blobs or rep.temp_files_removed:
-                    click.echo(f"removed {len(rep.removed_blobs)} orphan blob(s) ({rep.freed_bytes:,} bytes), "
+                    echo(f"removed {len(rep.removed_blobs)} orphan blob(s) ({rep.freed_bytes:,} bytes), "
                                f"{rep.temp_files_removed} temp file(s)")
                 if rep.kept_recent_orphans:
                     echo_err(f"kept {len(rep.kept_recent_orphans)} recent orphan blob(s) (--grace)")
                 for p in rep.deployment_problems + rep.problems:
-                    click.echo(f"PROBLEM {p}")
-                click.echo(f"checked {rep.checked} version(s): " + ("ok" if rep.ok else
+                    echo(f"PROBLEM {p}")
+                echo(f"checked {rep.checked} version(s): " + ("ok" if rep.ok else
                            f"{len(rep.problems) + len(rep.deployment_problems)} problem(s)"))
             if not rep.ok:
                 ctx.exit(1)
@@ -433,10 +440,10 @@ def register(cli: click.Group) -> None:
             print_json(res)
         else:
             for p in res["problems"]:
-                click.echo(f"PROBLEM {p}")
+                echo(f"PROBLEM {p}")
             if res["orphans"]:
                 echo_err(f"{len(res['orphans'])} unreferenced blob(s); `adapterhub gc` removes them")
-            click.echo(f"checked {res['checked']} version(s): "
+            echo(f"checked {res['checked']} version(s): "
                        + (f"{len(res['problems'])} problem(s)" if res["problems"] else "ok"))
         if res["problems"]:
             ctx.exit(1)
@@ -460,7 +467,7 @@ def register(cli: click.Group) -> None:
             print_json(doc)
         else:
             verb = "would remove" if dry_run else "removed"
-            click.echo(f"{verb} {len(r.removed)} blob(s), {r.freed_bytes:,} bytes; {r.temp_files_removed} temp file(s)")
+            echo(f"{verb} {len(r.removed)} blob(s), {r.freed_bytes:,} bytes; {r.temp_files_removed} temp file(s)")
 
     @cli.command("export")
     @click.argument("ref", type=REF)
@@ -482,7 +489,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(doc)
         else:
-            click.echo(f"{doc['ref']} -> {doc['path']}")
+            echo(f"{doc['ref']} -> {doc['path']}")
 
 
 def _short_list(x: Any, n: int = 4) -> str:

@@ -14,9 +14,10 @@ from adapterhub.errors import AdapterHubError
 class Ctx:
     """Global options carried in click's context object; the Workspace is opened lazily."""
 
-    def __init__(self, home: str | None, db_url: str | None) -> None:
+    def __init__(self, home: str | None, db_url: str | None, lock_timeout: float | None = None) -> None:
         self.home = home
         self.db_url = db_url
+        self.lock_timeout = lock_timeout
         self._ws = None
 
     @property
@@ -24,7 +25,8 @@ class Ctx:
         if self._ws is None:
             from adapterhub.api import Workspace
 
-            self._ws = Workspace.open(self.home, self.db_url)
+            self._ws = Workspace.open(self.home, self.db_url, lock_timeout=self.lock_timeout,
+                                      on_lock_wait=_lock_wait_notice)
         return self._ws
 
     def close(self) -> None:
@@ -36,19 +38,128 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def _lock_wait_notice(waited_s: float) -> None:
+    """The Workspace's ``on_lock_wait`` callback: tell the person why nothing happens (stderr)."""
+    echo_err("waiting for the catalog lock (another adapterhub process holds it)...")
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one-line ``Error: ...`` messages with exit code 1."""
+    """Turn errors into one-line ``Error: ...`` messages with exit code 1, no traceback.
+
+    Library errors (AdapterHubError), operating-system errors (disk full, permission denied, read-only
+    file system...) and database-driver errors (a corrupt or locked catalog) all become one escaped line.
+    """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except AdapterHubError as e:
             raise click.ClickException(_one_line(str(e))) from None
+        except OSError as e:
+            raise click.ClickException(_one_line(os_error_message(e))) from None
+        except Exception as e:  # noqa: BLE001 - only database-driver errors are translated; the rest re-raised
+            msg = _driver_error_message(e)
+            if msg is None:
+                raise
+            raise click.ClickException(_one_line(msg)) from None
     return wrapper
 
 
 def _one_line(msg: str) -> str:
-    return " ".join(msg.split()) or "failed"
+    """One line, safe for a terminal: whitespace runs collapsed, control characters and markup made visible."""
+    return safe_text(" ".join(str(msg).split())) or "failed"
+
+
+def os_error_message(e: OSError) -> str:
+    """``OSError`` as one sentence: what failed (strerror, errno name) and on which path."""
+    import errno as errno_mod
+    import os
+
+    hints = {errno_mod.ENOSPC: "the disk is full", errno_mod.EROFS: "the file system is read-only",
+             errno_mod.EACCES: "permission denied", errno_mod.EPERM: "operation not permitted"}
+    if hasattr(errno_mod, "EDQUOT"):
+        hints[errno_mod.EDQUOT] = "the disk quota is exceeded"
+    code = e.errno
+    what = hints.get(code) if code is not None else None
+    text = e.strerror or (os.strerror(code) if code is not None else "") or str(e) or e.__class__.__name__
+    name = errno_mod.errorcode.get(code, "") if code is not None else ""
+    msg = f"{what} ({text}, {name})" if what else (f"{text} ({name})" if name else text)
+    if e.filename is not None:
+        msg += f": {os.fsdecode(e.filename) if isinstance(e.filename, bytes) else e.filename}"
+        if e.filename2 is not None:
+            msg += f" -> {e.filename2}"
+    return msg
+
+
+def _driver_error_message(e: BaseException) -> str | None:
+    """A one-sentence message for a SQLAlchemy/driver error, or None when ``e`` is something else."""
+    exc = sys.modules.get("sqlalchemy.exc")
+    if exc is None or not isinstance(e, exc.SQLAlchemyError):
+        return None
+    orig = getattr(e, "orig", None)
+    first = (str(orig if orig is not None else e).strip().splitlines() or ["?"])[0]
+    low = first.lower()
+    if "locked" in low or "busy" in low:
+        return (f"the catalog database is locked by another process ({first}); try again, or wait longer with "
+                "--lock-timeout / ADAPTERHUB_LOCK_TIMEOUT")
+    if isinstance(e, exc.DatabaseError) and not isinstance(e, exc.OperationalError):
+        return f"the catalog is not a readable database ({first})"
+    orm_exc = sys.modules.get("sqlalchemy.orm.exc")
+    if orm_exc is not None and isinstance(e, orm_exc.StaleDataError):
+        return f"the catalog changed under this command (another process); nothing more was done, run it again ({first})"
+    return f"catalog error: {e.__class__.__name__}: {first}"
+
+
+# C0/C1 controls, DEL, format characters (bidi overrides/isolates, zero-width), line/paragraph separators
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def safe_text(value: Any, *, newlines: bool = False) -> str:
+    """``value`` as text that cannot drive a terminal: every control, format (bidi, zero-width), separator,
+    surrogate, private-use or unassigned character is replaced by its visible escape (``\\x1b``, ``\\u202e``).
+
+    ``newlines=True`` keeps ``\\n`` (for multi-line text we compose ourselves). Rich markup is *not*
+    escaped here: tables take cells as plain ``rich.text.Text``; see :func:`rich_safe` for markup strings.
+    """
+    import unicodedata
+
+    s = "" if value is None else str(value)
+    if s.isprintable() and s.isascii():
+        return s
+    out = []
+    for ch in s:
+        if ch == "\n" and newlines:
+            out.append(ch)
+        elif ch != " " and unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def safe_doc(doc: Any) -> Any:
+    """A copy of a JSON-like value with every string (keys too) passed through :func:`safe_text`,
+    for text renderers (lineage trees, Mermaid, DOT) that lay catalog strings out line by line."""
+    if isinstance(doc, str):
+        return safe_text(doc)
+    if isinstance(doc, dict):
+        return {safe_doc(k) if isinstance(k, str) else k: safe_doc(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return type(doc)(safe_doc(v) for v in doc)
+    return doc
+
+
+def rich_safe(value: Any) -> str:
+    """``value`` for a rich *markup* string (status lines, console.print): controls escaped, then markup."""
+    from rich.markup import escape
+
+    return escape(safe_text(value))
+
+
+def echo(msg: Any, *, err: bool = False) -> None:
+    """Print a human line (stdout, or stderr with ``err``): control characters made visible, newlines kept."""
+    click.echo(safe_text(msg, newlines=True), err=err)
 
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,11 +176,15 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: st
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
+    from rich.text import Text
+
+    # Every cell and the title is a plain Text (no markup, no emoji codes), control characters escaped:
+    # catalog and Hub strings such as "[/bold]" or "\x1b]8;;..." print literally.
+    table = Table(title=None if title is None else Text(safe_text(title)), show_lines=False)
     for c in columns:
-        table.add_column(c, overflow="fold")
+        table.add_column(Text(safe_text(c)), overflow="fold")
     for r in rows:
-        table.add_row(*["" if v is None else str(v) for v in r])
+        table.add_row(*[Text(safe_text(v)) for v in r])
     Console(file=sys.stdout, soft_wrap=False, width=max(100, _term_width())).print(table)
 
 
@@ -92,13 +207,58 @@ def progress(description: str = "", *, total: float | None = None, transient: bo
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=Console(file=sys.stderr), transient=transient,
-                    disable=not sys.stderr.isatty() and False)
+    class SafeProgress(Progress):
+        """Descriptions and ``info`` fields are shown literally (no markup), control characters escaped."""
+
+        def add_task(self, description: str, *a: Any, **fields: Any):  # type: ignore[override]
+            return super().add_task(safe_text(description), *a, **{k: _safe_field(v) for k, v in fields.items()})
+
+        def update(self, task_id, *, description: str | None = None, **fields: Any) -> None:  # type: ignore[override]
+            if description is not None:
+                fields["description"] = safe_text(description)
+            super().update(task_id, **{k: _safe_field(v) if k not in _PROGRESS_ARGS else v for k, v in fields.items()})
+
+    return SafeProgress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False),
+                        console=Console(file=sys.stderr), transient=transient,
+                        disable=not sys.stderr.isatty() and False)
 
 
-def echo_err(msg: str) -> None:
-    click.echo(msg, err=True)
+_PROGRESS_ARGS = frozenset({"total", "completed", "advance", "description", "visible", "refresh"})
+
+
+def _safe_field(v: Any) -> Any:
+    return safe_text(v) if isinstance(v, str) else v
+
+
+def echo_err(msg: Any) -> None:
+    """A human line on stderr (warnings, notes), control characters made visible."""
+    echo(msg, err=True)
+
+
+class ConfigError(click.ClickException):
+    """A bad global setting (flag or environment variable): one ``Error: ...`` line, exit 2."""
+
+    exit_code = 2
+
+
+def parse_lock_timeout(value: str | None) -> float | None:
+    """``--lock-timeout`` / ADAPTERHUB_LOCK_TIMEOUT: None (the default) or a finite number of seconds > 0.
+
+    Raises ConfigError (exit 2, one line) for anything else.
+    """
+    import math
+
+    if value is None or value == "":
+        return None
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not math.isfinite(t) or t <= 0:
+        raise ConfigError(f"invalid lock timeout {safe_text(str(value)[:40])!r} (--lock-timeout / "
+                          "ADAPTERHUB_LOCK_TIMEOUT): give a number of seconds > 0")
+    return t
 
 
 class LazyChoice(click.Choice):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import handle_errors, json_option, pass_ctx, print_json, print_table
+from .common import echo, handle_errors, json_option, pass_ctx, print_json, print_table, rich_safe
 
 
 def register(cli: click.Group) -> None:
@@ -47,15 +47,15 @@ def register(cli: click.Group) -> None:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as prog:
             def bar(desc: str):
-                tid = prog.add_task(desc, total=None)
+                tid = prog.add_task(rich_safe(desc), total=None)
 
                 def cb(done: int, total: int) -> None:
                     prog.update(tid, completed=done, total=total)
                 return cb
 
-            report = run_demo(c.ws, cfg, step=lambda t: console.print(f"[bold]•[/] {t}"), progress=bar)
+            report = run_demo(c.ws, cfg, step=lambda t: console.print(f"[bold]•[/] {rich_safe(t)}"), progress=bar)
         if as_json:
             print_json(report.to_json())
             return
         print_table(["what", "ref", "figure", "value"], summary_rows(report), title="adapterhub demo summary")
-        click.echo(f"report: {Path(report.home) / 'demo' / 'summary.json'} and summary.png")
+        echo(f"report: {Path(report.home) / 'demo' / 'summary.json'} and summary.png")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from . import catalog_cmds, compose_cmds, demo_cmd, hub_cmds, train_cmds, unlearn_cmds
-from .common import Ctx
+from .common import Ctx, parse_lock_timeout
 
 # commands that load models: transformers' own per-load progress bars would interleave with ours
 MODEL_COMMANDS = {"train", "eval", "demo", "fed", "unlearn"}
@@ -12,21 +12,24 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
-@click.option("--home", envvar="ADAPTERHUB_HOME", type=click.Path(file_okay=False), default=None,
+@click.option("--home", envvar="ADAPTERHUB_HOME", type=click.Path(), default=None,
               help="Home directory (store, catalog, deployments). Env: ADAPTERHUB_HOME. Default: ~/.adapterhub")
 @click.option("--db", "db_url", envvar="ADAPTERHUB_DB_URL", default=None, metavar="URL",
               help="Catalog database URL (sqlite:///... or postgresql://...). Env: ADAPTERHUB_DB_URL. "
                    "Default: SQLite in the home directory.")
+@click.option("--lock-timeout", envvar="ADAPTERHUB_LOCK_TIMEOUT", metavar="SECONDS", default=None,
+              help="Seconds to wait for another process's catalog lock before giving up "
+                   "(a note is printed after 2 s). Env: ADAPTERHUB_LOCK_TIMEOUT. Default: 60.")
 @click.version_option(package_name="adapterhub")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, db_url: str | None) -> None:
+def cli(ctx: click.Context, home: str | None, db_url: str | None, lock_timeout: str | None) -> None:
     """adapterhub: store, version, share, merge and apply sparse adapters.
 
     Example: adapterhub base add minilm minilm && adapterhub train --base minilm --task rt-sentiment
     """
     if ctx.invoked_subcommand in MODEL_COMMANDS:
         _quiet_libraries()
-    c = Ctx(home, db_url)
+    c = Ctx(home, db_url, parse_lock_timeout(lock_timeout))
     ctx.obj = c
     ctx.call_on_close(c.close)
 

@@ -44,12 +44,12 @@ def test_init_and_db(home):
     r = h("init")
     assert "initialised" in r.stdout
     doc = h.json("init")
-    assert doc["revision"] == "0001" and doc["home"] == str(home)
+    assert doc["revision"] == "0002" and doc["home"] == str(home)
     cur = h.json("db", "current")
-    assert cur["current"] == cur["head"] == "0001" and cur["up_to_date"] is True
+    assert cur["current"] == cur["head"] == "0002" and cur["up_to_date"] is True
     r = h("db", "upgrade")
-    assert "0001 -> 0001" in r.stdout
-    assert h("db", "current").stdout.strip() == "0001 (head)"
+    assert "0002 -> 0002" in r.stdout
+    assert h("db", "current").stdout.strip() == "0002 (head)"
     r = h("db", "upgrade", "--revision", "zzz", code=1)
     assert "zzz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = Hub(home, db_url="nonsense://x")("list", code=1)
@@ -59,8 +59,8 @@ def test_init_and_db(home):
 def test_db_upgrade_on_empty_database(tmp_path):
     h = Hub(tmp_path / "h2", db_url=f"sqlite:///{tmp_path / 'other.db'}")
     assert h.json("db", "current")["current"] is None
-    assert "empty -> 0001" in h("db", "upgrade").stdout
-    assert h.json("db", "current")["current"] == "0001"
+    assert "empty -> 0002" in h("db", "upgrade").stdout
+    assert h.json("db", "current")["current"] == "0002"
 
 
 def test_base_add_and_list(hub, tiny_bert_dir):

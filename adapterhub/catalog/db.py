@@ -1,16 +1,29 @@
 """Engine and session management; schema migrations applied automatically on first use."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import os
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError, ArgumentError
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import CatalogError
+
+#: How long a command waits for another process's catalog write lock before giving up (seconds).
+DEFAULT_LOCK_TIMEOUT_S = 60.0
+#: After this long waiting for the lock, the "waiting for the catalog lock" notice is given.
+LOCK_NOTICE_AFTER_S = 2.0
+LOCK_TIMEOUT_ENV = "ADAPTERHUB_LOCK_TIMEOUT"
+# Inside a retried transaction (api.retry_on_busy), SQLite waits only this slice per attempt so the
+# retry loop gets control back to give the notice and to keep the overall bound.
+_busy_slice_ms: contextvars.ContextVar[int | None] = contextvars.ContextVar("adapterhub_busy_slice_ms", default=None)
 
 def _migrations_dir() -> Path:
     import importlib.util
@@ -33,21 +46,81 @@ def default_sqlite_url(home: Path | None = None) -> str:
     return f"sqlite:///{(home or default_home()) / 'catalog.db'}"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def lock_timeout_setting(value: float | str | None = None) -> float:
+    """The lock timeout in seconds: ``value`` if given, else env ADAPTERHUB_LOCK_TIMEOUT, else 60.
+
+    Raises CatalogError (one line) unless it is a finite number > 0.
+    """
+    source = "lock timeout"
+    if value is None:
+        value = os.environ.get(LOCK_TIMEOUT_ENV) or None
+        source = LOCK_TIMEOUT_ENV
+        if value is None:
+            return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise CatalogError(f"{source} must be a number of seconds > 0, not {str(value)[:40]!r}") from None
+    if not math.isfinite(t) or t <= 0:
+        raise CatalogError(f"{source} must be a number of seconds > 0, not {str(value)[:40]!r}")
+    return t
+
+
+@contextlib.contextmanager
+def busy_slice(ms: int) -> Iterator[None]:
+    """Within this block, SQLite connections checked out wait at most ``ms`` for a lock (then raise "locked")."""
+    token = _busy_slice_ms.set(max(1, int(ms)))
+    try:
+        yield
+    finally:
+        _busy_slice_ms.reset(token)
+
+
+def _sqlite_pragmas(dbapi_conn, record, busy_ms: int = 30000) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+    record.info["busy_ms"] = int(busy_ms)
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine for ``url`` (SQLite gets WAL, foreign keys and a 30 s busy timeout)."""
+def _sqlite_checkout(full_ms: int):
+    """A pool ``checkout`` listener: the busy timeout is the slice inside a retried transaction, else the full one."""
+    def on_checkout(dbapi_conn, record, _proxy) -> None:
+        want = _busy_slice_ms.get() or full_ms
+        if record.info.get("busy_ms") != want:
+            dbapi_conn.execute(f"PRAGMA busy_timeout={int(want)}")
+            record.info["busy_ms"] = want
+    return on_checkout
+
+
+def describe_url(url: str) -> str:
+    """A short, password-free description of a catalog URL (the file path for SQLite)."""
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///"):] or url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only used in messages
+        return "(unparseable URL)"
+
+
+def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
+    """Create an engine for ``url``.
+
+    SQLite gets WAL, foreign keys and a busy timeout of ``lock_timeout`` seconds (default: env
+    ADAPTERHUB_LOCK_TIMEOUT, else 60 s). Raises CatalogError for an unusable URL or timeout.
+    """
+    timeout = lock_timeout_setting(lock_timeout)
+    full_ms = int(timeout * 1000)
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 30})
-            event.listen(engine, "connect", _sqlite_pragmas)
+            engine = create_engine(url, connect_args={"timeout": timeout})
+            event.listen(engine, "connect", lambda c, r: _sqlite_pragmas(c, r, full_ms))
+            event.listen(engine, "checkout", _sqlite_checkout(full_ms))
         else:
             if url.startswith("postgresql://"):
                 url = "postgresql+psycopg://" + url[len("postgresql://"):]
@@ -81,8 +154,17 @@ def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as e:
-        raise CatalogError(f"cannot open the catalog database: {str(e.orig).splitlines()[0]}") from None
+    except DatabaseError as e:  # OperationalError (cannot open, locked) or a corrupt file
+        raise CatalogError(_open_error(engine, e)) from None
+
+
+def _open_error(engine: Engine, e: DatabaseError) -> str:
+    first = (str(e.orig if e.orig is not None else e).strip().splitlines() or ["?"])[0]
+    where = (engine.url.database or ":memory:") if engine.dialect.name == "sqlite" else \
+        describe_url(engine.url.render_as_string(hide_password=True))
+    if isinstance(e, OperationalError):
+        return f"cannot open the catalog database at {where}: {first}"
+    return f"the catalog at {where} is not a readable database ({first})"
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -95,8 +177,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         try:
             with engine.begin() as conn:
                 command.upgrade(alembic_config(engine, conn), revision)
-        except OperationalError as e:
-            raise CatalogError(f"cannot migrate the catalog database: {str(e.orig).splitlines()[0]}") from None
+        except DatabaseError as e:
+            raise CatalogError(f"cannot migrate the catalog database: {_open_error(engine, e)}") from None
         except CommandError as e:  # unknown revision and the like
             raise CatalogError(f"cannot migrate the catalog database: {e}") from None
 
