@@ -30,24 +30,14 @@ from __future__ import annotations
 import math
 from abc import ABC
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 
 from .errors import TrainingError
+from .params import ParamDef, configure
 
-GRANULARITIES = ("element", "block")
-SCOPES = ("layer", "global")
-SCORE_MODES = ("abs", "signed")
-
-
-@dataclass(frozen=True)
-class MaskParameter:
-    """A method parameter declared as data (name, default, help)."""
-
-    name: str
-    default: object
-    help: str = ""
+from .train_config import GRANULARITIES, SCOPES, SCORE_MODES  # noqa: E402,F401  (defined once, with TrainConfig)
 
 
 @dataclass
@@ -77,16 +67,28 @@ class MaskMethod(ABC):
     gradients over ``score_batches`` batches at the base before training), ``dense_warmup``
     (train a dense delta for ``select_steps`` first, then score with it), ``reselect``
     (reselect on a schedule during the first epoch), ``grow_drop`` (values-phase regrowth).
+    ``params`` declares the method's parameters (the same :class:`~adapterhub.params.ParamDef`
+    the merge methods use); :meth:`options` reads and checks them.
     """
 
     name: ClassVar[str]
     url: ClassVar[str | None] = None
-    parameters: ClassVar[tuple[MaskParameter, ...]] = ()
+    params: ClassVar[tuple[ParamDef, ...]] = ()
     needs_grad: ClassVar[bool] = False
     grad_reduce: ClassVar[str] = "abs"  # how per-batch gradient terms are accumulated
     dense_warmup: ClassVar[bool] = False
     reselect: ClassVar[bool] = False
     grow_drop: ClassVar[bool] = False
+
+    def options(self, options: Mapping[str, object]) -> dict[str, object]:
+        """This method's parameters from ``options``, defaults filled in, each value checked.
+
+        Options the method does not declare are ignored: the training loop hands one options
+        dict (``score``, ``drop_fraction``...) to whichever method runs.
+        Raises: TrainingError naming the bad parameter.
+        """
+        return configure(self.params, options, owner=f"mask method {self.name!r}", error=TrainingError,
+                         strict=False)
 
     def scores(self, inputs: MaskInputs) -> dict[str, torch.Tensor]:
         """Score every entry of every target (higher = keep). Returns float32 tensors."""
@@ -96,17 +98,15 @@ class MaskMethod(ABC):
 class ConnectionSensitivityMask(MaskMethod):
     name = "connection-sensitivity"
     url = "https://arxiv.org/abs/2507.07140"
-    parameters = (MaskParameter("score", "abs", "abs: |Ŵ·∇Ŵ| (default); signed: -Ŵ·∇Ŵ (first-order "
-                                               "loss increase if dropped)"),)
+    params = (ParamDef("score", kind=str, default="abs", choices=SCORE_MODES, label="score mode",
+                       help="abs: |Ŵ·∇Ŵ| (default); signed: -Ŵ·∇Ŵ (first-order loss increase if dropped)"),)
     dense_warmup = True
     reselect = True
 
     def scores(self, inputs: MaskInputs) -> dict[str, torch.Tensor]:
         if inputs.deltas is None or inputs.grads is None:
             raise TrainingError("connection-sensitivity needs the warmed-up delta and its gradient")
-        mode = inputs.options.get("score", "abs")
-        if mode not in SCORE_MODES:
-            raise TrainingError(f"unknown score mode {mode!r}; choose one of {', '.join(SCORE_MODES)}")
+        mode = self.options(inputs.options)["score"]
         out = {}
         for k in inputs.weights:
             s = inputs.deltas[k].float() * inputs.grads[k].float()
@@ -130,7 +130,7 @@ class MagnitudeMask(MaskMethod):
 
 class GradientMask(MaskMethod):
     name = "gradient"
-    parameters = (MaskParameter("score_batches", 16, "batches whose |∇W| are summed"),)
+    params = (ParamDef("score_batches", kind=int, default=16, low=1, help="batches whose |∇W| are summed"),)
     needs_grad = True
 
     def scores(self, inputs: MaskInputs) -> dict[str, torch.Tensor]:
@@ -142,7 +142,7 @@ class GradientMask(MaskMethod):
 class SnipMask(MaskMethod):
     name = "snip"
     url = "https://arxiv.org/abs/1810.02340"
-    parameters = (MaskParameter("score_batches", 16, "batches whose |W·∇W| are summed"),)
+    params = (ParamDef("score_batches", kind=int, default=16, low=1, help="batches whose |W·∇W| are summed"),)
     needs_grad = True
     grad_reduce = "abs_times_weight"
 
@@ -155,8 +155,8 @@ class SnipMask(MaskMethod):
 class GrowDropMask(MaskMethod):
     name = "grow-drop"
     url = "https://arxiv.org/abs/2401.16405"
-    parameters = (MaskParameter("drop_fraction", 0.2, "fraction of each target's entries replaced "
-                                                      "at each update (cosine-decayed)"),)
+    params = (ParamDef("drop_fraction", default=0.2, low=0.0, high=1.0, high_open=True,
+                       help="fraction of each target's entries replaced at each update (cosine-decayed)"),)
     reselect = True
     grow_drop = True
 

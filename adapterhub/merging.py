@@ -40,18 +40,26 @@ Where the definitions coincide with PEFT, results on densified tensors equal
 
 Merge order never changes the result: experts are put in a canonical order (their content hash)
 before any floating-point accumulation.
+
+Methods are data (as mergekit's ``merge_methods/registry.py``): each registry id is an instance
+of a :class:`MergeMethod` that declares its options as :class:`~adapterhub.params.ParamDef`
+(shared with the mask registry) and implements hooks the driver calls without knowing the class:
+``configure`` → ``expert_weights`` → ``prepare`` → ``merge_param``. The task-arithmetic family is
+one class, :class:`GeneralizedTaskArithmeticMerge` (``sparsification`` x ``consensus``),
+registered as ``task-arithmetic``, ``ties``, ``dare-linear``, ``dare-ties`` and ``breadcrumbs``;
+:class:`WeightedMerge` serves ``weighted`` and ``uniform``.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import mmap
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -59,10 +67,12 @@ from . import format as fmt
 from .errors import FormatError, MergeError
 from .faults import fault_point
 from .format import SparseAdapter, SparseParam
+from .params import ParamDef, configure
 
 __all__ = [
-    "ExpertSource", "InMemoryExpert", "LazyAdapterFile", "MergeMethod", "MergeParamDef", "MergeResult",
-    "METHODS", "get_method", "method_names", "merge_adapters", "merge", "param_seed",
+    "ExpertSource", "GeneralizedTaskArithmeticMerge", "InMemoryExpert", "LazyAdapterFile", "MergeMethod",
+    "MergeResult", "METHODS", "Sparsification", "UniformSparseMerge", "WeightedMerge", "get_method", "method_names",
+    "merge_adapters", "merge", "param_seed", "register_method",
 ]
 
 
@@ -199,15 +209,6 @@ class LazyAdapterFile(ExpertSource):
 # -- method registry -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MergeParamDef:
-    """A parameter a method accepts: name, whether required, default."""
-
-    name: str
-    required: bool = False
-    default: Any = None
-
-
 @dataclass
 class _Entry:
     """One expert's contribution to one parameter: fp32 values at sorted flat indices."""
@@ -224,59 +225,72 @@ def param_seed(seed: int, param: str, key: str = "") -> int:
     return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
 
 
-class MergeMethod(ABC):
-    """A merge strategy. Subclasses declare ``name``, ``params`` and implement :meth:`merge_param`.
+# The options a merge method may take, declared once; methods pick theirs (and their defaults).
+WEIGHTS = ParamDef("weights", kind=list, help="one weight per expert, in the caller's order")
+LAMBDA = ParamDef("lam", default=1.0, label="lambda", flag="--lambda", help="scaling of the merged delta")
+DENSITY = ParamDef("density", low=0.0, low_open=True, high=1.0,
+                   help="fraction kept per expert (trimming: of its entries; DARE: keep probability)")
+SEED = ParamDef("seed", kind=int, default=0, help="seed of the DARE random drop")
+GAMMA = ParamDef("gamma", default=0.01, low=0.0, high=1.0, high_open=True,
+                 help="fraction of each expert's largest entries dropped as outliers (breadcrumbs)")
+RNG = ParamDef("rng", kind=str, default="sparse", choices=("sparse", "peft"),
+               help="DARE draws: one per stored entry (sparse) or PEFT's dense Bernoulli stream (peft)")
 
-    ``merge_param`` receives each contributing expert's entries (canonical order, fp32 values) and
-    returns ``(indices, values)`` on the union of indices (sorted, fp32).
+
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod(ABC):
+    """A merge strategy, an instance per registry id (one class may serve several ids).
+
+    The driver (:func:`merge_adapters`) only calls these hooks, in this order:
+    :meth:`configure` (the options), :meth:`expert_weights` (the weight each expert's entries
+    carry), :meth:`prepare` (checks the weights and computes once what :meth:`merge_param`
+    reads), then :meth:`merge_param` per parameter.
     """
 
-    name: str = ""
-    description: str = ""
+    name: str
+    description: str
+    params: tuple[ParamDef, ...] = ()
     reference: str | None = None
-    params: tuple[MergeParamDef, ...] = ()
 
     def configure(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Fill defaults, check required and unknown options, validate ranges.
+        """Fill defaults, check required and unknown options, validate each (``None`` = not given).
 
         Raises: MergeError naming the bad option.
         """
-        allowed = {p.name for p in self.params}
-        out: dict[str, Any] = {}
-        for k, v in options.items():
-            if v is None:
-                continue
-            if k not in allowed:
-                raise MergeError(f"method {self.name!r} does not take {_opt(k)} (it takes: "
-                                 f"{', '.join(_opt(p.name) for p in self.params) or 'no options'})")
-            out[k] = v
-        for p in self.params:
-            if p.name not in out:
-                if p.required:
-                    raise MergeError(f"method {self.name!r} needs {_opt(p.name)}")
-                if p.default is not None:
-                    out[p.name] = p.default
-        if "density" in out and not (0.0 < float(out["density"]) <= 1.0):
-            raise MergeError(f"density must be in (0, 1], got {out['density']}")
-        if "gamma" in out and not (0.0 <= float(out["gamma"]) < 1.0):
-            raise MergeError(f"gamma must be in [0, 1), got {out['gamma']}")
-        if "lam" in out and not math.isfinite(float(out["lam"])):
-            raise MergeError(f"lambda must be finite, got {out['lam']}")
-        if out.get("rng", "sparse") not in ("sparse", "peft"):
-            raise MergeError(f"rng must be 'sparse' or 'peft', got {out['rng']!r}")
-        return out
+        return configure(self.params, options, owner=f"method {self.name!r}", error=MergeError)
+
+    def expert_weights(self, weights: list[float], opts: dict[str, Any]) -> list[float]:
+        """The weight each expert's entries carry into :meth:`merge_param` (caller's order).
+
+        Default: the weights as given.
+        """
+        return list(weights)
+
+    def prepare(self, weights: list[float], opts: dict[str, Any]) -> Any:
+        """Check the caller's weights (caller's order; all 1.0 when none were given) and compute
+        once what :meth:`merge_param` needs.
+
+        Returns: the context handed to every :meth:`merge_param` call (default: ``opts``).
+        Raises: MergeError for weights the method cannot use.
+        """
+        return opts
 
     @abstractmethod
-    def merge_param(self, name: str, shape: tuple[int, ...], entries: list[_Entry], n_experts: int,
-                    opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merge one parameter."""
+    def merge_param(self, name: str, shape: tuple[int, ...], entries: list[_Entry], ctx: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge one parameter.
 
-
-def _opt(name: str) -> str:
-    return {"lam": "--lambda"}.get(name, f"--{name}")
+        Takes: the parameter's name and shape, each contributing expert's entries (canonical
+        order, fp32 values, weights from :meth:`expert_weights`), the context from :meth:`prepare`.
+        Returns: ``(indices, values)`` on the union of indices (sorted int64, fp32).
+        """
 
 
 # - building blocks -
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
 
 def _union(entries: list[_Entry], numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sorted union of the entries' indices and, per entry, the positions of its indices in it.
@@ -367,99 +381,107 @@ def _disjoint(entries: list[_Entry], numel: int) -> tuple[torch.Tensor, torch.Te
     return uniq[keep], acc[keep] / torch.clamp(cnt[keep], min=1.0)
 
 
-class UniformSparseMerge(MergeMethod):
-    name = "uniform-sparse"
-    description = "each entry averaged over the experts whose mask contains it (Arnob et al. 2025)"
-    reference = "https://arxiv.org/abs/2507.07140"
-    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0))
+# - sparsification: which of each expert's entries take part (mergekit's SparsificationMethod) -
 
-    def merge_param(self, name, shape, entries, n_experts, opts):
-        uniq, pos = _union(entries, math.prod(shape) if shape else 1)
+class Sparsification(str, Enum):
+    """How each expert is thinned before the sum (or the sign election)."""
+
+    NONE = "none"
+    MAGNITUDE = "magnitude"  # keep the top ``density`` fraction of stored entries by |value| (TIES)
+    RANDOM = "random"  # DARE: keep each entry with probability ``density``, rescale by 1/density
+    BREADCRUMBS = "breadcrumbs"  # drop the top ``gamma`` outliers, keep the next ``density`` fraction
+
+
+def _random_drop(name: str, shape: tuple[int, ...], entries: list[_Entry], opts: dict[str, Any]) -> list[_Entry]:
+    masks = _dare_keep_masks(name, shape, entries, opts)
+    return [_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)]
+
+
+# kind -> f(parameter name, shape, entries, options) -> the entries that take part
+_SPARSIFY: dict[Sparsification, Callable[[str, tuple[int, ...], list[_Entry], dict[str, Any]], list[_Entry]]] = {
+    Sparsification.NONE: lambda name, shape, entries, opts: entries,
+    Sparsification.MAGNITUDE: lambda name, shape, entries, opts: [
+        _magnitude_trim(e, float(opts["density"])) for e in entries],
+    Sparsification.RANDOM: _random_drop,
+    Sparsification.BREADCRUMBS: lambda name, shape, entries, opts: [
+        _breadcrumbs_trim(e, float(opts["density"]), float(opts["gamma"])) for e in entries],
+}
+
+
+# - the methods -
+
+@dataclass(frozen=True, kw_only=True)
+class GeneralizedTaskArithmeticMerge(MergeMethod):
+    """Task arithmetic and its thinned variants (TIES, DARE, DARE-TIES, breadcrumbs) as one
+    method with two settings, as mergekit's ``GeneralizedTaskArithmeticMerge``.
+
+    Lambda is folded into each expert's weight (``lambda * w_i``, as peft's functions are called);
+    each expert is thinned by ``sparsification``; then either the weighted sum
+    (``consensus=False``) or TIES sign election and disjoint mean (``consensus=True``).
+    """
+
+    sparsification: Sparsification = Sparsification.NONE
+    consensus: bool = False
+
+    def expert_weights(self, weights: list[float], opts: dict[str, Any]) -> list[float]:
+        lam = float(opts.get("lam", 1.0))
+        return [lam * w for w in weights]
+
+    def merge_param(self, name: str, shape: tuple[int, ...], entries: list[_Entry], ctx: dict[str, Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = _SPARSIFY[self.sparsification](name, shape, entries, ctx)
+        if self.consensus:
+            return _disjoint(kept, _numel(shape))
+        uniq, pos = _union(kept, _numel(shape))
+        return uniq, _weighted_sum(kept, uniq.numel(), pos)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformSparseMerge(MergeMethod):
+    """Each entry averaged over the experts whose mask contains it: ``lambda * sum_i w_i v_i /
+    sum_{i: idx in mask_i} w_i``. Weights must be positive (a zero or negative one could zero
+    or flip a denominator)."""
+
+    def prepare(self, weights: list[float], opts: dict[str, Any]) -> float:
+        if any(w <= 0 for w in weights):
+            raise MergeError(f"{self.name} weights must be positive")
+        return float(opts.get("lam", 1.0))
+
+    def merge_param(self, name: str, shape: tuple[int, ...], entries: list[_Entry], ctx: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        uniq, pos = _union(entries, _numel(shape))
         acc = _weighted_sum(entries, uniq.numel(), pos)
         den = torch.zeros(uniq.numel(), dtype=torch.float32)
         for e, p in zip(entries, pos):
             den.index_add_(0, p, torch.full((p.numel(),), e.weight, dtype=torch.float32))
         out = acc / den
-        lam = float(opts.get("lam", 1.0))
-        return uniq, out if lam == 1.0 else out * lam
+        return uniq, out if ctx == 1.0 else out * ctx
 
 
+@dataclass(frozen=True)
+class _Mean:
+    """WeightedMerge's context: the sum of the weights and lambda."""
+
+    total: float
+    lam: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class WeightedMerge(MergeMethod):
-    name = "weighted"
-    description = "weighted mean over all experts: sum w_i v_i / sum w_i"
-    params = (MergeParamDef("weights", required=True), MergeParamDef("lam", default=1.0))
+    """Weighted mean over all experts, ``lambda * sum_i w_i v_i / sum_i w_i`` (the plain mean
+    when the method takes no weights: each is 1)."""
 
-    def merge_param(self, name, shape, entries, n_experts, opts):
-        uniq, pos = _union(entries, math.prod(shape) if shape else 1)
-        acc = _weighted_sum(entries, uniq.numel(), pos)
-        out = acc / float(opts["_weight_total"])
-        lam = float(opts.get("lam", 1.0))
-        return uniq, out if lam == 1.0 else out * lam
+    def prepare(self, weights: list[float], opts: dict[str, Any]) -> _Mean:
+        total = sum(weights)
+        if total == 0:
+            raise MergeError("weights sum to zero")
+        return _Mean(total, float(opts.get("lam", 1.0)))
 
-
-class UniformMerge(WeightedMerge):
-    name = "uniform"
-    description = "mean over all N experts"
-    params = (MergeParamDef("lam", default=1.0),)
-
-
-class TaskArithmeticMerge(MergeMethod):
-    name = "task-arithmetic"
-    description = "lambda * sum_i w_i v_i (peft task_arithmetic)"
-    reference = "https://arxiv.org/abs/2212.04089"
-    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0))
-
-    def merge_param(self, name, shape, entries, n_experts, opts):
-        uniq, pos = _union(entries, math.prod(shape) if shape else 1)
-        return uniq, _weighted_sum(entries, uniq.numel(), pos)
-
-
-class TiesMerge(MergeMethod):
-    name = "ties"
-    description = "trim each expert to its top-density entries, elect sign, disjoint mean (peft ties)"
-    reference = "https://arxiv.org/abs/2306.01708"
-    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0), MergeParamDef("density", default=1.0))
-
-    def merge_param(self, name, shape, entries, n_experts, opts):
-        d = float(opts["density"])
-        return _disjoint([_magnitude_trim(e, d) for e in entries], math.prod(shape) if shape else 1)
-
-
-class DareLinearMerge(MergeMethod):
-    name = "dare-linear"
-    description = "random drop (keep prob. density), rescale 1/density, weighted sum (peft dare_linear)"
-    reference = "https://arxiv.org/abs/2311.03099"
-    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0), MergeParamDef("density", required=True),
-              MergeParamDef("seed", default=0), MergeParamDef("rng", default="sparse"))
-
-    def merge_param(self, name, shape, entries, n_experts, opts):
-        masks = _dare_keep_masks(name, shape, entries, opts)
-        kept = [_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)]
-        uniq, pos = _union(kept, math.prod(shape) if shape else 1)
-        return uniq, _weighted_sum(kept, uniq.numel(), pos)
-
-
-class DareTiesMerge(DareLinearMerge):
-    name = "dare-ties"
-    description = "random drop + rescale, then sign election and disjoint mean (peft dare_ties)"
-
-    def merge_param(self, name, shape, entries, n_experts, opts):
-        masks = _dare_keep_masks(name, shape, entries, opts)
-        return _disjoint([_dare_drop(e, float(opts["density"]), m) for e, m in zip(entries, masks)],
-                         math.prod(shape) if shape else 1)
-
-
-class BreadcrumbsMerge(MergeMethod):
-    name = "breadcrumbs"
-    description = "drop the top-gamma outliers, keep the next density fraction per expert, weighted sum"
-    reference = "https://arxiv.org/abs/2312.06795"
-    params = (MergeParamDef("weights"), MergeParamDef("lam", default=1.0), MergeParamDef("density", default=0.9),
-              MergeParamDef("gamma", default=0.01))
-
-    def merge_param(self, name, shape, entries, n_experts, opts):
-        kept = [_breadcrumbs_trim(e, float(opts["density"]), float(opts["gamma"])) for e in entries]
-        uniq, pos = _union(kept, math.prod(shape) if shape else 1)
-        return uniq, _weighted_sum(kept, uniq.numel(), pos)
+    def merge_param(self, name: str, shape: tuple[int, ...], entries: list[_Entry], ctx: _Mean
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        uniq, pos = _union(entries, _numel(shape))
+        out = _weighted_sum(entries, uniq.numel(), pos) / float(ctx.total)
+        return uniq, out if ctx.lam == 1.0 else out * ctx.lam
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -472,9 +494,34 @@ def register_method(method: MergeMethod) -> None:
     METHODS[method.name] = method
 
 
-for _cls in (UniformSparseMerge, UniformMerge, WeightedMerge, TaskArithmeticMerge, TiesMerge,
-             DareLinearMerge, DareTiesMerge, BreadcrumbsMerge):
-    register_method(_cls())
+_DARE = (WEIGHTS, LAMBDA, DENSITY.with_default(required=True), SEED, RNG)
+for _m in (
+    UniformSparseMerge(name="uniform-sparse", params=(WEIGHTS, LAMBDA), reference="https://arxiv.org/abs/2507.07140",
+                       description="each entry averaged over the experts whose mask contains it (Arnob et al. 2025)"),
+    WeightedMerge(name="uniform", params=(LAMBDA,), description="mean over all N experts"),
+    WeightedMerge(name="weighted", params=(WEIGHTS.with_default(required=True), LAMBDA),
+                  description="weighted mean over all experts: sum w_i v_i / sum w_i"),
+    GeneralizedTaskArithmeticMerge(
+        name="task-arithmetic", params=(WEIGHTS, LAMBDA), reference="https://arxiv.org/abs/2212.04089",
+        description="lambda * sum_i w_i v_i (peft task_arithmetic)"),
+    GeneralizedTaskArithmeticMerge(
+        name="ties", params=(WEIGHTS, LAMBDA, DENSITY.with_default(1.0)), reference="https://arxiv.org/abs/2306.01708",
+        sparsification=Sparsification.MAGNITUDE, consensus=True,
+        description="trim each expert to its top-density entries, elect sign, disjoint mean (peft ties)"),
+    GeneralizedTaskArithmeticMerge(
+        name="dare-linear", params=_DARE, reference="https://arxiv.org/abs/2311.03099",
+        sparsification=Sparsification.RANDOM,
+        description="random drop (keep prob. density), rescale 1/density, weighted sum (peft dare_linear)"),
+    GeneralizedTaskArithmeticMerge(
+        name="dare-ties", params=_DARE, reference="https://arxiv.org/abs/2311.03099",
+        sparsification=Sparsification.RANDOM, consensus=True,
+        description="random drop + rescale, then sign election and disjoint mean (peft dare_ties)"),
+    GeneralizedTaskArithmeticMerge(
+        name="breadcrumbs", params=(WEIGHTS, LAMBDA, DENSITY.with_default(0.9), GAMMA),
+        reference="https://arxiv.org/abs/2312.06795", sparsification=Sparsification.BREADCRUMBS,
+        description="drop the top-gamma outliers, keep the next density fraction per expert, weighted sum"),
+):
+    register_method(_m)
 
 
 def method_names() -> list[str]:
@@ -530,8 +577,6 @@ def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Seq
         raise MergeError("merging needs at least two adapters")
     if weights is not None and len(weights) != len(experts):
         raise MergeError(f"got {len(weights)} weights for {len(experts)} adapters")
-    if weights is not None and not all(math.isfinite(float(w)) for w in weights):
-        raise MergeError("weights must be finite numbers")
     opts = m.configure({"weights": list(weights) if weights is not None else None, "lam": lam, "density": density,
                         "seed": seed, "gamma": gamma, "rng": rng})
     fps = {e.base_fingerprint for e in experts}
@@ -539,18 +584,8 @@ def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Seq
         raise MergeError("cannot merge adapters of different bases: " + ", ".join(
             f"{e.label} ({(e.base_fingerprint or 'unknown')[:12]})" for e in experts))
     w_in = [float(w) for w in (weights if weights is not None else [1.0] * len(experts))]
-    lam_v = float(opts.get("lam", 1.0))
-    if isinstance(m, (TaskArithmeticMerge, TiesMerge, DareLinearMerge, BreadcrumbsMerge)):
-        eff = [lam_v * w for w in w_in]  # lambda folded into the weights, as peft is called with
-    else:
-        eff = list(w_in)
-    if isinstance(m, WeightedMerge):
-        total = sum(w_in)
-        if total == 0:
-            raise MergeError("weights sum to zero")
-        opts["_weight_total"] = total
-    if isinstance(m, UniformSparseMerge) and any(w <= 0 for w in w_in):
-        raise MergeError("uniform-sparse weights must be positive")
+    eff = m.expert_weights(w_in, opts)
+    ctx = m.prepare(w_in, opts)
     # Canonical order: by content key, so the input order never changes the floating-point result.
     order = sorted(range(len(experts)), key=lambda i: (experts[i].key, eff[i]))
     keys = [experts[i].key for i in order]
@@ -579,7 +614,7 @@ def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Seq
             entries.append(_Entry(idx, vals.to(torch.float32), w, e.key))
             del p
         assert shape is not None
-        idx, vals = m.merge_param(name, shape, entries, len(ordered), opts)
+        idx, vals = m.merge_param(name, shape, entries, ctx)
         del entries
         params[name] = SparseParam(shape, idx.contiguous(), vals)
         if progress is not None:
@@ -588,7 +623,7 @@ def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Seq
     for p in params.values():
         p.values = p.values.to(out_dtype).contiguous()
     extras, averaged = _merge_extras([e for e, _ in ordered])
-    public_opts = {k: v for k, v in opts.items() if not k.startswith("_") and k != "weights"}
+    public_opts = {k: v for k, v in opts.items() if k != "weights"}  # weights are recorded per expert
     card: dict[str, Any] = {"kind": "merge", "merge": {"method": m.name, "options": public_opts, "weights": w_in,
                                                       "experts": [e.label for e in experts]}}
     cards = [e.card() for e, _ in ordered]
@@ -669,15 +704,3 @@ def merge(ws: Any, refs: Sequence[str], method: str, *, weights: Sequence[float]
     fault_point("merge.before-register")
     return ws.register(res.adapter, name=name, task=task, base=base_name, kind="merge", parents=parents)
 
-
-def iter_methods() -> Iterator[dict[str, Any]]:
-    """Rows describing each method (for ``--help`` text and docs)."""
-    for m in METHODS.values():
-        yield {"name": m.name, "description": m.description, "reference": m.reference,
-               "params": [p.name for p in m.params]}
-
-
-def describe(result: MergeResult) -> str:
-    """One-line JSON summary of a merge (for logs)."""
-    return json.dumps({"method": result.method, "options": result.options, "weights": result.weights,
-                       **result.stats}, sort_keys=True)

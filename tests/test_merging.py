@@ -2,6 +2,7 @@
 invariance, the sparse-uniform properties, lazy file reading, and errors."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
@@ -12,7 +13,9 @@ from adapterhub import format as fmt
 from adapterhub.errors import MergeError
 from adapterhub.format import SparseAdapter, SparseParam
 from adapterhub.merging import (
-    METHODS, InMemoryExpert, LazyAdapterFile, get_method, merge_adapters, method_names, param_seed)
+    METHODS, GeneralizedTaskArithmeticMerge, InMemoryExpert, LazyAdapterFile, MergeMethod, Sparsification,
+    get_method, merge_adapters, method_names, param_seed)
+from adapterhub.params import ParamDef
 
 SHAPES = {"enc.0.weight": (12, 10), "enc.1.weight": (7, 9), "bias": (13,)}
 
@@ -262,3 +265,117 @@ def test_block_layout_experts_merge_like_their_element_form():
         a = merge_adapters(experts_of(blocks), method, **kw).adapter.params["w"]
         b = merge_adapters(experts_of(elems), method, **kw).adapter.params["w"]
         assert a.block_size is None and torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+
+
+# -- pinned results: the sha256 of each method's output on a fixed input, computed with the code
+# before the methods became data (issue 13); a refactor must not move a single bit.
+
+def _pin_experts():
+    out = []
+    for s, dt in enumerate([torch.float32, torch.float32, torch.bfloat16]):
+        g = torch.Generator().manual_seed(100 + s)
+        params = {}
+        for name, shape in SHAPES.items():
+            delta = torch.randn(shape, generator=g)
+            mask = torch.rand(shape, generator=g) < 0.6
+            params[name] = SparseParam.from_mask(delta.to(dt), mask)
+        extras = {"heads.t.weight": torch.full((2, 3), float(s))}
+        out.append(InMemoryExpert(SparseAdapter(params, extras, {"base": {"name": "b", "fingerprint": "fp"},
+                                                                  "task": f"t{s}"}), key=f"pin{s}"))
+    return out
+
+
+PINNED = [
+    ("uniform-sparse", {}, "9e83311ea70dee2bcbb459191af3057d159f04f3fcfedc1622cf81a6f5487e43"),
+    ("uniform-sparse", {"weights": [1.0, 2.0, 0.5], "lam": 0.8},
+     "162baef68ef09e6b3b9d12824a8d84f40d06580da30a309f9779f68164e9bb7e"),
+    ("uniform", {}, "66c9e9cbedf169d90a2071172dd6f3fa292106e395201e932e643818355a480c"),
+    ("uniform", {"lam": 1.5}, "e16a2e6ea33e33bf05aab01e985f038b87f241544cd8b83430b29a09bde4184a"),
+    ("weighted", {"weights": [1.0, 2.0, 0.5]}, "8d16afe821777d1d67422b26df348c5ed526b9bf578893ebcf3b04afa706964d"),
+    ("weighted", {"weights": [1.0, -2.0, 0.5], "lam": 0.3},
+     "9fbfab59c3bae7438b76183525d27836e25971ee50544f85f71e3cbae111cb20"),
+    ("task-arithmetic", {}, "04643c6f623a7e720c83ceb2ccf9a47e0d893953c1d981fcf61eb1b370bfa523"),
+    ("task-arithmetic", {"weights": [0.5, -1.25, 2.0], "lam": 0.7},
+     "1745a6048e8a744ec03772ee7d67077d1f7dcf1f1a65bb6e60a13fcbeef66125"),
+    ("ties", {}, "585cb1e20f6c208f0d0d4783522df99ca0b67ce9c8a5d3c6c15461612b160a03"),
+    ("ties", {"weights": [1.0, 0.5, 2.0], "density": 0.6, "lam": 0.9},
+     "6510c8854612fc98577fefc6d491f25672ff94e99a302e8ca7a45f8a46f5041c"),
+    ("dare-linear", {"density": 0.6}, "5a4da986c6e9809f61f4f55fb5878b5d9fc4ab6759e7f4d194a21c16ff1e823d"),
+    ("dare-linear", {"weights": [1.0, 0.3, 0.8], "density": 0.5, "seed": 7, "lam": 1.2},
+     "00c9a44e72bbdfe7a0d06adaf52778152f31ecb4ed9008a657ad9796ab476abc"),
+    ("dare-linear", {"density": 0.6, "seed": 3, "rng": "peft"},
+     "a3d65a2150469bfee5d86779ff511f7aac9780b8b1bf67e6b0027fea8394b085"),
+    ("dare-ties", {"density": 0.6}, "3b2b3aecc52f46169057da45ef60c099aa398435e90e68d249d4d5d73ce5a021"),
+    ("dare-ties", {"weights": [1.0, 0.3, 0.8], "density": 0.5, "seed": 7},
+     "d22829f30660eaf0cf1d8a991cdf39bd1fb31b23f316927050eb7aacfd6b6f97"),
+    ("dare-ties", {"density": 0.7, "seed": 2, "rng": "peft", "lam": 0.5},
+     "3a49c26feff3bbd546079ad0cd14e5b1046305ad8ec0af95521f73ee0c2cefbc"),
+    ("breadcrumbs", {}, "b6566ca9ea430c29ce1fc0d86aad3ab7f443f81ce37743f1a0ec72b33b70c124"),
+    ("breadcrumbs", {"weights": [2.0, 1.0, 0.5], "density": 0.5, "gamma": 0.1, "lam": 0.6},
+     "47e14da07cf28fabe5e5eea7a8e1b5b0bdc16501080d631ea391de993bb53a85"),
+]
+
+
+@pytest.mark.parametrize("method,kw,sha", PINNED, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(PINNED)])
+def test_pinned_output_bytes(method, kw, sha):
+    assert hashlib.sha256(fmt.save(merge_adapters(_pin_experts(), method, **kw).adapter)).hexdigest() == sha
+
+
+def test_pins_cover_every_method():
+    assert {m for m, _, _ in PINNED} == set(METHODS)
+
+
+# -- methods are data: one class, several ids; the driver only calls hooks
+
+def test_task_arithmetic_family_is_one_class_with_settings():
+    family = {n: m for n, m in METHODS.items() if isinstance(m, GeneralizedTaskArithmeticMerge)}
+    assert {n: (m.sparsification, m.consensus) for n, m in family.items()} == {
+        "task-arithmetic": (Sparsification.NONE, False), "ties": (Sparsification.MAGNITUDE, True),
+        "dare-linear": (Sparsification.RANDOM, False), "dare-ties": (Sparsification.RANDOM, True),
+        "breadcrumbs": (Sparsification.BREADCRUMBS, False)}
+    assert type(METHODS["uniform"]) is type(METHODS["weighted"])
+
+
+def test_driver_runs_a_method_it_has_never_heard_of(monkeypatch):
+    # A new method plugs in through the registry and its hooks alone.
+    class MaxMerge(MergeMethod):
+        def prepare(self, weights, opts):
+            if len(set(weights)) > 1:
+                raise MergeError("max takes no per-expert weights")
+            return float(opts["lam"])
+
+        def merge_param(self, name, shape, entries, ctx):
+            dense = torch.full((int(torch.tensor(shape).prod()),), -float("inf"))
+            for e in entries:
+                dense[e.idx] = torch.maximum(dense[e.idx], e.vals)
+            idx = torch.isfinite(dense).nonzero().view(-1)
+            return idx, dense[idx] * ctx
+
+    m = MaxMerge(name="max", description="entrywise max", params=(ParamDef("lam", default=1.0, label="lambda",
+                                                                            flag="--lambda"),))
+    monkeypatch.setitem(METHODS, "max", m)
+    a = SparseAdapter({"w": SparseParam.from_flat((4,), torch.tensor([0, 1]), torch.tensor([2.0, 4.0]))})
+    b = SparseAdapter({"w": SparseParam.from_flat((4,), torch.tensor([1, 3]), torch.tensor([6.0, 8.0]))})
+    res = merge_adapters(experts_of([a, b]), "max", lam=0.5)
+    assert res.adapter.params["w"].values.tolist() == [1.0, 3.0, 4.0] and res.options == {"lam": 0.5}
+    with pytest.raises(MergeError, match="does not take --density"):
+        merge_adapters(experts_of([a, b]), "max", density=0.5)
+
+
+@pytest.mark.parametrize("method,kw,msg", [
+    ("ties", {"density": 0.0}, r"^density must be in \(0, 1\], got 0.0$"),
+    ("ties", {"density": "0.5"}, r"^density must be a number, got '0.5'$"),
+    ("breadcrumbs", {"gamma": 1.0}, r"^gamma must be in \[0, 1\), got 1.0$"),
+    ("task-arithmetic", {"lam": float("inf")}, r"^lambda must be finite, got inf$"),
+    ("dare-linear", {"density": 0.5, "seed": 1.5}, r"^seed must be an integer, got 1.5$"),
+    ("dare-linear", {"density": 0.5, "seed": True}, r"^seed must be an integer, got True$"),
+    ("dare-ties", {"density": 0.5, "rng": "numpy"}, r"^unknown rng 'numpy'; choose one of sparse, peft$"),
+    ("weighted", {"weights": [1.0, float("nan")]}, r"^weights must be finite numbers$"),
+    ("weighted", {"weights": [1.0, -1.0]}, r"^weights sum to zero$"),
+    ("uniform-sparse", {"weights": [1.0, 0.0]}, r"^uniform-sparse weights must be positive$"),
+    ("weighted", {}, r"^method 'weighted' needs --weights$"),
+    ("uniform", {"weights": [1.0, 2.0]}, r"^method 'uniform' does not take --weights \(it takes: --lambda\)$"),
+])
+def test_each_option_checks_itself_in_one_line(method, kw, msg):
+    with pytest.raises(MergeError, match=msg):
+        merge_adapters(experts_of([make_expert(1), make_expert(2)]), method, **kw)
