@@ -163,13 +163,7 @@ def evaluate(ws, ref: str | None, task: str | None = None, dataset: str | None =
         sdm.idx[pname] = idx.to(dev)
         sdm.values[pname] = torch.nn.Parameter(vals.float().to(dev), requires_grad=False)
     if head is not None and sdm.head is not None:
-        _, w, b, _ = head
-        if tuple(w.shape) != tuple(sdm.head.linear.weight.shape):
-            raise TrainingError(f"head shape {tuple(w.shape)} does not fit the model "
-                                f"{tuple(sdm.head.linear.weight.shape)}")
-        with torch.no_grad():
-            sdm.head.linear.weight.copy_(w.float())
-            sdm.head.linear.bias.copy_(b.float())
+        sdm.set_head(head[1], head[2])
     tok = load_tokenizer(path)
     batcher = Batcher(tok, kind, data.labels, max_length)
     acc, loss, n = predict(sdm, batcher, rows, batch_size)

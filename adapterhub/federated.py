@@ -23,9 +23,10 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,10 +34,19 @@ from torch import nn
 from . import format as fmt
 from . import masks as M
 from .errors import AdapterHubError, TrainingError, UnlearningError
+from .train_config import DEFAULT_LAYER_REGEX, FedConfig, default_of
+from .training import (
+    Batcher,
+    SparseDeltaModel,
+    apply_delta,
+    find_targets,
+    load_backbone,
+    load_tokenizer,
+    mean_pool,
+)
 
 Example = tuple[str, int]
 ProgressFn = Callable[[str, int, int], None]
-DEFAULT_LAYER_REGEX = r"\.layer\.\d+\."
 VALUE_BYTES = 4  # fp32 values on the wire
 
 
@@ -136,80 +146,49 @@ def _load_tokenizer(path: Path, vocab_size: int):
     has_tok = any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model"))
     if not has_tok:
         return HashTokenizer(vocab_size), "hash"
-    from .training import load_tokenizer
-
     return load_tokenizer(path), "hf"
 
 
 # ---------------------------------------------------------------------------- the model
 
-@dataclass(frozen=True)
-class FedConfig:
-    """Settings of FedAvg training (recorded in the version's training config)."""
-
-    rounds: int = 5
-    local_steps: int = 10
-    batch_size: int = 16
-    lr: float = 0.02
-    head_lr: float = 0.1
-    momentum: float = 0.9
-    max_length: int = 48
-    seed: int = 0
-    eval_batch_size: int = 64
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def check(self) -> None:
-        """Raise TrainingError on a setting out of range."""
-        for k in ("rounds", "local_steps", "batch_size", "max_length", "eval_batch_size"):
-            if int(getattr(self, k)) < 1:
-                raise TrainingError(f"{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
-        for k in ("lr", "head_lr"):
-            if not (getattr(self, k) > 0):
-                raise TrainingError(f"{k.replace('_', '-')} must be positive")
-        if not (0 <= self.momentum < 1):
-            raise TrainingError("momentum must be in [0, 1)")
-
-
-class FedModel:
-    """A frozen encoder + head; trainable state is a dict of tensors (deltas and, optionally, the head).
+class FedModel(SparseDeltaModel):
+    """The shared :class:`~adapterhub.training.SparseDeltaModel` (frozen encoder + mean-pool head) with
+    a *functional* trainable state, as FedAvg needs: every client trains its own copy of the state.
 
     Trainable state keys: ``delta:<file tensor name>`` (dense tensor of the weight's shape, or 1-D
-    values at ``self.index[name]``) and ``head:weight`` / ``head:bias``.
+    values at ``self.index[name]``) and ``head:weight`` / ``head:bias``. The forward pass is the
+    shared model's (:meth:`SparseDeltaModel.outputs`, ``W + Δ`` by :func:`apply_delta`).
     """
 
-    def __init__(self, base_path: Path, n_labels: int, *, max_length: int = 48, layer_regex: str = DEFAULT_LAYER_REGEX,
-                 seed: int = 0) -> None:
-        from .training import MeanPoolHead, find_targets, load_backbone
+    def __init__(self, base_path: Path, n_labels: int, *, max_length: int = default_of(FedConfig, "max_length"),
+                 layer_regex: str = DEFAULT_LAYER_REGEX, seed: int = 0) -> None:
         from .models import tensor_shapes
 
         self.base_path = Path(base_path)
         torch.manual_seed(seed)
-        self.backbone = load_backbone(self.base_path, "encoder", torch.float32, torch.device("cpu"))
-        self.backbone.eval()  # no dropout: local training is deterministic given the seed
-        vocab = int(getattr(self.backbone.config, "vocab_size", 30522))
+        backbone = load_backbone(self.base_path, "encoder", torch.float32, torch.device("cpu"))
+        backbone.eval()  # no dropout: local training is deterministic given the seed
+        targets = find_targets(backbone, layer_regex, tensor_shapes(self.base_path))
+        super().__init__(backbone, "encoder", targets, n_labels, torch.device("cpu"), autocast=False)
+        vocab = int(getattr(backbone.config, "vocab_size", 30522))
         self.tokenizer, self.tokenizer_kind = _load_tokenizer(self.base_path, vocab)
         self.max_length = max_length
-        hidden = int(getattr(self.backbone.config, "hidden_size"))
+        self.batcher = Batcher(self.tokenizer, "encoder", [str(i) for i in range(n_labels)], max_length)
         g = torch.Generator().manual_seed(int(seed))
-        self.head = MeanPoolHead(hidden, n_labels)
+        assert self.head is not None
         with torch.no_grad():
             nn.init.normal_(self.head.linear.weight, std=0.02, generator=g)
             self.head.linear.bias.zero_()
         for p in self.head.parameters():
             p.requires_grad_(False)
-        t = find_targets(self.backbone, layer_regex, tensor_shapes(self.base_path))
-        self.param_of = {file_key: pname for pname, file_key in t.items()}  # file tensor name -> module param name
+        self.param_of = {file_key: pname for pname, file_key in targets.items()}  # file tensor name -> param name
         self.layers = list(self.param_of)  # file tensor names, model order
-        params = dict(self.backbone.named_parameters())
-        self.weights = {k: params[self.param_of[k]] for k in self.layers}
-        self.index: dict[str, torch.Tensor] = {}  # sparse targets: sorted flat indices
-        self._tok_cache: dict[str, tuple[list[int], list[int]]] = {}
+        self.layer_weights = {k: self.weights[self.param_of[k]] for k in self.layers}  # by file tensor name
+        self.index: dict[str, torch.Tensor] = {}  # sparse layers of the state: sorted flat indices
 
     # -- weights
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.weights[name].shape)
+        return tuple(self.layer_weights[name].shape)
 
     def apply_adapter(self, adapter: fmt.SparseAdapter, *, head_task: str | None = None) -> None:
         """Patch the backbone in place with ``adapter`` (exactly as a deployment would), load its head.
@@ -222,59 +201,38 @@ class FedModel:
         if head_task is not None:
             self.load_head(adapter, head_task)
 
-    def load_head(self, adapter: fmt.SparseAdapter, task: str) -> None:
-        w, b = adapter.extras.get(f"heads.{task}.weight"), adapter.extras.get(f"heads.{task}.bias")
-        if w is None or b is None:
-            raise TrainingError(f"the adapter has no head for task {task!r}")
-        if tuple(w.shape) != tuple(self.head.linear.weight.shape):
-            raise TrainingError(f"head shape {tuple(w.shape)} does not fit {tuple(self.head.linear.weight.shape)}")
-        with torch.no_grad():
-            self.head.linear.weight.copy_(w.float())
-            self.head.linear.bias.copy_(b.float())
-
     def head_state(self) -> dict[str, torch.Tensor]:
+        assert self.head is not None
         return {"head:weight": self.head.linear.weight.detach().clone(), "head:bias": self.head.linear.bias.detach().clone()}
 
-    def set_head(self, state: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            if "head:weight" in state:
-                self.head.linear.weight.copy_(state["head:weight"])
-                self.head.linear.bias.copy_(state["head:bias"])
+    def set_head_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if "head:weight" in state:
+            self.set_head(state["head:weight"], state["head:bias"])
 
     # -- batches
     def encode(self, rows: Sequence[Example]) -> dict[str, torch.Tensor]:
-        texts = [t for t, _ in rows]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        out = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out["labels"] = torch.tensor([lab for _, lab in rows], dtype=torch.long)
-        return out
+        return self.batcher.encoder_batch(rows, self.device)
 
-    def effective(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def effective_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Module param name -> W + Δ for every delta in ``state`` (fp32, as patching computes it)."""
-        eff = {}
-        for key, d in state.items():
-            if not key.startswith("delta:"):
-                continue
-            name = key[6:]
-            w = self.weights[name]
-            if name in self.index:
-                eff[self.param_of[name]] = w.detach().reshape(-1).index_add(0, self.index[name], d).reshape(w.shape)
-            else:
-                eff[self.param_of[name]] = w.detach() + d
-        return eff
+        return {self.param_of[key[6:]]: apply_delta(self.layer_weights[key[6:]], d, self.index.get(key[6:]))
+                for key, d in state.items() if key.startswith("delta:")}
 
     def logits(self, state: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        from torch.func import functional_call
-
-        eff = self.effective(state)
-        kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out = functional_call(self.backbone, eff, args=(), kwargs=kw, strict=False)
+        """Logits of ``W + Δ(state)`` with the state's head (or the model's head when it has none)."""
         hw = state.get("head:weight")
-        if hw is None:
-            return self.head(out.last_hidden_state, batch["attention_mask"])
-        m = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-        pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return nn.functional.linear(pooled.float(), hw, state["head:bias"])
+        return self.outputs(self.effective_state(state), batch,
+                            head=None if hw is None else (hw, state["head:bias"]))
+
+    def pooled(self, rows: Sequence[Example], batch_size: int = 64) -> torch.Tensor:
+        """Mean-pooled last hidden states of the backbone as it is (no state) on ``rows``: ``(n, hidden)``."""
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                b = self.encode(rows[i:i + batch_size])
+                kw = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+                outs.append(mean_pool(self.backbone(**kw).last_hidden_state, b["attention_mask"]))
+        return torch.cat(outs)
 
     @torch.no_grad()
     def predict_proba(self, state: Mapping[str, torch.Tensor], rows: Sequence[Example], batch_size: int = 64
@@ -285,6 +243,7 @@ class FedModel:
             b = self.encode(rows[i:i + batch_size])
             outs.append(torch.softmax(self.logits(state, b).float(), dim=-1))
         if not outs:
+            assert self.head is not None
             return torch.zeros((0, self.head.linear.out_features))
         return torch.cat(outs)
 
@@ -319,7 +278,7 @@ def sparse_delta_state(model: FedModel, layers: Sequence[str], density: float, s
     if method.needs_grad or method.dense_warmup or method.grow_drop:
         raise TrainingError(f"mask {mask!r} needs gradients; federated training supports random or magnitude")
     g = torch.Generator().manual_seed(int(seed))
-    scores = method.scores(M.MaskInputs(weights={k: model.weights[k].detach() for k in sorted(layers)}, generator=g))
+    scores = method.scores(M.MaskInputs(weights={k: model.layer_weights[k].detach() for k in sorted(layers)}, generator=g))
     sel = M.select(scores, density, scope="layer")
     for k in layers:
         model.index[k] = sel[k].indices
@@ -359,7 +318,7 @@ def local_train(model: FedModel, state: Mapping[str, torch.Tensor], rows: Sequen
     for _ in range(steps or cfg.local_steps):
         pick = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).tolist()
         batch = model.encode([rows[i] for i in pick])
-        loss = nn.functional.cross_entropy(model.logits(local, batch).float(), batch["labels"])
+        loss = model.loss(model.logits(local, batch), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -425,6 +384,76 @@ def fedavg(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence
                   upload_values_per_update=per_update, bytes_per_client=per_update * VALUE_BYTES * cfg.rounds,
                   bytes_total=per_update * VALUE_BYTES * total)
     return cur, st
+
+
+# ---------------------------------------------------------------------------- critical layers (FUSED step 1)
+# Here, with the FedAvg primitives they run on: ``fed train`` ranks the layers of the global model
+# and :mod:`adapterhub.unlearning` reuses or recomputes the ranking (unlearning imports federated,
+# never the reverse).
+
+def layer_l1_distances(global_state: Mapping[str, torch.Tensor], client_states: Sequence[Mapping[str, torch.Tensor]],
+                       sizes: Sequence[int]) -> dict[str, float]:
+    """Per layer ``Σ_k (n_k/n)·‖θ_k − θ‖₁`` over the ``delta:`` keys (layer = base tensor name).
+
+    Takes: the global dense layer tensors, each client's dense layer tensors after local training,
+        the clients' data sizes.
+    Returns: layer name -> weighted L1 distance.
+    """
+    total = float(sum(sizes))
+    if total <= 0:
+        raise TrainingError("client sizes must sum to a positive number")
+    out: dict[str, float] = {}
+    for key, g in global_state.items():
+        if not key.startswith("delta:"):
+            continue
+        s = 0.0
+        for cs, n in zip(client_states, sizes):
+            s += (float(n) / total) * float((cs[key].double() - g.double()).abs().sum())
+        out[key[6:]] = s
+    return out
+
+
+def rank_layers(scores: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Layers by descending score (ties by name): ``[{"rank", "layer", "l1"}]``."""
+    order = sorted(scores, key=lambda k: (-scores[k], k))
+    return [{"rank": i + 1, "layer": k, "l1": scores[k]} for i, k in enumerate(order)]
+
+
+def identify_critical_layers(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence[Sequence[Example]],
+                             cfg: FedConfig, *, client_ids: Sequence[int], steps: int | None = None,
+                             progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+    """One round in which every given client trains the whole global model locally; rank the layers.
+
+    The global model is ``model`` with ``state`` (sparse or dense deltas, head); each client gets
+    every layer as a dense trainable delta starting from the global one, plus the head.
+    Returns: :func:`rank_layers` of :func:`layer_l1_distances`.
+    """
+    saved_index = dict(model.index)
+    glob: dict[str, torch.Tensor] = {}
+    for name in model.layers:
+        d = torch.zeros(model.shape(name))
+        key = "delta:" + name
+        if key in state:
+            if name in saved_index:
+                d.view(-1).index_copy_(0, saved_index[name], state[key].detach().float())
+            else:
+                d = state[key].detach().float().clone().reshape(model.shape(name))
+        glob[key] = d
+    for k in ("head:weight", "head:bias"):
+        glob[k] = (state[k] if k in state else model.head_state()[k]).detach().clone()
+    model.index.clear()
+    try:
+        outs, sizes = [], []
+        for i, (cid, rows) in enumerate(zip(client_ids, clients)):
+            outs.append(local_train(model, glob, rows, cfg, gen=_client_generator(cfg.seed, -1, cid, "critical"),
+                                    steps=steps))
+            sizes.append(len(rows))
+            if progress:
+                progress("critical layers", i + 1, len(clients))
+    finally:
+        model.index.clear()
+        model.index.update(saved_index)
+    return rank_layers(layer_l1_distances(glob, outs, sizes))
 
 
 # ---------------------------------------------------------------------------- the federation record
@@ -546,10 +575,15 @@ def train_global(base_path: Path, fed: Federation, cfg: FedConfig, *, density: f
     return model, state, stats
 
 
+_FD = {f: default_of(FedConfig, f) for f in ("local_steps", "seed", "batch_size", "lr", "head_lr", "momentum",
+                                             "max_length")}
+
+
 def fed_train(ws, *, base: str, task: str, clients: int, alpha: float, rounds: int, name: str, density: float = 1.0,
-              local_steps: int = 10, seed: int = 0, mask: str = "random", layer_regex: str = DEFAULT_LAYER_REGEX,
-              batch_size: int = 16, lr: float = 0.02, head_lr: float = 0.1, momentum: float = 0.9,
-              max_length: int = 48, max_train: int | None = None, max_test: int | None = None,
+              local_steps: int = _FD["local_steps"], seed: int = _FD["seed"], mask: str = "random",
+              layer_regex: str = DEFAULT_LAYER_REGEX, batch_size: int = _FD["batch_size"], lr: float = _FD["lr"],
+              head_lr: float = _FD["head_lr"], momentum: float = _FD["momentum"],
+              max_length: int = _FD["max_length"], max_train: int | None = None, max_test: int | None = None,
               critical_steps: int | None = None, progress: ProgressFn | None = None, data=None):
     """Train the global model with FedAvg and register it (kind ``expert``).
 
@@ -568,8 +602,7 @@ def fed_train(ws, *, base: str, task: str, clients: int, alpha: float, rounds: i
     fed = make_federation(task, clients, alpha, seed, data=data, max_train=max_train, max_test=max_test)
     model, state, stats = train_global(binfo.path, fed, cfg, density=density, mask=mask, layer_regex=layer_regex,
                                        progress=progress)
-    from .unlearning import identify_critical_layers  # one extra round: the layers' sensitivity to the clients
-
+    # one extra round: the layers' sensitivity to the clients
     with_global = {k: v for k, v in state.items()}
     ranking = identify_critical_layers(model, with_global, [fed.client_rows(c) for c in range(fed.n_clients)], cfg,
                                        client_ids=list(range(fed.n_clients)), steps=critical_steps, progress=progress)
@@ -611,6 +644,7 @@ def load_global(ws, ref: str, *, data=None) -> tuple[Any, fmt.SparseAdapter, Fed
 
 
 __all__ = ["Partition", "dirichlet_partition", "partition_hash", "HashTokenizer", "FedConfig", "FedModel",
+           "layer_l1_distances", "rank_layers", "identify_critical_layers", "DEFAULT_LAYER_REGEX",
            "sparse_delta_state", "local_train", "weighted_average", "fedavg", "FedStats", "Federation",
            "make_federation", "train_global", "state_to_adapter", "fed_train", "load_global", "GlobalResult",
            "AdapterHubError"]

@@ -38,9 +38,10 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,49 +50,22 @@ from . import format as fmt
 from . import masks as M
 from .data import TaskData
 from .errors import AdapterHubError, TrainingError
+from .maskhash import mask_hash
+from .train_config import (
+    DEVICES,
+    DTYPE_NAMES,
+    GRANULARITIES,
+    SCOPES,
+    SCORE_MODES,
+    TrainConfig,
+)
 
 DEFAULT_TARGETS = {"encoder": r"(query|key|value)$", "causal-lm": r"(q_proj|k_proj|v_proj)$"}
 PROMPT_SUFFIX = "\nLabel:"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16)))
 TARGET_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of one training run (recorded as the version's training config).
-
-    ``steps`` wins over ``epochs``; neither means one epoch. ``targets=None`` picks the default
-    regex for the model kind. ``score`` is connection-sensitivity's ranking (``signed``/``abs``).
-    """
-
-    density: float = 0.05
-    mask: str = "connection-sensitivity"
-    score: str = "abs"
-    scope: str = "layer"
-    granularity: str = "element"
-    block_size: int = 16
-    targets: str | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    select_steps: int = 100
-    reselect_every: int = 100
-    score_batches: int = 16
-    drop_fraction: float = 0.2
-    lr: float = 1e-3
-    head_lr: float | None = None
-    warmup_lr: float | None = None
-    batch_size: int = 16
-    max_length: int = 128
-    device: str = "auto"
-    dtype: str = "fp32"
-    seed: int = 0
-    eval_batch_size: int = 64
-    max_eval_examples: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -104,8 +78,8 @@ class TrainResult:
     losses: list[float]
     config: TrainConfig
     world_size: int = 1
-    model: "SparseDeltaModel | None" = None  # the trained model, for further evaluation in-process
-    batcher: "Batcher | None" = None
+    model: SparseDeltaModel | None = None  # the trained model, for further evaluation in-process
+    batcher: Batcher | None = None
 
 
 # ---------------------------------------------------------------------------- validation
@@ -114,11 +88,11 @@ def validate_config(cfg: TrainConfig) -> None:
     """Check a config before any model is loaded. Raises TrainingError with one line."""
     M.check_density(cfg.density)
     method = M.get_mask_method(cfg.mask)
-    if cfg.score not in M.SCORE_MODES:
+    if cfg.score not in SCORE_MODES:
         raise TrainingError(f"unknown --score {cfg.score!r}; choose abs or signed")
-    if cfg.scope not in M.SCOPES:
+    if cfg.scope not in SCOPES:
         raise TrainingError(f"unknown scope {cfg.scope!r}; choose layer or global")
-    if cfg.granularity not in M.GRANULARITIES:
+    if cfg.granularity not in GRANULARITIES:
         raise TrainingError(f"unknown granularity {cfg.granularity!r}; choose element or block")
     if cfg.granularity == "block" and cfg.block_size <= 0:
         raise TrainingError(f"block size must be positive, got {cfg.block_size}")
@@ -159,7 +133,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")
-    raise TrainingError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    raise TrainingError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
 
 
 # ---------------------------------------------------------------------------- models
@@ -259,9 +233,13 @@ class MeanPoolHead(nn.Module):
         self.linear = nn.Linear(hidden, n_labels)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.linear(pooled.float())
+        return self.linear(mean_pool(hidden, attention_mask))
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the last hidden states over the attended tokens, in fp32: ``(batch, hidden)``."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * m).sum(1) / m.sum(1).clamp(min=1.0)).float()
 
 
 # ---------------------------------------------------------------------------- batches
@@ -331,11 +309,30 @@ def label_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 # ---------------------------------------------------------------------------- the model wrapper
 
+def apply_delta(w: torch.Tensor, delta: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The effective weight ``W + Δ``, computed in fp32 and cast back to ``W``'s dtype.
+
+    Takes the frozen weight, a delta (dense of ``W``'s shape when ``idx`` is None, else a 1-D
+    vector of values at the sorted flat positions ``idx``). Returns a new tensor (differentiable
+    in ``delta``); ``W`` is never written. The one place ``W + Δ`` is computed for training,
+    federated training, unlearning and in-memory evaluation, so they agree bit for bit with
+    :mod:`adapterhub.patching` (which adds the same fp32 values).
+    """
+    if idx is None:
+        return (w.float() + delta).to(w.dtype)
+    return w.detach().float().reshape(-1).index_add(0, idx, delta).reshape(w.shape).to(w.dtype)
+
+
 class SparseDeltaModel:
-    """A frozen base plus per-target deltas, run through ``functional_call``.
+    """A frozen base plus per-target deltas and (encoders) a task head, run through ``functional_call``.
+
+    The one "base weights + delta + head" model: training, the LoRA/full baselines, evaluation,
+    federated training and unlearning (:class:`adapterhub.federated.FedModel` is a subclass) all
+    run their forward pass through :meth:`outputs`.
 
     Each target is in one of two states: dense (``dense[k]`` trainable, used in warm-up) or
-    sparse (``idx[k]`` sorted flat indices, ``values[k]`` a 1-D trainable parameter).
+    sparse (``idx[k]`` sorted flat indices, ``values[k]`` a 1-D trainable parameter). Keys are
+    model parameter names; ``targets`` maps them to the base file's tensor names.
     """
 
     def __init__(self, backbone: nn.Module, kind: str, targets: dict[str, str], n_labels: int,
@@ -369,37 +366,71 @@ class SparseDeltaModel:
     def effective(self, k: str) -> torch.Tensor:
         w = self.weights[k]
         if k in self.dense:
-            return (w.float() + self.dense[k]).to(w.dtype)
+            return apply_delta(w, self.dense[k])
         if k in self.values:
-            flat = w.detach().float().reshape(-1).index_add(0, self.idx[k], self.values[k])
-            return flat.reshape(w.shape).to(w.dtype)
+            return apply_delta(w, self.values[k], self.idx[k])
         return w
 
-    def forward(self, batch: dict[str, torch.Tensor], *, capture: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss, logits-or-per-sequence-scores)."""
+    # -- the head
+    def set_head(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Copy a trained head in (fp32). Raises TrainingError when its shape does not fit."""
+        if self.head is None:
+            raise TrainingError("this model has no classification head (causal LMs score labels)")
+        if tuple(weight.shape) != tuple(self.head.linear.weight.shape):
+            raise TrainingError(f"head shape {tuple(weight.shape)} does not fit the model "
+                                f"{tuple(self.head.linear.weight.shape)}")
+        with torch.no_grad():
+            self.head.linear.weight.copy_(weight.float())
+            self.head.linear.bias.copy_(bias.float())
+
+    def load_head(self, adapter: fmt.SparseAdapter, task: str) -> None:
+        """Load the adapter's ``heads.<task>.weight/bias``. Raises TrainingError when it has none."""
+        w, b = adapter.extras.get(f"heads.{task}.weight"), adapter.extras.get(f"heads.{task}.bias")
+        if w is None or b is None:
+            raise TrainingError(f"the adapter has no head for task {task!r}")
+        self.set_head(w, b)
+
+    # -- forward
+    def outputs(self, eff: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], *,
+                head: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (encoder) or per-sequence label log-likelihoods (causal LM) of the backbone run with
+        the parameters ``eff`` (model param name -> tensor) replacing its own.
+
+        ``head``: a ``(weight, bias)`` pair used instead of :attr:`head` (a head that is being trained
+        as a plain tensor, as federated training does).
+        """
         from torch.func import functional_call
 
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _null()
+        with ctx:
+            if self.kind == "encoder":
+                kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+                out = functional_call(self.backbone, dict(eff), args=(), kwargs=kw, strict=False)
+                if head is None:
+                    return self.head(out.last_hidden_state, batch["attention_mask"])  # type: ignore[misc]
+                return nn.functional.linear(mean_pool(out.last_hidden_state, batch["attention_mask"]), *head)
+            out = functional_call(self.backbone, dict(eff), args=(),
+                                  kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                                  strict=False)
+            return label_token_logprobs(out.logits, batch["labels"])
+
+    def loss(self, out: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of :meth:`outputs`: cross-entropy (encoder) or label-token NLL (causal LM)."""
+        if self.kind == "encoder":
+            return nn.functional.cross_entropy(out.float(), batch["labels"])
+        ntok = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+        return -out.sum() / ntok
+
+    def forward(self, batch: dict[str, torch.Tensor], *, capture: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss, logits-or-per-sequence-scores) with the current deltas and head."""
         eff = {k: self.effective(k) for k in self.targets}
         if capture:
             for t in eff.values():
                 if t.requires_grad:
                     t.retain_grad()
             self.capture = eff
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _null()
-        with ctx:
-            if self.kind == "encoder":
-                kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-                out = functional_call(self.backbone, eff, args=(), kwargs=kw, strict=False)
-                logits = self.head(out.last_hidden_state, batch["attention_mask"])  # type: ignore[misc]
-                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
-                return loss, logits
-            out = functional_call(self.backbone, eff, args=(),
-                                  kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-                                  strict=False)
-            ll = label_token_logprobs(out.logits, batch["labels"])
-            ntok = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
-            loss = -ll.sum() / ntok
-            return loss, ll
+        out = self.outputs(eff, batch)
+        return self.loss(out, batch), out
 
     def captured_grads(self) -> dict[str, torch.Tensor]:
         if self.capture is None:
@@ -452,11 +483,21 @@ def _score_inputs(sdm: SparseDeltaModel, gen: torch.Generator, cfg: TrainConfig,
                         options={"score": cfg.score, "drop_fraction": cfg.drop_fraction})
 
 
-class _Trainer:
+class Trainer:
+    """One way of training a :class:`SparseDeltaModel` on a task, behind the :data:`TRAINERS` registry.
+
+    Shared by every trainer: the data order (seeded epochs, rank shards), AdamW with a delta/body
+    group and a head group, the linear learning-rate decay and the one optimizer step
+    (:meth:`step`). A subclass says how the model is built (:meth:`build_model`), what is
+    trainable (:meth:`trainable`) and what happens around the steps (:meth:`prepare`,
+    :meth:`before_step`, :meth:`after_step`).
+    """
+
+    name: ClassVar[str] = ""
+
     def __init__(self, sdm: SparseDeltaModel, data: TaskData, batcher: Batcher, cfg: TrainConfig,
-                 progress: ProgressFn | None) -> None:
+                 progress: ProgressFn | None = None) -> None:
         self.sdm, self.data, self.batcher, self.cfg, self.progress = sdm, data, batcher, cfg, progress
-        self.method = M.get_mask_method(cfg.mask)
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
@@ -468,13 +509,39 @@ class _Trainer:
             self.total = cfg.steps
         else:
             self.total = max(1, int(round((cfg.epochs or 1.0) * self.steps_per_epoch)))
-        self.freeze_step = min(self.steps_per_epoch, self.total)
         self.order: list[int] = []
         self.pos = 0
-        self.events: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # mask events (sparse trainers)
         self.losses: list[float] = []
-        self.warm: dict[str, torch.Tensor] = {}  # warm-up deltas kept for reselection
         self.opt: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def build_model(cls, base_path: Path, cfg: TrainConfig, *, n_labels: int, **options: Any) -> SparseDeltaModel:
+        """Load the base and parametrise it for this trainer (seeded by ``cfg.seed``). Raises TrainingError."""
+        raise NotImplementedError
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The trained parameters other than the head (deltas, LoRA factors or the whole backbone)."""
+        raise NotImplementedError
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.trainable())
+
+    def phase(self) -> str:
+        """What the progress callback shows for the coming step."""
+        return self.name
+
+    # -- hooks around the shared loop
+    def prepare(self) -> None:
+        """Set up before the first step: by default, the optimizer over :meth:`trainable` and the head."""
+        self.make_opt()
+
+    def before_step(self, step: int) -> bool:
+        """Called before step ``step``; True asks the step to keep the effective weights' gradients."""
+        return False
+
+    def after_step(self, step: int, captured: bool) -> None:
+        """Called after step ``step`` (``captured``: what :meth:`before_step` returned)."""
 
     # -- data
     def next_rows(self) -> list[tuple[str, int]]:
@@ -495,14 +562,87 @@ class _Trainer:
             return self.batcher.encoder_batch(rows, self.sdm.device)
         return self.batcher.causal_batch(rows, self.sdm.device)
 
-    # -- optimizer
+    # -- optimizer and the one step
     def make_opt(self) -> None:
-        groups = [{"params": self.sdm.delta_params(), "lr": self.cfg.lr, "base_lr": self.cfg.lr}]
+        groups = [{"params": self.trainable(), "lr": self.cfg.lr, "base_lr": self.cfg.lr}]
         hp = self.sdm.head_params()
         if hp:
             hlr = self.cfg.head_lr or self.cfg.lr
             groups.append({"params": hp, "lr": hlr, "base_lr": hlr})
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0, foreach=False)
+
+    def step(self, batch: dict[str, torch.Tensor], step: int, *, capture: bool = False) -> float:
+        """One optimizer step on ``batch`` (step ``step`` of ``self.total``); returns the loss.
+
+        Forward, backward, gradients averaged over ranks, learning rate at ``step`` of the linear
+        decay, AdamW step. Appends the loss to :attr:`losses`.
+        Raises: TrainingError when the loss is not finite.
+        """
+        loss, _ = self.sdm.forward(batch, capture=capture)
+        assert self.opt is not None
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        _allreduce_mean([p.grad for p in params])  # type: ignore[misc]
+        frac = _lr_at(step - 1, self.total)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * frac
+        self.opt.step()
+        lval = float(loss.detach())
+        if not math.isfinite(lval):
+            raise TrainingError(f"loss became {lval} at step {step}; lower --lr")
+        self.losses.append(lval)
+        return lval
+
+    def run(self) -> None:
+        """:meth:`prepare`, then ``self.total`` steps with the hooks and the progress callback."""
+        self.prepare()
+        t0 = time.perf_counter()
+        self.sdm.backbone.train()
+        for step in range(1, self.total + 1):
+            batch = self.batch(self.next_rows())
+            phase = self.phase()
+            capture = self.before_step(step)
+            lval = self.step(batch, step, capture=capture)
+            self.after_step(step, capture)
+            if self.progress is not None:
+                el = time.perf_counter() - t0
+                self.progress(step, self.total, {"loss": lval, "phase": phase, "steps_per_s": step / el if el else 0.0})
+
+
+class SparseTrainer(Trainer):
+    """The sparse adapter: a mask phase (per ``cfg.mask``), then values-only training (module docstring)."""
+
+    name = "sparse"
+
+    def __init__(self, sdm: SparseDeltaModel, data: TaskData, batcher: Batcher, cfg: TrainConfig,
+                 progress: ProgressFn | None = None) -> None:
+        super().__init__(sdm, data, batcher, cfg, progress)
+        self.method = M.get_mask_method(cfg.mask)
+        self.freeze_step = min(self.steps_per_epoch, self.total)
+        self.warm: dict[str, torch.Tensor] = {}  # warm-up deltas kept for reselection
+        self.warmup = 0
+
+    @classmethod
+    def build_model(cls, base_path: Path, cfg: TrainConfig, *, n_labels: int, **options: Any) -> SparseDeltaModel:
+        """The frozen base with the targets of ``cfg.targets`` (default: the kind's), no delta yet."""
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        kind = model_kind(base_path)
+        file_shapes = base_tensor_keys(base_path)
+        backbone = load_backbone(base_path, kind, DTYPES[cfg.dtype], device)
+        targets = find_targets(backbone, cfg.targets or DEFAULT_TARGETS[kind], file_shapes)
+        if cfg.granularity == "block":
+            for key in targets.values():
+                M.check_blockable(key, tuple(file_shapes[key]), cfg.block_size)
+        torch.manual_seed(cfg.seed)  # the head's initialisation does not depend on the backbone's loading
+        return SparseDeltaModel(backbone, kind, targets, n_labels, device, autocast=device.type == "cuda")
+
+    def trainable(self) -> list[nn.Parameter]:
+        return self.sdm.delta_params()
+
+    def phase(self) -> str:
+        return "dense" if self.sdm.dense else "values"
 
     def swap_param(self, old: nn.Parameter, new: nn.Parameter, gather: torch.Tensor | None,
                    keep: torch.Tensor | None) -> None:
@@ -551,7 +691,10 @@ class _Trainer:
         self.record(step, kind)
 
     def record(self, step: int, kind: str) -> None:
-        h = _mask_hash({k: self.sdm.idx[k] for k in sorted(self.sdm.idx)})
+        # keyed by base tensor names, as the catalog hashes the registered adapter: the last event's
+        # hash is the version's mask_hash
+        sdm = self.sdm
+        h = mask_hash({sdm.targets[k]: (sdm.weights[k].shape, sdm.idx[k]) for k in sdm.idx})
         self.events.append({"step": step, "event": kind, "mask_hash": h,
                             "nnz": int(sum(int(v.numel()) for v in self.sdm.idx.values()))})
 
@@ -585,14 +728,13 @@ class _Trainer:
             del self.sdm.dense[k]
         return {k: v.cpu() for k, v in acc.items()}
 
-    # -- main loop
-    def run(self) -> None:
+    # -- the mask phases around the shared loop
+    def prepare(self) -> None:
         cfg, sdm = self.cfg, self.sdm
         method = self.method
         zeros = {k: torch.zeros(w.shape, dtype=torch.float32) for k, w in sdm.weights.items()}
-        warmup = 0
         if method.dense_warmup:
-            warmup = cfg.select_steps
+            self.warmup = warmup = cfg.select_steps
             if warmup < 1:
                 raise TrainingError(f"{method.name} needs a dense warm-up: --select-steps must be >= 1")
             if warmup >= self.total:
@@ -613,36 +755,17 @@ class _Trainer:
                 sdm.dense[k] = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
             self.make_opt()
             self.to_sparse(self.select(scores), zeros, 0, "select")
-        t0 = time.perf_counter()
-        sdm.backbone.train()
-        for step in range(1, self.total + 1):
-            rows = self.next_rows()
-            batch = self.batch(rows)
-            phase = "dense" if sdm.dense else "values"
-            score_now = (method.dense_warmup and step == warmup) or self._reselect_due(step, warmup)
-            loss, _ = sdm.forward(batch, capture=score_now)
-            assert self.opt is not None
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-            _allreduce_mean([p.grad for p in params])  # type: ignore[misc]
-            frac = _lr_at(step - 1, self.total)
-            for g in self.opt.param_groups:
-                g["lr"] = g["base_lr"] * frac
-            self.opt.step()
-            lval = float(loss.detach())
-            if not math.isfinite(lval):
-                raise TrainingError(f"loss became {lval} at step {step}; lower --lr")
-            self.losses.append(lval)
-            if score_now:
-                grads = sdm.captured_grads()
-                _allreduce_mean(list(grads.values()))
-                self._rescore(step, warmup, grads)
-            if step == self.freeze_step and self.warm:
-                self.warm = {}  # mask frozen: the dense warm-up buffers go
-            if self.progress is not None:
-                el = time.perf_counter() - t0
-                self.progress(step, self.total, {"loss": lval, "phase": phase, "steps_per_s": step / el if el else 0.0})
+
+    def before_step(self, step: int) -> bool:
+        return (self.method.dense_warmup and step == self.warmup) or self._reselect_due(step, self.warmup)
+
+    def after_step(self, step: int, captured: bool) -> None:
+        if captured:
+            grads = self.sdm.captured_grads()
+            _allreduce_mean(list(grads.values()))
+            self._rescore(step, self.warmup, grads)
+        if step == self.freeze_step and self.warm:
+            self.warm = {}  # mask frozen: the dense warm-up buffers go
 
     def _reselect_due(self, step: int, warmup: int) -> bool:
         if not self.method.reselect or self.cfg.reselect_every <= 0:
@@ -684,15 +807,6 @@ class _Trainer:
 
     def _any_reselect(self, warmup: int) -> bool:
         return self.cfg.reselect_every > 0 and warmup + self.cfg.reselect_every < self.freeze_step
-
-
-def _mask_hash(idx: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(idx):
-        h.update(k.encode() + b"\0" + idx[k].cpu().to(torch.int64).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- evaluation core
@@ -741,49 +855,75 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
     Raises:
         TrainingError/DataError: bad config, empty data, regex matching nothing, missing CUDA...
     """
+    trainer, data, seconds = _fit("sparse", base_path, data, cfg, progress=progress)
+    sdm, batcher = trainer.sdm, trainer.batcher
+    metrics = _metrics(trainer, data, seconds)
+    adapter = build_adapter(sdm, cfg, kind=sdm.kind, task_name=task_name, labels=data.labels,
+                            regex=cfg.targets or DEFAULT_TARGETS[sdm.kind], base_name=base_name,
+                            base_fingerprint=base_fingerprint, events=trainer.events, data=data, world=trainer.world)
+    return TrainResult(adapter, metrics, trainer.events, trainer.losses, cfg, trainer.world, sdm, batcher)
+
+
+VALIDATION_FRACTION = 0.1  # of the train rows, when a dataset has no validation split
+
+
+def with_validation(data: TaskData, seed: int, fraction: float = VALIDATION_FRACTION) -> TaskData:
+    """The data to train and validate on; the test split is never used for validation.
+
+    Takes the task data, a seed and a fraction. Returns ``data`` itself when it has a validation
+    split (or fewer than two train rows); otherwise a copy whose validation split is a seeded
+    ``fraction`` of the train rows (at least one) and whose train split is the rest, both in
+    their original order.
+    """
+    if data.validation or len(data.train) < 2:
+        return data
+    import random
+
+    n_val = min(len(data.train) - 1, max(1, round(len(data.train) * fraction)))
+    picked = set(random.Random(f"validation/{int(seed)}").sample(range(len(data.train)), n_val))
+    train = [r for i, r in enumerate(data.train) if i not in picked]
+    val = [r for i, r in enumerate(data.train) if i in picked]
+    return replace(data, train=train, validation=val)
+
+
+def _fit(method: str, base_path: Path, data: TaskData, cfg: TrainConfig, *, progress: ProgressFn | None = None,
+         **options: Any) -> tuple[Trainer, TaskData, float]:
+    """Validate, build the model of trainer ``method``, train it; (trainer, data used, train seconds).
+
+    The data used has a validation split (see :func:`with_validation`).
+    Raises: TrainingError for a bad config, data without train rows or fewer than two labels.
+    """
     validate_config(cfg)
+    cls = get_trainer(method)
     if not data.train:
         raise TrainingError(f"dataset {data.name!r} has no training rows")
     if len(data.labels) < 2:
         raise TrainingError(f"dataset {data.name!r} needs at least two labels")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    kind = model_kind(base_path)
-    dtype = DTYPES[cfg.dtype]
-    file_shapes = base_tensor_keys(base_path)
-    backbone = load_backbone(base_path, kind, dtype, device)
-    regex = cfg.targets or DEFAULT_TARGETS[kind]
-    targets = find_targets(backbone, regex, file_shapes)
-    if cfg.granularity == "block":
-        for k, key in targets.items():
-            M.check_blockable(key, tuple(file_shapes[key]), cfg.block_size)
-    tok = load_tokenizer(base_path)
-    batcher = Batcher(tok, kind, data.labels, cfg.max_length)
-    torch.manual_seed(cfg.seed)
-    sdm = SparseDeltaModel(backbone, kind, targets, len(data.labels), device,
-                           autocast=device.type == "cuda")
-    trainer = _Trainer(sdm, data, batcher, cfg, progress)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    data = with_validation(data, cfg.seed)
+    sdm = cls.build_model(base_path, cfg, n_labels=len(data.labels), **options)
+    batcher = Batcher(load_tokenizer(base_path), sdm.kind, data.labels, cfg.max_length)
+    trainer = cls(sdm, data, batcher, cfg, progress)
+    if sdm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(sdm.device)
     t0 = time.perf_counter()
     trainer.run()
-    train_seconds = time.perf_counter() - t0
-    val_rows = data.validation or data.test
-    if cfg.max_eval_examples:
-        val_rows = val_rows[:cfg.max_eval_examples]
+    return trainer, data, time.perf_counter() - t0
+
+
+def _metrics(trainer: Trainer, data: TaskData, seconds: float) -> dict[str, Any]:
+    """Loss, steps, trainable count, time (and peak GPU memory), then accuracy on the validation split."""
+    cfg, sdm = trainer.cfg, trainer.sdm
     metrics: dict[str, Any] = {"train_loss": _tail_mean(trainer.losses), "steps": trainer.total,
-                               "trainable_values": sdm.trainable_delta_count(),
-                               "train_seconds": round(train_seconds, 3),
-                               "steps_per_second": round(trainer.total / train_seconds, 4) if train_seconds else None}
-    if device.type == "cuda":  # peak of everything allocated on the GPU while training (model included)
-        metrics["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                               "trainable_values": trainer.trainable_count(),
+                               "train_seconds": round(seconds, 3),
+                               "steps_per_second": round(trainer.total / seconds, 4) if seconds else None}
+    if sdm.device.type == "cuda":  # peak of everything allocated on the GPU while training (model included)
+        metrics["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(sdm.device) / 2**20, 1)
+    val_rows = data.validation[:cfg.max_eval_examples] if cfg.max_eval_examples else data.validation
     if val_rows:
-        acc, vloss, n = predict(sdm, batcher, val_rows, cfg.eval_batch_size)
+        acc, vloss, n = predict(sdm, trainer.batcher, val_rows, cfg.eval_batch_size)
         metrics.update({"validation_accuracy": acc, "validation_loss": vloss, "validation_n": n})
-    adapter = build_adapter(sdm, cfg, kind=kind, task_name=task_name, labels=data.labels, regex=regex,
-                            base_name=base_name, base_fingerprint=base_fingerprint, events=trainer.events,
-                            data=data, world=trainer.world)
-    return TrainResult(adapter, metrics, trainer.events, trainer.losses, cfg, trainer.world, sdm, batcher)
+    return metrics
 
 
 def _tail_mean(xs: list[float], n: int = 20) -> float | None:
@@ -899,11 +1039,6 @@ def init_distributed_from_env() -> bool:
     return True
 
 
-__all__ = ["TrainConfig", "TrainResult", "train", "train_adapter", "validate_config", "find_targets",
-           "predict", "SparseDeltaModel", "Batcher", "model_kind", "resolve_device", "DEFAULT_TARGETS",
-           "AdapterHubError", "train_baseline", "build_baseline_model", "BaselineResult", "BASELINES"]
-
-
 # ---------------------------------------------------------------------------- baselines
 
 BASELINES = ("lora", "full")
@@ -949,6 +1084,56 @@ def build_baseline_model(base_path: Path, method: str, *, n_labels: int, lora_r:
     return sdm, body, sdm.head_params()
 
 
+class _BaselineTrainer(Trainer):
+    """A baseline trains backbone parameters (LoRA factors or all of them) with the shared step."""
+
+    @classmethod
+    def build_model(cls, base_path: Path, cfg: TrainConfig, *, n_labels: int, lora_r: int = 16,
+                    **options: Any) -> SparseDeltaModel:
+        torch.manual_seed(cfg.seed)
+        sdm, _, _ = build_baseline_model(base_path, cls.name, n_labels=n_labels, lora_r=lora_r,
+                                         targets=cfg.targets, dtype=cfg.dtype, device=cfg.device)
+        return sdm
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.sdm.backbone.parameters() if p.requires_grad]
+
+
+class LoraTrainer(_BaselineTrainer):
+    """PEFT LoRA (rank ``lora_r``, alpha 2r) on the target modules."""
+
+    name = "lora"
+
+
+class FullTrainer(_BaselineTrainer):
+    """Full fine-tuning of every backbone weight."""
+
+    name = "full"
+
+
+TRAINERS: dict[str, type[Trainer]] = {}
+
+
+def register_trainer(cls: type[Trainer]) -> type[Trainer]:
+    """Add a trainer class under its ``name``. Raises TrainingError on a duplicate or empty name."""
+    if not cls.name or cls.name in TRAINERS:
+        raise TrainingError(f"trainer name {cls.name!r} is empty or already registered")
+    TRAINERS[cls.name] = cls
+    return cls
+
+
+for _cls in (SparseTrainer, LoraTrainer, FullTrainer):
+    register_trainer(_cls)
+
+
+def get_trainer(name: str) -> type[Trainer]:
+    """The trainer class registered as ``name``. Raises TrainingError listing the names."""
+    try:
+        return TRAINERS[name]
+    except KeyError:
+        raise TrainingError(f"unknown trainer {name!r}; choose {', '.join(TRAINERS)}") from None
+
+
 @dataclass
 class BaselineResult:
     """Metrics of a baseline run plus the trained model (for test-set evaluation)."""
@@ -960,44 +1145,21 @@ class BaselineResult:
 
 def train_baseline(base_path: Path, data: TaskData, cfg: TrainConfig, *, method: str, lora_r: int = 16,
                    progress: ProgressFn | None = None) -> BaselineResult:
-    """Train a LoRA or full fine-tuning baseline with the same data order, schedule and loss.
+    """Train a LoRA or full fine-tuning baseline with the same data order, schedule, step and loss.
 
     Returns a BaselineResult whose metrics match :func:`train_adapter`'s
     (``validation_accuracy``, ``train_loss``, ``trainable_values``...). Nothing is registered:
     baselines are for benchmarks.
+    Raises: TrainingError for an unknown method (not one of :data:`BASELINES`) or a bad config.
     """
-    validate_config(cfg)
-    torch.manual_seed(cfg.seed)
-    sdm, body, head = build_baseline_model(base_path, method, n_labels=len(data.labels), lora_r=lora_r,
-                                           targets=cfg.targets, dtype=cfg.dtype, device=cfg.device)
-    batcher = Batcher(load_tokenizer(base_path), sdm.kind, data.labels, cfg.max_length)
-    tr = _Trainer(sdm, data, batcher, cfg, progress)
-    groups = [{"params": body, "lr": cfg.lr, "base_lr": cfg.lr}]
-    if head:
-        hlr = cfg.head_lr or cfg.lr
-        groups.append({"params": head, "lr": hlr, "base_lr": hlr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0, foreach=False)
-    sdm.backbone.train()
-    t0 = time.perf_counter()
-    for step in range(1, tr.total + 1):
-        loss, _ = sdm.forward(tr.batch(tr.next_rows()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _allreduce_mean([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * _lr_at(step - 1, tr.total)
-        opt.step()
-        tr.losses.append(float(loss.detach()))
-        if progress is not None:
-            el = time.perf_counter() - t0
-            progress(step, tr.total, {"loss": tr.losses[-1], "phase": method, "steps_per_s": step / el if el else 0.0})
-    secs = time.perf_counter() - t0
-    metrics: dict[str, Any] = {"train_loss": _tail_mean(tr.losses), "steps": tr.total, "train_seconds": round(secs, 3),
-                               "trainable_values": sum(p.numel() for p in body)}
-    rows = data.validation or data.test
-    if cfg.max_eval_examples:
-        rows = rows[:cfg.max_eval_examples]
-    if rows:
-        acc, vloss, n = predict(sdm, batcher, rows, cfg.eval_batch_size)
-        metrics.update({"validation_accuracy": acc, "validation_loss": vloss, "validation_n": n})
-    return BaselineResult(metrics, sdm, batcher)
+    if method not in BASELINES:
+        raise TrainingError(f"unknown baseline {method!r}; choose lora or full")
+    trainer, data, seconds = _fit(method, base_path, data, cfg, progress=progress, lora_r=lora_r)
+    return BaselineResult(_metrics(trainer, data, seconds), trainer.sdm, trainer.batcher)
+
+
+__all__ = ["TrainConfig", "TrainResult", "train", "train_adapter", "validate_config", "find_targets",
+           "predict", "SparseDeltaModel", "Batcher", "model_kind", "resolve_device", "DEFAULT_TARGETS",
+           "AdapterHubError", "train_baseline", "build_baseline_model", "BaselineResult", "BASELINES",
+           "Trainer", "SparseTrainer", "LoraTrainer", "FullTrainer", "TRAINERS", "register_trainer", "get_trainer",
+           "apply_delta", "mean_pool", "with_validation"]

@@ -32,17 +32,35 @@ exact text per line).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from . import format as fmt
 from . import masks as M
 from .errors import AdapterHubError, TrainingError, UnlearningError
-from .federated import (DEFAULT_LAYER_REGEX, Example, FedConfig, FedModel, FedStats, Federation, ProgressFn, fedavg, load_global,
-                        local_train, sparse_delta_state, state_to_adapter, train_global, _client_generator, VALUE_BYTES)
+from .federated import (
+    DEFAULT_LAYER_REGEX,
+    VALUE_BYTES,
+    Example,
+    FedConfig,
+    Federation,
+    FedModel,
+    FedStats,
+    ProgressFn,
+    fedavg,
+    identify_critical_layers,
+    layer_l1_distances,
+    load_global,
+    rank_layers,
+    sparse_delta_state,
+    state_to_adapter,
+    train_global,
+)
+from .train_config import default_of
 
 FORGET_KINDS = ("client", "class", "samples")
 HEAD_MODES = ("reset", "train", "freeze")
@@ -168,76 +186,9 @@ def plan_forget(fed: Federation, spec: ForgetSpec) -> ForgetPlan:
     return plan
 
 
-# ---------------------------------------------------------------------------- critical layers
-
-def layer_l1_distances(global_state: Mapping[str, torch.Tensor], client_states: Sequence[Mapping[str, torch.Tensor]],
-                       sizes: Sequence[int]) -> dict[str, float]:
-    """Per layer ``Σ_k (n_k/n)·‖θ_k − θ‖₁`` over the ``delta:`` keys (layer = base tensor name).
-
-    Takes: the global dense layer tensors, each client's dense layer tensors after local training,
-        the clients' data sizes.
-    Returns: layer name -> weighted L1 distance.
-    """
-    total = float(sum(sizes))
-    if total <= 0:
-        raise TrainingError("client sizes must sum to a positive number")
-    out: dict[str, float] = {}
-    for key, g in global_state.items():
-        if not key.startswith("delta:"):
-            continue
-        s = 0.0
-        for cs, n in zip(client_states, sizes):
-            s += (float(n) / total) * float((cs[key].double() - g.double()).abs().sum())
-        out[key[6:]] = s
-    return out
-
-
-def rank_layers(scores: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Layers by descending score (ties by name): ``[{"rank", "layer", "l1"}]``."""
-    order = sorted(scores, key=lambda k: (-scores[k], k))
-    return [{"rank": i + 1, "layer": k, "l1": scores[k]} for i, k in enumerate(order)]
-
-
-def identify_critical_layers(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence[Sequence[Example]],
-                             cfg: FedConfig, *, client_ids: Sequence[int], steps: int | None = None,
-                             progress: ProgressFn | None = None) -> list[dict[str, Any]]:
-    """One round in which every given client trains the whole global model locally; rank the layers.
-
-    The global model is ``model`` with ``state`` (sparse or dense deltas, head); each client gets
-    every layer as a dense trainable delta starting from the global one, plus the head.
-    Returns: :func:`rank_layers` of :func:`layer_l1_distances`.
-    """
-    saved_index = dict(model.index)
-    glob: dict[str, torch.Tensor] = {}
-    for name in model.layers:
-        d = torch.zeros(model.shape(name))
-        key = "delta:" + name
-        if key in state:
-            if name in saved_index:
-                d.view(-1).index_copy_(0, saved_index[name], state[key].detach().float())
-            else:
-                d = state[key].detach().float().clone().reshape(model.shape(name))
-        glob[key] = d
-    for k in ("head:weight", "head:bias"):
-        glob[k] = (state[k] if k in state else model.head_state()[k]).detach().clone()
-    model.index.clear()
-    try:
-        outs, sizes = [], []
-        for i, (cid, rows) in enumerate(zip(client_ids, clients)):
-            outs.append(local_train(model, glob, rows, cfg, gen=_client_generator(cfg.seed, -1, cid, "critical"),
-                                    steps=steps))
-            sizes.append(len(rows))
-            if progress:
-                progress("critical layers", i + 1, len(clients))
-    finally:
-        model.index.clear()
-        model.index.update(saved_index)
-    return rank_layers(layer_l1_distances(glob, outs, sizes))
-
-
 # ---------------------------------------------------------------------------- membership inference
 
-def _attack_features(probs: torch.Tensor, labels: torch.Tensor) -> "Any":
+def _attack_features(probs: torch.Tensor, labels: torch.Tensor) -> Any:
     import numpy as np
 
     p = probs.double().clamp(min=1e-12)
@@ -256,7 +207,8 @@ class MembershipAttack:
     is the fraction of forgotten training rows it calls members.
     """
 
-    def __init__(self, base_path: Path, n_labels: int, held_out: Sequence[Example], *, max_length: int = 48,
+    def __init__(self, base_path: Path, n_labels: int, held_out: Sequence[Example], *,
+                 max_length: int = default_of(FedConfig, "max_length"),
                  seed: int = 0, n_shadow: int = 2, epochs: int = 300) -> None:
         import numpy as np
         from sklearn.linear_model import LogisticRegression
@@ -264,7 +216,7 @@ class MembershipAttack:
         if len(held_out) < 8:
             raise UnlearningError("too few held-out rows to train shadow models for the membership attack")
         shadow = FedModel(base_path, n_labels, max_length=max_length, seed=seed)
-        feats = self._pooled(shadow, held_out)
+        feats = shadow.pooled(held_out)
         gold = torch.tensor([lab for _, lab in held_out])
         xs, ys = [], []
         g = torch.Generator().manual_seed(seed)
@@ -284,18 +236,6 @@ class MembershipAttack:
             xs += [_attack_features(probs[inn], gold[inn]), _attack_features(probs[out], gold[out])]
             ys += [np.ones(len(inn)), np.zeros(len(out))]
         self.clf = LogisticRegression(max_iter=1000).fit(np.concatenate(xs), np.concatenate(ys))
-
-    @staticmethod
-    @torch.no_grad()
-    def _pooled(model: FedModel, rows: Sequence[Example]) -> torch.Tensor:
-        outs = []
-        for i in range(0, len(rows), 64):
-            b = model.encode(rows[i:i + 64])
-            kw = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            h = model.backbone(**kw).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-            outs.append(((h * m).sum(1) / m.sum(1).clamp(min=1.0)).float())
-        return torch.cat(outs)
 
     def success(self, probs: torch.Tensor, labels: Sequence[int]) -> float | None:
         """Fraction of rows (given the target's probabilities on them) the attack calls members."""
@@ -345,7 +285,7 @@ class UnlearnResult:
     plan: ForgetPlan
     metrics: dict[str, Any]
     training_config: dict[str, Any]
-    attack: "MembershipAttack | None" = None
+    attack: MembershipAttack | None = None
 
 
 def check_request(fed: Federation, spec: ForgetSpec, n_layers: int, k: int, density: float, rounds: int) -> ForgetPlan:
@@ -387,7 +327,7 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
         raise UnlearningError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
     model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed, layer_regex=layer_regex)
     plan = check_request(fed, spec, len(model.layers), layers, density, rounds or cfg.rounds)
-    missing = [p for p in global_adapter.params if p not in model.weights]
+    missing = [p for p in global_adapter.params if p not in model.layer_weights]
     if missing:
         raise UnlearningError(f"the global model adapts {missing[0]}, which is not one of the model's layers")
     model.apply_adapter(global_adapter, head_task=task)  # the backbone now holds the global model's weights

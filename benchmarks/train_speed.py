@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,45 +72,43 @@ def model_path(name: str) -> Path:
 
 
 def setup(variant: str, args: argparse.Namespace):
-    """Build one variant; returns (step function, trainable count, LoRA count, density, device, tokens)."""
+    """Build one variant with the library's trainer (``adapterhub.training.TRAINERS``).
+
+    Returns (step function, trainable count, LoRA count, density, device, tokens); the step is the
+    library's one optimizer step (:meth:`Trainer.step`) on a fixed batch.
+    """
     import torch
 
     from adapterhub.data import load_task
-    from adapterhub.training import (DEFAULT_TARGETS, DTYPES, Batcher, SparseDeltaModel, base_tensor_keys,
-                                     build_baseline_model, find_targets, load_backbone, load_tokenizer, model_kind,
-                                     resolve_device)
+    from adapterhub.training import (
+        TRAINERS,
+        Batcher,
+        TrainConfig,
+        load_tokenizer,
+        model_kind,
+    )
 
-    torch.manual_seed(0)
     path = model_path(args.model)
-    dev = resolve_device(args.device)
     kind = model_kind(path)
     data = load_task(args.task)
+    cfg = TrainConfig(mask="random", select_steps=0, reselect_every=0, lr=1e-4, batch_size=args.batch_size,
+                      max_length=args.max_length, device=args.device, dtype=args.dtype, seed=0, steps=10**6)
     # LoRA's trainable count on the same targets sets the sparse density
-    lora_sdm, lora_body, _ = build_baseline_model(path, "lora", n_labels=len(data.labels), lora_r=args.rank,
-                                                  dtype=args.dtype, device=args.device)
-    lora_count = sum(p.numel() for p in lora_body)
+    lora_sdm = TRAINERS["lora"].build_model(path, cfg, n_labels=len(data.labels), lora_r=args.rank)
+    lora_count = sum(p.numel() for p in lora_sdm.backbone.parameters() if p.requires_grad)
     density = None
     if variant == "lora":
-        sdm, body, head = lora_sdm, lora_body, lora_sdm.head_params()
+        sdm = lora_sdm
     else:
-        del lora_sdm, lora_body
-    if variant == "sparse":
-        backbone = load_backbone(path, kind, DTYPES[args.dtype], dev)
-        targets = find_targets(backbone, DEFAULT_TARGETS[kind], base_tensor_keys(path))
-        sdm = SparseDeltaModel(backbone, kind, targets, len(data.labels), dev, autocast=dev.type == "cuda")
-        total = sum(sdm.weights[k].numel() for k in targets)
-        density = lora_count / total
-        g = torch.Generator().manual_seed(0)
-        for k, w in sdm.weights.items():
-            n = max(1, round(density * w.numel()))
-            sdm.idx[k] = torch.sort(torch.randperm(w.numel(), generator=g)[:n]).values.to(dev)
-            sdm.values[k] = torch.nn.Parameter(torch.zeros(n, device=dev))
-        body, head = sdm.delta_params(), sdm.head_params()
-    elif variant == "full":
-        sdm, body, head = build_baseline_model(path, "full", n_labels=len(data.labels), dtype=args.dtype,
-                                               device=args.device)
-    opt = torch.optim.AdamW([{"params": body}, {"params": head}], lr=1e-4, foreach=False)
+        del lora_sdm
+        sdm = TRAINERS[variant].build_model(path, cfg, n_labels=len(data.labels))
+        if variant == "sparse":  # the mask is drawn in prepare(), after the density is known
+            density = lora_count / sum(w.numel() for w in sdm.weights.values())
+            cfg = replace(cfg, density=density)
     batcher = Batcher(load_tokenizer(path), kind, data.labels, args.max_length)
+    trainer = TRAINERS[variant](sdm, data, batcher, cfg)
+    trainer.prepare()  # sparse: the random mask is selected, training is values-only from the first step
+    dev = sdm.device
     rows = data.train[: args.batch_size]
     if kind == "encoder":
         batch = batcher.encoder_batch(rows, dev)
@@ -122,16 +121,12 @@ def setup(variant: str, args: argparse.Namespace):
     sdm.backbone.train()
 
     def step() -> float:
-        loss, _ = sdm.forward(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = trainer.step(batch, 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return float(loss.detach())
+        return loss
 
-    trainable = int(sum(p.numel() for p in body))
-    return step, trainable, int(lora_count), density, dev, int(batch["input_ids"].numel())
+    return step, trainer.trainable_count(), int(lora_count), density, dev, int(batch["input_ids"].numel())
 
 
 def run_one(args: argparse.Namespace) -> dict:

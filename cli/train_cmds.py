@@ -2,33 +2,23 @@
 :mod:`adapterhub.data`, :mod:`adapterhub.training` and :mod:`adapterhub.evaluation`."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import click
 
-from .common import LazyChoice, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from adapterhub.train_config import TrainConfig
 
-
-class DensityType(click.ParamType):
-    """A density in (0, 1]."""
-
-    name = "density"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not (math.isfinite(v) and 0 < v <= 1):
-            self.fail(f"density must be in (0, 1], got {value}", param, ctx)
-        return v
-
-
-def _mask_choices() -> list[str]:
-    from adapterhub.masks import MASK_METHODS
-
-    return list(MASK_METHODS)
+from .common import (
+    echo,
+    echo_err,
+    handle_errors,
+    json_option,
+    output,
+    pass_ctx,
+    print_json,
+    progress,
+)
+from .options import config_options
 
 
 def _progress_cb(bar, task_id):
@@ -66,47 +56,12 @@ def register(cli: click.Group) -> None:
     @click.option("--text-column", default="text", show_default=True)
     @click.option("--label-column", default="label", show_default=True)
     @click.option("--name", default=None, help="Adapter name (default <task>-<mask>).")
-    @click.option("--density", type=DensityType(), default=0.05, show_default=True,
-                  help="Fraction of each target weight that is trained, in (0, 1].")
-    @click.option("--mask", "mask_method", type=LazyChoice(_mask_choices), default="connection-sensitivity",
-                  show_default=True)
-    @click.option("--score", type=click.Choice(["abs", "signed"]), default="abs", show_default=True,
-                  help="connection-sensitivity ranking: |Ŵ·∇Ŵ| (abs) or -Ŵ·∇Ŵ (signed).")
-    @click.option("--warmup-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Learning rate of the dense warm-up (default: --lr).")
-    @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
-    @click.option("--granularity", type=click.Choice(["element", "block"]), default="element", show_default=True)
-    @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
-    @click.option("--targets", default=None, metavar="REGEX",
-                  help="Regex over module names (default query|key|value or q_proj|k_proj|v_proj).")
-    @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (wins over --epochs).")
-    @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None)
-    @click.option("--select-steps", type=click.IntRange(min=0), default=100, show_default=True,
-                  help="Dense warm-up steps before the mask is selected.")
-    @click.option("--reselect-every", type=click.IntRange(min=0), default=100, show_default=True,
-                  help="Reselect the mask every N steps during the first epoch (0: never).")
-    @click.option("--score-batches", type=click.IntRange(min=1), default=16, show_default=True,
-                  help="Batches of gradients summed by the gradient and snip masks.")
-    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-    @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Learning rate of the encoder task head (default: --lr).")
-    @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-    @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
-    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-    @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--max-eval-examples", type=click.IntRange(min=1), default=None,
-                  help="Cap the validation rows evaluated after training.")
+    @config_options(TrainConfig, into="cfg")
     @json_option
     @pass_ctx
     @handle_errors
     def train_cmd(c, base: str, task: str | None, dataset: str | None, text_column: str, label_column: str,
-                  name: str | None, density: float, mask_method: str, score: str, scope: str, granularity: str,
-                  block_size: int, targets: str | None, steps: int | None, epochs: float | None,
-                  warmup_lr: float | None,
-                  select_steps: int, reselect_every: int, score_batches: int, lr: float, head_lr: float | None,
-                  batch_size: int, max_length: int, device: str, dtype: str, seed: int,
-                  max_eval_examples: int | None, as_json: bool) -> None:
+                  name: str | None, cfg: TrainConfig, as_json: bool) -> None:
         """Train a sparse adapter and register it as a new version; prints its ref.
 
         Runs on several GPUs or nodes with `accelerate launch -m adapterhub_cli.main train ...`.
@@ -115,14 +70,8 @@ def register(cli: click.Group) -> None:
         """
         if (task is None) == (dataset is None):
             raise click.UsageError("give exactly one of --task or --dataset")
-        from adapterhub.training import TrainConfig, init_distributed_from_env, train
+        from adapterhub.training import init_distributed_from_env, train
 
-        cfg = TrainConfig(density=density, mask=mask_method, score=score, scope=scope, granularity=granularity,
-                          block_size=block_size, targets=targets, steps=steps, epochs=epochs,
-                          select_steps=select_steps, reselect_every=reselect_every, score_batches=score_batches,
-                          lr=lr, head_lr=head_lr, warmup_lr=warmup_lr, batch_size=batch_size,
-                          max_length=max_length, device=device,
-                          dtype=dtype, seed=seed, max_eval_examples=max_eval_examples)
         init_distributed_from_env()
         with progress(transient=True) as bar:
             tid = bar.add_task(f"train {task or dataset}", total=None, info="loading")
@@ -137,7 +86,7 @@ def register(cli: click.Group) -> None:
         acc = m.get("validation_accuracy")
         echo_err(f"trained {info.nnz} values ({info.density:.4g} of targets), validation accuracy "
                  f"{acc:.4f}" if acc is not None else f"trained {info.nnz} values")
-        click.echo(info.ref)
+        echo(info.ref)
 
     @cli.command("eval")
     @click.argument("ref", required=False)

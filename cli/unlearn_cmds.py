@@ -5,7 +5,10 @@ from typing import Any
 
 import click
 
+from adapterhub.train_config import DEFAULT_LAYER_REGEX, FedConfig
+
 from .common import LazyChoice, handle_errors, json_option, output, pass_ctx, progress
+from .options import config_option
 
 
 class _Bars:
@@ -56,22 +59,20 @@ def register(cli: click.Group) -> None:
     @click.option("--clients", type=click.IntRange(1, 10000), required=True, help="Number of clients N.")
     @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
                   help="Dirichlet concentration over labels (small = non-IID).")
-    @click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="FedAvg rounds.")
+    @config_option(FedConfig, "rounds")
     @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
                   help="1 = full weights of the layers (stored dense-as-sparse); < 1 = a random sparse expert.")
-    @click.option("--local-steps", type=click.IntRange(1), default=10, show_default=True,
-                  help="SGD-with-momentum steps per client per round.")
-    @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True,
-                  help="Learning rate of the layer deltas.")
-    @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
-    @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
-    @click.option("--max-length", type=click.IntRange(4), default=48, show_default=True, help="Tokens per example.")
+    @config_option(FedConfig, "local_steps")
+    @config_option(FedConfig, "batch_size")
+    @config_option(FedConfig, "lr")
+    @config_option(FedConfig, "head_lr")
+    @config_option(FedConfig, "momentum")
+    @config_option(FedConfig, "max_length")
     @click.option("--max-train", type=click.IntRange(1), default=None, help="Keep a seeded subset of the train split.")
     @click.option("--max-test", type=click.IntRange(1), default=None, help="Keep a seeded subset of validation/test.")
-    @click.option("--layers-regex", default=r"\.layer\.\d+\.", show_default=True,
+    @click.option("--layers-regex", default=DEFAULT_LAYER_REGEX, show_default=True,
                   help="Module-name regex of the trainable layers (Linear weights).")
-    @click.option("--seed", type=int, default=0, show_default=True)
+    @config_option(FedConfig, "seed")
     @click.option("--name", required=True, help="Adapter name of the global model version.")
     @json_option
     @pass_ctx

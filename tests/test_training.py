@@ -12,7 +12,7 @@ from adapterhub.data import load_dataset
 from adapterhub.errors import AdapterHubError, DataError, TrainingError
 from adapterhub.evaluation import evaluate
 from adapterhub.training import (Batcher, SparseDeltaModel, TrainConfig, find_targets, load_backbone,
-                                 load_tokenizer, train, train_adapter)
+                                 load_tokenizer, train, train_adapter, train_baseline)
 from test_training_util import folder_digest, sentiment_rows, tiny_model, write_csv
 
 torch.set_num_threads(1)
@@ -197,3 +197,45 @@ def test_bad_input_is_one_clear_error_and_registers_nothing(ws, bases, tmp_path,
         train(ws, name="x", **kw)
     assert "\n" not in str(ei.value)
     assert ws.list_versions() == []
+
+
+# ---------------------------------------------------------------------------- one of each (issue 13)
+
+@pytest.mark.parametrize("extra", [{}, {"granularity": "block", "block_size": 8, "density": 0.25},
+                                   {"mask": "grow-drop", "reselect_every": 2}])
+def test_last_mask_event_hash_is_the_registered_versions_mask_hash(ws, bases, tmp_path, extra):
+    ws.add_base("tb", str(bases["bert"]))
+    csv = write_csv(tmp_path / "toy.csv", sentiment_rows(60))
+    info = train(ws, base="tb", dataset=f"csv:{csv}", name="toy-hash", config=_cfg(**extra))
+    events = info.card["training"]["mask_events"]
+    assert events and events[-1]["mask_hash"] == info.mask_hash == ws.load_adapter(info.ref).mask_hash()
+
+
+def test_no_validation_split_validates_on_a_seeded_cut_of_train_never_test(bases, toy):
+    from adapterhub.data import TaskData
+    from adapterhub.training import with_validation
+
+    test_rows = [("the movie was great", 0)] * 7  # deliberately mislabelled: validating on them would show
+    data = TaskData("noval", toy.labels, list(toy.train), [], test_rows)
+    cut = with_validation(data, seed=0)
+    assert len(cut.validation) == round(len(toy.train) * 0.1) and cut.test == test_rows
+    assert sorted(cut.train + cut.validation) == sorted(toy.train)  # a partition of train
+    assert with_validation(data, seed=0) == cut and with_validation(data, seed=1).validation != cut.validation
+    assert with_validation(toy, seed=0) is toy  # an existing validation split is used as it is
+    res = train_adapter(bases["bert"], data, _cfg(max_eval_examples=None), task_name="toy")
+    assert res.metrics["validation_n"] == len(cut.validation)
+    assert res.adapter.card["training"]["data"]["rows"] == {"train": len(cut.train),
+                                                            "validation": len(cut.validation), "test": 7}
+    base = train_baseline(bases["bert"], data, _cfg(max_eval_examples=None), method="full")
+    assert base.metrics["validation_n"] == len(cut.validation)
+
+
+def test_trainers_registry_shares_one_step():
+    from adapterhub.training import TRAINERS, Trainer, get_trainer
+
+    assert list(TRAINERS) == ["sparse", "lora", "full"]
+    for name, cls in TRAINERS.items():
+        assert issubclass(cls, Trainer) and cls.name == name
+        assert cls.step is Trainer.step and cls.run is Trainer.run  # no trainer re-implements the step
+    with pytest.raises(TrainingError, match="sparse, lora, full"):
+        get_trainer("nope")
