@@ -7,7 +7,13 @@ from typing import Any, Iterator
 
 import click
 
-from .common import Ctx, echo_err, handle_errors, json_option, output, pass_ctx, print_json
+from .common import Ctx, echo, echo_err, handle_errors, json_option, output, pass_ctx, print_json, rich_safe
+
+
+class _UsageError(click.ClickException):
+    """A bad option value, reported as one ``Error: ...`` line with exit code 2."""
+
+    exit_code = 2
 
 
 def _endpoint_option(fn: Any) -> Any:
@@ -25,7 +31,7 @@ def _status(quiet: bool) -> Iterator[Any]:
 
     console = Console(file=sys.stderr)
     with console.status("contacting the Hub") as status:
-        yield lambda msg: status.update(msg)
+        yield lambda msg: status.update(rich_safe(msg))
 
 
 def register(cli: click.Group) -> None:
@@ -58,37 +64,52 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(res.to_json())
         else:
-            click.echo(res.message)
-            click.echo(f"{res.url}/tree/{res.tag}")
+            echo(res.message)
+            echo(f"{res.url}/tree/{res.tag}")
 
     @cli.command("pull")
     @click.argument("spec", metavar="REPO[@REV]")
-    @click.option("--name", default=None, help="Local adapter name (default: the name in the card).")
+    @click.option("--name", default=None,
+                  help="Local adapter name (default: OWNER--NAME from the repo id, never the card's name). "
+                       "Adds a version to an existing adapter only when named here and on the same base.")
     @click.option("--with-parents", is_flag=True, help="Also pull missing ancestors (merges, fine-tunes).")
+    @click.option("--timeout", "timeout", envvar="ADAPTERHUB_PULL_TIMEOUT", default=None, metavar="SECONDS",
+                  help="Give up when the whole pull takes longer. Env: ADAPTERHUB_PULL_TIMEOUT. Default: 600.")
+    @click.option("--max-bytes", "max_bytes", envvar="ADAPTERHUB_PULL_MAX_BYTES", default=None, metavar="SIZE",
+                  help="Largest weights file to download (e.g. 500M, 4GiB). Env: ADAPTERHUB_PULL_MAX_BYTES. "
+                       "Default: 4GiB.")
     @_endpoint_option
     @json_option
     @pass_ctx
     @handle_errors
-    def pull_cmd(c: Ctx, spec: str, name: str | None, with_parents: bool, endpoint: str | None,
-                 as_json: bool) -> None:
+    def pull_cmd(c: Ctx, spec: str, name: str | None, with_parents: bool, timeout: str | None,
+                 max_bytes: str | None, endpoint: str | None, as_json: bool) -> None:
         """Pull a version from the Hub into the catalog (REV: a tag such as v3, a branch or a commit).
 
         The weights' sha256 is checked against the card before anything is registered; the version is
-        recorded with an imported_from edge (repo, revision, commit). Pulling twice is a no-op.
+        recorded with an imported_from edge (repo, revision, commit). Pulling twice is a no-op. All or
+        nothing: the version, its parents and a missing base are downloaded and checked first, then
+        registered in one transaction; on any error the catalog is unchanged.
 
         Example: adapterhub pull alice/rt-sentiment@v2 --with-parents
         """
-        from adapterhub.hub import iter_pull_results, pull
+        from adapterhub.errors import HubError
+        from adapterhub.hub import iter_pull_results, pull, pull_limits
 
+        try:  # the user's own settings: a bad value is a usage error (exit 2, one line), checked first
+            limits = pull_limits(timeout, max_bytes)
+        except HubError as e:
+            raise _UsageError(str(e)) from None
         with _status(as_json) as status:
-            res = pull(c.ws, spec, name=name, with_parents=with_parents, endpoint=endpoint, progress=status)
+            res = pull(c.ws, spec, name=name, with_parents=with_parents, endpoint=endpoint, progress=status,
+                       limits=limits)
         if as_json:
             print_json(res.to_json())
             return
         for r in iter_pull_results(res):
             if r is not res:
                 echo_err(f"parent: {r.message}")
-        click.echo(res.message)
+        echo(res.message)
 
     @cli.group("hub")
     def hub_group() -> None:

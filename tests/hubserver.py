@@ -19,6 +19,13 @@ Test knobs:
 * :meth:`HubServer.fail` — make the Nth request of a kind answer a status (500) or drop the connection,
   before or after the server has acted on it (``when="after"`` simulates a lost response);
 * :meth:`HubServer.tamper` — resolve GETs return bytes with one byte flipped (same size);
+* :meth:`HubServer.hostile` — a hostile Hub for resolve answers of some paths (``clear_hostile()`` ends it):
+  ``headers={...}`` overrides answer headers (``ETag``, ``X-Repo-Commit``, ``X-Linked-Etag``,
+  ``X-Linked-Size``, ``Content-Length``; ``None`` removes one), ``redirect=URL`` answers 302 with that
+  ``Location``, ``body=bytes|int`` replaces a GET body (an int: that many junk bytes, streamed),
+  ``trickle=SECONDS`` sends the GET body one byte at a time, ``close_after_body=True`` (with
+  ``headers={"Content-Length": None}``) sends a body of unannounced length; ``methods=("HEAD",)`` or
+  ``("GET",)`` limits the rule to one method (a server that says one thing on HEAD and another on GET);
 * :attr:`HubServer.requests` — every request (method, path, kind, headers, body, status), with
   :meth:`HubServer.uploaded_bytes` for the file bytes a push sent;
 * :attr:`HubServer.token` — when set, writes (and reads of private repos) need that bearer token.
@@ -138,6 +145,27 @@ class _Fault:
     fired: int = 0
 
 
+@dataclass
+class Hostile:
+    """One hostile-answer rule for resolve requests (see :meth:`HubServer.hostile`); ``hits`` counts uses."""
+
+    paths: set[str]
+    methods: tuple[str, ...]
+    headers: dict[str, str | None]
+    redirect: str | None
+    trickle: float | None
+    body: bytes | int | None
+    close_after_body: bool
+    hits: int = 0
+
+
+@dataclass
+class _HostileBody:
+    data: bytes | int
+    trickle: float | None
+    close: bool
+
+
 class _Dropped(Exception):
     """Raised inside a handler to close the connection without answering."""
 
@@ -153,6 +181,7 @@ class HubServer:
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[RecordedRequest] = []
         self.tamper_paths: set[str] | None = None  # None: off; empty set: every file
+        self.hostile_rules: list[Hostile] = []  # hostile answers to resolve requests (see hostile())
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
         self._counter = 0
@@ -214,6 +243,28 @@ class HubServer:
 
     def untamper(self) -> None:
         self.tamper_paths = None
+
+    def hostile(self, *paths: str, methods: tuple[str, ...] = ("HEAD", "GET"),
+                headers: dict[str, str | None] | None = None, redirect: str | None = None,
+                trickle: float | None = None, body: bytes | int | None = None,
+                close_after_body: bool = False) -> "Hostile":
+        """Make resolve answers for ``paths`` (every file when none given) hostile; returns the rule.
+
+        ``headers`` overrides answer headers (``None`` removes one): e.g. ``ETag``, ``X-Repo-Commit``,
+        ``X-Linked-Etag``, ``X-Linked-Size``, ``Content-Length``. ``redirect`` answers ``302`` with that
+        ``Location``. ``body`` replaces a GET body (bytes, or an int: that many junk bytes, streamed);
+        ``trickle`` sends the GET body one byte every ``trickle`` seconds. ``close_after_body`` closes the
+        connection after the body (use with ``headers={"Content-Length": None}`` for a body of unknown length).
+        """
+        rule = Hostile(set(paths), tuple(m.upper() for m in methods), dict(headers or {}), redirect, trickle, body,
+                       close_after_body)
+        with self._lock:
+            self.hostile_rules.append(rule)
+        return rule
+
+    def clear_hostile(self) -> None:
+        with self._lock:
+            self.hostile_rules.clear()
 
     # ------------------------------------------------------------------ introspection
     def kinds(self, since: int = 0) -> Counter[str]:
@@ -304,6 +355,13 @@ class HubServer:
             return self.lfs_objects[entry.lfs_oid]
         assert entry.content is not None
         return entry.content
+
+    def _hostile_rule(self, path: str, method: str) -> "Hostile | None":
+        with self._lock:
+            for rule in self.hostile_rules:
+                if method in rule.methods and (not rule.paths or path in rule.paths):
+                    return rule
+        return None
 
     def _check_fault(self, kind: str, when: str) -> _Fault | None:
         with self._lock:
@@ -450,6 +508,9 @@ class _Handler(BaseHTTPRequestHandler):
                     item = json.loads(line) if line.strip() else {}
                     if item.get("key") == "file":
                         record.uploaded += len(base64.b64decode(item["value"]["content"]))
+            if isinstance(payload, _HostileBody):
+                self._send_hostile(status, payload, extra, ctype, head=(method == "HEAD"))
+                return
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             if method == "HEAD":
                 extra = {**extra, "Content-Length": extra.get("Content-Length", str(len(data)))}
@@ -725,7 +786,64 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 206
         if method == "HEAD":
             headers["Content-Length"] = str(entry.size)
+        rule = self.hub._hostile_rule(rel, method)
+        if rule is None:
+            return status, data, headers, "application/octet-stream"
+        rule.hits += 1
+        if rule.redirect is not None:
+            return 302, b"", {**headers, "Location": rule.redirect, "Content-Length": "0"}, "text/plain"
+        if rule.body is not None and method == "GET":
+            data = rule.body
+        size = data if isinstance(data, int) else len(data)
+        if method == "GET":
+            headers["Content-Length"] = str(size)
+        for key, value in rule.headers.items():
+            headers.pop(key, None)
+            if value is not None:
+                headers[key] = value
+        if method == "GET" and (rule.trickle is not None or isinstance(data, int) or rule.close_after_body):
+            return status, _HostileBody(data, rule.trickle, rule.close_after_body), headers, "application/octet-stream"
+        if method == "GET" and "Content-Length" not in headers:
+            headers["Content-Length"] = str(size)  # a plain answer always says its length
         return status, data, headers, "application/octet-stream"
+
+    def _send_hostile(self, status: int, body: "_HostileBody", headers: dict[str, str], content_type: str,
+                      head: bool) -> None:
+        """Send a slow, endless-looking or oversized body (headers exactly as given: no Content-Length added)."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if body.close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.flush()
+        if head:
+            return
+        try:
+            if isinstance(body.data, int):
+                left, block = body.data, b"\x5a" * (1 << 20)
+                while left > 0:
+                    chunk = block[:min(left, len(block))]
+                    if body.trickle is not None:
+                        for i in range(len(chunk)):
+                            self.wfile.write(chunk[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(body.trickle)
+                    else:
+                        self.wfile.write(chunk)
+                    left -= len(chunk)
+            elif body.trickle is not None:
+                for i in range(len(body.data)):
+                    self.wfile.write(body.data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(body.trickle)
+            else:
+                self.wfile.write(body.data)
+            self.wfile.flush()
+        except OSError:  # the client gave up (deadline, size cap): that is the point
+            self.close_connection = True
 
 
 # ---------------------------------------------------------------------- pytest fixture

@@ -88,8 +88,8 @@ def test_push_v1_v2_then_pull_each_into_fresh_homes(hub_server: HubServer, ws_a:
 
     # pull @v1 into a fresh home: same bytes, hash, metadata; the base is materialised from its built-in source
     ws_b = new_ws(tmp_path / "bob")
-    got1 = pull(ws_b, "alice/rt@v1")
-    assert got1.registered and got1.commit == p1.commit and got1.ref == "rt@1"
+    got1 = pull(ws_b, "alice/rt@v1")  # named after the repo id (owner--name), never the card's name
+    assert got1.registered and got1.commit == p1.commit and got1.ref == "alice--rt@1"
     b1, a1 = ws_b.resolve(got1.ref), ws_a.resolve(r1)
     _same_metadata(a1, b1)
     assert ws_b.adapter_bytes(b1) == ws_a.adapter_bytes(a1)
@@ -104,19 +104,19 @@ def test_push_v1_v2_then_pull_each_into_fresh_homes(hub_server: HubServer, ws_a:
     b2 = ws_b.resolve(got2.ref)
     _same_metadata(ws_a.resolve(r2), b2)
     rel = {(e["relation"], e["parent"]) for e in ws_b.parents(got2.ref)}
-    assert rel == {("finetuned_from", "rt@1"), ("imported_from", None)}
+    assert rel == {("finetuned_from", "alice--rt@1"), ("imported_from", None)}
 
     # pulling again (by tag, by commit, by branch) is a no-op
     n = len(ws_b.list_versions())
     for spec in ("alice/rt@v2", f"alice/rt@{p2.commit}", "alice/rt@main", "alice/rt"):
         again = pull(ws_b, spec)
-        assert not again.registered and again.ref == "rt@2", spec
+        assert not again.registered and again.ref == "alice--rt@2", spec
     assert len(ws_b.list_versions()) == n
 
     # pull @v2 alone into another fresh home: registered, its missing parent recorded as provenance
     ws_c = new_ws(tmp_path / "carol")
     got = pull(ws_c, "alice/rt@v2")
-    assert got.ref == "rt@1" and ws_c.resolve(got.ref).content_hash == v2.content_hash
+    assert got.ref == "alice--rt@1" and ws_c.resolve(got.ref).content_hash == v2.content_hash
     (edge,) = ws_c.parents(got.ref)
     assert edge["params"]["missing_parents"][0]["content_hash"] == a1.content_hash
     for w in (ws_b, ws_c):
@@ -162,8 +162,8 @@ def test_merge_pushed_after_parents_pulls_with_parents_into_empty_catalog(
     edges = ws_e.parents(res.ref)
     merged_from = sorted((e["parent"], e["weight"], e["params"]["method"]) for e in edges
                          if e["relation"] == "merged_from")
-    assert merged_from == [("spam@1", 0.5, "task-arithmetic"), ("trec@1", 0.5, "task-arithmetic")]
-    for parent_ref, src in (("spam@1", ea), ("trec@1", eb)):
+    assert merged_from == [("alice--spam@1", 0.5, "task-arithmetic"), ("alice--trec@1", 0.5, "task-arithmetic")]
+    for parent_ref, src in (("alice--spam@1", ea), ("alice--trec@1", eb)):
         pv = ws_e.resolve(parent_ref)
         assert pv.content_hash == src.content_hash
         assert [e["relation"] for e in ws_e.parents(parent_ref)] == ["imported_from"]
