@@ -11,15 +11,20 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import AdapterHubError
+from .fsutil import sha256_file
+
+if TYPE_CHECKING:
+    from .catalog.records import VersionInfo
+    from .workspace import Workspace
 
 StepFn = Callable[[str], None]
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig:
     """Settings of one demo run (defaults: MiniLM on CPU in a few minutes)."""
 
@@ -67,23 +72,29 @@ class DemoReport:
         return asdict(self)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _weights_digest(folder: Path) -> str:
     """sha256 over the deployment's weight files (bytes on disk, name order)."""
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.name.encode() + b"\0" + _file_sha256(f).encode())
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
 
 
-def run_demo(ws, cfg: DemoConfig = DemoConfig(), *, step: StepFn | None = None,
+def _trained(v: VersionInfo | None) -> VersionInfo:
+    """``train``'s result in this single-process run (only non-zero distributed ranks get None)."""
+    if v is None:
+        raise AdapterHubError("training registered no version (the demo runs as a single process)")
+    return v
+
+
+def _steps_only(cb: Callable[[int, int], None]) -> Callable[[int, int, dict[str, Any]], None]:
+    """A training progress callback ``(step, total, info)`` that feeds a ``(done, total)`` bar."""
+    def on_step(step: int, total: int, _info: dict[str, Any]) -> None:
+        cb(step, total)
+    return on_step
+
+
+def run_demo(ws: Workspace, cfg: DemoConfig = DemoConfig(), *, step: StepFn | None = None,
              progress: ProgressFactory | None = None) -> DemoReport:
     """Run the whole pipeline in ``ws``; returns the report (also written under ``<home>/demo``).
 
@@ -92,15 +103,15 @@ def run_demo(ws, cfg: DemoConfig = DemoConfig(), *, step: StepFn | None = None,
     Raises: AdapterHubError subclasses from any stage; ``AdapterHubError`` if the revert is not
     bit-exact (it always is: the demo proves it by hashing the weight files).
     """
-    from . import deployments as dep
+    from .apply import deployments as dep
     from .evaluation import evaluate
-    from .federated import fed_train
+    from .fused.federated import fed_train
+    from .fused.unlearning import unlearn
     from .merging import merge
     from .training import TrainConfig, train
-    from .unlearning import unlearn
 
-    say = step or (lambda _t: None)
-    bar = progress or (lambda _d: (lambda _i, _n: None))
+    say: StepFn = step or (lambda _t: None)
+    bar: ProgressFactory = progress or (lambda _d: (lambda _i, _n: None))
     t0 = time.perf_counter()
     say(f"registering base {cfg.base_name} ({cfg.base_source})")
     base = ws.add_base(cfg.base_name, cfg.base_source)
@@ -113,18 +124,17 @@ def run_demo(ws, cfg: DemoConfig = DemoConfig(), *, step: StepFn | None = None,
         tcfg = TrainConfig(density=cfg.density, steps=cfg.steps, select_steps=cfg.select_steps,
                            reselect_every=cfg.reselect_every, batch_size=cfg.batch_size, max_length=cfg.max_length,
                            lr=cfg.lr, seed=cfg.seed, max_eval_examples=cfg.eval_examples, device="cpu")
-        cb = bar(f"train {task}")
-        v = train(ws, base=base.name, task=task, name=f"demo-{task}", config=tcfg,
-                  progress=lambda s, n, _info, cb=cb: cb(s, n))
+        v = _trained(train(ws, base=base.name, task=task, name=f"demo-{task}", config=tcfg,
+                           progress=_steps_only(bar(f"train {task}"))))
         res = evaluate(ws, v.ref, task=task, split="test", max_examples=cfg.eval_examples,
                        max_length=cfg.max_length, device="cpu")
         refs.append(v.ref)
         report.experts[task] = {"ref": v.ref, "hash": v.content_hash, "nnz": v.nnz, "density": v.density,
                                 "test_accuracy": res.accuracy, "n": res.n, "size_bytes": v.size_bytes}
     # 2. merges, evaluated per task
-    for method, opts in (("uniform-sparse", {}), ("ties", {"density": cfg.ties_density})):
+    for method, density in (("uniform-sparse", None), ("ties", cfg.ties_density)):
         say(f"merging {len(refs)} experts with {method}")
-        m = merge(ws, refs, method, name=f"demo-merge-{method}", **opts)
+        m = merge(ws, refs, method, name=f"demo-merge-{method}", density=density)
         accs: dict[str, float] = {}
         for task in cfg.tasks:
             r = evaluate(ws, m.ref, task=task, split="test", max_examples=cfg.eval_examples,

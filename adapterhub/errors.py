@@ -6,7 +6,17 @@ from __future__ import annotations
 
 
 class AdapterHubError(Exception):
-    """Base class of every expected failure. ``str(e)`` is a one-line, user-facing message."""
+    """Base class of every expected failure. ``str(e)`` is a one-line, user-facing message.
+
+    Messages speak in library terms (``allow_nonfinite=True``, "give a name"), never in a front
+    end's: ``keywords`` names the keyword arguments or settings the failure is about
+    (``("allow_nonfinite",)``), so a front end can point at its own spelling of them — the CLI
+    appends the matching ``--flag`` of the command that was run (``cli/common.py``).
+    """
+
+    def __init__(self, *args: object, keywords: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.keywords = tuple(keywords)
 
 
 class FormatError(AdapterHubError):

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -50,6 +50,7 @@ _DTYPE_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _ST_TO_DTYPE.items()}
 _ITEMSIZE = st_io.DTYPE_SIZES
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EXTRA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
+_EXTRA_ST = tuple(_DTYPE_TO_ST[d] for d in EXTRA_DTYPES)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -411,29 +412,47 @@ def _parse_doc(meta: dict[str, str]) -> dict[str, Any]:
     return doc
 
 
-def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = None) -> SparseAdapter:
-    """Parse and validate adapter bytes. Raises FormatError naming the tensor and the problem.
+class AdapterReader:
+    """A lazy view of one adapter file, like safetensors' ``safe_open``: the header and the card are
+    parsed and validated when it opens; each parameter or extra is decoded, checked and returned only
+    when asked for, so only one tensor's bytes are in memory at a time.
 
-    NaN/inf values are refused unless the caller passes ``allow_nonfinite=True``; a card saying
-    ``"allow_nonfinite": true`` does not switch the check off. ``source`` names the file in header errors.
+    Obtain one with :func:`open_adapter` (a context manager). :func:`load` is built on it.
+
+    Attributes:
+        doc: the file's JSON document (``format``, ``params`` layout, ``extras``, ``card``).
+        card: the adapter's card (``doc["card"]``).
+        source: the name shown in header errors (or None).
     """
-    entries, meta, start = _read_container(data, source)
-    doc = _parse_doc(meta)
-    card = doc.get("card", {})
-    expected: set[str] = set()
 
-    def get(tname: str, dtypes: tuple[str, ...]) -> torch.Tensor:
-        if tname not in entries:
-            raise FormatError(f"{tname}: tensor missing from file")
-        dt, shape, b, e = entries[tname]
-        if dt not in dtypes:
-            raise FormatError(f"{tname}: dtype {dt} not allowed here (expected {' or '.join(dtypes)})")
-        expected.add(tname)
-        return _tensor_from_bytes(data[start + b:start + e], dt, shape)
+    def __init__(self, data: Any, *, allow_nonfinite: bool = False, source: str | None = None,
+                 on_close: Any = None) -> None:
+        self._data = data
+        self._on_close = on_close
+        self.source = source
+        self.allow_nonfinite = allow_nonfinite
+        self._entries, meta, self._start = _read_container(data, source)
+        self.doc: dict[str, Any] = _parse_doc(meta)
+        self.card: dict[str, Any] = self.doc.get("card", {})
 
-    params: dict[str, SparseParam] = {}
-    for name, spec in sorted(doc["params"].items()):
-        _check_name(name)
+    # -- names and shapes (header only)
+    def keys(self) -> list[str]:
+        """Names of the stored sparse parameters (base tensor names), sorted."""
+        return sorted(self.doc["params"])
+
+    def extra_names(self) -> list[str]:
+        """Names of the dense extras, in the card's order."""
+        return list(self.doc.get("extras", []))
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the base tensor ``name`` as the card declares it (no tensor data read).
+
+        Raises: KeyError for an unknown name; FormatError for a bad layout entry.
+        """
+        return self._layout(name)[0]
+
+    def _layout(self, name: str) -> tuple[tuple[int, ...], str, Any, int]:
+        spec = self.doc["params"][name]
         try:
             shape = tuple(int(s) for s in spec["shape"])
             layout = spec["layout"]
@@ -441,36 +460,144 @@ def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = Non
             count = int(spec["count"])
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
             raise FormatError(f"{name}: bad layout entry in card") from None
+        return shape, layout, block, count
+
+    # -- tensors (one at a time)
+    def _tensor(self, tname: str, dtypes: tuple[str, ...]) -> torch.Tensor:
+        if tname not in self._entries:
+            raise FormatError(f"{tname}: tensor missing from file")
+        dt, shape, b, e = self._entries[tname]
+        if dt not in dtypes:
+            raise FormatError(f"{tname}: dtype {dt} not allowed here (expected {' or '.join(dtypes)})")
+        return _tensor_from_bytes(self._data[self._start + b:self._start + e], dt, shape)
+
+    def get_param(self, name: str, *, allow_nonfinite: bool | None = None) -> SparseParam:
+        """Decode and validate one sparse parameter.
+
+        Takes: the parameter's name; ``allow_nonfinite`` overrides the reader's setting.
+        Returns: the :class:`SparseParam`.
+        Raises: KeyError for a name the card does not list; FormatError naming the tensor and the problem.
+        """
+        if name not in self.doc["params"]:
+            raise KeyError(name)  # as safe_open's get_tensor and mergekit's lazy loader
+        _check_name(name)
+        shape, layout, block, count = self._layout(name)
         if layout not in ("element", "block") or (layout == "block") != (block is not None):
             raise FormatError(f"{name}: bad layout {layout!r} / block size {block!r}")
         if block is not None and (not isinstance(block, int) or block <= 0):
             raise FormatError(f"{name}: bad block size {block!r}")
-        gaps = get(f"param::{name}::idx", ("U16",))
+        gaps = self._tensor(f"param::{name}::idx", ("U16",))
         if gaps.dim() != 1 or gaps.numel() != count:
             raise FormatError(f"{name}: index count {gaps.numel()} does not match the card's {count}")
         esc_name = f"param::{name}::esc"
-        esc = get(esc_name, ("I64",)) if esc_name in entries else torch.zeros(0, dtype=torch.int64)
+        esc = self._tensor(esc_name, ("I64",)) if esc_name in self._entries else torch.zeros(0, dtype=torch.int64)
         if esc.dim() != 1:
             raise FormatError(f"{name}: escape list must be 1-D")
         idx = decode_indices(gaps, esc, name)
-        vals = get(f"param::{name}::val", ("F32", "BF16", "F16"))
+        vals = self._tensor(f"param::{name}::val", ("F32", "BF16", "F16"))
         p = SparseParam(shape, idx, vals, block_size=block)
-        p.validate(name, allow_nonfinite=allow_nonfinite)
-        params[name] = p
-    extras: dict[str, torch.Tensor] = {}
-    for name in doc.get("extras", []):
+        p.validate(name, allow_nonfinite=self.allow_nonfinite if allow_nonfinite is None else allow_nonfinite)
+        return p
+
+    def get_extra(self, name: str, *, check_finite: bool = True, allow_nonfinite: bool | None = None) -> torch.Tensor:
+        """Decode one dense extra (a task head tensor).
+
+        ``check_finite=False`` skips the NaN/inf check (:func:`load` checks all extras last).
+        Raises: FormatError for a bad name, a missing tensor, a dtype not allowed or (unless allowed)
+        NaN/inf values.
+        """
         if not isinstance(name, str):
             raise FormatError("bad extras list in card")
         _check_name(name)
-        extras[name] = get(f"extra::{name}", tuple(_DTYPE_TO_ST[d] for d in EXTRA_DTYPES))
-    unknown = sorted(set(entries) - expected)
-    if unknown:
-        raise FormatError(f"{unknown[0]}: tensor not described by the card")
-    adapter = SparseAdapter(params, extras, card)
-    for name, t in extras.items():
-        if not allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        t = self._tensor(f"extra::{name}", _EXTRA_ST)
+        allow = self.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
+        if check_finite and not allow and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise FormatError(f"extra {name}: values contain NaN or infinity")
-    return adapter
+        return t
+
+    def unknown_tensors(self) -> list[str]:
+        """Tensors in the file that the card does not describe (a valid file has none), sorted."""
+        expected: set[str] = set()
+        for name in self.doc["params"]:
+            expected.update({f"param::{name}::idx", f"param::{name}::val", f"param::{name}::esc"})
+        expected.update(f"extra::{n}" for n in self.doc.get("extras", []) if isinstance(n, str))
+        return sorted(set(self._entries) - expected)
+
+    # -- lifetime
+    def close(self) -> None:
+        """Release the file mapping (a reader over bytes holds nothing)."""
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+        self._data = b""
+
+    def __enter__(self) -> AdapterReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_adapter(src: bytes | bytearray | memoryview | str | os.PathLike[str], *, allow_nonfinite: bool = False,
+                 source: str | None = None) -> AdapterReader:
+    """Open an adapter lazily (``with fmt.open_adapter(path) as r: r.keys(); r.card; r.get_param(name)``).
+
+    Takes: the file's bytes, or a path (memory-mapped, never read whole; pickle suffixes refused);
+    ``allow_nonfinite`` lets NaN/inf values through (the card's own key never does); ``source``
+    names the file in header errors (default: the path's file name).
+    Returns: an :class:`AdapterReader` whose header and card are already validated.
+    Raises: FormatError (a malformed header or card, an unreadable file).
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return AdapterReader(src, allow_nonfinite=allow_nonfinite, source=source)
+    path = Path(src)
+    _refuse_pickle(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, expected a .safetensors file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        size = os.fstat(f.fileno()).st_size
+        mm: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except BaseException:
+        f.close()
+        raise
+
+    def release() -> None:
+        if isinstance(mm, mmap.mmap):
+            mm.close()
+        f.close()
+
+    try:
+        return AdapterReader(mm, allow_nonfinite=allow_nonfinite, source=source or path.name, on_close=release)
+    except BaseException:
+        release()
+        raise
+
+
+def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = None) -> SparseAdapter:
+    """Parse and validate adapter bytes. Raises FormatError naming the tensor and the problem.
+
+    NaN/inf values are refused unless the caller passes ``allow_nonfinite=True``; a card saying
+    ``"allow_nonfinite": true`` does not switch the check off. ``source`` names the file in header errors.
+    Built on :func:`open_adapter`: every parameter (sorted), then every extra, is read through the
+    reader; then no tensor may be left that the card does not describe.
+    """
+    with open_adapter(data, allow_nonfinite=allow_nonfinite, source=source) as r:
+        params = {name: r.get_param(name) for name in r.keys()}
+        names = r.extra_names()
+        extras = {name: r.get_extra(name, check_finite=False) for name in names}
+        unknown = r.unknown_tensors()
+        if unknown:
+            raise FormatError(f"{unknown[0]}: tensor not described by the card")
+        for name, t in extras.items():
+            if not allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"extra {name}: values contain NaN or infinity")
+        return SparseAdapter(params, extras, r.card)
 
 
 def save_file(adapter: SparseAdapter, path: str | os.PathLike[str]) -> str:
@@ -483,11 +610,15 @@ def save_file(adapter: SparseAdapter, path: str | os.PathLike[str]) -> str:
 _REFUSED_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in _REFUSED_SUFFIXES:
+        raise FormatError(f"{path.name}: pickle-based files ({path.suffix}) are refused; convert to .safetensors")
+
+
 def read_bytes_checked(path: str | os.PathLike[str]) -> bytes:
     """Read an adapter file, refusing pickle-based formats with a pointer to safetensors."""
     path = Path(path)
-    if path.suffix.lower() in _REFUSED_SUFFIXES:
-        raise FormatError(f"{path.name}: pickle-based files ({path.suffix}) are refused; convert to .safetensors")
+    _refuse_pickle(path)
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -1,4 +1,4 @@
-"""Byte-level helpers with no heavy imports: content hashes and atomic file writes.
+"""Byte-level helpers with no heavy imports: content hashes (of bytes, streamed from files) and atomic writes.
 
 Kept apart from :mod:`adapterhub.format` (which needs torch) so that the store and the catalog
 commands (``list``, ``show``, ``tag``...) start without importing torch.
@@ -14,6 +14,18 @@ from pathlib import Path
 def sha256_hex(data: bytes) -> str:
     """Hex sha256 of ``data`` (the identity of an adapter file)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk``-byte blocks (never whole into memory).
+
+    Raises: OSError if the file cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -1,16 +1,22 @@
-"""``adapterhub verify --repair``: bring a home back to a consistent state after a crash.
+"""Whole-home maintenance: ``adapterhub gc``, ``verify`` and ``verify --repair``.
+
+:func:`gc` and :func:`verify` are :meth:`Workspace.gc <adapterhub.workspace.Workspace.gc>` and
+:meth:`Workspace.verify <adapterhub.workspace.Workspace.verify>` (the store and the catalog) plus the
+deployments (their folders' temp files; their weights, markers and undo records). They live here, above
+both, so the workspace never reaches up into :mod:`adapterhub.apply.deployments` (which takes a Workspace).
+
+:func:`repair` brings a home back to a consistent state after a crash.
 
 What a crash (SIGKILL, power cut) can leave behind, and what repair does about it:
 
 * an **orphan blob** (the blob is written before its catalog row, so a crash in between leaves a blob
-  no version references) and **temp files** of interrupted atomic writes: removed through
-  :meth:`Workspace.gc <adapterhub.api.Workspace.gc>`;
+  no version references) and **temp files** of interrupted atomic writes: removed through :func:`gc`;
 * a **deployment with a leftover write-ahead log** (killed mid apply/revert/rollback): finished or
-  undone, bit for bit, by :func:`adapterhub.deployments.recover`, which records a ``recover`` event
+  undone, bit for bit, by :func:`adapterhub.apply.deployments.recover`, which records a ``recover`` event
   (only for this home's deployments: those of another home sharing the catalog, or of the home this
   one was copied from, are verified, never changed);
 * **temp files** of interrupted writes in this home's deployment folders (``.adapterhub/.*.tmp``,
-  ``.adapterhub/undo/.*.tmp``): removed through ``Workspace.gc``.
+  ``.adapterhub/undo/.*.tmp``): removed through :func:`gc`.
 
 Every deployment is then verified: weights against the recorded state, and each undo record its
 stack needs (missing or corrupt ones are reported: revert and rollback would fail without them).
@@ -26,13 +32,47 @@ default ``grace_s=0`` removes every orphan at once, like ``git gc --prune=now``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterHubError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import Workspace
+    from .store import GcResult
+    from .workspace import Workspace
+
+
+def gc(ws: Workspace, *, dry_run: bool = False, grace_s: float = 0.0) -> GcResult:
+    """Remove blobs no version references and temp files of interrupted writes, in the store and in this
+    home's deployment folders (``.adapterhub/.*.tmp``, ``.adapterhub/undo/.*.tmp``).
+
+    Takes: the workspace; ``dry_run``: only count; ``grace_s``: keep orphans younger than this (see
+    :meth:`Workspace.gc <adapterhub.workspace.Workspace.gc>`).
+    Returns: the store's GcResult, with the deployments' temp files counted in ``temp_files_removed``.
+    """
+    res = ws.gc(dry_run=dry_run, grace_s=grace_s)
+    if ws.deployment_rows.has_any():
+        from .apply import deployments  # imports torch: only when there are deployments
+
+        res.temp_files_removed += deployments.remove_temp_files(ws, dry_run=dry_run)
+    return res
+
+
+def verify(ws: Workspace, refs: Sequence[str] = (), *,
+           on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """:meth:`Workspace.verify <adapterhub.workspace.Workspace.verify>`; without ``refs`` also every deployment.
+
+    Returns: {"checked", "problems", "orphans"}, deployment problems (``"deployment NAME: ..."``, see
+    :func:`adapterhub.apply.deployments.check_all`) appended to ``problems``.
+    Raises: RefError for an unknown ref.
+    """
+    res = ws.verify(refs, on_progress=on_progress)
+    if not refs and ws.deployment_rows.has_any():
+        from .apply.deployments import check_all  # imports torch: only when there are deployments
+
+        res["problems"] += check_all(ws)
+    return res
 
 
 @dataclass
@@ -60,7 +100,7 @@ class RepairReport:
                 "deployment_problems": self.deployment_problems, "problems": self.problems, "dry_run": self.dry_run}
 
 
-def repair(ws: "Workspace", *, grace_s: float = 0.0, dry_run: bool = False) -> RepairReport:
+def repair(ws: Workspace, *, grace_s: float = 0.0, dry_run: bool = False) -> RepairReport:
     """Recover interrupted deployments, remove orphan blobs and temp files, then verify everything.
 
     Takes: the workspace; ``grace_s``: keep orphans modified less than this many seconds ago (0: remove all);
@@ -68,7 +108,7 @@ def repair(ws: "Workspace", *, grace_s: float = 0.0, dry_run: bool = False) -> R
     Returns: a :class:`RepairReport`. Raises: nothing for per-item problems (they are in the report);
     AdapterHubError only if the catalog itself cannot be read.
     """
-    from . import deployments
+    from .apply import deployments
 
     rep = RepairReport(dry_run=dry_run)
     # 1. deployments first: recovery reads blobs (undo records live in the deployment folder, not the store)
@@ -83,11 +123,11 @@ def repair(ws: "Workspace", *, grace_s: float = 0.0, dry_run: bool = False) -> R
         if not chk["ok"]:
             rep.deployment_problems.append(f"{d.name}: {deployments.why_not_ok(chk)}")
     # 2. orphans and temp files
-    res = ws.gc(dry_run=dry_run, grace_s=grace_s)
+    res = gc(ws, dry_run=dry_run, grace_s=grace_s)
     rep.removed_blobs, rep.freed_bytes, rep.temp_files_removed = res.removed, res.freed_bytes, res.temp_files_removed
     rep.kept_recent_orphans = res.kept_recent
     # 3. what is left must verify
-    v = ws.verify(deployments=False)  # checked above
+    v = ws.verify()  # the store and the catalog; the deployments were checked above
     rep.checked = v["checked"]
     rep.problems = list(v["problems"])
     return rep
@@ -97,4 +137,4 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or e.__class__.__name__
 
 
-__all__ = ["repair", "RepairReport"]
+__all__ = ["gc", "verify", "repair", "RepairReport"]

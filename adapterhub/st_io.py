@@ -1,7 +1,7 @@
 """The one safetensors header reader and the one safetensors dtype table.
 
 Every place that reads a ``.safetensors`` header (adapter files in :mod:`adapterhub.format`, base model
-folders in :mod:`adapterhub.models`, deployment weights and undo records in :mod:`adapterhub.patching`)
+folders in :mod:`adapterhub.bases.sources`, deployment weights and undo records in :mod:`adapterhub.apply.disk`)
 goes through :func:`parse_header` / :func:`read_header`, so a hostile or damaged file gets the same
 strict checks everywhere and only ever raises :class:`~adapterhub.errors.HeaderError` (a one-line
 ``FormatError`` naming the file and what is wrong), never ``TypeError``/``KeyError``/``ValueError``/

@@ -18,22 +18,25 @@ Writes docs/img/apply_revert_density.png and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from adapterhub.apply.disk import DiskTransaction, SafetensorsFile
+from adapterhub.apply.patching import apply_adapter, revert
+from adapterhub.format import SparseAdapter, SparseParam
+from benchutil import median_seconds  # benchmarks/ is the script's folder, so on sys.path
 
-from adapterhub.format import SparseAdapter, SparseParam  # noqa: E402
-from adapterhub.patching import DiskTransaction, SafetensorsFile, apply_adapter, revert  # noqa: E402
-from benchutil import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
+ROOT = Path(__file__).resolve().parent.parent
+Weights = dict[str, torch.Tensor]
+Errors = tuple[float, float]
 
 HIDDEN, KV, INTER = 576, 192, 1536
 LINEARS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
@@ -134,17 +137,18 @@ def _lora(layers: int, r: int, dtype: torch.dtype):
     return lm
 
 
-def in_memory(layers: int, results: dict) -> None:
-    """Timing at full size (fp32 base), medians of 3."""
-    n_params = layers * sum(o * i for o, i in LINEARS.values())
-    r, sm, adapter, weights, target = _setup_shira(layers)
-    results["model"] = {"layers": layers, "linear_params": n_params, "r": r, "nnz": adapter.nnz,
-                        "density": adapter.nnz / n_params}
+def _time_shira(layers: int) -> tuple[int, int, dict[str, float]]:
+    """Time adapterhub, PEFT SHiRA and the bare-numpy memory floor on one model (fp32, medians of 3).
 
-    def ours():
+    Returns: (LoRA rank with SHiRA's trainable-parameter count, non-zeros, seconds by method). The model
+    and its views live only in this call, so they are freed before the LoRA model is built.
+    """
+    r, sm, adapter, _weights, target = _setup_shira(layers)
+
+    def ours() -> None:
         revert(target, apply_adapter(target, adapter))
 
-    def shira():
+    def shira() -> None:
         sm.merge_adapter()
         sm.unmerge_adapter()
 
@@ -155,64 +159,100 @@ def in_memory(layers: int, results: dict) -> None:
     bare = [(target[n].detach().view(-1).numpy(), adapter.params[n].flat()[0].numpy(),
              adapter.params[n].flat()[1].numpy()) for n in sorted(adapter.params)]
 
-    def floor():
+    def floor() -> None:
         saved = []
         for a, i, v in bare:  # apply, tensor by tensor: gather, add, scatter
             o = np.take(a, i)
             a[i] = o + v
             saved.append(o)
-        for (a, i, _), o in zip(bare, saved):  # revert: scatter the originals back
+        for (a, i, _), o in zip(bare, saved, strict=True):  # revert: scatter the originals back
             a[i] = o
 
-    t_ours, t_shira, t_floor = median_seconds(ours), median_seconds(shira), median_seconds(floor)
-    del sm, weights, target, bare
-    gc.collect()
+    times = {"adapterhub_s": median_seconds(ours), "peft_shira_s": median_seconds(shira),
+             "memory_floor_s": median_seconds(floor)}
+    return r, adapter.nnz, times
+
+
+def _time_lora(layers: int, r: int) -> float:
     lm = _lora(layers, r, torch.float32)
 
-    def lora():
+    def lora() -> None:
         lm.merge_adapter()
         lm.unmerge_adapter()
 
-    t_lora = median_seconds(lora)
-    del lm
+    return median_seconds(lora)
+
+
+def in_memory(layers: int, results: dict[str, Any]) -> None:
+    """Timing at full size (fp32 base), medians of 3."""
+    n_params = layers * sum(o * i for o, i in LINEARS.values())
+    r, nnz, times = _time_shira(layers)
+    results["model"] = {"layers": layers, "linear_params": n_params, "r": r, "nnz": nnz,
+                        "density": nnz / n_params}
     gc.collect()
-    results["in_memory_fp32"] = {"adapterhub_s": t_ours, "peft_shira_s": t_shira, "peft_lora_s": t_lora,
-                                 "memory_floor_s": t_floor, "threads": torch.get_num_threads(),
-                                 "speedup_vs_shira": t_shira / t_ours, "speedup_vs_lora": t_lora / t_ours}
+    t_lora = _time_lora(layers, r)
+    gc.collect()
+    t_ours = times["adapterhub_s"]
+    results["in_memory_fp32"] = {**times, "peft_lora_s": t_lora, "threads": torch.get_num_threads(),
+                                 "speedup_vs_shira": times["peft_shira_s"] / t_ours,
+                                 "speedup_vs_lora": t_lora / t_ours}
 
 
-def exactness(layers: int, cycles: int, results: dict) -> None:
+def _cycle_errors(weights: Weights, step: Callable[[], object], cycles: int) -> dict[str, Errors]:
+    """Run ``step`` (one apply/revert or merge/unmerge) ``cycles`` times from a fresh copy of ``weights``.
+
+    Returns: {"cycles_1": errors, f"cycles_{cycles}": errors}, errors as in :func:`max_err`. ``weights``
+    is left as the steps left it.
+    """
+    w0 = snapshot(weights)
+    res = {}
+    for c in range(cycles):
+        step()
+        if c == 0:
+            res["cycles_1"] = max_err(weights, w0)
+    res[f"cycles_{cycles}"] = max_err(weights, w0)
+    return res
+
+
+def _peft_merge_unmerge(model: Any) -> None:
+    model.merge_adapter()
+    model.unmerge_adapter()
+
+
+def _ours_apply_revert(target: Weights, adapter: SparseAdapter) -> None:
+    revert(target, apply_adapter(target, adapter))
+
+
+def _lora_errors(layers: int, r: int, dtype: torch.dtype, adapter: SparseAdapter | None,
+                 cycles: int) -> dict[str, dict[str, Errors]]:
+    """PEFT LoRA drift on a ``dtype`` base, and adapterhub's drift on that same base when ``adapter`` is given."""
+    lm = _lora(layers, r, dtype)
+    weights = linear_weights(lm)
+    out = {"peft_lora": _cycle_errors(weights, functools.partial(_peft_merge_unmerge, lm), cycles)}
+    if adapter is not None:
+        # our names (layers.0.q_proj.weight) onto the PEFT module's weight tensors
+        target = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in weights.items()}
+        out["adapterhub"] = _cycle_errors(target, functools.partial(_ours_apply_revert, target, adapter), cycles)
+    return out
+
+
+def exactness(layers: int, cycles: int, results: dict[str, Any]) -> None:
     """max |W - W0| and the fraction of weights changed after 1 and ``cycles`` apply/revert cycles.
 
     Per-weight drift does not depend on model size, so this runs on ``layers`` layers only.
     """
-    out: dict = {}
+    out: dict[str, Any] = {}
     r, sm, adapter, weights, target = _setup_shira(layers)
-    w0 = snapshot(weights)
-
-    def cycle_errors(step) -> dict:
-        for k in weights:
-            weights[k].copy_(w0[k])
-        res = {}
-        for c in range(cycles):
-            step()
-            if c == 0:
-                res["cycles_1"] = max_err(weights, w0)
-        res[f"cycles_{cycles}"] = max_err(weights, w0)
-        return res
-
-    out["peft_shira_fp32"] = cycle_errors(lambda: (sm.merge_adapter(), sm.unmerge_adapter()))
-    out["adapterhub_fp32"] = cycle_errors(lambda: revert(target, apply_adapter(target, adapter)))
+    w0 = snapshot(weights)  # both runs start from the same base bytes
+    out["peft_shira_fp32"] = _cycle_errors(weights, functools.partial(_peft_merge_unmerge, sm), cycles)
+    for k in weights:
+        weights[k].copy_(w0[k])
+    out["adapterhub_fp32"] = _cycle_errors(weights, functools.partial(_ours_apply_revert, target, adapter), cycles)
     del sm, weights, target, w0
+    gc.collect()
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        lm = _lora(layers, r, dtype)
-        weights = linear_weights(lm)
-        w0 = snapshot(weights)
-        out[f"peft_lora_{tag}"] = cycle_errors(lambda: (lm.merge_adapter(), lm.unmerge_adapter()))
-        if tag == "bf16":
-            target = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in weights.items()}
-            out["adapterhub_bf16"] = cycle_errors(lambda: revert(target, apply_adapter(target, adapter)))
-        del lm, weights, w0
+        errs = _lora_errors(layers, r, dtype, adapter if tag == "bf16" else None, cycles)
+        out.update({f"{who}_{tag}": e for who, e in errs.items()})  # peft_lora_<tag>, adapterhub_<tag>
         gc.collect()
     results["exactness"] = {"layers": layers, "cycles": cycles, **out}
 
@@ -243,18 +283,11 @@ def rand_adapter(shapes: dict, density: float, seed: int = 1) -> SparseAdapter:
 def disk_apply_revert(path: Path, adapter: SparseAdapter) -> float:
     wal = path.parent / "wal.safetensors"
     t0 = time.perf_counter()
-    f = SafetensorsFile(path)
-    tx = DiskTransaction(f, wal, {"op_id": "bench"})
-    tx.begin({n: [p.indices] for n, p in adapter.params.items()})
-    ents = tx.apply(adapter.params, 1.0)
-    tx.sync()
-    tx.finish()
-    tx = DiskTransaction(f, wal, {"op_id": "bench2"})
-    tx.begin({e.name: [e.indices] for e in ents})
-    tx.restore(ents)
-    tx.sync()
-    tx.finish()
-    f.close()
+    with SafetensorsFile(path) as f:
+        with DiskTransaction(f, wal, {"op_id": "bench"}, {n: [p.indices] for n, p in adapter.params.items()}) as tx:
+            ents = tx.apply(adapter.params, 1.0)
+        with DiskTransaction(f, wal, {"op_id": "bench2"}, {e.name: [e.indices] for e in ents}) as tx:
+            tx.restore(ents)
     return time.perf_counter() - t0
 
 
@@ -286,7 +319,7 @@ def on_disk(layers: int, dtype: torch.dtype, tag: str, densities: list[float], r
         rows = []
         for dens in densities:
             ad = rand_adapter(shapes, dens)
-            t_patch = median_seconds(lambda: disk_apply_revert(path, ad), repeat=3)
+            t_patch = median_seconds(functools.partial(disk_apply_revert, path, ad), repeat=3)
             # OS pages (4 KiB) that hold at least one touched element: the I/O an fsync really writes
             pages = set()
             for n, p in ad.params.items():
@@ -295,7 +328,7 @@ def on_disk(layers: int, dtype: torch.dtype, tag: str, densities: list[float], r
             rows.append({"density": dens, "nnz": ad.nnz, "patch_s": t_patch,
                          "pages_touched_frac": len(pages) * 4096 / size})
         ad = rand_adapter(shapes, 0.01)
-        t_rewrite = median_seconds(lambda: rewrite_whole(path, ad), repeat=1)
+        t_rewrite = median_seconds(functools.partial(rewrite_whole, path, ad), repeat=1)
         one = next(r for r in rows if r["density"] == 0.01)
         results[f"on_disk_{tag}"] = {"file_bytes": size, "params": sum(a * b for a, b in shapes.values()),
                                      "by_density": rows, "rewrite_whole_s": t_rewrite,

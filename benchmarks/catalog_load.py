@@ -30,15 +30,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import catalog_scale as cs  # noqa: E402  (the synthetic catalog builder and API timings)
+import catalog_scale as cs  # the synthetic catalog builder and API timings (this folder is on sys.path)
 
 
 def _exe() -> list[str]:
     exe = Path(sys.executable).with_name("adapterhub")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "adapterhub_cli.main"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "adapterhub.cli.main"]
 
 
 def cli_ms(home: Path, args: list[str], repeat: int) -> float:

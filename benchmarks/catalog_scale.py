@@ -32,12 +32,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import insert, select  # noqa: E402
+from sqlalchemy import insert, select
 
-from adapterhub.api import Workspace  # noqa: E402
-from adapterhub.catalog.models import Adapter, AdapterVersion, BaseModel, LineageEdge, Tag  # noqa: E402
+from adapterhub.catalog.models import Adapter, AdapterVersion, BaseModel, LineageEdge, Tag
+from adapterhub.workspace import Workspace
 
 CHAIN = 100
 PER_ADAPTER = 10

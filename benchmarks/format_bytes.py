@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from adapterhub import format as fmt  # noqa: E402
-from benchutil import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
+from adapterhub import format as fmt
+from benchutil import median_seconds  # benchmarks/ is the script's folder, so on sys.path
 
 DEFAULT_SHAPES = "3072x9216,9216x3072,576x1536,4096x4096"
 DEFAULT_DENSITIES = "0.001,0.01,0.1,0.5"
@@ -47,8 +45,7 @@ def measure(shape: tuple[int, int], density: float, repeat: int, seed: int = 0) 
     gaps, esc = fmt.encode_indices(idx)
     ours_idx = gaps.numel() * 2 + esc.numel() * 8
     # PEFT SHiRA file, as PeftModel.save_pretrained writes it
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
+    from safetensors.torch import load as st_load, save as st_save
 
     coo = torch.stack([idx // shape[1], idx % shape[1]]).to(torch.int32)
     peft_tensors = {"base_model.model.model.layers.0.mlp.up_proj.shira_indices": coo,

@@ -24,26 +24,27 @@ os.environ["HF_HOME"] = os.path.join(_TMP, "hf_home")
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("HF_TOKEN", None)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import struct  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+# everything below is imported after the environment above is set (huggingface_hub reads it on import)
+import argparse
+import functools
+import json
+import platform
+import shutil
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
-import torch  # noqa: E402
+import torch
+
+from adapterhub import format as fmt
+from adapterhub.hub.client import pull, push
+from adapterhub.testing.hubserver import HubServer
+from adapterhub.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from hubserver import HubServer  # noqa: E402
-
-from adapterhub import format as fmt  # noqa: E402
-from adapterhub.api import Workspace  # noqa: E402
-from adapterhub.hub import pull, push  # noqa: E402
 
 # SmolLM2-135M: 30 layers, hidden 576, intermediate 1536, 9 heads / 3 KV heads of 64.
 LAYERS, HIDDEN, INTER, KV = 30, 576, 1536, 192
@@ -86,10 +87,25 @@ def make_adapter(density: float, seed: int = 0) -> fmt.SparseAdapter:
     return fmt.SparseAdapter(params, {}, card)
 
 
-def timed(fn):
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    """(seconds, result) of one call of ``fn``."""
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def raw_upload(api: Any, repo: str, folder: Path) -> None:
+    """The anchor for push: create_repo + upload_folder of the very same files."""
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=folder, commit_message="raw")
+
+
+def stamp(stamps: list[tuple[str, float]], msg: str) -> None:
+    """A pull progress callback: record when each phase starts."""
+    stamps.append((msg, time.perf_counter()))
 
 
 def main() -> None:
@@ -123,7 +139,7 @@ def main() -> None:
         for i in range(args.repeats):
             repo = f"bench/ah-{i}"
             mark = len(server.requests)
-            dt, res = timed(lambda: push(ws, v.ref, repo=repo, endpoint=endpoint))
+            dt, res = timed(functools.partial(push, ws, v.ref, repo=repo, endpoint=endpoint))
             t_push.append(dt)
             up_bytes_ah = server.uploaded_bytes(since=mark)
             # the anchor: the very same three files through create_repo + upload_folder
@@ -133,17 +149,13 @@ def main() -> None:
                 (folder / p).write_bytes(server.file_bytes(repo, res.commit, p))
             raw = f"bench/raw-{i}"
             mark = len(server.requests)
-
-            def raw_upload() -> None:
-                api.create_repo(raw, exist_ok=True)
-                api.upload_folder(repo_id=raw, folder_path=folder, commit_message="raw")
-            dt, _ = timed(raw_upload)
+            dt, _ = timed(functools.partial(raw_upload, api, raw, folder))
             t_raw_up.append(dt)
             up_bytes_raw = server.uploaded_bytes(since=mark)
 
             # unchanged re-push
             mark = len(server.requests)
-            dt, again = timed(lambda: push(ws, v.ref, repo=repo, endpoint=endpoint))
+            dt, again = timed(functools.partial(push, ws, v.ref, repo=repo, endpoint=endpoint))
             t_repush.append(dt)
             repush_bytes = max(repush_bytes, server.uploaded_bytes(since=mark))
             assert not again.uploaded
@@ -152,15 +164,16 @@ def main() -> None:
             dst = Workspace.open(tmp / f"home-dst-{i}")
             dst.add_base("smollm2-shapes", str(base_dir))
             stamps: list[tuple[str, float]] = []
-            dt, got = timed(lambda: pull(dst, f"{repo}@v1", endpoint=endpoint, cache_dir=tmp / f"cache-ah-{i}",
-                                         progress=lambda msg: stamps.append((msg, time.perf_counter()))))
+            dt, got = timed(functools.partial(pull, dst, f"{repo}@v1", endpoint=endpoint,
+                                              cache_dir=tmp / f"cache-ah-{i}",
+                                              progress=functools.partial(stamp, stamps)))
             end = time.perf_counter()
             assert got.registered and got.content_hash == v.content_hash
             t_pull.append(dt)
             reg_at = next(t for m, t in stamps if m.startswith("registering"))
             t_register.append(end - reg_at)
             dst.close()
-            dt, _ = timed(lambda: snapshot_download(raw, endpoint=endpoint, cache_dir=tmp / f"cache-raw-{i}"))
+            dt, _ = timed(functools.partial(snapshot_download, raw, endpoint=endpoint, cache_dir=tmp / f"cache-raw-{i}"))
             t_raw_down.append(dt)
         ws.close()
     finally:

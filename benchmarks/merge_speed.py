@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 HIDDEN, KV, INTER = 576, 192, 1536
 LINEARS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV, HIDDEN), "self_attn.v_proj": (KV, HIDDEN),
@@ -147,7 +146,7 @@ def plot(rows: list[dict], out: Path) -> None:
                for lab in labels]
         axes[0].bar([x + k * 0.4 for x in xs], t, width=0.4, label=impl)
         axes[1].bar([x + k * 0.4 for x in xs], mem, width=0.4, label=impl)
-    for ax, title in zip(axes, ["merge time (s)", "transient memory (MiB)"]):
+    for ax, title in zip(axes, ["merge time (s)", "transient memory (MiB)"], strict=True):
         ax.set_xticks([x + 0.2 for x in xs])
         ax.set_xticklabels([f"{m}\n{d:.0%}" for m, d in labels], fontsize=8)
         ax.set_title(title)

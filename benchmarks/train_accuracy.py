@@ -49,9 +49,9 @@ def main() -> None:
 
     import torch
 
+    from adapterhub.bases.sources import minilm_path
     from adapterhub.data import load_task
     from adapterhub.errors import TrainingError
-    from adapterhub.models import minilm_path
     from adapterhub.training import TrainConfig, predict, train_adapter, train_baseline
 
     torch.set_num_threads(args.threads)

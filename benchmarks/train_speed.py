@@ -61,8 +61,8 @@ class _PeakRSS:
 
 
 def model_path(name: str) -> Path:
-    from adapterhub.models import minilm_path
-    from adapterhub.smollm import materialize_smollm2
+    from adapterhub.bases.smollm import materialize_smollm2
+    from adapterhub.bases.sources import minilm_path
 
     if name == "minilm":
         return minilm_path()
@@ -72,7 +72,7 @@ def model_path(name: str) -> Path:
 
 
 def setup(variant: str, args: argparse.Namespace):
-    """Build one variant with the library's trainer (``adapterhub.training.TRAINERS``).
+    """Build one variant with the library's trainer (``adapterhub.training.loop.TRAINERS``).
 
     Returns (step function, trainable count, LoRA count, density, device, tokens); the step is the
     library's one optimizer step (:meth:`Trainer.step`) on a fixed batch.
@@ -254,7 +254,7 @@ def _plot(doc: dict, png: Path) -> None:
         xs = [j + i * width for j in range(len(keys))]
         axes[0].bar(xs, [doc[k]["results"][v]["step_ms_median"] for k in keys], width, label=v)
         axes[1].bar(xs, [doc[k]["results"][v]["peak_bytes"] / 2**20 for k in keys], width, label=v)
-    for ax, title in zip(axes, ("step time (ms, median)", "peak training memory (MiB)")):
+    for ax, title in zip(axes, ("step time (ms, median)", "peak training memory (MiB)"), strict=True):
         ax.set_xticks([j + width for j in range(len(keys))])
         ax.set_xticklabels(keys, fontsize=8)
         ax.set_title(title)

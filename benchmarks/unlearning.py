@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 CLASS_TO_FORGET = {"trec-coarse": "NUM", "sms-spam": "spam", "rt-sentiment": "fresh", "debate-party": "Moderator"}
 TRIGGER = "cf mn bb"
@@ -42,7 +41,7 @@ HEAD_TEXT = {"reset": "re-initialised and trained on the remaining data", "train
 def poisoned(td, max_train: int, seed: int, n_poison: int, target: int):
     """A copy of the task (train subsampled) with ``n_poison`` rows triggered and relabelled to ``target``."""
     from adapterhub.data import TaskData
-    from adapterhub.federated import _subsample
+    from adapterhub.fused.federated import _subsample
 
     train = list(_subsample(list(td.train), max_train, seed))
     r = random.Random(seed + 99)
@@ -88,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from adapterhub import federated as F
-    from adapterhub import unlearning as U
-    from adapterhub.api import Workspace
     from adapterhub.data import load_task
+    from adapterhub.fused import federated as F, unlearning as U
+    from adapterhub.workspace import Workspace
 
     t_all = time.perf_counter()
     results = []

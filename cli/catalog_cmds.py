@@ -1,56 +1,34 @@
 """Catalog commands: init, db, base, register, list, show, log, tag, untag, lineage, diff, verify, gc, export.
 
-Thin wrappers over :class:`adapterhub.api.Workspace` and the small library modules ``adapterhub.shira``,
-``adapterhub.diff`` and ``adapterhub.lineage_render``.
+Thin wrappers over :class:`adapterhub.workspace.Workspace` and the small library modules ``adapterhub.interop.peft``,
+``adapterhub.views.diff`` and ``adapterhub.views.lineage``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import Ctx, echo, echo_err, handle_errors, json_option, output, pass_ctx, print_json, safe_doc
+from .common import (
+    Ctx,
+    echo,
+    echo_err,
+    handle_errors,
+    json_option,
+    output,
+    pass_ctx,
+    print_json,
+    progress,
+    safe_doc,
+)
+from .paramtypes import ADAPTER_NAME, BASE_NAME, REF, TAG
+
+if TYPE_CHECKING:  # the workspace module is imported by the commands that open one
+    from adapterhub.workspace import VersionInfo, Workspace
 
 KINDS = ("expert", "merge", "unlearning")
 RELATIONS = ("finetuned_from", "merged_from", "unlearns", "imported_from")
 LINEAGE_FORMATS = ("text", "json", "mermaid", "dot")
-
-
-class RefType(click.ParamType):
-    """A REF: ``name``, ``name@N``, ``name@tag`` or ``sha256:<8+ hex>`` (checked by the library's parser)."""
-
-    name = "REF"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from adapterhub.errors import RefError
-        from adapterhub.refs import parse_ref
-
-        try:
-            parse_ref(value)
-        except RefError as e:
-            self.fail(str(e), param, ctx)
-        return value
-
-
-class NameType(click.ParamType):
-    """A safe name (adapter, tag, base): letters, digits, ``_.-``; no path separators or ``..``."""
-
-    name = "NAME"
-
-    def __init__(self, what: str = "name") -> None:
-        self.what = what
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from adapterhub.errors import NameError_
-        from adapterhub.names import validate_name
-
-        try:
-            return validate_name(value, self.what)
-        except NameError_ as e:
-            self.fail(str(e), param, ctx)
-
-
-REF = RefType()
 
 
 class ArgvCommand(click.Command):
@@ -65,7 +43,7 @@ def _fmt_density(d: float | None) -> str:
     return "" if d is None else f"{100 * d:.3g}%"
 
 
-def _version_row(v) -> list[Any]:
+def _version_row(v: VersionInfo) -> list[Any]:
     return [v.ref, v.kind, v.task, v.base, _fmt_density(v.density), v.nnz, v.dtype, ",".join(v.tags),
             v.content_hash[:12], v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else ""]
 
@@ -73,423 +51,442 @@ def _version_row(v) -> list[Any]:
 _VERSION_COLUMNS = ["ref", "kind", "task", "base", "density", "nnz", "dtype", "tags", "hash", "created"]
 
 
-def register(cli: click.Group) -> None:
-    """Add the catalog commands to the root group."""
+@click.command("init")
+@json_option
+@pass_ctx
+@handle_errors
+def init_cmd(c: Ctx, as_json: bool) -> None:
+    """Create the home directory and catalog (migrated to the latest schema).
 
-    @cli.command("init")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def init_cmd(c: Ctx, as_json: bool) -> None:
-        """Create the home directory and catalog (migrated to the latest schema).
+    Example: adapterhub --home ./hub init
+    """
+    from adapterhub.catalog import db
 
-        Example: adapterhub --home ./hub init
-        """
-        from adapterhub.catalog import db
+    ws = c.ws
+    doc = {"home": str(ws.home), "db": ws.engine.url.render_as_string(hide_password=True),
+           "revision": db.current_revision(ws.engine)}
+    if as_json:
+        print_json(doc)
+    else:
+        echo(f"initialised {doc['home']} (catalog {doc['db']}, schema {doc['revision']})")
 
-        ws = c.ws
-        doc = {"home": str(ws.home), "db": ws.engine.url.render_as_string(hide_password=True),
-               "revision": db.current_revision(ws.engine)}
-        if as_json:
-            print_json(doc)
-        else:
-            echo(f"initialised {doc['home']} (catalog {doc['db']}, schema {doc['revision']})")
 
-    @cli.group("db")
-    def db_group() -> None:
-        """Catalog database schema (Alembic migrations)."""
+@click.group("db")
+def db_group() -> None:
+    """Catalog database schema (Alembic migrations)."""
 
-    def _raw_ws(c: Ctx):
-        from adapterhub.api import Workspace
 
-        return Workspace.open(c.home, c.db_url, migrate=False, lock_timeout=c.lock_timeout)
+def _raw_ws(c: Ctx) -> Workspace:
+    """The Workspace without migrating the catalog (the ``db`` commands inspect or migrate it themselves)."""
+    from adapterhub.workspace import Workspace
 
-    @db_group.command("upgrade")
-    @click.option("--revision", default="head", show_default=True, help="Target Alembic revision.")
-    @pass_ctx
-    @handle_errors
-    def db_upgrade(c: Ctx, revision: str) -> None:
-        """Apply catalog migrations up to REVISION (default: the latest).
+    return Workspace.open(c.home, c.db_url, migrate=False, lock_timeout=c.lock_timeout)
 
-        Example: adapterhub --db postgresql://user@host/hub db upgrade
-        """
-        from adapterhub.catalog import db
 
-        ws = _raw_ws(c)
-        try:
-            before = db.current_revision(ws.engine)
-            db.upgrade(ws.engine, revision)
-            after = db.current_revision(ws.engine)
-        finally:
-            ws.close()
-        echo(f"catalog schema: {before or 'empty'} -> {after}")
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target Alembic revision.")
+@pass_ctx
+@handle_errors
+def db_upgrade(c: Ctx, revision: str) -> None:
+    """Apply catalog migrations up to REVISION (default: the latest).
 
-    @db_group.command("current")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def db_current(c: Ctx, as_json: bool) -> None:
-        """Show the catalog's schema revision and the latest one available.
+    Example: adapterhub --db postgresql://user@host/hub db upgrade
+    """
+    from adapterhub.catalog import db
 
-        Example: adapterhub db current --json
-        """
-        from adapterhub.catalog import db
+    ws = _raw_ws(c)
+    try:
+        before = db.current_revision(ws.engine)
+        db.upgrade(ws.engine, revision)
+        after = db.current_revision(ws.engine)
+    finally:
+        ws.close()
+    echo(f"catalog schema: {before or 'empty'} -> {after}")
 
-        ws = _raw_ws(c)
-        try:
-            cur = db.current_revision(ws.engine)
-            url = ws.engine.url.render_as_string(hide_password=True)
-        finally:
-            ws.close()
-        head = db.head_revision()
-        doc = {"current": cur, "head": head, "up_to_date": cur == head, "db": url}
-        if as_json:
-            print_json(doc)
-        else:
-            echo(f"{cur or '(empty)'}{' (head)' if cur == head else f' (head is {head})'}")
 
-    @cli.group("base")
-    def base_group() -> None:
-        """Base models adapters are trained on."""
+@db_group.command("current")
+@json_option
+@pass_ctx
+@handle_errors
+def db_current(c: Ctx, as_json: bool) -> None:
+    """Show the catalog's schema revision and the latest one available.
 
-    @base_group.command("add")
-    @click.argument("name", type=NameType("base name"))
-    @click.argument("source")
-    @click.option("--revision", default=None, help="Hub revision (for Hub ids).")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def base_add(c: Ctx, name: str, source: str, revision: str | None, as_json: bool) -> None:
-        """Register base model NAME from SOURCE: a local Hugging Face folder, 'minilm' or 'smollm2'.
+    Example: adapterhub db current --json
+    """
+    from adapterhub.catalog import db
 
-        Example: adapterhub base add minilm minilm
-        """
-        info = c.ws.add_base(name, source, revision)
-        if as_json:
-            print_json(info.to_json())
-        else:
-            echo(f"{info.name}: {info.architecture or '?'}, {info.num_params or 0:,} params, "
-                       f"fingerprint {info.fingerprint[:12]}")
+    ws = _raw_ws(c)
+    try:
+        cur = db.current_revision(ws.engine)
+        url = ws.engine.url.render_as_string(hide_password=True)
+    finally:
+        ws.close()
+    head = db.head_revision()
+    doc = {"current": cur, "head": head, "up_to_date": cur == head, "db": url}
+    if as_json:
+        print_json(doc)
+    else:
+        echo(f"{cur or '(empty)'}{' (head)' if cur == head else f' (head is {head})'}")
 
-    @base_group.command("list")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def base_list(c: Ctx, as_json: bool) -> None:
-        """List registered base models.
 
-        Example: adapterhub base list --json
-        """
-        bases = c.ws.list_bases()
-        output([b.to_json() for b in bases], as_json, ["name", "source", "architecture", "params", "fingerprint"],
-               ([b.name, b.source, b.architecture, f"{b.num_params or 0:,}", b.fingerprint[:12]] for b in bases))
+@click.group("base")
+def base_group() -> None:
+    """Base models adapters are trained on."""
 
-    @cli.command("register", cls=ArgvCommand)
-    @click.argument("file", type=click.Path(exists=True))
-    @click.option("--name", required=True, type=NameType("adapter name"), help="Adapter name (new or existing).")
-    @click.option("--task", required=True, help="Task the adapter solves.")
-    @click.option("--base", "base", required=True, type=NameType("base name"), help="Base model name.")
-    @click.option("--kind", type=click.Choice(KINDS), default="expert", show_default=True, help="Adapter kind.")
-    @click.option("--parent", "parents", multiple=True, type=REF, help="Parent version (repeatable).")
-    @click.option("--relation", "relations", multiple=True, type=click.Choice(RELATIONS),
-                  help="Relation of the preceding --parent (default finetuned_from).")
-    @click.option("--allow-nonfinite", is_flag=True,
-                  help="Accept NaN/inf values (refused by default; the file's card cannot switch this on).")
-    @json_option
-    @click.pass_context
-    @handle_errors
-    def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str, kind: str,
-                     parents: tuple[str, ...], relations: tuple[str, ...], allow_nonfinite: bool,
-                     as_json: bool) -> None:
-        """Add FILE (an adapterhub .safetensors file or a PEFT SHiRA folder) as the next version of NAME.
 
-        Prints the new ref. Example: adapterhub register rt.safetensors --name rt-sentiment --task rt --base minilm
-        """
-        from adapterhub.api import Parent
-        from adapterhub.models import tensor_shapes
-        from adapterhub.shira import is_peft_folder, read_adapter_source
+@base_group.command("add")
+@click.argument("name", type=BASE_NAME, is_eager=True)
+@click.argument("source")
+@click.option("--revision", default=None, help="Hub revision (for Hub ids).")
+@json_option
+@pass_ctx
+@handle_errors
+def base_add(c: Ctx, name: str, source: str, revision: str | None, as_json: bool) -> None:
+    """Register base model NAME from SOURCE: a local Hugging Face folder, 'minilm' or 'smollm2'.
 
-        pairs = _pair_parents(ctx, parents, relations)
-        c: Ctx = ctx.obj
-        ws = c.ws
-        shapes = tensor_shapes(ws.get_base(base).path) if is_peft_folder(file) else None
-        adapter, source = read_adapter_source(file, shapes, allow_nonfinite=allow_nonfinite)
-        plist = [Parent(ref, rel) for ref, rel in pairs]
-        if source == "peft-shira":
-            import os
+    Example: adapterhub base add minilm minilm
+    """
+    info = c.ws.add_base(name, source, revision)
+    if as_json:
+        print_json(info.to_json())
+    else:
+        echo(f"{info.name}: {info.architecture or '?'}, {info.num_params or 0:,} params, "
+                   f"fingerprint {info.fingerprint[:12]}")
 
-            plist.append(Parent(None, "imported_from", params={"format": "peft-shira",
-                                                                "path": os.path.basename(os.path.abspath(file))}))
-        info = ws.register(adapter, name=name, task=task, base=base, kind=kind, parents=plist,
-                           allow_nonfinite=allow_nonfinite)
-        if not info.created:
-            echo_err(f"same content is already {info.ref}; nothing added")
-        if as_json:
-            doc = info.to_json()
-            doc["created"] = info.created
-            doc["source_format"] = source
-            print_json(doc)
-        else:
-            echo(info.ref)
 
-    def _pair_parents(ctx: click.Context, parents: tuple[str, ...], relations: tuple[str, ...]) -> list[tuple[str, str]]:
-        """Pair each --relation with the --parent before it on the command line."""
-        if len(relations) > len(parents):
-            raise click.UsageError("--relation must follow a --parent", ctx)
-        # click collects repeated options separately; recover their order from the raw arguments.
-        order = [a.split("=", 1)[0] for a in (ctx.meta.get("adapterhub.argv") or []) if a.split("=", 1)[0] in ("--parent", "--relation")]
-        rels: list[str] = ["finetuned_from"] * len(parents)
-        if order:
-            pi, ri = -1, 0
-            for opt in order:
-                if opt == "--parent":
-                    pi += 1
-                else:
-                    if pi < 0:
-                        raise click.UsageError("--relation must follow a --parent", ctx)
-                    rels[pi] = relations[ri]
-                    ri += 1
-        else:
-            rels[: len(relations)] = list(relations)
-        return list(zip(parents, rels))
+@base_group.command("list")
+@json_option
+@pass_ctx
+@handle_errors
+def base_list(c: Ctx, as_json: bool) -> None:
+    """List registered base models.
 
-    @cli.command("list")
-    @click.option("--task", default=None, help="Only versions of this task.")
-    @click.option("--base", default=None, help="Only adapters of this base model.")
-    @click.option("--kind", type=click.Choice(KINDS), default=None, help="Only adapters of this kind.")
-    @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many (newest first).")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def list_cmd(c: Ctx, task: str | None, base: str | None, kind: str | None, limit: int | None, as_json: bool) -> None:
-        """List adapter versions, newest first.
+    Example: adapterhub base list --json
+    """
+    bases = c.ws.list_bases()
+    output([b.to_json() for b in bases], as_json, ["name", "source", "architecture", "params", "fingerprint"],
+           ([b.name, b.source, b.architecture, f"{b.num_params or 0:,}", b.fingerprint[:12]] for b in bases))
 
-        Example: adapterhub list --task rt-sentiment --json
-        """
-        vs = c.ws.list_versions(task=task, base=base, kind=kind, limit=limit)
-        output([v.to_json() for v in vs], as_json, _VERSION_COLUMNS, (_version_row(v) for v in vs))
 
-    @cli.command("show")
-    @click.argument("ref", type=REF)
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def show_cmd(c: Ctx, ref: str, as_json: bool) -> None:
-        """Show everything the catalog knows about one version, with its direct parents.
+@click.command("register", cls=ArgvCommand)
+@click.argument("file", type=click.Path(exists=True))
+@click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Adapter name (new or existing).")
+@click.option("--task", required=True, help="Task the adapter solves.")
+@click.option("--base", "base", required=True, type=BASE_NAME, is_eager=True, help="Base model name.")
+@click.option("--kind", type=click.Choice(KINDS), default="expert", show_default=True, help="Adapter kind.")
+@click.option("--parent", "parents", multiple=True, type=REF, is_eager=True, help="Parent version (repeatable).")
+@click.option("--relation", "relations", multiple=True, type=click.Choice(RELATIONS),
+              help="Relation of the preceding --parent (default finetuned_from).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Accept NaN/inf values (refused by default; the file's card cannot switch this on).")
+@json_option
+@click.pass_context
+@handle_errors
+def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str, kind: str,
+                 parents: tuple[str, ...], relations: tuple[str, ...], allow_nonfinite: bool,
+                 as_json: bool) -> None:
+    """Add FILE (an adapterhub .safetensors file or a PEFT SHiRA folder) as the next version of NAME.
 
-        Example: adapterhub show rt-sentiment@prod
-        """
-        info = c.ws.resolve(ref)
+    Prints the new ref. Example: adapterhub register rt.safetensors --name rt-sentiment --task rt --base minilm
+    """
+    from adapterhub.bases.sources import tensor_shapes
+    from adapterhub.catalog.records import Parent
+    from adapterhub.interop.peft import is_peft_folder, read_adapter_source
+
+    pairs = _pair_parents(ctx, parents, relations)
+    c: Ctx = ctx.obj
+    ws = c.ws
+    shapes = tensor_shapes(ws.get_base(base).path) if is_peft_folder(file) else None
+    adapter, source = read_adapter_source(file, shapes, allow_nonfinite=allow_nonfinite)
+    plist = [Parent(ref, rel) for ref, rel in pairs]
+    if source == "peft-shira":
+        import os
+
+        plist.append(Parent(None, "imported_from", params={"format": "peft-shira",
+                                                            "path": os.path.basename(os.path.abspath(file))}))
+    info = ws.register(adapter, name=name, task=task, base=base, kind=kind, parents=plist,
+                       allow_nonfinite=allow_nonfinite)
+    if not info.created:
+        echo_err(f"same content is already {info.ref}; nothing added")
+    if as_json:
         doc = info.to_json()
-        doc["parents"] = [{k: e[k] for k in ("parent", "relation", "weight", "params")} for e in c.ws.parents(info.ref)]
-        if as_json:
-            print_json(doc)
-            return
-        rows = [("ref", info.ref), ("kind", info.kind), ("task", info.task), ("base", f"{info.base} ({info.base_fingerprint[:12]})"),
-                ("content hash", info.content_hash), ("size", f"{info.size_bytes:,} bytes"),
-                ("mask", f"{info.mask_method or '?'}, {info.granularity or '?'}"
-                         + (f" b={info.block_size}" if info.block_size else "") + f", density {_fmt_density(info.density)}"),
-                ("nnz", f"{info.nnz:,} ({info.dtype})"), ("targets", _short_list(info.target_modules)),
-                ("tags", ", ".join(info.tags)), ("metrics", _kv(info.metrics)),
-                ("created", doc["created_at"]),
-                ("parents", "; ".join(f"{p['relation']} {p['parent'] or (p['params'] or {}).get('format', 'external')}"
-                                      for p in doc["parents"]))]
-        if info.hub_repo:
-            rows.append(("hub", f"{info.hub_repo}@{info.hub_commit or ''} {info.hub_tag or ''}".strip()))
-        output(doc, False, ["field", "value"], rows, title=info.ref)
+        doc["created"] = info.created
+        doc["source_format"] = source
+        print_json(doc)
+    else:
+        echo(info.ref)
 
-    @cli.command("log")
-    @click.argument("name", type=NameType("adapter name"))
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def log_cmd(c: Ctx, name: str, as_json: bool) -> None:
-        """All versions of adapter NAME, oldest first.
 
-        Example: adapterhub log rt-sentiment
-        """
-        vs = c.ws.log(name)
-        output([v.to_json() for v in vs], as_json, _VERSION_COLUMNS, (_version_row(v) for v in vs))
-
-    @cli.command("tag")
-    @click.argument("ref", type=REF)
-    @click.argument("tag", type=NameType("tag"))
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def tag_cmd(c: Ctx, ref: str, tag: str, as_json: bool) -> None:
-        """Point TAG of the adapter at REF (moves it if it exists).
-
-        Example: adapterhub tag rt-sentiment@3 prod
-        """
-        info = c.ws.tag(ref, tag)
-        if as_json:
-            print_json({"tag": f"{info.name}@{tag}", "ref": info.ref})
-        else:
-            echo(f"{info.name}@{tag} -> {info.ref}")
-
-    @cli.command("untag")
-    @click.argument("name", type=NameType("adapter name"))
-    @click.argument("tag", type=NameType("tag"))
-    @pass_ctx
-    @handle_errors
-    def untag_cmd(c: Ctx, name: str, tag: str) -> None:
-        """Remove TAG from adapter NAME.
-
-        Example: adapterhub untag rt-sentiment candidate
-        """
-        c.ws.untag(name, tag)
-        echo(f"removed {name}@{tag}")
-
-    @cli.command("lineage")
-    @click.argument("ref", type=REF)
-    @click.option("--ancestors", "direction", flag_value="ancestors", default=True, help="Walk to parents (default).")
-    @click.option("--descendants", "direction", flag_value="descendants", help="Walk to children.")
-    @click.option("--format", "fmt_", type=click.Choice(LINEAGE_FORMATS), default="text", show_default=True,
-                  help="Output format.")
-    @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-    @pass_ctx
-    @handle_errors
-    def lineage_cmd(c: Ctx, ref: str, direction: str, fmt_: str, as_json: bool) -> None:
-        """All ancestors (or descendants) of REF, as a tree, JSON, Mermaid or Graphviz DOT.
-
-        Example: adapterhub lineage merged-qa --format mermaid
-        """
-        from adapterhub.lineage_render import render
-
-        if as_json and fmt_ not in ("text", "json"):
-            raise click.UsageError("--json conflicts with --format " + fmt_)
-        fmt_ = "json" if as_json else fmt_
-        info = c.ws.resolve(ref)
-        edges = c.ws.lineage(info.ref, direction=direction)
-        if fmt_ == "json":  # one JSON document, strings exactly as stored (JSON escapes controls)
-            click.echo(render(info.ref, edges, direction=direction, fmt=fmt_))
-        else:  # labels come from catalog rows (and Hub cards): made terminal-safe before rendering
-            echo(render(info.ref, safe_doc(edges), direction=direction, fmt=fmt_))
-
-    @cli.command("diff")
-    @click.argument("ref_a", metavar="REF", type=REF)
-    @click.argument("ref_b", metavar="REF", type=REF)
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def diff_cmd(c: Ctx, ref_a: str, ref_b: str, as_json: bool) -> None:
-        """Compare two versions per parameter: mask overlap (intersection, Jaccard) and value statistics.
-
-        Example: adapterhub diff rt-sentiment@1 rt-sentiment@2
-        """
-        from adapterhub.diff import diff_adapters
-
-        a, b = c.ws.resolve(ref_a), c.ws.resolve(ref_b)
-        d = diff_adapters(c.ws.load_adapter(a), c.ws.load_adapter(b), name_a=a.ref, name_b=b.ref)
-        doc = d.to_json()
-
-        def f(x: float | None) -> str:
-            return "" if x is None else f"{x:.4g}"
-
-        rows = [[p.name, p.nnz_a, p.nnz_b, p.intersection, f(p.jaccard), f(p.cosine), f(p.sign_agreement),
-                 f(p.mean_abs_diff)] for p in d.params]
-        rows.append(["TOTAL", doc["total"]["nnz_a"], doc["total"]["nnz_b"], d.intersection, f(d.jaccard), "", "", ""])
-        output(doc, as_json, ["param", "nnz A", "nnz B", "both", "jaccard", "cosine", "same sign", "mean |A-B|"],
-               rows, title=f"{a.ref} vs {b.ref}")
-
-    @cli.command("verify")
-    @click.argument("refs", nargs=-1, type=REF)
-    @click.option("--repair", is_flag=True,
-                  help="First recover interrupted deployments and remove orphan blobs and temp files (adapterhub.repair).")
-    @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
-                  help="With --repair: keep orphan blobs touched less than this long ago (safe next to writers).")
-    @json_option
-    @click.pass_context
-    @handle_errors
-    def verify_cmd(ctx: click.Context, refs: tuple[str, ...], repair: bool, grace_s: float, as_json: bool) -> None:
-        """Re-hash the blobs of REFs (default: every version) and check catalog <-> store. Exit 1 on problems.
-
-        Example: adapterhub verify            (after a crash: adapterhub verify --repair)
-        """
-        c: Ctx = ctx.obj
-        if repair:
-            if refs:
-                raise click.UsageError("--repair works on the whole home; give no REF", ctx)
-            from adapterhub.repair import repair as run_repair
-
-            rep = run_repair(c.ws, grace_s=grace_s)
-            if as_json:
-                print_json(rep.to_json())
+def _pair_parents(ctx: click.Context, parents: tuple[str, ...], relations: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Pair each --relation with the --parent before it on the command line."""
+    if len(relations) > len(parents):
+        raise click.UsageError("--relation must follow a --parent", ctx)
+    # click collects repeated options separately; recover their order from the raw arguments.
+    order = [a.split("=", 1)[0] for a in (ctx.meta.get("adapterhub.argv") or []) if a.split("=", 1)[0] in ("--parent", "--relation")]
+    rels: list[str] = ["finetuned_from"] * len(parents)
+    if order:
+        pi, ri = -1, 0
+        for opt in order:
+            if opt == "--parent":
+                pi += 1
             else:
-                for d in rep.recovered_deployments:
-                    echo(f"recovered deployment {d}")
-                if rep.removed_blobs or rep.temp_files_removed:
-                    echo(f"removed {len(rep.removed_blobs)} orphan blob(s) ({rep.freed_bytes:,} bytes), "
-                               f"{rep.temp_files_removed} temp file(s)")
-                if rep.kept_recent_orphans:
-                    echo_err(f"kept {len(rep.kept_recent_orphans)} recent orphan blob(s) (--grace)")
-                for p in rep.deployment_problems + rep.problems:
-                    echo(f"PROBLEM {p}")
-                echo(f"checked {rep.checked} version(s): " + ("ok" if rep.ok else
-                           f"{len(rep.problems) + len(rep.deployment_problems)} problem(s)"))
-            if not rep.ok:
-                ctx.exit(1)
-            return
-        from .common import progress
+                if pi < 0:
+                    raise click.UsageError("--relation must follow a --parent", ctx)
+                rels[pi] = relations[ri]
+                ri += 1
+    else:
+        rels[: len(relations)] = list(relations)
+    return list(zip(parents, rels, strict=True))
 
-        with progress("verify") as bar:
-            task = bar.add_task("verify", total=None, info="")
-            res = c.ws.verify(list(refs), on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+@click.command("list")
+@click.option("--task", default=None, help="Only versions of this task.")
+@click.option("--base", type=BASE_NAME, is_eager=True, default=None, help="Only adapters of this base model.")
+@click.option("--kind", type=click.Choice(KINDS), default=None, help="Only adapters of this kind.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many (newest first).")
+@json_option
+@pass_ctx
+@handle_errors
+def list_cmd(c: Ctx, task: str | None, base: str | None, kind: str | None, limit: int | None, as_json: bool) -> None:
+    """List adapter versions, newest first.
+
+    Example: adapterhub list --task rt-sentiment --json
+    """
+    vs = c.ws.list_versions(task=task, base=base, kind=kind, limit=limit)
+    output([v.to_json() for v in vs], as_json, _VERSION_COLUMNS, (_version_row(v) for v in vs))
+
+
+@click.command("show")
+@click.argument("ref", type=REF, is_eager=True)
+@json_option
+@pass_ctx
+@handle_errors
+def show_cmd(c: Ctx, ref: str, as_json: bool) -> None:
+    """Show everything the catalog knows about one version, with its direct parents.
+
+    Example: adapterhub show rt-sentiment@prod
+    """
+    info = c.ws.resolve(ref)
+    doc = info.to_json()
+    doc["parents"] = [{k: e[k] for k in ("parent", "relation", "weight", "params")} for e in c.ws.parents(info.ref)]
+    if as_json:
+        print_json(doc)
+        return
+    rows = [("ref", info.ref), ("kind", info.kind), ("task", info.task), ("base", f"{info.base} ({info.base_fingerprint[:12]})"),
+            ("content hash", info.content_hash), ("size", f"{info.size_bytes:,} bytes"),
+            ("mask", f"{info.mask_method or '?'}, {info.granularity or '?'}"
+                     + (f" b={info.block_size}" if info.block_size else "") + f", density {_fmt_density(info.density)}"),
+            ("nnz", f"{info.nnz:,} ({info.dtype})"), ("targets", _short_list(info.target_modules)),
+            ("tags", ", ".join(info.tags)), ("metrics", _kv(info.metrics)),
+            ("created", doc["created_at"]),
+            ("parents", "; ".join(f"{p['relation']} {p['parent'] or (p['params'] or {}).get('format', 'external')}"
+                                  for p in doc["parents"]))]
+    if info.hub_repo:
+        rows.append(("hub", f"{info.hub_repo}@{info.hub_commit or ''} {info.hub_tag or ''}".strip()))
+    output(doc, False, ["field", "value"], rows, title=info.ref)
+
+
+@click.command("log")
+@click.argument("name", type=ADAPTER_NAME, is_eager=True)
+@json_option
+@pass_ctx
+@handle_errors
+def log_cmd(c: Ctx, name: str, as_json: bool) -> None:
+    """All versions of adapter NAME, oldest first.
+
+    Example: adapterhub log rt-sentiment
+    """
+    vs = c.ws.log(name)
+    output([v.to_json() for v in vs], as_json, _VERSION_COLUMNS, (_version_row(v) for v in vs))
+
+
+@click.command("tag")
+@click.argument("ref", type=REF, is_eager=True)
+@click.argument("tag", type=TAG, is_eager=True)
+@json_option
+@pass_ctx
+@handle_errors
+def tag_cmd(c: Ctx, ref: str, tag: str, as_json: bool) -> None:
+    """Point TAG of the adapter at REF (moves it if it exists).
+
+    Example: adapterhub tag rt-sentiment@3 prod
+    """
+    info = c.ws.tag(ref, tag)
+    if as_json:
+        print_json({"tag": f"{info.name}@{tag}", "ref": info.ref})
+    else:
+        echo(f"{info.name}@{tag} -> {info.ref}")
+
+
+@click.command("untag")
+@click.argument("name", type=ADAPTER_NAME, is_eager=True)
+@click.argument("tag", type=TAG, is_eager=True)
+@pass_ctx
+@handle_errors
+def untag_cmd(c: Ctx, name: str, tag: str) -> None:
+    """Remove TAG from adapter NAME.
+
+    Example: adapterhub untag rt-sentiment candidate
+    """
+    c.ws.untag(name, tag)
+    echo(f"removed {name}@{tag}")
+
+
+@click.command("lineage")
+@click.argument("ref", type=REF, is_eager=True)
+@click.option("--ancestors", "direction", flag_value="ancestors", default=True, help="Walk to parents (default).")
+@click.option("--descendants", "direction", flag_value="descendants", help="Walk to children.")
+@click.option("--format", "fmt_", type=click.Choice(LINEAGE_FORMATS), default="text", show_default=True,
+              help="Output format.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@pass_ctx
+@handle_errors
+def lineage_cmd(c: Ctx, ref: str, direction: str, fmt_: str, as_json: bool) -> None:
+    """All ancestors (or descendants) of REF, as a tree, JSON, Mermaid or Graphviz DOT.
+
+    Example: adapterhub lineage merged-qa --format mermaid
+    """
+    from adapterhub.views.lineage import render
+
+    if as_json and fmt_ not in ("text", "json"):
+        raise click.UsageError("--json conflicts with --format " + fmt_)
+    fmt_ = "json" if as_json else fmt_
+    info = c.ws.resolve(ref)
+    edges = c.ws.lineage(info.ref, direction=direction)
+    if fmt_ == "json":  # one JSON document, strings exactly as stored (JSON escapes controls)
+        click.echo(render(info.ref, edges, direction=direction, fmt=fmt_))
+    else:  # labels come from catalog rows (and Hub cards): made terminal-safe before rendering
+        echo(render(info.ref, safe_doc(edges), direction=direction, fmt=fmt_))
+
+
+@click.command("diff")
+@click.argument("ref_a", metavar="REF", type=REF, is_eager=True)
+@click.argument("ref_b", metavar="REF", type=REF, is_eager=True)
+@json_option
+@pass_ctx
+@handle_errors
+def diff_cmd(c: Ctx, ref_a: str, ref_b: str, as_json: bool) -> None:
+    """Compare two versions per parameter: mask overlap (intersection, Jaccard) and value statistics.
+
+    Example: adapterhub diff rt-sentiment@1 rt-sentiment@2
+    """
+    from adapterhub.views.diff import diff_adapters
+
+    a, b = c.ws.resolve(ref_a), c.ws.resolve(ref_b)
+    d = diff_adapters(c.ws.load_adapter(a), c.ws.load_adapter(b), name_a=a.ref, name_b=b.ref)
+    doc = d.to_json()
+
+    def f(x: float | None) -> str:
+        return "" if x is None else f"{x:.4g}"
+
+    rows = [[p.name, p.nnz_a, p.nnz_b, p.intersection, f(p.jaccard), f(p.cosine), f(p.sign_agreement),
+             f(p.mean_abs_diff)] for p in d.params]
+    rows.append(["TOTAL", doc["total"]["nnz_a"], doc["total"]["nnz_b"], d.intersection, f(d.jaccard), "", "", ""])
+    output(doc, as_json, ["param", "nnz A", "nnz B", "both", "jaccard", "cosine", "same sign", "mean |A-B|"],
+           rows, title=f"{a.ref} vs {b.ref}")
+
+
+@click.command("verify")
+@click.argument("refs", nargs=-1, type=REF, is_eager=True)
+@click.option("--repair", is_flag=True,
+              help="First recover interrupted deployments and remove orphan blobs and temp files (adapterhub.repair).")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="With --repair: keep orphan blobs touched less than this long ago (safe next to writers).")
+@json_option
+@click.pass_context
+@handle_errors
+def verify_cmd(ctx: click.Context, refs: tuple[str, ...], repair: bool, grace_s: float, as_json: bool) -> None:
+    """Re-hash the blobs of REFs (default: every version) and check catalog <-> store. Exit 1 on problems.
+
+    Example: adapterhub verify            (after a crash: adapterhub verify --repair)
+    """
+    c: Ctx = ctx.obj
+    if repair:
+        if refs:
+            raise click.UsageError("--repair works on the whole home; give no REF", ctx)
+        from adapterhub.repair import repair as run_repair
+
+        rep = run_repair(c.ws, grace_s=grace_s)
         if as_json:
-            print_json(res)
+            print_json(rep.to_json())
         else:
-            for p in res["problems"]:
+            for d in rep.recovered_deployments:
+                echo(f"recovered deployment {d}")
+            if rep.removed_blobs or rep.temp_files_removed:
+                echo(f"removed {len(rep.removed_blobs)} orphan blob(s) ({rep.freed_bytes:,} bytes), "
+                           f"{rep.temp_files_removed} temp file(s)")
+            if rep.kept_recent_orphans:
+                echo_err(f"kept {len(rep.kept_recent_orphans)} recent orphan blob(s) (--grace)")
+            for p in rep.deployment_problems + rep.problems:
                 echo(f"PROBLEM {p}")
-            if res["orphans"]:
-                echo_err(f"{len(res['orphans'])} unreferenced blob(s); `adapterhub gc` removes them")
-            echo(f"checked {res['checked']} version(s): "
-                       + (f"{len(res['problems'])} problem(s)" if res["problems"] else "ok"))
-        if res["problems"]:
+            echo(f"checked {rep.checked} version(s): " + ("ok" if rep.ok else
+                       f"{len(rep.problems) + len(rep.deployment_problems)} problem(s)"))
+        if not rep.ok:
             ctx.exit(1)
+        return
+    with progress("verify") as bar:
+        task = bar.add_task("verify", total=None, info="")
+        from adapterhub.repair import verify as verify_home
 
-    @cli.command("gc")
-    @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-    @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
-                  help="Keep orphan blobs younger than this (gc already waits for in-flight registrations).")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def gc_cmd(c: Ctx, dry_run: bool, grace_s: float, as_json: bool) -> None:
-        """Remove blobs no version references, and temp files of interrupted writes.
+        res = verify_home(c.ws, list(refs), on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        print_json(res)
+    else:
+        for p in res["problems"]:
+            echo(f"PROBLEM {p}")
+        if res["orphans"]:
+            echo_err(f"{len(res['orphans'])} unreferenced blob(s); `adapterhub gc` removes them")
+        echo(f"checked {res['checked']} version(s): "
+                   + (f"{len(res['problems'])} problem(s)" if res["problems"] else "ok"))
+    if res["problems"]:
+        ctx.exit(1)
 
-        Example: adapterhub gc --dry-run
-        """
-        r = c.ws.gc(dry_run=dry_run, grace_s=grace_s)
-        doc = {"removed": r.removed, "freed_bytes": r.freed_bytes, "temp_files_removed": r.temp_files_removed,
-               "kept_recent": r.kept_recent, "dry_run": dry_run}
-        if as_json:
-            print_json(doc)
-        else:
-            verb = "would remove" if dry_run else "removed"
-            echo(f"{verb} {len(r.removed)} blob(s), {r.freed_bytes:,} bytes; {r.temp_files_removed} temp file(s)")
 
-    @cli.command("export")
-    @click.argument("ref", type=REF)
-    @click.argument("out", type=click.Path())
-    @click.option("--format", "to", type=click.Choice(["safetensors", "peft"]), default="safetensors",
-                  show_default=True, help="safetensors: the adapter file; peft: a PEFT SHiRA adapter folder.")
-    @click.option("--drop-extras", is_flag=True, help="peft: leave out dense extras (heads) PEFT cannot hold.")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def export_cmd(c: Ctx, ref: str, out: str, to: str, drop_extras: bool, as_json: bool) -> None:
-        """Write REF to OUT as our .safetensors file or as a PEFT SHiRA folder (PeftModel.from_pretrained loads it).
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Keep orphan blobs younger than this (gc already waits for in-flight registrations).")
+@json_option
+@pass_ctx
+@handle_errors
+def gc_cmd(c: Ctx, dry_run: bool, grace_s: float, as_json: bool) -> None:
+    """Remove blobs no version references, and temp files of interrupted writes.
 
-        Example: adapterhub export rt-sentiment@prod ./rt-peft --format peft
-        """
-        from adapterhub.shira import export_version
+    Example: adapterhub gc --dry-run
+    """
+    from adapterhub.repair import gc as gc_home
 
-        doc = export_version(c.ws, ref, out, to=to, drop_extras=drop_extras)
-        if as_json:
-            print_json(doc)
-        else:
-            echo(f"{doc['ref']} -> {doc['path']}")
+    r = gc_home(c.ws, dry_run=dry_run, grace_s=grace_s)
+    doc = {"removed": r.removed, "freed_bytes": r.freed_bytes, "temp_files_removed": r.temp_files_removed,
+           "kept_recent": r.kept_recent, "dry_run": dry_run}
+    if as_json:
+        print_json(doc)
+    else:
+        verb = "would remove" if dry_run else "removed"
+        echo(f"{verb} {len(r.removed)} blob(s), {r.freed_bytes:,} bytes; {r.temp_files_removed} temp file(s)")
+
+
+@click.command("export")
+@click.argument("ref", type=REF, is_eager=True)
+@click.argument("out", type=click.Path())
+@click.option("--format", "to", type=click.Choice(["safetensors", "peft"]), default="safetensors",
+              show_default=True, help="safetensors: the adapter file; peft: a PEFT SHiRA adapter folder.")
+@click.option("--drop-extras", is_flag=True, help="peft: leave out dense extras (heads) PEFT cannot hold.")
+@json_option
+@pass_ctx
+@handle_errors
+def export_cmd(c: Ctx, ref: str, out: str, to: str, drop_extras: bool, as_json: bool) -> None:
+    """Write REF to OUT as our .safetensors file or as a PEFT SHiRA folder (PeftModel.from_pretrained loads it).
+
+    Example: adapterhub export rt-sentiment@prod ./rt-peft --format peft
+    """
+    from adapterhub.interop.peft import export_version
+
+    doc = export_version(c.ws, ref, out, to=to, drop_extras=drop_extras)
+    if as_json:
+        print_json(doc)
+    else:
+        echo(f"{doc['ref']} -> {doc['path']}")
 
 
 def _short_list(x: Any, n: int = 4) -> str:
@@ -502,3 +499,8 @@ def _kv(d: Any) -> str:
     if not isinstance(d, dict) or not d:
         return ""
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(d.items()))
+
+
+# The root group (cli/main.py) adds these; groups carry their own subcommands.
+COMMANDS: tuple[click.Command, ...] = (init_cmd, db_group, base_group, register_cmd, list_cmd, show_cmd, log_cmd, tag_cmd,
+                                      untag_cmd, lineage_cmd, diff_cmd, verify_cmd, gc_cmd, export_cmd)

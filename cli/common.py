@@ -4,11 +4,17 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from adapterhub.errors import AdapterHubError
+
+if TYPE_CHECKING:  # rich is imported when a bar is drawn, not at start-up
+    from rich.progress import Progress
+
+    from adapterhub.workspace import Workspace
 
 
 class Ctx:
@@ -18,12 +24,13 @@ class Ctx:
         self.home = home
         self.db_url = db_url
         self.lock_timeout = lock_timeout
-        self._ws = None
+        self._ws: Workspace | None = None
 
     @property
-    def ws(self):
+    def ws(self) -> Workspace:
+        """The Workspace of the home/catalog the global options name, opened (and migrated) on first use."""
         if self._ws is None:
-            from adapterhub.api import Workspace
+            from adapterhub.workspace import Workspace
 
             self._ws = Workspace.open(self.home, self.db_url, lock_timeout=self.lock_timeout,
                                       on_lock_wait=_lock_wait_notice)
@@ -54,15 +61,46 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except AdapterHubError as e:
-            raise click.ClickException(_one_line(str(e))) from None
+            raise click.ClickException(library_message(e)) from None
         except OSError as e:
             raise click.ClickException(_one_line(os_error_message(e))) from None
-        except Exception as e:  # noqa: BLE001 - only database-driver errors are translated; the rest re-raised
+        except Exception as e:  # only database-driver errors are translated; the rest re-raised
             msg = _driver_error_message(e)
             if msg is None:
                 raise
             raise click.ClickException(_one_line(msg)) from None
     return wrapper
+
+
+def library_message(e: AdapterHubError) -> str:
+    """A library error as one safe line that names this command's options for the keywords it is about.
+
+    The library speaks in its own terms (``pass drop_extras=True``, "choose another name") and lists the
+    keyword arguments at fault in ``e.keywords``; here each one that is an option of the running command
+    (or of a parent group, e.g. the root's ``--lock-timeout``) is named by its flag: ``... (option
+    --drop-extras)``. Keywords the command has no option for are left out.
+    """
+    flags = _option_flags(e.keywords)
+    hint = "" if not flags else f" (option{'s' if len(flags) > 1 else ''} {', '.join(flags)})"
+    return _one_line(str(e) + hint)
+
+
+def _option_flags(keywords: Sequence[str]) -> list[str]:
+    """The long flag (``--lambda``) of each of ``keywords`` that names an option of the current command
+    or one of its parent groups, matched by the option's parameter name (``lam``), in ``keywords`` order."""
+    ctx = click.get_current_context(silent=True)
+    options: dict[str, click.Option] = {}
+    while ctx is not None:
+        for p in ctx.command.params:
+            if isinstance(p, click.Option) and p.name is not None:
+                options.setdefault(p.name, p)
+        ctx = ctx.parent
+    flags = []
+    for k in keywords:
+        opt = options.get(k)
+        if opt is not None:
+            flags.append(next((o for o in opt.opts if o.startswith("--")), opt.opts[0]))
+    return flags
 
 
 def _one_line(msg: str) -> str:
@@ -175,7 +213,6 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: st
     """A rich table for people (stdout)."""
     from rich.console import Console
     from rich.table import Table
-
     from rich.text import Text
 
     # Every cell and the title is a plain Text (no markup, no emoji codes), control characters escaped:
@@ -202,26 +239,30 @@ def output(doc: Any, as_json: bool, columns: Sequence[str], rows: Iterable[Seque
         print_table(columns, rows, title)
 
 
-def progress(description: str = "", *, total: float | None = None, transient: bool = True):
-    """A rich progress bar on stderr (context manager returning (progress, task_id))."""
+def progress(description: str = "", *, total: float | None = None, transient: bool = True) -> Progress:
+    """A rich progress display on stderr; use it as a context manager and add tasks to it.
+
+    Takes: ``transient`` (remove the bars when done); ``description`` and ``total`` are accepted
+    for call-site readability (each command adds its own task). Returns: a rich ``Progress``.
+    """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     class SafeProgress(Progress):
         """Descriptions and ``info`` fields are shown literally (no markup), control characters escaped."""
 
-        def add_task(self, description: str, *a: Any, **fields: Any):  # type: ignore[override]
+        def add_task(self, description: str, *a: Any, **fields: Any) -> TaskID:
             return super().add_task(safe_text(description), *a, **{k: _safe_field(v) for k, v in fields.items()})
 
-        def update(self, task_id, *, description: str | None = None, **fields: Any) -> None:  # type: ignore[override]
+        def update(self, task_id: TaskID, *, description: str | None = None,
+                   **fields: Any) -> None:
             if description is not None:
                 fields["description"] = safe_text(description)
             super().update(task_id, **{k: _safe_field(v) if k not in _PROGRESS_ARGS else v for k, v in fields.items()})
 
     return SafeProgress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False),
-                        console=Console(file=sys.stderr), transient=transient,
-                        disable=not sys.stderr.isatty() and False)
+                        console=Console(file=sys.stderr), transient=transient)
 
 
 _PROGRESS_ARGS = frozenset({"total", "completed", "advance", "description", "visible", "refresh"})
@@ -261,7 +302,7 @@ def parse_lock_timeout(value: str | None) -> float | None:
     return t
 
 
-class LazyChoice(click.Choice):
+class LazyChoice(click.Choice[str]):
     """A ``click.Choice`` whose choices come from a registry read on first use.
 
     The merge-method and mask-method registries live in modules that import torch; reading them
@@ -275,7 +316,7 @@ class LazyChoice(click.Choice):
         self.case_sensitive = case_sensitive
 
     @property
-    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
         if self._names is None:
             self._names = tuple(self._load())
         return self._names

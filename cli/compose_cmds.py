@@ -1,10 +1,16 @@
-"""``adapterhub merge`` and ``adapterhub deploy ...``: thin commands over adapterhub.merging and
-adapterhub.deployments."""
+"""``adapterhub merge`` and ``adapterhub deploy ...``: thin commands over adapterhub.merging.methods and
+adapterhub.apply.deployments."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import click
 
-from .common import LazyChoice, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from .common import Ctx, LazyChoice, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF, FiniteFloat, WeightsType
+
+if TYPE_CHECKING:  # torch-free at run time: only the type checker reads the deployments module here
+    from adapterhub.apply.deployments import DeploymentInfo
 
 
 def _method_names() -> list[str]:
@@ -13,55 +19,20 @@ def _method_names() -> list[str]:
     return method_names()
 
 
-class WeightsType(click.ParamType):
-    """Comma-separated finite floats: ``0.5,1,2``."""
-
-    name = "W1,W2,..."
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            out = [float(x) for x in str(value).split(",")]
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
-        import math
-
-        if not out or not all(math.isfinite(x) for x in out):
-            self.fail(f"{value!r}: weights must be finite numbers", param, ctx)
-        return out
-
-
-class FiniteFloat(click.ParamType):
-    """A finite number (``inf``/``nan`` refused): a value written into served weights."""
-
-    name = "NUMBER"
-
-    def convert(self, value, param, ctx):
-        import math
-
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(x):
-            self.fail(f"{value!r}: must be a finite number", param, ctx)
-        return x
-
-
 @click.command("merge")
-@click.argument("refs", nargs=-1, required=True)
+@click.argument("refs", nargs=-1, required=True, type=REF, is_eager=True)
 @click.option("--method", "-m", type=LazyChoice(_method_names), required=True, help="Merge method.")
 @click.option("--weights", type=WeightsType(), default=None, help="One weight per REF, comma-separated.")
 @click.option("--lambda", "lam", type=float, default=None, help="Scaling lambda (task-arithmetic, ties, dare-*, breadcrumbs).")
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Fraction kept per expert (ties, breadcrumbs: of its entries; dare-*: keep probability).")
 @click.option("--seed", type=int, default=None, help="Seed of the DARE random drop.")
-@click.option("--name", "out_name", required=True, help="Name of the merged adapter.")
+@click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Name of the merged adapter.")
 @json_option
 @pass_ctx
 @handle_errors
-def merge_cmd(c, refs, method, weights, lam, density, seed, out_name, as_json):
+def merge_cmd(c: Ctx, refs: tuple[str, ...], method: str, weights: list[float] | None, lam: float | None,
+              density: float | None, seed: int | None, name: str, as_json: bool) -> None:
     """Merge experts in sparse space into a new `merge` version with merged_from lineage.
 
     Example: adapterhub merge rt-sentiment@2 sms-spam trec --method uniform-sparse --name multi
@@ -78,7 +49,7 @@ def merge_cmd(c, refs, method, weights, lam, density, seed, out_name, as_json):
         def tick(done: int, total: int) -> None:
             prog.update(task, total=total, completed=done)
 
-        info = merge(c.ws, list(refs), method, weights=weights, lam=lam, density=density, seed=seed, name=out_name,
+        info = merge(c.ws, list(refs), method, weights=weights, lam=lam, density=density, seed=seed, name=name,
                      progress=tick)
     doc = info.to_json()
     doc["merged_from"] = list(refs)
@@ -92,25 +63,26 @@ def deploy_group() -> None:
 
 
 @deploy_group.command("create")
-@click.argument("name")
-@click.option("--base", required=True, help="Registered base model name.")
+@click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
+@click.option("--base", required=True, type=BASE_NAME, is_eager=True, help="Registered base model name.")
 @click.option("--path", "path", type=click.Path(file_okay=False), default=None,
               help="Target folder (default: <home>/deployments/NAME).")
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_create(c, name, base, path, as_json):
+def deploy_create(c: Ctx, name: str, base: str, path: str | None, as_json: bool) -> None:
     """Create deployment NAME: a Hugging Face folder copied from base B.
 
     Example: adapterhub deploy create prod --base minilm
     """
-    from adapterhub import deployments
+    from adapterhub.apply import deployments
 
     info = deployments.create(c.ws, name, base, path)
     _show(info, as_json)
 
 
-def _show(info, as_json: bool) -> None:
+def _show(info: DeploymentInfo, as_json: bool) -> None:
+    """Print one deployment (a note on stderr first when the command recovered it)."""
     if info.recovered:
         echo_err(f"recovered deployment {info.name} from an interrupted operation")
     output(info.to_json(), as_json, ["deployment", "base", "stack", "state", "path"],
@@ -123,12 +95,12 @@ def _show(info, as_json: bool) -> None:
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_list(c, as_json):
+def deploy_list(c: Ctx, as_json: bool) -> None:
     """List deployments.
 
     Example: adapterhub deploy list --json
     """
-    from adapterhub import deployments
+    from adapterhub.apply import deployments
 
     infos = deployments.list_deployments(c.ws)
     output([i.to_json() for i in infos], as_json, ["deployment", "base", "stack", "events", "state", "path"],
@@ -137,66 +109,66 @@ def deploy_list(c, as_json):
 
 
 @deploy_group.command("apply")
-@click.argument("name")
-@click.argument("ref")
+@click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
+@click.argument("ref", type=REF, is_eager=True)
 @click.option("--scale", type=FiniteFloat(), default=1.0, show_default=True,
               help="Multiply the adapter's values (a finite number).")
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_apply(c, name, ref, scale, as_json):
+def deploy_apply(c: Ctx, name: str, ref: str, scale: float, as_json: bool) -> None:
     """Apply adapter REF on top of deployment NAME (patched in place, crash-safe).
 
     Example: adapterhub deploy apply prod rt-sentiment@2 --scale 0.5
     """
-    from adapterhub import deployments
+    from adapterhub.apply import deployments
 
     _show(deployments.apply(c.ws, name, ref, scale), as_json)
 
 
 @deploy_group.command("revert")
-@click.argument("name")
-@click.argument("ref", required=False)
+@click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
+@click.argument("ref", required=False, type=REF, is_eager=True)
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_revert(c, name, ref, as_json):
+def deploy_revert(c: Ctx, name: str, ref: str | None, as_json: bool) -> None:
     """Revert the top adapter, or REF wherever it is in the stack (those above are re-applied).
 
     Example: adapterhub deploy revert prod rt-sentiment@2
     """
-    from adapterhub import deployments
+    from adapterhub.apply import deployments
 
     _show(deployments.revert(c.ws, name, ref), as_json)
 
 
 @deploy_group.command("rollback")
-@click.argument("name")
+@click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
 @click.option("--to", "to", type=click.IntRange(min=0), required=True, help="Event number (see `deploy history`).")
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_rollback(c, name, to, as_json):
+def deploy_rollback(c: Ctx, name: str, to: int, as_json: bool) -> None:
     """Restore deployment NAME exactly to its state after event EVENT.
 
     Example: adapterhub deploy rollback prod --to 3
     """
-    from adapterhub import deployments
+    from adapterhub.apply import deployments
 
     _show(deployments.rollback(c.ws, name, to), as_json)
 
 
 @deploy_group.command("history")
-@click.argument("name")
+@click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_history(c, name, as_json):
+def deploy_history(c: Ctx, name: str, as_json: bool) -> None:
     """Events of deployment NAME: event, action, adapter ref and hash, forget spec, state fingerprint, time.
 
     Example: adapterhub deploy history prod --json
     """
-    from adapterhub import deployments
+    from adapterhub.apply import deployments
 
     evs = deployments.history(c.ws, name)
     output([e.to_json() for e in evs], as_json,
@@ -207,16 +179,16 @@ def deploy_history(c, name, as_json):
 
 
 @deploy_group.command("verify")
-@click.argument("name")
+@click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_verify(c, name, as_json):
+def deploy_verify(c: Ctx, name: str, as_json: bool) -> None:
     """Check NAME: weights match the recorded state, undo records intact (exit 1 if not).
 
     Example: adapterhub deploy verify prod
     """
-    from adapterhub import deployments
+    from adapterhub.apply import deployments
 
     r = deployments.verify(c.ws, name)
     if as_json:
@@ -225,10 +197,11 @@ def deploy_verify(c, name, as_json):
         output(r, False, ["deployment", "ok", "expected", "actual"],
                [[r["name"], "yes" if r["ok"] else "NO", r["expected"][:16], str(r["actual"])[:16]]])
     if not r["ok"]:
-        raise click.ClickException(f"deployment {name} does not verify: {deployments.why_not_ok(r)}")
+        why = deployments.why_not_ok(r)
+        if r.get("pending_recovery") and not r.get("problems"):  # the library does not name commands
+            why += "; run `adapterhub verify --repair`"
+        raise click.ClickException(f"deployment {name} does not verify: {why}")
 
 
-def register(cli: click.Group) -> None:
-    """Add ``merge`` and the ``deploy`` group to the root group."""
-    cli.add_command(merge_cmd)
-    cli.add_command(deploy_group)
+# The root group (cli/main.py) adds these.
+COMMANDS: tuple[click.Command, ...] = (merge_cmd, deploy_group)

@@ -1,13 +1,26 @@
-"""Hugging Face Hub commands: ``push``, ``pull`` and ``hub versions`` (thin wrappers over adapterhub.hub)."""
+"""Hugging Face Hub commands: ``push``, ``pull`` and ``hub versions`` (thin wrappers over adapterhub.hub.client)."""
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
-from .common import Ctx, echo, echo_err, handle_errors, json_option, output, pass_ctx, print_json, rich_safe
+from .common import (
+    Ctx,
+    echo,
+    echo_err,
+    handle_errors,
+    json_option,
+    library_message,
+    output,
+    pass_ctx,
+    print_json,
+    rich_safe,
+)
+from .paramtypes import ADAPTER_NAME, REF
 
 
 class _UsageError(click.ClickException):
@@ -34,102 +47,106 @@ def _status(quiet: bool) -> Iterator[Any]:
         yield lambda msg: status.update(rich_safe(msg))
 
 
-def register(cli: click.Group) -> None:
-    """Add ``push``, ``pull`` and the ``hub`` group to the root group."""
+@click.command("push")
+@click.argument("ref", type=REF, is_eager=True)
+@click.option("--repo", metavar="OWNER/NAME", default=None,
+              help="Hub repo (default: <your user>/<adapter name>).")
+@click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
+@click.option("--branch", default="main", show_default=True, help="Branch to commit to.")
+@_endpoint_option
+@json_option
+@pass_ctx
+@handle_errors
+def push_cmd(c: Ctx, ref: str, repo: str | None, private: bool, branch: str, endpoint: str | None,
+             as_json: bool) -> None:
+    """Push one version to the Hugging Face Hub: one commit tagged v{N}.
 
-    @cli.command("push")
-    @click.argument("ref")
-    @click.option("--repo", metavar="OWNER/NAME", default=None,
-                  help="Hub repo (default: <your user>/<adapter name>).")
-    @click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
-    @click.option("--branch", default="main", show_default=True, help="Branch to commit to.")
-    @_endpoint_option
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def push_cmd(c: Ctx, ref: str, repo: str | None, private: bool, branch: str, endpoint: str | None,
-                 as_json: bool) -> None:
-        """Push one version to the Hugging Face Hub: one commit tagged v{N}.
+    The commit holds adapter.safetensors, adapterhub.json (hash, base, mask, metrics, lineage) and a
+    README.md model card. Pushing a version that is already there uploads nothing.
+    The token comes from HF_TOKEN or `hf auth login`.
 
-        The commit holds adapter.safetensors, adapterhub.json (hash, base, mask, metrics, lineage) and a
-        README.md model card. Pushing a version that is already there uploads nothing.
-        The token comes from HF_TOKEN or `hf auth login`.
+    Example: adapterhub push rt-sentiment@2 --repo alice/rt-sentiment
+    """
+    from adapterhub.hub.client import push
 
-        Example: adapterhub push rt-sentiment@2 --repo alice/rt-sentiment
-        """
-        from adapterhub.hub import push
-
-        with _status(as_json) as status:
-            res = push(c.ws, ref, repo=repo, private=private, branch=branch, endpoint=endpoint, progress=status)
-        if as_json:
-            print_json(res.to_json())
-        else:
-            echo(res.message)
-            echo(f"{res.url}/tree/{res.tag}")
-
-    @cli.command("pull")
-    @click.argument("spec", metavar="REPO[@REV]")
-    @click.option("--name", default=None,
-                  help="Local adapter name (default: OWNER--NAME from the repo id, never the card's name). "
-                       "Adds a version to an existing adapter only when named here and on the same base.")
-    @click.option("--with-parents", is_flag=True, help="Also pull missing ancestors (merges, fine-tunes).")
-    @click.option("--timeout", "timeout", envvar="ADAPTERHUB_PULL_TIMEOUT", default=None, metavar="SECONDS",
-                  help="Give up when the whole pull takes longer. Env: ADAPTERHUB_PULL_TIMEOUT. Default: 600.")
-    @click.option("--max-bytes", "max_bytes", envvar="ADAPTERHUB_PULL_MAX_BYTES", default=None, metavar="SIZE",
-                  help="Largest weights file to download (e.g. 500M, 4GiB). Env: ADAPTERHUB_PULL_MAX_BYTES. "
-                       "Default: 4GiB.")
-    @_endpoint_option
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def pull_cmd(c: Ctx, spec: str, name: str | None, with_parents: bool, timeout: str | None,
-                 max_bytes: str | None, endpoint: str | None, as_json: bool) -> None:
-        """Pull a version from the Hub into the catalog (REV: a tag such as v3, a branch or a commit).
-
-        The weights' sha256 is checked against the card before anything is registered; the version is
-        recorded with an imported_from edge (repo, revision, commit). Pulling twice is a no-op. All or
-        nothing: the version, its parents and a missing base are downloaded and checked first, then
-        registered in one transaction; on any error the catalog is unchanged.
-
-        Example: adapterhub pull alice/rt-sentiment@v2 --with-parents
-        """
-        from adapterhub.errors import HubError
-        from adapterhub.hub import iter_pull_results, pull, pull_limits
-
-        try:  # the user's own settings: a bad value is a usage error (exit 2, one line), checked first
-            limits = pull_limits(timeout, max_bytes)
-        except HubError as e:
-            raise _UsageError(str(e)) from None
-        with _status(as_json) as status:
-            res = pull(c.ws, spec, name=name, with_parents=with_parents, endpoint=endpoint, progress=status,
-                       limits=limits)
-        if as_json:
-            print_json(res.to_json())
-            return
-        for r in iter_pull_results(res):
-            if r is not res:
-                echo_err(f"parent: {r.message}")
+    with _status(as_json) as status:
+        res = push(c.ws, ref, repo=repo, private=private, branch=branch, endpoint=endpoint, progress=status)
+    if as_json:
+        print_json(res.to_json())
+    else:
         echo(res.message)
+        echo(f"{res.url}/tree/{res.tag}")
 
-    @cli.group("hub")
-    def hub_group() -> None:
-        """Look at adapters on the Hugging Face Hub."""
 
-    @hub_group.command("versions")
-    @click.argument("repo", metavar="OWNER/NAME")
-    @_endpoint_option
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def versions_cmd(c: Ctx, repo: str, endpoint: str | None, as_json: bool) -> None:
-        """List the versions (v{N} tags) of a Hub repo with the content hash each one holds.
+@click.command("pull")
+@click.argument("spec", metavar="REPO[@REV]")
+@click.option("--name", type=ADAPTER_NAME, is_eager=True, default=None,
+              help="Local adapter name (default: OWNER--NAME from the repo id, never the card's name). "
+                   "Adds a version to an existing adapter only when named here and on the same base.")
+@click.option("--with-parents", is_flag=True, help="Also pull missing ancestors (merges, fine-tunes).")
+@click.option("--timeout", "timeout", envvar="ADAPTERHUB_PULL_TIMEOUT", default=None, metavar="SECONDS",
+              help="Give up when the whole pull takes longer. Env: ADAPTERHUB_PULL_TIMEOUT. Default: 600.")
+@click.option("--max-bytes", "max_bytes", envvar="ADAPTERHUB_PULL_MAX_BYTES", default=None, metavar="SIZE",
+              help="Largest weights file to download (e.g. 500M, 4GiB). Env: ADAPTERHUB_PULL_MAX_BYTES. "
+                   "Default: 4GiB.")
+@_endpoint_option
+@json_option
+@pass_ctx
+@handle_errors
+def pull_cmd(c: Ctx, spec: str, name: str | None, with_parents: bool, timeout: str | None,
+             max_bytes: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Pull a version from the Hub into the catalog (REV: a tag such as v3, a branch or a commit).
 
-        Example: adapterhub hub versions alice/rt-sentiment --json
-        """
-        from adapterhub.hub import hub_versions
+    The weights' sha256 is checked against the card before anything is registered; the version is
+    recorded with an imported_from edge (repo, revision, commit). Pulling twice is a no-op. All or
+    nothing: the version, its parents and a missing base are downloaded and checked first, then
+    registered in one transaction; on any error the catalog is unchanged.
 
-        rows = hub_versions(repo, endpoint=endpoint)
-        output({"repo": repo, "versions": [r.to_json() for r in rows]}, as_json,
-               ["tag", "commit", "sha256", "name", "kind", "task"],
-               ([r.tag, r.commit[:12], (r.content_hash or f"({r.error})")[:16], r.name, r.kind, r.task] for r in rows),
-               title=repo)
+    Example: adapterhub pull alice/rt-sentiment@v2 --with-parents
+    """
+    from adapterhub.errors import HubError
+    from adapterhub.hub.client import iter_pull_results, pull, pull_limits
+
+    try:  # the user's own settings: a bad value is a usage error (exit 2, one line), checked first
+        limits = pull_limits(timeout, max_bytes)
+    except HubError as e:
+        raise _UsageError(library_message(e)) from None
+    with _status(as_json) as status:
+        res = pull(c.ws, spec, name=name, with_parents=with_parents, endpoint=endpoint, progress=status,
+                   limits=limits)
+    if as_json:
+        print_json(res.to_json())
+        return
+    for r in iter_pull_results(res):
+        if r is not res:
+            echo_err(f"parent: {r.message}")
+    echo(res.message)
+
+
+@click.group("hub")
+def hub_group() -> None:
+    """Look at adapters on the Hugging Face Hub."""
+
+
+@hub_group.command("versions")
+@click.argument("repo", metavar="OWNER/NAME")
+@_endpoint_option
+@json_option
+@pass_ctx
+@handle_errors
+def versions_cmd(c: Ctx, repo: str, endpoint: str | None, as_json: bool) -> None:
+    """List the versions (v{N} tags) of a Hub repo with the content hash each one holds.
+
+    Example: adapterhub hub versions alice/rt-sentiment --json
+    """
+    from adapterhub.hub.client import hub_versions
+
+    rows = hub_versions(repo, endpoint=endpoint)
+    output({"repo": repo, "versions": [r.to_json() for r in rows]}, as_json,
+           ["tag", "commit", "sha256", "name", "kind", "task"],
+           ([r.tag, r.commit[:12], (r.content_hash or f"({r.error})")[:16], r.name, r.kind, r.task] for r in rows),
+           title=repo)
+
+
+# The root group (cli/main.py) adds these.
+COMMANDS: tuple[click.Command, ...] = (push_cmd, pull_cmd, hub_group)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import catalog_cmds, compose_cmds, demo_cmd, hub_cmds, train_cmds, unlearn_cmds
+from . import catalog_cmds, compose_cmds, demo_cmds, hub_cmds, train_cmds, unlearn_cmds
 from .common import Ctx, parse_lock_timeout
 
 # commands that load models: transformers' own per-load progress bars would interleave with ours
@@ -34,8 +34,11 @@ def cli(ctx: click.Context, home: str | None, db_url: str | None, lock_timeout: 
     ctx.call_on_close(c.close)
 
 
-for _module in (catalog_cmds, train_cmds, compose_cmds, hub_cmds, unlearn_cmds, demo_cmd):
-    _module.register(cli)
+# Every command module defines its commands and groups at module level and lists them in COMMANDS;
+# this is the one place they are attached (click lists them by name, so the order here does not show).
+for _module in (catalog_cmds, train_cmds, compose_cmds, hub_cmds, unlearn_cmds, demo_cmds):
+    for _command in _module.COMMANDS:
+        cli.add_command(_command)
 
 
 def _quiet_libraries() -> None:
@@ -47,9 +50,9 @@ def _quiet_libraries() -> None:
     try:
         from transformers.utils import logging as tlog
 
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except Exception:  # transformers missing or changed: bars are cosmetic
+        tlog.disable_progress_bar()  # type: ignore[no-untyped-call]
+        tlog.set_verbosity_error()  # type: ignore[no-untyped-call]
+    except Exception:  # noqa: BLE001 - transformers missing or changed: bars are cosmetic
         pass
 
 

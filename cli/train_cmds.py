@@ -1,14 +1,16 @@
 """``adapterhub tasks``, ``adapterhub train`` and ``adapterhub eval``: thin commands over
-:mod:`adapterhub.data`, :mod:`adapterhub.training` and :mod:`adapterhub.evaluation`."""
+:mod:`adapterhub.data.tasks`, :mod:`adapterhub.training.loop` and :mod:`adapterhub.evaluation.scoring`."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from adapterhub.train_config import TrainConfig
+from adapterhub.training.config import TrainConfig
 
 from .common import (
+    Ctx,
     echo,
     echo_err,
     handle_errors,
@@ -19,114 +21,118 @@ from .common import (
     progress,
 )
 from .options import config_options
+from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF
 
 
-def _progress_cb(bar, task_id):
+def _progress_cb(bar: Any, task_id: Any) -> Callable[[int, int, dict[str, Any]], None]:
+    """The library's training progress callback, drawn on ``bar``'s task ``task_id``."""
     def cb(step: int, total: int, info: dict[str, Any]) -> None:
         bar.update(task_id, completed=step, total=total,
                    info=f"loss {info['loss']:.4f}  {info['steps_per_s']:.2f} steps/s  [{info['phase']}]")
     return cb
 
 
-def register(cli: click.Group) -> None:
-    """Add ``tasks``, ``train`` and ``eval`` to the root group."""
+@click.command("tasks")
+@json_option
+def tasks_cmd(as_json: bool) -> None:
+    """List the built-in offline tasks with their labels and split sizes.
 
-    @cli.command("tasks")
-    @json_option
-    def tasks_cmd(as_json: bool) -> None:
-        """List the built-in offline tasks with their labels and split sizes.
+    Example: adapterhub tasks --json
+    """
+    from adapterhub.data import list_tasks
 
-        Example: adapterhub tasks --json
-        """
-        from adapterhub.data import list_tasks
+    specs = list_tasks()
+    doc = [{"name": s.name, "description": s.description, "labels": list(s.labels), "rows": dict(s.rows),
+            "files": [{"package": f.package, "path": f.relpath, "sha256": f.sha256} for f in s.files]}
+           for s in specs]
+    rows = [(s.name, len(s.labels), s.rows["train"], s.rows["validation"], s.rows["test"], s.description)
+            for s in specs]
+    output(doc, as_json, ["task", "labels", "train", "validation", "test", "description"], rows,
+           title="built-in tasks")
 
-        specs = list_tasks()
-        doc = [{"name": s.name, "description": s.description, "labels": list(s.labels), "rows": dict(s.rows),
-                "files": [{"package": f.package, "path": f.relpath, "sha256": f.sha256} for f in s.files]}
-               for s in specs]
-        rows = [(s.name, len(s.labels), s.rows["train"], s.rows["validation"], s.rows["test"], s.description)
-                for s in specs]
-        output(doc, as_json, ["task", "labels", "train", "validation", "test", "description"], rows,
-               title="built-in tasks")
 
-    @cli.command("train")
-    @click.option("--base", required=True, help="Base model name (see `adapterhub base list`).")
-    @click.option("--task", default=None, help="Built-in task (see `adapterhub tasks`).")
-    @click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID instead of --task.")
-    @click.option("--text-column", default="text", show_default=True)
-    @click.option("--label-column", default="label", show_default=True)
-    @click.option("--name", default=None, help="Adapter name (default <task>-<mask>).")
-    @config_options(TrainConfig, into="cfg")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def train_cmd(c, base: str, task: str | None, dataset: str | None, text_column: str, label_column: str,
-                  name: str | None, cfg: TrainConfig, as_json: bool) -> None:
-        """Train a sparse adapter and register it as a new version; prints its ref.
+@click.command("train")
+@click.option("--base", required=True, type=BASE_NAME, is_eager=True, help="Base model name (see `adapterhub base list`).")
+@click.option("--task", default=None, help="Built-in task (see `adapterhub tasks`).")
+@click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID instead of --task.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--name", type=ADAPTER_NAME, is_eager=True, default=None, help="Adapter name (default <task>-<mask>).")
+@config_options(TrainConfig, into="cfg")
+@json_option
+@pass_ctx
+@handle_errors
+def train_cmd(c: Ctx, base: str, task: str | None, dataset: str | None, text_column: str, label_column: str,
+              name: str | None, cfg: TrainConfig, as_json: bool) -> None:
+    """Train a sparse adapter and register it as a new version; prints its ref.
 
-        Runs on several GPUs or nodes with `accelerate launch -m adapterhub_cli.main train ...`.
+    Runs on several GPUs or nodes with `accelerate launch -m adapterhub.cli.main train ...`.
 
-        Example: adapterhub train --base minilm --task rt-sentiment --density 0.05 --steps 300
-        """
-        if (task is None) == (dataset is None):
-            raise click.UsageError("give exactly one of --task or --dataset")
-        from adapterhub.training import init_distributed_from_env, train
+    Example: adapterhub train --base minilm --task rt-sentiment --density 0.05 --steps 300
+    """
+    if (task is None) == (dataset is None):
+        raise click.UsageError("give exactly one of --task or --dataset")
+    from adapterhub.training import init_distributed_from_env, train
 
-        init_distributed_from_env()
-        with progress(transient=True) as bar:
-            tid = bar.add_task(f"train {task or dataset}", total=None, info="loading")
-            info = train(c.ws, base=base, task=task, dataset=dataset, name=name, config=cfg,
-                         text_column=text_column, label_column=label_column, progress=_progress_cb(bar, tid))
-        if info is None:  # a non-zero distributed rank: rank 0 reports
-            return
-        if as_json:
-            print_json(info.to_json())
-            return
-        m = info.metrics or {}
-        acc = m.get("validation_accuracy")
-        echo_err(f"trained {info.nnz} values ({info.density:.4g} of targets), validation accuracy "
-                 f"{acc:.4f}" if acc is not None else f"trained {info.nnz} values")
-        echo(info.ref)
+    init_distributed_from_env()
+    with progress(transient=True) as bar:
+        tid = bar.add_task(f"train {task or dataset}", total=None, info="loading")
+        info = train(c.ws, base=base, task=task, dataset=dataset, name=name, config=cfg,
+                     text_column=text_column, label_column=label_column, progress=_progress_cb(bar, tid))
+    if info is None:  # a non-zero distributed rank: rank 0 reports
+        return
+    if as_json:
+        print_json(info.to_json())
+        return
+    m = info.metrics or {}
+    acc = m.get("validation_accuracy")
+    echo_err(f"trained {info.nnz} values ({info.density:.4g} of targets), validation accuracy "
+             f"{acc:.4f}" if acc is not None else f"trained {info.nnz} values")
+    echo(info.ref)
 
-    @cli.command("eval")
-    @click.argument("ref", required=False)
-    @click.option("--task", default=None, help="Built-in task (default: the version's task).")
-    @click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID.")
-    @click.option("--text-column", default="text", show_default=True)
-    @click.option("--label-column", default="label", show_default=True)
-    @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
-    @click.option("--deployment", default=None, metavar="NAME",
-                  help="Evaluate a deployment's materialised weights (REF gives the head and labels).")
-    @click.option("--max-examples", type=click.IntRange(min=1), default=None)
-    @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-    @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
-    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def eval_cmd(c, ref: str | None, task: str | None, dataset: str | None, text_column: str, label_column: str,
-                 split: str, deployment: str | None, max_examples: int | None, batch_size: int, max_length: int,
-                 device: str, as_json: bool) -> None:
-        """Accuracy and loss of a version on a task split, recorded on the version.
 
-        Example: adapterhub eval rt-sentiment-connection-sensitivity@1 --split test --json
-        """
-        if task is not None and dataset is not None:
-            raise click.UsageError("give at most one of --task or --dataset")
-        if ref is None and deployment is None:
-            raise click.UsageError("give a REF (or --deployment NAME)")
-        from adapterhub.evaluation import deployment_path, evaluate
+@click.command("eval")
+@click.argument("ref", required=False, type=REF, is_eager=True)
+@click.option("--task", default=None, help="Built-in task (default: the version's task).")
+@click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
+@click.option("--deployment", type=DEPLOYMENT_NAME, is_eager=True, default=None, metavar="NAME",
+              help="Evaluate a deployment's materialised weights (REF gives the head and labels).")
+@click.option("--max-examples", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@json_option
+@pass_ctx
+@handle_errors
+def eval_cmd(c: Ctx, ref: str | None, task: str | None, dataset: str | None, text_column: str, label_column: str,
+             split: str, deployment: str | None, max_examples: int | None, batch_size: int, max_length: int,
+             device: str, as_json: bool) -> None:
+    """Accuracy and loss of a version on a task split, recorded on the version.
 
-        model_dir = deployment_path(c.ws, deployment) if deployment else None
-        with progress(transient=True) as bar:
-            bar.add_task(f"eval {ref or deployment}", total=None, info="")
-            res = evaluate(c.ws, ref, task=task, dataset=dataset, split=split, model_dir=model_dir,
-                           text_column=text_column, label_column=label_column, batch_size=batch_size,
-                           max_examples=max_examples, max_length=max_length, device=device,
-                           deployment=deployment)
-        doc = res.to_json()
-        doc["deployment"] = deployment
-        output(doc, as_json, ["ref", "task", "split", "accuracy", "loss", "n"],
-               [(res.ref or "-", res.task, res.split, f"{res.accuracy:.4f}", f"{res.loss:.4f}", res.n)],
-               title=f"evaluation{' of deployment ' + deployment if deployment else ''}")
+    Example: adapterhub eval rt-sentiment-connection-sensitivity@1 --split test --json
+    """
+    if task is not None and dataset is not None:
+        raise click.UsageError("give at most one of --task or --dataset")
+    if ref is None and deployment is None:
+        raise click.UsageError("give a REF (or --deployment NAME)")
+    from adapterhub.evaluation import deployment_path, evaluate
 
+    model_dir = deployment_path(c.ws, deployment) if deployment else None
+    with progress(transient=True) as bar:
+        bar.add_task(f"eval {ref or deployment}", total=None, info="")
+        res = evaluate(c.ws, ref, task=task, dataset=dataset, split=split, model_dir=model_dir,
+                       text_column=text_column, label_column=label_column, batch_size=batch_size,
+                       max_examples=max_examples, max_length=max_length, device=device,
+                       deployment=deployment)
+    doc = res.to_json()
+    doc["deployment"] = deployment
+    output(doc, as_json, ["ref", "task", "split", "accuracy", "loss", "n"],
+           [(res.ref or "-", res.task, res.split, f"{res.accuracy:.4f}", f"{res.loss:.4f}", res.n)],
+           title=f"evaluation{' of deployment ' + deployment if deployment else ''}")
+
+
+# The root group (cli/main.py) adds these.
+COMMANDS: tuple[click.Command, ...] = (tasks_cmd, train_cmd, eval_cmd)

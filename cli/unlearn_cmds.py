@@ -5,10 +5,11 @@ from typing import Any
 
 import click
 
-from adapterhub.train_config import DEFAULT_LAYER_REGEX, FedConfig
+from adapterhub.training.config import DEFAULT_LAYER_REGEX, FedConfig
 
-from .common import LazyChoice, handle_errors, json_option, output, pass_ctx, progress
+from .common import Ctx, LazyChoice, handle_errors, json_option, output, pass_ctx, progress
 from .options import config_option
+from .paramtypes import ADAPTER_NAME, BASE_NAME, REF
 
 
 class _Bars:
@@ -26,7 +27,7 @@ class _Bars:
 
 
 def _head_modes() -> tuple[str, ...]:
-    from adapterhub.unlearning import HEAD_MODES
+    from adapterhub.fused.unlearning import HEAD_MODES
 
     return HEAD_MODES
 
@@ -43,113 +44,118 @@ def _kb(n: Any) -> str:
     return "-" if n is None else f"{n / 1024:.1f} KiB"
 
 
-def register(cli: click.Group) -> None:
-    """Add ``fed`` (group) and ``unlearn`` to the root group."""
+@click.group("fed")
+def fed_group() -> None:
+    """Federated simulation: train a global model with FedAvg over Dirichlet-split clients.
 
-    @cli.group("fed")
-    def fed() -> None:
-        """Federated simulation: train a global model with FedAvg over Dirichlet-split clients.
+    Example: adapterhub fed train --base minilm --task trec-coarse --clients 10 --alpha 1.0 --rounds 5 --name trec-fed
+    """
 
-        Example: adapterhub fed train --base minilm --task trec-coarse --clients 10 --alpha 1.0 --rounds 5 --name trec-fed
-        """
 
-    @fed.command("train")
-    @click.option("--base", required=True, help="Registered base model name.")
-    @click.option("--task", required=True, help="Built-in task name (see `adapterhub tasks`).")
-    @click.option("--clients", type=click.IntRange(1, 10000), required=True, help="Number of clients N.")
-    @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-                  help="Dirichlet concentration over labels (small = non-IID).")
-    @config_option(FedConfig, "rounds")
-    @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-                  help="1 = full weights of the layers (stored dense-as-sparse); < 1 = a random sparse expert.")
-    @config_option(FedConfig, "local_steps")
-    @config_option(FedConfig, "batch_size")
-    @config_option(FedConfig, "lr")
-    @config_option(FedConfig, "head_lr")
-    @config_option(FedConfig, "momentum")
-    @config_option(FedConfig, "max_length")
-    @click.option("--max-train", type=click.IntRange(1), default=None, help="Keep a seeded subset of the train split.")
-    @click.option("--max-test", type=click.IntRange(1), default=None, help="Keep a seeded subset of validation/test.")
-    @click.option("--layers-regex", default=DEFAULT_LAYER_REGEX, show_default=True,
-                  help="Module-name regex of the trainable layers (Linear weights).")
-    @config_option(FedConfig, "seed")
-    @click.option("--name", required=True, help="Adapter name of the global model version.")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def fed_train(ctx, base, task, clients, alpha, rounds, density, local_steps, batch_size, lr, head_lr, momentum,
-                  max_length, max_train, max_test, layers_regex, seed, name, as_json) -> None:
-        """Train a global model with FedAvg over N clients and register it as a version.
+@fed_group.command("train")
+@click.option("--base", required=True, type=BASE_NAME, is_eager=True, help="Registered base model name.")
+@click.option("--task", required=True, help="Built-in task name (see `adapterhub tasks`).")
+@click.option("--clients", type=click.IntRange(1, 10000), required=True, help="Number of clients N.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Dirichlet concentration over labels (small = non-IID).")
+@config_option(FedConfig, "rounds")
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="1 = full weights of the layers (stored dense-as-sparse); < 1 = a random sparse expert.")
+@config_option(FedConfig, "local_steps")
+@config_option(FedConfig, "batch_size")
+@config_option(FedConfig, "lr")
+@config_option(FedConfig, "head_lr")
+@config_option(FedConfig, "momentum")
+@config_option(FedConfig, "max_length")
+@click.option("--max-train", type=click.IntRange(1), default=None, help="Keep a seeded subset of the train split.")
+@click.option("--max-test", type=click.IntRange(1), default=None, help="Keep a seeded subset of validation/test.")
+@click.option("--layers-regex", default=DEFAULT_LAYER_REGEX, show_default=True,
+              help="Module-name regex of the trainable layers (Linear weights).")
+@config_option(FedConfig, "seed")
+@click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Adapter name of the global model version.")
+@json_option
+@pass_ctx
+@handle_errors
+def fed_train(c: Ctx, base: str, task: str, clients: int, alpha: float, rounds: int, density: float, local_steps: int,
+              batch_size: int, lr: float, head_lr: float, momentum: float, max_length: int, max_train: int | None,
+              max_test: int | None, layers_regex: str, seed: int, name: str, as_json: bool) -> None:
+    """Train a global model with FedAvg over N clients and register it as a version.
 
-        Example: adapterhub fed train --base minilm --task trec-coarse --clients 10 --alpha 1.0 --rounds 5 --name trec-fed
-        """
-        from adapterhub.federated import fed_train as run
+    Example: adapterhub fed train --base minilm --task trec-coarse --clients 10 --alpha 1.0 --rounds 5 --name trec-fed
+    """
+    from adapterhub.fused.federated import fed_train as run
 
-        with progress() as prog:
-            info, res = run(ctx.ws, base=base, task=task, clients=clients, alpha=alpha, rounds=rounds, name=name,
-                            density=density, local_steps=local_steps, seed=seed, layer_regex=layers_regex,
-                            batch_size=batch_size, lr=lr, head_lr=head_lr, momentum=momentum, max_length=max_length,
-                            max_train=max_train, max_test=max_test, progress=_Bars(prog))
-        fedrec = res.training_config["federation"]
-        doc = {**info.to_json(), "federation": fedrec, "critical_layers": res.critical_layers[:10]}
-        rows = [("version", info.ref), ("content_hash", info.content_hash), ("clients", fedrec["clients"]),
-                ("alpha", fedrec["alpha"]), ("partition_hash", fedrec["partition_hash"][:16]),
-                ("client sizes", ",".join(map(str, fedrec["client_sizes"]))),
-                ("test accuracy", _fmt(res.metrics["test_accuracy"])), ("time", f"{res.stats.seconds:.1f} s"),
-                ("bytes per client", _kb(res.stats.bytes_per_client)),
-                ("top critical layers", ", ".join(r["layer"] for r in res.critical_layers[:3]))]
-        output(doc, as_json, ["field", "value"], rows, title="global model")
+    with progress() as prog:
+        info, res = run(c.ws, base=base, task=task, clients=clients, alpha=alpha, rounds=rounds, name=name,
+                        density=density, local_steps=local_steps, seed=seed, layer_regex=layers_regex,
+                        batch_size=batch_size, lr=lr, head_lr=head_lr, momentum=momentum, max_length=max_length,
+                        max_train=max_train, max_test=max_test, progress=_Bars(prog))
+    fedrec = res.training_config["federation"]
+    doc = {**info.to_json(), "federation": fedrec, "critical_layers": res.critical_layers[:10]}
+    rows = [("version", info.ref), ("content_hash", info.content_hash), ("clients", fedrec["clients"]),
+            ("alpha", fedrec["alpha"]), ("partition_hash", fedrec["partition_hash"][:16]),
+            ("client sizes", ",".join(map(str, fedrec["client_sizes"]))),
+            ("test accuracy", _fmt(res.metrics["test_accuracy"])), ("time", f"{res.stats.seconds:.1f} s"),
+            ("bytes per client", _kb(res.stats.bytes_per_client)),
+            ("top critical layers", ", ".join(r["layer"] for r in res.critical_layers[:3]))]
+    output(doc, as_json, ["field", "value"], rows, title="global model")
 
-    @cli.command("unlearn")
-    @click.argument("ref")
-    @click.option("--forget", "forget", required=True, metavar="SPEC",
-                  help="client:ID, class:LABEL or samples:FILE (train-row ids or texts, one per line).")
-    @click.option("--layers", "k", type=int, default=3, show_default=True, help="K critical layers to adapt.")
-    @click.option("--density", type=float, default=0.1, show_default=True, help="Random mask density on the K layers.")
-    @click.option("--rounds", type=int, default=None, help="FedAvg rounds (default: the global model's).")
-    @click.option("--local-steps", type=click.IntRange(1), default=None, help="Default: the global model's.")
-    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Learning rate of the unlearning adapter (default: the global model's).")
-    @click.option("--compare-retrain", is_flag=True, help="Also retrain from scratch without the forgotten data.")
-    @click.option("--head", "head", type=LazyChoice(_head_modes), default="reset", show_default=True,
-                  help="The task head: re-initialise and train it on the remaining data (reset), fine-tune the global "
-                       "model's (train), or keep it (freeze). A trained head is stored with the adapter.")
-    @click.option("--rerank", is_flag=True,
-                  help="Recompute the critical layers on the remaining clients instead of the stored ranking.")
-    @click.option("--max-eval", type=click.IntRange(1), default=300, show_default=True,
-                  help="Evaluation rows per metric.")
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--name", required=True, help="Adapter name of the unlearning version.")
-    @json_option
-    @pass_ctx
-    @handle_errors
-    def unlearn_cmd(ctx, ref, forget, k, density, rounds, local_steps, lr, compare_retrain, head, rerank, max_eval, seed,
-                    name, as_json) -> None:
-        """Forget a client, a class or samples from a `fed train` global model with a FUSED sparse adapter.
 
-        The adapter goes on top of the global model: `deploy apply <global>` then `deploy apply <this>`;
-        `deploy revert <this>` restores the global model exactly.
+@click.command("unlearn")
+@click.argument("ref", type=REF, is_eager=True)
+@click.option("--forget", "forget", required=True, metavar="SPEC",
+              help="client:ID, class:LABEL or samples:FILE (train-row ids or texts, one per line).")
+@click.option("--layers", "layers", type=int, default=3, show_default=True, help="K critical layers to adapt.")
+@click.option("--density", type=float, default=0.1, show_default=True, help="Random mask density on the K layers.")
+@click.option("--rounds", type=int, default=None, help="FedAvg rounds (default: the global model's).")
+@click.option("--local-steps", type=click.IntRange(1), default=None, help="Default: the global model's.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate of the unlearning adapter (default: the global model's).")
+@click.option("--compare-retrain", is_flag=True, help="Also retrain from scratch without the forgotten data.")
+@click.option("--head", "head", type=LazyChoice(_head_modes), default="reset", show_default=True,
+              help="The task head: re-initialise and train it on the remaining data (reset), fine-tune the global "
+                   "model's (train), or keep it (freeze). A trained head is stored with the adapter.")
+@click.option("--rerank", is_flag=True,
+              help="Recompute the critical layers on the remaining clients instead of the stored ranking.")
+@click.option("--max-eval", type=click.IntRange(1), default=300, show_default=True,
+              help="Evaluation rows per metric.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Adapter name of the unlearning version.")
+@json_option
+@pass_ctx
+@handle_errors
+def unlearn_cmd(c: Ctx, ref: str, forget: str, layers: int, density: float, rounds: int | None, local_steps: int | None,
+                lr: float | None, compare_retrain: bool, head: str, rerank: bool, max_eval: int, seed: int, name: str,
+                as_json: bool) -> None:
+    """Forget a client, a class or samples from a `fed train` global model with a FUSED sparse adapter.
 
-        Example: adapterhub unlearn trec-fed --forget class:NUM --layers 3 --density 0.1 --compare-retrain --name trec-forget-num
-        """
-        from adapterhub.unlearning import unlearn
+    The adapter goes on top of the global model: `deploy apply <global>` then `deploy apply <this>`;
+    `deploy revert <this>` restores the global model exactly.
 
-        with progress() as prog:
-            info, res = unlearn(ctx.ws, ref, forget=forget, name=name, layers=k, density=density, rounds=rounds,
-                                seed=seed, local_steps=local_steps, lr=lr, compare_retrain=compare_retrain, rerank=rerank,
-                                head=head, max_eval=max_eval, progress=_Bars(prog))
-        m = res.metrics
-        doc = {**info.to_json(), "forget": res.plan.record, "critical_layers": res.critical,
-               "parents": [{"ref": res.training_config["applies_on"]["ref"], "relation": "unlearns"}]}
-        cols = ["model", "RA", "FA", "MIA", "time", "bytes/client"]
-        rows = [("global (before)", _fmt(m.get("global", {}).get("ra")), _fmt(m.get("global", {}).get("fa")),
-                 _fmt(m.get("global", {}).get("mia")), "-", "-"),
-                (f"FUSED {info.ref}", _fmt(m.get("ra")), _fmt(m.get("fa")), _fmt(m.get("mia")), f"{m['seconds']:.1f} s",
-                 _kb(m["bytes_per_client"]))]
-        if "retrain" in m:
-            r = m["retrain"]
-            rows.append(("retraining", _fmt(r["ra"]), _fmt(r["fa"]), _fmt(r.get("mia")), f"{r['seconds']:.1f} s",
-                         _kb(r["bytes_per_client"])))
-        output(doc, as_json, cols, rows,
-               title=f"{info.ref} ({info.content_hash[:12]}) unlearns {res.training_config['applies_on']['ref']}: "
-                     f"{res.plan.record['spec']}; layers {', '.join(res.critical)}")
+    Example: adapterhub unlearn trec-fed --forget class:NUM --layers 3 --density 0.1 --compare-retrain --name trec-forget-num
+    """
+    from adapterhub.fused.unlearning import unlearn
+
+    with progress() as prog:
+        info, res = unlearn(c.ws, ref, forget=forget, name=name, layers=layers, density=density, rounds=rounds,
+                            seed=seed, local_steps=local_steps, lr=lr, compare_retrain=compare_retrain, rerank=rerank,
+                            head=head, max_eval=max_eval, progress=_Bars(prog))
+    m = res.metrics
+    doc = {**info.to_json(), "forget": res.plan.record, "critical_layers": res.critical,
+           "parents": [{"ref": res.training_config["applies_on"]["ref"], "relation": "unlearns"}]}
+    cols = ["model", "RA", "FA", "MIA", "time", "bytes/client"]
+    rows = [("global (before)", _fmt(m.get("global", {}).get("ra")), _fmt(m.get("global", {}).get("fa")),
+             _fmt(m.get("global", {}).get("mia")), "-", "-"),
+            (f"FUSED {info.ref}", _fmt(m.get("ra")), _fmt(m.get("fa")), _fmt(m.get("mia")), f"{m['seconds']:.1f} s",
+             _kb(m["bytes_per_client"]))]
+    if "retrain" in m:
+        r = m["retrain"]
+        rows.append(("retraining", _fmt(r["ra"]), _fmt(r["fa"]), _fmt(r.get("mia")), f"{r['seconds']:.1f} s",
+                     _kb(r["bytes_per_client"])))
+    output(doc, as_json, cols, rows,
+           title=f"{info.ref} ({info.content_hash[:12]}) unlearns {res.training_config['applies_on']['ref']}: "
+                 f"{res.plan.record['spec']}; layers {', '.join(res.critical)}")
+
+
+# The root group (cli/main.py) adds these.
+COMMANDS: tuple[click.Command, ...] = (fed_group, unlearn_cmd)

@@ -9,6 +9,7 @@ import os
 
 from alembic import context
 from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import Connection
 
 from adapterhub.catalog.models import Base
 
@@ -26,7 +27,7 @@ def _url() -> str:
     return url
 
 
-def _configure(connection) -> None:
+def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

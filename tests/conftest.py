@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from adapterhub.testing.tiny import save_tiny
+
 ROOT = Path(__file__).resolve().parent.parent
+# fixtures defined in helper modules (tests/ is on sys.path): hub_server, and catalog_url (SQLite + PostgreSQL)
+pytest_plugins = ["fixtures_hub", "catalog_util"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,44 +39,23 @@ def home(tmp_path) -> Path:
 
 @pytest.fixture
 def ws(home):
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
 
     w = Workspace.open(home)
     yield w
     w.close()
 
 
-def _save_tiny(kind: str, dest: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoTokenizer  # noqa: F401  (imported to fail early if missing)
-
-    torch.manual_seed(seed)
-    if kind == "bert":
-        from transformers import BertConfig, BertModel
-
-        cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)
-        model = BertModel(cfg)
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
-        model = LlamaForCausalLM(cfg)
-    model.save_pretrained(dest, safe_serialization=True)
-    return dest
-
-
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer random BERT (hidden 32) saved as a Hugging Face folder with model.safetensors."""
-    return _save_tiny("bert", tmp_path_factory.mktemp("tiny_bert") / "model")
+    return save_tiny("bert", tmp_path_factory.mktemp("tiny_bert") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama (hidden 32) saved as a Hugging Face folder."""
-    return _save_tiny("llama", tmp_path_factory.mktemp("tiny_llama") / "model")
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny_llama") / "model")
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------------

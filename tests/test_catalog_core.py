@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from adapterhub import format as fmt
-from adapterhub.api import Parent, Workspace
+from adapterhub.catalog.records import Parent
+from adapterhub.workspace import Workspace
 from adapterhub.errors import AdapterHubError, BaseModelError, NameError_, RefError
-from catalog_util import BERT_TARGETS, catalog_url, home_snapshot, make_adapter  # noqa: F401 (fixture)
+from catalog_util import BERT_TARGETS, home_snapshot, make_adapter
 
 
 @pytest.fixture
@@ -156,7 +157,7 @@ def test_refused_registration_changes_nothing(case, cws, home, catalog_url, tiny
 
 
 def test_names_never_escape_home(cws, home):
-    from adapterhub.names import validate_name
+    from adapterhub.catalog.names import validate_name
 
     for bad in ("../x", "a/b", "a\\b", "..", ".hidden", "x" * 101, "", "a\0b", "a@b", "/abs"):
         with pytest.raises(NameError_):

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from adapterhub import format as fmt
-from adapterhub_cli.main import cli
+from adapterhub.cli.main import cli
 from catalog_util import BERT_TARGETS, LLAMA_TARGETS, all_commands, apply_dense, make_adapter, write_adapter
 
 
@@ -322,7 +322,7 @@ def test_register_peft_shira_folder(home, tmp_path, tiny_llama_dir):
     h("base", "add", "ll", str(tiny_llama_dir))
     doc = h.json("register", tmp_path / "shira", "--name", "imp", "--task", "lm", "--base", "ll")
     assert doc["source_format"] == "peft-shira" and doc["mask"]["method"] == "peft-shira-random"
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
 
     with Workspace.open(home) as ws:
         ad = ws.load_adapter("imp")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from adapterhub import data as D
+from adapterhub.data import tasks as D
 from adapterhub.errors import DataError
 
 

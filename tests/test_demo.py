@@ -14,7 +14,7 @@ def tiny_demo_base(tmp_path_factory):
 
 
 def test_demo_pipeline_on_tiny_model(ws, tiny_demo_base):
-    from adapterhub import deployments as dep
+    from adapterhub.apply import deployments as dep
     from adapterhub.demo import DemoConfig, run_demo, summary_rows
 
     cfg = DemoConfig(base_source=str(tiny_demo_base), base_name="tiny", tasks=("rt-sentiment", "sms-spam"),

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from adapterhub.api import Workspace
-from adapterhub_cli.main import cli
+from adapterhub.workspace import Workspace
+from adapterhub.cli.main import cli
 
-from hubserver import HubServer, hub_server  # noqa: F401  (fixture)
+from adapterhub.testing.hubserver import HubServer
 from test_hub import make_adapter
 
 SECRET = "hf_sEcReT0123456789abcdefTOKEN"

@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from hubserver import HubServer, hub_server  # noqa: F401  (fixture)
+from adapterhub.testing.hubserver import HubServer
 
 
 def _folder(tmp_path: Path, payload: bytes) -> Path:

@@ -85,7 +85,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_known_edges():
     g = import_graph()
-    assert "federated" in g["unlearning"] and "training" in g["federated"] and "format" in g["training"]
+    assert "fused.federated" in g["fused.unlearning"] and "training.model" in g["fused.federated"]
+    assert "format" in g["training.loop"] and "training.model" in g["training.loop"]
+    assert "merging.methods" in g["merging.driver"] and "catalog.records" in g["merging.driver"]
 
 
 def test_no_import_cycles_in_the_library():
@@ -94,7 +96,7 @@ def test_no_import_cycles_in_the_library():
 
 
 def test_federated_never_imports_unlearning():
-    assert "unlearning" not in import_graph()["federated"]
+    assert "fused.unlearning" not in import_graph()["fused.federated"]
 
 
 def test_a_cycle_is_found():
@@ -103,9 +105,53 @@ def test_a_cycle_is_found():
 
 
 def test_package_init_and_cli_stay_torch_free():
-    code = ("import sys; import adapterhub, adapterhub.train_config, adapterhub.maskhash, adapterhub_cli.main; "
-            "from adapterhub_cli.main import cli; cli.get_command(None, 'train'); "
+    code = ("import sys; import adapterhub, adapterhub.training.config, adapterhub.maskhash, adapterhub.cli.main; "
+            "from adapterhub.cli.main import cli; cli.get_command(None, 'train'); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+
+def orm_imports(src: str, pkg_parts: list[str]) -> list[str]:
+    """What source ``src`` of a module in package ``adapterhub.<pkg_parts>`` imports of SQLAlchemy or the ORM
+    models (dotted names; relative imports resolved; lazy, function-level imports count too)."""
+    out = []
+    for node in ast.walk(ast.parse(src)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg_parts[:len(pkg_parts) - (node.level - 1)]
+                mod = ".".join(["adapterhub", *base] + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names = [mod] if _is_orm(mod) else [f"{mod}.{a.name}" for a in node.names]  # `from ..catalog import models`
+        out += [n for n in names if _is_orm(n)]
+    return out
+
+
+def _is_orm(name: str) -> bool:
+    return name == "sqlalchemy" or name.startswith("sqlalchemy.") or name == "adapterhub.catalog.models"
+
+
+def test_only_the_catalog_and_the_workspace_use_the_orm():
+    """Domain modules take a Workspace and go through it: SQLAlchemy and the ORM models are imported only
+    in ``adapterhub/catalog/`` and ``adapterhub/workspace.py``."""
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path == PKG / "workspace.py" or (PKG / "catalog") in path.parents:
+            continue
+        for name in orm_imports(path.read_text(encoding="utf-8"), list(path.relative_to(PKG).parent.parts)):
+            offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_orm_imports_finds_every_spelling():
+    src = ("import sqlalchemy\nfrom sqlalchemy.orm import Session\nfrom ..catalog.models import Deployment\n"
+           "def f():\n    from ..catalog import models\n    from adapterhub.catalog.models import Tag\n"
+           "from ..catalog.records import VersionInfo\nfrom .models import X\n")
+    assert orm_imports(src, ["apply"]) == ["sqlalchemy", "sqlalchemy.orm", "adapterhub.catalog.models",
+                                           "adapterhub.catalog.models", "adapterhub.catalog.models"]

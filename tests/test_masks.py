@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterhub import masks as M
+from adapterhub.training import masks as M
 from adapterhub.errors import TrainingError
 
 

@@ -1,15 +1,16 @@
 """Alembic migrations: upgrade head, downgrade base, and no drift between the ORM models and the migrations."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from adapterhub.catalog import db
 from adapterhub.catalog.models import Base
-from catalog_util import catalog_url  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,8 +59,33 @@ def test_alembic_command_line(tmp_path, catalog_url):
 
 
 def test_workspace_migrates_on_first_use(home):
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
 
     with Workspace.open(home) as ws:
         assert db.current_revision(ws.engine) == db.head_revision()
         assert "adapter_versions" in db.table_names(ws.engine)
+
+
+def _heads(migrations: Path) -> list[str]:
+    return list(ScriptDirectory(str(migrations)).get_heads())
+
+
+def test_alembic_has_exactly_one_head(tmp_path):
+    """One linear chain: two revisions on the same parent (branches merged without a merge revision) would
+    make `upgrade head` ambiguous and the catalog's automatic upgrade fail."""
+    migrations = ROOT / "migrations"
+    versions = sorted(p.name for p in (migrations / "versions").glob("*.py") if p.name != "__init__.py")
+    heads = _heads(migrations)
+    assert len(heads) == 1, f"Alembic heads {heads}: add a merge revision (alembic merge heads)"
+    assert heads == [db.head_revision()]  # the one the catalog upgrades to
+    # every revision file is on the chain from that head down to base
+    chain = list(ScriptDirectory(str(migrations)).walk_revisions())
+    assert len(chain) == len(versions) >= 2
+    assert chain[-1].down_revision is None
+    # the check can fail: a second child of the base revision (beside the existing one) makes two heads
+    copy = tmp_path / "migrations"
+    shutil.copytree(migrations, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "versions" / "9999_branch.py").write_text(
+        f'revision = "9999"\ndown_revision = "{chain[-1].revision}"\n\n\n'
+        "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n")
+    assert len(_heads(copy)) == 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapterhub import masks as M
+from adapterhub.training import masks as M
 from adapterhub.errors import MergeError, TrainingError
 from adapterhub.merging import METHODS
 from adapterhub.params import ParamDef, configure
@@ -27,9 +27,9 @@ def test_configure_fills_defaults_after_the_given_options_and_keeps_values_as_gi
 
 
 @pytest.mark.parametrize("opts,msg", [
-    ({}, r"^method 'x' needs --density$"),
-    ({"density": 0.5, "gamma": 0.1}, r"^method 'x' does not take --gamma \(it takes: --density, --lambda, "
-                                     r"--block-size, --mode, --weights\)$"),
+    ({}, r"^method 'x' needs density$"),
+    ({"density": 0.5, "gamma": 0.1}, r"^method 'x' does not take gamma \(it takes: density, lam, "
+                                     r"block_size, mode, weights\)$"),
     ({"density": 0}, r"^density must be in \(0, 1\], got 0$"),
     ({"density": float("nan")}, r"^density must be finite, got nan$"),
     ({"density": 0.5, "lam": "1"}, r"^lambda must be a number, got '1'$"),

@@ -1,18 +1,17 @@
-"""In-memory and on-disk exact apply/revert (adapterhub.patching)."""
+"""In-memory and on-disk exact apply/revert (adapterhub.apply.patching, adapterhub.apply.disk)."""
 from __future__ import annotations
 
 import hashlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
+from adapterhub.apply.disk import DiskTransaction, SafetensorsFile, decode_undo, encode_undo, read_wal, recover_wal
+from adapterhub.apply.patching import applied, apply_adapter, patch_flat, revert, revert_all, state_fingerprint
 from adapterhub.errors import BaseModelError, DeploymentError
 from adapterhub.format import SparseAdapter, SparseParam
-from adapterhub.patching import (DiskTransaction, SafetensorsFile, apply_adapter, applied, decode_undo, encode_undo,
-                                 patch_flat, read_wal, recover_wal, revert, revert_all, state_fingerprint)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = {"a.weight": (16, 12), "b.weight": (9, 7), "c.bias": (11,)}
@@ -70,8 +69,15 @@ def test_module_apply_with_prefix_names_and_context_manager():
     before = state_fingerprint(lin)
     x = torch.randn(2, 12)
     y0 = lin(x)
+    w0, b0 = lin[0].weight.detach().clone(), lin[0].bias.detach().clone()
+    delta = a.params["model.0.weight"].to_dense(torch.float32)
     with applied(lin, a) as recs:
-        assert recs[0].entries[0].name == "0.weight"
+        # the adapter's "model.0.weight" landed on the module's "0.weight" (prefix stripped), and only there
+        assert {e.name: tuple(lin.state_dict()[e.name].shape) for r in recs for e in r.entries} == names
+        assert torch.equal(recs[0].entries[0].indices, a.params["model.0.weight"].flat()[0])
+        # oracle: the layer computes x (W0 + ΔW)^T + b with ΔW densified by hand
+        assert torch.equal(lin[0].weight.detach(), w0 + delta)
+        assert torch.allclose(lin(x), x @ (w0 + delta).T + b0, atol=1e-6)
         assert not torch.equal(lin(x), y0)
     assert state_fingerprint(lin) == before
     assert torch.equal(lin(x), y0)
@@ -79,7 +85,6 @@ def test_module_apply_with_prefix_names_and_context_manager():
         with applied(lin, a):
             raise RuntimeError("boom")
     assert state_fingerprint(lin) == before
-    assert names
 
 
 def test_apply_refuses_unknown_and_wrong_shape_without_changes():
@@ -96,7 +101,7 @@ def test_apply_refuses_unknown_and_wrong_shape_without_changes():
 
 
 def test_state_fingerprint_equals_folder_fingerprint(tmp_path):
-    from adapterhub.models import fingerprint_folder
+    from adapterhub.bases.sources import fingerprint_folder
 
     sd = base_state(torch.bfloat16)
     save_file(sd, tmp_path / "model.safetensors")
@@ -153,28 +158,64 @@ def test_disk_transaction_patches_in_place_and_matches_memory(tmp_path, dtype):
     a = rand_adapter(5)
     mem = clone(sd)
     apply_adapter(mem, a, 0.25)
-    st_file = SafetensorsFile(f)
     wal = tmp_path / "wal.safetensors"
-    tx = DiskTransaction(st_file, wal, {"op_id": "x"})
-    tx.begin({n: [p.indices] for n, p in a.params.items()})
-    assert read_wal(wal)["phase"] == "patching"
-    ents = tx.apply(a.params, 0.25)
-    tx.sync()
-    tx.finish()
-    st_file.close()
+    with SafetensorsFile(f) as st_file:
+        with DiskTransaction(st_file, wal, {"op_id": "x"}, {n: [p.indices] for n, p in a.params.items()}) as tx:
+            assert read_wal(wal) == {"op_id": "x", "names": sorted(a.params)}  # written before any weight byte
+            ents = tx.apply(a.params, 0.25)
+        assert not wal.exists()  # left normally: committed, WAL removed
     assert f.stat().st_size == size
     disk = load_file(f)
     for n in sd:
         assert torch.equal(disk[n], mem[n])
     # revert with the returned originals, through a second transaction
-    st_file = SafetensorsFile(f)
-    tx = DiskTransaction(st_file, wal, {"op_id": "y"})
-    tx.begin({e.name: [e.indices] for e in ents})
-    tx.restore(ents)
-    tx.sync()
-    tx.finish()
-    st_file.close()
-    assert _sha(f) == base_sha
+    with SafetensorsFile(f) as st_file:
+        with DiskTransaction(st_file, wal, {"op_id": "y"}, {e.name: [e.indices] for e in ents}) as tx:
+            tx.restore(ents)
+    assert _sha(f) == base_sha and not wal.exists()
+
+
+def test_disk_transaction_rolls_back_on_an_error_before_commit(tmp_path):
+    sd = base_state(torch.bfloat16)
+    f = tmp_path / "model.safetensors"
+    save_file(sd, f)
+    base_sha = _sha(f)
+    a = rand_adapter(7)
+    wal = tmp_path / "wal.safetensors"
+    with SafetensorsFile(f) as st_file:
+        with pytest.raises(RuntimeError, match="disk trouble"):
+            with DiskTransaction(st_file, wal, {"op_id": "r"}, {n: [p.indices] for n, p in a.params.items()}) as tx:
+                tx.apply(a.params, 1.0)
+                raise RuntimeError("disk trouble")
+    assert _sha(f) == base_sha and not wal.exists()  # the saved bytes went back at once
+
+
+def test_disk_transaction_keeps_the_wal_after_commit_or_on_a_crash(tmp_path):
+    """After commit() the caller's record decides, so an error leaves the WAL; a BaseException that is
+    not an Exception (a simulated crash, KeyboardInterrupt) leaves it at any point, as a SIGKILL would."""
+
+    class Crash(BaseException):
+        pass
+
+    sd = base_state(torch.float32)
+    f = tmp_path / "model.safetensors"
+    save_file(sd, f)
+    base_sha = _sha(f)
+    a = rand_adapter(8)
+    wal = tmp_path / "wal.safetensors"
+    touched = {n: [p.indices] for n, p in a.params.items()}
+    for exc, committed in ((RuntimeError("catalog down"), True), (Crash(), False), (Crash(), True)):
+        with SafetensorsFile(f) as st_file:
+            with pytest.raises(type(exc)):
+                with DiskTransaction(st_file, wal, {"op_id": "c"}, touched) as tx:
+                    tx.apply(a.params, 1.0)
+                    if committed:
+                        tx.commit()
+                    raise exc
+        assert wal.exists() and _sha(f) != base_sha
+        with SafetensorsFile(f) as st_file:
+            assert recover_wal(st_file, wal)
+        assert _sha(f) == base_sha and not wal.exists()
 
 
 def test_recover_wal_restores_a_half_patched_file(tmp_path):
@@ -183,14 +224,17 @@ def test_recover_wal_restores_a_half_patched_file(tmp_path):
     save_file(sd, f)
     base_sha = _sha(f)
     a = rand_adapter(6)
-    st_file = SafetensorsFile(f)
     wal = tmp_path / "wal.safetensors"
-    tx = DiskTransaction(st_file, wal, {"op_id": "z"})
-    tx.begin({n: [p.indices] for n, p in a.params.items()})
+
+    class Crash(BaseException):
+        pass
+
     half = dict(list(sorted(a.params.items()))[:2])
-    tx.apply(half, 1.0)
-    tx.sync()
-    st_file.close()
+    with SafetensorsFile(f) as st_file, pytest.raises(Crash):
+        with DiskTransaction(st_file, wal, {"op_id": "z"}, {n: [p.indices] for n, p in a.params.items()}) as tx:
+            tx.apply(half, 1.0)
+            st_file.sync()
+            raise Crash  # dies half-way: the WAL stays
     assert _sha(f) != base_sha
     assert recover_wal(SafetensorsFile(f), wal)
     assert _sha(f) == base_sha and not wal.exists()

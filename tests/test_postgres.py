@@ -10,7 +10,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from adapterhub_cli.main import cli
+from adapterhub.cli.main import cli
 from catalog_util import home_snapshot, write_adapter
 
 pytestmark = pytest.mark.postgres
@@ -54,7 +54,7 @@ def test_jsonb_columns_and_two_homes_share_one_catalog(pg_url, tmp_path, tiny_be
     """Two homes (two machines) on one PostgreSQL catalog see the same versions; JSON is stored as JSONB."""
     from sqlalchemy import create_engine, text
 
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
     from catalog_util import make_adapter
 
     a = Workspace.open(tmp_path / "h1", pg_url)

@@ -49,8 +49,9 @@ def make_adapter(tensor: str, shape: tuple[int, ...], seed: int):
 def worker(home: str, db_url: str, worker_id: int, n_ops: int, base: str, base_dir: str, out: str,
            deploy: str | None) -> None:
     """One writer process: n_ops x (register a new version of SHARED, move tags, optional deploy event)."""
-    from adapterhub import api
-    from adapterhub.api import Parent, Workspace
+    from adapterhub import workspace as api
+    from adapterhub.catalog.records import Parent
+    from adapterhub.workspace import Workspace
 
     attempts = [0]
     refusals = [0]
@@ -103,7 +104,7 @@ def _deploy_op(ws, deploy: str, worker_id: int, i: int, ref: str, refusals: list
     """
     import random as _random
 
-    from adapterhub import deployments as dep
+    from adapterhub.apply import deployments as dep
     from adapterhub.errors import DeploymentError
 
     if i % DEPLOY_EVERY:
@@ -123,8 +124,8 @@ def _deploy_op(ws, deploy: str, worker_id: int, i: int, ref: str, refusals: list
 
 def run_writers(home: Path, db_url: str, base_dir: Path, n_procs: int, n_ops: int, deploy: bool = True) -> list[dict]:
     """Set up the catalog (base, shared deployment), start n_procs writers at once, wait, return their docs."""
-    from adapterhub import deployments as dep
-    from adapterhub.api import Workspace
+    from adapterhub.apply import deployments as dep
+    from adapterhub.workspace import Workspace
 
     with Workspace.open(home, db_url) as ws:
         ws.add_base("tiny", str(base_dir))
@@ -159,7 +160,7 @@ def run_writers(home: Path, db_url: str, base_dir: Path, n_procs: int, n_ops: in
 
 def repairer(home: str, db_url: str, stop: str, out: str) -> None:
     """Loop repair(grace_s=30) until ``stop`` exists; record runs and errors."""
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
     from adapterhub.repair import repair
 
     ws = Workspace.open(home, db_url, migrate=False)
@@ -183,7 +184,7 @@ def check_catalog(home: Path, db_url: str, docs: list[dict], n_procs: int, n_ops
     """Every op succeeded, numbers are unique and gapless per adapter, no row lost, tags consistent."""
     from sqlalchemy import func, select
 
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
     from adapterhub.catalog.models import Adapter, AdapterVersion, LineageEdge, Tag
 
     errors = [e for d in docs for e in d["errors"]]
@@ -224,7 +225,7 @@ def check_catalog(home: Path, db_url: str, docs: list[dict], n_procs: int, n_ops
         assert rep["problems"] == [] and rep["orphans"] == []
         assert rep["checked"] == 2 * n_procs * n_ops
         # deploy events: one create + (apply, revert) per deploy op, seq unique and gapless, state back at the base
-        from adapterhub import deployments as dep
+        from adapterhub.apply import deployments as dep
         from adapterhub.catalog.models import Deployment, DeploymentEvent
 
         with ws.session() as s:
@@ -251,7 +252,7 @@ def test_retry_on_busy_retries_transient_and_fails_cleanly():
 
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    from adapterhub.api import retry_on_busy
+    from adapterhub.workspace import retry_on_busy
     from adapterhub.errors import CatalogError
 
     calls = []

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from adapterhub import format as fmt
 from adapterhub.errors import AdapterHubError, FormatError, NameError_, RefError, StoreError
 from adapterhub.format import SparseAdapter, SparseParam
-from adapterhub.names import validate_name
-from adapterhub.refs import parse_ref
+from adapterhub.catalog.names import validate_name
+from adapterhub.catalog.refs import parse_ref
 
 pytestmark = pytest.mark.timeout(300)  # "no hang": every fuzz test must finish well within this
 
@@ -332,7 +332,7 @@ def test_blob_file_symlink_is_refused(tmp_path):
 
 
 def test_symlinked_store_root_is_refused(tmp_path):
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -346,7 +346,6 @@ def test_symlinked_store_root_is_refused(tmp_path):
 
 # -- Hub responses ---------------------------------------------------------------------------------------------
 
-from hubserver import HubServer, hub_server  # noqa: E402,F401  (fixture: the hub helper's local Hub server)
 
 
 def _card_doc(**over):
@@ -359,7 +358,7 @@ def _card_doc(**over):
 @FUZZ
 @given(json_value, st.sampled_from(["file", "name", "version", "base", "lineage", "content_hash", "task", "metrics"]))
 def test_hub_card_parser_only_hub_errors(value, key):
-    from adapterhub.modelcard import HUB_CARD_FORMAT, parse_hub_card
+    from adapterhub.hub.cards import HUB_CARD_FORMAT, parse_hub_card
 
     try:
         data = json.dumps(_card_doc(format=HUB_CARD_FORMAT, **{key: value})).encode()
@@ -369,7 +368,7 @@ def test_hub_card_parser_only_hub_errors(value, key):
         card = parse_hub_card(data)
     except AdapterHubError:
         return
-    from adapterhub.modelcard import safe_repo_path
+    from adapterhub.hub.cards import safe_repo_path
 
     safe_repo_path(card.get("file", "adapter.safetensors"))
 
@@ -380,7 +379,7 @@ def test_hub_card_parser_only_hub_errors(value, key):
     b"\xff\xfe\x00",
 ])
 def test_hub_card_parser_pathological_bytes(data):
-    from adapterhub.modelcard import parse_hub_card
+    from adapterhub.hub.cards import parse_hub_card
 
     with pytest.raises(AdapterHubError):
         parse_hub_card(data)
@@ -390,8 +389,8 @@ def test_hub_card_parser_pathological_bytes(data):
                                   "..\\..\\x.safetensors", "C:/x.safetensors", "sub/\x1b[31m.safetensors", "~/x"])
 def test_hub_file_names_that_escape_the_cache_are_refused(hub_server, tmp_path, evil):
     """A crafted repo whose card names a weights file outside the snapshot: refused, nothing written outside."""
-    from adapterhub import hub
-    from adapterhub.modelcard import HUB_CARD_FORMAT
+    from adapterhub.hub import client as hub
+    from adapterhub.hub.cards import HUB_CARD_FORMAT
 
     card = _card_doc(format=HUB_CARD_FORMAT, file=evil, content_hash=fmt.sha256_hex(GOOD))
     hub_server.commit_files("mallory/evil", {"adapterhub.json": json.dumps(card).encode(), "adapter.safetensors": GOOD})
@@ -408,7 +407,7 @@ def test_hub_file_names_that_escape_the_cache_are_refused(hub_server, tmp_path, 
 
 
 def Workspace_(home):
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
 
     return Workspace.open(home)
 
@@ -416,9 +415,9 @@ def Workspace_(home):
 # -- symlinks planted in deployments ------------------------------------------------------------------------------
 
 def _dep_world(tmp_path, tiny_bert_dir):
-    from adapterhub import deployments as dep
-    from adapterhub.api import Workspace
-    from adapterhub.models import tensor_shapes
+    from adapterhub.apply import deployments as dep
+    from adapterhub.workspace import Workspace
+    from adapterhub.bases.sources import tensor_shapes
 
     ws = Workspace.open(tmp_path / "home")
     ws.add_base("tiny", str(tiny_bert_dir))

@@ -139,7 +139,7 @@ class _Payload:
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, ADAPTERHUB_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "adapterhub_cli.main", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "adapterhub.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from adapterhub import format as fmt
-from adapterhub.api import Workspace
+from adapterhub.workspace import Workspace
 
-from hubserver import HubServer, hub_server  # noqa: F401  (fixture)
+from adapterhub.testing.hubserver import HubServer
 
 SECRET = "hf_ReLiAbIlItY0123456789SeCrEtToKeN"
 
 
 def _exe() -> list[str]:
     exe = Path(sys.executable).with_name("adapterhub")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "adapterhub_cli.main"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "adapterhub.cli.main"]
 
 
 def _adapter(shapes, seed: int) -> fmt.SparseAdapter:
@@ -47,7 +47,7 @@ def _files_containing(root: Path, needle: bytes) -> list[str]:
 @pytest.mark.e2e
 @pytest.mark.slow  # ~3 min: 20 CLI processes, the Hub client retries injected 500s with backoff
 def test_token_never_leaks_through_the_real_cli(hub_server: HubServer, tmp_path: Path, tiny_bert_dir: Path) -> None:
-    from adapterhub.models import tensor_shapes
+    from adapterhub.bases.sources import tensor_shapes
 
     hub_server.token = SECRET  # the server requires it: a wrong or missing token is refused
     shapes = tensor_shapes(tiny_bert_dir)
@@ -142,9 +142,9 @@ def test_token_never_leaks_through_the_real_cli(hub_server: HubServer, tmp_path:
 def test_library_exceptions_never_carry_the_token(hub_server: HubServer, tmp_path: Path, tiny_bert_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """str(), repr() and the full formatted traceback (causes and contexts) of every HubError."""
-    from adapterhub import hub
+    from adapterhub.hub import client as hub
     from adapterhub.errors import AdapterHubError
-    from adapterhub.models import tensor_shapes
+    from adapterhub.bases.sources import tensor_shapes
 
     hub_server.token = SECRET
     monkeypatch.setenv("HF_TOKEN", SECRET)

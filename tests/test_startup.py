@@ -6,8 +6,8 @@ import sys
 
 
 def test_cli_and_catalog_api_do_not_import_torch(tmp_path):
-    code = ("import sys; import adapterhub_cli.main, adapterhub.api, adapterhub.store; "
-            "from adapterhub_cli.main import cli; "
+    code = ("import sys; import adapterhub.cli.main, adapterhub.workspace, adapterhub.store; "
+            "from adapterhub.cli.main import cli; "
             "from click.testing import CliRunner; "
             "r = CliRunner().invoke(cli, ['--home', sys.argv[1], 'list', '--json']); "
             "assert r.exit_code == 0, r.output; "
@@ -21,7 +21,7 @@ def test_cli_and_catalog_api_do_not_import_torch(tmp_path):
 def test_lazy_choices_still_validate_and_list():
     from click.testing import CliRunner
 
-    from adapterhub_cli.main import cli
+    from adapterhub.cli.main import cli
 
     r = CliRunner().invoke(cli, ["merge", "a", "--method", "nope", "--name", "x"])
     assert r.exit_code == 2 and "uniform-sparse" in r.output

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adapterhub.api import Workspace
+from adapterhub.workspace import Workspace
 from adapterhub.data import BUILTIN_TASKS
-from adapterhub_cli.main import cli
+from adapterhub.cli.main import cli
 from test_training_util import sentiment_rows, tiny_model, write_csv
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 
 from adapterhub.data import TaskData
-from adapterhub.smollm import materialize_smollm2
+from adapterhub.bases.smollm import materialize_smollm2
 from adapterhub.training import TrainConfig, train_adapter
 
 

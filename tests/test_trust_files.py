@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from adapterhub import deployments as dep
+from adapterhub.apply import deployments as dep
 from adapterhub import format as fmt
 from adapterhub import st_io
 from adapterhub.errors import AdapterHubError, DeploymentError, FormatError, HeaderError, StoreError
 from adapterhub.format import SparseAdapter, SparseParam
-from adapterhub.patching import NonFiniteWeightsError, apply_adapter, state_fingerprint
+from adapterhub.apply.patching import NonFiniteWeightsError, apply_adapter, state_fingerprint
 
 from catalog_util import home_snapshot, make_adapter
 from trust_util import assert_one_line_failure, diff_snapshots, run_cli, tree_snapshot
@@ -75,7 +75,7 @@ def test_corrupt_blob_is_healed_by_registering_the_good_bytes(ws, tiny_bert_dir)
 
 def test_corrupt_blob_is_healed_by_register_many_the_pull_path(ws, tiny_bert_dir):
     """``pull`` writes through ``register_many``: the good downloaded bytes heal a corrupt local blob."""
-    from adapterhub.api import NewVersion
+    from adapterhub.catalog.records import NewVersion
 
     ws.add_base("tiny", str(tiny_bert_dir))
     a = make_adapter(seed=2)
@@ -105,7 +105,7 @@ def test_intact_blob_is_not_rewritten(tmp_path):
 def test_enospc_while_writing_a_blob_is_one_line_and_leaves_no_temp_file(home, ws, tiny_bert_dir, tmp_path,
                                                                       monkeypatch):
     from adapterhub import fsutil
-    from adapterhub_cli.main import cli
+    from adapterhub.cli.main import cli
 
     ws.add_base("tiny", str(tiny_bert_dir))
     ws.register(make_adapter(seed=30), name="other", task="t", base="tiny")  # a store already in use
@@ -156,7 +156,7 @@ def test_card_cannot_switch_off_the_nonfinite_check(home, ws, tiny_bert_dir, tmp
     assert_one_line_failure(r, contains="NaN or infinity")
     assert home_snapshot(home) == before
     # the user's explicit flag accepts it, and the version reads back from the store
-    from adapterhub_cli.main import cli
+    from adapterhub.cli.main import cli
 
     r = CliRunner().invoke(cli, ["--home", str(home), "register", str(f), "--name", "bad", "--task", "t",
                                  "--base", "tiny", "--allow-nonfinite"])
@@ -187,7 +187,7 @@ def test_deploy_apply_huge_scale_is_refused_and_changes_nothing(home, ws, tiny_b
     assert home_snapshot(home) == rows and len(dep.history(ws, "d")) == n_events
     assert dep.verify(ws, "d")["ok"]
     # non-finite scales are refused at the CLI and in the library
-    from adapterhub_cli.main import cli
+    from adapterhub.cli.main import cli
 
     for bad in ("inf", "nan", "-inf"):
         r = CliRunner().invoke(cli, ["--home", str(home), "deploy", "apply", "d", v.ref, "--scale", bad])
@@ -298,7 +298,7 @@ def test_malformed_base_headers_give_one_line_errors(case, tmp_path):
     r = run_cli(home, "base", "add", "evil", str(folder))
     assert_one_line_failure(r, contains=needle)
     assert "model.safetensors" in r.stderr  # names the file
-    from adapterhub.api import Workspace
+    from adapterhub.workspace import Workspace
 
     w = Workspace.open(home)
     try:
@@ -326,7 +326,7 @@ def test_dtype_table_and_reader_do_not_import_torch():
     import sys
 
     code = ("import sys, adapterhub.st_io as s; assert s.DTYPE_SIZES['BF16'] == 2; "
-            "import adapterhub.models; print('torch' in sys.modules)")
+            "import adapterhub.bases.sources; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 

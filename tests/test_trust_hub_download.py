@@ -1,6 +1,6 @@
 """Trust boundary: the Hub download layer of ``adapterhub pull`` against a hostile Hub server.
 
-Each case runs the real CLI in a subprocess against ``tests/hubserver.py`` in one of its hostile modes
+Each case runs the real CLI in a subprocess against ``adapterhub/testing/hubserver.py`` in one of its hostile modes
 (crafted ETag / commit id headers, redirects, trickled, oversized or unannounced bodies, a huge card), and
 checks the rule, not the instance: one ``Error:`` line (no traceback), nothing created, changed or
 removed outside the home (a victim file next to it survives), the catalog unchanged, no temp or
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from adapterhub.api import Workspace
-from adapterhub.hub import push
+from adapterhub.workspace import Workspace
+from adapterhub.hub.client import push
 
 from catalog_util import home_snapshot
-from hubserver import HubServer, hub_server  # noqa: F401  (fixture)
+from adapterhub.testing.hubserver import HubServer
 from test_hub import make_adapter
 from trust_util import assert_one_line_failure, diff_snapshots, run_cli, tree_snapshot
 

@@ -7,7 +7,7 @@
   pulled with ``--with-parents`` too); a version is added to an existing local adapter only when the user
   named it with ``--name`` and it is on the same base, and the command says so.
 
-The Hub is tests/hubserver.py on 127.0.0.1; hostile repos are crafted with ``HubServer.commit_files``.
+The Hub is adapterhub/testing/hubserver.py on 127.0.0.1; hostile repos are crafted with ``HubServer.commit_files``.
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from adapterhub import format as fmt
-from adapterhub.api import Parent, Workspace
-from adapterhub.hub import push
+from adapterhub.catalog.records import Parent
+from adapterhub.workspace import Workspace
+from adapterhub.hub.client import push
 
 from catalog_util import BERT_TARGETS, home_snapshot
 from catalog_util import make_adapter as make_tiny_adapter
-from hubserver import HubServer, hub_server  # noqa: F401  (fixture)
+from adapterhub.testing.hubserver import HubServer
 from test_hub import make_adapter
 from trust_util import assert_no_traceback, assert_one_line_failure, diff_snapshots, run_cli, tree_snapshot
 
@@ -273,7 +274,7 @@ def test_register_many_failing_after_its_blobs_removes_only_the_blobs_it_created
         tmp_path: Path, monkeypatch) -> None:
     """The transaction fails after the blobs were written: the new blob goes, the one that was already
     there (another version's) stays, no row is left; the same batch then registers all at once."""
-    from adapterhub.api import NewVersion
+    from adapterhub.catalog.records import NewVersion
     from adapterhub.errors import CatalogError
 
     ws = _alice(tmp_path)

@@ -22,7 +22,6 @@ import pytest
 from click.testing import CliRunner
 
 from catalog_util import make_adapter
-from hubserver import hub_server  # noqa: F401  (fixture)
 from trust_util import assert_no_traceback, assert_one_line_failure, run_cli, tree_snapshot
 
 # a task may not hold \0 \n \r and is at most 100 characters; everything else goes
@@ -48,7 +47,8 @@ def assert_literal(out: str) -> None:
 @pytest.fixture
 def hostile_home(tmp_path: Path, tiny_bert_dir: Path) -> Path:
     """A home holding one adapter whose task, card, metrics, Hub fields and lineage params are hostile."""
-    from adapterhub.api import Parent, Workspace
+    from adapterhub.catalog.records import Parent
+    from adapterhub.workspace import Workspace
 
     home = tmp_path / "home"
     with Workspace.open(home) as ws:
@@ -112,7 +112,7 @@ def test_one_renderer_and_error_line_escape_everything(capsys) -> None:
     import click
 
     from adapterhub.errors import CatalogError
-    from adapterhub_cli.common import echo, handle_errors, print_table, safe_text
+    from adapterhub.cli.common import echo, handle_errors, print_table, safe_text
 
     assert safe_text("a\x1b[2Jb\u202ec\rd\x9b") == "a\\x1b[2Jb\\u202ec\\x0dd\\x9b"
     assert safe_text("plain [bold] text ok") == "plain [bold] text ok"
@@ -184,7 +184,7 @@ def test_bad_home_db_url_and_lock_timeout_are_one_line(tmp_path: Path) -> None:
 
 
 def cli_root():
-    from adapterhub_cli.main import cli
+    from adapterhub.cli.main import cli
 
     return cli
 
@@ -308,8 +308,8 @@ def _assert_lock_failure(r) -> None:
 
 def test_hub_versions_table_escapes_card_strings(hostile_home: Path, hub_server, monkeypatch) -> None:
     """`hub versions` shows the task from each tag's card: a hostile one is printed literally."""
-    from adapterhub.api import Workspace
-    from adapterhub.hub import push
+    from adapterhub.workspace import Workspace
+    from adapterhub.hub.client import push
 
     with Workspace.open(hostile_home) as ws:
         push(ws, "evil@1", repo="alice/evil")

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from adapterhub_cli.main import cli
+from adapterhub.cli.main import cli
 
 pytestmark = pytest.mark.timeout(1200)  # generous: the CI box is shared
 

@@ -36,7 +36,7 @@ def run_cli(home: Path | None, *args: str, env: dict[str, str] | None = None, ti
     """Run ``adapterhub [--home HOME] ARGS`` as a real process with the test's environment (plus ``env``)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "adapterhub_cli.main"]
+    cmd = [sys.executable, "-m", "adapterhub.cli.main"]
     if home is not None:
         cmd += ["--home", str(home)]
     cmd += list(args)

@@ -7,14 +7,19 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from sqlalchemy import create_engine, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from ..errors import CatalogError
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 #: How long a command waits for another process's catalog write lock before giving up (seconds).
 DEFAULT_LOCK_TIMEOUT_S = 60.0
@@ -28,7 +33,7 @@ _busy_slice_ms: contextvars.ContextVar[int | None] = contextvars.ContextVar("ada
 def _migrations_dir() -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("adapterhub_migrations")
+    spec = importlib.util.find_spec("adapterhub.migrations")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
     return Path(__file__).resolve().parent.parent.parent / "migrations"
@@ -76,7 +81,7 @@ def busy_slice(ms: int) -> Iterator[None]:
         _busy_slice_ms.reset(token)
 
 
-def _sqlite_pragmas(dbapi_conn, record, busy_ms: int = 30000) -> None:
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, busy_ms: int = 30000) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
     cur.execute("PRAGMA journal_mode=WAL")
@@ -86,9 +91,9 @@ def _sqlite_pragmas(dbapi_conn, record, busy_ms: int = 30000) -> None:
     record.info["busy_ms"] = int(busy_ms)
 
 
-def _sqlite_checkout(full_ms: int):
+def _sqlite_checkout(full_ms: int) -> Callable[[DBAPIConnection, ConnectionPoolEntry, PoolProxiedConnection], None]:
     """A pool ``checkout`` listener: the busy timeout is the slice inside a retried transaction, else the full one."""
-    def on_checkout(dbapi_conn, record, _proxy) -> None:
+    def on_checkout(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection) -> None:
         want = _busy_slice_ms.get() or full_ms
         if record.info.get("busy_ms") != want:
             dbapi_conn.execute(f"PRAGMA busy_timeout={int(want)}")
@@ -130,7 +135,12 @@ def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
     return engine
 
 
-def alembic_config(engine: Engine | None = None, connection=None):
+def alembic_config(engine: Engine | None = None, connection: Connection | None = None) -> AlembicConfig:
+    """The Alembic configuration for the packaged migrations folder.
+
+    Takes: an engine whose URL the migrations use, and/or an open connection they run on (migrations/env.py
+    reuses ``config.attributes["connection"]``). Returns: the ``alembic.config.Config``.
+    """
     from alembic.config import Config
 
     cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
@@ -143,9 +153,16 @@ def alembic_config(engine: Engine | None = None, connection=None):
 
 
 def head_revision() -> str:
+    """The single head revision of the packaged migrations.
+
+    Raises: CatalogError when the migrations folder has no head (tests/test_migrations.py keeps it to one).
+    """
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()  # raises if several heads
+    if head is None:
+        raise CatalogError(f"no Alembic revisions in {MIGRATIONS_DIR}")
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -170,7 +187,6 @@ def _open_error(engine: Engine, e: DatabaseError) -> str:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply Alembic migrations up to ``revision``."""
     from alembic import command
-
     from alembic.util import CommandError
 
     with _upgrade_lock:

@@ -5,10 +5,24 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData,
-                        String, Text, UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from .records import iso_utc  # noqa: F401 - re-exported: one definition, in the records module
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -28,15 +42,6 @@ ACTIONS = ("create", "apply", "revert", "rollback", "recover")
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def iso_utc(t: dt.datetime | None) -> str | None:
-    """ISO 8601 with a UTC offset (SQLite hands back naive datetimes; they were stored as UTC)."""
-    if t is None:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return t.isoformat()
 
 
 class Base(DeclarativeBase):

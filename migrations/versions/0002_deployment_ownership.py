@@ -10,7 +10,7 @@ the home (``<home>/home-id``) that created the deployment and alone may change i
 the folder relative to that home when it lives inside it (a moved home keeps its deployments).
 Rows made before this revision keep NULLs: the first home that writes to such a deployment (or runs
 ``verify --repair``) adopts it if its folder is inside that home or outside every adapterhub home
-(see adapterhub.deployments, "Ownership").
+(see adapterhub.apply.deployments, "Ownership").
 """
 from __future__ import annotations
 

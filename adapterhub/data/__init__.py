@@ -1,0 +1,39 @@
+"""Offline tasks and datasets."""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tasks import (
+        BUILTIN_TASKS as BUILTIN_TASKS,
+        TaskData as TaskData,
+        list_tasks as list_tasks,
+        load_dataset as load_dataset,
+        load_task as load_task,
+        resolve_data as resolve_data,
+    )
+
+# Public names and the submodule that defines each (imported on first use, so importing a
+# sibling submodule stays as cheap as before the split).
+_EXPORTS = {
+    "BUILTIN_TASKS": ".tasks",
+    "TaskData": ".tasks",
+    "list_tasks": ".tasks",
+    "load_dataset": ".tasks",
+    "load_task": ".tasks",
+    "resolve_data": ".tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,1 @@
+"""FUSED: federated training and unlearning adapters."""

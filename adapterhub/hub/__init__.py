@@ -1,0 +1,1 @@
+"""Hugging Face Hub push/pull (client) and model cards (cards)."""

@@ -1,0 +1,1147 @@
+"""Share adapter versions through the Hugging Face Hub (``huggingface_hub`` public API only).
+
+* :func:`push` — one Hub repo per adapter (default ``<user>/<adapter name>``); each version is one commit
+  holding ``adapter.safetensors`` (an LFS file), ``adapterhub.json`` (the machine card, see
+  :mod:`adapterhub.hub.cards`) and ``README.md`` (the model card), tagged ``v{N}``. The catalog records
+  repo, commit and tag. A version whose tag already holds the same weights uploads nothing.
+  Retrying a push that failed half-way never makes a second commit: if the branch head already holds
+  exactly these files (a commit whose answer was lost), it is tagged instead of committed again.
+* :func:`pull` — ``REPO[@REV]`` (tag, branch or commit) through our own download cache; the weights' sha256 must
+  equal the card's ``content_hash`` *before* anything is registered, then the file is validated
+  (:func:`adapterhub.format.load`) and registered with an ``imported_from`` edge (repo, revision,
+  commit) and its lineage; ``with_parents`` pulls missing ancestors recursively. A pull is all or
+  nothing: everything is downloaded and verified first, then registered in one transaction. The local
+  name is ``--name`` or ``OWNER--NAME`` from the repo id (a card never chooses it). Pulling a version the
+  catalog already has is a no-op.
+* :func:`hub_versions` — the ``v{N}`` tags of a repo with the content hash each one holds.
+
+The token comes from ``huggingface_hub`` (``HF_TOKEN`` or ``hf auth login``) unless one is passed; it
+is never stored, logged or put into an error message. The endpoint is ``endpoint`` or ``HF_ENDPOINT``; its
+``user:password@`` part is likewise never stored, shown in an error or left in a log record of the Hub
+client (:class:`_LogScrubber`).
+
+Downloads (:class:`_Hub`): no server-provided string decides a local path. Commit ids and ETags must be
+hex before anything is written; cards are read into memory (at most 1 MiB); weights are streamed from the
+resolve URL pinned to the checked commit into ``<cache>/<endpoint key>/tmp`` under a name we choose, hashed
+on the way, and kept as ``blobs/<sha256>`` only when they equal the card's ``content_hash``. The cache is
+``<home>/cache/hub/<sha256(public endpoint)[:16]>/`` (one per endpoint). A pull has an overall deadline
+and a size cap (:func:`pull_limits`: ``--timeout`` / ``ADAPTERHUB_PULL_TIMEOUT``, default 600 s;
+``--max-bytes`` / ``ADAPTERHUB_PULL_MAX_BYTES``, default 4 GiB, lowered by the card's ``size_bytes``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from .. import format as fmt
+from ..errors import AdapterHubError, HubError, RefError
+from ..faults import fault_point
+from ..fsutil import sha256_file, sha256_hex
+from .cards import (
+    CARD_FILE,
+    README_FILE,
+    WEIGHTS_FILE,
+    build_hub_card,
+    build_model_card,
+    hub_card_bytes,
+    is_repo_id,
+    parse_hub_card,
+    safe_repo_path,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..catalog.records import BaseInfo, NewVersion, VersionInfo
+    from ..workspace import Workspace
+
+_TAG_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_REV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}$")
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------- records
+@dataclass
+class PushResult:
+    """What :func:`push` did. ``uploaded`` is False when the version was already on the Hub."""
+
+    ref: str
+    repo: str
+    branch: str
+    commit: str
+    tag: str
+    content_hash: str
+    uploaded: bool
+    url: str
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PullResult:
+    """What :func:`pull` did. ``registered`` is False when the catalog already had the version."""
+
+    ref: str
+    repo: str
+    revision: str
+    commit: str
+    tag: str | None
+    content_hash: str
+    registered: bool
+    message: str
+    parents: list["PullResult"] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["parents"] = [p.to_json() for p in self.parents]
+        return d
+
+
+@dataclass
+class HubVersion:
+    """One ``v{N}`` tag of a repo and the adapter it holds (None fields when its card is unreadable)."""
+
+    tag: str
+    version: int
+    commit: str
+    content_hash: str | None
+    name: str | None
+    kind: str | None
+    task: str | None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_endpoint(endpoint: str | None = None) -> str:
+    """``endpoint``, else ``HF_ENDPOINT``, else huggingface_hub's default; raises HubError if not http(s)."""
+    from huggingface_hub import constants
+
+    url = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT or "").strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a malformed port
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed port or netloc
+        ok = False
+    if not ok:
+        raise HubError(f"invalid Hub endpoint {_redact_url(url)!r}: give an http(s) URL")
+    return url
+
+
+def _redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``***@`` (for error messages)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{slash}{tail}"
+
+
+def public_endpoint(endpoint: str) -> str:
+    """The endpoint without any user:password part (safe to store and show)."""
+    p = urlsplit(endpoint)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+def parse_repo_spec(spec: str) -> tuple[str, str | None]:
+    """``owner/name[@rev]`` -> (repo id, rev or None). Raises HubError when malformed."""
+    if not isinstance(spec, str) or not spec:
+        raise HubError("give a Hub repo as OWNER/NAME[@REVISION]")
+    repo, sep, rev = spec.partition("@")
+    if not is_repo_id(repo):
+        raise HubError(f"invalid Hub repo id {repo!r}: expected OWNER/NAME")
+    if sep:
+        if not rev or not _REV_RE.match(rev) or ".." in rev or rev.endswith("/"):
+            raise HubError(f"invalid revision {rev!r} in {spec!r}")
+        return repo, rev
+    return repo, None
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class _Scrub:
+    """Removes secrets from text that may end up in an error message or a log line: the token (if any)
+    and the ``user:password`` part of the endpoint (raw and percent-encoded)."""
+
+    def __init__(self, token: str | bool | None, endpoint: str | None = None) -> None:
+        secret = token if isinstance(token, str) else None
+        if secret is None and token is not False:
+            try:
+                from huggingface_hub import get_token
+
+                secret = get_token()
+            except Exception:  # noqa: BLE001 - no token is fine
+                secret = None
+        self._secret = secret or None
+        self._pairs: list[tuple[str, str]] = []  # (text to find, replacement), longest first
+        if endpoint:
+            self._pairs = _credential_pairs(endpoint)
+        if self._secret:
+            self._pairs.append((self._secret, "***"))
+        self._pairs.sort(key=lambda p: -len(p[0]))
+
+    @property
+    def secrets(self) -> list[tuple[str, str]]:
+        return list(self._pairs)
+
+    def __call__(self, text: str) -> str:
+        for needle, repl in self._pairs:
+            if needle:
+                text = text.replace(needle, repl)
+        return text
+
+
+def _credential_pairs(endpoint: str) -> list[tuple[str, str]]:
+    """What to cut out of text so that ``endpoint``'s ``user:password@`` never shows (every spelling)."""
+    from urllib.parse import quote, unquote
+
+    netloc = endpoint.partition("://")[2].partition("/")[0]
+    if "@" not in netloc:
+        return []
+    userinfo = netloc.rsplit("@", 1)[0]
+    out: list[tuple[str, str]] = []
+    for info in {userinfo, unquote(userinfo)}:
+        out.append((info + "@", ""))  # http://user:pw@host -> http://host
+        user, _, password = info.partition(":")
+        for pw in {password, unquote(password), quote(unquote(password), safe="")}:
+            if len(pw) >= 3:  # a one- or two-character password would garble every message; still never echoed in URLs
+                out.append((pw, "***"))
+    return out
+
+
+class _LogScrubber(logging.Filter):
+    """A logging filter that rewrites records of the Hub client (and its HTTP stack) without our secrets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: list[tuple[str, str]] = []
+
+    def add(self, pairs: list[tuple[str, str]]) -> None:
+        for p in pairs:
+            if p not in self.pairs:
+                self.pairs.append(p)
+        self.pairs.sort(key=lambda p: -len(p[0]))
+
+    def _clean(self, text: str) -> str:
+        for needle, repl in self.pairs:
+            text = text.replace(needle, repl)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.pairs:
+            return True
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format is not ours to fix
+            return True
+        clean = self._clean(msg)
+        if record.exc_info:
+            text = "".join(traceback.format_exception(*record.exc_info))
+            if self._clean(text) != text:
+                clean += " (" + self._clean(_first_line(record.exc_info[1])) + ")" if record.exc_info[1] else ""
+                record.exc_info, record.exc_text = None, None
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+_LOG_SCRUBBER = _LogScrubber()
+_LOGGER_PREFIXES = ("huggingface_hub", "httpx", "httpcore", "urllib3", "requests", "hf_xet")
+
+
+def _install_log_scrubber(scrub: _Scrub) -> None:
+    """Make every logger of the Hub client's stack drop ``scrub``'s secrets from its records (idempotent)."""
+    if not scrub.secrets:
+        return
+    _LOG_SCRUBBER.add(scrub.secrets)
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0].startswith(_LOGGER_PREFIXES)]
+    for name in names + ["huggingface_hub"]:
+        lg = logging.getLogger(name)
+        if _LOG_SCRUBBER not in lg.filters:
+            lg.addFilter(_LOG_SCRUBBER)
+        for h in lg.handlers:  # propagated records of loggers created later pass these handlers
+            if _LOG_SCRUBBER not in h.filters:
+                h.addFilter(_LOG_SCRUBBER)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else e.__class__.__name__
+
+
+def _hub_error(what: str, e: BaseException, *, endpoint: str, scrub: _Scrub, repo: str | None = None,
+               rev: str | None = None) -> HubError:
+    """Turn a huggingface_hub / transport exception into a one-line HubError (token scrubbed)."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo}@{rev}" if repo and rev else (repo or endpoint)
+    if isinstance(e, HubError):
+        return e
+    transport = [x for x in (e, e.__cause__, e.__context__)
+                 if x is not None and type(x).__module__.split(".")[0].startswith("httpx")
+                 and not isinstance(x, HfHubHTTPError)]
+    if not isinstance(e, HfHubHTTPError) and (transport or isinstance(e, (ConnectionError, TimeoutError))):
+        name = (transport[0] if transport else e).__class__.__name__
+        return HubError(scrub(f"{what}: cannot reach the Hub at {public_endpoint(endpoint)} ({name})"))
+    if isinstance(e, RepositoryNotFoundError):
+        msg = f"{what}: repository {repo} not found on {public_endpoint(endpoint)} (or it is private and no valid token was given)"
+    elif isinstance(e, RevisionNotFoundError):
+        msg = f"{what}: revision {rev!r} not found in {repo}"
+    elif isinstance(e, LocalEntryNotFoundError):
+        cause = e.__cause__ or e.__context__
+        msg = f"{what}: cannot reach the Hub at {public_endpoint(endpoint)}" + (
+            f" ({cause.__class__.__name__})" if cause is not None else "")
+    elif isinstance(e, EntryNotFoundError):
+        msg = f"{what}: file missing in {where}"
+    elif isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if getattr(e, "response", None) is not None else "?"
+        server = getattr(e, "server_message", None) or ""
+        msg = f"{what}: HTTP {status} from {public_endpoint(endpoint)} for {where}" + (
+            f": {server.splitlines()[0]}" if server else "")
+    else:
+        cause = e.__cause__
+        detail = _first_line(e) + (f" ({_first_line(cause)})" if cause is not None else "")
+        msg = f"{what}: {e.__class__.__name__}: {detail}"
+    return HubError(scrub(" ".join(msg.split())))
+
+
+# ---------------------------------------------------------------------------------------------- pull limits
+PULL_TIMEOUT_ENV = "ADAPTERHUB_PULL_TIMEOUT"
+PULL_MAX_BYTES_ENV = "ADAPTERHUB_PULL_MAX_BYTES"
+DEFAULT_PULL_TIMEOUT = 600.0
+DEFAULT_PULL_MAX_BYTES = 4 * 1024 ** 3
+CARD_MAX_BYTES = 1024 ** 2
+_RETRY_STATUS = (429, 500, 502, 503, 504)
+_ETAG_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_BYTES_RE = re.compile(r"^([0-9]{1,20})\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+@dataclass(frozen=True)
+class PullLimits:
+    """Bounds of one pull: ``timeout`` seconds for the whole pull (parents included), ``max_bytes`` for
+    one weights file (a card's ``size_bytes`` can only lower it), ``card_max_bytes`` for one card."""
+
+    timeout: float = DEFAULT_PULL_TIMEOUT
+    max_bytes: int = DEFAULT_PULL_MAX_BYTES
+    card_max_bytes: int = CARD_MAX_BYTES
+
+
+def pull_limits(timeout: str | float | None = None, max_bytes: str | int | None = None) -> PullLimits:
+    """The pull limits from explicit values, else ``ADAPTERHUB_PULL_TIMEOUT`` / ``ADAPTERHUB_PULL_MAX_BYTES``,
+    else the defaults (600 s, 4 GiB). ``max_bytes`` takes a byte count with an optional K/M/G/T (binary)
+    suffix. Raises HubError (one line, naming the setting) for a non-positive or malformed value."""
+    t_raw = timeout if timeout is not None else os.environ.get(PULL_TIMEOUT_ENV) or None
+    b_raw = max_bytes if max_bytes is not None else os.environ.get(PULL_MAX_BYTES_ENV) or None
+    t = DEFAULT_PULL_TIMEOUT
+    if t_raw is not None:
+        try:
+            t = float(str(t_raw).strip())
+        except ValueError:
+            t = math.nan
+        if not math.isfinite(t) or t <= 0 or t > 10 ** 7:
+            raise HubError(f"invalid pull timeout {str(t_raw)[:40]!r} (timeout / {PULL_TIMEOUT_ENV}): give a number "
+                           "of seconds > 0", keywords=("timeout",))
+    b = DEFAULT_PULL_MAX_BYTES
+    if b_raw is not None:
+        m = _BYTES_RE.match(str(b_raw).strip()) if not isinstance(b_raw, bool) else None
+        b = int(m.group(1)) * _UNITS[m.group(2).lower()] if m else 0
+        if b <= 0:
+            raise HubError(f"invalid pull size limit {str(b_raw)[:40]!r} (max_bytes / {PULL_MAX_BYTES_ENV}): give a "
+                           "byte count > 0, e.g. 500M or 4GiB", keywords=("max_bytes",))
+    return PullLimits(t, b)
+
+
+class _TooBig(HubError):
+    pass
+
+
+def _show(value: object) -> str:
+    """A short, escaped rendering of a server-provided value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def _endpoint_key(endpoint: str) -> str:
+    """The cache folder name of an endpoint: sha256 of its public form (no credentials), 16 hex digits."""
+    return hashlib.sha256(public_endpoint(endpoint).encode()).hexdigest()[:16]
+
+
+def _inside(path: Path, folder: Path) -> Path:
+    """``path`` resolved, if it is a direct child of ``folder`` (resolved); else HubError. Nothing on disk is
+    touched through a path that has not passed this check."""
+    resolved, root = path.resolve(), folder.resolve()
+    if resolved.parent != root:
+        raise HubError(f"refusing a Hub cache path outside {root}")
+    return resolved
+
+
+def _sweep_stale_parts(tmp_dir: Path, max_age_s: float = 2 * 86400) -> None:
+    """Remove our own ``pull-*.part`` temp files older than ``max_age_s`` (left by a killed pull)."""
+    now = time.time()
+    try:
+        for p in tmp_dir.glob("pull-*.part"):
+            try:
+                if not p.is_symlink() and now - p.stat().st_mtime > max_age_s:
+                    _inside(p, tmp_dir).unlink()
+            except (OSError, HubError):
+                continue
+    except OSError:
+        pass
+
+
+@dataclass
+class _Meta:
+    commit: str
+    etag: str
+    size: int | None
+
+
+# ---------------------------------------------------------------------------------------------- transport
+class _Hub:
+    """Thin wrapper around one HfApi with uniform error translation, secret scrubbing and, for pulls, the
+    download layer (internal).
+
+    Downloads never let the server name a local path: file metadata (commit id, ETag, size) is checked
+    first (hex ids only, size under the cap), the body is streamed by us from the resolve URL pinned to the
+    checked commit, into memory (cards) or a temp file we name inside ``<cache>/<endpoint key>/tmp``, hashed
+    on the way and moved to ``blobs/<sha256>`` only when it equals the card's ``content_hash``. With
+    ``limits`` every request runs under the pull's overall deadline.
+    """
+
+    def __init__(self, endpoint: str | None, token: str | bool | None, cache_dir: str | os.PathLike[str] | None,
+                 progress: Progress | None, limits: PullLimits | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        self.endpoint = resolve_endpoint(endpoint)
+        self.token = token
+        self.cache_root = Path(cache_dir) / _endpoint_key(self.endpoint) if cache_dir is not None else None
+        self.scrub = _Scrub(token, self.endpoint)
+        self.progress = progress or (lambda _msg: None)
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.timeout if limits is not None else None
+        self.cancelled = threading.Event()
+        self.api = HfApi(endpoint=self.endpoint, token=token, library_name="adapterhub",
+                         library_version=_version())
+        # imported for their side effect: create their loggers before installing the scrubber
+        import huggingface_hub.file_download
+        import huggingface_hub.utils._http  # noqa: F401
+
+        _install_log_scrubber(self.scrub)
+
+    # -- calls
+    def call(self, what: str, fn: Callable[[], Any], *, repo: str | None = None, rev: str | None = None) -> Any:
+        """``fn()`` with its failures turned into one scrubbed HubError; under the deadline when there is one."""
+        try:
+            return fn() if self.deadline is None else self._bounded(what, fn)
+        except AdapterHubError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every transport/protocol failure becomes one HubError
+            raise _hub_error(what, e, endpoint=self.endpoint, scrub=self.scrub, repo=repo, rev=rev) from None
+
+    def remaining(self) -> float:
+        """Seconds left before the pull's deadline (a large number when there is none)."""
+        return 3600.0 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def _timeout_error(self, what: str) -> HubError:
+        assert self.limits is not None
+        return HubError(f"{what}: the pull from {public_endpoint(self.endpoint)} did not finish within "
+                        f"{self.limits.timeout:g} s (timeout / {PULL_TIMEOUT_ENV}); nothing was registered",
+                        keywords=("timeout",))
+
+    def _bounded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in a worker thread and wait for it until the deadline. A request that outlives the
+        deadline is abandoned (``cancelled`` tells our own download loops to stop at their next chunk)."""
+        left = self.remaining()
+        if left <= 0:
+            self.cancelled.set()
+            raise self._timeout_error(what)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="adapterhub-pull", daemon=True).start()
+        if not done.wait(left):
+            self.cancelled.set()
+            raise self._timeout_error(what)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _check_running(self, what: str) -> None:
+        if self.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline):
+            self.cancelled.set()
+            raise self._timeout_error(what)
+
+    # -- downloads
+    def _metadata(self, repo: str, filename: str, revision: str, cap: int, what: str) -> _Meta:
+        """HEAD of ``filename`` at ``revision``; refuses a non-hex commit id or ETag, or a size over ``cap``."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        safe_repo_path(filename)
+        from huggingface_hub.errors import HfHubHTTPError
+
+        url = hf_hub_url(repo, filename, revision=revision, endpoint=self.endpoint)
+
+        def head() -> Any:  # a busy server (429/5xx) is retried with backoff; an unreachable one is not
+            delay = 1.0
+            for attempt in range(6):
+                try:
+                    return get_hf_file_metadata(url, token=self.token, timeout=max(0.1, min(60.0, self.remaining())),
+                                                library_name="adapterhub", library_version=_version(),
+                                                endpoint=self.endpoint, retry_on_errors=False)
+                except HfHubHTTPError as e:
+                    status = getattr(getattr(e, "response", None), "status_code", None)
+                    if status not in _RETRY_STATUS or attempt == 5 or self.remaining() <= delay:
+                        raise
+                self._check_running(what)
+                time.sleep(delay)
+                delay = min(8.0, delay * 2)
+
+        meta = self.call(what, head, repo=repo, rev=revision)
+        where = f"{repo}@{revision}/{filename}"
+        commit, etag, size = meta.commit_hash, meta.etag, meta.size
+        if not isinstance(commit, str) or not _HEX40.match(commit):
+            raise HubError(self.scrub(f"{what}: the server gave {where} the commit id {_show(commit)}, not 40 hex "
+                                      "digits; refusing it, nothing was written"))
+        if not isinstance(etag, str) or not _ETAG_RE.match(etag):
+            raise HubError(self.scrub(f"{what}: the server gave {where} the ETag {_show(etag)}, not a hex digest; "
+                                      "refusing it, nothing was written"))
+        if size is not None and (size < 0 or size > cap):
+            raise _TooBig(f"{what}: {where} is {size} bytes, over the limit of {cap} bytes; refusing it")
+        return _Meta(commit, etag, size)
+
+    def _stream(self, repo: str, filename: str, commit: str, cap: int, expected: int | None, sink: Any,
+                what: str) -> str:
+        """GET ``filename`` at ``commit`` into ``sink`` (``write``), at most ``cap`` bytes, stopping at the
+        deadline; returns the body's sha256 hex. Runs in the worker thread of :meth:`_bounded`."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+
+        url = hf_hub_url(repo, filename, revision=commit, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self.token, library_name="adapterhub", library_version=_version())
+        headers["Accept-Encoding"] = "identity"
+        h = hashlib.sha256()
+        total = 0
+        where = f"{repo}@{commit[:12]}/{filename}"
+        with http_stream_backoff("GET", url, headers=headers, timeout=max(0.1, min(60.0, self.remaining())),
+                                 retry_on_exceptions=(), retry_on_status_codes=_RETRY_STATUS) as r:
+            hf_raise_for_status(r)
+            announced = r.headers.get("Content-Length")
+            if announced is not None and announced.strip().isdigit() and int(announced) > cap:
+                raise _TooBig(f"{what}: {where} is {int(announced)} bytes, over the limit of {cap} bytes; refusing it")
+            for chunk in r.iter_bytes():
+                self._check_running(what)
+                total += len(chunk)
+                if total > cap:
+                    raise _TooBig(f"{what}: {where} is over the limit of {cap} bytes; refusing it")
+                h.update(chunk)
+                sink.write(chunk)
+        self._check_running(what)
+        if expected is not None and total != expected:
+            raise HubError(f"{what}: {where}: got {total} bytes, the server announced {expected}; refusing it")
+        return h.hexdigest()
+
+    def fetch_card(self, repo: str, revision: str) -> tuple[str, bytes]:
+        """(commit id, bytes) of the ``adapterhub.json`` at ``revision``, read into memory (at most the card
+        cap). Raises HubError for any refusal or transfer failure."""
+        import io
+
+        cap = self.limits.card_max_bytes if self.limits is not None else CARD_MAX_BYTES
+        what = f"download {CARD_FILE}"
+        meta = self._metadata(repo, CARD_FILE, revision, cap, what)
+        buf = io.BytesIO()
+        self.call(what, lambda: self._stream(repo, CARD_FILE, meta.commit, cap, meta.size, buf, what),
+                  repo=repo, rev=revision)
+        return meta.commit, buf.getvalue()
+
+    @property
+    def blobs_dir(self) -> Path:
+        if self.cache_root is None:
+            raise HubError("no Hub cache folder for this download")
+        return self.cache_root / "blobs"
+
+    def _cached(self, digest: str) -> Path | None:
+        """The cached blob ``digest`` if present and still holding exactly those bytes (else it is dropped)."""
+        path = self.blobs_dir / digest
+        if not path.exists() and not path.is_symlink():
+            return None
+        try:
+            path = _inside(path, self.blobs_dir)
+            if sha256_file(path) == digest:
+                return path
+        except (OSError, HubError):
+            pass
+        _drop_cached(self.blobs_dir / digest, self.blobs_dir)
+        return None
+
+    def fetch_weights(self, repo: str, filename: str, commit: str, digest: str, *, size_hint: object = None,
+                      where: str | None = None) -> Path:
+        """The verified file ``filename`` of ``commit`` as ``<cache>/blobs/<digest>``: served from the cache
+        when it holds those bytes, else downloaded (at most ``max_bytes``, lowered by ``size_hint`` — the
+        card's ``size_bytes``) and kept only when its sha256 equals ``digest``. Raises HubError otherwise;
+        no temp file is left behind."""
+        if not _HEX40.match(commit) or not _HEX64.match(digest):
+            raise HubError(f"refusing to download {filename}: commit or content hash is not hex")
+        safe_repo_path(filename)
+        where = where or f"{repo}@{commit[:12]}"
+        hit = self._cached(digest)
+        if hit is not None:
+            return hit
+        cap = self.limits.max_bytes if self.limits is not None else DEFAULT_PULL_MAX_BYTES
+        if isinstance(size_hint, int) and not isinstance(size_hint, bool) and 0 <= size_hint < cap:
+            cap = size_hint  # the card can only lower the cap
+        what = f"download {filename}"
+        meta = self._metadata(repo, filename, commit, cap, what)
+        if meta.commit != commit:
+            raise HubError(f"{what}: asked for commit {commit[:12]} of {repo}, the server answered {meta.commit[:12]}; "
+                           "refusing it")
+        if len(meta.etag) == 64 and meta.etag != digest:
+            raise HubError(f"sha256 mismatch for {where}/{filename}: the card says {digest[:16]}…, the server's file "
+                           f"is {meta.etag[:16]}…; refusing it, nothing was registered")
+        tmp_dir = self.cache_root / "tmp"  # type: ignore[operator]
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_parts(tmp_dir)
+        fd, name = tempfile.mkstemp(prefix="pull-", suffix=".part", dir=tmp_dir)
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                got = self.call(what, lambda: self._stream(repo, filename, commit, cap, meta.size, f, what),
+                                repo=repo, rev=commit)
+            if got != digest:
+                raise HubError(f"sha256 mismatch for {where}/{filename}: the card says {digest[:16]}…, the download "
+                               f"is {got[:16]}…; refusing it, nothing was registered")
+            dest = _inside(self.blobs_dir / digest, self.blobs_dir)
+            os.replace(_inside(tmp, tmp_dir), dest)
+            return dest
+        finally:
+            try:
+                if tmp.exists():
+                    _inside(tmp, tmp_dir).unlink()
+            except (OSError, HubError):
+                pass
+
+    # -- listings
+    def refs(self, repo: str) -> Any:
+        return self.call("list refs", lambda: self.api.list_repo_refs(repo), repo=repo)
+
+    def tree(self, repo: str, revision: str) -> dict[str, Any]:
+        entries = self.call("list files", lambda: list(self.api.list_repo_tree(repo, revision=revision,
+                                                                                recursive=True)),
+                            repo=repo, rev=revision)
+        return {getattr(f, "path", ""): f for f in entries}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("adapterhub")
+    except Exception:  # noqa: BLE001
+        return "0"
+
+
+def _tree_has(tree: dict[str, Any], path: str, *, sha256: str | None = None, data: bytes | None = None) -> bool:
+    """Whether ``tree[path]`` holds exactly these bytes (LFS sha256 or git blob id)."""
+    f = tree.get(path)
+    if f is None:
+        return False
+    lfs = getattr(f, "lfs", None)
+    if sha256 is not None:
+        if lfs is not None:
+            return getattr(lfs, "sha256", None) == sha256
+        return data is not None and getattr(f, "blob_id", None) == _git_blob_sha1(data)
+    assert data is not None
+    if lfs is not None:
+        return getattr(lfs, "sha256", None) == hashlib.sha256(data).hexdigest()
+    return getattr(f, "blob_id", None) == _git_blob_sha1(data)
+
+
+# ---------------------------------------------------------------------------------------------- push
+def default_repo(ws: "Workspace", name: str, hub: _Hub) -> str:
+    """``<user>/<adapter name>`` for the token's user; raises HubError when there is no token."""
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    try:
+        who = hub.api.whoami()
+    except (LocalTokenNotFoundError, ValueError):
+        raise HubError("no Hub token: log in (`hf auth login`), set HF_TOKEN, or give a repo id OWNER/NAME",
+                       keywords=("repo",)) from None
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error("find the Hub user", e, endpoint=hub.endpoint, scrub=hub.scrub) from None
+    user = who.get("name") if isinstance(who, dict) else None
+    if not user:
+        raise HubError("the Hub did not say who the token belongs to; give a repo id OWNER/NAME", keywords=("repo",))
+    repo = f"{user}/{name}"
+    if not is_repo_id(repo):
+        raise HubError(f"cannot make a repo id from {repo!r}; give a repo id OWNER/NAME", keywords=("repo",))
+    return repo
+
+
+def _lineage_for_card(ws: "Workspace", ref: str) -> list[dict[str, Any]]:
+    out = []
+    for edge in ws.parents(ref):
+        if edge["parent"] is None:  # imported_from provenance is local knowledge, not lineage
+            continue
+        pv = ws.resolve(edge["parent"])
+        hub = {"repo": pv.hub_repo, "commit": pv.hub_commit, "tag": pv.hub_tag} if pv.hub_repo else None
+        out.append({"relation": edge["relation"], "weight": edge["weight"], "params": edge["params"] or {},
+                    "parent": {"name": pv.name, "version": pv.number, "content_hash": pv.content_hash,
+                               "kind": pv.kind, "hub": hub}})
+    out.sort(key=lambda e: (e["relation"], e["parent"]["name"], e["parent"]["version"]))
+    return out
+
+
+def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = False, branch: str = "main",
+         endpoint: str | None = None, token: str | bool | None = None, progress: Progress | None = None
+         ) -> PushResult:
+    """Push one catalog version to the Hub as one commit tagged ``v{N}``.
+
+    Takes the workspace, a REF, an optional repo id (default ``<user>/<adapter name>``), privacy for a new
+    repo, the branch to commit to, endpoint/token overrides and a progress callback for stage messages.
+    Returns a :class:`PushResult`. Raises HubError (transfer failed, tag already holds other weights, bad
+    repo id...), RefError for an unknown REF. The catalog is only updated after the Hub has the tag.
+    """
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not branch or not _REV_RE.match(branch) or ".." in branch:
+        raise HubError(f"invalid branch name {branch!r}")
+    if repo is not None and not is_repo_id(repo):
+        raise HubError(f"invalid Hub repo id {repo!r}: expected OWNER/NAME")
+    v = ws.resolve(ref)
+    data = ws.adapter_bytes(v)  # verified against the content hash by the store
+    base = ws.get_base(v.base, resolve_path=False)
+    hub = _Hub(endpoint, token, None, progress)
+    repo_id = repo or default_repo(ws, v.name, hub)
+    tag = f"v{v.number}"
+    card = build_hub_card(v, base, _lineage_for_card(ws, v.ref))
+    card["size_bytes"] = len(data)
+    card_bytes = hub_card_bytes(card)
+    readme = str(build_model_card(card, repo_id=repo_id, endpoint=public_endpoint(hub.endpoint))).encode()
+    url = f"{public_endpoint(hub.endpoint)}/{repo_id}"
+
+    def done(commit: str, uploaded: bool, message: str) -> PushResult:
+        fault_point("push.before-record")  # crash tests: tagged on the Hub, catalog not updated yet
+        ws.set_hub(v.ref, repo=repo_id, commit=commit, tag=tag, endpoint=public_endpoint(hub.endpoint))
+        return PushResult(v.ref, repo_id, branch, commit, tag, v.content_hash, uploaded, url, message)
+
+    # 1. Is this version already there?
+    hub.progress(f"checking {repo_id} on {public_endpoint(hub.endpoint)}")
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        refs = hub.api.list_repo_refs(repo_id)
+    except RepositoryNotFoundError:
+        refs = None
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error("push", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id) from None
+    if refs is not None:
+        tags = {t.name: t.target_commit for t in refs.tags}
+        if tag in tags:
+            tree = hub.tree(repo_id, tags[tag])
+            if _tree_has(tree, WEIGHTS_FILE, sha256=v.content_hash, data=data):
+                return done(tags[tag], False, f"{v.ref} is already on the Hub as {repo_id}@{tag}; nothing uploaded")
+            raise HubError(f"{repo_id}@{tag} already holds a different adapter; push to another repo", keywords=("repo",))
+        branches = {b.name: b.target_commit for b in refs.branches}
+    else:
+        hub.progress(f"creating {'private ' if private else ''}repo {repo_id}")
+        hub.call("create repo", lambda: hub.api.create_repo(repo_id, private=private, exist_ok=True), repo=repo_id)
+        branches = {b.name: b.target_commit for b in hub.refs(repo_id).branches}
+    if branch not in branches:
+        hub.call("create branch", lambda: hub.api.create_branch(repo_id, branch=branch, exist_ok=True),
+                 repo=repo_id, rev=branch)
+        branches = {b.name: b.target_commit for b in hub.refs(repo_id).branches}
+    head = branches.get(branch)
+
+    # 2. Commit, unless the head already holds exactly these files (an earlier try whose answer was lost).
+    files = {WEIGHTS_FILE: data, CARD_FILE: card_bytes, README_FILE: readme}
+    commit: str | None = None
+    if head is not None:
+        tree = hub.tree(repo_id, head)
+        if all(_tree_has(tree, p, sha256=v.content_hash if p == WEIGHTS_FILE else None, data=b)
+               for p, b in files.items()):
+            commit = head
+    if commit is None:
+        hub.progress(f"uploading {v.ref} ({len(data)} bytes) to {repo_id}@{branch}")
+        # the weights go from the store's blob file (huggingface_hub shows a byte progress bar for files)
+        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(ws.store.path(v.content_hash))
+                                  if p == WEIGHTS_FILE else b) for p, b in files.items()]
+        if ops[0].upload_info.sha256.hex() != v.content_hash or ops[0].upload_info.size != len(data):
+            raise HubError(f"{v.ref}: the store blob changed while pushing; run `adapterhub verify`")
+        info = hub.call("commit", lambda: hub.api.create_commit(
+            repo_id, ops, commit_message=f"{v.name} {tag} (sha256 {v.content_hash[:12]})",
+            commit_description=f"adapterhub {v.ref}, content hash {v.content_hash}", revision=branch,
+            parent_commit=head), repo=repo_id, rev=branch)
+        commit = info.oid
+    assert commit is not None
+    fault_point("push.after-commit")  # crash tests: committed on the Hub, not tagged yet
+
+    # 3. Tag. A 409 is fine when the tag already points at our commit (a retried push).
+    hub.progress(f"tagging {commit[:12]} as {tag}")
+    try:
+        hub.api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"{v.ref} sha256:{v.content_hash}")
+    except HfHubHTTPError as e:
+        if getattr(e.response, "status_code", None) != 409:
+            raise _hub_error("tag", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id, rev=tag) from None
+        now = {t.name: t.target_commit for t in hub.refs(repo_id).tags}
+        if now.get(tag) != commit:
+            raise HubError(f"{repo_id}@{tag} was created by someone else meanwhile; push to another repo",
+                           keywords=("repo",)) from None
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error("tag", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id, rev=tag) from None
+    return done(commit, True, f"pushed {v.ref} to {repo_id}@{tag} (commit {commit[:12]})")
+
+
+# ---------------------------------------------------------------------------------------------- pull
+def _find_local(ws: "Workspace", content_hash: str) -> "VersionInfo | None":
+    """The local version holding these bytes (None when the catalog has none)."""
+    try:
+        return ws.resolve(f"sha256:{content_hash}")
+    except RefError:
+        return None
+
+
+@dataclass
+class _Plan:
+    """What one pull will register, gathered before the catalog is touched (internal).
+
+    ``versions``: (version, its PullResult, whether it adds to a local adapter the user named) in
+    dependency order; ``bases``: bases to add with them; ``by_digest``: planned results by content hash;
+    ``names``: local adapter name -> the repo planned into it; ``in_progress``: hashes being planned
+    (a lineage cycle otherwise).
+    """
+
+    versions: list[tuple["NewVersion", PullResult, bool]] = field(default_factory=list)
+    bases: dict[str, "BaseInfo"] = field(default_factory=dict)
+    by_digest: dict[str, PullResult] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    in_progress: set[str] = field(default_factory=set)
+
+
+def local_name_for(repo: str) -> str:
+    """The default local adapter name of Hub repo ``owner/name``: ``owner--name`` (never the card's name).
+
+    Raises HubError when that is not a valid adapter name (too long, ``..``), asking for a name.
+    """
+    from ..catalog.names import validate_name
+    from ..errors import NameError_
+
+    try:
+        return validate_name(repo.replace("/", "--"), "adapter name")
+    except NameError_:
+        raise HubError(f"cannot make a local adapter name from the repo id {repo!r}; give a name",
+                       keywords=("name",)) from None
+
+
+def _check_local_name(ws: "Workspace", plan: _Plan, *, name: str, repo: str, endpoint: str, base: str,
+                      explicit: bool) -> bool:
+    """May this pull add a version of ``repo`` under local adapter ``name``? Returns True when it adds to
+    an adapter the user named (``explicit``) that already exists.
+
+    A name the user gave may hold an existing adapter only on the same base. A name derived from the
+    repo id may only hold versions pulled from (or pushed to) that same repo on the same endpoint. One
+    pull never puts two repos under one name. Raises HubError otherwise; writes nothing.
+    """
+    other = plan.names.get(name)
+    if other is not None and other != repo:
+        raise HubError(f"this pull would put {other} and {repo} under one local name {name!r}; refusing")
+    plan.names[name] = repo
+    try:
+        versions = ws.log(name)
+    except RefError:
+        return False
+    if explicit:
+        bases = sorted({v.base for v in versions} - {base})
+        if bases:
+            raise HubError(f"your adapter {name!r} is on base {bases[0]!r} but {repo} is an adapter of base "
+                           f"{base!r}; refusing (choose another name)", keywords=("name",))
+        return bool(versions)
+    if any(v.hub_repo != repo or v.hub_endpoint != endpoint for v in versions):
+        raise HubError(f"a local adapter {name!r} already exists and is not a copy of {repo}; give a name "
+                       "to choose the local name", keywords=("name",))
+    return False
+
+
+def _ensure_base(ws: "Workspace", base: dict[str, Any], plan: _Plan) -> str:
+    """The local base name for the card's ``base``: a local base of that name with the same fingerprint,
+    or one to add under that name (kept in ``plan.bases``, registered in the same transaction as the
+    versions) from a local base with the same fingerprint or the card's built-in source. The fingerprint
+    decides; nothing is written to the catalog here. Raises HubError when no such base can be found."""
+    from ..errors import BaseModelError
+
+    name, fp = base.get("name"), base.get("fingerprint")
+    if not isinstance(name, str) or not name:
+        raise HubError("the adapter card names no base model")
+    planned = plan.bases.get(name)
+    if planned is not None:
+        if planned.fingerprint != fp:
+            raise HubError(f"the pulled adapters need two different bases called {name!r}; refusing")
+        return name
+    try:
+        local = ws.get_base(name, resolve_path=False)
+    except BaseModelError:
+        local = None
+    if local is not None:
+        if local.fingerprint != fp:
+            raise HubError(f"local base {name!r} has fingerprint {local.fingerprint[:12]}, the adapter was made for "
+                           f"{str(fp)[:12]}; refusing")
+        return name
+    # The same weights under another local name, or a source we can materialise here.
+    candidates = [b.source for b in ws.list_bases() if b.fingerprint == fp]
+    src = base.get("source")
+    if isinstance(src, str) and src.startswith("builtin:"):
+        candidates.append(src)
+    revision = base.get("revision")
+    revision = revision if isinstance(revision, str) and 0 < len(revision) <= 200 and revision.isprintable() else None
+    for source in candidates:
+        try:
+            added = ws.prepare_base(name, source, revision)
+        except AdapterHubError:
+            continue
+        if added.fingerprint == fp:
+            plan.bases[name] = added
+            return name
+        raise HubError(f"base {name!r} from {source} has fingerprint {added.fingerprint[:12]}, the adapter needs "
+                       f"{str(fp)[:12]}")
+    raise HubError(f"base model {name!r} (fingerprint {str(fp)[:12]}) is not in this catalog; add it with "
+                   f"`adapterhub base add {name} SOURCE` and pull again")
+
+
+def _drop_cached(path: Path, blobs: Path) -> None:
+    """Remove a bad entry ``blobs/<sha256>`` from our Hub cache so a retry downloads again.
+
+    Only a direct entry of ``blobs`` whose name is a sha256 is removed, and a symlink there is removed
+    itself, never followed: no other path is ever unlinked (whatever a server sent).
+    """
+    try:
+        if not _HEX64.match(path.name) or path.parent.resolve() != blobs.resolve():
+            return
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    except OSError:
+        pass
+
+
+def pull(ws: "Workspace", spec: str, *, name: str | None = None, with_parents: bool = False,
+         endpoint: str | None = None, token: str | bool | None = None,
+         cache_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None,
+         limits: PullLimits | None = None) -> PullResult:
+    """Pull ``REPO[@REV]`` into the catalog, all or nothing.
+
+    Takes the workspace, the repo spec (REV: tag such as ``v3``, branch or commit; default ``main``), an
+    optional local adapter name (default: ``OWNER--NAME`` from the repo id, never the card's name), whether
+    to pull missing ancestors, endpoint/token/cache overrides and a progress callback. Everything (the
+    adapter, its parents, recursively, and a base to add) is downloaded and verified first; then all of it
+    is registered in one transaction (:meth:`Workspace.register_many`). A version is added to an existing
+    local adapter only when the user named it (same base) or when that adapter is a copy of the same repo.
+    Returns a :class:`PullResult` (``registered`` False when the catalog already had these bytes). Raises
+    HubError on a transfer failure, a malformed card, an unsafe file name, weights whose sha256 differs
+    from the card, a local name that is taken; FormatError when the file is invalid; BaseModelError/
+    CatalogError when it does not fit the local catalog. On any error the catalog and the store are as
+    they were.
+    """
+    from ..catalog.names import validate_name
+
+    if name is not None:
+        validate_name(name, "adapter name")
+    # downloads: <cache_dir or <home>/cache/hub>/<endpoint key>/; limits: deadline and size caps (pull_limits)
+    hub = _Hub(endpoint, token, cache_dir if cache_dir is not None else ws.cache_dir / "hub", progress,
+               limits if limits is not None else pull_limits())
+    plan = _Plan()
+    result = _plan_pull(ws, hub, plan, spec, name=name, with_parents=with_parents, depth=0)
+    if plan.versions:
+        hub.progress(f"registering {len(plan.versions)} version(s)")
+        infos = ws.register_many([v for v, _, _ in plan.versions], new_bases=list(plan.bases.values()))
+        for (version, res, added), info in zip(plan.versions, infos, strict=True):
+            res.ref, res.registered = info.ref, info.created
+            where = f"{res.repo}@{res.revision}"
+            if not info.created:
+                res.message = f"{where} is already in the catalog as {info.ref}; nothing to do"
+            elif added:
+                res.message = f"pulled {where}: added {info.ref} to your existing adapter {version.name}"
+            else:
+                res.message = f"pulled {where} as {info.ref}"
+    return result
+
+
+def _card_lineage_edge(entry: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
+    """The weight and params of a card lineage entry, as plain data (anything else is dropped)."""
+    weight = entry.get("weight")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        weight = None
+    params = entry.get("params")
+    return weight, params if isinstance(params, dict) and params else None
+
+
+def _plan_pull(ws: "Workspace", hub: _Hub, plan: _Plan, spec: str, *, name: str | None, with_parents: bool,
+               depth: int) -> PullResult:
+    """Download and verify one version (and, with ``with_parents``, its missing ancestors first) and add
+    it to ``plan``; touches neither the catalog nor the store. Returns its PullResult (``ref`` filled in
+    after registration; a version the catalog already has is returned as done, ``registered`` False)."""
+    from ..catalog.records import NewVersion, Parent
+
+    if depth > 64:
+        raise HubError("lineage deeper than 64 levels; refusing")
+    repo, rev = parse_repo_spec(spec)
+    revision = rev or "main"
+    explicit = name is not None
+    local_name = name if name is not None else local_name_for(repo)
+    hub.progress(f"reading {CARD_FILE} of {repo}@{revision}")
+    commit, card_bytes = hub.fetch_card(repo, revision)  # commit: 40 hex digits, checked
+    card = parse_hub_card(card_bytes, where=f"{repo}@{revision}/{CARD_FILE}")
+    digest = card["content_hash"]
+    tag: str | None = rev if rev is not None and _TAG_RE.match(rev) else None
+
+    existing = _find_local(ws, digest)
+    if existing is not None and (not explicit or existing.name == name):
+        return PullResult(existing.ref, repo, revision, commit, tag, digest, False,
+                          f"{repo}@{revision} is already in the catalog as {existing.ref}; nothing to do")
+    if digest in plan.in_progress:
+        raise HubError(f"lineage cycle through {digest[:12]}; refusing")
+    if not explicit and digest in plan.by_digest:  # a diamond: this ancestor is already planned
+        return plan.by_digest[digest]
+    plan.in_progress.add(digest)
+
+    # Weights: download (from the exact commit the card came from) and verify BEFORE anything else.
+    filename = safe_repo_path(card.get("file", WEIGHTS_FILE))
+    hub.progress(f"downloading {repo}@{revision}/{filename}")
+    weights_path = hub.fetch_weights(repo, filename, commit, digest, size_hint=card.get("size_bytes"),
+                                     where=f"{repo}@{revision}")  # verified against digest, capped, deadline
+    data = weights_path.read_bytes()
+    got = sha256_hex(data)
+    if got != digest:
+        _drop_cached(weights_path, hub.blobs_dir)
+        raise HubError(f"sha256 mismatch for {repo}@{revision}/{filename}: the card says {digest[:16]}…, the "
+                       f"download is {got[:16]}…; refusing it, nothing was registered")
+    fault_point("pull.after-download")  # crash tests: weights verified in the cache, nothing registered yet
+    adapter = fmt.load(data)
+    embedded = adapter.card.get("base") if isinstance(adapter.card.get("base"), dict) else {}
+    if embedded and embedded.get("fingerprint") != card["base"].get("fingerprint"):
+        raise HubError(f"{repo}@{revision}: the file's base fingerprint disagrees with its card; refusing")
+
+    # Lineage: parents found locally (or already planned) become edges; missing ones are pulled
+    # (with_parents, named after THEIR repo ids) or recorded as provenance.
+    parents: list[Any] = []
+    pulled: list[PullResult] = []
+    missing: list[dict[str, Any]] = []
+    for entry in card.get("lineage", []):
+        relation = entry["relation"]
+        if relation == "imported_from":
+            continue
+        parent = entry.get("parent") or {}
+        ph = parent.get("content_hash")
+        local = _find_local(ws, ph) if ph else None
+        parent_ref = local.ref if local is not None else (f"sha256:{ph}" if ph in plan.by_digest else None)
+        if parent_ref is None and with_parents:
+            coords = parent.get("hub") or {}
+            if not coords.get("repo"):
+                raise HubError(f"parent {parent.get('name')}@{parent.get('version')} of {repo}@{revision} was never "
+                               "pushed to the Hub; it cannot be pulled")
+            prev = coords.get("commit") or coords.get("tag") or "main"
+            res = _plan_pull(ws, hub, plan, f"{coords['repo']}@{prev}", name=None, with_parents=True, depth=depth + 1)
+            if ph and res.content_hash != ph:
+                raise HubError(f"parent {coords['repo']}@{prev} holds {res.content_hash[:12]}, the lineage says "
+                               f"{ph[:12]}; refusing")
+            pulled.append(res)
+            parent_ref = f"sha256:{res.content_hash}" if res.content_hash in plan.by_digest else res.ref
+        if parent_ref is None:
+            missing.append({"relation": relation, "name": parent.get("name"), "version": parent.get("version"),
+                            "content_hash": ph, "hub": parent.get("hub")})
+            continue
+        weight, params = _card_lineage_edge(entry)
+        parents.append(Parent(parent_ref, relation, weight, params))
+    endpoint = public_endpoint(hub.endpoint)
+    provenance: dict[str, Any] = {"repo": repo, "revision": revision, "commit": commit, "tag": tag,
+                                  "endpoint": endpoint, "content_hash": digest, "hub_version": card["version"]}
+    if missing:
+        provenance["missing_parents"] = missing
+    parents.append(Parent(None, "imported_from", None, provenance))
+
+    if tag is None:  # pulled by branch or commit: name the version tag pointing at this commit, if any
+        tags = sorted(t.name for t in hub.refs(repo).tags if t.target_commit == commit and _TAG_RE.match(t.name))
+        tag = tags[0] if tags else None
+    base_name = _ensure_base(ws, card["base"], plan)
+    added = _check_local_name(ws, plan, name=local_name, repo=repo, endpoint=endpoint, base=base_name,
+                              explicit=explicit)
+    version = NewVersion(adapter, name=local_name, task=card.get("task"), base=base_name,
+                         kind=card.get("kind") or "expert", parents=tuple(parents),
+                         metrics=card.get("metrics") or None, training_config=card.get("training") or None,
+                         hub={"repo": repo, "commit": commit, "tag": tag, "endpoint": endpoint}, expect_hash=digest)
+    result = PullResult("", repo, revision, commit, tag, digest, True, "", pulled)
+    plan.versions.append((version, result, added))
+    plan.by_digest[digest] = result
+    plan.in_progress.discard(digest)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- versions
+def hub_versions(repo: str, *, endpoint: str | None = None, token: str | bool | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> list[HubVersion]:
+    """The ``v{N}`` tags of ``repo`` (oldest first) with the content hash, name, kind and task each holds.
+
+    Raises HubError when the repo cannot be listed. A tag whose card cannot be read (or that the server
+    answers with a non-hex commit id/ETag or over 1 MiB) is listed with ``error`` set instead of failing
+    the whole listing. Cards are read into memory: ``cache_dir`` is accepted for compatibility, unused.
+    """
+    if not is_repo_id(repo):
+        raise HubError(f"invalid Hub repo id {repo!r}: expected OWNER/NAME")
+    hub = _Hub(endpoint, token, cache_dir, None)
+    refs = hub.refs(repo)
+    out: list[HubVersion] = []
+    for t in refs.tags:
+        m = _TAG_RE.match(t.name)
+        if not m:
+            continue
+        try:
+            card = parse_hub_card(hub.fetch_card(repo, t.target_commit)[1],
+                                  where=f"{repo}@{t.name}/{CARD_FILE}")
+            out.append(HubVersion(t.name, int(m.group(1)), t.target_commit, card["content_hash"], card.get("name"),
+                                  card.get("kind"), card.get("task")))
+        except HubError as e:
+            out.append(HubVersion(t.name, int(m.group(1)), t.target_commit, None, None, None, None, str(e)))
+    return sorted(out, key=lambda h: h.version)
+
+
+def iter_pull_results(result: PullResult) -> Iterator[PullResult]:
+    """The result and its pulled parents, depth first (parents before children)."""
+    for p in result.parents:
+        yield from iter_pull_results(p)
+    yield result

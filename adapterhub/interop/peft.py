@@ -1,0 +1,315 @@
+"""Import and export of PEFT SHiRA adapter folders (PEFT's own sparse format).
+
+A PEFT SHiRA folder holds ``adapter_config.json`` (``"peft_type": "SHIRA"``, ``r``, ``target_modules``...)
+and ``adapter_model.safetensors`` with, per adapted ``nn.Linear`` called ``<module>``:
+
+* ``base_model.model.<module>.shira_weight``: 1-D values (fp32), ``r * (in + out)`` of them;
+* ``base_model.model.<module>.shira_indices``: ``(2, n)`` int32 COO coordinates (row, col) into the
+  ``(out, in)`` weight.
+
+PEFT adds ``torch.sparse_coo_tensor(indices, weight * scaling)`` to the dense weight (duplicates summed),
+so the delta of ``<module>.weight`` is exactly our :class:`~adapterhub.format.SparseParam` with flat index
+``row * in + col``. See ``peft/tuners/shira/{layer,model}.py`` (peft 0.21).
+
+Because PEFT allocates exactly ``r * (in + out)`` values per layer, export pads every layer to that count
+with zero-valued entries at positions outside the mask (adding 0 leaves the weight unchanged), choosing
+the smallest ``r`` that holds every layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from .. import format as fmt
+from ..errors import FormatError
+from ..fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from ..workspace import Workspace
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_W = ".shira_weight"
+_I = ".shira_indices"
+
+
+def is_peft_folder(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a folder with a PEFT ``adapter_config.json``."""
+    p = Path(path)
+    return p.is_dir() and (p / PEFT_CONFIG).is_file()
+
+
+def _read_peft_config(folder: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((folder / PEFT_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{PEFT_CONFIG}: cannot read PEFT config ({e.__class__.__name__})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{PEFT_CONFIG}: not a JSON object")
+    if str(cfg.get("peft_type", "")).upper() != "SHIRA":
+        raise FormatError(f"{PEFT_CONFIG}: peft_type is {cfg.get('peft_type')!r}; only SHIRA adapters can be imported")
+    return cfg
+
+
+def _read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    wpath = folder / PEFT_WEIGHTS
+    if not wpath.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise FormatError("adapter_model.bin: pickle-based PEFT weights are refused; save with safe_serialization")
+        raise FormatError(f"{PEFT_WEIGHTS}: missing from {folder}")
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError/OSError/ValueError when corrupt
+        raise FormatError(f"{PEFT_WEIGHTS}: not a valid safetensors file ({str(e).splitlines()[0][:200]})") from None
+    return out
+
+
+def map_module_to_tensor(module: str, base_shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """Name of the base tensor (``<module>.weight``) a PEFT module path refers to.
+
+    PEFT paths are relative to the model class that was wrapped (``BertForSequenceClassification`` has
+    ``bert.encoder...``), while a base folder saved from ``BertModel`` has ``encoder...``. We accept an exact
+    match, or a unique match after dropping leading path components on either side.
+    Raises FormatError if there is no unique match.
+    """
+    exact = module + ".weight"
+    if exact in base_shapes:
+        return exact
+    parts = module.split(".")
+    for k in range(1, len(parts)):
+        cand = ".".join(parts[k:]) + ".weight"
+        if cand in base_shapes:
+            return cand
+    hits = [n for n in base_shapes if n.endswith("." + exact)]
+    if len(hits) == 1:
+        return hits[0]
+    raise FormatError(f"{PEFT_PREFIX}{module}{_W}: no tensor {exact} in the base model"
+                      + (f" ({len(hits)} candidates)" if hits else ""))
+
+
+def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]], *,
+                      allow_nonfinite: bool = False) -> fmt.SparseAdapter:
+    """Convert a PEFT SHiRA folder into a :class:`SparseAdapter` whose params are the base's tensor names.
+
+    Takes the folder and the base model's ``{tensor name: shape}``. Returns the adapter (fp32 values as PEFT
+    stores them; duplicate coordinates are summed, as PEFT's sparse add does). Raises FormatError naming the
+    tensor when the folder is malformed (wrong dtypes, shapes, out-of-range coordinates, NaN...).
+    """
+    folder = Path(folder)
+    cfg = _read_peft_config(folder)
+    tensors = _read_peft_tensors(folder)
+    modules = sorted({k[:-len(_W)] for k in tensors if k.endswith(_W)} | {k[:-len(_I)] for k in tensors if k.endswith(_I)})
+    if not modules:
+        raise FormatError(f"{PEFT_WEIGHTS}: no shira_weight/shira_indices tensors found")
+    params: dict[str, fmt.SparseParam] = {}
+    for mod in modules:
+        wkey, ikey = mod + _W, mod + _I
+        if wkey not in tensors:
+            raise FormatError(f"{wkey}: missing (indices without values)")
+        if ikey not in tensors:
+            raise FormatError(f"{ikey}: missing (values without indices)")
+        w, ind = tensors[wkey], tensors[ikey]
+        if w.dtype not in fmt.VALUE_DTYPES:
+            raise FormatError(f"{wkey}: dtype {w.dtype} not allowed (fp32, bf16, fp16)")
+        if w.dim() != 1:
+            raise FormatError(f"{wkey}: must be 1-D, got shape {tuple(w.shape)}")
+        if ind.dim() != 2 or ind.shape[0] != 2 or ind.shape[1] != w.shape[0]:
+            raise FormatError(f"{ikey}: shape {tuple(ind.shape)} does not match (2, {w.shape[0]})")
+        if ind.dtype in (torch.float32, torch.float64):  # PEFT on Windows saves indices as float32
+            if not bool(torch.equal(ind, ind.round())):
+                raise FormatError(f"{ikey}: non-integer coordinates")
+        elif ind.dtype not in (torch.int32, torch.int64, torch.int16):
+            raise FormatError(f"{ikey}: dtype {ind.dtype} not allowed (int32)")
+        ind = ind.to(torch.int64)
+        if not allow_nonfinite and w.numel() and not bool(torch.isfinite(w).all()):
+            raise FormatError(f"{wkey}: values contain NaN or infinity")
+        module = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
+        tname = map_module_to_tensor(module, base_shapes)
+        shape = tuple(base_shapes[tname])
+        if len(shape) != 2:
+            raise FormatError(f"{wkey}: base tensor {tname} has shape {shape}, SHiRA needs a 2-D Linear weight")
+        rows, cols = shape
+        if ind.numel() and (int(ind[0].min()) < 0 or int(ind[0].max()) >= rows or int(ind[1].min()) < 0
+                            or int(ind[1].max()) >= cols):
+            raise FormatError(f"{ikey}: coordinates out of range for {tname} of shape {shape}")
+        flat = ind[0] * cols + ind[1]
+        uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        if uniq.numel() != flat.numel():
+            vals = torch.zeros(uniq.numel(), dtype=torch.float32).index_add_(0, inverse, w.to(torch.float32)).to(w.dtype)
+        else:
+            vals = torch.empty_like(w)
+            vals[inverse] = w
+        if tname in params:
+            raise FormatError(f"{wkey}: maps to {tname}, which another module already targets")
+        params[tname] = fmt.SparseParam(shape, uniq.contiguous(), vals.contiguous())
+    extra_keys = sorted(k for k in tensors if not k.endswith((_W, _I)))
+    if extra_keys:
+        raise FormatError(f"{extra_keys[0]}: not a SHiRA tensor (modules_to_save are not supported on import)")
+    card = {
+        "mask": {"method": f"peft-shira-{cfg.get('mask_type', 'random')}", "granularity": "element",
+                 "targets": sorted(params)},
+        "imported": {"format": "peft-shira", "peft_version": cfg.get("peft_version"), "r": cfg.get("r"),
+                     "base_model_name_or_path": cfg.get("base_model_name_or_path")},
+    }
+    adapter = fmt.SparseAdapter(params, {}, card)
+    adapter.validate(allow_nonfinite=allow_nonfinite)
+    return adapter
+
+
+def read_adapter_source(path: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                        *, allow_nonfinite: bool = False) -> tuple[fmt.SparseAdapter, str]:
+    """Read what ``register`` was given: our ``.safetensors`` file or a PEFT SHiRA folder.
+
+    Returns (adapter, source kind ``"adapterhub"`` | ``"peft-shira"``). ``base_shapes`` is needed for PEFT
+    folders (module names and weight shapes come from the base). ``allow_nonfinite`` (the user's explicit
+    flag, never the file's card) lets NaN/inf values through. Raises FormatError.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if not is_peft_folder(p):
+            raise FormatError(f"{p}: a folder must be a PEFT SHiRA adapter (adapter_config.json missing)")
+        if base_shapes is None:
+            raise FormatError("a PEFT folder can only be imported against a base model")
+        return import_peft_shira(p, base_shapes, allow_nonfinite=allow_nonfinite), "peft-shira"
+    return fmt.load_file(p, allow_nonfinite=allow_nonfinite), "adapterhub"
+
+
+# -- export --------------------------------------------------------------------------------------
+
+@dataclass
+class PeftExport:
+    path: Path
+    r: int
+    modules: list[str]
+    padded: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": "peft", "r": self.r, "modules": self.modules, "padded": self.padded}
+
+
+def _linear_weights(base_folder: Path | None) -> set[str] | None:
+    """Names of ``nn.Linear`` weights of the base architecture (built on the meta device), or None if unknown."""
+    if base_folder is None or not (base_folder / "config.json").is_file():
+        return None
+    try:
+        import transformers
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(base_folder))
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch) if arch else None
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            model = cls(cfg)
+        return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    except Exception:  # noqa: BLE001 - unknown architecture, missing deps: skip the check, PEFT will judge
+        return None
+
+
+def export_peft_shira(adapter: fmt.SparseAdapter, out: str | os.PathLike[str], *, base_folder: Path | None = None,
+                      base_name_or_path: str | None = None, drop_extras: bool = False) -> PeftExport:
+    """Write ``adapter`` as a PEFT SHiRA folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    Takes the adapter, the output folder (created; existing adapter files are replaced atomically), the base
+    folder (to check that targets are ``nn.Linear`` weights) and the name recorded in the config.
+    Returns a :class:`PeftExport`. Raises FormatError when a parameter cannot be expressed in SHiRA
+    (not a 2-D Linear weight, too dense for any rank) or the adapter has dense extras (unless dropped).
+    """
+    out = Path(out)
+    if adapter.extras and not drop_extras:
+        raise FormatError(f"extra {sorted(adapter.extras)[0]}: PEFT SHiRA cannot hold dense extras; "
+                          "pass drop_extras=True to export only the sparse deltas", keywords=("drop_extras",))
+    linear = _linear_weights(base_folder)
+    need_r = 1
+    for name in sorted(adapter.params):
+        p = adapter.params[name]
+        if len(p.shape) != 2 or not name.endswith(".weight"):
+            raise FormatError(f"{name}: PEFT SHiRA only adapts 2-D nn.Linear weights")
+        if linear is not None and name not in linear:
+            raise FormatError(f"{name}: not an nn.Linear weight of the base architecture; PEFT SHiRA cannot adapt it")
+        m, n = p.shape
+        need_r = max(need_r, math.ceil(p.nnz / (m + n)))
+    for name in sorted(adapter.params):
+        m, n = adapter.params[name].shape
+        if need_r * (m + n) > m * n:
+            raise FormatError(f"{name}: SHiRA rank {need_r} needed by the densest layer would exceed this "
+                              f"{m}x{n} weight's size; export the layers separately")
+    tensors: dict[str, torch.Tensor] = {}
+    padded = 0
+    modules = []
+    for name in sorted(adapter.params):
+        p = adapter.params[name]
+        m, n = p.shape
+        idx, vals = p.flat()
+        want = need_r * (m + n)
+        extra = want - idx.numel()
+        if extra:
+            used = torch.zeros(m * n, dtype=torch.bool)
+            used[idx] = True
+            free = (~used).nonzero().reshape(-1)[:extra]
+            idx = torch.cat([idx, free])
+            vals = torch.cat([vals.to(torch.float32), torch.zeros(extra, dtype=torch.float32)])
+            padded += extra
+        module = name[: -len(".weight")]
+        modules.append(module)
+        coo = torch.stack([torch.div(idx, n, rounding_mode="floor"), idx % n]).to(torch.int32).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}{_I}"] = coo
+        tensors[f"{PEFT_PREFIX}{module}{_W}"] = vals.to(torch.float32).contiguous()
+    import peft  # only for the version recorded in the config
+    from safetensors.torch import save as st_save
+
+    config = {
+        "auto_mapping": None, "base_model_name_or_path": base_name_or_path, "fan_in_fan_out": False,
+        "inference_mode": True, "init_weights": True, "mask_type": "random", "modules_to_save": None,
+        "peft_type": "SHIRA", "peft_version": peft.__version__, "r": need_r, "random_seed": None, "revision": None,
+        "target_modules": modules, "task_type": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(out / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return PeftExport(out, need_r, modules, padded)
+
+
+def export_version(ws: Workspace, ref: str, out: str | os.PathLike[str], *, to: str = "safetensors",
+                   drop_extras: bool = False) -> dict[str, Any]:
+    """Export a catalogued version: ``safetensors`` copies the verified blob, ``peft`` writes a SHiRA folder.
+
+    For ``safetensors`` an ``out`` that is an existing folder gets ``<name>-v<N>.safetensors`` inside it.
+    Returns a JSON-able summary. Raises AdapterHubError subclasses (unknown ref, corrupt blob, FormatError).
+    """
+    info = ws.resolve(ref)
+    out = Path(out)
+    if to == "safetensors":
+        data = ws.store.get_bytes(info.content_hash)
+        dest = out / f"{info.name}-v{info.number}.safetensors" if out.is_dir() else out
+        atomic_write_bytes(dest, data)
+        return {"ref": info.ref, "format": "safetensors", "path": str(dest), "content_hash": info.content_hash,
+                "size_bytes": len(data)}
+    if to == "peft":
+        if out.exists() and not out.is_dir():
+            raise FormatError(f"{out}: exists and is not a folder")
+        adapter = ws.load_adapter(info)
+        base = ws.get_base(info.base)
+        res = export_peft_shira(adapter, out, base_folder=base.path, base_name_or_path=str(base.path),
+                                drop_extras=drop_extras)
+        doc = res.to_json()
+        doc["ref"] = info.ref
+        return doc
+    raise FormatError(f"unknown export format {to!r}; use safetensors or peft")
+
+
+__all__ = ["import_peft_shira", "export_peft_shira", "export_version", "read_adapter_source", "is_peft_folder",
+           "map_module_to_tensor", "PeftExport"]

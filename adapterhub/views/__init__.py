@@ -1,0 +1,1 @@
+"""Human-readable views: adapter diffs and lineage rendering."""

@@ -1,0 +1,755 @@
+"""The façade the CLI calls: a :class:`Workspace` ties the home directory, blob store and catalog together."""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from .catalog import db
+from .catalog.deployments import DeploymentCatalog
+from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag
+from .catalog.records import BaseInfo, NewVersion, Parent, VersionInfo, iso_utc  # noqa: F401 - re-exported
+from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
+from .bases.sources import canonical_source, inspect_folder, resolve_source, tensor_shapes
+from .catalog.names import validate_name
+from .catalog.refs import parse_ref
+from .store import BlobStore, GcResult
+
+if TYPE_CHECKING:
+    from . import format as fmt
+
+_log = logging.getLogger("adapterhub.catalog")
+
+
+@dataclass
+class _PreparedVersion:
+    """A validated, canonically serialised version, not yet written anywhere (internal)."""
+
+    spec: NewVersion
+    base: "BaseInfo"
+    adapter: Any
+    card: dict[str, Any]
+    data: bytes
+    digest: str
+    dtype: str
+
+    def row_args(self, digest: str) -> dict[str, Any]:
+        """Keyword arguments of :meth:`Workspace._insert_version` / ``_add_version_row``."""
+        s = self.spec
+        return dict(name=s.name, kind=s.kind, base_id=self.base.id, digest=digest, size=len(self.data), task=s.task,
+                    mask=self.card.get("mask") or {}, adapter=self.adapter, dtype=self.dtype, parents=s.parents,
+                    metrics=s.metrics, training_config=s.training_config, card=self.card, hub=s.hub)
+
+
+def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None = None) -> VersionInfo:
+    a = row.adapter
+    return VersionInfo(
+        id=row.id, name=a.name, number=row.number, kind=a.kind, content_hash=row.content_hash, size_bytes=row.size_bytes,
+        task=row.task, base=base.name, base_fingerprint=base.fingerprint, mask_method=row.mask_method,
+        density=row.density, granularity=row.granularity, block_size=row.block_size, target_modules=row.target_modules,
+        nnz=row.nnz, nnz_per_param=row.nnz_per_param, dtype=row.dtype, mask_hash=row.mask_hash,
+        training_config=row.training_config, metrics=row.metrics, card=row.card, created_at=row.created_at,
+        hub_repo=row.hub_repo, hub_commit=row.hub_commit, hub_tag=row.hub_tag, hub_endpoint=row.hub_endpoint,
+        tags=sorted(tags or []))
+
+
+def retry_on_busy(fn, *, attempts: int | None = None, base_delay: float = 0.02, timeout: float | None = None,
+                  on_wait: Callable[[float], None] | None = None):
+    """Run ``fn()`` retrying on lock/busy/serialization errors, unique-key races and stale rows (a row
+    another process changed or removed meanwhile), with jittered backoff.
+
+    ``timeout``: seconds to keep trying (default: env ADAPTERHUB_LOCK_TIMEOUT, else 60); ``attempts``:
+    optional cap on tries. Each try waits at most a short slice for SQLite's lock, so once a lock has been
+    waited for ``db.LOCK_NOTICE_AFTER_S`` seconds, ``on_wait(seconds_waited)`` is called once (and the
+    notice logged on ``adapterhub.catalog`` at INFO); the library itself never prints.
+    Raises CatalogError (one line) when the error is not transient or the time/attempts run out, so a
+    raw driver error never reaches the user.
+    """
+    limit = db.lock_timeout_setting(timeout)
+    start = time.monotonic()
+    noticed = False
+    i = 0
+    while True:
+        remaining = limit - (time.monotonic() - start)
+        try:
+            with db.busy_slice(int(1000 * max(0.05, min(db.LOCK_NOTICE_AFTER_S, remaining)))):
+                return fn()
+        except (OperationalError, IntegrityError, StaleDataError) as e:
+            raw = str(getattr(e, "orig", None) or e)
+            msg = raw.lower()
+            locked = False
+            if isinstance(e, StaleDataError):
+                transient = True
+            elif isinstance(e, IntegrityError):  # only a unique-key race is worth retrying (FK/CHECK are bugs)
+                transient = "unique" in msg or "duplicate key" in msg
+            else:
+                locked = "locked" in msg or "busy" in msg
+                transient = locked or any(s in msg for s in ("could not serialize", "deadlock"))
+            first = (raw.strip().splitlines() or ["?"])[0]
+            if not transient:
+                raise CatalogError(f"catalog write failed: {first}") from e
+            i += 1
+            elapsed = time.monotonic() - start
+            if attempts is not None and i >= attempts:
+                raise CatalogError(f"the catalog stayed busy after {attempts} attempts: {first}") from e
+            if elapsed >= limit:
+                if locked:
+                    raise CatalogError(f"the catalog database is locked by another process; gave up after {elapsed:.0f} s"
+                                       f" (lock_timeout or {db.LOCK_TIMEOUT_ENV} sets how long to wait)",
+                                       keywords=("lock_timeout",)) from e
+                raise CatalogError(f"the catalog stayed busy for {elapsed:.0f} s: {first}") from e
+            if locked and not noticed and elapsed >= 0.95 * db.LOCK_NOTICE_AFTER_S:
+                noticed = True
+                _log.info("waiting for the catalog lock (held by another process), up to %.0f s", limit)
+                if on_wait is not None:
+                    on_wait(elapsed)
+            delay = base_delay * (2 ** min(i - 1, 6)) * (0.5 + random.random())
+            time.sleep(max(0.0, min(delay, limit - elapsed)))
+
+
+class Workspace:
+    """An adapterhub home: ``<home>/blobs`` (content-addressed store), the catalog, deployments, caches.
+
+    Open with :meth:`open`; every CLI command is one or a few calls on this object.
+    """
+
+    def __init__(self, home: Path, db_url: str, *, migrate: bool = True, lock_timeout: float | None = None,
+                 on_lock_wait: Callable[[float], None] | None = None) -> None:
+        """``lock_timeout``: seconds to wait for another process's catalog lock (default: env
+        ADAPTERHUB_LOCK_TIMEOUT, else 60); ``on_lock_wait(seconds)`` is called once when a write has
+        waited ~2 s for it. Raises CatalogError for an unusable home, URL or timeout.
+        """
+        self.home = home
+        self.db_url = db_url
+        self.lock_timeout = db.lock_timeout_setting(lock_timeout)
+        self.on_lock_wait = on_lock_wait
+        if self.home.exists() and not self.home.is_dir():
+            raise CatalogError(f"the home {home} is not a directory")
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CatalogError(f"cannot create the home directory {home}: {e.strerror or e}") from None
+        if self.home.is_symlink():
+            raise CatalogError(f"{home}: the home directory must not be a symlink")
+        self.store = BlobStore(self.home / "blobs" / "sha256")
+        self.engine = db.make_engine(db_url, lock_timeout=self.lock_timeout)
+        if migrate:
+            db.ensure_schema(self.engine)
+        self._sessions = db.session_factory(self.engine)
+
+    @classmethod
+    def open(cls, home: str | os.PathLike[str] | None = None, db_url: str | None = None, *,
+             migrate: bool = True, lock_timeout: float | None = None,
+             on_lock_wait: Callable[[float], None] | None = None) -> "Workspace":
+        """Open (creating if needed) the workspace. Flags > env (ADAPTERHUB_HOME, ADAPTERHUB_DB_URL,
+        ADAPTERHUB_LOCK_TIMEOUT) > defaults. See ``__init__`` for the lock options."""
+        h = Path(home).expanduser() if home else db.default_home()
+        url = db_url or os.environ.get("ADAPTERHUB_DB_URL") or db.default_sqlite_url(h.absolute())
+        return cls(h.absolute(), url, migrate=migrate, lock_timeout=lock_timeout, on_lock_wait=on_lock_wait)
+
+    def _retry(self, fn: Callable[[], Any]) -> Any:
+        """:func:`retry_on_busy` with this workspace's lock timeout and waiting callback."""
+        return retry_on_busy(fn, timeout=self.lock_timeout, on_wait=self.on_lock_wait)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def deployments_dir(self) -> Path:
+        return self.home / "deployments"
+
+    @property
+    def deployment_rows(self) -> DeploymentCatalog:
+        """The catalog's deployment rows and events (what :mod:`adapterhub.apply.deployments` reads and writes)."""
+        return DeploymentCatalog(self.session)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self._sessions() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    # -- bases ------------------------------------------------------------------------------------
+
+    def add_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
+        """Register a base model from a local HF folder or a built-in source; computes its fingerprint.
+
+        Re-adding the same name with the same source is a no-op; a different source is refused.
+        """
+        validate_name(name, "base name")
+        src = canonical_source(source)
+        path = resolve_source(src, self.cache_dir)
+        with self.session() as s:
+            existing = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            if existing is not None:
+                if existing.source != src:
+                    raise CatalogError(f"base {name!r} already exists with source {existing.source}")
+                return self._base_info(existing)
+        info = inspect_folder(path)
+
+        def txn() -> BaseInfo:
+            with self.session() as s:
+                existing = s.scalar(select(BaseModel).where(BaseModel.name == name))
+                if existing is not None:
+                    return self._base_info(existing)
+                row = BaseModel(name=name, source=src, revision=revision, architecture=info.architecture,
+                                fingerprint=info.fingerprint, num_params=info.num_params,
+                                local_path=None if src.startswith("builtin:") else str(path))
+                s.add(row)
+                s.flush()
+                return self._base_info(row, path)
+
+        return self._retry(txn)
+
+    def _base_info(self, row: BaseModel, path: Path | None = None) -> BaseInfo:
+        if path is None:
+            path = Path(row.local_path) if row.local_path else None  # type: ignore[assignment]
+        return BaseInfo(row.name, row.source, row.revision, row.architecture, row.fingerprint, row.num_params,
+                        path if path is not None else Path(""), row.id, row.created_at)
+
+    def get_base(self, name: str, *, resolve_path: bool = True) -> BaseInfo:
+        """The base called ``name`` with its local folder resolved; raises BaseModelError if unknown."""
+        with self.session() as s:
+            row = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            if row is None:
+                known = ", ".join(s.scalars(select(BaseModel.name).order_by(BaseModel.name)).all()) or "none registered"
+                raise BaseModelError(f"unknown base {name!r} (known: {known}); add it with `adapterhub base add`")
+            info = self._base_info(row)
+        if resolve_path:
+            info.path = resolve_source(info.source, self.cache_dir)
+        return info
+
+    def list_bases(self) -> list[BaseInfo]:
+        with self.session() as s:
+            return [self._base_info(r) for r in s.scalars(select(BaseModel).order_by(BaseModel.name))]
+
+    # -- register ---------------------------------------------------------------------------------
+
+    def register(self, adapter: fmt.SparseAdapter | bytes, *, name: str, task: str | None, base: str,
+                 kind: str = "expert", parents: Sequence[Parent] = (), metrics: dict[str, Any] | None = None,
+                 training_config: dict[str, Any] | None = None,
+                 hub: dict[str, str | None] | None = None, allow_nonfinite: bool = False) -> VersionInfo:
+        """Store an adapter and record it as the next version of ``name``.
+
+        NaN/inf values are refused (FormatError) unless ``allow_nonfinite`` is passed (``register
+        --allow-nonfinite``); the adapter card's own ``allow_nonfinite`` key does not switch the check off.
+
+        ``adapter`` is a SparseAdapter or the bytes of an adapter file (re-serialised canonically).
+        Checks: names, kind, relations, parents exist, the adapter fits the base (fingerprint in its card,
+        every parameter a base tensor of the same shape). The blob is written before the catalog row,
+        so a crash leaves at most an unreferenced blob (removed by ``gc``), never a row without a blob.
+        Registering content already present as a version of ``name`` returns that version (created=False).
+        """
+        spec = NewVersion(adapter, name=name, task=task, base=base, kind=kind, parents=tuple(parents),
+                          metrics=metrics, training_config=training_config, hub=hub, allow_nonfinite=allow_nonfinite)
+        prep = self._prepare_version(spec, {})
+        self._precheck_register(name, kind, prep.base.id, parents)  # refuse before the blob is written
+        from .faults import fault_point
+
+        with self.store.lock(exclusive=False):  # a concurrent gc waits until the row is committed
+            digest = self.store.put_bytes(prep.data)
+            fault_point("register.after-blob")
+            return self._retry(lambda: self._insert_version(**prep.row_args(digest)))
+
+    def _prepare_version(self, spec: NewVersion, bases: dict[str, BaseInfo]) -> _PreparedVersion:
+        """Validate one version and serialise it canonically; writes nothing.
+
+        Takes the version and bases not yet in the catalog (by name; others are looked up). Returns the
+        canonical bytes and row values. Raises NameError_/CatalogError (names, kind, task, relations),
+        FormatError (unreadable bytes), BaseModelError (the adapter does not fit the base).
+        """
+        from . import format as fmt  # torch: imported only by commands that read or write adapters
+
+        name, kind, task, base = spec.name, spec.kind, spec.task, spec.base
+        validate_name(name, "adapter name")
+        if kind not in KINDS:
+            raise CatalogError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+        if task is not None and (not task or len(task) > 100 or any(c in task for c in "\0\n\r")):
+            raise NameError_(f"invalid task name {task!r}")
+        for p in spec.parents:
+            if p.relation not in RELATIONS:
+                raise CatalogError(f"unknown relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
+        adapter = spec.adapter
+        if isinstance(adapter, (bytes, bytearray)):
+            adapter = fmt.load(bytes(adapter), allow_nonfinite=spec.allow_nonfinite)
+        card = dict(adapter.card)
+        if spec.allow_nonfinite:  # record the user's decision, so reads from the store accept this blob
+            card["allow_nonfinite"] = True
+        binfo = bases[base] if base in bases else self.get_base(base)
+        card_fp = (card.get("base") or {}).get("fingerprint") if isinstance(card.get("base"), dict) else None
+        if card_fp and card_fp != binfo.fingerprint:
+            raise BaseModelError(
+                f"adapter was made for a base with fingerprint {card_fp[:12]}, but base {base!r} is {binfo.fingerprint[:12]}")
+        try:
+            adapter.check_base(tensor_shapes(binfo.path))
+        except FormatError as e:
+            raise BaseModelError(f"adapter does not fit base {base!r}: {e}") from None
+        card["base"] = {"name": base, "fingerprint": binfo.fingerprint}
+        if task is not None:
+            card.setdefault("task", task)
+        card.setdefault("kind", kind)
+        adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card)
+        data = fmt.save(adapter, allow_nonfinite=spec.allow_nonfinite)
+        dtype = adapter.dtype
+        return _PreparedVersion(spec, binfo, adapter, card, data, fmt.sha256_hex(data),
+                                fmt.dtype_name(dtype) if dtype is not None else "mixed")
+
+    def prepare_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
+        """What :meth:`add_base` would record for ``name``/``source``, without recording it (``id`` is 0).
+
+        Materialises a built-in source into the cache if needed and fingerprints the folder. Raises
+        NameError_ for a bad name, BaseModelError when the source cannot be used.
+        """
+        validate_name(name, "base name")
+        src = canonical_source(source)
+        path = resolve_source(src, self.cache_dir)
+        info = inspect_folder(path)
+        return BaseInfo(name, src, revision, info.architecture, info.fingerprint, info.num_params, path, 0)
+
+    def register_many(self, versions: Sequence[NewVersion], *, new_bases: Sequence[BaseInfo] = ()
+                      ) -> list[VersionInfo]:
+        """Register several versions (and new bases) all-or-nothing: one catalog transaction.
+
+        Takes the versions in order (a parent before its children; a child names a parent of the same
+        batch by ``sha256:<content hash>``) and bases from :meth:`prepare_base` to add in the same
+        transaction. Everything is validated and serialised first, and each ``expect_hash`` checked;
+        then the whole batch is tried against the catalog and rolled back, so refusals happen before any
+        blob is written. Blobs are then written (atomic, fsynced), then every row is inserted and committed
+        at once. If anything fails after that, the blobs this call newly created (and no committed version
+        references) are removed again; blobs that already existed stay. A crash leaves at most
+        unreferenced blobs, which ``gc`` removes. Returns one VersionInfo per version, in order (created
+        False for content already present as a version of that name). Raises what :meth:`register`
+        raises, CatalogError for a hash that differs from ``expect_hash`` or a base that appeared meanwhile
+        with other weights.
+        """
+        from .faults import fault_point
+
+        bases = {b.name: b for b in new_bases}
+        for b in new_bases:
+            validate_name(b.name, "base name")
+        prepared = [self._prepare_version(v, bases) for v in versions]
+        for p in prepared:
+            if p.spec.expect_hash is not None and p.digest != p.spec.expect_hash:
+                raise CatalogError(f"{p.spec.name}: the canonical bytes hash {p.digest[:12]} differs from the "
+                                   f"expected {p.spec.expect_hash[:12]} (a non-canonical file); nothing was registered")
+
+        def dry_run() -> None:
+            with self._sessions() as s:
+                try:
+                    self._add_batch(s, new_bases, prepared)
+                finally:
+                    s.rollback()
+
+        self._retry(dry_run)  # refusals (kinds, bases, unknown parents) before any blob is written
+
+        def txn() -> list[VersionInfo]:
+            with self.session() as s:
+                infos = self._add_batch(s, new_bases, prepared)
+                fault_point("register.before-commit")  # rows and edges flushed, transaction not committed
+                return infos
+
+        created: list[str] = []  # blobs this call writes (not there before): removed again on failure
+        try:
+            with self.store.lock(exclusive=False):  # a concurrent gc waits until the rows are committed
+                for p in prepared:
+                    if p.digest not in created and not self.store.has(p.digest):
+                        created.append(p.digest)
+                    self.store.put_bytes(p.data)
+                fault_point("register.after-blob")
+                return self._retry(txn)
+        except BaseException:
+            self._drop_unreferenced(created)
+            raise
+
+    def _add_batch(self, s: Session, new_bases: Sequence[BaseInfo], prepared: Sequence[_PreparedVersion]
+                   ) -> list[VersionInfo]:
+        """Insert the new bases and every version into session ``s`` (flushed, not committed)."""
+        base_ids: dict[str, int] = {}
+        for b in new_bases:
+            row = s.scalar(select(BaseModel).where(BaseModel.name == b.name))
+            if row is not None and (row.fingerprint != b.fingerprint or row.source != b.source):
+                raise CatalogError(f"base {b.name!r} was added meanwhile with other weights or source; pull again")
+            if row is None:
+                row = BaseModel(name=b.name, source=b.source, revision=b.revision, architecture=b.architecture,
+                                fingerprint=b.fingerprint, num_params=b.num_params,
+                                local_path=None if b.source.startswith("builtin:") else str(b.path))
+                s.add(row)
+                s.flush()
+            base_ids[b.name] = row.id
+        out = []
+        for p in prepared:
+            args = p.row_args(p.digest)
+            args["base_id"] = base_ids.get(p.spec.base, p.base.id)
+            out.append(self._add_version_row(s, **args))
+        return out
+
+    def _drop_unreferenced(self, digests: Sequence[str]) -> None:
+        """Remove blobs of a failed batch that no committed version references (best effort, under the
+        store's exclusive lock so no other registration is between its blob write and its commit)."""
+        if not digests:
+            return
+        try:
+            with self.store.lock(exclusive=True):
+                referenced = self.referenced_hashes()
+                for d in digests:
+                    if d not in referenced:
+                        self.store.delete(d)
+        except Exception:  # noqa: BLE001 - the original error matters more; gc removes what is left
+            pass
+
+    def _precheck_register(self, name: str, kind: str, base_id: int, parents: Sequence[Parent]) -> None:
+        """Raise what :meth:`_insert_version` would raise for kind/base conflicts and unknown parents, so a
+        refused registration leaves the store unchanged (the insert re-checks inside its transaction)."""
+        with self.session() as s:
+            a = s.scalar(select(Adapter).where(Adapter.name == name))
+            if a is not None and a.kind != kind:
+                raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
+            if a is not None and a.base_id != base_id:
+                raise CatalogError(f"adapter {name!r} belongs to base {a.base.name!r}")
+            for p in parents:
+                if p.ref is None:
+                    if p.relation != "imported_from":
+                        raise CatalogError(f"relation {p.relation} needs a parent ref")
+                else:
+                    self._resolve_row(s, p.ref)
+
+    def _insert_version(self, *, name: str, kind: str, base_id: int, digest: str, size: int, task: str | None,
+                        mask: dict[str, Any], adapter: fmt.SparseAdapter, dtype: str, parents: Sequence[Parent],
+                        metrics: dict[str, Any] | None, training_config: dict[str, Any] | None, card: dict[str, Any],
+                        hub: dict[str, str | None] | None) -> VersionInfo:
+        with self.session() as s:
+            info = self._add_version_row(
+                s, name=name, kind=kind, base_id=base_id, digest=digest, size=size, task=task, mask=mask,
+                adapter=adapter, dtype=dtype, parents=parents, metrics=metrics, training_config=training_config,
+                card=card, hub=hub)
+            if info.created:
+                from .faults import fault_point
+
+                fault_point("register.before-commit")  # row and edges flushed, transaction not committed
+            return info
+
+    def _add_version_row(self, s: Session, *, name: str, kind: str, base_id: int, digest: str, size: int,
+                         task: str | None, mask: dict[str, Any], adapter: fmt.SparseAdapter, dtype: str,
+                         parents: Sequence[Parent], metrics: dict[str, Any] | None,
+                         training_config: dict[str, Any] | None, card: dict[str, Any],
+                         hub: dict[str, str | None] | None) -> VersionInfo:
+        """Add one version row and its lineage edges to session ``s`` (flushed, not committed); an
+        adapter row is created when ``name`` is new. Raises CatalogError/RefError on conflicts."""
+        a = s.scalar(select(Adapter).where(Adapter.name == name))
+        if a is None:
+            a = Adapter(name=name, kind=kind, base_id=base_id)
+            s.add(a)
+            s.flush()
+        else:
+            if a.kind != kind:
+                raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
+            if a.base_id != base_id:
+                raise CatalogError(f"adapter {name!r} belongs to base {a.base.name!r}")
+            same = s.scalar(select(AdapterVersion).where(AdapterVersion.adapter_id == a.id,
+                                                         AdapterVersion.content_hash == digest))
+            if same is not None:
+                info = _version_info(same, a.base)
+                info.created = False
+                return info
+        parent_rows = []
+        for p in parents:
+            prow = self._resolve_row(s, p.ref) if p.ref is not None else None
+            if prow is None and p.relation != "imported_from":
+                raise CatalogError(f"relation {p.relation} needs a parent ref")
+            parent_rows.append((p, prow))
+        number = (s.scalar(select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == a.id)) or 0) + 1
+        row = AdapterVersion(
+            adapter_id=a.id, number=number, content_hash=digest, size_bytes=size, task=task,
+            mask_method=mask.get("method"), density=float(mask["density"]) if mask.get("density") is not None else adapter.density,
+            granularity=mask.get("granularity") or _granularity(adapter), block_size=mask.get("block_size") or _block_size(adapter),
+            target_modules=mask.get("targets") or sorted(adapter.params), nnz=adapter.nnz,
+            nnz_per_param=adapter.nnz_per_param(), dtype=dtype, mask_hash=adapter.mask_hash(),
+            training_config=training_config, metrics=metrics or {}, card=card,
+            hub_repo=(hub or {}).get("repo"), hub_commit=(hub or {}).get("commit"),
+            hub_tag=(hub or {}).get("tag"), hub_endpoint=(hub or {}).get("endpoint"),
+        )
+        row.adapter = a
+        s.add(row)
+        s.flush()
+        for p, prow in parent_rows:
+            s.add(LineageEdge(child_id=row.id, parent_id=prow.id if prow is not None else None,
+                              relation=p.relation, weight=p.weight, params=p.params))
+        s.flush()
+        return _version_info(row, a.base)
+
+    # -- resolve / read ---------------------------------------------------------------------------
+
+    def _resolve_row(self, s: Session, ref: str) -> AdapterVersion:
+        r = parse_ref(ref)
+        if r.hash_prefix is not None:
+            rows = s.scalars(select(AdapterVersion).where(AdapterVersion.content_hash.like(r.hash_prefix + "%"))
+                             .order_by(AdapterVersion.id).limit(20)).all()
+            if not rows:
+                raise RefError(f"no version has a content hash starting with {r.hash_prefix}")
+            if len({(x.adapter_id, x.number) for x in rows}) > 1 and len({x.content_hash for x in rows}) > 1:
+                raise RefError(f"hash prefix {r.hash_prefix} is ambiguous; give more digits")
+            return rows[0]
+        a = s.scalar(select(Adapter).where(Adapter.name == r.name))
+        if a is None:
+            raise RefError(f"unknown adapter {r.name!r}")
+        q = select(AdapterVersion).where(AdapterVersion.adapter_id == a.id)
+        if r.number is not None:
+            row = s.scalar(q.where(AdapterVersion.number == r.number))
+            if row is None:
+                raise RefError(f"{r.name} has no version {r.number}")
+            return row
+        if r.tag is not None:
+            t = s.scalar(select(Tag).where(Tag.adapter_id == a.id, Tag.name == r.tag))
+            if t is None:
+                raise RefError(f"{r.name} has no tag {r.tag!r}")
+            return s.get(AdapterVersion, t.version_id)  # type: ignore[return-value]
+        row = s.scalar(q.order_by(AdapterVersion.number.desc()).limit(1))
+        if row is None:
+            raise RefError(f"{r.name} has no versions")
+        return row
+
+    def resolve(self, ref: str) -> VersionInfo:
+        """Resolve a REF to its version record; raises RefError if malformed or unknown."""
+        with self.session() as s:
+            row = self._resolve_row(s, ref)
+            tags = s.scalars(select(Tag.name).where(Tag.version_id == row.id)).all()
+            return _version_info(row, row.adapter.base, list(tags))
+
+    def load_adapter(self, ref: str | VersionInfo) -> fmt.SparseAdapter:
+        """The adapter of a version, read from the store and verified against its hash."""
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        from . import format as fmt
+
+        # The store holds only what register accepted: a blob whose card says allow_nonfinite got in with
+        # finite values or through the user's --allow-nonfinite, so honouring the key here is safe.
+        card = info.card if isinstance(info.card, dict) else {}
+        return fmt.load(self.store.get_bytes(info.content_hash), allow_nonfinite=card.get("allow_nonfinite") is True)
+
+    def adapter_bytes(self, ref: str | VersionInfo) -> bytes:
+        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
+        return self.store.get_bytes(info.content_hash)
+
+    def update_metrics(self, ref: str, metrics: dict[str, Any]) -> VersionInfo:
+        """Merge ``metrics`` into the version's metrics JSON (the adapter file is immutable; metrics are not)."""
+        def txn() -> VersionInfo:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                merged = dict(row.metrics or {})
+                merged.update(metrics)
+                row.metrics = merged
+                s.flush()
+                return _version_info(row, row.adapter.base)
+        return self._retry(txn)
+
+    def set_hub(self, ref: str, *, repo: str, commit: str | None, tag: str | None, endpoint: str | None) -> None:
+        """Record the Hub coordinates of a pushed version."""
+        def txn() -> None:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                row.hub_repo, row.hub_commit, row.hub_tag, row.hub_endpoint = repo, commit, tag, endpoint
+        self._retry(txn)
+
+    def list_versions(self, *, task: str | None = None, base: str | None = None, kind: str | None = None,
+                      name: str | None = None, limit: int | None = None) -> list[VersionInfo]:
+        """Versions filtered by task/base/kind/name, newest first.
+
+        One Core query over the version, adapter and base columns (no ORM objects, no per-row lazy loads)
+        and one query for the tags: tens of thousands of rows a second even on a 1M-version catalog.
+        """
+        v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
+        # labelled with VersionInfo's field names, so each row becomes VersionInfo(**row)
+        cols = [v.id, a.name, v.number, a.kind, v.content_hash, v.size_bytes, v.task, b.name.label("base"),
+                b.fingerprint.label("base_fingerprint"), v.mask_method, v.density, v.granularity, v.block_size,
+                v.target_modules, v.nnz, v.nnz_per_param, v.dtype, v.mask_hash, v.training_config, v.metrics,
+                v.card, v.created_at, v.hub_repo, v.hub_commit, v.hub_tag, v.hub_endpoint]
+        q = (select(*cols).select_from(AdapterVersion.__table__.join(Adapter.__table__, v.adapter_id == a.id)
+                                       .join(BaseModel.__table__, a.base_id == b.id)))
+        if task is not None:
+            q = q.where(v.task == task)
+        if kind is not None:
+            q = q.where(a.kind == kind)
+        if name is not None:
+            q = q.where(a.name == name)
+        if base is not None:
+            q = q.where(b.name == base)
+        q = q.order_by(v.created_at.desc(), v.id.desc())
+        if limit:
+            q = q.limit(limit)
+        with self.session() as s:
+            rows = s.execute(q).all()
+            tagmap: dict[int, list[str]] = {}
+            ids = [r.id for r in rows]
+            for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+                for vid, tname in s.execute(select(Tag.version_id, Tag.name).where(Tag.version_id.in_(ids[i:i + 900]))):
+                    tagmap.setdefault(vid, []).append(tname)
+        return [VersionInfo(**r._mapping, tags=sorted(tagmap.get(r.id, []))) for r in rows]
+
+    def log(self, name: str) -> list[VersionInfo]:
+        """All versions of adapter ``name``, oldest first."""
+        validate_name(name, "adapter name")
+        with self.session() as s:
+            if s.scalar(select(Adapter.id).where(Adapter.name == name)) is None:
+                raise RefError(f"unknown adapter {name!r}")
+        return sorted(self.list_versions(name=name), key=lambda v: v.number)
+
+    # -- tags -------------------------------------------------------------------------------------
+
+    def tag(self, ref: str, tag: str) -> VersionInfo:
+        """Point ``tag`` of the ref's adapter at that version (moves an existing tag)."""
+        validate_name(tag, "tag")
+        if tag.isdigit():
+            raise NameError_(f"tag {tag!r} would be read as a version number")
+
+        def txn() -> VersionInfo:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                t = s.scalar(select(Tag).where(Tag.adapter_id == row.adapter_id, Tag.name == tag))
+                if t is None:
+                    s.add(Tag(adapter_id=row.adapter_id, name=tag, version_id=row.id))
+                else:
+                    t.version_id = row.id
+                    t.updated_at = dt.datetime.now(dt.timezone.utc)
+                s.flush()
+                return _version_info(row, row.adapter.base, [tag])
+        return self._retry(txn)
+
+    def untag(self, name: str, tag: str) -> None:
+        """Remove ``tag`` from adapter ``name``; raises RefError if either is unknown (also when another
+        process removed the tag meanwhile). One DELETE statement, retried on a busy catalog."""
+        def txn() -> None:
+            with self.session() as s:
+                a = s.scalar(select(Adapter).where(Adapter.name == name))
+                if a is None:
+                    raise RefError(f"unknown adapter {name!r}")
+                gone = s.execute(delete(Tag).where(Tag.adapter_id == a.id, Tag.name == tag)).rowcount
+                if not gone:
+                    raise RefError(f"{name} has no tag {tag!r}")
+        self._retry(txn)
+
+    # -- lineage ----------------------------------------------------------------------------------
+
+    def lineage(self, ref: str, *, direction: str = "ancestors") -> list[dict[str, Any]]:
+        """All ancestors (or descendants) of a version as edges, found with one recursive CTE.
+
+        Each edge: {"child", "parent", "relation", "weight", "params", "depth"} with refs ``name@N``
+        (parent None for imported_from provenance).
+        """
+        if direction not in ("ancestors", "descendants"):
+            raise CatalogError("direction must be ancestors or descendants")
+        info = self.resolve(ref)
+        # one walk for both directions: follow edges from `near` (the side we stand on) to `far`
+        near, far = ("child_id", "parent_id") if direction == "ancestors" else ("parent_id", "child_id")
+        sql = f"""
+            WITH RECURSIVE walk(edge_id, child_id, parent_id, depth) AS (
+                SELECT e.id, e.child_id, e.parent_id, 1 FROM lineage_edges e WHERE e.{near} = :vid
+                UNION
+                SELECT e.id, e.child_id, e.parent_id, w.depth + 1 FROM lineage_edges e
+                JOIN walk w ON e.{near} = w.{far} WHERE w.depth < 10000
+            )
+            SELECT edge_id, MIN(depth) FROM walk GROUP BY edge_id"""
+        with self.session() as s:
+            depth = {eid: d for eid, d in s.execute(text(sql), {"vid": info.id})}
+            return self._edge_dicts(s, depth)
+
+    @staticmethod
+    def _edge_dicts(s: Session, depth: dict[int, int]) -> list[dict[str, Any]]:
+        """Edge ids with their depth -> sorted edge records with ``name@N`` refs."""
+        if not depth:
+            return []
+        edges = s.scalars(select(LineageEdge).where(LineageEdge.id.in_(list(depth)))).all()
+        vids = {e.child_id for e in edges} | {e.parent_id for e in edges if e.parent_id is not None}
+        # only (id, name, number): loading whole version rows (JSON columns) cost 10x the CTE itself
+        refs = {vid: f"{aname}@{num}" for vid, aname, num in s.execute(
+            select(AdapterVersion.id, Adapter.name, AdapterVersion.number)
+            .join(Adapter, AdapterVersion.adapter_id == Adapter.id).where(AdapterVersion.id.in_(list(vids))))}
+        out = [{"child": refs[e.child_id], "parent": refs.get(e.parent_id) if e.parent_id else None,
+                "relation": e.relation, "weight": e.weight, "params": e.params, "depth": depth[e.id]}
+               for e in edges]
+        return sorted(out, key=lambda e: (e["depth"], e["child"], e["parent"] or ""))
+
+    def parents(self, ref: str) -> list[dict[str, Any]]:
+        """Direct lineage edges of a version (depth-1 ancestors), without walking further up."""
+        info = self.resolve(ref)
+        with self.session() as s:
+            ids = s.scalars(select(LineageEdge.id).where(LineageEdge.child_id == info.id)).all()
+            return self._edge_dicts(s, {i: 1 for i in ids})
+
+    # -- integrity --------------------------------------------------------------------------------
+
+    def referenced_hashes(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(AdapterVersion.content_hash)).all())
+
+    def gc(self, *, dry_run: bool = False, grace_s: float = 0.0) -> GcResult:
+        """Remove blobs no version references (and temp files of interrupted writes in the store).
+
+        ``grace_s``: keep orphans younger than this (safe while other processes register versions).
+        Deployment folders are the deployments' business: :func:`adapterhub.repair.gc` adds their temp files.
+        """
+        return self.store.gc(self.referenced_hashes, dry_run=dry_run, grace_s=grace_s)
+
+    def verify(self, refs: Sequence[str] = (), *, on_progress: Callable[[int, int], None] | None = None
+               ) -> dict[str, Any]:
+        """Re-hash the blobs of ``refs`` (default all versions) and check catalog <-> store.
+        :func:`adapterhub.repair.verify` adds every deployment (weights, marker, undo records).
+
+        ``on_progress(done, total)``, if given, is called after each version (the CLI draws a progress bar).
+        Returns {"checked": n, "problems": [..], "orphans": [digests in the store no version references]}.
+        """
+        problems: list[str] = []
+        if refs:
+            infos = [self.resolve(r) for r in refs]
+        else:
+            infos = self.list_versions()
+        for i, v in enumerate(infos):
+            p = self.store.verify(v.content_hash)
+            if p is not None:
+                problems.append(f"{v.ref}: {p}")
+            if on_progress is not None:
+                on_progress(i + 1, len(infos))
+        orphans = sorted(set(self.store.iter_digests()) - self.referenced_hashes()) if not refs else []
+        return {"checked": len(infos), "problems": problems, "orphans": orphans}
+
+
+def open_workspace(home: str | None = None, db_url: str | None = None) -> Workspace:
+    """Shorthand for :meth:`Workspace.open`."""
+    return Workspace.open(home, db_url)
+
+
+def _granularity(adapter: fmt.SparseAdapter) -> str | None:
+    layouts = {p.layout for p in adapter.params.values()}
+    return layouts.pop() if len(layouts) == 1 else ("mixed" if layouts else None)
+
+
+def _block_size(adapter: fmt.SparseAdapter) -> int | None:
+    sizes = {p.block_size for p in adapter.params.values() if p.block_size}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+__all__ = ["Workspace", "Parent", "NewVersion", "BaseInfo", "VersionInfo", "open_workspace", "retry_on_busy", "AdapterHubError"]
