@@ -17,10 +17,12 @@ the first byte of the weights changes; :func:`recover_wal` puts those bytes back
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -280,6 +282,24 @@ def state_fingerprint(target: Any) -> str:
 # -- on disk --------------------------------------------------------------------------------------
 
 
+def _open_weights_nofollow(path: Path, writable: bool) -> Any:
+    """A file object for the weights file ``path``, a regular file; when ``writable``, provably the file in
+    the folder: opened without following a symlink and with no second hard link, so a planted link can
+    never make a patch write into a file elsewhere. Raises DeploymentError (one line)."""
+    try:
+        fd = os.open(path, (os.O_RDWR | os.O_NOFOLLOW if writable else os.O_RDONLY) | os.O_NONBLOCK)
+    except OSError as e:
+        why = "it is a symlink" if e.errno == errno.ELOOP else (e.strerror or e.__class__.__name__)
+        raise DeploymentError(f"cannot open {path}: {why}; refusing to patch through it") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (writable and st.st_nlink > 1):
+        os.close(fd)
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"it has {st.st_nlink} hard links"
+        raise DeploymentError(f"{path}: {why}; refusing to patch through it (the folder was tampered with)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b" if writable else "rb")
+
+
 class SafetensorsFile:
     """A safetensors file memory-mapped for in-place patching of its data region.
 
@@ -299,7 +319,10 @@ class SafetensorsFile:
         size = header.file_size
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
             k: (e.dtype, e.shape, e.begin, e.end) for k, e in header.entries.items()}
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r+" if writable else "r") if size else None
+        self._mm = None
+        if size:
+            with _open_weights_nofollow(self.path, writable) as fh:  # the mapping outlives the file object
+                self._mm = np.memmap(fh, dtype=np.uint8, mode="r+" if writable else "r", shape=(size,))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
