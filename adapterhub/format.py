@@ -37,6 +37,7 @@ import torch
 from . import st_io
 from .errors import FormatError
 from .fsutil import atomic_write_bytes, sha256_hex  # re-exported: part of this module's API
+from .safe_read import NotRegularFile, read_regular
 
 FORMAT_ID = "adapterhub.sparse/1"
 METADATA_KEY = "adapterhub"
@@ -620,11 +621,13 @@ def read_bytes_checked(path: str | os.PathLike[str]) -> bytes:
     path = Path(path)
     _refuse_pickle(path)
     try:
-        return path.read_bytes()
+        return read_regular(path)  # a FIFO or a device (/dev/zero) is refused, never read forever
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory, expected a .safetensors file") from None
+    except NotRegularFile as e:
+        raise FormatError(f"{path}: is {e.strerror}; expected a .safetensors file") from None
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from None
 

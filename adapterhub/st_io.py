@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import HeaderError
+from .safe_read import open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -208,7 +209,7 @@ def read_header(path: str | os.PathLike[str], source: str | None = None) -> Head
     path = Path(path)
     src = source if source is not None else path.name
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:  # a FIFO or device never blocks or streams forever
             size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) < 8:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from . import safe_read
 from .catalog import db
 from .catalog.deployments import DeploymentCatalog
 from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag
@@ -290,8 +291,12 @@ class Workspace:
         validate_name(name, "adapter name")
         if kind not in KINDS:
             raise CatalogError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
-        if task is not None and (not task or len(task) > 100 or any(c in task for c in "\0\n\r")):
-            raise NameError_(f"invalid task name {task!r}")
+        if task is not None and (not isinstance(task, str) or not task or len(task) > 100
+                                 or any(c in task for c in "\0\n\r")):
+            raise NameError_(f"invalid task name {safe_read.clip(task)}")
+        for doc, what in ((spec.metrics, "metrics"), (spec.training_config, "training config")):
+            if doc is not None:  # stored as JSON: must read back the same on SQLite and PostgreSQL
+                safe_read.check_doc(doc, what, CatalogError)
         for p in spec.parents:
             if p.relation not in RELATIONS:
                 raise CatalogError(f"unknown relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
@@ -556,7 +561,13 @@ class Workspace:
         return self.store.get_bytes(info.content_hash)
 
     def update_metrics(self, ref: str, metrics: dict[str, Any]) -> VersionInfo:
-        """Merge ``metrics`` into the version's metrics JSON (the adapter file is immutable; metrics are not)."""
+        """Merge ``metrics`` into the version's metrics JSON (the adapter file is immutable; metrics are not).
+
+        Raises CatalogError if ``metrics`` is not a storable JSON object (:func:`safe_read.check_doc`)."""
+        if not isinstance(metrics, dict):
+            raise CatalogError("metrics must be a JSON object")
+        safe_read.check_doc(metrics, "metrics", CatalogError)
+
         def txn() -> VersionInfo:
             with self.session() as s:
                 row = self._resolve_row(s, ref)

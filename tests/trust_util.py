@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -81,12 +82,14 @@ def tree_snapshot(root: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, tuple
             if name.endswith(_VOLATILE_SUFFIXES) or any(str(p) == s for s in skip_s):
                 continue
             st = p.lstat()
-            if p.is_symlink():
+            if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", 0, os.readlink(p))
-            elif p.is_dir():
+            elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir", 0, "")
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 out[rel] = ("file", st.st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:  # FIFOs, sockets, devices: recorded by type only (reading a FIFO would block)
+                out[rel] = ("special", 0, oct(stat.S_IFMT(st.st_mode)))
     return out
 
 

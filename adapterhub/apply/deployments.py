@@ -58,6 +58,7 @@ from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatErr
 from ..faults import fault_point
 from ..format import SparseAdapter
 from ..fsutil import atomic_write_bytes
+from ..safe_read import open_regular
 from .disk import (
     ST_DTYPES,
     DiskTransaction,
@@ -325,6 +326,56 @@ def _writable(ws: Workspace, name: str, *, adopt: bool = False) -> DeploymentInf
 # -- create / read -------------------------------------------------------------------------------
 
 
+def _check_deployments_dir(ws: Workspace) -> None:
+    """``<home>/deployments`` must be a real folder of the home: a symlink planted there would send every new
+    deployment (and its removal) outside the home. Raises DeploymentError."""
+    d = ws.deployments_dir
+    if d.is_symlink() or (d.exists() and not d.is_dir()):
+        raise DeploymentError(f"{d} is a symlink or not a folder; refusing to create deployments through it "
+                              "(choose another folder for the deployment)")
+
+
+_MAX_COPY_DEPTH = 16
+_MAX_COPY_ENTRIES = 10_000
+
+
+def _copy_base_folder(src: Path, dst: Path) -> None:
+    """Copy base folder ``src`` into the new deployment folder ``dst`` as real files only.
+
+    Symlinked *files* are followed (a Hugging Face cache snapshot is made of them) but only to regular
+    files; a symlinked sub-folder, a FIFO, a socket or a device (``tokenizer.json -> /dev/zero``) is refused,
+    so the copy cannot loop, hang or fill the disk, and the deployment holds no symlink to patch through.
+    Hidden entries and pickle-family files are skipped. Raises DeploymentError (one line).
+    """
+    count = 0
+
+    def walk(s: Path, d: Path, depth: int) -> None:
+        nonlocal count
+        if depth > _MAX_COPY_DEPTH:
+            raise DeploymentError(f"base folder {src}: nested deeper than {_MAX_COPY_DEPTH} folders")
+        d.mkdir(exist_ok=True)
+        for item in sorted(s.iterdir()):
+            if item.name.startswith(".") or item.suffix.lower() in _SKIP_SUFFIXES:
+                continue
+            count += 1
+            if count > _MAX_COPY_ENTRIES:
+                raise DeploymentError(f"base folder {src}: more than {_MAX_COPY_ENTRIES} files")
+            rel = item.relative_to(src)
+            if item.is_dir() and not item.is_symlink():
+                walk(item, d / item.name, depth + 1)
+                continue
+            if item.is_dir():
+                raise DeploymentError(f"base folder {src}: {rel} is a symlink to a folder; refusing to copy it")
+            try:
+                with os.fdopen(open_regular(item), "rb") as fin, open(d / item.name, "xb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            except OSError as e:
+                raise DeploymentError(f"base folder {src}: cannot copy {rel} "
+                                      f"({e.strerror or e.__class__.__name__})") from None
+
+    walk(src, dst, 0)
+
+
 def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | None = None) -> DeploymentInfo:
     """Materialise base ``base`` as deployment ``name`` (a loadable HF folder).
 
@@ -340,6 +391,8 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     if ws.deployment_rows.exists(name):
         raise DeploymentError(f"deployment {name!r} already exists")
     hid = current_home_id(ws)
+    if path is None:
+        _check_deployments_dir(ws)
     target = Path(path).expanduser().absolute() if path else ws.deployments_dir / name
     if target.is_symlink():
         raise DeploymentError(f"{target} is a symlink; refusing to create a deployment through it")
@@ -357,13 +410,7 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        for item in sorted(src.iterdir()):
-            if item.name.startswith(".") or item.suffix.lower() in _SKIP_SUFFIXES:
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name, ignore=shutil.ignore_patterns(*[f"*{x}" for x in _SKIP_SUFFIXES]))
-            else:
-                shutil.copy2(item, tmp / item.name)
+        _copy_base_folder(src, tmp)
         for w in tmp.glob("*.safetensors"):
             w.chmod(0o644)
             fd = os.open(w, os.O_RDONLY)

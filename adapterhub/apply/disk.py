@@ -14,8 +14,10 @@ patched here equals the same weights patched in memory, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +39,24 @@ __all__ = ["ST_DTYPES", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "
 ST_DTYPES: dict[str, torch.dtype] = {n: st_io.torch_dtype(n) for n in st_io.FLOAT_DTYPES}
 
 
+def _open_weights_nofollow(path: Path, writable: bool) -> Any:
+    """A file object for the weights file ``path``, a regular file; when ``writable``, provably the file in
+    the folder: opened without following a symlink and with no second hard link, so a planted link can
+    never make a patch write into a file elsewhere. Raises DeploymentError (one line)."""
+    try:
+        fd = os.open(path, (os.O_RDWR | os.O_NOFOLLOW if writable else os.O_RDONLY) | os.O_NONBLOCK)
+    except OSError as e:
+        why = "it is a symlink" if e.errno == errno.ELOOP else (e.strerror or e.__class__.__name__)
+        raise DeploymentError(f"cannot open {path}: {why}; refusing to patch through it") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (writable and st.st_nlink > 1):
+        os.close(fd)
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"it has {st.st_nlink} hard links"
+        raise DeploymentError(f"{path}: {why}; refusing to patch through it (the folder was tampered with)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b" if writable else "rb")
+
+
 class SafetensorsFile:
     """A safetensors file memory-mapped for in-place patching of its data region.
 
@@ -55,8 +75,10 @@ class SafetensorsFile:
         self.data_start = header.data_start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
             k: (e.dtype, e.shape, e.begin, e.end) for k, e in header.entries.items()}
-        self._mm: np.memmap[Any, np.dtype[np.uint8]] | None = (
-            np.memmap(self.path, dtype=np.uint8, mode="r+" if writable else "r") if header.file_size else None)
+        self._mm: np.memmap[Any, np.dtype[np.uint8]] | None = None
+        if header.file_size:
+            with _open_weights_nofollow(self.path, writable) as fh:  # the mapping outlives the file object
+                self._mm = np.memmap(fh, dtype=np.uint8, mode="r+" if writable else "r", shape=(header.file_size,))
 
     def __enter__(self) -> SafetensorsFile:
         return self

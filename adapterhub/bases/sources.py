@@ -11,10 +11,11 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import st_io
+from .. import safe_read, st_io
 from ..errors import BaseModelError, HeaderError
 from ..st_io import Header, TensorEntry
 
@@ -106,6 +107,14 @@ def tensor_dtypes(folder: Path) -> dict[str, str]:
     return out
 
 
+def _open_weights(f: Path) -> "io.BufferedReader":
+    """``f`` opened for reading if it is (still) a regular file; raises BaseModelError otherwise."""
+    try:
+        return os.fdopen(safe_read.open_regular(f), "rb")
+    except OSError as e:
+        raise BaseModelError(f"{f.name}: cannot read ({e.strerror or e.__class__.__name__})") from None
+
+
 def fingerprint_folder(folder: Path) -> str:
     """sha256 over tensor names, shapes, dtypes and bytes, in name order, across the safetensors files.
 
@@ -122,7 +131,7 @@ def fingerprint_folder(folder: Path) -> str:
     try:
         for name, info, f, start in entries:
             h.update(json.dumps([name, info.dtype, list(info.shape)]).encode() + b"\n")
-            fh = handles.get(f) or handles.setdefault(f, open(f, "rb"))
+            fh = handles.get(f) or handles.setdefault(f, _open_weights(f))
             b, e = info.begin, info.end
             fh.seek(start + b)
             left = e - b
@@ -138,6 +147,27 @@ def fingerprint_folder(folder: Path) -> str:
     return h.hexdigest()
 
 
+def architecture(folder: Path) -> str | None:
+    """The architecture named by ``folder/config.json`` (``architectures[0]``, else ``model_type``), or None.
+
+    The file is someone else's: anything but a readable JSON object with a short printable string there
+    (a list, a nesting bomb, a 5,000-digit number, bad UTF-8, a FIFO, a control-character name) gives None,
+    never an exception, and never a value longer than 200 characters.
+    """
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        c = safe_read.read_json_file(cfg, "config.json", BaseModelError)
+    except BaseModelError:
+        return None
+    if not isinstance(c, dict):
+        return None
+    archs = c.get("architectures")
+    first = archs[0] if isinstance(archs, list) and archs else None
+    return safe_read.short_text(first) or safe_read.short_text(c.get("model_type"))
+
+
 @dataclass
 class FolderInfo:
     architecture: str | None
@@ -147,14 +177,7 @@ class FolderInfo:
 
 def inspect_folder(folder: Path) -> FolderInfo:
     """Architecture (from config.json), parameter count and fingerprint of a model folder."""
-    arch = None
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        try:
-            c = json.loads(cfg.read_text())
-            arch = (c.get("architectures") or [None])[0] or c.get("model_type")
-        except (json.JSONDecodeError, OSError):
-            arch = None
+    arch = architecture(folder)
     shapes = tensor_shapes(folder)
     n = 0
     for s in shapes.values():

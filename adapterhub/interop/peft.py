@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .. import format as fmt
+from .. import safe_read
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes
 
@@ -47,15 +48,27 @@ def is_peft_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def _read_peft_config(folder: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((folder / PEFT_CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{PEFT_CONFIG}: cannot read PEFT config ({e.__class__.__name__})") from None
+    cfg = safe_read.read_json_file(folder / PEFT_CONFIG, PEFT_CONFIG, FormatError)  # no hang, bomb or raw error
     if not isinstance(cfg, dict):
         raise FormatError(f"{PEFT_CONFIG}: not a JSON object")
-    if str(cfg.get("peft_type", "")).upper() != "SHIRA":
-        raise FormatError(f"{PEFT_CONFIG}: peft_type is {cfg.get('peft_type')!r}; only SHIRA adapters can be imported")
+    ptype = cfg.get("peft_type", "")
+    if not isinstance(ptype, str) or ptype.upper() != "SHIRA":
+        raise FormatError(f"{PEFT_CONFIG}: peft_type is {safe_read.clip(ptype, 40)}; only SHIRA adapters can be imported")
     return cfg
+
+
+def _imported_card(cfg: Mapping[str, Any], targets: list[str]) -> dict[str, Any]:
+    """The card of an imported PEFT folder. Values from the foreign config are kept only as short printable
+    strings or small ints (else None): they are informational and are never used to load or find anything
+    (``base_model_name_or_path`` in particular: the base is the one the user named)."""
+    r = cfg.get("r")
+    mask_type = safe_read.short_text(cfg.get("mask_type"), 40) or "random"
+    return {
+        "mask": {"method": f"peft-shira-{mask_type}", "granularity": "element", "targets": targets},
+        "imported": {"format": "peft-shira", "peft_version": safe_read.short_text(cfg.get("peft_version"), 40),
+                     "r": r if isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 2 ** 31 else None,
+                     "base_model_name_or_path": safe_read.short_text(cfg.get("base_model_name_or_path"))},
+    }
 
 
 def _read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -157,12 +170,7 @@ def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, 
     extra_keys = sorted(k for k in tensors if not k.endswith((_W, _I)))
     if extra_keys:
         raise FormatError(f"{extra_keys[0]}: not a SHiRA tensor (modules_to_save are not supported on import)")
-    card = {
-        "mask": {"method": f"peft-shira-{cfg.get('mask_type', 'random')}", "granularity": "element",
-                 "targets": sorted(params)},
-        "imported": {"format": "peft-shira", "peft_version": cfg.get("peft_version"), "r": cfg.get("r"),
-                     "base_model_name_or_path": cfg.get("base_model_name_or_path")},
-    }
+    card = _imported_card(cfg, sorted(params))
     adapter = fmt.SparseAdapter(params, {}, card)
     adapter.validate(allow_nonfinite=allow_nonfinite)
     return adapter
@@ -207,10 +215,12 @@ def _linear_weights(base_folder: Path | None) -> set[str] | None:
         import transformers
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(str(base_folder))
-        arch = (getattr(cfg, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch) if arch else None
-        if cls is None:
+        cfg = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=False, local_files_only=True)
+        archs = getattr(cfg, "architectures", None)
+        arch = safe_read.short_text(archs[0] if isinstance(archs, list) and archs else None)
+        cls = getattr(transformers, arch, None) if arch and arch.isidentifier() else None
+        # the config names a class; only a model class is ever instantiated (never another callable)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             return None
         with torch.device("meta"):
             model = cls(cfg)
