@@ -9,22 +9,23 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, cast
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import CursorResult, delete, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from . import safe_read
+from .bases.sources import canonical_source, inspect_folder, resolve_source, tensor_shapes
 from .catalog import db
 from .catalog.deployments import DeploymentCatalog
 from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag
-from .catalog.records import BaseInfo, NewVersion, Parent, VersionInfo, iso_utc  # noqa: F401 - re-exported
-from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
-from .bases.sources import canonical_source, inspect_folder, resolve_source, tensor_shapes
 from .catalog.names import validate_name
+from .catalog.records import BaseInfo, NewVersion, Parent, VersionInfo, iso_utc  # noqa: F401 - re-exported
 from .catalog.refs import parse_ref
+from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
+from .fsutil import sha256_hex
 from .store import BlobStore, GcResult
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None =
         tags=sorted(tags or []))
 
 
-def retry_on_busy(fn, *, attempts: int | None = None, base_delay: float = 0.02, timeout: float | None = None,
-                  on_wait: Callable[[float], None] | None = None):
+_T = TypeVar("_T")
+
+def retry_on_busy(fn: Callable[[], _T], *, attempts: int | None = None, base_delay: float = 0.02,
+                  timeout: float | None = None, on_wait: Callable[[float], None] | None = None) -> _T:
     """Run ``fn()`` retrying on lock/busy/serialization errors, unique-key races and stale rows (a row
     another process changed or removed meanwhile), with jittered backoff.
 
@@ -230,7 +233,7 @@ class Workspace:
 
     def _base_info(self, row: BaseModel, path: Path | None = None) -> BaseInfo:
         if path is None:
-            path = Path(row.local_path) if row.local_path else None  # type: ignore[assignment]
+            path = Path(row.local_path) if row.local_path else None
         return BaseInfo(row.name, row.source, row.revision, row.architecture, row.fingerprint, row.num_params,
                         path if path is not None else Path(""), row.id, row.created_at)
 
@@ -322,7 +325,7 @@ class Workspace:
         adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card)
         data = fmt.save(adapter, allow_nonfinite=spec.allow_nonfinite)
         dtype = adapter.dtype
-        return _PreparedVersion(spec, binfo, adapter, card, data, fmt.sha256_hex(data),
+        return _PreparedVersion(spec, binfo, adapter, card, data, sha256_hex(data),
                                 fmt.dtype_name(dtype) if dtype is not None else "mixed")
 
     def prepare_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
@@ -658,7 +661,7 @@ class Workspace:
                 a = s.scalar(select(Adapter).where(Adapter.name == name))
                 if a is None:
                     raise RefError(f"unknown adapter {name!r}")
-                gone = s.execute(delete(Tag).where(Tag.adapter_id == a.id, Tag.name == tag)).rowcount
+                gone = cast("CursorResult[Any]", s.execute(delete(Tag).where(Tag.adapter_id == a.id, Tag.name == tag))).rowcount
                 if not gone:
                     raise RefError(f"{name} has no tag {tag!r}")
         self._retry(txn)

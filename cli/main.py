@@ -50,8 +50,8 @@ def _quiet_libraries() -> None:
     try:
         from transformers.utils import logging as tlog
 
-        tlog.disable_progress_bar()  # type: ignore[no-untyped-call]
-        tlog.set_verbosity_error()  # type: ignore[no-untyped-call]
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
     except Exception:  # noqa: BLE001 - transformers missing or changed: bars are cosmetic
         pass
 

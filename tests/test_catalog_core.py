@@ -8,8 +8,8 @@ import torch
 
 from adapterhub import format as fmt
 from adapterhub.catalog.records import Parent
-from adapterhub.workspace import Workspace
 from adapterhub.errors import AdapterHubError, BaseModelError, NameError_, RefError
+from adapterhub.workspace import Workspace
 from catalog_util import BERT_TARGETS, home_snapshot, make_adapter
 
 

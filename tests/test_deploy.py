@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 from adapterhub.apply import deployments as dep
+from adapterhub.apply.patching import apply_adapter, state_fingerprint
+from adapterhub.bases.sources import fingerprint_folder, tensor_shapes
 from adapterhub.errors import BaseModelError, DeploymentError, RefError
 from adapterhub.format import SparseAdapter, SparseParam
-from adapterhub.bases.sources import fingerprint_folder, tensor_shapes
-from adapterhub.apply.patching import apply_adapter, state_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight",

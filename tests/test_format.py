@@ -13,8 +13,7 @@ import struct
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from adapterhub import format as fmt
 from adapterhub.errors import FormatError

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from adapterhub import format as fmt
-from adapterhub.catalog.records import Parent
-from adapterhub.workspace import Workspace
-from adapterhub.errors import HubError
-from adapterhub.hub.client import hub_versions, parse_repo_spec, pull, push
-from adapterhub.hub.cards import safe_repo_path
 from adapterhub.bases.sources import tensor_shapes
-
+from adapterhub.catalog.records import Parent
+from adapterhub.errors import HubError
+from adapterhub.hub.cards import safe_repo_path
+from adapterhub.hub.client import hub_versions, parse_repo_spec, pull, push
 from adapterhub.testing.hubserver import HubServer
+from adapterhub.workspace import Workspace
 
 TARGETS = ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight")
 

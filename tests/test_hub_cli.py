@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from adapterhub.workspace import Workspace
 from adapterhub.cli.main import cli
-
 from adapterhub.testing.hubserver import HubServer
+from adapterhub.workspace import Workspace
 from test_hub import make_adapter
 
 SECRET = "hf_sEcReT0123456789abcdefTOKEN"

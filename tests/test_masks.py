@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterhub.training import masks as M
 from adapterhub.errors import TrainingError
+from adapterhub.training import masks as M
 
 
 def _weights(seed=0):

@@ -13,8 +13,17 @@ from adapterhub import format as fmt
 from adapterhub.errors import MergeError
 from adapterhub.format import SparseAdapter, SparseParam
 from adapterhub.merging import (
-    METHODS, GeneralizedTaskArithmeticMerge, InMemoryExpert, LazyAdapterFile, MergeMethod, Sparsification,
-    get_method, merge_adapters, method_names, param_seed)
+    METHODS,
+    GeneralizedTaskArithmeticMerge,
+    InMemoryExpert,
+    LazyAdapterFile,
+    MergeMethod,
+    Sparsification,
+    get_method,
+    merge_adapters,
+    method_names,
+    param_seed,
+)
 from adapterhub.params import ParamDef
 
 SHAPES = {"enc.0.weight": (12, 10), "enc.1.weight": (7, 9), "bias": (13,)}
@@ -72,7 +81,7 @@ def test_ties_matches_peft_on_sparse_experts_with_translated_density():
     g = torch.Generator().manual_seed(3)
     ads = []
     nnz = 64
-    for s in range(3):
+    for _ in range(3):
         idx = torch.randperm(320, generator=g)[:nnz]
         ads.append(SparseAdapter({"w": SparseParam.from_flat(shape, idx, torch.randn(nnz, generator=g))}, {},
                                  {"base": {"fingerprint": "x"}}))
@@ -89,7 +98,7 @@ def test_dare_matches_peft_with_peft_rng(method, peft_fn):
     exps = experts_of(ads)
     w = [1.0, 0.3, 0.8]
     res = merge_adapters(exps, method, weights=w, density=0.6, seed=11, rng="peft")
-    for name, shape in SHAPES.items():
+    for name in SHAPES:
         torch.manual_seed(param_seed(11, name))  # peft draws from the global generator, expert by expert
         want = peft_fn([a.params[name].to_dense() for a in ads], torch.tensor(w), density=0.6)
         torch.testing.assert_close(dense_of(res.adapter, name), want, rtol=1e-6, atol=1e-7)
@@ -222,8 +231,8 @@ def test_all_methods_have_help_text():
 
 
 def test_workspace_merge_registers_lineage_and_ignores_order(ws, tiny_bert_dir):
-    from adapterhub.merging import merge
     from adapterhub.bases.sources import tensor_shapes
+    from adapterhub.merging import merge
 
     ws.add_base("tiny", str(tiny_bert_dir))
     shapes = tensor_shapes(tiny_bert_dir)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from adapterhub.training import masks as M
 from adapterhub.errors import MergeError, TrainingError
 from adapterhub.merging import METHODS
 from adapterhub.params import ParamDef, configure
+from adapterhub.training import masks as M
 
 DEFS = (ParamDef("density", low=0.0, low_open=True, high=1.0, required=True),
         ParamDef("lam", default=1.0, label="lambda", flag="--lambda"),

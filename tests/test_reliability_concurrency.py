@@ -85,7 +85,7 @@ def worker(home: str, db_url: str, worker_id: int, n_ops: int, base: str, base_d
                 dep_event = _deploy_op(ws, deploy, worker_id, i, info.ref, refusals)
             results.append({"op": i, "number": info.number, "hash": info.content_hash, "created": info.created,
                             "solo": [own.name, own.number, own.content_hash], "deploy": dep_event})
-        except Exception as e:  # noqa: BLE001 - recorded and asserted on by the test
+        except Exception as e:
             errors.append(f"op {i}: {e.__class__.__name__}: {e}")
     ws.close()
     Path(out).write_text(json.dumps({"results": results, "errors": errors, "attempts": attempts[0],
@@ -144,7 +144,7 @@ def run_writers(home: Path, db_url: str, base_dir: Path, n_procs: int, n_ops: in
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     docs = []
     try:
-        for p, out in zip(procs, outs):
+        for p, out in zip(procs, outs, strict=True):
             _, err = p.communicate(timeout=900)
             assert p.returncode == 0, err.decode(errors="replace")[-3000:]
             docs.append(json.loads(out.read_text()))
@@ -160,8 +160,8 @@ def run_writers(home: Path, db_url: str, base_dir: Path, n_procs: int, n_ops: in
 
 def repairer(home: str, db_url: str, stop: str, out: str) -> None:
     """Loop repair(grace_s=30) until ``stop`` exists; record runs and errors."""
-    from adapterhub.workspace import Workspace
     from adapterhub.repair import repair
+    from adapterhub.workspace import Workspace
 
     ws = Workspace.open(home, db_url, migrate=False)
     runs, removed, errors = 0, 0, []
@@ -171,7 +171,7 @@ def repairer(home: str, db_url: str, stop: str, out: str) -> None:
             rep = repair(ws, grace_s=30)
             runs += 1
             removed += len(rep.removed_blobs)
-        except Exception as e:  # noqa: BLE001 - recorded and asserted on by the test
+        except Exception as e:
             errors.append(f"{e.__class__.__name__}: {e}")
         if last:
             break
@@ -184,8 +184,8 @@ def check_catalog(home: Path, db_url: str, docs: list[dict], n_procs: int, n_ops
     """Every op succeeded, numbers are unique and gapless per adapter, no row lost, tags consistent."""
     from sqlalchemy import func, select
 
-    from adapterhub.workspace import Workspace
     from adapterhub.catalog.models import Adapter, AdapterVersion, LineageEdge, Tag
+    from adapterhub.workspace import Workspace
 
     errors = [e for d in docs for e in d["errors"]]
     assert not errors, errors[:5]
@@ -252,8 +252,8 @@ def test_retry_on_busy_retries_transient_and_fails_cleanly():
 
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    from adapterhub.workspace import retry_on_busy
     from adapterhub.errors import CatalogError
+    from adapterhub.workspace import retry_on_busy
 
     calls = []
 

@@ -31,7 +31,6 @@ import torch
 from adapterhub import format as fmt
 from adapterhub.workspace import Workspace
 
-
 ROOT = Path(__file__).resolve().parent.parent
 SIGKILLED = -signal.SIGKILL
 

@@ -11,14 +11,13 @@ import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from adapterhub import format as fmt
-from adapterhub.errors import AdapterHubError, FormatError, NameError_, RefError, StoreError
-from adapterhub.format import SparseAdapter, SparseParam
 from adapterhub.catalog.names import validate_name
 from adapterhub.catalog.refs import parse_ref
+from adapterhub.errors import AdapterHubError, FormatError, NameError_, RefError, StoreError
+from adapterhub.format import SparseAdapter, SparseParam
 
 pytestmark = pytest.mark.timeout(300)  # "no hang": every fuzz test must finish well within this
 
@@ -416,8 +415,8 @@ def Workspace_(home):
 
 def _dep_world(tmp_path, tiny_bert_dir):
     from adapterhub.apply import deployments as dep
-    from adapterhub.workspace import Workspace
     from adapterhub.bases.sources import tensor_shapes
+    from adapterhub.workspace import Workspace
 
     ws = Workspace.open(tmp_path / "home")
     ws.add_base("tiny", str(tiny_bert_dir))

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from adapterhub import format as fmt
-from adapterhub.workspace import Workspace
-
 from adapterhub.testing.hubserver import HubServer
+from adapterhub.workspace import Workspace
 
 SECRET = "hf_ReLiAbIlItY0123456789SeCrEtToKeN"
 
@@ -142,9 +141,9 @@ def test_token_never_leaks_through_the_real_cli(hub_server: HubServer, tmp_path:
 def test_library_exceptions_never_carry_the_token(hub_server: HubServer, tmp_path: Path, tiny_bert_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """str(), repr() and the full formatted traceback (causes and contexts) of every HubError."""
-    from adapterhub.hub import client as hub
-    from adapterhub.errors import AdapterHubError
     from adapterhub.bases.sources import tensor_shapes
+    from adapterhub.errors import AdapterHubError
+    from adapterhub.hub import client as hub
 
     hub_server.token = SECRET
     monkeypatch.setenv("HF_TOKEN", SECRET)

@@ -11,12 +11,21 @@ import torch
 from safetensors import safe_open
 
 from adapterhub import format as fmt
-from adapterhub.training import masks as M
 from adapterhub.data import load_dataset
 from adapterhub.errors import AdapterHubError, DataError, TrainingError
 from adapterhub.evaluation import evaluate
-from adapterhub.training import (Batcher, SparseDeltaModel, TrainConfig, find_targets, load_backbone,
-                                 load_tokenizer, train, train_adapter, train_baseline)
+from adapterhub.training import (
+    Batcher,
+    SparseDeltaModel,
+    TrainConfig,
+    find_targets,
+    load_backbone,
+    load_tokenizer,
+    masks as M,
+    train,
+    train_adapter,
+    train_baseline,
+)
 from test_training_util import folder_digest, sentiment_rows, tiny_model, write_csv
 
 torch.set_num_threads(1)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adapterhub.workspace import Workspace
-from adapterhub.data import BUILTIN_TASKS
 from adapterhub.cli.main import cli
+from adapterhub.data import BUILTIN_TASKS
+from adapterhub.workspace import Workspace
 from test_training_util import sentiment_rows, tiny_model, write_csv
 
 torch.set_num_threads(1)

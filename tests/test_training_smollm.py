@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapterhub.data import TaskData
 from adapterhub.bases.smollm import materialize_smollm2
+from adapterhub.data import TaskData
 from adapterhub.training import TrainConfig, train_adapter
 
 

@@ -20,17 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
+from adapterhub import format as fmt, st_io
 from adapterhub.apply import deployments as dep
-from adapterhub import format as fmt
-from adapterhub import st_io
+from adapterhub.apply.patching import NonFiniteWeightsError, apply_adapter, state_fingerprint
 from adapterhub.errors import AdapterHubError, DeploymentError, FormatError, HeaderError, StoreError
 from adapterhub.format import SparseAdapter, SparseParam
-from adapterhub.apply.patching import NonFiniteWeightsError, apply_adapter, state_fingerprint
-
 from catalog_util import home_snapshot, make_adapter
 from trust_util import assert_one_line_failure, diff_snapshots, run_cli, tree_snapshot
 

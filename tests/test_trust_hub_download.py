@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from adapterhub.workspace import Workspace
 from adapterhub.hub.client import push
-
-from catalog_util import home_snapshot
 from adapterhub.testing.hubserver import HubServer
+from adapterhub.workspace import Workspace
+from catalog_util import home_snapshot
 from test_hub import make_adapter
 from trust_util import assert_one_line_failure, diff_snapshots, run_cli, tree_snapshot
 

@@ -18,12 +18,10 @@ import pytest
 
 from adapterhub import format as fmt
 from adapterhub.catalog.records import Parent
-from adapterhub.workspace import Workspace
 from adapterhub.hub.client import push
-
-from catalog_util import BERT_TARGETS, home_snapshot
-from catalog_util import make_adapter as make_tiny_adapter
 from adapterhub.testing.hubserver import HubServer
+from adapterhub.workspace import Workspace
+from catalog_util import BERT_TARGETS, home_snapshot, make_adapter as make_tiny_adapter
 from test_hub import make_adapter
 from trust_util import assert_no_traceback, assert_one_line_failure, diff_snapshots, run_cli, tree_snapshot
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from adapterhub.apply import deployments as dep
-from adapterhub.workspace import Workspace
 from adapterhub.errors import AdapterHubError, CatalogError
+from adapterhub.workspace import Workspace
 from catalog_util import home_snapshot, make_adapter
 from trust_util import assert_no_traceback, assert_one_line_failure, diff_snapshots, run_cli, tree_snapshot
 

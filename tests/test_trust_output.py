@@ -111,8 +111,8 @@ def test_one_renderer_and_error_line_escape_everything(capsys) -> None:
     """The shared table builder, echo and the error line: markup literal, controls visible, one line."""
     import click
 
-    from adapterhub.errors import CatalogError
     from adapterhub.cli.common import echo, handle_errors, print_table, safe_text
+    from adapterhub.errors import CatalogError
 
     assert safe_text("a\x1b[2Jb\u202ec\rd\x9b") == "a\\x1b[2Jb\\u202ec\\x0dd\\x9b"
     assert safe_text("plain [bold] text ok") == "plain [bold] text ok"
@@ -308,8 +308,8 @@ def _assert_lock_failure(r) -> None:
 
 def test_hub_versions_table_escapes_card_strings(hostile_home: Path, hub_server, monkeypatch) -> None:
     """`hub versions` shows the task from each tag's card: a hostile one is printed literally."""
-    from adapterhub.workspace import Workspace
     from adapterhub.hub.client import push
+    from adapterhub.workspace import Workspace
 
     with Workspace.open(hostile_home) as ws:
         push(ws, "evil@1", repo="alice/evil")

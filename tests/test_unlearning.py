@@ -1,17 +1,15 @@
 """FUSED unlearning on a tiny random BERT and synthetic data: partition, critical layers, the adapter, guards."""
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
 
-from adapterhub.fused import federated as F
-from adapterhub.training import masks as M
-from adapterhub.fused import unlearning as U
 from adapterhub.data import TaskData
 from adapterhub.errors import AdapterHubError, TrainingError, UnlearningError
+from adapterhub.fused import federated as F, unlearning as U
+from adapterhub.training import masks as M
 
 pytestmark = pytest.mark.timeout(1200)  # generous: the CI box is shared
 
@@ -173,7 +171,7 @@ def test_global_model_records_federation(trained):
     assert fedrec["partition_hash"] == res.federation.partition.hash
     assert v.kind == "expert" and v.density == 1.0
     a = ws.load_adapter(v)
-    for name, p in a.params.items():  # dense-as-sparse: every index stored
+    for p in a.params.values():  # dense-as-sparse: every index stored
         assert p.nnz == p.numel
     assert set(a.extras) == {"heads.synth.weight", "heads.synth.bias"}
     assert [r["layer"] for r in v.training_config["critical_layers"]] == [r["layer"] for r in res.critical_layers]

@@ -26,10 +26,15 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..catalog.records import VersionInfo
+    from ..data.tasks import TaskData
+    from ..workspace import Workspace
 
 from .. import format as fmt
 from ..errors import AdapterHubError, TrainingError, UnlearningError
@@ -142,7 +147,7 @@ class HashTokenizer:
         return {"input_ids": ids, "attention_mask": att}
 
 
-def _load_tokenizer(path: Path, vocab_size: int):
+def _load_tokenizer(path: Path, vocab_size: int) -> Any:
     has_tok = any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model"))
     if not has_tok:
         return HashTokenizer(vocab_size), "hash"
@@ -496,7 +501,7 @@ def _subsample(rows: list[Example], limit: int | None, seed: int) -> list[Exampl
     return [rows[i] for i in idx]
 
 
-def make_federation(task: str, n_clients: int, alpha: float, seed: int, *, data=None,
+def make_federation(task: str, n_clients: int, alpha: float, seed: int, *, data: TaskData | None = None,
                     max_train: int | None = None, max_test: int | None = None) -> Federation:
     """Load ``task`` (or use ``data``, a TaskData), optionally subsample, and partition it.
 
@@ -581,12 +586,13 @@ _FD = {f: default_of(FedConfig, f) for f in ("local_steps", "seed", "batch_size"
                                              "max_length")}
 
 
-def fed_train(ws, *, base: str, task: str, clients: int, alpha: float, rounds: int, name: str, density: float = 1.0,
+def fed_train(ws: Workspace, *, base: str, task: str, clients: int, alpha: float, rounds: int, name: str, density: float = 1.0,
               local_steps: int = _FD["local_steps"], seed: int = _FD["seed"], mask: str = "random",
               layer_regex: str = DEFAULT_LAYER_REGEX, batch_size: int = _FD["batch_size"], lr: float = _FD["lr"],
               head_lr: float = _FD["head_lr"], momentum: float = _FD["momentum"],
               max_length: int = _FD["max_length"], max_train: int | None = None, max_test: int | None = None,
-              critical_steps: int | None = None, progress: ProgressFn | None = None, data=None):
+              critical_steps: int | None = None, progress: ProgressFn | None = None,
+              data: TaskData | None = None) -> tuple[VersionInfo, GlobalResult]:
     """Train the global model with FedAvg and register it (kind ``expert``).
 
     Takes: the workspace, base name, task, federation settings, the version name.
@@ -624,7 +630,7 @@ def fed_train(ws, *, base: str, task: str, clients: int, alpha: float, rounds: i
     return info, GlobalResult(adapter, state, fed, stats, metrics, tc, ranking)
 
 
-def load_global(ws, ref: str, *, data=None) -> tuple[Any, fmt.SparseAdapter, Federation, FedConfig, dict[str, Any]]:
+def load_global(ws: Workspace, ref: str, *, data: TaskData | None = None) -> tuple[Any, fmt.SparseAdapter, Federation, FedConfig, dict[str, Any]]:
     """Resolve a global model version and rebuild its federation (verifying the partition hash).
 
     Returns: (VersionInfo, adapter, Federation, FedConfig, federation record).

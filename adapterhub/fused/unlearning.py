@@ -35,9 +35,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..catalog.records import VersionInfo
+    from ..data.tasks import TaskData
+    from ..workspace import Workspace
 
 from .. import format as fmt
 from ..errors import AdapterHubError, TrainingError, UnlearningError
@@ -211,6 +216,8 @@ def evaluate(model: FedModel, state: Mapping[str, torch.Tensor], plan: ForgetPla
 def fresh_head_state(model: FedModel, seed: int) -> dict[str, torch.Tensor]:
     """A newly initialised head (normal(0, 0.02) weights from ``seed``, zero bias), as trainable state."""
     g = torch.Generator().manual_seed(int(seed) + 7919)
+    if model.head is None:
+        raise UnlearningError("this model has no task head to re-initialise")
     w = model.head.linear.weight
     return {"head:weight": torch.randn(tuple(w.shape), generator=g) * 0.02,
             "head:bias": torch.zeros(model.head.linear.out_features)}
@@ -335,11 +342,11 @@ def _density_of(adapter: fmt.SparseAdapter) -> float:
     return float(d) if d is not None else min(1.0, adapter.density)
 
 
-def unlearn(ws, ref: str, *, forget: str, name: str, layers: int = 3, density: float = 0.1, rounds: int | None = None,
+def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = 3, density: float = 0.1, rounds: int | None = None,
             seed: int = 0, local_steps: int | None = None, lr: float | None = None, compare_retrain: bool = False,
             rerank: bool = False, head: str = "reset",
-            max_eval: int | None = 300, progress: ProgressFn | None = None, data=None,
-            attack: MembershipAttack | None = None):
+            max_eval: int | None = 300, progress: ProgressFn | None = None, data: TaskData | None = None,
+            attack: MembershipAttack | None = None) -> tuple[VersionInfo, UnlearnResult]:
     """Produce, evaluate and register a FUSED unlearning adapter for the global model ``ref``.
 
     Registered as kind ``unlearning`` with an ``unlearns`` lineage edge to ``ref``; the forget

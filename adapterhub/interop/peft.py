@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from .. import format as fmt
-from .. import safe_read
+from .. import format as fmt, safe_read
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes
 
