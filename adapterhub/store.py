@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import StoreError
-from .fsutil import atomic_write_bytes, sha256_hex
+from .fsutil import atomic_write_bytes, sha256_file, sha256_hex
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -89,14 +88,10 @@ class BlobStore:
     @staticmethod
     def _intact(p: Path, digest: str) -> bool:
         """True if the file at ``p`` hashes to ``digest`` (streamed; False if it cannot be read)."""
-        h = hashlib.sha256()
         try:
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
+            return sha256_file(p) == digest
         except OSError:
             return False
-        return h.hexdigest() == digest
 
     def get_bytes(self, digest: str) -> bytes:
         """Read a blob and verify its hash; raises StoreError if missing or corrupt."""

@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from adapterhub.training.config import DEFAULT_LAYER_REGEX, FedConfig
+from adapterhub.training.config import DEFAULT_LAYER_REGEX, UNLEARN_DEFAULTS as UD, FedConfig
 
 from .common import Ctx, LazyChoice, handle_errors, json_option, output, pass_ctx, progress
 from .options import config_option
@@ -56,10 +56,10 @@ def fed_group() -> None:
 @click.option("--base", required=True, type=BASE_NAME, is_eager=True, help="Registered base model name.")
 @click.option("--task", required=True, help="Built-in task name (see `adapterhub tasks`).")
 @click.option("--clients", type=click.IntRange(1, 10000), required=True, help="Number of clients N.")
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=UD.alpha, show_default=True,
               help="Dirichlet concentration over labels (small = non-IID).")
 @config_option(FedConfig, "rounds")
-@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=UD.global_density, show_default=True,
               help="1 = full weights of the layers (stored dense-as-sparse); < 1 = a random sparse expert.")
 @config_option(FedConfig, "local_steps")
 @config_option(FedConfig, "batch_size")
@@ -105,21 +105,21 @@ def fed_train(c: Ctx, base: str, task: str, clients: int, alpha: float, rounds: 
 @click.argument("ref", type=REF, is_eager=True)
 @click.option("--forget", "forget", required=True, metavar="SPEC",
               help="client:ID, class:LABEL or samples:FILE (train-row ids or texts, one per line).")
-@click.option("--layers", "layers", type=int, default=3, show_default=True, help="K critical layers to adapt.")
-@click.option("--density", type=float, default=0.1, show_default=True, help="Random mask density on the K layers.")
+@click.option("--layers", "layers", type=int, default=UD.layers, show_default=True, help="K critical layers to adapt.")
+@click.option("--density", type=float, default=UD.density, show_default=True, help="Random mask density on the K layers.")
 @click.option("--rounds", type=int, default=None, help="FedAvg rounds (default: the global model's).")
 @click.option("--local-steps", type=click.IntRange(1), default=None, help="Default: the global model's.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Learning rate of the unlearning adapter (default: the global model's).")
 @click.option("--compare-retrain", is_flag=True, help="Also retrain from scratch without the forgotten data.")
-@click.option("--head", "head", type=LazyChoice(_head_modes), default="reset", show_default=True,
+@click.option("--head", "head", type=LazyChoice(_head_modes), default=UD.head, show_default=True,
               help="The task head: re-initialise and train it on the remaining data (reset), fine-tune the global "
                    "model's (train), or keep it (freeze). A trained head is stored with the adapter.")
 @click.option("--rerank", is_flag=True,
               help="Recompute the critical layers on the remaining clients instead of the stored ranking.")
-@click.option("--max-eval", type=click.IntRange(1), default=300, show_default=True,
+@click.option("--max-eval", type=click.IntRange(1), default=UD.max_eval, show_default=True,
               help="Evaluation rows per metric.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=UD.seed, show_default=True)
 @click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Adapter name of the unlearning version.")
 @json_option
 @pass_ctx

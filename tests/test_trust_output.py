@@ -28,6 +28,9 @@ from trust_util import assert_no_traceback, assert_one_line_failure, run_cli, tr
 TASK = "[/bold][red]x[/red][link=http://evil]x[/link]\x1b]8;;http://e\x07\x1b[2J\u202e\x9b\x7f"
 HOSTILE = ("[/bold] [red]x[/red] [link=http://evil]x[/link] \x1b]8;;http://evil\x07click\x1b]8;;\x07 "
            "\x1b[2J \rfake \u202eevil \x9b31m \x7f \u2066iso\u2069 \x00nul")
+#: What the catalog's JSON documents (metrics, training config) may hold: everything above but NUL, which they
+#: refuse (PostgreSQL's JSONB cannot store it; tests/test_trust_more.py proves the refusal).
+STORED = HOSTILE.replace(" \x00nul", "")
 WIDE = {"COLUMNS": "2000"}  # no folding of table cells, so escaped strings appear in one piece
 
 
@@ -54,8 +57,8 @@ def hostile_home(tmp_path: Path, tiny_bert_dir: Path) -> Path:
     with Workspace.open(home) as ws:
         ws.add_base("tiny", str(tiny_bert_dir))
         v = ws.register(make_adapter(card={"mask": {"method": HOSTILE}}), name="evil", task=TASK, base="tiny",
-                        metrics={HOSTILE: 1.0, "note": HOSTILE},
-                        training_config={"forget": {"spec": HOSTILE}},
+                        metrics={STORED: 1.0, "note": STORED},
+                        training_config={"forget": {"spec": STORED}},
                         parents=[Parent(None, "imported_from", params={"format": HOSTILE, "path": HOSTILE})])
         ws.register(make_adapter(seed=1), name="evil", task=TASK, base="tiny")
         ws.tag(v.ref, "prod")
@@ -87,7 +90,7 @@ def test_catalog_strings_print_literally_and_json_keeps_them(hostile_home: Path,
     assert {v["task"] for v in listed} == {TASK}
     raw = _invoke(hostile_home, "show", "evil@1", "--json").stdout
     doc = json.loads(raw)
-    assert doc["task"] == TASK and doc["mask"]["method"] == HOSTILE and doc["metrics"][HOSTILE] == 1.0
+    assert doc["task"] == TASK and doc["mask"]["method"] == HOSTILE and doc["metrics"][STORED] == 1.0
     assert doc["hub"]["repo"] == HOSTILE and doc["parents"][0]["params"]["path"] == HOSTILE
     assert_terminal_safe(raw)  # JSON escapes control characters (and all non-ASCII) itself
     lin = json.loads(_invoke(hostile_home, "lineage", "evil@1", "--json").stdout)
@@ -104,7 +107,7 @@ def test_deploy_history_escapes_forget_spec(hostile_home: Path) -> None:
     assert_terminal_safe(h.stdout + h.stderr)
     assert_literal(h.stdout)
     events = json.loads(_invoke(hostile_home, "deploy", "history", "d1", "--json").stdout)
-    assert events[-1]["forget"] == HOSTILE
+    assert events[-1]["forget"] == STORED
 
 
 def test_one_renderer_and_error_line_escape_everything(capsys) -> None:

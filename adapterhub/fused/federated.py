@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from .. import format as fmt
 from ..errors import AdapterHubError, TrainingError, UnlearningError
 from ..training import masks as M
-from ..training.config import DEFAULT_LAYER_REGEX, FedConfig, default_of
+from ..training.config import DEFAULT_LAYER_REGEX, UNLEARN_DEFAULTS, FedConfig, default_of
 from ..training.model import (
     Batcher,
     SparseDeltaModel,
@@ -586,7 +586,8 @@ _FD = {f: default_of(FedConfig, f) for f in ("local_steps", "seed", "batch_size"
                                              "max_length")}
 
 
-def fed_train(ws: Workspace, *, base: str, task: str, clients: int, alpha: float, rounds: int, name: str, density: float = 1.0,
+def fed_train(ws: Workspace, *, base: str, task: str, clients: int, alpha: float, rounds: int, name: str,
+              density: float = UNLEARN_DEFAULTS.global_density,
               local_steps: int = _FD["local_steps"], seed: int = _FD["seed"], mask: str = "random",
               layer_regex: str = DEFAULT_LAYER_REGEX, batch_size: int = _FD["batch_size"], lr: float = _FD["lr"],
               head_lr: float = _FD["head_lr"], momentum: float = _FD["momentum"],

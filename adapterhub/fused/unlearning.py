@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from .. import format as fmt
 from ..errors import AdapterHubError, TrainingError, UnlearningError
 from ..training import masks as M
+from ..training.config import UNLEARN_DEFAULTS as _UD
 from .federated import (
     DEFAULT_LAYER_REGEX,
     VALUE_BYTES,
@@ -342,10 +343,10 @@ def _density_of(adapter: fmt.SparseAdapter) -> float:
     return float(d) if d is not None else min(1.0, adapter.density)
 
 
-def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = 3, density: float = 0.1, rounds: int | None = None,
-            seed: int = 0, local_steps: int | None = None, lr: float | None = None, compare_retrain: bool = False,
-            rerank: bool = False, head: str = "reset",
-            max_eval: int | None = 300, progress: ProgressFn | None = None, data: TaskData | None = None,
+def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _UD.layers, density: float = _UD.density,
+            rounds: int | None = None, seed: int = _UD.seed, local_steps: int | None = None, lr: float | None = None, compare_retrain: bool = False,
+            rerank: bool = False, head: str = _UD.head,
+            max_eval: int | None = _UD.max_eval, progress: ProgressFn | None = None, data: TaskData | None = None,
             attack: MembershipAttack | None = None) -> tuple[VersionInfo, UnlearnResult]:
     """Produce, evaluate and register a FUSED unlearning adapter for the global model ``ref``.
 

@@ -8,7 +8,6 @@ the size of the result plus one tensor per expert (as mergekit's ``LazyTensorLoa
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from .. import format as fmt
 from ..errors import FormatError
 from ..format import SparseAdapter, SparseParam
-from ..fsutil import sha256_hex
+from ..fsutil import sha256_file, sha256_hex
 
 __all__ = ["ExpertSource", "InMemoryExpert", "LazyAdapterFile"]
 
@@ -94,14 +93,6 @@ class InMemoryExpert(ExpertSource):
         return dict(self.adapter.card)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class LazyAdapterFile(ExpertSource):
     """An adapter file read lazily through :func:`adapterhub.format.open_adapter`: the header is
     validated once, each parameter is decoded (and checked as :func:`adapterhub.format.load` checks
@@ -116,7 +107,7 @@ class LazyAdapterFile(ExpertSource):
     def __init__(self, path: str | os.PathLike[str], *, key: str | None = None, label: str | None = None,
                  expected_sha256: str | None = None, base_fingerprint: str | None = None) -> None:
         self.path = Path(path)
-        if expected_sha256 is not None and _file_sha256(self.path) != expected_sha256:
+        if expected_sha256 is not None and sha256_file(self.path) != expected_sha256:
             raise FormatError(f"{self.path.name}: content hash mismatch (blob corrupted)")
         self._reader = fmt.open_adapter(self.path)
         # A store blob whose card says allow_nonfinite was let in by the user's explicit flag at

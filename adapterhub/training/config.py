@@ -142,6 +142,23 @@ class FedConfig:
             raise TrainingError("momentum must be in [0, 1)")
 
 
+@dataclass(frozen=True)
+class UnlearnDefaults:
+    """Defaults of an unlearning request (``fused.unlearning.unlearn`` and the ``unlearn`` command read them
+    here, so each is defined once), and of a federation's split and density (``fed train``)."""
+
+    layers: int = 3  # K critical layers the unlearning adapter trains
+    density: float = 0.1  # random mask density on those layers
+    head: str = "reset"
+    max_eval: int = 300  # evaluation rows per metric
+    seed: int = 0
+    alpha: float = 1.0  # Dirichlet concentration of a federation's label split
+    global_density: float = 1.0  # density of a federated global model (1 = dense-as-sparse)
+
+
+UNLEARN_DEFAULTS = UnlearnDefaults()
+
+
 def default_of(cls: type, name: str) -> Any:
     """The default of field ``name`` of config class ``cls`` (one place for every caller's default)."""
     return {f.name: f.default for f in dataclasses.fields(cls)}[name]
