@@ -4,12 +4,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import StoreError
 from .fsutil import atomic_write_bytes, sha256_file, sha256_hex
@@ -201,3 +202,282 @@ class BlobStore:
                     if not dry_run:
                         f.unlink(missing_ok=True)
         return GcResult(removed, freed, temps, kept)
+
+
+# -- shared object store (S3-compatible, through fsspec/s3fs) -------------------------------------------
+
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-/]*$")
+
+
+class _SecretFilter(logging.Filter):
+    """Rewrites log records of the S3 stack (botocore logs request headers at DEBUG) without the
+    current AWS credentials, like the Hub client does with its token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = [v for v in (os.environ.get(n) for n in _SECRET_ENV) if v and len(v) >= 4]
+        if not secrets:
+            return True
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format is not ours to fix
+            return True
+        clean = msg
+        for v in secrets:
+            clean = clean.replace(v, "***")
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None and any(v in str(record.exc_info[1]) for v in secrets):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_SECRET_FILTER = _SecretFilter()
+_S3_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "urllib3", "aiohttp")
+
+
+def _install_secret_filter() -> None:
+    """Attach the filter to every logger of the S3 stack (a filter does not apply to children's records)."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in _S3_LOGGERS]
+    for name in [*names, *_S3_LOGGERS]:
+        lg = logging.getLogger(name)
+        if _SECRET_FILTER not in lg.filters:
+            lg.addFilter(_SECRET_FILTER)
+
+
+def _endpoint_from_env() -> str | None:
+    """The S3 endpoint for S3-compatible servers: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (validated)."""
+    ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not ep:
+        return None
+    from urllib.parse import urlsplit
+
+    u = urlsplit(ep)
+    if u.scheme not in ("http", "https") or not u.hostname or u.username or u.password or u.query or u.fragment:
+        raise StoreError("AWS_ENDPOINT_URL must be an http(s)://host[:port] URL without credentials")
+    return ep
+
+
+class ObjectStore:
+    """The blob store in an S3 bucket (``s3://bucket/prefix``), shared by every home of a team.
+
+    Same contract as :class:`BlobStore`: keys ``<prefix>/ab/cdef...`` named by the sha256 of the bytes,
+    reads re-hashed, puts atomic (one S3 PUT: an object appears under its key only once its whole
+    body is received, so there is never a partial object under a final key). ``put_bytes`` always
+    uploads, which heals a mismatching object and refreshes its LastModified time (gc's grace clock).
+
+    Guarantees across homes: the :meth:`lock` is a local ``flock`` only (it orders register and gc of
+    one home). A ``gc`` in one home may race a register in another, so on a shared store run gc with a
+    grace period longer than any registration takes (``gc --grace``): an object uploaded less than
+    ``grace_s`` ago is kept, and the references are read again just before deleting.
+
+    Credentials come from the standard AWS chain (env, profile, instance role) and are never part of
+    the URL, an error message or a log line of this class.
+    """
+
+    def __init__(self, url: str, cache_dir: str | os.PathLike[str]) -> None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        if u.scheme != "s3":
+            raise StoreError(f"unsupported store URL scheme {u.scheme or '(none)'!r}: use s3://bucket/prefix "
+                             "or a local folder")
+        if u.username or u.password or "@" in u.netloc:
+            raise StoreError("the store URL must not contain credentials (use AWS_ACCESS_KEY_ID / a profile)")
+        bucket, prefix = u.netloc, u.path.strip("/")
+        if not _BUCKET_RE.match(bucket) or u.query or u.fragment:
+            raise StoreError(f"invalid S3 bucket in the store URL: {bucket!r}")
+        if not _PREFIX_RE.match(prefix) or any(p in ("", ".", "..") for p in prefix.split("/") if prefix):
+            raise StoreError(f"invalid key prefix in the store URL: {prefix!r}")
+        self.url = f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
+        self.root_key = f"{bucket}/{prefix}" if prefix else bucket
+        self.cache_dir = Path(cache_dir)
+        self.endpoint = _endpoint_from_env()
+        self._fs: Any = None
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.url!r})"
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            try:
+                import importlib
+
+                s3fs: Any = importlib.import_module("s3fs")  # optional: `pip install 'adapterhub[s3]'`
+            except ImportError:
+                raise StoreError("an s3:// store needs s3fs: pip install 'adapterhub[s3]'") from None
+            kw: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+            if self.endpoint:
+                kw["client_kwargs"] = {"endpoint_url": self.endpoint}
+            self._fs = s3fs.S3FileSystem(**kw)
+            _install_secret_filter()
+        return self._fs
+
+    def _scrub(self, text: str) -> str:
+        for name in _SECRET_ENV:
+            v = os.environ.get(name)
+            if v and len(v) >= 4:
+                text = text.replace(v, "***")
+        return " ".join(text.split())[:300]
+
+    def _error(self, what: str, e: BaseException) -> StoreError:
+        msg = self._scrub(str(e)) or e.__class__.__name__
+        return StoreError(f"{what} in the store {self.url}: {msg}")
+
+    def key(self, digest: str) -> str:
+        """The object key of ``digest`` (validates the digest)."""
+        if not isinstance(digest, str) or not _HEX_RE.match(digest):
+            raise StoreError(f"invalid blob digest {digest!r}")
+        return f"{self.root_key}/{digest[:2]}/{digest[2:]}"
+
+    # -- the BlobStore interface --------------------------------------------------------------------
+    def has(self, digest: str) -> bool:
+        k = self.key(digest)
+        try:
+            return bool(self.fs.exists(k))
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - botocore / aiohttp errors: one line, secrets scrubbed
+            raise self._error(f"cannot check blob {digest[:12]}", e) from None
+
+    def put_bytes(self, data: bytes) -> str:
+        """Upload ``data`` under its sha256 (one atomic PUT; replaces a mismatching object) and return it."""
+        digest = sha256_hex(data)
+        k = self.key(digest)
+        try:
+            self.fs.pipe_file(k, data)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._error(f"cannot write blob {digest[:12]}", e) from None
+        return digest
+
+    def get_bytes(self, digest: str) -> bytes:
+        """Download a blob and verify its hash; raises StoreError if missing or corrupt."""
+        k = self.key(digest)
+        try:
+            data = bytes(self.fs.cat_file(k))
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest[:12]} is missing from the store {self.url}") from None
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._error(f"cannot read blob {digest[:12]}", e) from None
+        if sha256_hex(data) != digest:
+            raise StoreError(f"blob {digest[:12]} is corrupt: its bytes no longer match their hash")
+        return data
+
+    def verify(self, digest: str) -> str | None:
+        try:
+            self.get_bytes(digest)
+        except StoreError as e:
+            return str(e)
+        return None
+
+    def path(self, digest: str) -> Path:
+        """A verified local copy of the blob (``<cache>/ab/cdef...``), for code that reads files lazily."""
+        p = self.cache_dir / digest[:2] / digest[2:] if _HEX_RE.match(str(digest)) else None
+        if p is None:
+            raise StoreError(f"invalid blob digest {digest!r}")
+        if p.is_file() and not p.is_symlink() and BlobStore._intact(p, digest):
+            return p
+        data = self.get_bytes(digest)
+        try:
+            atomic_write_bytes(p, data)
+        except OSError as e:
+            raise _write_error(e, digest) from None
+        return p
+
+    @contextlib.contextmanager
+    def lock(self, *, exclusive: bool) -> Iterator[None]:
+        """A local ``flock`` (this machine's homes only); see the class doc for what holds across homes."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.cache_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot open the store lock {self.cache_dir / '.lock'}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _listing(self) -> dict[str, tuple[int, float]]:
+        """{digest: (size, LastModified as a POSIX time)} of every blob object under the prefix."""
+        try:
+            found = self.fs.find(self.root_key, detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # noqa: BLE001
+            raise self._error("cannot list the blobs", e) from None
+        out: dict[str, tuple[int, float]] = {}
+        base = self.root_key + "/"
+        for name, info in found.items():
+            rel = name[len(base):] if name.startswith(base) else ""
+            parts = rel.split("/")
+            if len(parts) != 2 or len(parts[0]) != 2 or not _HEX_RE.match(parts[0] + parts[1]):
+                continue
+            lm = info.get("LastModified")
+            ts = lm.timestamp() if hasattr(lm, "timestamp") else time.time()
+            out[parts[0] + parts[1]] = (int(info.get("size") or 0), float(ts))
+        return out
+
+    def iter_digests(self) -> Iterator[str]:
+        yield from sorted(self._listing())
+
+    def delete(self, digest: str) -> int:
+        k = self.key(digest)
+        with contextlib.suppress(OSError):  # the local copy that path() made, if any
+            (self.cache_dir / digest[:2] / digest[2:]).unlink()
+        try:
+            size = int(self.fs.info(k).get("size") or 0)
+            self.fs.rm_file(k)
+            return size
+        except FileNotFoundError:
+            return 0
+        except Exception as e:  # noqa: BLE001
+            raise self._error(f"cannot delete blob {digest[:12]}", e) from None
+
+    def gc(self, referenced: Callable[[], Iterable[str]] | Iterable[str], *, dry_run: bool = False,
+           grace_s: float = 0.0) -> GcResult:
+        """Delete objects not referenced; with ``grace_s > 0`` keep those uploaded less than ``grace_s`` ago
+        (by LastModified, which every ``put_bytes`` refreshes) and re-read the references before deleting."""
+        with self.lock(exclusive=True):
+            get_refs = referenced if callable(referenced) else (lambda r=set(referenced): r)
+            keep = set(get_refs())
+            listing = self._listing()
+            now = time.time()
+            candidates: list[str] = []
+            kept: list[str] = []
+            for digest, (_size, ts) in sorted(listing.items()):
+                if digest in keep:
+                    continue
+                (kept if grace_s > 0 and now - ts < grace_s else candidates).append(digest)
+            if candidates and grace_s > 0 and callable(referenced):
+                live = set(get_refs())
+                candidates = [d for d in candidates if d not in live]
+            freed = 0
+            for digest in candidates:
+                freed += listing[digest][0] if dry_run else self.delete(digest)
+            return GcResult(candidates, freed, 0, kept)
+
+
+Store = BlobStore | ObjectStore
+
+
+def open_store(url: str | None, home: Path) -> "Store":
+    """The store of a home: ``url`` (``s3://bucket/prefix``, or a local folder path; env
+    ADAPTERHUB_STORE_URL) or, by default, ``<home>/blobs/sha256``. Raises StoreError for a bad URL."""
+    if not url:
+        return BlobStore(home / "blobs" / "sha256")
+    if url.startswith("s3://"):
+        return ObjectStore(url, home / "cache" / "store")
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif "://" in url:
+        raise StoreError(f"unsupported store URL {url.split('://', 1)[0]}://...: use s3://bucket/prefix "
+                         "or a local folder")
+    return BlobStore(Path(url).expanduser())

@@ -18,15 +18,15 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from . import safe_read
 from .bases.sources import canonical_source, inspect_folder, resolve_source, tensor_shapes
-from .catalog import db
+from .catalog import db, metrics as mh
 from .catalog.deployments import DeploymentCatalog
-from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, Tag
+from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, MetricRow, Tag
 from .catalog.names import validate_name
 from .catalog.records import BaseInfo, NewVersion, Parent, VersionInfo, iso_utc  # noqa: F401 - re-exported
 from .catalog.refs import parse_ref
 from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
 from .fsutil import sha256_hex
-from .store import BlobStore, GcResult
+from .store import GcResult, Store, open_store
 
 if TYPE_CHECKING:
     from . import format as fmt
@@ -129,10 +129,12 @@ class Workspace:
     """
 
     def __init__(self, home: Path, db_url: str, *, migrate: bool = True, lock_timeout: float | None = None,
-                 on_lock_wait: Callable[[float], None] | None = None) -> None:
+                 on_lock_wait: Callable[[float], None] | None = None, store_url: str | None = None) -> None:
         """``lock_timeout``: seconds to wait for another process's catalog lock (default: env
         ADAPTERHUB_LOCK_TIMEOUT, else 60); ``on_lock_wait(seconds)`` is called once when a write has
-        waited ~2 s for it. Raises CatalogError for an unusable home, URL or timeout.
+        waited ~2 s for it. ``store_url``: the blob store (``s3://bucket/prefix`` or a folder; default:
+        env ADAPTERHUB_STORE_URL, else ``<home>/blobs/sha256``). Raises CatalogError for an unusable home,
+        URL or timeout, StoreError for an unusable store URL.
         """
         self.home = home
         self.db_url = db_url
@@ -146,7 +148,8 @@ class Workspace:
             raise CatalogError(f"cannot create the home directory {home}: {e.strerror or e}") from None
         if self.home.is_symlink():
             raise CatalogError(f"{home}: the home directory must not be a symlink")
-        self.store = BlobStore(self.home / "blobs" / "sha256")
+        # a shared store (s3://bucket/prefix) next to a shared catalog: every home sees every version's bytes
+        self.store: Store = open_store(store_url or os.environ.get("ADAPTERHUB_STORE_URL"), self.home)
         self.engine = db.make_engine(db_url, lock_timeout=self.lock_timeout)
         if migrate:
             db.ensure_schema(self.engine)
@@ -155,12 +158,13 @@ class Workspace:
     @classmethod
     def open(cls, home: str | os.PathLike[str] | None = None, db_url: str | None = None, *,
              migrate: bool = True, lock_timeout: float | None = None,
-             on_lock_wait: Callable[[float], None] | None = None) -> "Workspace":
+             on_lock_wait: Callable[[float], None] | None = None, store_url: str | None = None) -> "Workspace":
         """Open (creating if needed) the workspace. Flags > env (ADAPTERHUB_HOME, ADAPTERHUB_DB_URL,
-        ADAPTERHUB_LOCK_TIMEOUT) > defaults. See ``__init__`` for the lock options."""
+        ADAPTERHUB_LOCK_TIMEOUT, ADAPTERHUB_STORE_URL) > defaults. See ``__init__`` for the options."""
         h = Path(home).expanduser() if home else db.default_home()
         url = db_url or os.environ.get("ADAPTERHUB_DB_URL") or db.default_sqlite_url(h.absolute())
-        return cls(h.absolute(), url, migrate=migrate, lock_timeout=lock_timeout, on_lock_wait=on_lock_wait)
+        return cls(h.absolute(), url, migrate=migrate, lock_timeout=lock_timeout, on_lock_wait=on_lock_wait,
+                   store_url=store_url)
 
     def _retry(self, fn: Callable[[], Any]) -> Any:
         """:func:`retry_on_busy` with this workspace's lock timeout and waiting callback."""
@@ -255,21 +259,49 @@ class Workspace:
 
     # -- register ---------------------------------------------------------------------------------
 
-    def register(self, adapter: fmt.SparseAdapter | bytes, *, name: str, task: str | None, base: str,
-                 kind: str = "expert", parents: Sequence[Parent] = (), metrics: dict[str, Any] | None = None,
-                 training_config: dict[str, Any] | None = None,
-                 hub: dict[str, str | None] | None = None, allow_nonfinite: bool = False) -> VersionInfo:
+    def read_adapter_path(self, path: str | os.PathLike[str], base: str, *, allow_nonfinite: bool = False,
+                          density: float | None = None, block_size: int | None = None
+                          ) -> tuple[fmt.SparseAdapter, str, list[Parent]]:
+        """Read what ``register`` takes from disk: an adapterhub ``.safetensors`` file or a PEFT SHiRA/LoRA
+        folder (mapped onto base ``base``'s tensors; a LoRA folder needs ``density``, takes ``block_size``).
+        Returns (adapter, source format, provenance parents: an ``imported_from`` edge for an imported
+        folder). Raises FormatError, BaseModelError."""
+        from .interop.peft import is_peft_folder, read_adapter_source
+
+        shapes = tensor_shapes(self.get_base(base).path) if is_peft_folder(path) else None
+        adapter, source = read_adapter_source(path, shapes, allow_nonfinite=allow_nonfinite, density=density,
+                                              block_size=block_size)
+        extra = [] if source == "adapterhub" else [Parent(None, "imported_from", params={
+            "format": source, "path": os.path.basename(os.path.abspath(path))})]
+        return adapter, source, extra
+
+    def register(self, adapter: fmt.SparseAdapter | bytes | str | os.PathLike[str], *, name: str, task: str | None,
+                 base: str, kind: str = "expert", parents: Sequence[Parent] = (),
+                 metrics: dict[str, Any] | None = None, training_config: dict[str, Any] | None = None,
+                 hub: dict[str, str | None] | None = None, allow_nonfinite: bool = False,
+                 density: float | None = None, block_size: int | None = None) -> VersionInfo:
         """Store an adapter and record it as the next version of ``name``.
 
         NaN/inf values are refused (FormatError) unless ``allow_nonfinite`` is passed (``register
         --allow-nonfinite``); the adapter card's own ``allow_nonfinite`` key does not switch the check off.
 
-        ``adapter`` is a SparseAdapter or the bytes of an adapter file (re-serialised canonically).
+        ``adapter`` is a SparseAdapter, the bytes of an adapter file (re-serialised canonically), or a path
+        (str / PathLike) to an adapter file or PEFT folder, read as ``adapterhub register`` reads it
+        (:meth:`read_adapter_path`, which adds the ``imported_from`` provenance edge; ``density`` and
+        ``block_size`` are for a PEFT LoRA folder, as ``register --density``).
         Checks: names, kind, relations, parents exist, the adapter fits the base (fingerprint in its card,
         every parameter a base tensor of the same shape). The blob is written before the catalog row,
         so a crash leaves at most an unreferenced blob (removed by ``gc``), never a row without a blob.
         Registering content already present as a version of ``name`` returns that version (created=False).
         """
+        if not isinstance(adapter, (str, os.PathLike)) and (density is not None or block_size is not None):
+            raise FormatError("density and block_size apply only to a PEFT LoRA folder given by its path",
+                              keywords=("density", "block_size"))
+        if isinstance(adapter, (str, os.PathLike)):
+            validate_name(name, "adapter name")  # misuse is refused before the file is read
+            adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
+                                                             density=density, block_size=block_size)
+            parents = [*parents, *extra]
         spec = NewVersion(adapter, name=name, task=task, base=base, kind=kind, parents=tuple(parents),
                           metrics=metrics, training_config=training_config, hub=hub, allow_nonfinite=allow_nonfinite)
         prep = self._prepare_version(spec, {})
@@ -508,6 +540,8 @@ class Workspace:
         for p, prow in parent_rows:
             s.add(LineageEdge(child_id=row.id, parent_id=prow.id if prow is not None else None,
                               relation=p.relation, weight=p.weight, params=p.params))
+        for m in mh.rows_from_metrics(metrics or {}, source="train"):  # the history starts with them
+            s.add(MetricRow(version_id=row.id, created_at=row.created_at, **m))
         s.flush()
         return _version_info(row, a.base)
 
@@ -537,17 +571,43 @@ class Workspace:
             if t is None:
                 raise RefError(f"{r.name} has no tag {r.tag!r}")
             return s.get(AdapterVersion, t.version_id)  # type: ignore[return-value]
-        row = s.scalar(q.order_by(AdapterVersion.number.desc()).limit(1))
+        back = r.back or 0  # bare name / name@latest: the newest; name@~N: N before it
+        row = s.scalar(q.order_by(AdapterVersion.number.desc()).offset(back).limit(1))
         if row is None:
+            if back:
+                n = s.scalar(select(func.count()).select_from(AdapterVersion)
+                             .where(AdapterVersion.adapter_id == a.id))
+                raise RefError(f"{r.name}@~{back}: {r.name} has only {n} version{'s' if n != 1 else ''}")
             raise RefError(f"{r.name} has no versions")
         return row
+
+    def ref_candidates(self, prefix: str = "", *, limit: int = 200) -> list[str]:
+        """REFs starting with ``prefix`` for shell completion: adapter names, then ``name@tag``,
+        ``name@latest``, ``name@~1`` and ``name@N`` once ``prefix`` names one adapter and its ``@``."""
+        name, sep, _ = prefix.partition("@")
+        with self.session() as s:
+            if not sep:
+                q = select(Adapter.name).order_by(Adapter.name).limit(limit)
+                if prefix:
+                    q = q.where(Adapter.name.startswith(prefix, autoescape=True))
+                return [n for n in s.scalars(q)]
+            a = s.scalar(select(Adapter).where(Adapter.name == name))
+            if a is None:
+                return []
+            tags = s.scalars(select(Tag.name).where(Tag.adapter_id == a.id).order_by(Tag.name)).all()
+            nums = s.scalars(select(AdapterVersion.number).where(AdapterVersion.adapter_id == a.id)
+                             .order_by(AdapterVersion.number.desc()).limit(limit)).all()
+        out = [f"{name}@{t}" for t in tags] + [f"{name}@latest", f"{name}@~1"] + [f"{name}@{n}" for n in nums]
+        return [r for r in out if r.startswith(prefix)][:limit]
 
     def resolve(self, ref: str) -> VersionInfo:
         """Resolve a REF to its version record; raises RefError if malformed or unknown."""
         with self.session() as s:
             row = self._resolve_row(s, ref)
             tags = s.scalars(select(Tag.name).where(Tag.version_id == row.id)).all()
-            return _version_info(row, row.adapter.base, list(tags))
+            info = _version_info(row, row.adapter.base, list(tags))
+            info.metrics = mh.present(row.metrics, mh.current_rows(self._metric_records(s, [row.id]).get(row.id, [])))
+            return info
 
     def load_adapter(self, ref: str | VersionInfo) -> fmt.SparseAdapter:
         """The adapter of a version, read from the store and verified against its hash."""
@@ -563,23 +623,55 @@ class Workspace:
         info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
         return self.store.get_bytes(info.content_hash)
 
-    def update_metrics(self, ref: str, metrics: dict[str, Any]) -> VersionInfo:
-        """Merge ``metrics`` into the version's metrics JSON (the adapter file is immutable; metrics are not).
+    def record_metrics(self, ref: str, metrics: dict[str, Any], *, source: str = "eval", full: bool = True,
+                       dataset_hash: str | None = None, scorer: str | None = None) -> VersionInfo:
+        """Append ``metrics`` to the version's metric history as rows (``<split>_n`` keys give their ``n``).
 
-        Raises CatalogError if ``metrics`` is not a storable JSON object (:func:`safe_read.check_doc`)."""
+        Nothing is overwritten: the stored metrics JSON stays as registered and earlier rows stay; what
+        ``resolve`` presents is the latest full-split row per metric (:mod:`adapterhub.catalog.metrics`).
+        ``source`` is ``eval``, ``train`` or ``deployment:NAME``; ``full`` is False for a subset of a split.
+        Raises CatalogError if ``metrics`` is not a storable JSON object (:func:`safe_read.check_doc`) or
+        the source is not one of those; RefError for an unknown ref."""
         if not isinstance(metrics, dict):
             raise CatalogError("metrics must be a JSON object")
         safe_read.check_doc(metrics, "metrics", CatalogError)
+        if source not in mh.SELF_SOURCES and not (source.startswith(mh.DEPLOYMENT_PREFIX)
+                                                   and len(source) > len(mh.DEPLOYMENT_PREFIX)):
+            raise CatalogError(f"metric source {source[:60]!r}: use train, eval or deployment:NAME")
+        rows = mh.rows_from_metrics(metrics, source=source, full=full, dataset_hash=dataset_hash, scorer=scorer)
 
-        def txn() -> VersionInfo:
+        def txn() -> str:
             with self.session() as s:
                 row = self._resolve_row(s, ref)
-                merged = dict(row.metrics or {})
-                merged.update(metrics)
-                row.metrics = merged
+                now = dt.datetime.now(dt.timezone.utc)
+                for m in rows:
+                    s.add(MetricRow(version_id=row.id, created_at=now, **m))
                 s.flush()
-                return _version_info(row, row.adapter.base)
-        return self._retry(txn)
+                return f"{row.adapter.name}@{row.number}"
+        return self.resolve(self._retry(txn))
+
+    def update_metrics(self, ref: str, metrics: dict[str, Any]) -> VersionInfo:
+        """Record ``metrics`` as new ``eval`` rows (kept for callers of the old name; see :meth:`record_metrics`)."""
+        return self.record_metrics(ref, metrics, source="eval")
+
+    def metric_history(self, ref: str) -> list[mh.MetricRecord]:
+        """Every metric row of the version, oldest first (all sources, subsets included)."""
+        with self.session() as s:
+            row = self._resolve_row(s, ref)
+            return self._metric_records(s, [row.id], ref=f"{row.adapter.name}@{row.number}").get(row.id, [])
+
+    @staticmethod
+    def _metric_records(s: Session, ids: Sequence[int], ref: str | None = None) -> dict[int, list[mh.MetricRecord]]:
+        out: dict[int, list[mh.MetricRecord]] = {}
+        m = MetricRow.__table__.c
+        for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            q = (select(m.version_id, m.name, m.value, m.split, m.n, m.full, m.dataset_hash, m.scorer, m.source,
+                        m.created_at).where(m.version_id.in_(list(ids[i:i + 900]))).order_by(m.id))
+            for r in s.execute(q):
+                out.setdefault(r.version_id, []).append(mh.MetricRecord(
+                    name=r.name, value=r.value, split=r.split, n=r.n, full=bool(r.full), dataset_hash=r.dataset_hash,
+                    scorer=r.scorer, source=r.source, created_at=r.created_at, ref=ref))
+        return out
 
     def set_hub(self, ref: str, *, repo: str, commit: str | None, tag: str | None, endpoint: str | None) -> None:
         """Record the Hub coordinates of a pushed version."""
@@ -590,11 +682,18 @@ class Workspace:
         self._retry(txn)
 
     def list_versions(self, *, task: str | None = None, base: str | None = None, kind: str | None = None,
-                      name: str | None = None, limit: int | None = None) -> list[VersionInfo]:
-        """Versions filtered by task/base/kind/name, newest first.
+                      name: str | None = None, limit: int | None = None,
+                      include_deprecated: bool = True, sort: str | None = None, descending: bool = False,
+                      columns: Sequence[str] = ()) -> list[VersionInfo]:
+        """Versions filtered by task/base/kind/name, newest first (``include_deprecated=False`` leaves out
+        versions retired with :meth:`deprecate`).
 
         One Core query over the version, adapter and base columns (no ORM objects, no per-row lazy loads)
         and one query for the tags: tens of thousands of rows a second even on a 1M-version catalog.
+        ``sort`` orders by a metric's current figure (versions without it last, then newest first) and
+        ``columns`` names further metrics; their current figures are joined into that same query (one
+        windowed subquery over ``metric_rows`` per metric). Each version's ``metrics`` is the presented
+        overlay (:func:`adapterhub.catalog.metrics.present`), read with one more query.
         """
         v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
         # labelled with VersionInfo's field names, so each row becomes VersionInfo(**row)
@@ -612,6 +711,16 @@ class Workspace:
             q = q.where(a.name == name)
         if base is not None:
             q = q.where(b.name == base)
+        if not include_deprecated:
+            q = q.where(v.deprecated_at.is_(None))
+        sort_col = None
+        for i, metric in enumerate(dict.fromkeys([*([sort] if sort else []), *columns])):
+            cur = self._current_metric_query(metric).subquery(f"m{i}")
+            q = q.outerjoin(cur, cur.c.version_id == v.id)
+            if metric == sort:
+                sort_col = cur.c.value
+        if sort_col is not None:
+            q = q.order_by(sort_col.is_(None), sort_col.desc() if descending else sort_col.asc())
         q = q.order_by(v.created_at.desc(), v.id.desc())
         if limit:
             q = q.limit(limit)
@@ -622,7 +731,37 @@ class Workspace:
             for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
                 for vid, tname in s.execute(select(Tag.version_id, Tag.name).where(Tag.version_id.in_(ids[i:i + 900]))):
                     tagmap.setdefault(vid, []).append(tname)
-        return [VersionInfo(**r._mapping, tags=sorted(tagmap.get(r.id, []))) for r in rows]
+            current = self._current_metrics(s, ids)
+        out = [VersionInfo(**r._mapping, tags=sorted(tagmap.get(r.id, []))) for r in rows]
+        for info in out:
+            info.metrics = mh.present(info.metrics, current.get(info.id, []))
+        return out
+
+    @staticmethod
+    def _current_metric_query(metric: str | None = None, ids: Sequence[int] | None = None) -> Any:
+        """SELECT version_id, name, value, n, full, source of each version's current row per metric
+        (latest full-split row, else latest row, among the version's own sources), optionally one metric."""
+        m = MetricRow.__table__.c
+        rk = func.row_number().over(partition_by=(m.version_id, m.name), order_by=(m.full.desc(), m.id.desc()))
+        inner = select(m.version_id, m.name, m.value, m.n, m.full, m.split, m.source, rk.label("rk")).where(
+            m.source.in_(mh.SELF_SOURCES))
+        if metric is not None:
+            inner = inner.where(m.name == metric)
+        if ids is not None:
+            inner = inner.where(m.version_id.in_(list(ids)))
+        sub = inner.subquery()
+        return select(sub.c.version_id, sub.c.name, sub.c.value, sub.c.n, sub.c.full, sub.c.split,
+                      sub.c.source).where(sub.c.rk == 1)
+
+    def _current_metrics(self, s: Session, ids: Sequence[int]) -> dict[int, list[mh.MetricRecord]]:
+        """The current rows of versions ``ids``: one windowed query per 900 ids (indexed on version_id)."""
+        out: dict[int, list[mh.MetricRecord]] = {}
+        for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            for r in s.execute(self._current_metric_query(ids=ids[i:i + 900])):
+                out.setdefault(r.version_id, []).append(mh.MetricRecord(
+                    name=r.name, value=r.value, split=r.split, n=r.n, full=bool(r.full), dataset_hash=None,
+                    scorer=None, source=r.source, created_at=None))
+        return out
 
     def log(self, name: str) -> list[VersionInfo]:
         """All versions of adapter ``name``, oldest first."""
@@ -632,6 +771,83 @@ class Workspace:
                 raise RefError(f"unknown adapter {name!r}")
         return sorted(self.list_versions(name=name), key=lambda v: v.number)
 
+    # -- retiring versions ------------------------------------------------------------------------
+
+    def deprecate(self, ref: str, *, undo: bool = False) -> VersionInfo:
+        """Retire a version: it stays resolvable by ref and hash (deployments, lineage and pulls keep
+        working) but ``list_versions(include_deprecated=False)`` leaves it out. ``undo=True`` reinstates
+        it. Idempotent: deprecating a deprecated version keeps its first time."""
+        def txn() -> VersionInfo:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                if undo:
+                    row.deprecated_at = None
+                elif row.deprecated_at is None:
+                    row.deprecated_at = dt.datetime.now(dt.timezone.utc)
+                s.flush()
+                return _version_info(row, row.adapter.base)
+        return cast(VersionInfo, self._retry(txn))
+
+    def is_deprecated(self, ref: str) -> bool:
+        """Whether the version ``ref`` names was retired with :meth:`deprecate`."""
+        with self.session() as s:
+            return self._resolve_row(s, ref).deprecated_at is not None
+
+    def remove(self, ref: str) -> VersionInfo:
+        """Delete a version's catalog row (its blob stays in the store until ``gc``).
+
+        Refused with CatalogError, naming what needs the version, when a deployment's stack or history
+        (rollback targets), a lineage edge (as the parent) or a tag refers to it, and when it is the newest
+        of several versions (its number would be handed out again: deprecate it instead). Removing an
+        adapter's only version removes the adapter name too.
+        """
+        from .catalog.models import Deployment, DeploymentEvent, MetricRow
+
+        def txn() -> VersionInfo:
+            with self.session() as s:
+                row = self._resolve_row(s, ref)
+                vref = f"{row.adapter.name}@{row.number}"
+                info = _version_info(row, row.adapter.base)
+                for d in s.scalars(select(Deployment).order_by(Deployment.name)):
+                    if any(isinstance(l, dict) and l.get("version_id") == row.id for l in d.stack or []):
+                        raise CatalogError(f"{vref} is in deployment {d.name!r}'s stack; revert it there first")
+                ev = s.execute(select(Deployment.name, DeploymentEvent.seq, DeploymentEvent.stack)
+                               .join(Deployment, DeploymentEvent.deployment_id == Deployment.id)
+                               .order_by(Deployment.name, DeploymentEvent.seq)).all()
+                for dname, seq, stack in ev:
+                    if any(isinstance(l, dict) and l.get("version_id") == row.id for l in stack or []):
+                        raise CatalogError(f"{vref} is needed by deployment {dname!r}'s history (event {seq} "
+                                           "can be rolled back to); deprecate it instead")
+                if s.scalar(select(func.count()).select_from(DeploymentEvent)
+                            .where(DeploymentEvent.version_id == row.id)):
+                    raise CatalogError(f"{vref} is recorded in a deployment's history; deprecate it instead")
+                child = s.execute(select(Adapter.name, AdapterVersion.number).select_from(LineageEdge)
+                                  .join(AdapterVersion, LineageEdge.child_id == AdapterVersion.id)
+                                  .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+                                  .where(LineageEdge.parent_id == row.id).limit(1)).first()
+                if child is not None:
+                    raise CatalogError(f"{vref} is a parent of {child[0]}@{child[1]} (lineage); deprecate it instead")
+                tags = s.scalars(select(Tag.name).where(Tag.version_id == row.id).order_by(Tag.name)).all()
+                if tags:
+                    raise CatalogError(f"{vref} is tagged {', '.join(tags)}; untag it first")
+                others = s.scalar(select(func.count()).select_from(AdapterVersion)
+                                  .where(AdapterVersion.adapter_id == row.adapter_id, AdapterVersion.id != row.id))
+                newest = s.scalar(select(func.max(AdapterVersion.number))
+                                  .where(AdapterVersion.adapter_id == row.adapter_id))
+                if others and row.number == newest:
+                    raise CatalogError(f"{vref} is the newest version of {row.adapter.name}; removing it would let "
+                                       "the next version reuse its number: deprecate it instead")
+                s.execute(delete(LineageEdge).where(LineageEdge.child_id == row.id))
+                s.execute(delete(MetricRow).where(MetricRow.version_id == row.id))
+                adapter_id = row.adapter_id
+                s.delete(row)
+                s.flush()
+                if not others:
+                    s.execute(delete(Tag).where(Tag.adapter_id == adapter_id))
+                    s.execute(delete(Adapter).where(Adapter.id == adapter_id))
+                return info
+        return cast(VersionInfo, self._retry(txn))
+
     # -- tags -------------------------------------------------------------------------------------
 
     def tag(self, ref: str, tag: str) -> VersionInfo:
@@ -639,6 +855,8 @@ class Workspace:
         validate_name(tag, "tag")
         if tag.isdigit():
             raise NameError_(f"tag {tag!r} would be read as a version number")
+        if tag == "latest":
+            raise NameError_("tag 'latest' is reserved: name@latest is always the newest version")
 
         def txn() -> VersionInfo:
             with self.session() as s:

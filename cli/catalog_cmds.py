@@ -21,7 +21,7 @@ from .common import (
     progress,
     safe_doc,
 )
-from .paramtypes import ADAPTER_NAME, BASE_NAME, REF, TAG
+from .paramtypes import ADAPTER_NAME, BASE_NAME, METRIC, METRIC_LIST, REF, TAG
 
 if TYPE_CHECKING:  # the workspace module is imported by the commands that open one
     from adapterhub.workspace import VersionInfo, Workspace
@@ -80,7 +80,7 @@ def _raw_ws(c: Ctx) -> Workspace:
     """The Workspace without migrating the catalog (the ``db`` commands inspect or migrate it themselves)."""
     from adapterhub.workspace import Workspace
 
-    return Workspace.open(c.home, c.db_url, migrate=False, lock_timeout=c.lock_timeout)
+    return Workspace.open(c.home, c.db_url, migrate=False, lock_timeout=c.lock_timeout, store_url=c.store_url)
 
 
 @db_group.command("upgrade")
@@ -179,31 +179,36 @@ def base_list(c: Ctx, as_json: bool) -> None:
               help="Relation of the preceding --parent (default finetuned_from).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Accept NaN/inf values (refused by default; the file's card cannot switch this on).")
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="PEFT LoRA folders: fraction of each ΔW = B·A·scale kept, by magnitude (required for LoRA).")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help="PEFT LoRA folders: keep b x b blocks by norm instead of single entries.")
 @json_option
 @click.pass_context
 @handle_errors
 def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str, kind: str,
                  parents: tuple[str, ...], relations: tuple[str, ...], allow_nonfinite: bool,
-                 as_json: bool) -> None:
-    """Add FILE (an adapterhub .safetensors file or a PEFT SHiRA folder) as the next version of NAME.
+                 density: float | None, block_size: int | None, as_json: bool) -> None:
+    """Add FILE (an adapterhub .safetensors file, a PEFT SHiRA folder or a PEFT LoRA folder) as the next version of NAME.
 
-    Prints the new ref. Example: adapterhub register rt.safetensors --name rt-sentiment --task rt --base minilm
+    A LoRA folder needs --density: ΔW is kept sparse and the card records each tensor's relative
+    reconstruction error. Prints the new ref.
+    Example: adapterhub register rt.safetensors --name rt-sentiment --task rt --base minilm
     """
-    from adapterhub.bases.sources import tensor_shapes
     from adapterhub.catalog.records import Parent
-    from adapterhub.interop.peft import is_peft_folder, read_adapter_source
+    from adapterhub.interop.peft import is_peft_folder
 
     pairs = _pair_parents(ctx, parents, relations)
     c: Ctx = ctx.obj
     ws = c.ws
-    shapes = tensor_shapes(ws.get_base(base).path) if is_peft_folder(file) else None
-    adapter, source = read_adapter_source(file, shapes, allow_nonfinite=allow_nonfinite)
-    plist = [Parent(ref, rel) for ref, rel in pairs]
-    if source == "peft-shira":
-        import os
-
-        plist.append(Parent(None, "imported_from", params={"format": "peft-shira",
-                                                            "path": os.path.basename(os.path.abspath(file))}))
+    if (density is not None or block_size is not None) and not is_peft_folder(file):
+        raise click.UsageError("--density and --block-size apply only to PEFT LoRA folders", ctx)
+    if block_size is not None and density is None:
+        raise click.UsageError("--block-size needs --density", ctx)
+    # the one reader of files and folders, shared with Workspace.register(path)
+    adapter, source, imported = ws.read_adapter_path(file, base, allow_nonfinite=allow_nonfinite, density=density,
+                                                     block_size=block_size)
+    plist = [Parent(ref, rel) for ref, rel in pairs] + imported
     info = ws.register(adapter, name=name, task=task, base=base, kind=kind, parents=plist,
                        allow_nonfinite=allow_nonfinite)
     if not info.created:
@@ -244,16 +249,63 @@ def _pair_parents(ctx: click.Context, parents: tuple[str, ...], relations: tuple
 @click.option("--base", type=BASE_NAME, is_eager=True, default=None, help="Only adapters of this base model.")
 @click.option("--kind", type=click.Choice(KINDS), default=None, help="Only adapters of this kind.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many (newest first).")
+@click.option("--all", "show_all", is_flag=True, help="Include deprecated versions (see `adapterhub deprecate`).")
+@click.option("--sort", "sort", type=METRIC, default=None, metavar="METRIC",
+              help="Order by this metric's current figure, ascending (versions without it last).")
+@click.option("--desc", "descending", is_flag=True, help="With --sort: highest first.")
+@click.option("--columns", type=METRIC_LIST, default=None, metavar="A,B,...",
+              help="Add these metrics' current figures as columns (comma-separated).")
 @json_option
 @pass_ctx
 @handle_errors
-def list_cmd(c: Ctx, task: str | None, base: str | None, kind: str | None, limit: int | None, as_json: bool) -> None:
-    """List adapter versions, newest first.
+def list_cmd(c: Ctx, task: str | None, base: str | None, kind: str | None, limit: int | None, show_all: bool,
+             sort: str | None, descending: bool, columns: list[str] | None, as_json: bool) -> None:
+    """List adapter versions, newest first (or by a metric with --sort).
 
-    Example: adapterhub list --task rt-sentiment --json
+    A metric's current figure is its latest full-split row (see `adapterhub metrics`).
+
+    Example: adapterhub list --task rt-sentiment --sort test_accuracy --desc --columns test_accuracy,test_n
     """
-    vs = c.ws.list_versions(task=task, base=base, kind=kind, limit=limit)
-    output([v.to_json() for v in vs], as_json, _VERSION_COLUMNS, (_version_row(v) for v in vs))
+    if descending and sort is None:
+        raise click.UsageError("--desc needs --sort METRIC")
+    extra = list(dict.fromkeys([*([sort] if sort else []), *(columns or [])]))
+    vs = c.ws.list_versions(task=task, base=base, kind=kind, limit=limit, include_deprecated=show_all, sort=sort,
+                            descending=descending, columns=extra)
+    output([v.to_json() for v in vs], as_json, _VERSION_COLUMNS + extra,
+           ([*_version_row(v), *(_fmt_metric((v.metrics or {}).get(m)) for m in extra)] for v in vs))
+
+
+def _fmt_metric(v: Any) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@click.command("metrics")
+@click.argument("ref", type=REF, is_eager=True)
+@json_option
+@pass_ctx
+@handle_errors
+def metrics_cmd(c: Ctx, ref: str, as_json: bool) -> None:
+    """The metric history of version REF, oldest first: every evaluation and training figure, never overwritten.
+
+    `shown` marks the row `show`/`list` present (the latest full-split row per metric of the version
+    itself); rows with source deployment:NAME are a deployment's figures, history only.
+
+    Example: adapterhub metrics rt-sentiment@1 --json
+    """
+    info = c.ws.resolve(ref)
+    rows = c.ws.metric_history(info.ref)
+    from adapterhub.catalog.metrics import current_rows
+
+    shown = {id(r) for r in current_rows(rows)}
+    doc = {"ref": info.ref, "current": info.metrics or {},
+           "history": [{**r.to_json(), "shown": id(r) in shown} for r in rows]}
+    output(doc, as_json, ["name", "value", "split", "n", "full", "source", "scorer", "data", "time", "shown"],
+           ([r.name, _fmt_metric(r.value), r.split or "", "" if r.n is None else r.n, "yes" if r.full else "subset",
+             r.source, r.scorer or "", (r.dataset_hash or "")[:12],
+             r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "", "*" if id(r) in shown else ""]
+            for r in rows), title=f"metrics of {info.ref}", no_wrap=("scorer", "data", "time"))
 
 
 @click.command("show")
@@ -471,7 +523,8 @@ def gc_cmd(c: Ctx, dry_run: bool, grace_s: float, as_json: bool) -> None:
 @click.argument("out", type=click.Path())
 @click.option("--format", "to", type=click.Choice(["safetensors", "peft"]), default="safetensors",
               show_default=True, help="safetensors: the adapter file; peft: a PEFT SHiRA adapter folder.")
-@click.option("--drop-extras", is_flag=True, help="peft: leave out dense extras (heads) PEFT cannot hold.")
+@click.option("--drop-extras", is_flag=True,
+              help="peft: leave out our dense extras (trained heads), written otherwise to adapterhub_extras.safetensors.")
 @json_option
 @pass_ctx
 @handle_errors
@@ -483,10 +536,12 @@ def export_cmd(c: Ctx, ref: str, out: str, to: str, drop_extras: bool, as_json: 
     from adapterhub.interop.peft import export_version
 
     doc = export_version(c.ws, ref, out, to=to, drop_extras=drop_extras)
+    if doc.get("dropped_extras"):
+        echo_err(f"left out {len(doc['dropped_extras'])} extra(s): {', '.join(doc['dropped_extras'])}")
     if as_json:
         print_json(doc)
     else:
-        echo(f"{doc['ref']} -> {doc['path']}")
+        echo(f"{doc['ref']} -> {doc['path']}" + (f" (+ {doc['extras_file']})" if doc.get("extras_file") else ""))
 
 
 def _short_list(x: Any, n: int = 4) -> str:
@@ -502,5 +557,44 @@ def _kv(d: Any) -> str:
 
 
 # The root group (cli/main.py) adds these; groups carry their own subcommands.
+@click.command("deprecate")
+@click.argument("ref", type=REF, is_eager=True)
+@click.option("--undo", is_flag=True, help="Reinstate a deprecated version.")
+@json_option
+@pass_ctx
+@handle_errors
+def deprecate_cmd(c: Ctx, ref: str, undo: bool, as_json: bool) -> None:
+    """Retire version REF: it stays resolvable by ref and hash, but `list` hides it (unless --all).
+
+    Example: adapterhub deprecate rt-sentiment@1
+    """
+    info = c.ws.deprecate(ref, undo=undo)
+    if as_json:
+        print_json({"ref": info.ref, "content_hash": info.content_hash, "deprecated": not undo})
+        return
+    echo(f"{'reinstated' if undo else 'deprecated'} {info.ref}")
+
+
+@click.command("rm")
+@click.argument("ref", type=REF, is_eager=True)
+@json_option
+@pass_ctx
+@handle_errors
+def rm_cmd(c: Ctx, ref: str, as_json: bool) -> None:
+    """Remove version REF from the catalog (its file stays in the store until `gc`).
+
+    Refused, naming what needs it, while a deployment's stack or history, a lineage edge (as the
+    parent) or a tag refers to the version; `deprecate` is the normal way to retire one.
+
+    Example: adapterhub rm rt-sentiment@1
+    """
+    info = c.ws.remove(ref)
+    if as_json:
+        print_json({"removed": info.ref, "content_hash": info.content_hash})
+        return
+    echo(f"removed {info.ref} (its file is freed by `adapterhub gc`)")
+
+
 COMMANDS: tuple[click.Command, ...] = (init_cmd, db_group, base_group, register_cmd, list_cmd, show_cmd, log_cmd, tag_cmd,
-                                      untag_cmd, lineage_cmd, diff_cmd, verify_cmd, gc_cmd, export_cmd)
+                                      untag_cmd, lineage_cmd, diff_cmd, verify_cmd, gc_cmd, export_cmd,
+                                      deprecate_cmd, rm_cmd, metrics_cmd)

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 from adapterhub.errors import AdapterHubError
 
 if TYPE_CHECKING:  # rich is imported when a bar is drawn, not at start-up
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
     from adapterhub.workspace import Workspace
 
@@ -20,10 +22,12 @@ if TYPE_CHECKING:  # rich is imported when a bar is drawn, not at start-up
 class Ctx:
     """Global options carried in click's context object; the Workspace is opened lazily."""
 
-    def __init__(self, home: str | None, db_url: str | None, lock_timeout: float | None = None) -> None:
+    def __init__(self, home: str | None, db_url: str | None, lock_timeout: float | None = None,
+                 store_url: str | None = None) -> None:
         self.home = home
         self.db_url = db_url
         self.lock_timeout = lock_timeout
+        self.store_url = store_url
         self._ws: Workspace | None = None
 
     @property
@@ -33,7 +37,7 @@ class Ctx:
             from adapterhub.workspace import Workspace
 
             self._ws = Workspace.open(self.home, self.db_url, lock_timeout=self.lock_timeout,
-                                      on_lock_wait=_lock_wait_notice)
+                                      on_lock_wait=_lock_wait_notice, store_url=self.store_url)
         return self._ws
 
     def close(self) -> None:
@@ -209,8 +213,10 @@ def print_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
-def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
-    """A rich table for people (stdout)."""
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None,
+                no_wrap: Iterable[str] = ()) -> None:
+    """A rich table for people (stdout). Columns named in ``no_wrap`` (hashes, refs) are never
+    broken mid-string: the other columns wrap instead."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -218,8 +224,12 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: st
     # Every cell and the title is a plain Text (no markup, no emoji codes), control characters escaped:
     # catalog and Hub strings such as "[/bold]" or "\x1b]8;;..." print literally.
     table = Table(title=None if title is None else Text(safe_text(title)), show_lines=False)
+    whole = set(no_wrap)
     for c in columns:
-        table.add_column(Text(safe_text(c)), overflow="fold")
+        if c in whole:
+            table.add_column(Text(safe_text(c)), no_wrap=True, overflow="ignore")
+        else:
+            table.add_column(Text(safe_text(c)), overflow="fold")
     for r in rows:
         table.add_row(*[Text(safe_text(v)) for v in r])
     Console(file=sys.stdout, soft_wrap=False, width=max(100, _term_width())).print(table)
@@ -231,22 +241,29 @@ def _term_width() -> int:
     return shutil.get_terminal_size((120, 20)).columns
 
 
-def output(doc: Any, as_json: bool, columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
-    """One function picks the format: JSON document or table."""
+def output(doc: Any, as_json: bool, columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None,
+           no_wrap: Iterable[str] = ()) -> None:
+    """One function picks the format: JSON document or table (``no_wrap``: see :func:`print_table`)."""
     if as_json:
         print_json(doc)
     else:
-        print_table(columns, rows, title)
+        print_table(columns, rows, title, no_wrap)
 
 
-def progress(description: str = "", *, total: float | None = None, transient: bool = True) -> Progress:
-    """A rich progress display on stderr; use it as a context manager and add tasks to it.
+def progress(description: str = "", *, total: float | None = None, transient: bool = True,
+             counts: bool = True) -> Progress | LogProgress:
+    """Progress on stderr; use it as a context manager and add tasks to it.
 
-    Takes: ``transient`` (remove the bars when done); ``description`` and ``total`` are accepted
-    for call-site readability (each command adds its own task). Returns: a rich ``Progress``.
+    On a terminal: a rich progress display (``transient`` removes the bars when done; ``counts=False``
+    leaves out the ``done/total`` column, for work whose size is unknown). Otherwise (a log file, a
+    pipe, CI): a :class:`LogProgress` that prints one plain line every ``ADAPTERHUB_PROGRESS_EVERY``
+    (default ``10%``, and at least every ``30s``), whenever the task's ``info`` phase changes, and at
+    the end. ``description`` and ``total`` are accepted for call-site readability.
     """
+    if not _stderr_is_tty():
+        return LogProgress(parse_progress_every(os.environ.get("ADAPTERHUB_PROGRESS_EVERY")), counts=counts)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     class SafeProgress(Progress):
         """Descriptions and ``info`` fields are shown literally (no markup), control characters escaped."""
@@ -260,9 +277,148 @@ def progress(description: str = "", *, total: float | None = None, transient: bo
                 fields["description"] = safe_text(description)
             super().update(task_id, **{k: _safe_field(v) if k not in _PROGRESS_ARGS else v for k, v in fields.items()})
 
-    return SafeProgress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False),
-                        console=Console(file=sys.stderr), transient=transient)
+    cols: list[Any] = [TextColumn("{task.description}", markup=False), BarColumn()]
+    if counts:
+        cols.append(MofNCompleteColumn())
+    cols += [TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False)]
+    return SafeProgress(*cols, console=Console(file=sys.stderr), transient=transient)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+@dataclass(frozen=True)
+class ProgressEvery:
+    """How often :class:`LogProgress` prints: every ``percent`` of the total, every ``steps`` steps,
+    every ``seconds`` (whichever comes first; None = not by that measure)."""
+
+    percent: float | None = 10.0
+    steps: int | None = None
+    seconds: float | None = 30.0
+
+
+def parse_progress_every(value: str | None) -> ProgressEvery:
+    """``ADAPTERHUB_PROGRESS_EVERY``: comma-separated ``N%``, ``Ns`` and/or ``N`` (steps), e.g. ``5%,60s``.
+
+    Unset or empty: every 10% and at least every 30 s. Raises ConfigError (exit 2) on anything else.
+    """
+    if value is None or not value.strip():
+        return ProgressEvery()
+    percent: float | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    try:
+        for part in (p.strip() for p in value.split(",")):
+            if part.endswith("%"):
+                percent = float(part[:-1])
+                ok = 0 < percent <= 100
+            elif part.endswith("s"):
+                seconds = float(part[:-1])
+                ok = 0 < seconds < 1e9
+            else:
+                steps = int(part)
+                ok = steps >= 1
+            if not ok:
+                raise ValueError(part)
+    except ValueError:
+        raise ConfigError(f"invalid ADAPTERHUB_PROGRESS_EVERY {safe_text(value[:40])!r}: use N% (of the total), "
+                          "Ns (seconds) or N (steps), comma-separated, e.g. 10%,30s") from None
+    return ProgressEvery(percent, steps, seconds)
+
+
+class LogProgress:
+    """The stand-in for rich's ``Progress`` when stderr is not a terminal: plain lines a log keeps.
+
+    ``description  step/total (pct%)  info  elapsed`` once per :class:`ProgressEvery` period, on
+    every change of the task's phase (the ``[...]`` at the end of ``info``), and when the task ends.
+    Implements the part of rich's ``Progress`` the commands use (``add_task``, ``update``, context manager).
+    """
+
+    def __init__(self, every: ProgressEvery, *, counts: bool = True,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.every, self.counts = every, counts
+        self._clock = clock or time.monotonic
+        self._tasks: dict[TaskID, dict[str, Any]] = {}
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for tid, t in self._tasks.items():
+            if exc[0] is None and t["completed"] and t["completed"] != t["printed_at"]:
+                self._print(tid)
+
+    def add_task(self, description: str, *, total: float | None = None, completed: float = 0,
+                 **fields: Any) -> TaskID:
+        tid = cast("TaskID", len(self._tasks))
+        now = self._clock()
+        self._tasks[tid] = {"description": description, "total": total, "completed": completed,
+                            "info": fields.get("info", ""), "start": now, "last": now, "printed_at": None,
+                            "phase": _phase_of(str(fields.get("info", "")))}
+        self._print(tid)  # the start: a long model load is not silence
+        t = self._tasks[tid]
+        t["printed_at"] = None
+        return tid
+
+    def update(self, task_id: TaskID, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, **fields: Any) -> None:
+        t = self._tasks[task_id]
+        if total is not None:
+            t["total"] = total
+        if completed is not None:
+            t["completed"] = completed
+        if advance is not None:
+            t["completed"] += advance
+        if description is not None:
+            t["description"] = description
+        if "info" in fields:
+            t["info"] = fields["info"]
+        phase = _phase_of(str(t["info"]))
+        if self._due(t) or (phase is not None and phase != t["phase"]):
+            t["phase"] = phase
+            self._print(task_id)
+
+    def _due(self, t: dict[str, Any]) -> bool:
+        e, done, total = self.every, t["completed"], t["total"]
+        prev = t["printed_at"] or 0
+        if total and done >= total:
+            return True
+        if e.seconds is not None and self._clock() - t["last"] >= e.seconds:
+            return True
+        if e.steps is not None and done - prev >= e.steps:
+            return True
+        if e.percent is not None and total:
+            return int(done * 100 / total / e.percent) > int(prev * 100 / total / e.percent)
+        return False
+
+    def _print(self, task_id: TaskID) -> None:
+        t = self._tasks[task_id]
+        now = self._clock()
+        t["last"], t["printed_at"] = now, t["completed"]
+        parts = [str(t["description"])]
+        if self.counts:
+            done, total = t["completed"], t["total"]
+            if total:
+                parts.append(f"{done:g}/{total:g} ({done * 100 / total:.0f}%)")
+            elif done:
+                parts.append(f"{done:g}")
+        if t["info"]:
+            parts.append(str(t["info"]))
+        parts.append(f"{now - t['start']:.0f}s")
+        echo_err("  ".join(parts))
+
+
+def _phase_of(info: str) -> str | None:
+    """The ``[phase]`` at the end of a progress ``info`` string, if any."""
+    if info.endswith("]") and "[" in info:
+        return info[info.rindex("[") + 1:-1]
+    return None
 
 
 _PROGRESS_ARGS = frozenset({"total", "completed", "advance", "description", "visible", "refresh"})
@@ -300,6 +456,27 @@ def parse_lock_timeout(value: str | None) -> float | None:
         raise ConfigError(f"invalid lock timeout {safe_text(str(value)[:40])!r} (--lock-timeout / "
                           "ADAPTERHUB_LOCK_TIMEOUT): give a number of seconds > 0")
     return t
+
+
+def check_one_of(*names: str, exactly: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Refuse, while parsing, a command line with more than one (or, ``exactly``, none) of the options
+    ``names`` (parameter names): a usage error (exit 2) before any lazily filled choice is converted.
+
+    A hidden eager option that is never given: click processes it after the eager options given on the
+    command line and, among those not given, in declaration order, so put this decorator *below* every
+    eager option it checks. Those options must be declared ``is_eager=True``.
+    """
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if ctx.resilient_parsing:
+            return value
+        given = [n for n in names if ctx.params.get(n) is not None]
+        if len(given) > 1 or (exactly and not given):
+            flags = " or ".join("--" + n.replace("_", "-") for n in names)
+            raise click.UsageError(f"give {'exactly' if exactly else 'at most'} one of {flags}", ctx)
+        return value
+
+    return click.option("--check-" + "-".join(n.replace("_", "-") for n in names), hidden=True, is_eager=True,
+                        expose_value=False, callback=check)
 
 
 class LazyChoice(click.Choice[str]):

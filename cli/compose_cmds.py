@@ -19,8 +19,15 @@ def _method_names() -> list[str]:
     return method_names()
 
 
+def _two_or_more(ctx: click.Context, param: click.Parameter, refs: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse a single REF while parsing (REFS is eager: before ``--method`` loads its torch registry)."""
+    if len(refs) == 1 and not ctx.resilient_parsing:
+        raise click.BadParameter("merge needs at least two REFs", ctx, param)
+    return refs
+
+
 @click.command("merge")
-@click.argument("refs", nargs=-1, required=True, type=REF, is_eager=True)
+@click.argument("refs", nargs=-1, required=True, type=REF, is_eager=True, callback=_two_or_more)
 @click.option("--method", "-m", type=LazyChoice(_method_names), required=True, help="Merge method.")
 @click.option("--weights", type=WeightsType(), default=None, help="One weight per REF, comma-separated.")
 @click.option("--lambda", "lam", type=float, default=None, help="Scaling lambda (task-arithmetic, ties, dare-*, breadcrumbs).")
@@ -37,12 +44,12 @@ def merge_cmd(c: Ctx, refs: tuple[str, ...], method: str, weights: list[float] |
 
     Example: adapterhub merge rt-sentiment@2 sms-spam trec --method uniform-sparse --name multi
     """
-    from adapterhub.merging import merge
-
     if len(refs) < 2:
         raise click.UsageError("merge needs at least two REFs")
     if weights is not None and len(weights) != len(refs):
         raise click.UsageError(f"--weights has {len(weights)} values for {len(refs)} REFs")
+    from adapterhub.merging import merge
+
     with progress("merging") as prog:
         task = prog.add_task("merging", total=None, info="")
 
@@ -175,7 +182,15 @@ def deploy_history(c: Ctx, name: str, as_json: bool) -> None:
            ["event", "action", "ref", "adapter hash", "forget", "scale", "state", "stack", "time"],
            [[e.seq, e.action, e.ref or (f"to {e.details['to']}" if "to" in e.details else ""),
              (e.content_hash or "")[:12], e.forget or "", "" if e.scale is None else f"{e.scale:g}",
-             e.state_fingerprint[:16], " > ".join(l["ref"] for l in e.stack) or "-", e.created_at] for e in evs])
+             e.state_fingerprint[:16], " > ".join(l["ref"] for l in e.stack) or "-", _when(e.created_at)] for e in evs],
+           no_wrap=("adapter hash", "state", "ref", "forget", "time"))
+
+
+def _when(t: object) -> str:
+    """A history time for the table, to the second (``--json`` has the full ISO time)."""
+    import datetime as dt
+
+    return t.strftime("%Y-%m-%d %H:%M:%S") if isinstance(t, dt.datetime) else str(t)
 
 
 @deploy_group.command("verify")

@@ -53,28 +53,36 @@ def _status(quiet: bool) -> Iterator[Any]:
               help="Hub repo (default: <your user>/<adapter name>).")
 @click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
 @click.option("--branch", default="main", show_default=True, help="Branch to commit to.")
+@click.option("--card-only", is_flag=True,
+              help="Only refresh the card (adapterhub.json, README.md) of a version already pushed; no weights.")
+@click.option("--tags", "mirror_tags", is_flag=True,
+              help="Also set the version's local tags on the Hub, as tag-NAME (e.g. prod -> tag-prod).")
 @_endpoint_option
 @json_option
 @pass_ctx
 @handle_errors
-def push_cmd(c: Ctx, ref: str, repo: str | None, private: bool, branch: str, endpoint: str | None,
-             as_json: bool) -> None:
+def push_cmd(c: Ctx, ref: str, repo: str | None, private: bool, branch: str, card_only: bool, mirror_tags: bool,
+             endpoint: str | None, as_json: bool) -> None:
     """Push one version to the Hugging Face Hub: one commit tagged v{N}.
 
     The commit holds adapter.safetensors, adapterhub.json (hash, base, mask, metrics, lineage) and a
-    README.md model card. Pushing a version that is already there uploads nothing.
-    The token comes from HF_TOKEN or `hf auth login`.
+    README.md model card. Pushing a version that is already there uploads no weights; when its card
+    changed (new metrics, a parent pushed since), the card alone is committed to the branch
+    (--card-only does only that). The token comes from HF_TOKEN or `hf auth login`.
 
-    Example: adapterhub push rt-sentiment@2 --repo alice/rt-sentiment
+    Example: adapterhub push rt-sentiment@2 --repo alice/rt-sentiment --tags
     """
     from adapterhub.hub.client import push
 
     with _status(as_json) as status:
-        res = push(c.ws, ref, repo=repo, private=private, branch=branch, endpoint=endpoint, progress=status)
+        res = push(c.ws, ref, repo=repo, private=private, branch=branch, endpoint=endpoint, progress=status,
+                   card_only=card_only, mirror_tags=mirror_tags)
     if as_json:
         print_json(res.to_json())
     else:
         echo(res.message)
+        if res.hub_tags:
+            echo(f"Hub tags: {', '.join(res.hub_tags)}")
         echo(f"{res.url}/tree/{res.tag}")
 
 

@@ -20,16 +20,20 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("--lock-timeout", envvar="ADAPTERHUB_LOCK_TIMEOUT", metavar="SECONDS", default=None,
               help="Seconds to wait for another process's catalog lock before giving up "
                    "(a note is printed after 2 s). Env: ADAPTERHUB_LOCK_TIMEOUT. Default: 60.")
+@click.option("--store", "store_url", envvar="ADAPTERHUB_STORE_URL", default=None, metavar="URL",
+              help="Blob store shared by a team (s3://bucket/prefix; endpoint: AWS_ENDPOINT_URL) or a folder. "
+                   "Env: ADAPTERHUB_STORE_URL. Default: <home>/blobs/sha256.")
 @click.version_option(package_name="adapterhub")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, db_url: str | None, lock_timeout: str | None) -> None:
+def cli(ctx: click.Context, home: str | None, db_url: str | None, lock_timeout: str | None,
+        store_url: str | None) -> None:
     """adapterhub: store, version, share, merge and apply sparse adapters.
 
     Example: adapterhub base add minilm minilm && adapterhub train --base minilm --task rt-sentiment
     """
     if ctx.invoked_subcommand in MODEL_COMMANDS:
         _quiet_libraries()
-    c = Ctx(home, db_url, parse_lock_timeout(lock_timeout))
+    c = Ctx(home, db_url, parse_lock_timeout(lock_timeout), store_url=store_url)
     ctx.obj = c
     ctx.call_on_close(c.close)
 

@@ -11,6 +11,7 @@ from adapterhub.training.config import TrainConfig
 
 from .common import (
     Ctx,
+    check_one_of,
     echo,
     echo_err,
     handle_errors,
@@ -21,7 +22,7 @@ from .common import (
     progress,
 )
 from .options import config_options
-from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF
+from .paramtypes import ADAPTER_NAME, BASE_NAME, DATASET, DEPLOYMENT_NAME, REF, TASK
 
 
 def _progress_cb(bar: Any, task_id: Any) -> Callable[[int, int, dict[str, Any]], None]:
@@ -53,11 +54,12 @@ def tasks_cmd(as_json: bool) -> None:
 
 @click.command("train")
 @click.option("--base", required=True, type=BASE_NAME, is_eager=True, help="Base model name (see `adapterhub base list`).")
-@click.option("--task", default=None, help="Built-in task (see `adapterhub tasks`).")
-@click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID instead of --task.")
+@click.option("--task", type=TASK, is_eager=True, default=None, help="Built-in task (see `adapterhub tasks`).")
+@click.option("--dataset", type=DATASET, is_eager=True, default=None, help="csv:PATH, jsonl:PATH or hf:ID instead of --task.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--name", type=ADAPTER_NAME, is_eager=True, default=None, help="Adapter name (default <task>-<mask>).")
+@check_one_of("task", "dataset")
 @config_options(TrainConfig, into="cfg")
 @json_option
 @pass_ctx
@@ -70,8 +72,6 @@ def train_cmd(c: Ctx, base: str, task: str | None, dataset: str | None, text_col
 
     Example: adapterhub train --base minilm --task rt-sentiment --density 0.05 --steps 300
     """
-    if (task is None) == (dataset is None):
-        raise click.UsageError("give exactly one of --task or --dataset")
     from adapterhub.training import init_distributed_from_env, train
 
     init_distributed_from_env()
@@ -93,8 +93,8 @@ def train_cmd(c: Ctx, base: str, task: str | None, dataset: str | None, text_col
 
 @click.command("eval")
 @click.argument("ref", required=False, type=REF, is_eager=True)
-@click.option("--task", default=None, help="Built-in task (default: the version's task).")
-@click.option("--dataset", default=None, metavar="SPEC", help="csv:PATH, jsonl:PATH or hf:ID.")
+@click.option("--task", type=TASK, is_eager=True, default=None, help="Built-in task (default: the version's task).")
+@click.option("--dataset", type=DATASET, is_eager=True, default=None, help="csv:PATH, jsonl:PATH or hf:ID.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
@@ -121,17 +121,36 @@ def eval_cmd(c: Ctx, ref: str | None, task: str | None, dataset: str | None, tex
     from adapterhub.evaluation import deployment_path, evaluate
 
     model_dir = deployment_path(c.ws, deployment) if deployment else None
-    with progress(transient=True) as bar:
-        bar.add_task(f"eval {ref or deployment}", total=None, info="")
+    in_stack: bool | None = None
+    note = ""
+    if deployment and ref:
+        # The score is the deployment's; REF only lends its head and labels unless it is in the stack.
+        version = c.ws.resolve(ref)
+        stack = c.ws.deployment_rows.get(deployment).stack
+        in_stack = any(layer.get("version_id") == version.id for layer in stack)
+        if not in_stack:
+            shown = " > ".join(str(layer.get("ref")) for layer in stack) or "empty"
+            note = f"{version.ref} is not in deployment {deployment}'s stack ({shown})"
+            echo_err(f"note: {note}: the score is the deployment's, with {version.ref}'s head and labels; "
+                     f"it is not recorded on {version.ref}")
+    # evaluate() reports no steps: a spinner-like bar without a done/total column (never "0/?")
+    with progress(transient=True, counts=False) as bar:
+        bar.add_task(f"eval {ref or deployment}", total=None,
+                     info=f"{split} split" + (f" of {task or dataset}" if task or dataset else ""))
         res = evaluate(c.ws, ref, task=task, dataset=dataset, split=split, model_dir=model_dir,
                        text_column=text_column, label_column=label_column, batch_size=batch_size,
                        max_examples=max_examples, max_length=max_length, device=device,
-                       deployment=deployment)
+                       deployment=deployment, record=in_stack is not False)
     doc = res.to_json()
     doc["deployment"] = deployment
+    if in_stack is not None:
+        doc["in_stack"] = in_stack
+    shown_ref = res.ref or "-"
+    if in_stack is False:
+        shown_ref = f"{deployment} (head of {res.ref}, not in its stack)"
     output(doc, as_json, ["ref", "task", "split", "accuracy", "loss", "n"],
-           [(res.ref or "-", res.task, res.split, f"{res.accuracy:.4f}", f"{res.loss:.4f}", res.n)],
-           title=f"evaluation{' of deployment ' + deployment if deployment else ''}")
+           [(shown_ref, res.task, res.split, f"{res.accuracy:.4f}", f"{res.loss:.4f}", res.n)],
+           title=f"evaluation{' of deployment ' + deployment if deployment else ''}{': ' + note if note else ''}")
 
 
 # The root group (cli/main.py) adds these.

@@ -9,7 +9,7 @@ from adapterhub.training.config import DEFAULT_LAYER_REGEX, UNLEARN_DEFAULTS as 
 
 from .common import Ctx, LazyChoice, handle_errors, json_option, output, pass_ctx, progress
 from .options import config_option
-from .paramtypes import ADAPTER_NAME, BASE_NAME, REF
+from .paramtypes import ADAPTER_NAME, BASE_NAME, REF, TASK
 
 
 class _Bars:
@@ -54,7 +54,7 @@ def fed_group() -> None:
 
 @fed_group.command("train")
 @click.option("--base", required=True, type=BASE_NAME, is_eager=True, help="Registered base model name.")
-@click.option("--task", required=True, help="Built-in task name (see `adapterhub tasks`).")
+@click.option("--task", required=True, type=TASK, is_eager=True, help="Built-in task name (see `adapterhub tasks`).")
 @click.option("--clients", type=click.IntRange(1, 10000), required=True, help="Number of clients N.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=UD.alpha, show_default=True,
               help="Dirichlet concentration over labels (small = non-IID).")

@@ -183,6 +183,8 @@ def lora_deltas(model: torch.nn.Module, file_shapes: dict[str, tuple[int, ...]])
 
     Raises: RuntimeError when a LoRA layer has no tensor in the base file.
     """
+    from adapterhub.interop.lora import lora_delta_of_module
+
     out: dict[str, torch.Tensor] = {}
     for mname, mod in model.named_modules():
         lora_a = getattr(mod, "lora_A", None)
@@ -191,8 +193,7 @@ def lora_deltas(model: torch.nn.Module, file_shapes: dict[str, tuple[int, ...]])
         key = file_tensor_key(f"{mname}.weight", file_shapes)
         if key is None:
             raise RuntimeError(f"LoRA layer {mname} has no tensor in the base file")
-        with torch.no_grad():
-            out[key] = mod.get_delta_weight("default").detach().float().cpu()
+        out[key] = lora_delta_of_module(mod, "default").cpu()  # the library's one LoRA-ΔW helper
     if not out:
         raise RuntimeError("no LoRA layer found in the trained model")
     return out

@@ -44,12 +44,12 @@ def test_init_and_db(home):
     r = h("init")
     assert "initialised" in r.stdout
     doc = h.json("init")
-    assert doc["revision"] == "0002" and doc["home"] == str(home)
+    assert doc["revision"] == "0003" and doc["home"] == str(home)
     cur = h.json("db", "current")
-    assert cur["current"] == cur["head"] == "0002" and cur["up_to_date"] is True
+    assert cur["current"] == cur["head"] == "0003" and cur["up_to_date"] is True
     r = h("db", "upgrade")
-    assert "0002 -> 0002" in r.stdout
-    assert h("db", "current").stdout.strip() == "0002 (head)"
+    assert "0003 -> 0003" in r.stdout
+    assert h("db", "current").stdout.strip() == "0003 (head)"
     r = h("db", "upgrade", "--revision", "zzz", code=1)
     assert "zzz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = Hub(home, db_url="nonsense://x")("list", code=1)
@@ -59,8 +59,8 @@ def test_init_and_db(home):
 def test_db_upgrade_on_empty_database(tmp_path):
     h = Hub(tmp_path / "h2", db_url=f"sqlite:///{tmp_path / 'other.db'}")
     assert h.json("db", "current")["current"] is None
-    assert "empty -> 0002" in h("db", "upgrade").stdout
-    assert h.json("db", "current")["current"] == "0002"
+    assert "empty -> 0003" in h("db", "upgrade").stdout
+    assert h.json("db", "current")["current"] == "0003"
 
 
 def test_base_add_and_list(hub, tiny_bert_dir):
@@ -120,7 +120,7 @@ def test_tags(hub, tmp_path):
     assert "no tag 'prod'" in r.stderr
     hub("untag", "rt", "prod", code=1)
     hub("tag", "rt@1", "../x", code=2)
-    hub("tag", "rt@1", "12", code=1)  # would read as a version number
+    hub("tag", "rt@1", "12", code=2)  # would read as a version number: a usage error
 
 
 def test_lineage_and_parents(hub, tmp_path):
@@ -302,8 +302,7 @@ def test_export_peft_refusals(hub, tmp_path):
     ad = make_adapter(density=0.1, extras={"heads.t.weight": torch.randn(2, 32)})
     fmt.save_file(ad, tmp_path / "h.safetensors")
     hub("register", tmp_path / "h.safetensors", "--name", "h", "--task", "t", "--base", "tiny")
-    r = hub("export", "h", tmp_path / "p", "--format", "peft", code=1)
-    assert "--drop-extras" in r.stderr
+    hub("export", "h", tmp_path / "p", "--format", "peft")  # the head goes beside it (tests/test_interop_peft.py)
     hub("export", "h", tmp_path / "p", "--format", "peft", "--drop-extras")
     hub("export", "h", tmp_path / "p", "--format", "onnx", code=2)
 
@@ -346,7 +345,7 @@ def test_register_bad_peft_folders(home, tmp_path, tiny_llama_dir):
     h("base", "add", "ll", str(tiny_llama_dir))
     d = tmp_path / "bad"
     d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     assert "only SHIRA" in h("register", d, "--name", "x", "--task", "t", "--base", "ll", code=1).stderr
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "SHIRA", "r": 1}))
     key = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -285,7 +285,7 @@ def test_cli_deploy_and_merge(setup, home):
     assert r.exit_code == 0, r.output
     r = invoke(["merge", a, b, c, "--method", "ties", "--density", "0.5", "--name", "m", "--json"], home)
     assert r.exit_code == 0, r.output
-    m = json.loads(r.output)
+    m = json.loads(r.stdout)
     assert m["kind"] == "merge" and m["ref"] == "m@1"
     parents = ws.parents("m@1")
     assert sorted(p["parent"] for p in parents) == sorted([a, b, c])

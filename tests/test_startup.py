@@ -23,7 +23,7 @@ def test_lazy_choices_still_validate_and_list():
 
     from adapterhub.cli.main import cli
 
-    r = CliRunner().invoke(cli, ["merge", "a", "--method", "nope", "--name", "x"])
+    r = CliRunner().invoke(cli, ["merge", "a", "b", "--method", "nope", "--name", "x"])
     assert r.exit_code == 2 and "uniform-sparse" in r.output
     r = CliRunner().invoke(cli, ["train", "--help"])
     assert r.exit_code == 0 and "connection-sensitivity" in r.output

@@ -324,3 +324,23 @@ def test_trainers_registry_shares_one_step():
         assert cls.step is Trainer.step and cls.run is Trainer.run  # no trainer re-implements the step
     with pytest.raises(TrainingError, match="sparse, lora, full"):
         get_trainer("nope")
+
+
+def test_max_length_beyond_the_models_positions_is_truncated_not_a_crash(bases, tmp_path):
+    """A row longer than the base's position table (64 here) with max_length 128: the batcher truncates to
+    the model's limit instead of failing mid-forward with a raw index error."""
+    from transformers import AutoConfig
+
+    from adapterhub.training.model import Batcher, load_tokenizer, position_limit
+
+    kind = "bert"  # learned absolute positions: a 65th position is an index error without the clamp
+    limit = AutoConfig.from_pretrained(bases[kind]).max_position_embeddings
+    assert limit == 64
+    rows = sentiment_rows(40)
+    rows[1] = (" ".join(["great"] * 300), rows[1][1])  # far beyond 64 tokens
+    data = load_dataset(f"csv:{write_csv(tmp_path / 'long.csv', rows)}")
+    res = train_adapter(bases[kind], data, _cfg(max_length=128), task_name="long")
+    assert res.adapter.params  # trained and packaged
+    tok = load_tokenizer(bases[kind])
+    assert Batcher(tok, "encoder", data.labels, 128, limit).max_length == 64
+    assert position_limit(tok) is None  # a tokenizer has no position table: unknown, no clamp

@@ -97,7 +97,7 @@ def test_eval_deployment_reads_the_deployment_folder(env, bert_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,code,match", [
-    (["--task", "nope"], 1, "unknown task 'nope'"),
+    (["--task", "nope"], 2, "unknown task 'nope'"),  # a usage error, found before torch is imported
     (["--task", "rt-sentiment", "--density", "0"], 2, "density must be in (0, 1]"),
     (["--task", "rt-sentiment", "--density", "1.01"], 2, "density must be in (0, 1]"),
     (["--task", "rt-sentiment", "--targets", "zzz"], 1, "matches no"),

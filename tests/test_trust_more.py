@@ -206,7 +206,7 @@ def test_peft_config_values_are_never_used_and_are_sanitised(sandbox, peft_world
     with Workspace.open(home) as ws:
         card = ws.load_adapter(ws.resolve("imp@1")).card
     assert card["imported"] == {"format": "peft-shira", "peft_version": None, "r": None,
-                                "base_model_name_or_path": None}
+                                "base_model_name_or_path": None, "module_prefix": None, "task_type": None}
     assert card["mask"]["method"] == "peft-shira-random"
     assert diff_snapshots(before, tree_snapshot(sandbox, skip=(home,))) == []
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -111,8 +112,33 @@ class AdapterVersion(Base):
     hub_commit: Mapped[Optional[str]] = mapped_column(String(64))
     hub_tag: Mapped[Optional[str]] = mapped_column(String(100))
     hub_endpoint: Mapped[Optional[str]] = mapped_column(String(300))
+    # Revision 0003: a deprecated version stays resolvable by ref and hash but is hidden from `list`.
+    deprecated_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions", lazy="joined")
+
+
+class MetricRow(Base):
+    """One measured figure of a version (revision 0003): rows are only ever added, never rewritten.
+
+    ``source`` says where it comes from: ``train`` (recorded at registration), ``eval`` (an evaluation
+    of the version itself) or ``deployment:NAME`` (an evaluation of a deployment stack that contains it;
+    never shown as the version's own figure). ``split`` is the data split, ``n`` the number of rows
+    scored and ``full`` whether they were the whole split (a ``--max-examples`` subset is not)."""
+
+    __tablename__ = "metric_rows"
+    __table_args__ = (Index("ix_metric_rows_version_name", "version_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float] = mapped_column(Float)
+    split: Mapped[Optional[str]] = mapped_column(String(50))
+    n: Mapped[Optional[int]] = mapped_column(Integer)
+    full: Mapped[bool] = mapped_column(Boolean, default=True)
+    dataset_hash: Mapped[Optional[str]] = mapped_column(String(64))
+    scorer: Mapped[Optional[str]] = mapped_column(String(100))
+    source: Mapped[str] = mapped_column(String(120))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class LineageEdge(Base):

@@ -1,4 +1,9 @@
-"""Parsing of REFs: ``name``, ``name@N``, ``name@tag``, ``sha256:<8+ hex>``."""
+"""Parsing of REFs: ``name``, ``name@N``, ``name@tag``, ``name@latest``, ``name@~N``, ``sha256:<8+ hex>``.
+
+``name@latest`` is the bare ``name`` (the newest version); ``name@~N`` is the version ``N`` before the
+newest (``@~0`` is the newest, ``@~1`` the one before it), counted over the adapter's existing versions
+by number, deprecated ones included. ``latest`` and tags of the form ``~N`` are therefore not tag names.
+"""
 from __future__ import annotations
 
 import re
@@ -18,12 +23,15 @@ class Ref:
     number: int | None = None
     tag: str | None = None
     hash_prefix: str | None = None
+    back: int | None = None  # ``name@~N``: N versions before the newest
 
     def __str__(self) -> str:
         if self.hash_prefix is not None:
             return f"sha256:{self.hash_prefix}"
         if self.number is not None:
             return f"{self.name}@{self.number}"
+        if self.back is not None:
+            return f"{self.name}@~{self.back}"
         if self.tag is not None:
             return f"{self.name}@{self.tag}"
         return str(self.name)
@@ -32,7 +40,7 @@ class Ref:
 def parse_ref(text: object) -> Ref:
     """Parse a REF string; raises RefError with the accepted forms on anything else."""
     if not isinstance(text, str) or not text or len(text) > 300:
-        raise RefError(f"invalid ref {text!r}: use name, name@N, name@tag or sha256:<8+ hex digits>")
+        raise RefError(f"invalid ref {text!r}: use name, name@N, name@tag, name@latest, name@~N or sha256:<8+ hex digits>")
     if text.startswith("sha256:"):
         m = _HASH_RE.match(text.lower())
         if not m:
@@ -41,8 +49,13 @@ def parse_ref(text: object) -> Ref:
     name, sep, rest = text.partition("@")
     try:
         validate_name(name, "adapter name")
-        if not sep:
+        if not sep or rest == "latest":
             return Ref(name=name)
+        if rest.startswith("~"):
+            k = rest[1:]
+            if not (k.isascii() and k.isdigit() and len(k) <= 9):
+                raise RefError(f"invalid ref {text!r}: a relative ref is name@~N with N = 0, 1, 2...")
+            return Ref(name=name, back=int(k))
         if rest.isascii() and rest.isdigit():  # not '²' or other Unicode digits
             n = int(rest)
             if n < 1 or len(rest) > 9:

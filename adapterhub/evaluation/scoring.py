@@ -32,6 +32,7 @@ from ..training.model import (
     load_backbone,
     load_tokenizer,
     model_kind,
+    position_limit,
     predict,
     resolve_device,
 )
@@ -53,6 +54,9 @@ class EvalResult:
     n: int
     model_dir: str
     metric_keys: dict[str, str]
+    full: bool = True  # the whole split was scored (not a --max-examples subset)
+    source: str = "eval"  # the metric rows' source: eval, or deployment:NAME
+    dataset_hash: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,9 +119,11 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
         task / dataset: what to evaluate on (default: the version's own built-in task).
         split: ``train``, ``validation`` or ``test``.
         model_dir: evaluate these weights as they are (a deployment folder) instead of base + adapter.
-        record: write ``<prefix><split>_accuracy/_loss/_n`` into the version's metrics, where the
-            prefix is empty for the version's own task, ``<task>/`` otherwise and
-            ``deployment:<name>/`` in front when ``deployment`` is given.
+        record: append ``<prefix><split>_accuracy`` and ``_loss`` rows (with n, whether the whole split
+            was scored, the data's hash, the scorer and the time) to the version's metric history, where
+            the prefix is empty for the version's own task and ``<task>/`` otherwise; the source is
+            ``eval``, or ``deployment:<name>`` when ``deployment`` is given (history only, never shown as
+            the version's own figure). Nothing earlier is overwritten.
     Returns:
         EvalResult.
     Raises:
@@ -149,6 +155,7 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
         labels = head[3]
     data = load_eval_data(task, dataset, labels, text_column=text_column, label_column=label_column)
     rows = data.split(split)
+    split_size = len(rows)
     if max_examples:
         rows = rows[:max_examples]
     if not rows:
@@ -181,16 +188,22 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
     if head is not None and sdm.head is not None:
         sdm.set_head(head[1], head[2])
     tok = load_tokenizer(path)
-    batcher = Batcher(tok, kind, data.labels, max_length)
+    batcher = Batcher(tok, kind, data.labels, max_length, position_limit(sdm))
     acc, loss, n = predict(sdm, batcher, rows, batch_size)
     task_label = task if task is not None else dataset_task_name(dataset or "")
     prefix = "" if (version is not None and task_label == version.task) else f"{task_label}/"
-    if deployment:
-        prefix = f"deployment:{deployment}/" + prefix
-    keys = {"accuracy": f"{prefix}{split}_accuracy", "loss": f"{prefix}{split}_loss", "n": f"{prefix}{split}_n"}
+    source = f"deployment:{deployment}" if deployment else "eval"
+    names = {"accuracy": f"{prefix}{split}_accuracy", "loss": f"{prefix}{split}_loss", "n": f"{prefix}{split}_n"}
+    shown = f"deployment:{deployment}/" if deployment else ""  # the keys as reported: whose figure it is
+    keys = {k: shown + v for k, v in names.items()}
+    full = n == split_size
+    data_hash = data.fingerprint()
     if record and version is not None:
-        ws.update_metrics(version.ref, {keys["accuracy"]: acc, keys["loss"]: loss, keys["n"]: n})
-    return EvalResult(version.ref if version else None, task_label, split, acc, loss, n, str(path), keys)
+        scorer = f"adapterhub.evaluation:{kind}:{dtype}:max_length={max_length}"
+        ws.record_metrics(version.ref, {names["accuracy"]: acc, names["loss"]: loss, names["n"]: n}, source=source,
+                          full=full, dataset_hash=data_hash, scorer=scorer)
+    return EvalResult(version.ref if version else None, task_label, split, acc, loss, n, str(path), keys, full,
+                      source, data_hash)
 
 
 def underlying_versions(ws: Workspace, version: VersionInfo) -> list[VersionInfo]:

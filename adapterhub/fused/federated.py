@@ -48,6 +48,7 @@ from ..training.model import (
     load_backbone,
     load_tokenizer,
     mean_pool,
+    position_limit,
 )
 
 Example = tuple[str, int]
@@ -178,7 +179,8 @@ class FedModel(SparseDeltaModel):
         vocab = int(getattr(backbone.config, "vocab_size", 30522))
         self.tokenizer, self.tokenizer_kind = _load_tokenizer(self.base_path, vocab)
         self.max_length = max_length
-        self.batcher = Batcher(self.tokenizer, "encoder", [str(i) for i in range(n_labels)], max_length)
+        self.batcher = Batcher(self.tokenizer, "encoder", [str(i) for i in range(n_labels)], max_length,
+                               position_limit(backbone))
         g = torch.Generator().manual_seed(int(seed))
         assert self.head is not None
         with torch.no_grad():

@@ -8,8 +8,10 @@ Two documents per pushed version:
   weights' sha256 matches this card.
 * ``README.md`` — the model card people and the Hub read (:func:`build_model_card`), YAML front matter
   built with ``huggingface_hub.ModelCardData`` (``base_model``, ``base_model_relation``,
-  ``library_name``, ``tags``, ``datasets``, ``metrics``, ``model-index``) and a body with the mask
-  statistics, the training config and the lineage as links.
+  ``library_name``, ``tags``, ``datasets``, curated task ``metrics``/``model-index``) and a body with the
+  mask statistics, the targets, the task metrics (split, n), usage snippets (adapterhub CLI and
+  ``adapterhub.activate``; PEFT on the ``export --format peft`` folder), the training config and the
+  lineage as links. Every catalog string is escaped: a card from a hostile Hub cannot inject HTML or links.
 """
 from __future__ import annotations
 
@@ -156,6 +158,15 @@ def parse_hub_card(data: bytes, *, where: str = CARD_FILE) -> dict[str, Any]:
     return card
 
 
+# Task metrics a model card may show (curated: never steps, timings, sizes or local deployment figures).
+TASK_METRICS = ("accuracy", "f1", "f1_macro", "f1_micro", "f1_weighted", "precision", "recall", "exact_match",
+                "matthews_correlation", "mcc", "auc", "roc_auc", "bleu", "sacrebleu", "chrf", "rouge1", "rouge2",
+                "rougeL", "rougeLsum", "perplexity")
+_METRIC_KEY_RE = re.compile(r"^(?:(?P<task>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})/)?(?:(?P<split>train|validation|test)_)?"
+                            r"(?P<metric>" + "|".join(TASK_METRICS) + r")$")
+_SAFE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "—"
@@ -164,25 +175,119 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def md_code(value: object, *, cell: bool = False) -> str:
+    """``value`` as an inline code span: inert in CommonMark/GFM (no HTML, no link, no autolink, no
+    emphasis). Control characters and newlines become spaces and the backtick fence is longer than any
+    backtick run inside; in a table cell (``cell=True``) ``|`` is escaped so that the cell cannot be split."""
+    text = "".join(" " if (ord(c) < 32 or 0x7f <= ord(c) < 0xa0 or c in "\u2028\u2029") else c
+                   for c in _fmt(value))
+    if cell:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or (text.startswith(" ") and text.endswith(" ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_text(value: object, *, cell: bool = False) -> str:
+    """``value`` as Markdown text: as it is when it is plain (letters, digits, space and ``_ . , - + = /``,
+    or the placeholder ``—``), else as an inert code span (:func:`md_code`), so that a string from a
+    hostile catalog can add no link, image, HTML element, table cell or heading to a card."""
+    text = _fmt(value)
+    if text == "—" or (re.fullmatch(r"[A-Za-z0-9_.,\-+=/ ]{1,200}", text) and "//" not in text
+                       and "www." not in text.lower() and not text.startswith((" ", "-", "+", "="))):
+        return text
+    return md_code(text, cell=cell)
+
+
+def _py(value: str) -> str:
+    """A Python string literal on one line (a fenced block cannot be closed from inside it)."""
+    return json.dumps(value, ensure_ascii=True)
+
+
+def task_metrics(card: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The curated task metrics of a card, as ``{"task", "split", "metric", "value", "n"}`` rows sorted by
+    (task, split, metric).
+
+    Keeps ``[<task>/][<split>_]<metric>`` keys whose metric is one of :data:`TASK_METRICS` and whose value
+    is a finite number; ``task`` is the card's own task when the key has no prefix; ``n`` is the matching
+    ``[<task>/]<split>_n`` when recorded. Everything else (``steps``, ``train_seconds``, losses, sizes,
+    ``deployment:<name>/…`` figures of a local deployment) stays out."""
+    metrics = card.get("metrics") or {}
+    own = card.get("task")
+    rows = []
+    for key, value in metrics.items():
+        m = _METRIC_KEY_RE.match(key) if isinstance(key, str) else None
+        if m is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or value in (float("inf"), float("-inf")):
+            continue
+        task = m.group("task") or own
+        split = m.group("split")
+        n = None
+        if split:
+            raw_n = metrics.get((f"{m.group('task')}/" if m.group("task") else "") + f"{split}_n")
+            n = raw_n if isinstance(raw_n, int) and not isinstance(raw_n, bool) else None
+        rows.append({"task": task if isinstance(task, str) else None, "split": split, "metric": m.group("metric"),
+                     "value": float(value), "n": n})
+    return sorted(rows, key=lambda r: (r["task"] or "", r["split"] or "", r["metric"]))
+
+
+def _targets(targets: Any) -> str:
+    """The ``Targets:`` line: a regex shown as one regex, a list as its items."""
+    if isinstance(targets, str) and targets:
+        return f"regex {md_code(targets)}"
+    if isinstance(targets, (list, tuple)) and targets:
+        return ", ".join(md_code(t) for t in targets)
+    return "—"
+
+
+def _usage(card: Mapping[str, Any], repo_id: str, base_id: str | None) -> list[str]:
+    """Usage snippets: adapterhub (CLI pull, Python ``adapterhub.activate``) and PEFT (the export)."""
+    version = int(card.get("version") or 0)
+    ref = f"{repo_id}@v{version}"
+    local = repo_id.replace("/", "--")
+    folder = repo_id.split("/", 1)[1] + "-peft"
+    base = base_id or "PATH/TO/BASE"
+    classifier = bool(card.get("labels"))
+    auto = "AutoModel" if classifier else "AutoModelForCausalLM"
+    lines = ["## Use it", "", "With adapterhub (the weights are checked against the sha256 above):", "",
+             "```bash", f"adapterhub pull {ref}", "```", "", "```python", "import adapterhub",
+             f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({_py(base)})",
+             f"with adapterhub.activate(model, {_py(ref)}) as handle:  # leaving the block reverts exactly"]
+    lines += (["    print(handle.predict([\"an example sentence\"]))"] if classifier
+              else ["    ...  # use model as usual"])
+    lines += ["```", "", "With PEFT, export the pulled version as a PEFT SHiRA folder first:", "", "```bash",
+              f"adapterhub export {local}@1 ./{folder} --format peft  # the first version pulled under {local}",
+              "```", "", "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
+              f"model = PeftModel.from_pretrained({auto}.from_pretrained({_py(base)}), {_py('./' + folder)})",
+              "```", ""]
+    return lines
+
+
 def build_model_card(card: Mapping[str, Any], *, repo_id: str, endpoint: str | None = None) -> "Any":
     """The ``README.md`` of a pushed version as a ``huggingface_hub.ModelCard``.
 
     Takes the ``adapterhub.json`` card and the repo id. ``base_model`` is the base's Hub id for experts
     and unlearning adapters (``base_model_relation: adapter``); for merges it lists every parent that
     has Hub coordinates (``base_model_relation: merge``), falling back to the base when none has.
+    ``metrics``/``model-index`` hold the curated task metrics only (:func:`task_metrics`). The body:
+    summary, mask, targets, metrics (split and n), usage snippets (adapterhub and PEFT), training config
+    and lineage (relation, weight, method). Deterministic (same card → same bytes) and hostile-safe:
+    every catalog string is escaped (:func:`md_text`); only validated repo ids and revisions become links.
     Returns the ModelCard (``str(card)`` is the file content).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     kind = card.get("kind") or "expert"
+    kind = kind if isinstance(kind, str) and _SAFE_ID_RE.match(kind) else "expert"
     task = card.get("task")
+    safe_task = task if isinstance(task, str) and _SAFE_ID_RE.match(task) else None
     base = card.get("base") or {}
-    base_id = base.get("hub_id")
+    base_id = base.get("hub_id") if is_repo_id(base.get("hub_id")) else None
     lineage = card.get("lineage") or []
     parent_repos = []
     for entry in lineage:
         hub = (entry.get("parent") or {}).get("hub") or {}
-        if entry.get("relation") != "imported_from" and hub.get("repo") and hub["repo"] not in parent_repos:
+        if entry.get("relation") != "imported_from" and is_repo_id(hub.get("repo")) and hub["repo"] not in parent_repos:
             parent_repos.append(hub["repo"])
     if kind == "merge":
         relation = "merge"
@@ -190,20 +295,19 @@ def build_model_card(card: Mapping[str, Any], *, repo_id: str, endpoint: str | N
     else:
         relation = "adapter"
         base_model = base_id
-    tags = ["adapterhub", "sparse-adapter"] + ([task] if task else []) + ([kind] if kind != "expert" else [])
-    metrics = card.get("metrics") or {}
-    numeric = {k: float(v) for k, v in sorted(metrics.items())
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    eval_results = None
-    if numeric and task:
-        eval_results = [EvalResult(task_type="text-classification", dataset_type=task, dataset_name=task,
-                                   metric_type=k, metric_value=v) for k, v in numeric.items()]
+    tags = ["adapterhub", "sparse-adapter"] + ([safe_task] if safe_task else []) + ([kind] if kind != "expert" else [])
+    curated = task_metrics(card)
+    eval_results = [EvalResult(task_type="text-classification", dataset_type=r["task"], dataset_name=r["task"],
+                               dataset_split=r["split"], metric_type=r["metric"], metric_value=r["value"],
+                               metric_name=r["metric"] + (f" ({r['split']}, n={r['n']})" if r["split"] and r["n"]
+                                                          else f" ({r['split']})" if r["split"] else ""))
+                    for r in curated if r["task"] and _SAFE_ID_RE.match(r["task"])] or None
     data = ModelCardData(
         base_model=base_model,
         library_name=LIBRARY_NAME,
         tags=tags,
-        datasets=[task] if task else None,
-        metrics=sorted(numeric) or None,
+        datasets=[safe_task] if safe_task else None,
+        metrics=sorted({r["metric"] for r in curated}) or None,
         model_name=repo_id if eval_results else None,
         eval_results=eval_results,
         base_model_relation=relation,
@@ -211,45 +315,50 @@ def build_model_card(card: Mapping[str, Any], *, repo_id: str, endpoint: str | N
     mask = card.get("mask") or {}
     prefix = (endpoint or "https://huggingface.co").rstrip("/")
     lines = [
-        f"# {card.get('name')} v{card.get('version')}",
+        f"# {md_text(card.get('name'))} v{md_text(card.get('version'))}",
         "",
-        f"A sparse **{kind}** adapter for `{base.get('name')}`"
+        f"A sparse **{kind}** adapter for {md_code(base.get('name'))}"
         + (f" ([{base_id}]({prefix}/{base_id}))" if base_id else "")
-        + (f", task `{task}`" if task else "") + ", made with adapterhub.",
+        + (f", task {md_code(task)}" if task else "") + ", made with adapterhub.",
         "",
-        f"- file: `{card.get('file')}` sha256 `{card.get('content_hash')}`",
-        f"- base fingerprint: `{base.get('fingerprint')}`",
+        f"- file: {md_code(card.get('file'))} sha256 {md_code(card.get('content_hash'))}",
+        f"- base fingerprint: {md_code(base.get('fingerprint'))}",
         "",
         "## Mask",
         "",
         "| method | density | granularity | block size | non-zeros | dtype |",
         "|---|---|---|---|---|---|",
-        f"| {_fmt(mask.get('method'))} | {_fmt(mask.get('density'))} | {_fmt(mask.get('granularity'))} "
-        f"| {_fmt(mask.get('block_size'))} | {_fmt(mask.get('nnz'))} | {_fmt(mask.get('dtype'))} |",
+        "| " + " | ".join(md_text(mask.get(k), cell=True) for k in ("method", "density", "granularity", "block_size", "nnz",
+                                                          "dtype")) + " |",
         "",
-        f"Targets: {', '.join(f'`{t}`' for t in (mask.get('targets') or [])) or '—'}",
+        f"Targets: {_targets(mask.get('targets'))}",
         "",
     ]
-    if metrics:
-        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
+    if curated:
+        lines += ["## Metrics", "", "| task | split | metric | value | n |", "|---|---|---|---|---|"]
+        lines += [f"| {md_text(r['task'], cell=True)} | {md_text(r['split'])} | {md_text(r['metric'])} | {_fmt(r['value'])} "
+                  f"| {_fmt(r['n'])} |" for r in curated]
         lines.append("")
+    lines += _usage(card, repo_id, base_id)
     training = card.get("training") or {}
-    if training:
-        lines += ["## Training config", "", "```json", json.dumps(training, sort_keys=True, indent=2), "```", ""]
+    if training:  # JSON inside a fence: json.dumps escapes newlines, so no line can close the fence
+        body = json.dumps(training, sort_keys=True, indent=2, ensure_ascii=True).replace("`", "\\u0060")
+        lines += ["## Training config", "", "```json", body, "```", ""]
     lines += ["## Lineage", ""]
     if not lineage:
         lines.append("No parents: trained from the base.")
     for entry in lineage:
         parent = entry.get("parent") or {}
         hub = parent.get("hub") or {}
-        label = f"{parent.get('name')}@{parent.get('version')}" if parent.get("name") else "(unknown)"
-        if hub.get("repo"):
-            rev = hub.get("tag") or hub.get("commit") or "main"
+        label = (f"{md_text(parent.get('name'))}@{md_text(parent.get('version'))}" if parent.get("name")
+                 else "(unknown)")
+        if is_repo_id(hub.get("repo")):
+            rev = next((r for r in (hub.get("tag"), hub.get("commit")) if isinstance(r, str) and _SAFE_ID_RE.match(r)),
+                       "main")
             label = f"[{label}]({prefix}/{hub['repo']}/tree/{rev}) (`{hub['repo']}@{rev}`)"
-        extra = f" weight {_fmt(entry.get('weight'))}" if entry.get("weight") is not None else ""
+        extra = f", weight {md_text(entry.get('weight'))}" if entry.get("weight") is not None else ""
         method = (entry.get("params") or {}).get("method")
-        extra += f" method `{method}`" if method else ""
-        lines.append(f"- {entry.get('relation')}: {label}{extra}")
-    lines += ["", "Pull it with `adapterhub pull " + f"{repo_id}@v{card.get('version')}`.", ""]
+        extra += f", method {md_code(method)}" if method else ""
+        lines.append(f"- {md_code(entry.get('relation'))}: {label}{extra}")
+    lines.append("")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

@@ -30,6 +30,7 @@ and a size cap (:func:`pull_limits`: ``--timeout`` / ``ADAPTERHUB_PULL_TIMEOUT``
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -85,9 +86,21 @@ class PushResult:
     uploaded: bool
     url: str
     message: str
+    card_commit: str | None = None  # the card-only commit of a refresh (no weights uploaded)
+    card_stale: bool = False  # the Hub's card differs and could not be refreshed on this branch
+    hub_tags: list[str] = field(default_factory=list)  # local tags mirrored as tag-<name> (push --tags)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: A local tag ``prod`` is mirrored as the Hub tag ``tag-prod``: never ``v{N}``, the version tags.
+HUB_TAG_PREFIX = "tag-"
+
+
+def hub_tag_name(local_tag: str) -> str:
+    """The Hub tag that mirrors a local tag (``prod`` → ``tag-prod``)."""
+    return HUB_TAG_PREFIX + local_tag
 
 
 @dataclass
@@ -730,14 +743,23 @@ def _lineage_for_card(ws: "Workspace", ref: str) -> list[dict[str, Any]]:
 
 
 def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = False, branch: str = "main",
-         endpoint: str | None = None, token: str | bool | None = None, progress: Progress | None = None
-         ) -> PushResult:
+         endpoint: str | None = None, token: str | bool | None = None, progress: Progress | None = None,
+         card_only: bool = False, mirror_tags: bool = False) -> PushResult:
     """Push one catalog version to the Hub as one commit tagged ``v{N}``.
 
     Takes the workspace, a REF, an optional repo id (default ``<user>/<adapter name>``), privacy for a new
     repo, the branch to commit to, endpoint/token overrides and a progress callback for stage messages.
     Returns a :class:`PushResult`. Raises HubError (transfer failed, tag already holds other weights, bad
     repo id...), RefError for an unknown REF. The catalog is only updated after the Hub has the tag.
+
+    Card refresh: when ``v{N}`` is already there with these weights but its card (``adapterhub.json``,
+    ``README.md``: metrics, lineage...) differs from the one built now, a commit with only the two card
+    files is made on ``branch`` (no weights uploaded) — automatically, or as the only thing to do with
+    ``card_only`` (which raises HubError when the version is not on the Hub yet). It needs ``branch``'s
+    head to hold this version's weights; a branch that does not exist yet is created at ``v{N}``. The tag
+    ``v{N}`` itself stays the first push's commit. ``mirror_tags``: each local tag of the version (``prod``)
+    is set on the Hub as ``tag-prod`` (:func:`hub_tag_name`) at ``v{N}``'s commit, moved if it pointed
+    elsewhere.
     """
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
@@ -777,10 +799,24 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
         tags = {t.name: t.target_commit for t in refs.tags}
         if tag in tags:
             tree = hub.tree(repo_id, tags[tag])
-            if _tree_has(tree, WEIGHTS_FILE, sha256=v.content_hash, data=data):
-                return done(tags[tag], False, f"{v.ref} is already on the Hub as {repo_id}@{tag}; nothing uploaded")
-            raise HubError(f"{repo_id}@{tag} already holds a different adapter; push to another repo", keywords=("repo",))
+            if not _tree_has(tree, WEIGHTS_FILE, sha256=v.content_hash, data=data):
+                raise HubError(f"{repo_id}@{tag} already holds a different adapter; push to another repo",
+                               keywords=("repo",))
+            res = _refresh_card(hub, v, repo_id, branch, tag, tags[tag], tree, {b.name: b.target_commit
+                                                                                 for b in refs.branches},
+                                {CARD_FILE: card_bytes, README_FILE: readme}, card_only)
+            out = done(tags[tag], False, res[2])
+            out.card_commit, out.card_stale = res[0], res[1]
+            if mirror_tags:
+                out.hub_tags = _mirror_tags(hub, v, repo_id, tags[tag], tags)
+            return out
+        if card_only:
+            raise HubError(f"{v.ref} is not on {repo_id} yet ({tag} is missing): push it first, without --card-only",
+                           keywords=("card-only",))
         branches = {b.name: b.target_commit for b in refs.branches}
+    elif card_only:
+        raise HubError(f"{v.ref} is not on the Hub yet ({repo_id} does not exist): push it first, without --card-only",
+                       keywords=("card-only",))
     else:
         hub.progress(f"creating {'private ' if private else ''}repo {repo_id}")
         hub.call("create repo", lambda: hub.api.create_repo(repo_id, private=private, exist_ok=True), repo=repo_id)
@@ -827,7 +863,60 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
                            keywords=("repo",)) from None
     except Exception as e:  # noqa: BLE001
         raise _hub_error("tag", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id, rev=tag) from None
-    return done(commit, True, f"pushed {v.ref} to {repo_id}@{tag} (commit {commit[:12]})")
+    out = done(commit, True, f"pushed {v.ref} to {repo_id}@{tag} (commit {commit[:12]})")
+    if mirror_tags:
+        out.hub_tags = _mirror_tags(hub, v, repo_id, commit, {t.name: t.target_commit for t in hub.refs(repo_id).tags})
+    return out
+
+
+def _refresh_card(hub: _Hub, v: "VersionInfo", repo_id: str, branch: str, tag: str, tag_commit: str,
+                  tag_tree: dict[str, Any], branches: dict[str, str], card_files: dict[str, bytes],
+                  card_only: bool) -> tuple[str | None, bool, str]:
+    """Bring the card on ``branch`` up to date without uploading weights (see :func:`push`).
+
+    Returns (card commit or None, whether the Hub's card stays stale, message)."""
+    from huggingface_hub import CommitOperationAdd
+
+    head = branches.get(branch)
+    head_tree = hub.tree(repo_id, head) if head is not None else None
+    ours = head_tree is not None and _tree_has(head_tree, WEIGHTS_FILE, sha256=v.content_hash)
+    where = head_tree if ours and head_tree is not None else tag_tree
+    if all(_tree_has(where, p, data=b) for p, b in card_files.items()):
+        return None, False, f"{v.ref} is already on the Hub as {repo_id}@{tag} with this card; nothing uploaded"
+    if head is not None and not ours:
+        hint = f"refresh it on a branch of its own: --card-only --branch {tag}-card"
+        if card_only:
+            raise HubError(f"{repo_id}@{branch} holds another version's weights; {hint}", keywords=("branch",))
+        return None, True, (f"{v.ref} is already on the Hub as {repo_id}@{tag}; nothing uploaded, but its card there "
+                            f"is stale and {branch} holds another version: {hint}")
+    if head is None:
+        hub.progress(f"creating branch {branch} at {tag}")
+        hub.call("create branch", lambda: hub.api.create_branch(repo_id, branch=branch, revision=tag_commit,
+                                                                exist_ok=True), repo=repo_id, rev=branch)
+        head = {b.name: b.target_commit for b in hub.refs(repo_id).branches}.get(branch, tag_commit)
+    hub.progress(f"refreshing the card of {v.ref} on {repo_id}@{branch} (no weights)")
+    ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=b) for p, b in card_files.items()]
+    info = hub.call("commit", lambda: hub.api.create_commit(
+        repo_id, ops, commit_message=f"{v.name} {tag}: refresh card", revision=branch,
+        commit_description=f"adapterhub {v.ref}, card only (weights unchanged, sha256 {v.content_hash})",
+        parent_commit=head), repo=repo_id, rev=branch)
+    return info.oid, False, (f"{v.ref} is already on the Hub as {repo_id}@{tag}; refreshed its card on {branch} "
+                             f"(commit {info.oid[:12]}, no weights uploaded)")
+
+
+def _mirror_tags(hub: _Hub, v: "VersionInfo", repo_id: str, commit: str, hub_tags: dict[str, str]) -> list[str]:
+    """Set ``tag-<name>`` on the Hub at ``commit`` for each local tag of ``v``; returns the Hub tag names."""
+    out = []
+    for local in sorted(v.tags):
+        name = hub_tag_name(local)
+        if hub_tags.get(name) != commit:
+            if name in hub_tags:
+                hub.progress(f"moving Hub tag {name} to {commit[:12]}")
+                hub.call("move tag", functools.partial(hub.api.delete_tag, repo_id, tag=name), repo=repo_id, rev=name)
+            hub.call("tag", functools.partial(hub.api.create_tag, repo_id, tag=name, revision=commit,
+                                              tag_message=f"adapterhub tag {local} -> {v.ref}"), repo=repo_id, rev=name)
+        out.append(name)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- pull

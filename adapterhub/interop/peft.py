@@ -1,4 +1,4 @@
-"""Import and export of PEFT SHiRA adapter folders (PEFT's own sparse format).
+"""Import and export of PEFT SHiRA adapter folders (PEFT's own sparse format); LoRA folders import too.
 
 A PEFT SHiRA folder holds ``adapter_config.json`` (``"peft_type": "SHIRA"``, ``r``, ``target_modules``...)
 and ``adapter_model.safetensors`` with, per adapted ``nn.Linear`` called ``<module>``:
@@ -14,30 +14,55 @@ so the delta of ``<module>.weight`` is exactly our :class:`~adapterhub.format.Sp
 Because PEFT allocates exactly ``r * (in + out)`` values per layer, export pads every layer to that count
 with zero-valued entries at positions outside the mask (adding 0 leaves the weight unchanged), choosing
 the smallest ``r`` that holds every layer.
+
+LoRA folders (``"peft_type": "LORA"``) import through :mod:`adapterhub.interop.lora` at a chosen density.
+``modules_to_save`` tensors (a ``SEQ_CLS`` classifier head, ``base_model.model.<module>.weight``) become the
+dense extras ``peft.modules_to_save.<module>.<param>`` and export back as ``modules_to_save`` with the same
+``task_type``. Other extras (our trained ``heads.<task>.*``, a mean-pool head PEFT has no module for) are
+written beside the PEFT files as ``adapterhub_extras.safetensors``, which PEFT ignores and our import reads.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 import torch
 
 from .. import format as fmt, safe_read
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes
+from .modules import PEFT_PREFIX, map_module_to_tensor
 
 if TYPE_CHECKING:
-    from ..workspace import Workspace
+    from ..catalog.records import BaseInfo, VersionInfo
+    from ..store import Store
+
+
+class Catalog(Protocol):
+    """What :func:`export_version` uses of a :class:`~adapterhub.workspace.Workspace` (typed structurally:
+    the workspace imports this module to read PEFT folders in ``register``, so it cannot be imported here)."""
+
+    store: Store
+
+    def resolve(self, ref: str) -> VersionInfo: ...
+
+    def load_adapter(self, ref: str | VersionInfo) -> fmt.SparseAdapter: ...
+
+    def get_base(self, name: str, *, resolve_path: bool = True) -> BaseInfo: ...
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 _W = ".shira_weight"
 _I = ".shira_indices"
+EXTRAS_FILE = "adapterhub_extras.safetensors"
+MTS_PREFIX = "peft.modules_to_save."
+TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_MAX_LORA_DENSE = 1 << 28  # entries of one dense ΔW computed during a LoRA import
 
 
 def is_peft_folder(path: str | os.PathLike[str]) -> bool:
@@ -51,9 +76,82 @@ def _read_peft_config(folder: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise FormatError(f"{PEFT_CONFIG}: not a JSON object")
     ptype = cfg.get("peft_type", "")
-    if not isinstance(ptype, str) or ptype.upper() != "SHIRA":
-        raise FormatError(f"{PEFT_CONFIG}: peft_type is {safe_read.clip(ptype, 40)}; only SHIRA adapters can be imported")
+    if not isinstance(ptype, str) or ptype.upper() not in ("SHIRA", "LORA"):
+        raise FormatError(f"{PEFT_CONFIG}: peft_type is {safe_read.clip(ptype, 40)}; "
+                          "only SHIRA and LORA adapters can be imported")
     return cfg
+
+
+def peft_type(folder: str | os.PathLike[str]) -> str:
+    """``"SHIRA"`` or ``"LORA"``: the checked ``peft_type`` of a PEFT folder. Raises FormatError."""
+    return str(_read_peft_config(Path(folder))["peft_type"]).upper()
+
+
+def _task_type(cfg: Mapping[str, Any]) -> str | None:
+    t = cfg.get("task_type")
+    if t is None:
+        return None
+    if not isinstance(t, str) or t not in TASK_TYPES:
+        raise FormatError(f"{PEFT_CONFIG}: task_type {safe_read.clip(t, 40)} is not one of {', '.join(TASK_TYPES)}")
+    return t
+
+
+def _modules_to_save_extras(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], keys: list[str],
+                            allow_nonfinite: bool) -> dict[str, torch.Tensor]:
+    """The ``modules_to_save`` tensors among ``keys`` as dense extras ``peft.modules_to_save.<module>.<param>``.
+
+    A key must be ``base_model.model.<module>.weight|bias`` with ``<module>`` ending in a name the config's
+    ``modules_to_save`` lists; anything else is refused, naming the key."""
+    mts = cfg.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(m, str) and 0 < len(m) <= 200 for m in mts):
+        raise FormatError(f"{PEFT_CONFIG}: modules_to_save must be a list of module names")
+    out: dict[str, torch.Tensor] = {}
+    for k in keys:
+        rest = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else ""
+        module, _, param = rest.rpartition(".")
+        if not (module and param in ("weight", "bias") and _MODULE_RE.match(module)
+                and any(module == m or module.endswith("." + m) for m in mts)):
+            raise FormatError(f"{k}: not a tensor of this adapter type nor of a module in modules_to_save")
+        t = tensors[k]
+        if t.dtype not in fmt.VALUE_DTYPES:
+            raise FormatError(f"{k}: dtype {t.dtype} not allowed (fp32, bf16, fp16)")
+        if not allow_nonfinite and t.numel() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{k}: values contain NaN or infinity")
+        out[MTS_PREFIX + rest] = t.contiguous()
+    return out
+
+
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_]{1,64}(?:\.[A-Za-z0-9_]{1,64}){0,15}$")
+_PREFIX_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]{0,63}\.){1,4}$")
+
+
+def module_prefix(module_to_tensor: Mapping[str, str]) -> str | None:
+    """The leading path (``"bert."``) that PEFT's module names carry over the base's tensor names, when every
+    module has the same one (a ``SEQ_CLS`` model wraps the base); None when they match the base directly."""
+    prefixes = set()
+    for module, tname in module_to_tensor.items():
+        stem = tname[: -len(".weight")]
+        if module == stem or not module.endswith("." + stem):
+            return None
+        prefixes.add(module[: -len(stem)])
+    if len(prefixes) != 1:
+        return None
+    pre = prefixes.pop()
+    return pre if _PREFIX_RE.match(pre) else None
+
+
+def _read_extras_file(folder: Path, allow_nonfinite: bool) -> dict[str, torch.Tensor]:
+    """Our dense extras written beside an exported PEFT folder (``adapterhub_extras.safetensors``), if any."""
+    p = folder / EXTRAS_FILE
+    if not p.is_file():
+        return {}
+    try:
+        ad = fmt.load_file(p, allow_nonfinite=allow_nonfinite)
+    except FormatError as e:
+        raise FormatError(f"{EXTRAS_FILE}: {e}") from None
+    if ad.params:
+        raise FormatError(f"{EXTRAS_FILE}: holds sparse params; only dense extras belong there")
+    return dict(ad.extras)
 
 
 def _imported_card(cfg: Mapping[str, Any], targets: list[str]) -> dict[str, Any]:
@@ -88,29 +186,6 @@ def _read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def map_module_to_tensor(module: str, base_shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """Name of the base tensor (``<module>.weight``) a PEFT module path refers to.
-
-    PEFT paths are relative to the model class that was wrapped (``BertForSequenceClassification`` has
-    ``bert.encoder...``), while a base folder saved from ``BertModel`` has ``encoder...``. We accept an exact
-    match, or a unique match after dropping leading path components on either side.
-    Raises FormatError if there is no unique match.
-    """
-    exact = module + ".weight"
-    if exact in base_shapes:
-        return exact
-    parts = module.split(".")
-    for k in range(1, len(parts)):
-        cand = ".".join(parts[k:]) + ".weight"
-        if cand in base_shapes:
-            return cand
-    hits = [n for n in base_shapes if n.endswith("." + exact)]
-    if len(hits) == 1:
-        return hits[0]
-    raise FormatError(f"{PEFT_PREFIX}{module}{_W}: no tensor {exact} in the base model"
-                      + (f" ({len(hits)} candidates)" if hits else ""))
-
-
 def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]], *,
                       allow_nonfinite: bool = False) -> fmt.SparseAdapter:
     """Convert a PEFT SHiRA folder into a :class:`SparseAdapter` whose params are the base's tensor names.
@@ -126,6 +201,7 @@ def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, 
     if not modules:
         raise FormatError(f"{PEFT_WEIGHTS}: no shira_weight/shira_indices tensors found")
     params: dict[str, fmt.SparseParam] = {}
+    mapped: dict[str, str] = {}
     for mod in modules:
         wkey, ikey = mod + _W, mod + _I
         if wkey not in tensors:
@@ -149,6 +225,7 @@ def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, 
             raise FormatError(f"{wkey}: values contain NaN or infinity")
         module = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
         tname = map_module_to_tensor(module, base_shapes)
+        mapped[module] = tname
         shape = tuple(base_shapes[tname])
         if len(shape) != 2:
             raise FormatError(f"{wkey}: base tensor {tname} has shape {shape}, SHiRA needs a 2-D Linear weight")
@@ -166,30 +243,74 @@ def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, 
         if tname in params:
             raise FormatError(f"{wkey}: maps to {tname}, which another module already targets")
         params[tname] = fmt.SparseParam(shape, uniq.contiguous(), vals.contiguous())
-    extra_keys = sorted(k for k in tensors if not k.endswith((_W, _I)))
-    if extra_keys:
-        raise FormatError(f"{extra_keys[0]}: not a SHiRA tensor (modules_to_save are not supported on import)")
+    extras = _modules_to_save_extras(cfg, tensors, sorted(k for k in tensors if not k.endswith((_W, _I))),
+                                     allow_nonfinite)
+    extras.update(_read_extras_file(folder, allow_nonfinite))
     card = _imported_card(cfg, sorted(params))
-    adapter = fmt.SparseAdapter(params, {}, card)
+    card["imported"]["task_type"] = _task_type(cfg)
+    card["imported"]["module_prefix"] = module_prefix(mapped)
+    adapter = fmt.SparseAdapter(params, extras, card)
+    adapter.validate(allow_nonfinite=allow_nonfinite)
+    return adapter
+
+
+def import_peft_lora_folder(folder: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]], *,
+                            density: float, block_size: int | None = None,
+                            allow_nonfinite: bool = False) -> fmt.SparseAdapter:
+    """Convert a PEFT LoRA folder into a sparse adapter: ΔW = B·A·scale per target, top ``density`` of it by
+    magnitude (or ``block_size`` blocks by norm); the card's ``imported.reconstruction_error`` holds
+    ``‖ΔW − sparse‖/‖ΔW‖`` per tensor. ``modules_to_save`` heads become dense extras. Raises FormatError
+    (malformed folder, DoRA...) or TrainingError (bad density, shape not divisible into blocks)."""
+    from .lora import import_peft_lora
+
+    folder = Path(folder)
+    cfg = _read_peft_config(folder)
+    if str(cfg["peft_type"]).upper() != "LORA":
+        raise FormatError(f"{PEFT_CONFIG}: peft_type is {safe_read.clip(cfg['peft_type'], 40)}, not LORA")
+    tensors = _read_peft_tensors(folder)
+    for k, t in tensors.items():
+        if k.endswith(".lora_A.weight") and t.dim() == 2:
+            base = k[: -len(".lora_A.weight")]
+            b = tensors.get(base + ".lora_B.weight")
+            if b is not None and b.dim() == 2 and int(b.shape[0]) * int(t.shape[1]) > _MAX_LORA_DENSE:
+                raise FormatError(f"{k}: ΔW of {int(b.shape[0])}x{int(t.shape[1])} is too large to import")
+    params, card, rest = import_peft_lora(cfg, tensors, base_shapes, density=density, block_size=block_size,
+                                          allow_nonfinite=allow_nonfinite)
+    card["imported"]["module_prefix"] = module_prefix(card["imported"].pop("modules"))
+    extras = _modules_to_save_extras(cfg, tensors, rest, allow_nonfinite)
+    extras.update(_read_extras_file(folder, allow_nonfinite))
+    card["imported"]["task_type"] = _task_type(cfg)
+    adapter = fmt.SparseAdapter(params, extras, card)
     adapter.validate(allow_nonfinite=allow_nonfinite)
     return adapter
 
 
 def read_adapter_source(path: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                        *, allow_nonfinite: bool = False) -> tuple[fmt.SparseAdapter, str]:
-    """Read what ``register`` was given: our ``.safetensors`` file or a PEFT SHiRA folder.
+                        *, allow_nonfinite: bool = False, density: float | None = None,
+                        block_size: int | None = None) -> tuple[fmt.SparseAdapter, str]:
+    """Read what ``register`` was given: our ``.safetensors`` file, a PEFT SHiRA folder or a PEFT LoRA folder.
 
-    Returns (adapter, source kind ``"adapterhub"`` | ``"peft-shira"``). ``base_shapes`` is needed for PEFT
-    folders (module names and weight shapes come from the base). ``allow_nonfinite`` (the user's explicit
-    flag, never the file's card) lets NaN/inf values through. Raises FormatError.
+    Returns (adapter, source kind ``"adapterhub"`` | ``"peft-shira"`` | ``"peft-lora"``). ``base_shapes`` is
+    needed for PEFT folders (module names and weight shapes come from the base). ``allow_nonfinite`` (the
+    user's explicit flag, never the file's card) lets NaN/inf values through. A LoRA folder needs
+    ``density`` (and takes ``block_size``); other sources refuse them. Raises FormatError.
     """
     p = Path(path)
     if p.is_dir():
         if not is_peft_folder(p):
-            raise FormatError(f"{p}: a folder must be a PEFT SHiRA adapter (adapter_config.json missing)")
+            raise FormatError(f"{p}: a folder must be a PEFT SHiRA or LoRA adapter (adapter_config.json missing)")
         if base_shapes is None:
             raise FormatError("a PEFT folder can only be imported against a base model")
-        return import_peft_shira(p, base_shapes, allow_nonfinite=allow_nonfinite), "peft-shira"
+        if peft_type(p) == "LORA":
+            if density is None:
+                raise FormatError(f"{p}: a LoRA adapter is dense; give the density to keep (--density)",
+                                  keywords=("density",))
+            return import_peft_lora_folder(p, base_shapes, density=density, block_size=block_size,
+                                           allow_nonfinite=allow_nonfinite), "peft-lora"
+    if density is not None or block_size is not None:
+        raise FormatError("density and block size apply only to PEFT LoRA folders", keywords=("density",))
+    if p.is_dir():
+        return import_peft_shira(p, base_shapes or {}, allow_nonfinite=allow_nonfinite), "peft-shira"
     return fmt.load_file(p, allow_nonfinite=allow_nonfinite), "adapterhub"
 
 
@@ -201,9 +322,14 @@ class PeftExport:
     r: int
     modules: list[str]
     padded: int
+    modules_to_save: list[str] | None = None
+    extras_file: str | None = None  # our dense extras written beside the PEFT files, if any
+    dropped_extras: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": "peft", "r": self.r, "modules": self.modules, "padded": self.padded}
+        return {"path": str(self.path), "format": "peft", "r": self.r, "modules": self.modules, "padded": self.padded,
+                "modules_to_save": self.modules_to_save, "extras_file": self.extras_file,
+                "dropped_extras": self.dropped_extras or []}
 
 
 def _linear_weights(base_folder: Path | None) -> set[str] | None:
@@ -234,13 +360,15 @@ def export_peft_shira(adapter: fmt.SparseAdapter, out: str | os.PathLike[str], *
 
     Takes the adapter, the output folder (created; existing adapter files are replaced atomically), the base
     folder (to check that targets are ``nn.Linear`` weights) and the name recorded in the config.
+    Dense extras ``peft.modules_to_save.<module>.<param>`` (imported heads) become ``modules_to_save``
+    tensors with the imported ``task_type``; other extras (our trained heads) go to ``adapterhub_extras.safetensors``
+    beside them unless ``drop_extras`` (then they are listed in ``dropped_extras``).
     Returns a :class:`PeftExport`. Raises FormatError when a parameter cannot be expressed in SHiRA
-    (not a 2-D Linear weight, too dense for any rank) or the adapter has dense extras (unless dropped).
+    (not a 2-D Linear weight, too dense for any rank).
     """
     out = Path(out)
-    if adapter.extras and not drop_extras:
-        raise FormatError(f"extra {sorted(adapter.extras)[0]}: PEFT SHiRA cannot hold dense extras; "
-                          "pass drop_extras=True to export only the sparse deltas", keywords=("drop_extras",))
+    mts_extras = {k: v for k, v in adapter.extras.items() if k.startswith(MTS_PREFIX)}
+    own_extras = {k: v for k, v in adapter.extras.items() if not k.startswith(MTS_PREFIX)}
     linear = _linear_weights(base_folder)
     need_r = 1
     for name in sorted(adapter.params):
@@ -277,22 +405,44 @@ def export_peft_shira(adapter: fmt.SparseAdapter, out: str | os.PathLike[str], *
         coo = torch.stack([torch.div(idx, n, rounding_mode="floor"), idx % n]).to(torch.int32).contiguous()
         tensors[f"{PEFT_PREFIX}{module}{_I}"] = coo
         tensors[f"{PEFT_PREFIX}{module}{_W}"] = vals.to(torch.float32).contiguous()
+    mts_modules = sorted({k[len(MTS_PREFIX):].rpartition(".")[0] for k in mts_extras})
+    for k, v in sorted(mts_extras.items()):
+        tensors[PEFT_PREFIX + k[len(MTS_PREFIX):]] = v.contiguous()
+    imported = adapter.card.get("imported")
+    task_type = imported.get("task_type") if isinstance(imported, dict) else None
+    if task_type not in TASK_TYPES:
+        task_type = None
+    prefix = imported.get("module_prefix") if isinstance(imported, dict) and task_type else None
+    if isinstance(prefix, str) and _PREFIX_RE.match(prefix):  # the task model wraps the base (bert.encoder...)
+        for module in list(modules):
+            for suffix in (_I, _W):
+                tensors[f"{PEFT_PREFIX}{prefix}{module}{suffix}"] = tensors.pop(f"{PEFT_PREFIX}{module}{suffix}")
+        modules = [prefix + m for m in modules]
     import peft  # only for the version recorded in the config
     from safetensors.torch import save as st_save
 
     config = {
         "auto_mapping": None, "base_model_name_or_path": base_name_or_path, "fan_in_fan_out": False,
-        "inference_mode": True, "init_weights": True, "mask_type": "random", "modules_to_save": None,
-        "peft_type": "SHIRA", "peft_version": peft.__version__, "r": need_r, "random_seed": None, "revision": None,
-        "target_modules": modules, "task_type": None,
+        "inference_mode": True, "init_weights": True, "mask_type": "random",
+        "modules_to_save": mts_modules or None, "peft_type": "SHIRA", "peft_version": peft.__version__, "r": need_r,
+        "random_seed": None, "revision": None, "target_modules": modules, "task_type": task_type,
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
     atomic_write_bytes(out / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return PeftExport(out, need_r, modules, padded)
+    extras_file = None
+    if own_extras and not drop_extras:
+        card = {"format": fmt.FORMAT_ID, "kind": "extras", "task": adapter.card.get("task"),
+                "labels": adapter.card.get("labels")}
+        atomic_write_bytes(out / EXTRAS_FILE, fmt.save(fmt.SparseAdapter({}, dict(own_extras), card)))
+        extras_file = EXTRAS_FILE
+    elif (out / EXTRAS_FILE).is_file():
+        (out / EXTRAS_FILE).unlink()  # a stale one from an earlier export must not come back on import
+    return PeftExport(out, need_r, modules, padded, mts_modules or None, extras_file,
+                      sorted(own_extras) if drop_extras else None)
 
 
-def export_version(ws: Workspace, ref: str, out: str | os.PathLike[str], *, to: str = "safetensors",
+def export_version(ws: Catalog, ref: str, out: str | os.PathLike[str], *, to: str = "safetensors",
                    drop_extras: bool = False) -> dict[str, Any]:
     """Export a catalogued version: ``safetensors`` copies the verified blob, ``peft`` writes a SHiRA folder.
 
@@ -312,13 +462,15 @@ def export_version(ws: Workspace, ref: str, out: str | os.PathLike[str], *, to: 
             raise FormatError(f"{out}: exists and is not a folder")
         adapter = ws.load_adapter(info)
         base = ws.get_base(info.base)
-        res = export_peft_shira(adapter, out, base_folder=base.path, base_name_or_path=str(base.path),
-                                drop_extras=drop_extras)
+        from ..hub.cards import base_hub_id
+
+        res = export_peft_shira(adapter, out, base_folder=base.path,
+                                base_name_or_path=base_hub_id(base.source) or base.name, drop_extras=drop_extras)
         doc = res.to_json()
         doc["ref"] = info.ref
         return doc
     raise FormatError(f"unknown export format {to!r}; use safetensors or peft")
 
 
-__all__ = ["import_peft_shira", "export_peft_shira", "export_version", "read_adapter_source", "is_peft_folder",
+__all__ = ["import_peft_shira", "import_peft_lora_folder", "peft_type", "export_peft_shira", "export_version", "read_adapter_source", "is_peft_folder",
            "map_module_to_tensor", "PeftExport"]

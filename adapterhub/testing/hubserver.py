@@ -1,7 +1,7 @@
 """A local Hugging Face Hub-protocol server for tests and benchmarks (127.0.0.1 only, random port).
 
 It implements the endpoints ``huggingface_hub`` 2.x calls for ``create_repo``, ``upload_folder`` /
-``create_commit`` (preupload, Git LFS batch API + upload hrefs, NDJSON commit), ``create_tag``,
+``create_commit`` (preupload, Git LFS batch API + upload hrefs, NDJSON commit), ``create_tag``, ``delete_tag``,
 ``create_branch``, ``list_repo_refs``, ``repo_info`` / ``model_info``, ``list_repo_tree``,
 ``hf_hub_download`` and ``snapshot_download`` (HEAD/GET ``/{repo}/resolve/{rev}/{path}``), with repos,
 commits, branches and tags kept per repo, the way the real Hub answers them:
@@ -540,6 +540,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._handle("PUT")
 
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
     # -- routes; return (status, payload, headers, content type)
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes
                ) -> tuple[int, Any, dict[str, str], str]:
@@ -658,6 +661,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if tag in repo.tags:
                     raise _HTTPError(409, f"Tag {tag} already exists")
                 repo.tags[tag] = commit.oid
+                return 200, {}, ok, jtype
+            if method == "DELETE" and head == "tag" and len(parts) == 2:  # huggingface_hub delete_tag
+                repo = self._repo(m["owner"], m["name"], write=True)
+                tag = unquote(parts[1])
+                if tag not in repo.tags:
+                    raise _HTTPError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
+                del repo.tags[tag]
                 return 200, {}, ok, jtype
             if method == "POST" and head == "branch" and len(parts) == 2:
                 repo = self._repo(m["owner"], m["name"], write=True)

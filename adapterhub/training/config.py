@@ -28,7 +28,8 @@ GRANULARITIES = ("element", "block")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPE_NAMES = ("fp32", "bf16")
 MASK_REGISTRY = "mask-methods"  # ParamDef.registry naming the mask-method registry
-DEFAULT_LAYER_REGEX = r"\.layer\.\d+\."  # FUSED's trainable layers: every Linear of the encoder layers
+DEFAULT_LAYER_REGEX = r"\.layer\.\d+\."
+DEFAULT_SELECT_STEPS = 100  # dense warm-up / reselection interval of a run of 400 steps or more  # FUSED's trainable layers: every Linear of the encoder layers
 
 # Settings that are also mask-method parameters: one definition, one default.
 SCORE = ParamDef("score", kind=str, default="abs", choices=SCORE_MODES, label="score mode",
@@ -95,8 +96,10 @@ class TrainConfig:
                                   help="Regex over module names (default query|key|value or q_proj|k_proj|v_proj).")
     steps: int | None = setting(None, low=1, help="Optimizer steps (wins over --epochs).")
     epochs: float | None = setting(None, **_POS)
-    select_steps: int = setting(100, low=0, help="Dense warm-up steps before the mask is selected.")
-    reselect_every: int = setting(100, low=0, help="Reselect the mask every N steps during the first epoch (0: never).")
+    select_steps: int | None = setting(None, low=0, help="Dense warm-up steps before the mask is selected "
+                                       "(default: 100; a quarter of the steps when training 100 steps or fewer).")
+    reselect_every: int | None = setting(None, low=0, help="Reselect the mask every N steps during the first epoch "
+                                         "(0: never; default: as --select-steps).")
     score_batches: int = setting(SCORE_BATCHES)
     drop_fraction: float = setting(DROP_FRACTION)
     lr: float = setting(1e-3, **_POS)
@@ -111,6 +114,19 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def scheduled(self, total_steps: int) -> TrainConfig:
+        """This config with the mask schedule filled in for a run of ``total_steps`` steps.
+
+        An unset ``select_steps`` becomes 100 (the recipe every recorded figure used) when the run is longer
+        than that, else a quarter of the run (at least 1), and an unset ``reselect_every`` the same value, so
+        that ``steps=40`` trains with a 10-step warm-up instead of failing while longer runs keep the exact
+        schedule (and bytes) they always had; values given explicitly are kept as they are (and checked
+        against the run's length).
+        """
+        default = DEFAULT_SELECT_STEPS if total_steps > DEFAULT_SELECT_STEPS else max(1, total_steps // 4)
+        return replace(self, select_steps=default if self.select_steps is None else self.select_steps,
+                       reselect_every=default if self.reselect_every is None else self.reselect_every)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from .model import (
     load_backbone,
     load_tokenizer,
     model_kind,
+    position_limit,
     predict,
     resolve_device,
 )
@@ -119,7 +120,7 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("batch_size", "max_length", "eval_batch_size"):
         if getattr(cfg, name) <= 0:
             raise TrainingError(f"{name.replace('_', '-')} must be positive")
-    if cfg.select_steps < 0 or cfg.reselect_every < 0 or cfg.score_batches <= 0:
+    if (cfg.select_steps or 0) < 0 or (cfg.reselect_every or 0) < 0 or cfg.score_batches <= 0:
         raise TrainingError("select-steps and reselect-every must be >= 0, score-batches > 0")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise TrainingError(f"learning rate must be positive, got {cfg.lr}")
@@ -176,6 +177,7 @@ class Trainer:
             self.total = cfg.steps
         else:
             self.total = max(1, int(round((cfg.epochs or 1.0) * self.steps_per_epoch)))
+        self.cfg = cfg = cfg.scheduled(self.total)  # unset select/reselect steps scale with the run's length
         self.order: list[int] = []
         self.pos = 0
         self.events: list[dict[str, Any]] = []  # mask events (sparse trainers)
@@ -310,7 +312,14 @@ class SparseTrainer(Trainer):
         return self.sdm.delta_params()
 
     def phase(self) -> str:
-        return "dense" if self.sdm.dense else "values"
+        """``warm-up`` while the delta is dense (before the mask is chosen), ``mask selection`` while the
+        mask may still be re-selected, ``values-only`` once it is frozen."""
+        if self.sdm.dense:
+            return "warm-up"
+        step = len(self.losses) + 1  # the coming step
+        if self.method.reselect and (self.cfg.reselect_every or 0) > 0 and self.warmup < step < self.freeze_step:
+            return "mask selection"
+        return "values-only"
 
     def swap_param(self, old: nn.Parameter, new: nn.Parameter, gather: torch.Tensor | None,
                    keep: torch.Tensor | None) -> None:
@@ -401,7 +410,7 @@ class SparseTrainer(Trainer):
         method = self.method
         zeros = {k: torch.zeros(w.shape, dtype=torch.float32) for k, w in sdm.weights.items()}
         if method.dense_warmup:
-            self.warmup = warmup = cfg.select_steps
+            self.warmup = warmup = cfg.select_steps or 0  # filled in by TrainConfig.scheduled
             if warmup < 1:
                 raise TrainingError(f"{method.name} needs a dense warm-up: select_steps must be >= 1",
                                     keywords=("select_steps",))
@@ -436,11 +445,12 @@ class SparseTrainer(Trainer):
             self.warm = {}  # mask frozen: the dense warm-up buffers go
 
     def _reselect_due(self, step: int, warmup: int) -> bool:
-        if not self.method.reselect or self.cfg.reselect_every <= 0:
+        every = self.cfg.reselect_every or 0  # filled in by TrainConfig.scheduled
+        if not self.method.reselect or every <= 0:
             return False
         if step >= self.freeze_step or step <= warmup:
             return False
-        return (step - warmup) % self.cfg.reselect_every == 0
+        return (step - warmup) % every == 0
 
     def _rescore(self, step: int, warmup: int, grads: dict[str, torch.Tensor]) -> None:
         sdm, cfg = self.sdm, self.cfg
@@ -474,7 +484,8 @@ class SparseTrainer(Trainer):
         self.to_sparse(self.select(scores), deltas, step, "reselect")
 
     def _any_reselect(self, warmup: int) -> bool:
-        return self.cfg.reselect_every > 0 and warmup + self.cfg.reselect_every < self.freeze_step
+        every = self.cfg.reselect_every or 0
+        return every > 0 and warmup + every < self.freeze_step
 
 
 # ---------------------------------------------------------------------------- public API
@@ -490,7 +501,8 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
         cfg: the training settings.
         task_name: task name used for the head extras (``heads.<task>.weight``) and the card.
         base_name, base_fingerprint: recorded in the card.
-        progress: called as ``progress(step, total, {"loss", "phase", "steps_per_s"})``.
+        progress: called as ``progress(step, total, {"loss", "phase", "steps_per_s"})``; ``phase`` is
+            ``warm-up``, ``mask selection`` or ``values-only``.
     Returns:
         TrainResult with a SparseAdapter whose parameter names are the base file's tensor names.
     Raises:
@@ -499,10 +511,10 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
     trainer, data, seconds = _fit("sparse", base_path, data, cfg, progress=progress)
     sdm, batcher = trainer.sdm, trainer.batcher
     metrics = _metrics(trainer, data, seconds)
-    adapter = build_adapter(sdm, cfg, kind=sdm.kind, task_name=task_name, labels=data.labels,
+    adapter = build_adapter(sdm, trainer.cfg, kind=sdm.kind, task_name=task_name, labels=data.labels,
                             regex=cfg.targets or DEFAULT_TARGETS[sdm.kind], base_name=base_name,
                             base_fingerprint=base_fingerprint, events=trainer.events, data=data, world=trainer.world)
-    return TrainResult(adapter, metrics, trainer.events, trainer.losses, cfg, trainer.world, sdm, batcher)
+    return TrainResult(adapter, metrics, trainer.events, trainer.losses, trainer.cfg, trainer.world, sdm, batcher)
 
 
 VALIDATION_FRACTION = 0.1  # of the train rows, when a dataset has no validation split
@@ -542,7 +554,7 @@ def _fit(method: str, base_path: Path, data: TaskData, cfg: TrainConfig, *, prog
         raise TrainingError(f"dataset {data.name!r} needs at least two labels")
     data = with_validation(data, cfg.seed)
     sdm = cls.build_model(base_path, cfg, n_labels=len(data.labels), **options)
-    batcher = Batcher(load_tokenizer(base_path), sdm.kind, data.labels, cfg.max_length)
+    batcher = Batcher(load_tokenizer(base_path), sdm.kind, data.labels, cfg.max_length, position_limit(sdm))
     trainer = cls(sdm, data, batcher, cfg, progress)
     if sdm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(sdm.device)
@@ -598,7 +610,7 @@ def train(ws: Workspace, *, base: str, task: str | None = None, dataset: str | N
     if rank_and_world()[0] != 0:  # every rank trained the same adapter; rank 0 registers it
         return None
     return ws.register(result.adapter, name=adapter_name, task=task_name, base=binfo.name, kind="expert",
-                       metrics=result.metrics, training_config=config.to_json())
+                       metrics=result.metrics, training_config=result.config.to_json())
 
 
 def dataset_task_name(spec: str) -> str:

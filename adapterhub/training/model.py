@@ -166,14 +166,25 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 # ---------------------------------------------------------------------------- batches
 
+def position_limit(model: Any) -> int | None:
+    """The number of positions ``model`` (a backbone or a model holding ``.backbone``) can embed, if its
+    config says (``max_position_embeddings``); None when unknown."""
+    backbone = getattr(model, "backbone", model)
+    n = getattr(getattr(backbone, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 class Batcher:
     """Tokenises examples for one model kind (encoder classification or causal text-to-label)."""
 
-    def __init__(self, tokenizer: Any, kind: str, labels: Sequence[str], max_length: int) -> None:
+    def __init__(self, tokenizer: Any, kind: str, labels: Sequence[str], max_length: int,
+                 position_limit: int | None = None) -> None:
         self.tok = tokenizer
         self.kind = kind
         self.labels = list(labels)
-        self.max_length = max_length
+        # A base with fewer positions than max_length (a tiny model, a short-context encoder) would fail
+        # mid-forward with a raw index error on the first long row; truncate to what the model can take.
+        self.max_length = min(max_length, position_limit) if position_limit else max_length
         if kind == "causal-lm":
             self.label_ids = [tokenizer(" " + lab, add_special_tokens=False)["input_ids"] for lab in self.labels]
             if any(len(x) == 0 for x in self.label_ids):
