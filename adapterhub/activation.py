@@ -157,12 +157,17 @@ def resolve_source(source: str | os.PathLike[str] | fmt.SparseAdapter, model: nn
 # ---------------------------------------------------------------------------------------------- heads
 
 def _kind_of(model: nn.Module) -> str:
+    from .bases.cnn import DigitsCNN
+
+    if isinstance(model, DigitsCNN):
+        return "image"
     return "causal-lm" if type(model).__name__.endswith("ForCausalLM") else "encoder"
 
 
 def _labels_of(adapter: fmt.SparseAdapter, task: str | None, kind: str) -> tuple[str | None, list[str]]:
-    """(head task, label names): the head's for encoders, the card's (or the built-in task's) for causal LMs."""
-    if kind == "encoder":
+    """(head task, label names): the head's for encoders and image CNNs, the card's (or the built-in task's)
+    for causal LMs."""
+    if kind in ("encoder", "image"):
         from .evaluation.scoring import head_for
 
         name, _w, _b, labels = head_for(adapter, task)
@@ -280,9 +285,10 @@ class ActiveAdapter:
         return base if isinstance(base, nn.Module) else self.model
 
     def head(self) -> nn.Module:
-        """The adapter's task head as a :class:`~adapterhub.training.model.MeanPoolHead` (encoders)."""
+        """The adapter's task head: a :class:`~adapterhub.training.model.MeanPoolHead` (encoders) or a
+        :class:`~adapterhub.training.model.LinearHead` (image CNNs)."""
         if self._head is None:
-            if self.kind != "encoder":
+            if self.kind not in ("encoder", "image"):
                 raise TrainingError("causal LMs score labels by log-likelihood and have no head; use predict()")
             from .evaluation.scoring import head_for
             from .training.model import SparseDeltaModel
@@ -290,7 +296,7 @@ class ActiveAdapter:
             _ = self.labels
             _name, w, b, labels = head_for(self.adapter, self.task)
             dev = next(self.model.parameters()).device
-            sdm = SparseDeltaModel(self._backbone(), "encoder", {}, len(labels), dev, autocast=False)
+            sdm = SparseDeltaModel(self._backbone(), self.kind, {}, len(labels), dev, autocast=False)
             sdm.set_head(w, b)
             assert sdm.head is not None
             self._head = sdm.head
@@ -298,10 +304,14 @@ class ActiveAdapter:
 
     def classifier(self) -> AdapterClassifier:
         """The adapted encoder with the adapter's head, shaped like ``AutoModelForSequenceClassification``."""
+        if self.kind == "image":
+            raise TrainingError("classifier() wraps text encoders; for an image model use predict() or scores()")
         return AdapterClassifier(self._backbone(), self.head(), self.labels)
 
     def tokenizer(self) -> Any:
         """The tokenizer given to :func:`activate`, else the base folder's (catalog) or the model's folder's."""
+        if self._tokenizer is None and self.kind == "image":
+            return None  # pixel rows are parsed, not tokenised
         if self._tokenizer is None:
             from .training.model import load_tokenizer
 
@@ -324,7 +334,7 @@ class ActiveAdapter:
         labels = self.labels
         dev = next(self.model.parameters()).device
         sdm = SparseDeltaModel(self._backbone(), self.kind, {}, len(labels), dev, autocast=dev.type == "cuda")
-        if self.kind == "encoder":
+        if self.kind in ("encoder", "image"):
             sdm.head = self.head()  # type: ignore[assignment]
         batcher = Batcher(self.tokenizer(), self.kind, labels, max_length, position_limit(sdm))
         rows = [(t, 0) for t in texts]
@@ -334,8 +344,8 @@ class ActiveAdapter:
         try:
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i:i + batch_size]
-                if self.kind == "encoder":
-                    _, logits = sdm.forward(batcher.encoder_batch(chunk, dev))
+                if self.kind in ("encoder", "image"):
+                    _, logits = sdm.forward(batcher.batch(chunk, dev))
                     out.append(logits.float())
                 else:
                     _, ll = sdm.forward(batcher.causal_batch(chunk, dev, candidates=True))

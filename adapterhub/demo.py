@@ -207,9 +207,9 @@ def summary_rows(report: DemoReport) -> list[tuple[str, ...]]:
         rows.append(("deployment demo", report.deployment["applied"], f"{task} served accuracy", f"{acc:.3f}"))
     um = report.unlearning.get("metrics") or {}
     before = um.get("global") or {}
-    for k in ("ra", "fa", "mia"):
+    for k, label in (("ra", "RA"), ("fa", "FA"), ("mia_auc", "MIA AUC")):
         if k in um:
-            rows.append(("unlearning", report.unlearning["adapter"], f"{k.upper()} (before -> after)",
+            rows.append(("unlearning", report.unlearning["adapter"], f"{label} (before -> after)",
                          f"{_fmt(before.get(k))} -> {_fmt(um[k])}"))
     rows.append(("unlearning", report.unlearning.get("adapter", ""), "revert bit-exact",
                  "yes" if report.bit_exact_revert else "NO"))
@@ -219,6 +219,13 @@ def summary_rows(report: DemoReport) -> list[tuple[str, ...]]:
 
 def _fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def browse_command(report: DemoReport) -> str:
+    """The command that opens the demo's catalog in the web view (docs/ui.md), for the summary's last line."""
+    import shlex
+
+    return f"adapterhub --home {shlex.quote(str(report.home))} ui"
 
 
 def write_report(folder: Path, report: DemoReport) -> None:

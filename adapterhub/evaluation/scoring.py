@@ -7,11 +7,13 @@ Two ways to get the weights:
 * ``model_dir=PATH``: a folder whose weights already include the adapters (a deployment made by
   the composer); only the adapter's task head and label names are taken from ``ref``.
 
-Encoders need a head: the adapter's extras ``heads.<task>.weight/bias`` (the head for the asked
-task, or the adapter's only head). Causal LMs are scored by label log-likelihood, no head.
+Encoders and image bases (adapterhub's CNN, :mod:`adapterhub.bases.cnn`) need a head: the adapter's
+extras ``heads.<task>.weight/bias`` (the head for the asked task, or the adapter's only head). Causal LMs
+are scored by label log-likelihood, no head.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,17 +26,18 @@ from ..data import BUILTIN_TASKS, TaskData, load_dataset, load_task
 from ..errors import DataError, RefError, TrainingError
 from ..training.loop import dataset_task_name
 from ..training.model import (
+    CLASSIFIER_KINDS,
     DTYPES,
     Batcher,
     SparseDeltaModel,
     base_tensor_keys,
     file_tensor_key,
     load_backbone,
-    load_tokenizer,
     model_kind,
     position_limit,
     predict,
     resolve_device,
+    tokenizer_for,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,7 +74,7 @@ def head_for(adapter: fmt.SparseAdapter, task: str | None) -> tuple[str, torch.T
     heads = sorted({k.split(".")[1] for k in adapter.extras if k.startswith("heads.") and k.endswith(".weight")})
     if not heads:
         raise TrainingError("this adapter has no classification head (heads.<task>.weight); "
-                            "encoder evaluation needs one")
+                            "encoder and image evaluation need one")
     if task in heads:
         name = task
     elif len(heads) == 1:
@@ -110,7 +113,8 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
              model_dir: str | Path | None = None, *, text_column: str = "text", label_column: str = "label",
              batch_size: int = 64, max_examples: int | None = None, max_length: int = 128,
              device: str = "auto", dtype: str = "fp32", record: bool = True,
-             deployment: str | None = None) -> EvalResult:
+             deployment: str | None = None,
+             progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> EvalResult:
     """Evaluate a version (or a model folder) on a split and record the figures on the version.
 
     Takes:
@@ -124,6 +128,9 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
             the prefix is empty for the version's own task and ``<task>/`` otherwise; the source is
             ``eval``, or ``deployment:<name>`` when ``deployment`` is given (history only, never shown as
             the version's own figure). Nothing earlier is overwritten.
+        progress: ``progress(done, total, info)`` once the rows are known (``done`` 0) and after each batch,
+            with ``total`` the rows to score and ``info["phase"]`` (``loading``, ``scoring``), as training's
+            callback is called.
     Returns:
         EvalResult.
     Raises:
@@ -148,9 +155,9 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
     kind = model_kind(path)
     head = None
     labels: list[str] | None = None
-    if kind == "encoder":
+    if kind in CLASSIFIER_KINDS:
         if adapter is None:
-            raise TrainingError("encoder evaluation needs an adapter REF for its classification head")
+            raise TrainingError(f"{kind} evaluation needs an adapter REF for its classification head")
         head = head_for(adapter, task or (version.task if version else None))
         labels = head[3]
     data = load_eval_data(task, dataset, labels, text_column=text_column, label_column=label_column)
@@ -160,6 +167,8 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
         rows = rows[:max_examples]
     if not rows:
         raise DataError(f"{data.name}: the {split} split is empty")
+    if progress is not None:
+        progress(0, len(rows), {"phase": "loading"})
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise TrainingError(f"unknown dtype {dtype!r}; choose fp32 or bf16")
@@ -187,9 +196,9 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
         sdm.values[pname] = torch.nn.Parameter(vals.float().to(dev), requires_grad=False)
     if head is not None and sdm.head is not None:
         sdm.set_head(head[1], head[2])
-    tok = load_tokenizer(path)
-    batcher = Batcher(tok, kind, data.labels, max_length, position_limit(sdm))
-    acc, loss, n = predict(sdm, batcher, rows, batch_size)
+    batcher = Batcher(tokenizer_for(path, kind), kind, data.labels, max_length, position_limit(sdm))
+    on_batch = None if progress is None else (lambda done, total: progress(done, total, {"phase": "scoring"}))
+    acc, loss, n = predict(sdm, batcher, rows, batch_size, on_batch)
     task_label = task if task is not None else dataset_task_name(dataset or "")
     prefix = "" if (version is not None and task_label == version.task) else f"{task_label}/"
     source = f"deployment:{deployment}" if deployment else "eval"

@@ -11,7 +11,15 @@
   :mod:`adapterhub.apply.patching` (the unlearning adapter trains over the *global model's* weights).
 * :func:`fedavg` runs FedAvg rounds: every participating client starts from the global trainable
   state, does ``local_steps`` of SGD with momentum on its own rows, and the server averages the
-  results weighted by client data size. Clients only ever read their own rows.
+  results weighted by client data size, in the order of the clients' stable ids. Clients only
+  ever read their own rows. Optionally (:class:`StopRule`) it stops when a validation loss on
+  remaining data stops improving and keeps the best round; it counts what travels (bytes down and
+  up per client) and the compute (local steps, examples, validation rows) in :class:`FedStats`.
+* Critical layers (FUSED step 1) are measured *during* training: in the last round each client
+  reports, per trained layer and for the task head, the L1 distance between its local model and
+  the global model it started from (a few numbers, counted in the bytes). The server ranks layers
+  by the data-size-weighted sum (:func:`rank_layers`); ``fed train`` stores the per-client
+  numbers and the ranking with the global version, so ``unlearn`` needs no extra round.
 * :func:`fed_train` trains the global model and registers it as a version (kind ``expert``): a
   sparse adapter over the base (density < 1) or a dense-as-sparse adapter (density 1, every index
   stored, 2 bytes each), the head as extras, and the federation in its training config.
@@ -41,13 +49,15 @@ from ..errors import AdapterHubError, TrainingError, UnlearningError
 from ..training import masks as M
 from ..training.config import DEFAULT_LAYER_REGEX, UNLEARN_DEFAULTS, FedConfig, default_of
 from ..training.model import (
+    CLASSIFIER_KINDS,
+    DEFAULT_TARGETS,
     Batcher,
     SparseDeltaModel,
     apply_delta,
     find_targets,
     load_backbone,
     load_tokenizer,
-    mean_pool,
+    model_kind,
     position_limit,
 )
 
@@ -172,15 +182,23 @@ class FedModel(SparseDeltaModel):
 
         self.base_path = Path(base_path)
         torch.manual_seed(seed)
-        backbone = load_backbone(self.base_path, "encoder", torch.float32, torch.device("cpu"))
+        kind = model_kind(self.base_path)
+        if kind not in CLASSIFIER_KINDS:
+            raise TrainingError(f"federated training needs a classifier base (encoder or image), not a {kind}")
+        backbone = load_backbone(self.base_path, kind, torch.float32, torch.device("cpu"))
         backbone.eval()  # no dropout: local training is deterministic given the seed
+        if layer_regex == DEFAULT_LAYER_REGEX and kind == "image":
+            layer_regex = DEFAULT_TARGETS["image"]  # every conv and linear layer of the CNN
         targets = find_targets(backbone, layer_regex, tensor_shapes(self.base_path))
-        super().__init__(backbone, "encoder", targets, n_labels, torch.device("cpu"), autocast=False)
-        vocab = int(getattr(backbone.config, "vocab_size", 30522))
-        self.tokenizer, self.tokenizer_kind = _load_tokenizer(self.base_path, vocab)
+        super().__init__(backbone, kind, targets, n_labels, torch.device("cpu"), autocast=False)
+        if kind == "image":
+            self.tokenizer, self.tokenizer_kind = None, "pixels"
+        else:
+            vocab = int(getattr(backbone.config, "vocab_size", 30522))
+            self.tokenizer, self.tokenizer_kind = _load_tokenizer(self.base_path, vocab)
         self.max_length = max_length
-        self.batcher = Batcher(self.tokenizer, "encoder", [str(i) for i in range(n_labels)], max_length,
-                               position_limit(backbone))
+        self.batcher = Batcher(self.tokenizer, kind, [str(i) for i in range(n_labels)], max_length,
+                               position_limit(backbone) if kind != "image" else None)
         g = torch.Generator().manual_seed(int(seed))
         assert self.head is not None
         with torch.no_grad():
@@ -218,28 +236,29 @@ class FedModel(SparseDeltaModel):
 
     # -- batches
     def encode(self, rows: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return self.batcher.encoder_batch(rows, self.device)
+        return self.batcher.batch(rows, self.device)
 
     def effective_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Module param name -> W + Δ for every delta in ``state`` (fp32, as patching computes it)."""
         return {self.param_of[key[6:]]: apply_delta(self.layer_weights[key[6:]], d, self.index.get(key[6:]))
                 for key, d in state.items() if key.startswith("delta:")}
 
-    def logits(self, state: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of ``W + Δ(state)`` with the state's head (or the model's head when it has none)."""
+    def head_tensors(self, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The head ``state`` runs with: its own dense head (``head:*``), the model's head plus sparse
+        deltas (``hdelta:*`` at ``self.index``), or None (the model's head as it is)."""
         hw = state.get("head:weight")
-        return self.outputs(self.effective_state(state), batch,
-                            head=None if hw is None else (hw, state["head:bias"]))
+        if hw is not None:
+            return hw, state["head:bias"]
+        if "hdelta:weight" in state:
+            assert self.head is not None
+            lin = self.head.linear
+            return (apply_delta(lin.weight, state["hdelta:weight"], self.index.get("hdelta:weight")),
+                    apply_delta(lin.bias, state["hdelta:bias"], self.index.get("hdelta:bias")))
+        return None
 
-    def pooled(self, rows: Sequence[Example], batch_size: int = 64) -> torch.Tensor:
-        """Mean-pooled last hidden states of the backbone as it is (no state) on ``rows``: ``(n, hidden)``."""
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(rows), batch_size):
-                b = self.encode(rows[i:i + batch_size])
-                kw = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-                outs.append(mean_pool(self.backbone(**kw).last_hidden_state, b["attention_mask"]))
-        return torch.cat(outs)
+    def logits(self, state: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of ``W + Δ(state)`` with the state's head (see :meth:`head_tensors`)."""
+        return self.outputs(self.effective_state(state), batch, head=self.head_tensors(state))
 
     @torch.no_grad()
     def predict_proba(self, state: Mapping[str, torch.Tensor], rows: Sequence[Example], batch_size: int = 64
@@ -253,6 +272,14 @@ class FedModel(SparseDeltaModel):
             assert self.head is not None
             return torch.zeros((0, self.head.linear.out_features))
         return torch.cat(outs)
+
+    def mean_loss(self, state: Mapping[str, torch.Tensor], rows: Sequence[Example], batch_size: int = 64) -> float:
+        """Mean cross-entropy of ``W + Δ(state)`` on ``rows`` (the stopping rule's validation loss)."""
+        if not rows:
+            raise TrainingError("no rows to compute a loss on")
+        p = self.predict_proba(state, rows, batch_size).double().clamp(min=1e-300)
+        gold = torch.tensor([lab for _, lab in rows])
+        return float(-p.gather(1, gold.view(-1, 1)).log().mean())
 
     def accuracy(self, state: Mapping[str, torch.Tensor], rows: Sequence[Example], batch_size: int = 64) -> float | None:
         """Accuracy on ``rows`` (None for no rows)."""
@@ -293,8 +320,38 @@ def sparse_delta_state(model: FedModel, layers: Sequence[str], density: float, s
     return state
 
 
+def sparse_head_state(model: FedModel, density: float, seed: int) -> dict[str, torch.Tensor]:
+    """Zero sparse deltas on the task head (weight and bias), ``density`` of each chosen at random.
+
+    The head is treated as a layer like any other: the deltas sit on top of the model's current
+    head (the global model's), nothing is re-initialised. Sets ``model.index`` for the two keys.
+    """
+    M.check_density(density)
+    if model.head is None:
+        raise UnlearningError("this model has no task head")
+    lin = model.head.linear
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    method = M.get_mask_method("random")
+    scores = method.scores(M.MaskInputs(weights={"hdelta:bias": lin.bias.detach(), "hdelta:weight": lin.weight.detach()},
+                                        generator=g))
+    sel = M.select(scores, density, scope="layer")
+    state = {}
+    for k in ("hdelta:weight", "hdelta:bias"):
+        model.index[k] = sel[k].indices
+        state[k] = torch.zeros(sel[k].indices.numel())
+    return state
+
+
 def state_numel(state: Mapping[str, torch.Tensor]) -> int:
     return sum(int(t.numel()) for t in state.values())
+
+
+HEAD_LAYER = "head"  # the task head's name in a critical-layer ranking
+
+
+def is_head_key(key: str) -> bool:
+    """True for trainable-state keys of the task head (dense ``head:*`` or sparse ``hdelta:*``)."""
+    return key.startswith(("head:", "hdelta:"))
 
 
 def _client_generator(seed: int, round_: int, client: int, salt: str = "") -> torch.Generator:
@@ -315,8 +372,8 @@ def local_train(model: FedModel, state: Mapping[str, torch.Tensor], rows: Sequen
         raise TrainingError("a client with no rows cannot train")
     local = {k: v.detach().clone().requires_grad_(True) for k, v in state.items()}
     groups = []
-    deltas = [v for k, v in local.items() if not k.startswith("head:")]
-    heads = [v for k, v in local.items() if k.startswith("head:")]
+    deltas = [v for k, v in local.items() if not is_head_key(k)]
+    heads = [v for k, v in local.items() if is_head_key(k)]  # the head (dense or sparse deltas): head_lr
     if deltas:
         groups.append({"params": deltas, "lr": cfg.lr})
     if heads:
@@ -346,27 +403,86 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
 
 @dataclass
 class FedStats:
-    """What a FedAvg run cost: wall time, values uploaded by one client per round, totals."""
+    """What a FedAvg run cost, counted from what was run and sent.
+
+    Attributes:
+        seconds: wall time. rounds: rounds run (``best_round``: the round whose state was kept).
+        client_updates: local updates run (clients x rounds).
+        upload_values_per_update: trainable values one client sends back per round.
+        bytes_up_per_client / bytes_down_per_client: what one participating client sends / receives
+            over the whole run (fp32 values: the global state down, its update up, and in the
+            recording round the per-layer L1 numbers up; masks come from a shared seed).
+        bytes_per_client: up + down. bytes_total: up + down over all clients.
+        local_steps: SGD steps over all clients; train_examples: rows forwarded and back-propagated.
+        eval_examples: validation rows forwarded by the stopping rule.
+        layer_l1: when recorded, client id -> layer -> ``‖θ_k − θ‖₁`` of the last round run.
+    """
 
     seconds: float = 0.0
     rounds: int = 0
+    best_round: int = 0
     client_updates: int = 0
     upload_values_per_update: int = 0
+    bytes_up_per_client: int = 0
+    bytes_down_per_client: int = 0
     bytes_per_client: int = 0
     bytes_total: int = 0
+    local_steps: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    layer_l1: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("layer_l1")
+        return d
+
+
+@dataclass
+class StopRule:
+    """Stop FedAvg when ``loss(state)`` (a validation loss on remaining data, computed by the server
+    or reported by the clients) has not improved by more than ``min_delta`` for ``patience``
+    rounds; the best round's state is kept. ``rows`` is how many validation rows one check reads
+    (counted as compute)."""
+
+    loss: Callable[[Mapping[str, torch.Tensor]], float]
+    rows: int
+    patience: int = 2
+    min_delta: float = 1e-4
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": "validation loss on remaining data", "patience": self.patience,
+                "min_delta": self.min_delta, "validation_rows": self.rows}
+
+
+def head_layer_l1(local: Mapping[str, torch.Tensor], glob: Mapping[str, torch.Tensor]) -> float | None:
+    """L1 distance of the task head between two states (dense ``head:*`` or sparse ``hdelta:*``)."""
+    keys = [k for k in glob if is_head_key(k)]
+    if not keys:
+        return None
+    return float(sum(float((local[k].double() - glob[k].double()).abs().sum()) for k in keys))
+
+
+def client_layer_l1(local: Mapping[str, torch.Tensor], glob: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per trained layer (base tensor name) and for the head (``"head"``): ``‖θ_local − θ_global‖₁``."""
+    out = {k[6:]: float((local[k].double() - g.double()).abs().sum()) for k, g in glob.items() if k.startswith("delta:")}
+    h = head_layer_l1(local, glob)
+    if h is not None:
+        out[HEAD_LAYER] = h
+    return out
 
 
 def fedavg(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence[Sequence[Example]], cfg: FedConfig, *,
            client_ids: Sequence[int] | None = None, salt: str = "", progress: ProgressFn | None = None,
-           desc: str = "FedAvg") -> tuple[dict[str, torch.Tensor], FedStats]:
-    """Run ``cfg.rounds`` FedAvg rounds over ``clients`` (each a sequence of rows it owns).
+           desc: str = "FedAvg", record_layers: bool = False,
+           stop: StopRule | None = None) -> tuple[dict[str, torch.Tensor], FedStats]:
+    """Run up to ``cfg.rounds`` FedAvg rounds over ``clients`` (each a sequence of rows it owns).
 
-    Only the given clients' rows are read, each by its own local update. Returns the final
-    trainable state and a :class:`FedStats` (bytes: trainable values × 4 per client update; the
-    mask is derived from a shared seed, so indices are never sent).
+    Only the given clients' rows are read, each by its own local update; the server aggregates in
+    the order given (callers pass clients by ascending stable id). ``record_layers``: every client
+    also reports :func:`client_layer_l1` of its update (kept for the last round run, in
+    ``stats.layer_l1``). ``stop``: see :class:`StopRule` (without one, exactly ``cfg.rounds`` run).
+    Returns the final (or best) trainable state and a :class:`FedStats`.
     Raises: TrainingError when there are no clients (or ``client_ids`` does not match them).
     """
     cfg.check()
@@ -381,44 +497,66 @@ def fedavg(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence
     t0 = time.perf_counter()
     total = cfg.rounds * len(clients)
     done = 0
+    st = FedStats(upload_values_per_update=per_update)
+    best, best_state, best_round = math.inf, cur, 0
     for r in range(cfg.rounds):
         new_states = []
+        layer_l1: dict[str, dict[str, float]] = {}
         for cid, rows in zip(ids, clients, strict=True):
-            new_states.append(local_train(model, cur, rows, cfg, gen=_client_generator(cfg.seed, r, cid, salt)))
+            local = local_train(model, cur, rows, cfg, gen=_client_generator(cfg.seed, r, cid, salt))
+            if record_layers:
+                layer_l1[str(cid)] = client_layer_l1(local, cur)
+            new_states.append(local)
+            st.local_steps += cfg.local_steps
+            st.train_examples += cfg.local_steps * min(cfg.batch_size, len(rows))
             done += 1
             if progress:
                 progress(desc, done, total)
         cur = weighted_average(new_states, sizes)
-    st = FedStats(seconds=time.perf_counter() - t0, rounds=cfg.rounds, client_updates=total,
-                  upload_values_per_update=per_update, bytes_per_client=per_update * VALUE_BYTES * cfg.rounds,
-                  bytes_total=per_update * VALUE_BYTES * total)
-    return cur, st
+        st.rounds = r + 1
+        if record_layers:
+            st.layer_l1 = layer_l1
+        if stop is not None:
+            loss = stop.loss(cur)
+            st.eval_examples += stop.rows
+            if loss < best - stop.min_delta:
+                best, best_state, best_round = loss, cur, r + 1
+            elif r + 1 - best_round >= stop.patience:
+                break
+        else:
+            best_state, best_round = cur, r + 1
+    n_layers_reported = len(next(iter(st.layer_l1.values()))) if st.layer_l1 else 0
+    st.seconds = time.perf_counter() - t0
+    st.best_round = best_round
+    st.client_updates = st.rounds * len(clients)
+    st.bytes_down_per_client = per_update * VALUE_BYTES * st.rounds
+    st.bytes_up_per_client = per_update * VALUE_BYTES * st.rounds + n_layers_reported * VALUE_BYTES
+    st.bytes_per_client = st.bytes_up_per_client + st.bytes_down_per_client
+    st.bytes_total = st.bytes_per_client * len(clients)
+    return best_state, st
 
 
 # ---------------------------------------------------------------------------- critical layers (FUSED step 1)
-# Here, with the FedAvg primitives they run on: ``fed train`` ranks the layers of the global model
-# and :mod:`adapterhub.fused.unlearning` reuses or recomputes the ranking (unlearning imports federated,
-# never the reverse).
+# Measured during training (``fedavg(record_layers=True)``): ``fed train`` stores each client's
+# per-layer distances of its last round with the global version; :mod:`adapterhub.fused.unlearning`
+# ranks them (over all clients, or the remaining ones), never running an extra round.
 
-def layer_l1_distances(global_state: Mapping[str, torch.Tensor], client_states: Sequence[Mapping[str, torch.Tensor]],
-                       sizes: Sequence[int]) -> dict[str, float]:
-    """Per layer ``Σ_k (n_k/n)·‖θ_k − θ‖₁`` over the ``delta:`` keys (layer = base tensor name).
+def layer_l1_distances(per_client: Mapping[str, Mapping[str, float]], sizes: Mapping[str, int],
+                       clients: Sequence[str] | None = None) -> dict[str, float]:
+    """Per layer ``Σ_k (n_k/n)·‖θ_k − θ‖₁`` over ``clients`` (default: every client reported).
 
-    Takes: the global dense layer tensors, each client's dense layer tensors after local training,
-        the clients' data sizes.
+    Takes: client id -> layer -> L1 distance (as recorded by :func:`fedavg`), client id -> data size.
     Returns: layer name -> weighted L1 distance.
+    Raises: TrainingError when no client (or no data) is left to rank with.
     """
-    total = float(sum(sizes))
-    if total <= 0:
-        raise TrainingError("client sizes must sum to a positive number")
+    use = [c for c in (clients if clients is not None else per_client) if c in per_client]
+    total = float(sum(sizes[c] for c in use))
+    if not use or total <= 0:
+        raise TrainingError("no client measurements to rank the layers with")
     out: dict[str, float] = {}
-    for key, g in global_state.items():
-        if not key.startswith("delta:"):
-            continue
-        s = 0.0
-        for cs, n in zip(client_states, sizes, strict=True):
-            s += (float(n) / total) * float((cs[key].double() - g.double()).abs().sum())
-        out[key[6:]] = s
+    for c in use:
+        for layer, v in per_client[c].items():
+            out[layer] = out.get(layer, 0.0) + (float(sizes[c]) / total) * float(v)
     return out
 
 
@@ -426,43 +564,6 @@ def rank_layers(scores: Mapping[str, float]) -> list[dict[str, Any]]:
     """Layers by descending score (ties by name): ``[{"rank", "layer", "l1"}]``."""
     order = sorted(scores, key=lambda k: (-scores[k], k))
     return [{"rank": i + 1, "layer": k, "l1": scores[k]} for i, k in enumerate(order)]
-
-
-def identify_critical_layers(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence[Sequence[Example]],
-                             cfg: FedConfig, *, client_ids: Sequence[int], steps: int | None = None,
-                             progress: ProgressFn | None = None) -> list[dict[str, Any]]:
-    """One round in which every given client trains the whole global model locally; rank the layers.
-
-    The global model is ``model`` with ``state`` (sparse or dense deltas, head); each client gets
-    every layer as a dense trainable delta starting from the global one, plus the head.
-    Returns: :func:`rank_layers` of :func:`layer_l1_distances`.
-    """
-    saved_index = dict(model.index)
-    glob: dict[str, torch.Tensor] = {}
-    for name in model.layers:
-        d = torch.zeros(model.shape(name))
-        key = "delta:" + name
-        if key in state:
-            if name in saved_index:
-                d.view(-1).index_copy_(0, saved_index[name], state[key].detach().float())
-            else:
-                d = state[key].detach().float().clone().reshape(model.shape(name))
-        glob[key] = d
-    for k in ("head:weight", "head:bias"):
-        glob[k] = (state[k] if k in state else model.head_state()[k]).detach().clone()
-    model.index.clear()
-    try:
-        outs, sizes = [], []
-        for i, (cid, rows) in enumerate(zip(client_ids, clients, strict=True)):
-            outs.append(local_train(model, glob, rows, cfg, gen=_client_generator(cfg.seed, -1, cid, "critical"),
-                                    steps=steps))
-            sizes.append(len(rows))
-            if progress:
-                progress("critical layers", i + 1, len(clients))
-    finally:
-        model.index.clear()
-        model.index.update(saved_index)
-    return rank_layers(layer_l1_distances(glob, outs, sizes))
 
 
 # ---------------------------------------------------------------------------- the federation record
@@ -511,8 +612,9 @@ def make_federation(task: str, n_clients: int, alpha: float, seed: int, *, data:
     Raises: DataError for an unknown task, TrainingError for an impossible partition.
     """
     from ..data import load_task
+    from ..training.loop import with_validation
 
-    td = data if data is not None else load_task(task)
+    td = with_validation(data if data is not None else load_task(task), seed)  # never the test split
     train = _subsample(list(td.train), max_train, seed)
     test = _subsample(list(td.test), max_test, seed + 1)
     val = _subsample(list(td.validation), max_test, seed + 2)
@@ -550,8 +652,11 @@ def state_to_adapter(model: FedModel, state: Mapping[str, torch.Tensor], *, task
             params[name] = fmt.SparseParam(shape, torch.arange(n, dtype=torch.int64), d.detach().float().reshape(-1).contiguous())
     extras = {}
     if include_head:
-        extras[f"heads.{task}.weight"] = state["head:weight"].detach().float().contiguous()
-        extras[f"heads.{task}.bias"] = state["head:bias"].detach().float().contiguous()
+        head = model.head_tensors(state)
+        if head is None:
+            raise TrainingError("internal: the state has no head to store")
+        extras[f"heads.{task}.weight"] = head[0].detach().float().contiguous()
+        extras[f"heads.{task}.bias"] = head[1].detach().float().contiguous()
     full = {"format": fmt.FORMAT_ID, "task": task, "kind": kind, "labels": {task: list(labels)},
             "model_kind": "encoder", **card}
     if include_head:
@@ -563,11 +668,15 @@ def state_to_adapter(model: FedModel, state: Mapping[str, torch.Tensor], *, task
 
 def train_global(base_path: Path, fed: Federation, cfg: FedConfig, *, density: float, mask: str = "random",
                  layer_regex: str = DEFAULT_LAYER_REGEX, exclude: Callable[[int], Sequence[Example]] | None = None,
-                 progress: ProgressFn | None = None, desc: str = "FedAvg") -> tuple[FedModel, dict[str, torch.Tensor], FedStats]:
+                 progress: ProgressFn | None = None, desc: str = "FedAvg", record_layers: bool = False,
+                 stop: Callable[[FedModel], StopRule | None] | None = None
+                 ) -> tuple[FedModel, dict[str, torch.Tensor], FedStats]:
     """Train a global model from the base with FedAvg over all clients (or ``exclude(cid)``'s rows).
 
     ``exclude`` returns a client's rows to train with (the retraining baseline passes the rows left
-    after removing forgotten data); clients left with no rows sit out.
+    after removing forgotten data); clients left with no rows sit out. ``record_layers``: the
+    clients report per-layer distances in each round (see :func:`fedavg`); ``stop`` builds the
+    stopping rule for the model (retraining "to convergence").
     Returns: the model (base weights untouched), the final state (deltas + head) and stats.
     """
     model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, layer_regex=layer_regex, seed=cfg.seed)
@@ -580,7 +689,8 @@ def train_global(base_path: Path, fed: Federation, cfg: FedConfig, *, density: f
         if rows:
             clients.append(rows)
             ids.append(cid)
-    state, stats = fedavg(model, state, clients, cfg, client_ids=ids, progress=progress, desc=desc)
+    state, stats = fedavg(model, state, clients, cfg, client_ids=ids, progress=progress, desc=desc,
+                          record_layers=record_layers, stop=stop(model) if stop is not None else None)
     return model, state, stats
 
 
@@ -594,7 +704,7 @@ def fed_train(ws: Workspace, *, base: str, task: str, clients: int, alpha: float
               layer_regex: str = DEFAULT_LAYER_REGEX, batch_size: int = _FD["batch_size"], lr: float = _FD["lr"],
               head_lr: float = _FD["head_lr"], momentum: float = _FD["momentum"],
               max_length: int = _FD["max_length"], max_train: int | None = None, max_test: int | None = None,
-              critical_steps: int | None = None, progress: ProgressFn | None = None,
+              progress: ProgressFn | None = None,
               data: TaskData | None = None) -> tuple[VersionInfo, GlobalResult]:
     """Train the global model with FedAvg and register it (kind ``expert``).
 
@@ -612,16 +722,17 @@ def fed_train(ws: Workspace, *, base: str, task: str, clients: int, alpha: float
     binfo = ws.get_base(base)
     fed = make_federation(task, clients, alpha, seed, data=data, max_train=max_train, max_test=max_test)
     model, state, stats = train_global(binfo.path, fed, cfg, density=density, mask=mask, layer_regex=layer_regex,
-                                       progress=progress)
-    # one extra round: the layers' sensitivity to the clients
-    with_global = {k: v for k, v in state.items()}
-    ranking = identify_critical_layers(model, with_global, [fed.client_rows(c) for c in range(fed.n_clients)], cfg,
-                                       client_ids=list(range(fed.n_clients)), steps=critical_steps, progress=progress)
+                                       progress=progress, record_layers=True)
+    # FUSED's critical layers, from what the clients reported in the last round (no extra round)
+    sizes = {str(c): n for c, n in enumerate(fed.partition.sizes)}
+    ranking = rank_layers(layer_l1_distances(stats.layer_l1, sizes))
     acc = model.accuracy(state, fed.test, cfg.eval_batch_size)
     federation = fed.to_json()
     federation.update({"rounds": rounds, "local_steps": local_steps, "max_train": max_train, "max_test": max_test,
                        "density": density, "mask": mask if density < 1 else "full", "layer_regex": layer_regex})
     tc = {"federation": federation, "fedavg": cfg.to_json(), "critical_layers": ranking,
+          "layer_differences": {"source": f"last round of fed train (round {stats.rounds})",
+                                "client_sizes": sizes, "per_client": stats.layer_l1},
           "stats": stats.to_json()}
     card = {"mask": {"method": mask if density < 1 else "full", "density": density, "granularity": "element",
                      "targets": layer_regex, "target_tensors": sorted(model.layers)},
@@ -655,7 +766,8 @@ def load_global(ws: Workspace, ref: str, *, data: TaskData | None = None) -> tup
 
 
 __all__ = ["Partition", "dirichlet_partition", "partition_hash", "HashTokenizer", "FedConfig", "FedModel",
-           "layer_l1_distances", "rank_layers", "identify_critical_layers", "DEFAULT_LAYER_REGEX",
+           "layer_l1_distances", "rank_layers", "client_layer_l1", "DEFAULT_LAYER_REGEX", "StopRule", "HEAD_LAYER",
+           "sparse_head_state", "is_head_key",
            "sparse_delta_state", "local_train", "weighted_average", "fedavg", "FedStats", "Federation",
            "make_federation", "train_global", "state_to_adapter", "fed_train", "load_global", "GlobalResult",
            "AdapterHubError"]

@@ -1,80 +1,97 @@
-"""Membership inference: did a model see these training rows? (FUSED's MIA metric).
+"""Membership inference: could an attacker tell the forgotten training rows from rows the model never saw?
 
-A shadow-model attack on output confidences (Shokri et al. 2017, kept small): shadow models are
-the frozen base encoder with a linear head trained on one half of held-out rows (members) and not
-on the other half (non-members); a logistic-regression attack learns "member" from the shadows'
-softmax confidences. :mod:`adapterhub.fused.unlearning` reports its success on the forgotten
-training rows (lower after unlearning is better).
+A loss-threshold attack (Yeom et al. 2018): the attacker scores every row by the model's
+confidence in its true label (the negative cross-entropy loss, higher = more member-like) and
+calls rows above a threshold "members". Its power is measured over every threshold at once:
+
+* **members** are the forgotten training rows (the rows the global model was trained on and the
+  unlearned model must not betray);
+* **non-members** are held-out rows from the same distribution (the forgotten class's test rows,
+  test rows matching a client's label mix, backdoored test rows for a backdoor) — never trained on
+  by any model in the comparison;
+* **AUC** is the probability that a random member scores above a random non-member (ties count
+  half; 0.5 = the attacker learns nothing), and **TPR at 1% FPR** the share of members caught at
+  the threshold that wrongly accuses 1% of non-members (Carlini et al. 2022's low-FPR view).
+
+Unlearning succeeds on this metric when the unlearned model's AUC on the forgotten rows is close to
+that of a model retrained without them. The attack needs no shadow models, so it measures the
+target model, not a stand-in.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import UnlearningError
-from ..training.config import FedConfig, default_of
-from .federated import Example, FedModel
+if TYPE_CHECKING:  # pragma: no cover
+    from .federated import Example, FedModel
 
-__all__ = ["MembershipAttack", "attack_features"]
-
-
-def attack_features(probs: torch.Tensor, labels: torch.Tensor) -> Any:
-    """The attack's features per row: sorted probabilities, the true label's probability, its
-    negative log, and the entropy (a float64 numpy array, one row per example)."""
-    import numpy as np
-
-    p = probs.double().clamp(min=1e-12)
-    top = torch.sort(p, dim=-1, descending=True).values
-    true = p.gather(1, labels.view(-1, 1))
-    ent = -(p * p.log()).sum(-1, keepdim=True)
-    return np.concatenate([top.numpy(), true.numpy(), (-true.log()).numpy(), ent.numpy()], axis=1)
+__all__ = ["MembershipResult", "auc", "loss_scores", "membership", "tpr_at_fpr"]
 
 
-class MembershipAttack:
-    """Shadow-model membership inference on output confidences (Shokri et al. 2017, kept small).
+def loss_scores(model: FedModel, state: Mapping[str, torch.Tensor], rows: Sequence[Example],
+                batch_size: int = 64) -> list[float]:
+    """Per row, the model's log-probability of the true label (``-loss``; higher = more member-like)."""
+    if not rows:
+        return []
+    probs = model.predict_proba(state, rows, batch_size).double().clamp(min=1e-300)
+    gold = torch.tensor([lab for _, lab in rows])
+    return [float(x) for x in probs.gather(1, gold.view(-1, 1)).log().view(-1)]
 
-    Shadow models are the frozen base encoder with a linear head trained on one half of held-out
-    rows (members) and not on the other half (non-members); an attack classifier (logistic
-    regression) learns "member" from the shadows' softmax confidences. Its success on the target
-    is the fraction of forgotten training rows it calls members.
+
+def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
+    """P(member score > non-member score) + ½·P(equal): the Mann-Whitney AUC, exact, O(n log n)."""
+    if not members or not nonmembers:
+        raise ValueError("AUC needs at least one member and one non-member score")
+    pooled = sorted([(s, 1) for s in members] + [(s, 0) for s in nonmembers])
+    rank_sum = 0.0  # sum of the members' mid-ranks (1-based)
+    i = 0
+    while i < len(pooled):
+        j = i
+        while j < len(pooled) and pooled[j][0] == pooled[i][0]:
+            j += 1
+        mid = (i + 1 + j) / 2.0
+        rank_sum += mid * sum(1 for k in range(i, j) if pooled[k][1] == 1)
+        i = j
+    m, n = len(members), len(nonmembers)
+    return (rank_sum - m * (m + 1) / 2.0) / (m * n)
+
+
+def tpr_at_fpr(members: Sequence[float], nonmembers: Sequence[float], fpr: float = 0.01) -> float:
+    """Share of members scoring strictly above the threshold that at most ``fpr`` of non-members exceed.
+
+    The threshold is the ``ceil(fpr·n)``-th highest non-member score (so with fewer than 100
+    non-members, 1% FPR means "above every non-member").
     """
+    if not members or not nonmembers:
+        raise ValueError("TPR needs at least one member and one non-member score")
+    ranked = sorted(nonmembers, reverse=True)
+    allowed = int(math.floor(fpr * len(ranked)))  # non-members allowed above the threshold
+    threshold = ranked[allowed] if allowed < len(ranked) else -math.inf
+    return sum(1 for s in members if s > threshold) / len(members)
 
-    def __init__(self, base_path: Path, n_labels: int, held_out: Sequence[Example], *,
-                 max_length: int = default_of(FedConfig, "max_length"),
-                 seed: int = 0, n_shadow: int = 2, epochs: int = 300) -> None:
-        import numpy as np
-        from sklearn.linear_model import LogisticRegression
 
-        if len(held_out) < 8:
-            raise UnlearningError("too few held-out rows to train shadow models for the membership attack")
-        shadow = FedModel(base_path, n_labels, max_length=max_length, seed=seed)
-        feats = shadow.pooled(held_out)
-        gold = torch.tensor([lab for _, lab in held_out])
-        xs, ys = [], []
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(n_shadow):
-            perm = torch.randperm(len(held_out), generator=g)
-            half = len(held_out) // 2
-            inn, out = perm[:half], perm[half:]
-            head = torch.nn.Linear(feats.shape[1], n_labels)
-            opt = torch.optim.Adam(head.parameters(), lr=0.01)
-            for _ in range(epochs):
-                loss = torch.nn.functional.cross_entropy(head(feats[inn]), gold[inn])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                probs = torch.softmax(head(feats), -1)
-            xs += [attack_features(probs[inn], gold[inn]), attack_features(probs[out], gold[out])]
-            ys += [np.ones(len(inn)), np.zeros(len(out))]
-        self.clf = LogisticRegression(max_iter=1000).fit(np.concatenate(xs), np.concatenate(ys))
+@dataclass(frozen=True)
+class MembershipResult:
+    """The attack's power on one model: AUC, TPR at 1% FPR, and how many rows each side had."""
 
-    def success(self, probs: torch.Tensor, labels: Sequence[int]) -> float | None:
-        """Fraction of rows (given the target's probabilities on them) the attack calls members."""
-        if len(labels) == 0:
-            return None
-        x = attack_features(probs, torch.tensor(list(labels)))
-        return float(self.clf.predict(x).mean())
+    auc: float
+    tpr_at_1pct_fpr: float
+    members: int
+    nonmembers: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def membership(model: FedModel, state: Mapping[str, torch.Tensor], members: Sequence[Example],
+               nonmembers: Sequence[Example], batch_size: int = 64) -> MembershipResult | None:
+    """Run the loss-threshold attack on ``model + state``; None when either side has no rows."""
+    if not members or not nonmembers:
+        return None
+    ms = loss_scores(model, state, members, batch_size)
+    ns = loss_scores(model, state, nonmembers, batch_size)
+    return MembershipResult(round(auc(ms, ns), 6), round(tpr_at_fpr(ms, ns, 0.01), 6), len(ms), len(ns))

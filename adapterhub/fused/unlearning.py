@@ -2,35 +2,39 @@
 
 The trained global model is never modified. To forget a client, a class or some samples:
 
-1. **Critical layers.** One round in which every client trains the global model locally (all
-   layer weights trainable); per layer ``l`` the score is ``Σ_k (n_k/n)·‖θ_k^l − θ^l‖₁`` (the L1
-   distance between client ``k``'s layer and the global one, weighted by client data size).
-   Layers are ranked by score; the top ``K`` are the critical layers. ``fed train`` computes the
-   ranking with all clients and stores it with the global model (as the paper does during normal
-   training); ``unlearn`` uses that ranking, or recomputes it on the remaining clients only.
-2. **Unlearning adapter.** A seeded random mask of ``density`` on each of the ``K`` layers; the
-   values (deltas over the *global model's* weights) are trained with FedAvg on the remaining data
-   only — the forgotten client's rows, the forgotten class's rows, the forgotten samples are never
-   read. The task head (the classifier, the layer that maps features to labels) is trained too,
-   densely (a few thousand values): by default (``head="reset"``) it is re-initialised and
-   trained on the remaining data only (``"train"`` fine-tunes the global head, ``"freeze"`` keeps
-   it). The head is where a class's identity lives; overwriting it with remaining knowledge is what
-   drives a forgotten class's logit down — with a frozen head the encoder deltas alone did not
-   forget (see docs/unlearning.md). Everything else stays frozen. The result is a sparse adapter whose
-   parameter names are base tensor names plus the new head as a dense extra
-   (``heads.<task>.weight/bias``): ``deploy apply <global>`` then ``deploy apply <unlearning>``
-   gives the unlearned encoder, evaluated with the unlearning version's head (``eval
-   <unlearning> --deployment D``); reverting the second restores the global model bit for bit.
-3. **Metrics.** RA (accuracy on remaining data), FA (accuracy on forgotten data), a
-   shadow-model membership-inference attack success rate on the forgotten training rows, wall
-   time and the bytes a client uploads; with ``compare_retrain`` the same for retraining the
-   global model from scratch without the forgotten data.
+1. **Critical layers.** While ``fed train`` trains the global model, each client reports in the
+   last round, per layer it trained and for the task head (in FUSED the classifier is a layer
+   like any other), the L1 distance between its local model and the global model it started
+   from. The score of layer ``l`` is ``Σ_k (n_k/n)·‖θ_k^l − θ^l‖₁``; the top ``K`` layers are
+   the critical layers. The per-client numbers are stored with the global version, so
+   ``unlearn`` ranks without any extra round (over all clients, or with ``rerank`` over the
+   remaining clients only).
+2. **Unlearning adapter.** A seeded random mask of ``density`` on each of the ``K`` layers — the
+   head too when it is among them, as sparse values on top of the global head — whose values
+   (deltas over the *global model's* weights) are trained with FedAvg on the remaining clients'
+   data only; the forgotten rows are never read, the base and the global model stay frozen.
+   Training stops by the same rule as the retraining baseline: when the validation loss on
+   remaining data has not improved for ``patience`` rounds (the best round is kept).
+   ``deploy apply <global>`` then ``deploy apply <unlearning>`` gives the unlearned model;
+   reverting the second restores the global model bit for bit.
+3. **Metrics.** RA (accuracy on remaining test data), FA (accuracy on the forgotten data), a
+   loss-threshold membership attack (:mod:`adapterhub.fused.mia`: AUC and TPR at 1% FPR of
+   forgotten training rows against held-out rows of the same distribution), wall time, bytes
+   down and up per client and compute (local steps, examples); with ``compare_retrain`` the
+   same for retraining from scratch without the forgotten data, to convergence by the same rule.
+
+Baselines, named and documented, never the default: ``head="reset"`` re-initialises the task head
+and trains it densely on remaining data (what earlier releases did, and where their forgetting
+came from), ``head="train"`` fine-tunes it densely, ``head="freeze"`` never adapts it;
+``selection="random"`` picks K random layers instead of the critical ones; ``layers=0`` with a
+dense head mode is the head-only control (:func:`train_unlearning`).
 
 Forget specs: ``client:ID``, ``class:LABEL`` (name or id), ``samples:FILE`` (one train-row id or
 exact text per line).
 """
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +54,7 @@ from ..training import masks as M
 from ..training.config import UNLEARN_DEFAULTS as _UD
 from .federated import (
     DEFAULT_LAYER_REGEX,
+    HEAD_LAYER,
     VALUE_BYTES,
     Example,
     FedConfig,
@@ -57,19 +62,25 @@ from .federated import (
     FedModel,
     FedStats,
     ProgressFn,
+    StopRule,
     fedavg,
-    identify_critical_layers,
     layer_l1_distances,
     load_global,
     rank_layers,
     sparse_delta_state,
+    sparse_head_state,
     state_to_adapter,
     train_global,
 )
-from .mia import MembershipAttack
+from .mia import membership
 
 FORGET_KINDS = ("client", "class", "samples")
-HEAD_MODES = ("reset", "train", "freeze")
+HEAD_MODES = ("ranked", "reset", "train", "freeze")
+SELECTIONS = ("critical", "random")
+HEAD_TEXT = {"ranked": "a layer like any other: sparse deltas on the global head when it ranks among the K layers",
+             "reset": "baseline: re-initialised and trained densely on the remaining data",
+             "train": "baseline: the global head fine-tuned densely on the remaining data",
+             "freeze": "baseline: the global head, never adapted"}
 
 
 # ---------------------------------------------------------------------------- forget specs
@@ -99,8 +110,10 @@ class ForgetPlan:
 
     Attributes:
         remaining: (client id, rows to train with) for every client that keeps at least one row.
-        forgotten_train: the forgotten training rows (for the attack and FA on client/samples).
+        forgotten_train: the forgotten training rows (FA on client/samples; the attack's members).
         ra_rows, fa_rows: evaluation rows for RA and FA.
+        val_rows: validation rows of the remaining data (the stopping rule's loss).
+        nonmembers: held-out rows from the forgotten rows' distribution (the attack's non-members).
         record: JSON for the catalog (spec, what was matched).
     """
 
@@ -109,7 +122,25 @@ class ForgetPlan:
     forgotten_train: Callable[[], list[Example]]
     ra_rows: list[Example]
     fa_rows: Callable[[], list[Example]]
+    val_rows: list[Example]
+    nonmembers: Callable[[], list[Example]]
     record: dict[str, Any] = field(default_factory=dict)
+
+
+def label_matched(rows: list[Example], pool: list[Example], seed: int) -> list[Example]:
+    """Held-out rows with the label mix of ``rows``: for each row, an unused ``pool`` row of the same
+    label (the pool seeded-shuffled); rows whose label is exhausted get none."""
+    by_label: dict[int, list[Example]] = {}
+    shuffled = list(pool)
+    random.Random(f"nonmembers/{int(seed)}").shuffle(shuffled)
+    for r in shuffled:
+        by_label.setdefault(r[1], []).append(r)
+    out = []
+    for _, lab in rows:
+        left = by_label.get(lab)
+        if left:
+            out.append(left.pop())
+    return out
 
 
 def _read_samples_file(path: str) -> list[str]:
@@ -142,6 +173,7 @@ def plan_forget(fed: Federation, spec: ForgetSpec) -> ForgetPlan:
             raise UnlearningError(f"no client {cid}: the federation has clients 0..{n - 1}")
         remaining = [(c, fed.client_rows(c)) for c in range(n) if c != cid]
         plan = ForgetPlan(spec, remaining, lambda: fed.client_rows(cid), list(fed.test), lambda: fed.client_rows(cid),
+                          list(fed.validation), lambda: label_matched(fed.client_rows(cid), fed.test, fed.partition.seed),
                           {"spec": str(spec), "client": cid, "forgotten_rows": fed.partition.sizes[cid]})
     elif spec.kind == "class":
         if spec.value in fed.labels:
@@ -161,6 +193,7 @@ def plan_forget(fed: Federation, spec: ForgetSpec) -> ForgetPlan:
                 remaining.append((c, keep))
         plan = ForgetPlan(spec, remaining, lambda: [r for r in fed.train if r[1] == lab],
                           [r for r in fed.test if r[1] != lab], lambda: [r for r in fed.test if r[1] == lab],
+                          [r for r in fed.validation if r[1] != lab], lambda: [r for r in fed.test if r[1] == lab],
                           {"spec": str(spec), "class": fed.labels[lab], "label_id": lab, "forgotten_rows": forgotten})
     else:
         wanted = _read_samples_file(spec.value)
@@ -184,7 +217,8 @@ def plan_forget(fed: Federation, spec: ForgetSpec) -> ForgetPlan:
         rows = [fed.train[i] for i in sorted(ids)]
         import hashlib
 
-        plan = ForgetPlan(spec, remaining, lambda: rows, list(fed.test), lambda: rows,
+        plan = ForgetPlan(spec, remaining, lambda: rows, list(fed.test), lambda: rows, list(fed.validation),
+                          lambda: label_matched(rows, fed.test, fed.partition.seed),
                           {"spec": str(spec), "samples": len(ids),
                            "samples_sha256": hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()})
     if not plan.remaining:
@@ -200,28 +234,84 @@ def _cap(rows: list[Example], n: int | None) -> list[Example]:
 
 
 def evaluate(model: FedModel, state: Mapping[str, torch.Tensor], plan: ForgetPlan, *,
-             attack: MembershipAttack | None, max_eval: int | None = 300, batch_size: int = 64) -> dict[str, Any]:
-    """RA, FA and MIA of ``model + state`` for ``plan`` (reads the forgotten rows: evaluation only)."""
+             max_eval: int | None = None, nonmembers: list[Example] | None = None,
+             batch_size: int = 64) -> dict[str, Any]:
+    """RA, FA and the membership attack of ``model + state`` for ``plan`` (reads the forgotten rows:
+    evaluation only). ``max_eval`` caps every row set (None: all rows); ``nonmembers`` overrides
+    the plan's held-out rows (e.g. backdoored test rows)."""
     ra = model.accuracy(state, _cap(plan.ra_rows, max_eval), batch_size)
-    fa = model.accuracy(state, _cap(plan.fa_rows(), max_eval), batch_size)
-    out: dict[str, Any] = {"ra": ra, "fa": fa}
-    if attack is not None:
-        rows = _cap(plan.forgotten_train(), max_eval)
-        probs = model.predict_proba(state, rows, batch_size)
-        out["mia"] = attack.success(probs, [lab for _, lab in rows])
+    fa_rows = _cap(plan.fa_rows(), max_eval)
+    fa = model.accuracy(state, fa_rows, batch_size)
+    out: dict[str, Any] = {"ra": ra, "fa": fa, "ra_n": len(_cap(plan.ra_rows, max_eval)), "fa_n": len(fa_rows)}
+    mia = membership(model, state, _cap(plan.forgotten_train(), max_eval),
+                     _cap(nonmembers if nonmembers is not None else plan.nonmembers(), max_eval), batch_size)
+    if mia is not None:
+        out.update({"mia_auc": mia.auc, "mia_tpr_at_1pct_fpr": mia.tpr_at_1pct_fpr, "mia_members": mia.members,
+                    "mia_nonmembers": mia.nonmembers})
     return out
 
 
 # ---------------------------------------------------------------------------- unlearning
 
 def fresh_head_state(model: FedModel, seed: int) -> dict[str, torch.Tensor]:
-    """A newly initialised head (normal(0, 0.02) weights from ``seed``, zero bias), as trainable state."""
+    """A newly initialised head (normal(0, 0.02) weights from ``seed``, zero bias): the ``reset`` baseline."""
     g = torch.Generator().manual_seed(int(seed) + 7919)
     if model.head is None:
         raise UnlearningError("this model has no task head to re-initialise")
     w = model.head.linear.weight
     return {"head:weight": torch.randn(tuple(w.shape), generator=g) * 0.02,
             "head:bias": torch.zeros(model.head.linear.out_features)}
+
+
+def stop_rule(model: FedModel, plan: ForgetPlan, patience: int, max_rows: int | None = None,
+              batch_size: int = 64) -> StopRule | None:
+    """The stopping rule shared by FUSED and retraining: validation loss on the remaining data
+    (``plan.val_rows``), ``patience`` rounds without improvement (0: no stopping)."""
+    if patience <= 0:
+        return None
+    rows = _cap(plan.val_rows, max_rows)
+    if not rows:
+        raise UnlearningError("no validation rows of the remaining data to stop on; use --patience 0")
+    return StopRule(lambda st: model.mean_loss(st, rows, batch_size), len(rows), patience=patience)
+
+
+def select_layers(ranking: list[dict[str, Any]], k: int, *, head: str, selection: str, seed: int,
+                  salt: str = "") -> list[str]:
+    """The K layers the unlearning adapter trains: the top K of the ranking (``critical``) or K
+    seeded random ones (``random``, the ablation). The head is a candidate only in ``ranked`` mode
+    (the dense-head baselines handle it themselves). Raises UnlearningError when K is too large."""
+    cands = [r["layer"] for r in ranking if head == "ranked" or r["layer"] != HEAD_LAYER]
+    if k > len(cands):
+        raise UnlearningError(f"layers={k} is larger than the {len(cands)} ranked layers", keywords=("layers",))
+    if selection == "critical":
+        return cands[:k]
+    if selection == "random":
+        picked = set(random.Random(f"random-layers/{int(seed)}/{salt}").sample(cands, k))
+        return [c for c in cands if c in picked]
+    raise UnlearningError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+
+
+def train_unlearning(model: FedModel, plan: ForgetPlan, cfg: FedConfig, layers: list[str], *, density: float,
+                     seed: int, head: str, stop: StopRule | None,
+                     progress: ProgressFn | None = None) -> tuple[dict[str, torch.Tensor], FedStats]:
+    """Train the unlearning state on ``plan.remaining`` with FedAvg: sparse random-mask deltas on
+    ``layers`` (the head's as sparse deltas when ``"head"`` is one of them), plus the dense head
+    of a baseline ``head`` mode. ``model`` holds the global model (weights and head).
+    Returns (state, stats). Raises UnlearningError when nothing would be trained."""
+    body = [x for x in layers if x != HEAD_LAYER]
+    state = sparse_delta_state(model, body, density, seed, mask="random") if body else {}
+    if HEAD_LAYER in layers:
+        state.update(sparse_head_state(model, density, seed))
+    if head == "train":  # starts from the global model's head (loaded by apply_adapter)
+        state.update(model.head_state())
+    elif head == "reset":
+        state.update(fresh_head_state(model, seed))
+    if not state:
+        raise UnlearningError("nothing to train: choose at least one layer or a dense head baseline")
+    ids = [c for c, _ in plan.remaining]
+    rows = [r for _, r in plan.remaining]
+    return fedavg(model, state, rows, cfg, client_ids=ids, salt="unlearn", progress=progress, desc="unlearning",
+                  stop=stop)
 
 
 @dataclass
@@ -234,15 +324,18 @@ class UnlearnResult:
     plan: ForgetPlan
     metrics: dict[str, Any]
     training_config: dict[str, Any]
-    attack: MembershipAttack | None = None
+    state_index: dict[str, torch.Tensor] = field(default_factory=dict)  # the masks: state key -> flat indices
 
 
-def check_request(fed: Federation, spec: ForgetSpec, n_layers: int, k: int, density: float, rounds: int) -> ForgetPlan:
+def check_request(fed: Federation, spec: ForgetSpec, k: int, density: float, rounds: int, *, head: str = "ranked",
+                  selection: str = "critical") -> ForgetPlan:
     """Validate everything about an unlearning request before any training. Raises UnlearningError."""
+    if head not in HEAD_MODES:
+        raise UnlearningError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
+    if selection not in SELECTIONS:
+        raise UnlearningError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     if k < 1:
         raise UnlearningError(f"layers must be at least 1, got {k}", keywords=("layers",))
-    if k > n_layers:
-        raise UnlearningError(f"layers={k} is larger than the model's {n_layers} layers", keywords=("layers",))
     try:
         M.check_density(density)
     except TrainingError as e:
@@ -252,90 +345,106 @@ def check_request(fed: Federation, spec: ForgetSpec, n_layers: int, k: int, dens
     return plan_forget(fed, spec)
 
 
+def check_ranking(ranking: list[dict[str, Any]], trained: set[str]) -> None:
+    """The ranking must cover exactly the layers the global model trained (plus, optionally, the head)."""
+    known = {r["layer"] for r in ranking} - {HEAD_LAYER}
+    if known != trained:
+        raise UnlearningError("the recorded critical-layer ranking does not match the layers the global model trained")
+
+
+def cost_of(stats: FedStats, seconds: float) -> dict[str, Any]:
+    """The cost figures of one FedAvg run as stored in metrics."""
+    return {"seconds": round(seconds, 3), "rounds": stats.rounds, "best_round": stats.best_round,
+            "bytes_up_per_client": stats.bytes_up_per_client, "bytes_down_per_client": stats.bytes_down_per_client,
+            "bytes_per_client": stats.bytes_per_client, "bytes_total": stats.bytes_total,
+            "local_steps": stats.local_steps, "train_examples": stats.train_examples,
+            "eval_examples": stats.eval_examples}
+
+
+def retrain(base_path: Path, fed: Federation, cfg: FedConfig, plan: ForgetPlan, *, density: float, rounds: int,
+            patience: int, layer_regex: str = DEFAULT_LAYER_REGEX, max_eval: int | None = None,
+            nonmembers: list[Example] | None = None, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """The anchor: retrain the global recipe from scratch on the remaining data, up to ``rounds``
+    rounds, stopping by :func:`stop_rule`; returns its metrics and costs."""
+    remaining = dict(plan.remaining)
+    rcfg = FedConfig(**{**cfg.to_json(), "rounds": rounds})
+    t1 = time.perf_counter()
+    rmodel, rstate, rstats = train_global(base_path, fed, rcfg, density=density, exclude=lambda c: remaining.get(c, []),
+                                          layer_regex=layer_regex, progress=progress, desc="retraining",
+                                          stop=lambda m: stop_rule(m, plan, patience, max_eval))
+    rsec = time.perf_counter() - t1
+    r = evaluate(rmodel, rstate, plan, max_eval=max_eval, nonmembers=nonmembers)
+    r.update(cost_of(rstats, rsec))
+    return r
+
+
 def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Federation, cfg: FedConfig,
-                   spec: ForgetSpec, *, layers: int = 3, density: float = 0.1, rounds: int | None = None,
-                   seed: int = 0, local_steps: int | None = None, lr: float | None = None,
-                   ranking: list[dict[str, Any]] | None = None,
-                   evaluate_metrics: bool = True, compare_retrain: bool = False, retrain_density: float | None = None,
-                   max_eval: int | None = 300, global_ref: str = "", global_hash: str = "",
-                   attack: MembershipAttack | None = None, layer_regex: str = DEFAULT_LAYER_REGEX,
-                   head: str = "reset", progress: ProgressFn | None = None) -> UnlearnResult:
+                   spec: ForgetSpec, ranking: list[dict[str, Any]], *, ranking_source: str = "given",
+                   layers: int = _UD.layers, density: float = _UD.density, rounds: int | None = None,
+                   patience: int = _UD.patience, seed: int = _UD.seed, local_steps: int | None = None,
+                   lr: float | None = None, head: str = _UD.head, selection: str = "critical",
+                   evaluate_metrics: bool = True, evaluate_global: bool = True, compare_retrain: bool = False,
+                   retrain_rounds: int | None = None, max_eval: int | None = _UD.max_eval,
+                   nonmembers: list[Example] | None = None, global_ref: str = "", global_hash: str = "",
+                   layer_regex: str = DEFAULT_LAYER_REGEX, progress: ProgressFn | None = None) -> UnlearnResult:
     """Build the FUSED unlearning adapter for ``spec`` over the global model (no catalog involved).
 
     Takes: the base folder, the global adapter (deltas over the base + head), its federation and
-        FedAvg config, the forget spec, K, density, rounds (default: the global model's), a seed, a
-        stored critical-layer ranking (``None``: recompute on the remaining clients), ``head``:
-        ``reset`` (a fresh seeded head) or ``train`` (the global model's head), trained densely
-        along with the K layers and stored as the adapter's head, or ``freeze`` (the global model's
-        head is kept; the adapter carries none).
+        FedAvg config, the forget spec, the recorded critical-layer ranking, K, density, rounds
+        (at most; default: the global model's), the stopping patience (0: run every round), a
+        seed, the head mode (``ranked`` = FUSED; the rest are baselines) and the layer selection
+        (``critical`` = FUSED; ``random`` = the ablation).
     Returns: :class:`UnlearnResult`. With ``evaluate_metrics=False`` no forgotten row is ever read.
     Raises: UnlearningError for a bad request (before training).
     """
     task = fed.task
-    if head not in HEAD_MODES:
-        raise UnlearningError(f"head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
     model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed, layer_regex=layer_regex)
-    plan = check_request(fed, spec, len(model.layers), layers, density, rounds or cfg.rounds)
+    plan = check_request(fed, spec, layers, density, rounds or cfg.rounds, head=head, selection=selection)
     missing = [p for p in global_adapter.params if p not in model.layer_weights]
     if missing:
         raise UnlearningError(f"the global model adapts {missing[0]}, which is not one of the model's layers")
+    check_ranking(ranking, set(global_adapter.params))
+    critical = select_layers(ranking, layers, head=head, selection=selection, seed=seed, salt=str(spec))
     model.apply_adapter(global_adapter, head_task=task)  # the backbone now holds the global model's weights
     ucfg = FedConfig(**{**cfg.to_json(), "rounds": rounds or cfg.rounds, "seed": seed,
                         "local_steps": local_steps or cfg.local_steps, "lr": lr or cfg.lr})
     ucfg.check()
-    ids = [c for c, _ in plan.remaining]
-    rows = [r for _, r in plan.remaining]
+    stop = stop_rule(model, plan, patience, max_eval)
     t0 = time.perf_counter()
-    if ranking is None:
-        ranking = identify_critical_layers(model, {}, rows, ucfg, client_ids=ids, progress=progress)
-        ranking_source = "remaining clients"
-    else:
-        ranking_source = "global model"
-        known = {r["layer"] for r in ranking}
-        if known != set(model.layers):
-            raise UnlearningError("the stored critical-layer ranking does not match the model's layers")
-    critical = [r["layer"] for r in ranking[:layers]]
-    state = sparse_delta_state(model, critical, density, seed, mask="random")
-    if head == "train":  # starts from the global model's head (loaded by apply_adapter above)
-        state.update(model.head_state())
-    elif head == "reset":  # overwritten: a fresh seeded head, trained on the remaining data only
-        state.update(fresh_head_state(model, seed))
-    state, stats = fedavg(model, state, rows, ucfg, client_ids=ids, salt="unlearn", progress=progress,
-                          desc="unlearning")
+    state, stats = train_unlearning(model, plan, ucfg, critical, density=density, seed=seed, head=head, stop=stop,
+                                    progress=progress)
     seconds = time.perf_counter() - t0
+    head_in_adapter = head in ("reset", "train") or HEAD_LAYER in critical
+    body = [x for x in critical if x != HEAD_LAYER]
+    head_rec: dict[str, Any] = {"mode": head, "text": HEAD_TEXT[head], "stored": head_in_adapter}
+    if HEAD_LAYER in critical:
+        head_rec.update({"delta_density": density,
+                         "delta_values": int(sum(int(model.index[k].numel()) for k in ("hdelta:weight", "hdelta:bias")))})
     unl = {"forget": plan.record, "critical_layers": critical, "layers": layers, "density": density,
-           "ranking_source": ranking_source, "applies_on": {"ref": global_ref, "content_hash": global_hash},
-           "head": {"reset": "re-initialised and trained on the remaining data (stored as this adapter's head)",
-                    "train": "trained from the global model's head (stored as this adapter's head)",
-                    "freeze": "frozen (the global model's)"}[head]}
-    card = {"mask": {"method": "random", "density": density, "granularity": "element", "targets": critical,
-                     "target_tensors": sorted(critical)},
+           "selection": selection, "ranking_source": ranking_source,
+           "applies_on": {"ref": global_ref, "content_hash": global_hash}, "head": head_rec}
+    card = {"mask": {"method": "random", "density": density, "granularity": "element", "targets": body,
+                     "target_tensors": sorted(body)},
             "unlearning": unl}
     adapter = state_to_adapter(model, state, task=task, labels=fed.labels, kind="unlearning", card=card,
-                               include_head=head != "freeze")
-    metrics: dict[str, Any] = {"seconds": round(seconds, 3), "bytes_per_client": stats.bytes_per_client,
-                               "bytes_total": stats.bytes_total, "remaining_clients": len(ids)}
+                               include_head=head_in_adapter)
+    metrics: dict[str, Any] = {**cost_of(stats, seconds), "remaining_clients": len(plan.remaining)}
     if evaluate_metrics:
-        if attack is None:
-            attack = MembershipAttack(base_path, len(fed.labels), fed.validation, max_length=cfg.max_length, seed=seed)
-        metrics["global"] = evaluate(model, {}, plan, attack=attack, max_eval=max_eval)
-        metrics.update(evaluate(model, state, plan, attack=attack, max_eval=max_eval))
+        if evaluate_global:
+            metrics["global"] = evaluate(model, {}, plan, max_eval=max_eval, nonmembers=nonmembers)
+        metrics.update(evaluate(model, state, plan, max_eval=max_eval, nonmembers=nonmembers))
         if compare_retrain:
-            remaining = dict(plan.remaining)
-            t1 = time.perf_counter()
-            rmodel, rstate, rstats = train_global(
-                base_path, fed, cfg, density=retrain_density if retrain_density is not None else _density_of(global_adapter),
-                exclude=lambda c: remaining.get(c, []), layer_regex=layer_regex, progress=progress, desc="retraining")
-            rsec = time.perf_counter() - t1
-            r = evaluate(rmodel, rstate, plan, attack=attack, max_eval=max_eval)
-            r.update({"seconds": round(rsec, 3), "bytes_per_client": rstats.bytes_per_client,
-                      "bytes_total": rstats.bytes_total})
-            metrics["retrain"] = r
+            metrics["retrain"] = retrain(base_path, fed, cfg, plan, density=_density_of(global_adapter),
+                                         rounds=retrain_rounds or 4 * cfg.rounds, patience=max(patience, 1),
+                                         layer_regex=layer_regex, max_eval=max_eval, nonmembers=nonmembers,
+                                         progress=progress)
     tc = {"forget": plan.record, "critical_layers": {"k": layers, "chosen": critical, "ranking": ranking,
-                                                     "source": ranking_source},
+                                                     "source": ranking_source, "selection": selection},
           "density": density, "seed": seed, "head": head, "fedavg": ucfg.to_json(), "federation": fed.to_json(),
+          "stopping": stop.to_json() if stop is not None else {"rule": "none", "rounds": ucfg.rounds},
           "applies_on": {"ref": global_ref, "content_hash": global_hash}, "stats": stats.to_json()}
-    return UnlearnResult(adapter, state, ranking, critical, stats, plan, metrics, tc, attack)
+    index = {k: v.clone() for k, v in model.index.items() if ("delta:" + k) in state or k in state}
+    return UnlearnResult(adapter, state, ranking, critical, stats, plan, metrics, tc, index)
 
 
 def _density_of(adapter: fmt.SparseAdapter) -> float:
@@ -343,16 +452,42 @@ def _density_of(adapter: fmt.SparseAdapter) -> float:
     return float(d) if d is not None else min(1.0, adapter.density)
 
 
+def recorded_ranking(training_config: Mapping[str, Any], plan: ForgetPlan, *, rerank: bool
+                     ) -> tuple[list[dict[str, Any]], str]:
+    """The ranking ``fed train`` recorded: over every client, or (``rerank``) over the remaining ones.
+
+    Versions trained before the per-client differences were recorded carry only a ranking of the
+    encoder layers (no head); it is used as it is, and ``rerank`` is refused for them.
+    Raises: UnlearningError when the version recorded nothing usable.
+    """
+    diffs = training_config.get("layer_differences")
+    if isinstance(diffs, dict) and isinstance(diffs.get("per_client"), dict) and diffs["per_client"]:
+        per_client = {str(k): {str(a): float(b) for a, b in v.items()} for k, v in diffs["per_client"].items()}
+        sizes = {str(k): int(v) for k, v in (diffs.get("client_sizes") or {}).items()}
+        if rerank:
+            keep = [str(c) for c, _ in plan.remaining]
+            return (rank_layers(layer_l1_distances(per_client, sizes, keep)),
+                    f"{diffs.get('source', 'recorded')}: the {len(keep)} remaining clients")
+        return rank_layers(layer_l1_distances(per_client, sizes)), f"{diffs.get('source', 'recorded')}: all clients"
+    legacy = training_config.get("critical_layers")
+    if isinstance(legacy, list) and legacy and not rerank:
+        return [dict(r) for r in legacy], "legacy ranking recorded by an earlier fed train (no head)"
+    raise UnlearningError("this global model recorded no per-layer client differences to rank the layers with; "
+                          "train it again with `adapterhub fed train`")
+
+
 def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _UD.layers, density: float = _UD.density,
-            rounds: int | None = None, seed: int = _UD.seed, local_steps: int | None = None, lr: float | None = None, compare_retrain: bool = False,
-            rerank: bool = False, head: str = _UD.head,
-            max_eval: int | None = _UD.max_eval, progress: ProgressFn | None = None, data: TaskData | None = None,
-            attack: MembershipAttack | None = None) -> tuple[VersionInfo, UnlearnResult]:
+            rounds: int | None = None, patience: int = _UD.patience, seed: int = _UD.seed,
+            local_steps: int | None = None, lr: float | None = None, compare_retrain: bool = False,
+            retrain_rounds: int | None = None, rerank: bool = False, head: str = _UD.head,
+            selection: str = "critical", max_eval: int | None = _UD.max_eval, progress: ProgressFn | None = None,
+            data: TaskData | None = None) -> tuple[VersionInfo, UnlearnResult]:
     """Produce, evaluate and register a FUSED unlearning adapter for the global model ``ref``.
 
     Registered as kind ``unlearning`` with an ``unlearns`` lineage edge to ``ref``; the forget
-    spec and the critical-layer ranking go into its training config and card, the metrics (RA,
-    FA, MIA, time, bytes; ``retrain`` with ``compare_retrain``) onto the version.
+    spec, the ranking used and the stopping rule go into its training config and card, the
+    metrics (RA, FA, MIA AUC and TPR, time, bytes, compute; ``retrain`` with ``compare_retrain``)
+    onto the version.
     Returns: (VersionInfo, UnlearnResult).
     Raises: UnlearningError/RefError/... before anything is registered.
     """
@@ -370,11 +505,14 @@ def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _U
         raise UnlearningError(f"adapter {name!r} exists with kind {existing.kind}; choose another name",
                               keywords=("name",))
     binfo = ws.get_base(info.base)
-    stored = None if rerank else (info.training_config or {}).get("critical_layers")
-    res = run_unlearning(binfo.path, gadapter, fed, cfg, spec, layers=layers, density=density, rounds=rounds,
-                         seed=seed, local_steps=local_steps, lr=lr, ranking=stored, compare_retrain=compare_retrain,
-                         max_eval=max_eval, global_ref=info.ref, global_hash=info.content_hash, attack=attack,
-                         layer_regex=rec.get("layer_regex") or DEFAULT_LAYER_REGEX, head=head, progress=progress)
+    plan = check_request(fed, spec, layers, density, rounds or cfg.rounds, head=head, selection=selection)
+    ranking, source = recorded_ranking(info.training_config or {}, plan, rerank=rerank)
+    res = run_unlearning(binfo.path, gadapter, fed, cfg, spec, ranking, ranking_source=source, layers=layers,
+                         density=density, rounds=rounds, patience=patience, seed=seed, local_steps=local_steps, lr=lr,
+                         head=head, selection=selection, compare_retrain=compare_retrain,
+                         retrain_rounds=retrain_rounds, max_eval=max_eval, global_ref=info.ref,
+                         global_hash=info.content_hash, layer_regex=rec.get("layer_regex") or DEFAULT_LAYER_REGEX,
+                         progress=progress)
     v = ws.register(res.adapter, name=name, task=info.task, base=info.base, kind="unlearning",
                     parents=[Parent(info.ref, "unlearns", params={"forget": str(spec),
                                                                  "critical_layers": res.critical})],
@@ -382,42 +520,7 @@ def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _U
     return v, res
 
 
-# ---------------------------------------------------------------------------- baseline: negative task arithmetic
-
-def negative_task_arithmetic(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Federation, cfg: FedConfig,
-                             plan: ForgetPlan, *, scale: float = 1.0, density: float | None = None,
-                             rounds: int | None = None, attack: MembershipAttack | None = None,
-                             max_eval: int | None = 300, layer_regex: str = DEFAULT_LAYER_REGEX,
-                             progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Baseline: train an adapter on the forgotten data (FedAvg over its owners), subtract it.
-
-    The adapter has the global model's layers and density (random mask), trained over the global
-    weights with the head frozen; the unlearned model is ``global − scale·adapter``. Reads the
-    forgotten data by construction. Returns the same metrics as :func:`evaluate` plus time and bytes.
-    """
-    model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, seed=cfg.seed, layer_regex=layer_regex)
-    model.apply_adapter(global_adapter, head_task=fed.task)
-    forgotten = plan.forgotten_train()
-    fset = set(forgotten)
-    owners: list[list[Example]] = []
-    for c in range(fed.n_clients):
-        mine = [r for r in fed.client_rows(c) if r in fset]
-        if mine:
-            owners.append(mine)
-    if not owners:
-        raise UnlearningError("no client holds the forgotten data")
-    t0 = time.perf_counter()
-    ncfg = FedConfig(**{**cfg.to_json(), "rounds": rounds or cfg.rounds})
-    state = sparse_delta_state(model, model.layers, density if density is not None else _density_of(global_adapter),
-                               cfg.seed + 1, mask="random")
-    state, stats = fedavg(model, state, owners, ncfg, salt="nta", progress=progress, desc="task vector")
-    neg = {k: -scale * v for k, v in state.items()}
-    seconds = time.perf_counter() - t0
-    out = evaluate(model, neg, plan, attack=attack, max_eval=max_eval)
-    out.update({"seconds": round(seconds, 3), "bytes_per_client": stats.bytes_per_client, "bytes_total": stats.bytes_total})
-    return out
-
-
 __all__ = ["ForgetSpec", "parse_forget", "ForgetPlan", "plan_forget", "layer_l1_distances", "rank_layers",
-           "identify_critical_layers", "MembershipAttack", "evaluate", "run_unlearning", "unlearn", "UnlearnResult",
-           "negative_task_arithmetic", "check_request", "VALUE_BYTES", "HEAD_MODES"]
+           "evaluate", "run_unlearning", "unlearn", "UnlearnResult", "check_request", "VALUE_BYTES", "HEAD_MODES",
+           "SELECTIONS", "HEAD_TEXT", "select_layers", "train_unlearning", "retrain", "recorded_ranking",
+           "stop_rule", "label_matched", "fresh_head_state", "cost_of"]

@@ -93,7 +93,8 @@ class TrainConfig:
     granularity: str = setting("element", choices=GRANULARITIES)
     block_size: int = setting(16, low=1)
     targets: str | None = setting(None, metavar="REGEX",
-                                  help="Regex over module names (default query|key|value or q_proj|k_proj|v_proj).")
+                                  help="Regex over module names (default query|key|value, q_proj|k_proj|v_proj, "
+                                  "or every conv and fc layer of an image base).")
     steps: int | None = setting(None, low=1, help="Optimizer steps (wins over --epochs).")
     epochs: float | None = setting(None, **_POS)
     select_steps: int | None = setting(None, low=0, help="Dense warm-up steps before the mask is selected "
@@ -165,7 +166,8 @@ class UnlearnDefaults:
 
     layers: int = 3  # K critical layers the unlearning adapter trains
     density: float = 0.1  # random mask density on those layers
-    head: str = "reset"
+    head: str = "ranked"  # FUSED: the head is ranked with the layers (the dense-head modes are baselines)
+    patience: int = 2  # stop when the remaining-data validation loss has not improved for this many rounds
     max_eval: int = 300  # evaluation rows per metric
     seed: int = 0
     alpha: float = 1.0  # Dirichlet concentration of a federation's label split

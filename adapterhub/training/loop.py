@@ -64,11 +64,11 @@ from .model import (
     base_tensor_keys,
     find_targets,
     load_backbone,
-    load_tokenizer,
     model_kind,
     position_limit,
     predict,
     resolve_device,
+    tokenizer_for,
 )
 from .packaging import build_adapter
 
@@ -228,9 +228,7 @@ class Trainer:
 
     def batch(self, rows: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """The model inputs of ``rows`` on the model's device."""
-        if self.sdm.kind == "encoder":
-            return self.batcher.encoder_batch(rows, self.sdm.device)
-        return self.batcher.causal_batch(rows, self.sdm.device)
+        return self.batcher.batch(rows, self.sdm.device)
 
     # -- optimizer and the one step
     def make_opt(self) -> None:
@@ -554,7 +552,11 @@ def _fit(method: str, base_path: Path, data: TaskData, cfg: TrainConfig, *, prog
         raise TrainingError(f"dataset {data.name!r} needs at least two labels")
     data = with_validation(data, cfg.seed)
     sdm = cls.build_model(base_path, cfg, n_labels=len(data.labels), **options)
-    batcher = Batcher(load_tokenizer(base_path), sdm.kind, data.labels, cfg.max_length, position_limit(sdm))
+    if sdm.kind == "image":  # a text dataset on an image base fails here, in one line, not mid-training
+        from ..bases.cnn import check_pixel_rows
+
+        check_pixel_rows(data)
+    batcher = Batcher(tokenizer_for(base_path, sdm.kind), sdm.kind, data.labels, cfg.max_length, position_limit(sdm))
     trainer = cls(sdm, data, batcher, cfg, progress)
     if sdm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(sdm.device)

@@ -8,16 +8,18 @@ tensors are never written. :class:`SparseDeltaModel` is that model for training
 unlearning (:class:`adapterhub.fused.federated.FedModel` is a subclass).
 
 Encoders (BERT-like) classify with a dense linear head (:class:`MeanPoolHead`) on the mean-pooled
-last hidden state. Causal LMs (Llama-like) learn text-to-label: the prompt ``"<text>\\nLabel:"`` is
-followed by ``" <label name>"``; the loss is the label tokens' negative log-likelihood and
-prediction picks the label with the highest log-likelihood (:class:`Batcher` builds both kinds of
-batch).
+last hidden state. Image bases (:class:`adapterhub.bases.cnn.DigitsCNN`, kind ``image``) return a feature
+vector per image, which a dense linear head (:class:`LinearHead`) classifies: the same head tensors
+(``heads.<task>.weight/bias``) and loss as encoders, with the pooling left out. Causal LMs (Llama-like)
+learn text-to-label: the prompt ``"<text>\\nLabel:"`` is followed by ``" <label name>"``; the loss is
+the label tokens' negative log-likelihood and prediction picks the label with the highest
+log-likelihood (:class:`Batcher` builds every kind of batch).
 """
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,16 @@ from .. import format as fmt
 from ..errors import TrainingError
 from .config import DEVICES, DTYPE_NAMES
 
-__all__ = ["DEFAULT_TARGETS", "DTYPES", "PROMPT_SUFFIX", "TARGET_TYPES", "Batcher", "MeanPoolHead",
-           "SparseDeltaModel", "apply_delta", "base_tensor_keys", "file_tensor_key", "find_targets",
+__all__ = ["CLASSIFIER_KINDS", "DEFAULT_TARGETS", "DTYPES", "PROMPT_SUFFIX", "TARGET_TYPES", "Batcher", "LinearHead",
+           "MeanPoolHead", "SparseDeltaModel", "apply_delta", "base_tensor_keys", "file_tensor_key", "find_targets",
            "label_token_logprobs", "load_backbone", "load_tokenizer", "mean_pool", "model_kind", "predict",
-           "resolve_device"]
+           "resolve_device", "tokenizer_for"]
 
-DEFAULT_TARGETS = {"encoder": r"(query|key|value)$", "causal-lm": r"(q_proj|k_proj|v_proj)$"}
+# image bases: every conv and linear weight of the CNN (conv1..conv3, fc)
+DEFAULT_TARGETS = {"encoder": r"(query|key|value)$", "causal-lm": r"(q_proj|k_proj|v_proj)$",
+                   "image": r"^(conv\d+|fc)$"}
+#: the kinds that classify with a dense head (``heads.<task>.weight/bias``) and cross-entropy
+CLASSIFIER_KINDS = ("encoder", "image")
 PROMPT_SUFFIX = "\nLabel:"
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16), strict=True))
 TARGET_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -56,19 +62,33 @@ def resolve_device(device: str) -> torch.device:
 
 
 def model_kind(path: Path) -> str:
-    """``causal-lm`` if the folder's config names a ``*ForCausalLM`` architecture, else ``encoder``."""
-    import json
+    """``image`` for adapterhub's own CNN (architecture ``AdapterhubDigitsCNN``), ``causal-lm`` if the
+    folder's config names a ``*ForCausalLM`` architecture, else ``encoder``."""
+    from .. import safe_read
+    from ..bases.cnn import is_cnn_config
 
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        raise TrainingError(f"{path}: no readable config.json") from None
+    # the folder is someone else's: a FIFO, a nesting bomb or bad UTF-8 fails in one line, never hangs
+    cfg = safe_read.read_json_file(Path(path) / "config.json", f"{path}: config.json", TrainingError)
+    if not isinstance(cfg, dict):
+        raise TrainingError(f"{path}: config.json is not a JSON object")
+    if is_cnn_config(cfg):
+        return "image"
     archs = cfg.get("architectures") or []
-    return "causal-lm" if any(str(a).endswith("ForCausalLM") for a in archs) else "encoder"
+    return "causal-lm" if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs) else "encoder"
 
 
 def load_backbone(path: Path, kind: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Load the frozen base model (encoder or causal LM) from a local folder."""
+    """Load the frozen base model (encoder, causal LM or image CNN) from a local folder.
+
+    Raises TrainingError (transformers' failures) or BaseModelError (a bad CNN folder), one line.
+    """
+    if kind == "image":
+        from ..bases.cnn import load_cnn
+
+        cnn = load_cnn(path, dtype=dtype).to(device)
+        for p in cnn.parameters():
+            p.requires_grad_(False)
+        return cnn
     import transformers
 
     cls: Any = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
@@ -94,6 +114,12 @@ def load_tokenizer(path: Path) -> Any:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def tokenizer_for(path: Path, kind: str) -> Any:
+    """The tokenizer a :class:`Batcher` of ``kind`` needs: None for image bases (pixels are parsed, not
+    tokenised), else :func:`load_tokenizer`."""
+    return None if kind == "image" else load_tokenizer(path)
 
 
 def base_tensor_keys(path: Path) -> dict[str, tuple[int, ...]]:
@@ -158,6 +184,18 @@ class MeanPoolHead(nn.Module):
         return self.linear(mean_pool(hidden, attention_mask))
 
 
+class LinearHead(nn.Module):
+    """Dense task head on a feature vector per example (image bases): :class:`MeanPoolHead` without the
+    pooling. ``linear`` holds the same ``heads.<task>.weight/bias`` tensors."""
+
+    def __init__(self, hidden: int, n_labels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, n_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features.float())
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the last hidden states over the attended tokens, in fp32: ``(batch, hidden)``."""
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -175,7 +213,8 @@ def position_limit(model: Any) -> int | None:
 
 
 class Batcher:
-    """Tokenises examples for one model kind (encoder classification or causal text-to-label)."""
+    """Tokenises examples for one model kind (encoder classification or causal text-to-label); for image
+    bases it parses pixel rows instead (``tokenizer`` may be None; :meth:`image_batch`)."""
 
     def __init__(self, tokenizer: Any, kind: str, labels: Sequence[str], max_length: int,
                  position_limit: int | None = None) -> None:
@@ -191,6 +230,23 @@ class Batcher:
                 raise TrainingError("a label name tokenises to nothing")
             bos = tokenizer.bos_token_id
             self.prefix = [bos] if bos is not None else []
+
+    def batch(self, rows: Sequence[tuple[str, int]], device: torch.device) -> dict[str, torch.Tensor]:
+        """The training batch of ``rows`` for this kind: :meth:`encoder_batch`, :meth:`image_batch` or
+        :meth:`causal_batch` (gold labels only)."""
+        if self.kind == "image":
+            return self.image_batch(rows, device)
+        if self.kind == "encoder":
+            return self.encoder_batch(rows, device)
+        return self.causal_batch(rows, device)
+
+    def image_batch(self, rows: Sequence[tuple[str, int]], device: torch.device) -> dict[str, torch.Tensor]:
+        """``{"pixel_values": (n, 1, 8, 8) float32 in 0..1, "labels": (n,)}`` of pixel-text rows
+        (:func:`adapterhub.bases.cnn.decode_pixels`). Raises DataError naming a malformed row."""
+        from ..bases.cnn import decode_pixels
+
+        return {"pixel_values": decode_pixels([t for t, _ in rows]).to(device),
+                "labels": torch.tensor([lab for _, lab in rows], dtype=torch.long, device=device)}
 
     def encoder_batch(self, rows: Sequence[tuple[str, int]], device: torch.device) -> dict[str, torch.Tensor]:
         enc = self.tok([t for t, _ in rows], padding=True, truncation=True, max_length=self.max_length,
@@ -280,10 +336,10 @@ class SparseDeltaModel:
         self.values: dict[str, nn.Parameter] = {}
         self.device = device
         self.autocast = autocast
-        self.head: MeanPoolHead | None = None
-        if kind == "encoder":
+        self.head: MeanPoolHead | LinearHead | None = None
+        if kind in CLASSIFIER_KINDS:
             hidden = int(getattr(backbone, "config").hidden_size)  # noqa: B009 - nn.Module's __getattr__ is typed as Tensor | Module
-            self.head = MeanPoolHead(hidden, n_labels).to(device)
+            self.head = (LinearHead if kind == "image" else MeanPoolHead)(hidden, n_labels).to(device)
         self.capture: dict[str, torch.Tensor] | None = None  # effective weights to keep grads of
 
     # -- parameters
@@ -326,8 +382,8 @@ class SparseDeltaModel:
     # -- forward
     def outputs(self, eff: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], *,
                 head: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits (encoder) or per-sequence label log-likelihoods (causal LM) of the backbone run with
-        the parameters ``eff`` (model param name -> tensor) replacing its own.
+        """Logits (encoder, image) or per-sequence label log-likelihoods (causal LM) of the backbone run
+        with the parameters ``eff`` (model param name -> tensor) replacing its own.
 
         ``head``: a ``(weight, bias)`` pair used instead of :attr:`head` (a head that is being trained
         as a plain tensor, as federated training does).
@@ -336,6 +392,12 @@ class SparseDeltaModel:
 
         ctx: Any = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with ctx:
+            if self.kind == "image":
+                feats = functional_call(self.backbone, dict(eff), args=(),
+                                        kwargs={"pixel_values": batch["pixel_values"]}, strict=False).float()
+                if head is None:
+                    return self.head(feats)  # type: ignore[misc]
+                return nn.functional.linear(feats, *head)
             if self.kind == "encoder":
                 kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
                 out = functional_call(self.backbone, dict(eff), args=(), kwargs=kw, strict=False)
@@ -348,8 +410,8 @@ class SparseDeltaModel:
             return label_token_logprobs(out.logits, batch["labels"])
 
     def loss(self, out: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of :meth:`outputs`: cross-entropy (encoder) or label-token NLL (causal LM)."""
-        if self.kind == "encoder":
+        """The training loss of :meth:`outputs`: cross-entropy (encoder, image) or label-token NLL (causal LM)."""
+        if self.kind in CLASSIFIER_KINDS:
             return nn.functional.cross_entropy(out.float(), batch["labels"])
         ntok = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
         return -out.sum() / ntok
@@ -379,16 +441,16 @@ class SparseDeltaModel:
 # ---------------------------------------------------------------------------- evaluation core
 
 @torch.no_grad()
-def predict(sdm: SparseDeltaModel, batcher: Batcher, rows: Sequence[tuple[str, int]], batch_size: int
-            ) -> tuple[float, float, int]:
-    """(accuracy, mean loss, n) of the current model on ``rows``."""
+def predict(sdm: SparseDeltaModel, batcher: Batcher, rows: Sequence[tuple[str, int]], batch_size: int,
+            on_batch: Callable[[int, int], None] | None = None) -> tuple[float, float, int]:
+    """(accuracy, mean loss, n) of the current model on ``rows``; ``on_batch(done, total)`` after each batch."""
     sdm.backbone.eval()
     correct, loss_sum, n = 0, 0.0, 0
     nl = len(batcher.labels)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        if sdm.kind == "encoder":
-            b = batcher.encoder_batch(chunk, sdm.device)
+        if sdm.kind in CLASSIFIER_KINDS:
+            b = batcher.batch(chunk, sdm.device)
             _, logits = sdm.forward(b)
             logits = logits.float()
             loss_sum += float(nn.functional.cross_entropy(logits, b["labels"], reduction="sum"))
@@ -400,4 +462,6 @@ def predict(sdm: SparseDeltaModel, batcher: Batcher, rows: Sequence[tuple[str, i
             loss_sum += float(nn.functional.cross_entropy(scores, b["gold"], reduction="sum"))
             correct += int((scores.argmax(-1) == b["gold"]).sum())
         n += len(chunk)
+        if on_batch is not None:
+            on_batch(n, len(rows))
     return (correct / n if n else 0.0), (loss_sum / n if n else 0.0), n

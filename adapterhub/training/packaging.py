@@ -57,7 +57,7 @@ def build_adapter(sdm: SparseDeltaModel, cfg: TrainConfig, *, kind: str, task_na
     if sdm.head is not None:
         extras[f"heads.{task_name}.weight"] = sdm.head.linear.weight.detach().float().cpu().contiguous()
         extras[f"heads.{task_name}.bias"] = sdm.head.linear.bias.detach().float().cpu().contiguous()
-        head_info = {"type": "linear", "pooling": "mean", "task": task_name}
+        head_info = {"type": "linear", "pooling": "none" if kind == "image" else "mean", "task": task_name}
     card: dict[str, Any] = {
         "format": fmt.FORMAT_ID,
         "task": task_name,
