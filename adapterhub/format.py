@@ -23,10 +23,12 @@ Design points (why, not what):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,20 @@ def _view2d(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) < 2:
         return (1, shape[0]) if shape else (1, 1)
     return math.prod(shape[:-1]), shape[-1]
+
+
+# exponent bits of the half-precision formats: all ones means inf or NaN
+_EXP_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of a floating tensor is finite. For bf16/fp16 the exponent bits are tested on an
+    int16 view (same answer as ``torch.isfinite``, several times faster on CPU, where half-precision
+    arithmetic is emulated)."""
+    mask = _EXP_MASK.get(t.dtype)
+    if mask is None or not t.is_contiguous():
+        return bool(torch.isfinite(t).all())
+    return not bool(((t.view(torch.int16) & mask) == mask).any())
 
 
 @dataclass
@@ -174,8 +190,12 @@ class SparseParam:
         vals = grid.reshape(-1, b, b)[bidx].contiguous()
         return cls(shape, bidx, vals, block_size=b)
 
-    def validate(self, name: str, *, allow_nonfinite: bool = False) -> None:
-        """Raise FormatError naming ``name`` if this parameter is inconsistent."""
+    def validate(self, name: str, *, allow_nonfinite: bool = False, increasing: bool = False) -> None:
+        """Raise FormatError naming ``name`` if this parameter is inconsistent.
+
+        ``increasing=True`` says the indices are known to be non-negative and strictly increasing (decoded
+        from valid gaps: every gap is >= 1), so that O(nnz) pass is skipped; the range is still checked.
+        """
         idx, vals = self.indices, self.values
         if idx.dtype != torch.int64 or idx.dim() != 1:
             raise FormatError(f"{name}: indices must be a 1-D int64 tensor")
@@ -200,11 +220,11 @@ class SparseParam:
         if idx.numel():
             if int(idx[0]) < 0:
                 raise FormatError(f"{name}: negative index {int(idx[0])}")
-            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            if not increasing and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise FormatError(f"{name}: indices are not strictly increasing (unsorted or duplicate)")
             if int(idx[-1]) >= limit:
                 raise FormatError(f"{name}: index {int(idx[-1])} out of range for {limit} positions")
-        if not allow_nonfinite and vals.numel() and not bool(torch.isfinite(vals).all()):
+        if not allow_nonfinite and vals.numel() and not all_finite(vals):
             raise FormatError(f"{name}: values contain NaN or infinity")
 
 
@@ -215,6 +235,15 @@ class SparseAdapter:
     params: dict[str, SparseParam]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
+    # The bytes this adapter was loaded from (``load(..., keep_source=True)``), which :func:`save` hands back
+    # unchanged when they already are the canonical serialisation (issue 19: register stores canonical
+    # bytes without re-serialising). An adapter loaded so must not have its tensors modified in place.
+    source_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    source_allow_nonfinite: bool = field(default=False, repr=False, compare=False)
+    # sha256 of ``source_bytes`` when the loader's caller already computed it (a pull hashes while downloading)
+    source_sha256: str | None = field(default=None, repr=False, compare=False)
+    # {tensor name: shape} of the source file's ``::esc`` tensors (read with the header on load)
+    source_escapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def nnz(self) -> int:
@@ -272,9 +301,12 @@ class SparseAdapter:
                     f"{name}: shape {self.params[name].shape} does not match the base's {tuple(base_shapes[name])}")
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _check_name(name: str) -> None:
     if (not isinstance(name, str) or not name or len(name) > 1024 or "::" in name
-            or any(ord(c) < 32 or ord(c) == 127 for c in name)):  # NUL, newlines, terminal escapes
+            or _CONTROL.search(name)):  # NUL, newlines, terminal escapes
         raise FormatError(f"invalid tensor name {name!r}")
     try:
         name.encode("utf-8")
@@ -334,21 +366,29 @@ def _tensor_from_bytes(buf: bytes, st_dtype: str, shape: list[int]) -> torch.Ten
     return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape).clone()
 
 
-def _write_container(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    # Order by (itemsize desc, name) so every tensor starts aligned to its own size, like safetensors.
-    names = sorted(tensors, key=lambda n: (-_ITEMSIZE[_DTYPE_TO_ST[tensors[n].dtype]], n))
+def _container_header(specs: dict[str, tuple[str, list[int]]], metadata: dict[str, str]) -> tuple[bytes, list[str], int]:
+    """The canonical header of a container holding tensors ``{name: (st dtype, shape)}``.
+
+    Returns (the 8-byte length + padded JSON header, the tensor names in data order, the data size).
+    Order is (item size descending, name), so every tensor starts aligned to its own size, like safetensors.
+    """
+    names = sorted(specs, key=lambda n: (-_ITEMSIZE[specs[n][0]], n))
     header: dict[str, Any] = {"__metadata__": metadata}
-    chunks: list[bytes] = []
     offset = 0
     for n in names:
-        t = tensors[n]
-        data = _tensor_bytes(t)
-        header[n] = {"dtype": _DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+        dt, shape = specs[n]
+        size = _numel(tuple(shape)) * _ITEMSIZE[dt] if shape else _ITEMSIZE[dt]
+        header[n] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     hjson += b" " * ((8 - len(hjson) % 8) % 8)
-    return struct.pack("<Q", len(hjson)) + hjson + b"".join(chunks)
+    return struct.pack("<Q", len(hjson)) + hjson, names, offset
+
+
+def _write_container(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    specs = {n: (_DTYPE_TO_ST[t.dtype], list(t.shape)) for n, t in tensors.items()}
+    head, names, _ = _container_header(specs, metadata)
+    return head + b"".join(_tensor_bytes(tensors[n]) for n in names)
 
 
 def _read_container(data: bytes, source: str | None = None) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str], int]:
@@ -361,15 +401,75 @@ def _read_container(data: bytes, source: str | None = None) -> tuple[dict[str, t
     return entries, dict(h.metadata), h.data_start
 
 
-def save(adapter: SparseAdapter, *, allow_nonfinite: bool = False) -> bytes:
+def _doc_json(adapter: SparseAdapter) -> dict[str, str]:
+    """The header metadata of ``adapter`` (its canonical JSON document)."""
+    layout: dict[str, Any] = {}
+    for name in sorted(adapter.params):
+        p = adapter.params[name]
+        layout[name] = {"shape": list(p.shape), "layout": p.layout, "block_size": p.block_size,
+                        "count": int(p.indices.numel()), "nnz": p.nnz, "dtype": dtype_name(p.values.dtype)}
+    return _doc_meta(layout, adapter.extras, adapter.card)
+
+
+def _doc_meta(layout: dict[str, Any], extras: Mapping[str, Any], card: dict[str, Any]) -> dict[str, str]:
+    doc = {"format": FORMAT_ID, "params": layout, "extras": sorted(extras), "card": card}
+    try:
+        return {METADATA_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)}
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"card is not JSON-serialisable: {e}") from None
+
+
+def _reusable(adapter: SparseAdapter, raw: bytes, allow_nonfinite: bool) -> bool:
+    """Whether ``raw`` (the bytes ``adapter`` was loaded from) already is ``save(adapter)``.
+
+    The tensor bytes of a loaded file are what ``save`` writes for its decoded tensors (gap coding with
+    escapes has exactly one encoding of a sorted index list, and values and extras are copied bit for bit),
+    so the file is canonical exactly when its header equals the header ``save`` builds for the adapter's
+    current card — compared without serialising a single tensor.
+    """
+    if adapter.source_allow_nonfinite and not allow_nonfinite:
+        return False  # loaded leniently: the values must be checked again, by the full path
+    try:
+        escapes = adapter.source_escapes
+        if escapes is None:
+            escapes = {n: tuple(e.shape) for n, e in st_io.parse_header(raw).entries.items() if n.endswith("::esc")}
+        specs: dict[str, tuple[str, list[int]]] = {}
+        for name in sorted(adapter.params):
+            _check_name(name)
+            p = adapter.params[name]
+            specs[f"param::{name}::idx"] = ("U16", [int(p.indices.numel())])
+            esc = escapes.get(f"param::{name}::esc")
+            if esc is not None and esc != (0,):  # an empty escape list is never written
+                specs[f"param::{name}::esc"] = ("I64", [int(d) for d in esc])
+            specs[f"param::{name}::val"] = (_DTYPE_TO_ST[p.values.dtype], list(p.values.shape))
+        for name in sorted(adapter.extras):
+            _check_name(name)
+            t = adapter.extras[name]
+            if t.dtype not in EXTRA_DTYPES:
+                return False
+            specs[f"extra::{name}"] = (_DTYPE_TO_ST[t.dtype], list(t.shape))
+        head, _, size = _container_header(specs, _doc_json(adapter))
+    except (FormatError, KeyError):
+        return False
+    return len(raw) == len(head) + size and raw[:len(head)] == head
+
+
+def save(adapter: SparseAdapter | PackedAdapter, *, allow_nonfinite: bool = False) -> bytes:
     """Serialise ``adapter`` to canonical bytes (validates first; raises FormatError).
 
     NaN/inf values are refused unless the caller passes ``allow_nonfinite=True`` (the card's own
     ``allow_nonfinite`` key is ignored: a file never switches off its own safety check).
+    An adapter loaded with ``keep_source=True`` whose source bytes already are its canonical form (only
+    its header is compared; e.g. a file written by this function, card unchanged) gets those very bytes
+    back, without serialising or re-validating its tensors (they were validated on load).
     """
+    if isinstance(adapter, PackedAdapter):
+        return b"".join(adapter.chunks())
+    raw = adapter.source_bytes
+    if raw is not None and _reusable(adapter, raw, allow_nonfinite):
+        return raw
     adapter.validate(allow_nonfinite=allow_nonfinite)
     tensors: dict[str, torch.Tensor] = {}
-    layout: dict[str, Any] = {}
     for name in sorted(adapter.params):
         p = adapter.params[name]
         gaps, esc = encode_indices(p.indices)
@@ -377,13 +477,153 @@ def save(adapter: SparseAdapter, *, allow_nonfinite: bool = False) -> bytes:
         if esc.numel():
             tensors[f"param::{name}::esc"] = esc
         tensors[f"param::{name}::val"] = p.values.detach().cpu().contiguous()
-        layout[name] = {"shape": list(p.shape), "layout": p.layout, "block_size": p.block_size,
-                        "count": int(p.indices.numel()), "nnz": p.nnz, "dtype": dtype_name(p.values.dtype)}
     for name in sorted(adapter.extras):
         tensors[f"extra::{name}"] = adapter.extras[name].detach().cpu().contiguous()
-    doc = {"format": FORMAT_ID, "params": layout, "extras": sorted(adapter.extras), "card": adapter.card}
-    meta = {METADATA_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)}
-    return _write_container(tensors, meta)
+    return _write_container(tensors, _doc_json(adapter))
+
+
+@dataclass
+class PackedParam:
+    """What a :class:`PackedAdapter` keeps of one element-layout parameter besides its bytes."""
+
+    shape: tuple[int, ...]
+    count: int
+    nnz: int
+    dtype: torch.dtype
+    block_size: None = None
+    layout: str = "element"
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+
+class PackedAdapter:
+    """An element-layout adapter held as the bytes :func:`save` writes for its tensors, built one parameter
+    at a time (issue 19: a merge's result costs what its file costs — 2 B per index and the values' bytes —
+    instead of int64 indices per entry, and is written to the store without joining the whole file in memory).
+
+    :meth:`add` takes parameters in sorted name order (the mask hash is computed on the way, as
+    :func:`adapterhub.maskhash.mask_hash` defines it). ``save(packed)`` equals ``save`` of the same
+    :class:`SparseAdapter`; :meth:`chunks` yields those bytes piece by piece and ``len()`` is their size.
+    Catalog code reads it like a SparseAdapter (``params`` with shapes and layouts, ``nnz``, ``density``,
+    ``dtype``, ``nnz_per_param()``, ``mask_hash()``, ``extras``, ``card``, ``check_base``).
+    """
+
+    def __init__(self, card: dict[str, Any] | None = None, *, allow_nonfinite: bool = False) -> None:
+        self.params: dict[str, PackedParam] = {}
+        self.extras: dict[str, torch.Tensor] = {}
+        self.card: dict[str, Any] = dict(card or {})
+        self.allow_nonfinite = allow_nonfinite
+        self._tensors: dict[str, tuple[str, list[int], bytes]] = {}
+        self._mask = hashlib.sha256()
+        self._last: str | None = None
+
+    def add(self, name: str, p: SparseParam) -> None:
+        """Validate, encode and keep one parameter (element layout; names in increasing order).
+
+        Raises: FormatError for an invalid parameter; ValueError for a name out of order.
+        """
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"{name}: parameters must be added in sorted order")
+        _check_name(name)
+        if p.block_size is not None:
+            raise FormatError(f"{name}: a packed adapter holds element layout only")
+        p.validate(name, allow_nonfinite=self.allow_nonfinite)
+        gaps, esc = encode_indices(p.indices)
+        self._tensors[f"param::{name}::idx"] = ("U16", [int(gaps.numel())], _tensor_bytes(gaps))
+        if esc.numel():
+            self._tensors[f"param::{name}::esc"] = ("I64", [int(esc.numel())], _tensor_bytes(esc))
+        vals = p.values.detach().cpu().contiguous()
+        self._tensors[f"param::{name}::val"] = (_DTYPE_TO_ST[vals.dtype], list(vals.shape), _tensor_bytes(vals))
+        self._mask.update(name.encode() + b"\0" + json.dumps([int(s) for s in p.shape]).encode() + b"\0")
+        self._mask.update(_tensor_bytes(p.indices.to(torch.int64)))
+        self.params[name] = PackedParam(p.shape, int(p.indices.numel()), p.nnz, vals.dtype)
+        self._last = name
+
+    def with_card(self, card: dict[str, Any]) -> PackedAdapter:
+        """The same tensors (shared, not copied) under another card."""
+        out = PackedAdapter(card, allow_nonfinite=self.allow_nonfinite)
+        out.params, out.extras, out._tensors, out._mask, out._last = (self.params, self.extras, self._tensors,
+                                                                       self._mask.copy(), self._last)
+        return out
+
+    # -- what the catalog reads
+    @property
+    def nnz(self) -> int:
+        return sum(p.nnz for p in self.params.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params.values())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        dts = {p.dtype for p in self.params.values()}
+        return dts.pop() if len(dts) == 1 else None
+
+    def nnz_per_param(self) -> dict[str, int]:
+        return {k: self.params[k].nnz for k in sorted(self.params)}
+
+    def mask_hash(self) -> str:
+        return str(self._mask.copy().hexdigest())
+
+    def check_base(self, base_shapes: Mapping[str, tuple[int, ...]]) -> None:
+        SparseAdapter.check_base(self, base_shapes)  # type: ignore[arg-type]  # reads only params[...].shape
+
+    # -- bytes
+    def _layout(self) -> tuple[bytes, list[str], int, dict[str, tuple[str, list[int], bytes]]]:
+        for name in sorted(self.extras):
+            _check_name(name)
+            t = self.extras[name]
+            if t.dtype not in EXTRA_DTYPES:
+                raise FormatError(f"extra {name}: dtype {t.dtype} not allowed")
+            if not self.allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"extra {name}: values contain NaN or infinity")
+        tensors = dict(self._tensors)
+        for name in sorted(self.extras):
+            t = self.extras[name].detach().cpu().contiguous()
+            tensors[f"extra::{name}"] = (_DTYPE_TO_ST[t.dtype], list(t.shape), _tensor_bytes(t))
+        layout = {n: {"shape": list(p.shape), "layout": "element", "block_size": None, "count": p.count,
+                      "nnz": p.nnz, "dtype": dtype_name(p.dtype)} for n, p in sorted(self.params.items())}
+        specs = {n: (dt, shape) for n, (dt, shape, _) in tensors.items()}
+        head, names, size = _container_header(specs, _doc_meta(layout, self.extras, self.card))
+        return head, names, size, tensors
+
+    def chunks(self) -> Any:
+        """The canonical file, piece by piece (header, then each tensor's bytes). Raises FormatError."""
+        head, names, _, tensors = self._layout()
+        yield head
+        for n in names:
+            yield tensors[n][2]
+
+    def __len__(self) -> int:
+        head, _, size, _ = self._layout()
+        return len(head) + size
+
+
+def serialised(adapter: SparseAdapter | PackedAdapter, *, allow_nonfinite: bool = False) -> bytes | PackedAdapter:
+    """What the store writes for ``adapter``: :func:`save`'s bytes, or a PackedAdapter itself (written piece by
+    piece, never joined). Raises FormatError."""
+    if isinstance(adapter, PackedAdapter):
+        for _ in adapter.chunks():  # validates extras and the card now, before anything is written
+            break
+        return adapter
+    return save(adapter, allow_nonfinite=allow_nonfinite)
+
+
+def serialised_sha256(data: bytes | PackedAdapter) -> str:
+    """sha256 hex of :func:`serialised`'s result (a packed adapter hashed piece by piece)."""
+    if isinstance(data, PackedAdapter):
+        h = hashlib.sha256()
+        for c in data.chunks():
+            h.update(c)
+        return h.hexdigest()
+    return sha256_hex(data)
 
 
 def read_card(data: bytes) -> dict[str, Any]:
@@ -472,6 +712,21 @@ class AdapterReader:
             raise FormatError(f"{tname}: dtype {dt} not allowed here (expected {' or '.join(dtypes)})")
         return _tensor_from_bytes(self._data[self._start + b:self._start + e], dt, shape)
 
+    def value_dtype(self, name: str) -> torch.dtype:
+        """The dtype of parameter ``name``'s stored values, from the header (no tensor data read).
+
+        Raises: KeyError for a name the card does not list; FormatError for a missing or non-float tensor.
+        """
+        if name not in self.doc["params"]:
+            raise KeyError(name)
+        tname = f"param::{name}::val"
+        if tname not in self._entries:
+            raise FormatError(f"{tname}: tensor missing from file")
+        dt = self._entries[tname][0]
+        if dt not in ("F32", "BF16", "F16"):
+            raise FormatError(f"{tname}: dtype {dt} not allowed here (expected F32 or BF16 or F16)")
+        return _ST_TO_DTYPE[dt]
+
     def get_param(self, name: str, *, allow_nonfinite: bool | None = None) -> SparseParam:
         """Decode and validate one sparse parameter.
 
@@ -497,7 +752,9 @@ class AdapterReader:
         idx = decode_indices(gaps, esc, name)
         vals = self._tensor(f"param::{name}::val", ("F32", "BF16", "F16"))
         p = SparseParam(shape, idx, vals, block_size=block)
-        p.validate(name, allow_nonfinite=self.allow_nonfinite if allow_nonfinite is None else allow_nonfinite)
+        # decode_indices checked every gap (>= 1, escapes >= 65536): the indices are strictly increasing
+        p.validate(name, allow_nonfinite=self.allow_nonfinite if allow_nonfinite is None else allow_nonfinite,
+                   increasing=True)
         return p
 
     def get_extra(self, name: str, *, check_finite: bool = True, allow_nonfinite: bool | None = None) -> torch.Tensor:
@@ -580,11 +837,16 @@ def open_adapter(src: bytes | bytearray | memoryview | str | os.PathLike[str], *
         raise
 
 
-def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = None) -> SparseAdapter:
+def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = None,
+         keep_source: bool = False, source_sha256: str | None = None) -> SparseAdapter:
     """Parse and validate adapter bytes. Raises FormatError naming the tensor and the problem.
 
     NaN/inf values are refused unless the caller passes ``allow_nonfinite=True``; a card saying
     ``"allow_nonfinite": true`` does not switch the check off. ``source`` names the file in header errors.
+    ``keep_source`` keeps ``data`` on the adapter (``source_bytes``) so that :func:`save` can hand back the
+    same bytes when they are canonical (``register`` of a canonical file); do not modify such an adapter's
+    tensors in place. ``source_sha256`` (with ``keep_source``) is the sha256 the caller already computed
+    of exactly ``data`` (a verified download), so it is not hashed again.
     Built on :func:`open_adapter`: every parameter (sorted), then every extra, is read through the
     reader; then no tensor may be left that the card does not describe.
     """
@@ -598,7 +860,37 @@ def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = Non
         for name, t in extras.items():
             if not allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 raise FormatError(f"extra {name}: values contain NaN or infinity")
-        return SparseAdapter(params, extras, r.card)
+        out = SparseAdapter(params, extras, r.card)
+        escapes = {n: tuple(e[1]) for n, e in r._entries.items() if n.endswith("::esc")}
+    if keep_source:
+        out.source_escapes = escapes
+        out.source_bytes = bytes(data)
+        out.source_allow_nonfinite = allow_nonfinite
+        out.source_sha256 = source_sha256
+    return out
+
+
+def cast_values(adapter: SparseAdapter, dtype: torch.dtype | str | None) -> SparseAdapter:
+    """``adapter`` with every parameter's values in ``dtype`` (fp32, bf16 or fp16; ``None``: unchanged).
+
+    Values are rounded to nearest (torch's cast), so apply adds exactly the values the file then holds.
+    When a value changes dtype the card records it: ``card["values"] = {"dtype": <new>, "cast_from":
+    [<old dtypes>]}``. Returns a new adapter (tensors shared where nothing changes); raises FormatError for
+    an unknown dtype (or, on save, for values that overflow fp16 to infinity).
+    """
+    if dtype is None:
+        return adapter
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if dt not in VALUE_DTYPES:
+        raise FormatError(f"values dtype {dt} not allowed (fp32, bf16, fp16)")
+    olds = sorted({dtype_name(p.values.dtype) for p in adapter.params.values() if p.values.dtype != dt})
+    if not olds:
+        return adapter
+    params = {n: SparseParam(p.shape, p.indices, p.values.to(dt).contiguous(), p.block_size)
+              for n, p in adapter.params.items()}
+    card = dict(adapter.card)
+    card["values"] = {"dtype": dtype_name(dt), "cast_from": olds}
+    return SparseAdapter(params, dict(adapter.extras), card)
 
 
 def save_file(adapter: SparseAdapter, path: str | os.PathLike[str]) -> str:
@@ -632,6 +924,8 @@ def read_bytes_checked(path: str | os.PathLike[str]) -> bytes:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def load_file(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> SparseAdapter:
-    """Load and validate an adapter file."""
-    return load(read_bytes_checked(path), allow_nonfinite=allow_nonfinite, source=Path(path).name)
+def load_file(path: str | os.PathLike[str], *, allow_nonfinite: bool = False, keep_source: bool = False
+              ) -> SparseAdapter:
+    """Load and validate an adapter file (``keep_source`` as :func:`load`)."""
+    return load(read_bytes_checked(path), allow_nonfinite=allow_nonfinite, source=Path(path).name,
+                keep_source=keep_source)

@@ -7,15 +7,49 @@ import fcntl
 import logging
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .errors import StoreError
 from .fsutil import atomic_write_bytes, sha256_file, sha256_hex
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Chunked(Protocol):
+    """Bytes written piece by piece (``adapterhub.format.PackedAdapter``): never joined in memory."""
+
+    def chunks(self) -> Iterable[bytes]: ...
+
+    def __len__(self) -> int: ...
+
+
+def _write_blob(path: Path, data: bytes | Chunked) -> None:
+    """``atomic_write_bytes`` for bytes; for chunked data the same temp file + fsync + rename, piece by piece."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        atomic_write_bytes(path, bytes(data) if not isinstance(data, bytes) else data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in data.chunks():
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _write_error(e: OSError, digest: str) -> StoreError:
@@ -61,15 +95,21 @@ class BlobStore:
         p = self.path(digest)
         return p.is_file() and not p.is_symlink() and not p.parent.is_symlink()
 
-    def put_bytes(self, data: bytes) -> str:
+    def put_bytes(self, data: bytes | Chunked, *, digest: str | None = None) -> str:
         """Store ``data`` (idempotent) and return its sha256 hex digest.
 
+        ``digest`` is the caller's sha256 of these very bytes (``register`` hashes them once and passes it, so
+        they are not hashed twice); never pass a digest not computed from ``data``. ``data`` may be chunked
+        (a merge's packed result, written piece by piece; then ``digest`` is required).
         A blob already present is re-hashed: if its bytes no longer match (bit rot, a torn copy, tampering)
         it is replaced atomically by ``data``, so re-registering or pulling the good bytes heals the store
         instead of giving the new version the bad ones. Raises StoreError (one line) for a symlink in the
         way or a failed write (``no space left on device``...); no temp file is left behind.
         """
-        digest = sha256_hex(data)
+        if digest is None:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise StoreError("internal: chunked data needs its digest")
+            digest = sha256_hex(data)
         p = self.path(digest)
         self._shard(digest)
         if self.has(digest) and self._intact(p, digest):
@@ -81,7 +121,7 @@ class BlobStore:
         if p.is_symlink():
             raise StoreError(f"refusing to write through a symlink at {p}")
         try:
-            atomic_write_bytes(p, data)  # temp file, fsync, rename: replaces a corrupt blob atomically
+            _write_blob(p, data)  # temp file, fsync, rename: replaces a corrupt blob atomically
         except OSError as e:
             raise _write_error(e, digest) from None
         return digest
@@ -343,9 +383,15 @@ class ObjectStore:
         except Exception as e:  # noqa: BLE001 - botocore / aiohttp errors: one line, secrets scrubbed
             raise self._error(f"cannot check blob {digest[:12]}", e) from None
 
-    def put_bytes(self, data: bytes) -> str:
-        """Upload ``data`` under its sha256 (one atomic PUT; replaces a mismatching object) and return it."""
-        digest = sha256_hex(data)
+    def put_bytes(self, data: bytes | Chunked, *, digest: str | None = None) -> str:
+        """Upload ``data`` under its sha256 (one atomic PUT; replaces a mismatching object) and return it.
+
+        ``digest``: the caller's sha256 of these very bytes, to skip hashing them again (as ``BlobStore``).
+        Chunked data is joined here (one PUT needs the whole body)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            data = b"".join(data.chunks())
+        data = bytes(data)
+        digest = digest if digest is not None else sha256_hex(data)
         k = self.key(digest)
         try:
             self.fs.pipe_file(k, data)

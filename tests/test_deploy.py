@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 from adapterhub.apply import deployments as dep
-from adapterhub.apply.patching import apply_adapter, state_fingerprint
-from adapterhub.bases.sources import fingerprint_folder, tensor_shapes
+from adapterhub.apply.patching import apply_adapter, state_root
+from adapterhub.apply.state import measure_folder
+from adapterhub.bases.sources import tensor_shapes
 from adapterhub.errors import BaseModelError, DeploymentError, RefError
 from adapterhub.format import SparseAdapter, SparseParam
 
@@ -59,10 +60,16 @@ def setup(ws, tiny_bert_dir):
 
 
 def expected_fp(base_dir: Path, ws, stack):
+    """The state root of the base with ``stack`` applied in memory (the oracle of what a deployment records)."""
     sd = load_file(base_dir / "model.safetensors")
     for ref, scale in stack:
         apply_adapter(sd, ws.load_adapter(ref), scale)
-    return state_fingerprint(sd)
+    return state_root(sd)
+
+
+def folder_root(path: Path) -> str:
+    """The state root measured from a folder's bytes."""
+    return measure_folder(path)[0].root()
 
 
 def test_create_apply_revert_rollback_history_verify(setup):
@@ -76,17 +83,17 @@ def test_create_apply_revert_rollback_history_verify(setup):
     dep.apply(ws, "prod", b, 0.5)
     info = dep.apply(ws, "prod", c)
     assert [x["ref"] for x in info.stack] == [a, b, c]
-    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0), (b, 0.5), (c, 1.0)])
+    assert info.state_root == expected_fp(base_dir, ws, [(a, 1.0), (b, 0.5), (c, 1.0)])
     assert (info.path / "model.safetensors").stat().st_size == size
     # revert a non-top layer: c is re-applied on top of a
     info = dep.revert(ws, "prod", b)
     assert [x["ref"] for x in info.stack] == [a, c]
-    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0), (c, 1.0)])
-    assert fingerprint_folder(info.path) == info.state_fingerprint
+    assert info.state_root == expected_fp(base_dir, ws, [(a, 1.0), (c, 1.0)])
+    assert folder_root(info.path) == info.state_root
     # rollback to event 3 (a, b@0.5 applied)
     info = dep.rollback(ws, "prod", 2)  # state after event 2: a, b@0.5
     assert [x["ref"] for x in info.stack] == [a, b]
-    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0), (b, 0.5)])
+    assert info.state_root == expected_fp(base_dir, ws, [(a, 1.0), (b, 0.5)])
     info = dep.rollback(ws, "prod", 0)
     assert info.stack == [] and (info.path / "model.safetensors").read_bytes() == base_bytes
     hist = dep.history(ws, "prod")
@@ -154,7 +161,7 @@ def test_crash_points_in_process_recover_to_last_completed_state(setup, monkeypa
     ws, base_dir, (a, b, c) = setup
     dep.create(ws, "d", "tiny")
     dep.apply(ws, "d", a)
-    before = dep.get(ws, "d").state_fingerprint
+    before = dep.get(ws, "d").state_root
 
     class Crash(BaseException):
         pass
@@ -176,13 +183,13 @@ def test_crash_points_in_process_recover_to_last_completed_state(setup, monkeypa
     v = dep.verify(ws, "d")
     assert v["ok"] == kept and v["pending_recovery"] == (not kept)  # a committed leftover WAL is not pending
     dep.recover(ws, "d")
-    assert fingerprint_folder(info.path) == want
-    assert dep.get(ws, "d").state_fingerprint == want
+    assert folder_root(info.path) == want
+    assert dep.get(ws, "d").state_root == want
     assert dep.verify(ws, "d")["ok"]
     hist = dep.history(ws, "d")
     assert hist[-1].action == ("apply" if kept else "recover")
     info = dep.apply(ws, "d", c)  # and it keeps working
-    assert info.state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0)] + ([(b, 1.0)] if kept else []) + [(c, 1.0)])
+    assert info.state_root == expected_fp(base_dir, ws, [(a, 1.0)] + ([(b, 1.0)] if kept else []) + [(c, 1.0)])
 
 
 def _cli_env(home: Path, **extra) -> dict:
@@ -218,9 +225,9 @@ def test_sigkill_mid_patch_real_process_then_recovery(setup, home):
     assert "recovered" in h.stderr
     out = json.loads(h.stdout)
     assert [x["ref"] for x in out["stack"]] == [a, c]
-    assert out["state_fingerprint"] == expected_fp(base_dir, ws, [(a, 1.0), (c, 1.0)])
+    assert out["state_root"] == expected_fp(base_dir, ws, [(a, 1.0), (c, 1.0)])
     assert [e.action for e in dep.history(ws, "prod")] == ["create", "apply", "recover", "apply"]
-    assert dep.history(ws, "prod")[2].state_fingerprint == expected_fp(base_dir, ws, [(a, 1.0)])
+    assert dep.history(ws, "prod")[2].state_root == expected_fp(base_dir, ws, [(a, 1.0)])
     assert dep.verify(ws, "prod")["ok"]
 
 
@@ -242,7 +249,7 @@ def test_property_random_sequences_on_disk(ws, tiny_bert_dir, tmp_path, dname):
         sd = {k: v.clone() for k, v in base_sd.items()}
         for layer in stack:
             apply_adapter(sd, adapters[layer["ref"]], layer["scale"])
-        return state_fingerprint(sd)
+        return state_root(sd)
 
     @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                      HealthCheck.function_scoped_fixture])
@@ -259,8 +266,8 @@ def test_property_random_sequences_on_disk(ws, tiny_bert_dir, tmp_path, dname):
                 info = dep.revert(ws, "p", info.stack[i % len(info.stack)]["ref"], check=False)
             elif op == "rollback":
                 info = dep.rollback(ws, "p", i % info.events, check=False)
-            assert info.state_fingerprint == expect(info.stack)
-            assert fingerprint_folder(info.path) == info.state_fingerprint
+            assert info.state_root == expect(info.stack)
+            assert folder_root(info.path) == info.state_root
         info = dep.rollback(ws, "p", 0, check=False)
         assert (info.path / "model.safetensors").read_bytes() == base_bytes
 
@@ -299,7 +306,8 @@ def test_cli_deploy_and_merge(setup, home):
     hist = json.loads(r.output)
     assert [e["action"] for e in hist] == ["create", "apply", "apply", "revert"]
     assert hist[-1]["stack"] == ["m@1"] and hist[1]["scale"] == 0.5
-    assert all(len(e["state_fingerprint"]) == 64 and e["time"] for e in hist)
+    assert all(len(e["state_root"]) == 64 and e["time"] for e in hist)
+    assert [e["measured"] for e in hist] == [True, False, False, False]  # create measures; the rest derive
     r = invoke(["deploy", "rollback", "srv", "--to", "1"], home)
     assert r.exit_code == 0, r.output
     r = invoke(["deploy", "verify", "srv", "--json"], home)

@@ -95,7 +95,7 @@ def snapshot(home: Path) -> dict:
             versions[f"{v.adapter.name}@{v.number}"] = {"hash": v.content_hash, "nnz": v.nnz, "kind": v.adapter.kind,
                                                        "edges": edges, "hub": v.hub_repo}
         adapters = set(s.scalars(select(Adapter.name)))
-        deps = {d.name: {"fp": d.state_fingerprint, "stack": [x["ref"] for x in d.stack or []],
+        deps = {d.name: {"fp": d.state_root, "stack": [x["ref"] for x in d.stack or []],
                          "events": len(s.scalars(select(DeploymentEvent).where(
                              DeploymentEvent.deployment_id == d.id)).all())}
                 for d in s.scalars(select(Deployment))}
@@ -241,7 +241,7 @@ def test_crash_in_deploy(world, fault, args, expected):
     before = snapshot(home)
     with Workspace.open(home) as ws:
         wpath = dep.weights_path(ws, "prod")
-        old_fp = dep.get(ws, "prod").state_fingerprint
+        old_fp = dep.get(ws, "prod").state_root
     crash(home, fault, *args)
     check_consistent(home)  # the catalog side is clean; the deployment may be pending recovery
     mid = snapshot(home)
@@ -277,7 +277,7 @@ def test_crash_in_deploy(world, fault, args, expected):
         # rolling back to the state before the crash restores it bit for bit
         seq_before = before["deployments"]["prod"]["events"] - 1
         dep.rollback(ws, "prod", seq_before)
-        assert dep.get(ws, "prod").state_fingerprint == old_fp
+        assert dep.get(ws, "prod").state_root == old_fp
         assert dep.verify(ws, "prod")["ok"]
         assert wpath.exists()
     check_consistent(home, allow_pending_deployments=False)
@@ -293,14 +293,14 @@ def test_crash_in_deploy_then_repair_recovers(world):
     home = world["home"]
     _deploy_world(home)
     with Workspace.open(home) as ws:
-        fp = dep.get(ws, "prod").state_fingerprint
+        fp = dep.get(ws, "prod").state_root
         wbytes = dep.weights_path(ws, "prod").read_bytes() if dep.weights_path(ws, "prod").is_file() else None
     crash(home, "deploy.apply.mid-patch", "deploy", "apply", "prod", "e3@1")
     with Workspace.open(home) as ws:
         assert dep.verify(ws, "prod")["pending_recovery"]
         rep = repair(ws)
         assert rep.ok and rep.recovered_deployments == ["prod"], rep.to_json()
-        assert dep.get(ws, "prod").state_fingerprint == fp and dep.verify(ws, "prod")["ok"]
+        assert dep.get(ws, "prod").state_root == fp and dep.verify(ws, "prod")["ok"]
         if wbytes is not None:
             assert dep.weights_path(ws, "prod").read_bytes() == wbytes  # bit for bit
         assert [e.action for e in dep.history(ws, "prod")][-1] == "recover"

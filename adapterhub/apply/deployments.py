@@ -3,17 +3,24 @@
 A deployment is a copy of a base folder (config, tokenizer, ``*.safetensors``) whose weights are
 patched **in place** at the touched byte offsets only (memory-mapped). Every operation —
 ``create``, ``apply``, ``revert``, ``rollback``, ``recover`` — is a ``DeploymentEvent`` row
-with the resulting state fingerprint (``adapterhub.bases.sources.fingerprint_folder``, the same hash as
-a base fingerprint, so a deployment with an empty stack has its base's fingerprint) and stack.
+with the resulting stack and *state root* (:mod:`adapterhub.apply.state`: a Merkle root over 256 KiB chunk
+hashes, so a deployment with an empty stack has its base's state root), and whether that root was
+*measured* (every byte hashed: ``create``, ``--verify``) or *derived* (the previous root updated with the
+chunks the operation touched; a revert puts back the chunk hashes its layer's undo record saved). The chunk
+hashes live in ``<dir>/.adapterhub/state.json`` with the ``stat`` data of every weights file; before
+writing, an operation compares those (size, mtime, ctime, inode) and re-hashes in full any file that
+changed or is racily clean (docs/deployments.md). ``deploy verify`` always measures.
 
 Crash safety (docs/deployments.md): before the first byte changes, the original bytes of every
 position the operation touches go to ``<dir>/.adapterhub/wal.safetensors`` with a fresh operation
 id (fsynced; :class:`adapterhub.apply.disk.DiskTransaction`). The weights are patched, each applied
-layer's own undo record is saved (content-addressed, ``.adapterhub/undo/<sha256>.safetensors``), the
-weights are fsynced, the catalog event carrying the operation id is committed, and the WAL is
-removed. The next command on the deployment finds a leftover WAL and either keeps the new state
-(the catalog's latest event has that operation id) or writes the saved bytes back (it has not) —
-the last completed state, bit for bit — and records a ``recover`` event. An ordinary error before
+layer's own undo record is saved (content-addressed, ``.adapterhub/undo/<sha256>.safetensors``, with the
+chunk hashes its chunks had before), the weights files written are fsynced, the new chunk hashes go to
+``.adapterhub/state.next.json``, the catalog event carrying the operation id and state root is committed,
+``state.next.json`` becomes ``state.json`` and the WAL is removed. The next command on the deployment finds
+a leftover WAL and either keeps the new state (the catalog's latest event has that operation id; its next
+state file is promoted) or writes the saved bytes back (it has not) — the last completed state, bit for bit,
+checked against the recorded root — and records a ``recover`` event. An ordinary error before
 the weights are fsynced puts the saved bytes back at once.
 
 The catalog rows are read and written through ``ws.deployment_rows``
@@ -44,14 +51,16 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
 
+import numpy as np
 import torch
 
-from ..bases.sources import fingerprint_folder
+from .. import st_io
 from ..catalog.deployments import DeploymentInfo, EventInfo
 from ..catalog.names import validate_name
 from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatError
@@ -70,6 +79,15 @@ from .disk import (
     recover_wal,
 )
 from .patching import UndoEntry
+from .state import (
+    CHUNK,
+    FolderState,
+    StateFileError,
+    hash_chunks,
+    measure_folder,
+    read_state_file,
+    root_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..catalog.records import VersionInfo
@@ -93,6 +111,14 @@ def _wal(path: Path) -> Path:
     return _control(path) / "wal.safetensors"
 
 
+def _state_file(path: Path) -> Path:
+    return _control(path) / "state.json"
+
+
+def _state_next(path: Path) -> Path:
+    return _control(path) / "state.next.json"
+
+
 def _undo_path(path: Path, digest: object) -> Path:
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise DeploymentError(f"invalid undo record id {digest!r} in the deployment's stack")
@@ -102,7 +128,7 @@ def _undo_path(path: Path, digest: object) -> Path:
 def _refuse_symlinks(path: Path) -> None:
     """A deployment folder, its weight files and its control folder must be real files of ours: a symlink
     planted there would make a patch (or a recovery) write through it, outside the home."""
-    suspects = [path, _control(path), _control(path) / "undo", _wal(path)]
+    suspects = [path, _control(path), _control(path) / "undo", _wal(path), _state_file(path), _state_next(path)]
     if path.is_dir() and not path.is_symlink():
         suspects += sorted(path.glob("*.safetensors"))
     for p in suspects:
@@ -339,6 +365,38 @@ _MAX_COPY_DEPTH = 16
 _MAX_COPY_ENTRIES = 10_000
 
 
+_FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS with reflink, bcachefs, ...)
+
+
+def _clone_file(fin: int, fout: int) -> None:
+    """Copy file ``fin`` into the empty file ``fout``: a reflink (copy-on-write clone, no data written) where
+    the filesystem offers one, else ``copy_file_range`` (in-kernel, server-side on NFS), else a plain copy —
+    ``cp --reflink=auto``'s order."""
+    try:
+        fcntl.ioctl(fout, _FICLONE, fin)
+        return
+    except OSError:
+        pass
+    size = os.fstat(fin).st_size
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(fin, fout, size - done, done, done)
+            if n == 0:
+                break
+            done += n
+        if done == size:
+            return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+            raise
+    os.ftruncate(fout, 0)
+    os.lseek(fin, 0, os.SEEK_SET)
+    os.lseek(fout, 0, os.SEEK_SET)
+    with os.fdopen(os.dup(fin), "rb") as a, os.fdopen(os.dup(fout), "wb") as b:
+        shutil.copyfileobj(a, b, 1 << 20)
+
+
 def _copy_base_folder(src: Path, dst: Path) -> None:
     """Copy base folder ``src`` into the new deployment folder ``dst`` as real files only.
 
@@ -368,7 +426,7 @@ def _copy_base_folder(src: Path, dst: Path) -> None:
                 raise DeploymentError(f"base folder {src}: {rel} is a symlink to a folder; refusing to copy it")
             try:
                 with os.fdopen(open_regular(item), "rb") as fin, open(d / item.name, "xb") as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
+                    _clone_file(fin.fileno(), fout.fileno())
             except OSError as e:
                 raise DeploymentError(f"base folder {src}: cannot copy {rel} "
                                       f"({e.strerror or e.__class__.__name__})") from None
@@ -416,11 +474,19 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
             fd = os.open(w, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-        fp = fingerprint_folder(tmp)
-        if fp != binfo.fingerprint:
+        _control(tmp).mkdir()
+        # The copy is hashed once, chunk by chunk (its state root); a base measured before needs nothing else,
+        # one never measured (catalogs from before revision 0004) also gets its identity fingerprint checked in
+        # the same pass, and its root recorded.
+        base_root = ws.deployment_rows.base_state_root(binfo.id)
+        state, ident = _measure(tmp, identity=base_root is None)
+        root = state.root()
+        if (base_root is None and ident != binfo.fingerprint) or (base_root is not None and root != base_root):
             raise BaseModelError(f"base {base!r} folder {src} no longer matches its registered fingerprint "
                                  f"({binfo.fingerprint[:12]}); its weights changed")
-        _control(tmp).mkdir()
+        if base_root is None:
+            ws.deployment_rows.set_base_state_root(binfo.id, root)
+        atomic_write_bytes(_state_file(tmp), state.to_bytes(root))
         _write_marker(tmp, name, uid, hid, "creating")
         if target.exists():
             target.rmdir()
@@ -431,7 +497,8 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     fault_point("deploy.create.before-commit")
     try:
         ws.deployment_rows.add(name=name, base_id=binfo.id, path=str(target), rel_path=_rel_to_home(ws, target),
-                               state_fingerprint=fp, uid=uid, home_id=hid, details={"base": base, "path": str(target)})
+                               state_fingerprint=binfo.fingerprint, state_root=root, uid=uid, home_id=hid,
+                               details={"base": base, "path": str(target)})
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
@@ -481,8 +548,9 @@ def verify(ws: Workspace, name: str) -> dict[str, Any]:
     intact (its sha256 is the stack's) and of its layer.
 
     Works on deployments of other homes too (read-only). Does not change anything.
-    Returns: {"name", "ok", "expected", "actual", "pending_recovery", "stack", "problems": [one-line strings],
-    "read_only"}.
+    Returns: {"name", "ok", "expected", "actual" (state roots; the identity-style fingerprint for a row made
+    before revision 0004 and not yet measured), "measured", "pending_recovery", "stack", "problems": [one-line
+    strings], "read_only"}.
     """
     info = get(ws, name)
     problems = _folder_problems(info)
@@ -495,14 +563,17 @@ def verify(ws: Workspace, name: str) -> dict[str, Any]:
             doc = None
         # A WAL whose operation is already recorded is a leftover of a completed operation, not pending work.
         pending = doc is None or not _committed(ws, name, doc)
+    # A full measurement, always: every weight byte is hashed (the cheap stat checks are for operations).
+    expected = info.state_root or info.state_fingerprint or ""
     try:
-        actual = fingerprint_folder(info.path)
+        measured, ident = measure_folder(info.path, identity=info.state_root is None)
+        actual = measured.root() if info.state_root is not None else str(ident)
     except AdapterHubError as e:
         actual = f"unreadable: {e}"
     except OSError as e:
         actual = f"unreadable: {e.strerror}"
-    return {"name": name, "ok": actual == info.state_fingerprint and not pending and not problems,
-            "expected": info.state_fingerprint, "actual": actual, "pending_recovery": pending,
+    return {"name": name, "ok": actual == expected and not pending and not problems,
+            "expected": expected, "actual": actual, "measured": True, "pending_recovery": pending,
             "stack": [layer["ref"] for layer in info.stack], "problems": problems, "read_only": info.read_only}
 
 
@@ -590,6 +661,183 @@ def remove_temp_files(ws: Workspace, *, dry_run: bool = False) -> int:
     return n
 
 
+# -- state roots (adapterhub.apply.state) --------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _measure(folder: Path, *, identity: bool = False) -> tuple[FolderState, str | None]:
+    """A full measurement of ``folder``'s weights, the ``stat`` data taken (after a clock reading) before the
+    bytes are read, so a write during the hashing shows as a change next time."""
+    pre = FolderState({}, {})
+    pre.stamp(folder, [p.name for p in folder.glob("*.safetensors")])
+    state, ident = measure_folder(folder, identity=identity)
+    state.files = pre.files
+    return state, ident
+
+
+def _mismatch(name: str, actual: str, expected: str, where: str = "") -> DeploymentError:
+    return DeploymentError(f"deployment {name!r} weights{where} do not match the recorded state ({actual[:12]} != "
+                           f"{expected[:12]}): the file is corrupt or was changed outside adapterhub; nothing was changed")
+
+
+def _recorded_state(info: DeploymentInfo) -> FolderState | None:
+    """The folder's state file if its chunk hashes give the catalog's state root (recomputed, never taken from
+    the file), else None."""
+    if info.state_root is None:
+        return None
+    try:
+        got = read_state_file(_state_file(info.path))
+    except StateFileError:
+        return None
+    if got is None or got[0].root() != info.state_root:
+        return None
+    return got[0]
+
+
+def _checked_state(ws: Workspace, info: DeploymentInfo, *, full: bool,
+                   check: bool = True) -> tuple[FolderState, bool]:
+    """The chunk hashes of ``info``'s weights, shown to be the catalog's recorded state before anything is written.
+
+    ``full`` (``--verify``), a missing or stale state file, or a row made before revision 0004: a full
+    measurement (a pre-0004 row is checked against its identity-style fingerprint, then gets its root).
+    Otherwise the cheap check: files whose ``stat`` data changed (or are racily clean) are re-hashed in full
+    and compared; ``check=False`` skips it. Returns (state, measured: every byte was hashed).
+    Raises: DeploymentError (the weights differ from the record; nothing was changed).
+    """
+    st = None if full else _recorded_state(info)
+    stale: list[str] = []
+    if st is not None and check:
+        try:
+            stale = st.stale_files(info.path)
+        except StateFileError:
+            st = None
+    if st is None:
+        new, ident = _measure(info.path, identity=info.state_root is None)
+        root = new.root()
+        if info.state_root is None:
+            if ident != info.state_fingerprint:
+                raise _mismatch(info.name, str(ident), str(info.state_fingerprint))
+            ws.deployment_rows.set_state_root(info.name, root)
+            info.state_root = root
+        elif root != info.state_root:
+            raise _mismatch(info.name, root, info.state_root)
+        return new, True
+    if stale:
+        pre = FolderState({}, {})
+        pre.stamp(info.path, stale)
+        new, _ = measure_folder(info.path, files=stale, base=st)
+        root = new.root()
+        if root != info.state_root:
+            raise _mismatch(info.name, root, str(info.state_root), f" ({', '.join(stale)}, changed since the last operation)")
+        new.files.update(pre.files)
+        return new, False
+    return st, False
+
+
+def _layout_matches(state: FolderState, weights: WeightsFolder) -> bool:
+    """The state's files and byte ranges are the weights' (they are not covered by the root)."""
+    entries = weights.entries
+    if set(entries) != set(state.tensors):
+        return False
+    for n, t in state.tensors.items():
+        _, fname, b, e = weights.buffer(n)
+        if (fname, b, e, entries[n][0], tuple(entries[n][1])) != (t.file, t.begin, t.end, t.dtype, tuple(t.shape)):
+            return False
+    return True
+
+
+def _promote_state(path: Path, op_id: object) -> None:
+    """The operation ``op_id`` is recorded: its ``state.next.json`` becomes ``state.json`` (a next state of another
+    operation is dropped; a missing or stale state file only costs the next operation a full measurement)."""
+    nxt = _state_next(path)
+    try:
+        got = read_state_file(nxt)
+    except StateFileError:
+        got = None
+    if got is not None and isinstance(op_id, str) and got[0].op_id == op_id:
+        os.replace(nxt, _state_file(path))
+        _fsync_dir(_control(path))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            nxt.unlink()
+
+
+class _ChunkBook:
+    """The state's chunk hashes through one operation: a revert puts back the hashes saved in the layer's undo
+    record; chunks an apply wrote (or a revert whose record has none) are re-hashed once, at the end, from the
+    memory-mapped weights — O(touched chunks), never the model."""
+
+    def __init__(self, state: FolderState, weights: WeightsFolder) -> None:
+        self.state = state
+        self.weights = weights
+        self.unknown: dict[str, set[int]] = {}
+
+    def _chunks(self, name: str, idx: torch.Tensor) -> np.ndarray[Any, Any]:
+        per = CHUNK // st_io.DTYPE_SIZES[self.state.tensors[name].dtype]
+        a = idx.to(torch.int64).numpy() // per
+        if a.size == 0:
+            return a
+        return a[np.concatenate(([True], a[1:] != a[:-1]))]  # indices are sorted: O(nnz)
+
+    def restored(self, entries: Sequence[UndoEntry]) -> None:
+        for e in entries:
+            unk = self.unknown.setdefault(e.name, set())
+            hashes = self.state.tensors[e.name].hashes
+            touched = set(self._chunks(e.name, e.indices).tolist())
+            if e.chunks is not None and e.chunk_hashes is not None:
+                ids = e.chunks.numpy()
+                if ids.size and (ids.min() < 0 or ids.max() >= len(hashes)):
+                    unk.update(touched)
+                    continue
+                hashes[ids] = e.chunk_hashes.numpy()
+                saved = set(ids.tolist())
+                unk.difference_update(saved)
+                unk.update(touched - saved)
+            else:
+                unk.update(touched)
+
+    def applied(self, entries: Sequence[UndoEntry]) -> list[UndoEntry]:
+        """The entries with the hashes of their chunks before the apply (those known), for the layer's record."""
+        out = []
+        for e in entries:
+            unk = self.unknown.setdefault(e.name, set())
+            ch = self._chunks(e.name, e.indices)
+            known = np.array([c for c in ch.tolist() if c not in unk], dtype=np.int64)
+            pre = self.state.tensors[e.name].hashes[known]
+            out.append(replace(e, chunks=torch.from_numpy(known), chunk_hashes=torch.from_numpy(np.ascontiguousarray(pre))))
+            unk.update(ch.tolist())
+        return out
+
+    def hash_written(self, name: str, idx: torch.Tensor) -> tuple[list[int], list[bytes]]:
+        """Digests of the chunks of ``name`` holding ``idx``, read now (the tensor's last write of the operation
+        is done); stored by :meth:`finish`, so that the pre-apply hashes stay readable meanwhile."""
+        buf, _, b, e = self.weights.buffer(name)
+        return hash_chunks(buf, b, e, self._chunks(name, idx).tolist())
+
+    def finish(self, early: dict[str, Future[tuple[list[int], list[bytes]]]] | None = None) -> str:
+        """Re-hash the chunks whose hashes are unknown (those ``early`` hashed already are taken from it);
+        returns the derived state root."""
+        for name, unk in sorted(self.unknown.items()):
+            hashes = self.state.tensors[name].hashes
+            if early and name in early:
+                ids, digests = early[name].result()
+                if ids:
+                    hashes[ids] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
+                unk = unk - set(ids)
+            if unk:
+                buf, _, b, e = self.weights.buffer(name)
+                ids, digests = hash_chunks(buf, b, e, unk)
+                hashes[ids] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
+        return root_of(self.state.tensors)
+
+
 # -- recovery --------------------------------------------------------------------------------------
 
 
@@ -612,6 +860,7 @@ def _recover_locked(ws: Workspace, name: str) -> bool:
     doc = read_wal(wal)
     assert doc is not None
     if _committed(ws, name, doc):
+        _promote_state(info.path, doc.get("op_id"))
         wal.unlink()
         _gc_undo(info.path, info.stack)
         return True
@@ -620,12 +869,17 @@ def _recover_locked(ws: Workspace, name: str) -> bool:
         recover_wal(weights, wal)
     finally:
         weights.close()
-    fp = fingerprint_folder(info.path)
-    if fp != info.state_fingerprint:
-        raise DeploymentError(f"deployment {name!r}: after undoing an interrupted {doc.get('action', 'operation')} the "
-                              f"weights do not match the recorded state ({fp[:12]} != {info.state_fingerprint[:12]}); "
-                              "the weights file was changed outside adapterhub")
-    ws.deployment_rows.add_event(name, action="recover", stack=list(info.stack), state_fingerprint=fp,
+    with contextlib.suppress(FileNotFoundError):
+        _state_next(info.path).unlink()  # the interrupted operation's state, never committed
+    try:  # the files the WAL rewrote have new stat data: the cheap check re-hashes them in full
+        state, measured = _checked_state(ws, info, full=False)
+    except DeploymentError as e:
+        raise DeploymentError(f"deployment {name!r}: after undoing an interrupted {doc.get('action', 'operation')}: "
+                              f"{e}") from None
+    root = state.root()
+    atomic_write_bytes(_state_file(info.path), state.to_bytes(root))
+    ws.deployment_rows.add_event(name, action="recover", stack=list(info.stack), state_fingerprint=info.state_fingerprint,
+                                 state_root=root, measured=measured,
                                  details={"interrupted": doc.get("action"), "op_id": doc.get("op_id"),
                                           "ref": doc.get("ref")}, set_state=False)
     _gc_undo(info.path, info.stack)
@@ -708,12 +962,14 @@ def _prepare(ws: Workspace, name: str) -> tuple[DeploymentInfo, bool]:
 
 def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, applies: Sequence[_ApplyStep] = (),
              version_id: int | None = None, scale: float | None = None, details: dict[str, Any] | None = None,
-             check: bool = True, fault: str | None = None,
+             check: bool = True, verify: bool = False, fault: str | None = None,
              planned_on: Sequence[dict[str, Any]] | None = None) -> DeploymentInfo:
     """Revert the top ``revert_layers`` layers, then apply ``applies``, crash-safely; record the event.
 
     ``planned_on`` is the stack the caller planned against; if another process changed it
     meanwhile, the operation is refused (nothing changed) rather than applied to the wrong stack.
+    ``check``: the cheap check of the weights against the recorded state (stat data; changed files re-hashed).
+    ``verify``: measure instead — hash every byte before, and after the patch (must equal the derived root).
     """
     info = _writable(ws, name)
     with _locked(info.path):
@@ -725,13 +981,9 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
         try:
             for st in applies:
                 _check_fit(weights, st.adapter, st.info.ref)
-            if check:
-                actual = fingerprint_folder(info.path)
-                if actual != info.state_fingerprint:
-                    raise DeploymentError(
-                        f"deployment {name!r} weights do not match the recorded state ({actual[:12]} != "
-                        f"{info.state_fingerprint[:12]}): the file is corrupt or was changed outside adapterhub; "
-                        "nothing was changed")
+            state, _ = _checked_state(ws, info, full=verify, check=check)
+            if not _layout_matches(state, weights):  # a state file out of step with the files: measure them
+                state, _ = _checked_state(ws, info, full=True)
             stack = list(info.stack)
             if revert_layers > len(stack):
                 raise DeploymentError("nothing to revert")
@@ -748,34 +1000,84 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
                                                                       for st in applies])
             op_id = uuid.uuid4().hex
             wal_meta = {"op_id": op_id, "action": action, "ref": (details or {}).get("ref")}
-            with DiskTransaction(weights, _wal(info.path), wal_meta, touched) as tx:
-                for _, ents in undone:
-                    tx.restore(ents, fault=fault if fault and not applies else None)
-                new_layers, records = [], []
-                for st in applies:
-                    ents = tx.apply(st.adapter.params, st.scale, fault=fault)
-                    data = encode_undo(ents, {"ref": st.info.ref, "scale": st.scale})
-                    digest = hashlib.sha256(data).hexdigest()
-                    records.append((digest, data))
-                    new_layers.append({"ref": st.info.ref, "version_id": st.info.id,
-                                       "content_hash": st.info.content_hash, "scale": st.scale, "undo": digest})
-                for digest, data in records:  # after the last patch, so a crash mid-patch leaves none behind
-                    atomic_write_bytes(_undo_path(info.path, digest), data)
-                new_stack = stack[:len(stack) - revert_layers] + new_layers
-                fp = fingerprint_folder(info.path)
-                # The weights are durable; from here the event naming op_id decides whether recovery keeps
-                # them (see _committed), so an error past this point leaves the WAL for it.
-                tx.commit()
-                fault_point(f"deploy.{action}.before-commit")
-                ws.deployment_rows.add_event(name, action=action, version_id=version_id, scale=scale, stack=new_stack,
-                                             state_fingerprint=fp, details={**(details or {}), "op_id": op_id})
-                fault_point(f"deploy.{action}.after-commit")
+            book = _ChunkBook(state, weights)
+            # With one apply each tensor's last write is its patch: its chunks are hashed on a worker as soon as
+            # it is patched, overlapping the rest of the patch, the undo records and the fsync. The worker reads
+            # the memory map, so it is always joined before the map is closed.
+            hasher = ThreadPoolExecutor(1) if len(applies) == 1 and not verify else None
+            early: dict[str, Future[tuple[list[int], list[bytes]]]] = {}
+
+            def on_patched(n: str, idx: torch.Tensor) -> None:
+                if hasher is not None:
+                    early[n] = hasher.submit(book.hash_written, n, idx)
+
+            try:
+                with DiskTransaction(weights, _wal(info.path), wal_meta, touched) as tx:
+                    new_stack, root = _patch(name, info, tx, book, undone, applies, stack, revert_layers, on_patched,
+                                             early, hasher, fault=fault, verify=verify)
+                    state.stamp(info.path, {weights.file_of(n) for n in touched})  # fsync'ed files: final stat data
+                    state.op_id = op_id
+                    atomic_write_bytes(_state_next(info.path), state.to_bytes(root))
+                    fault_point(f"deploy.{action}.before-commit")
+                    ws.deployment_rows.add_event(name, action=action, version_id=version_id, scale=scale,
+                                                 stack=new_stack,
+                                                 state_fingerprint=ws.deployment_rows.known_fingerprint(name, root),
+                                                 state_root=root, measured=verify,
+                                                 details={**(details or {}), "op_id": op_id})
+                    fault_point(f"deploy.{action}.after-commit")
+                    _promote_state(info.path, op_id)
+            finally:
+                if hasher is not None:
+                    hasher.shutdown(wait=True)
         finally:
             weights.close()
         _gc_undo(info.path, new_stack)
     out = get(ws, name)
     out.recovered = recovered
     return out
+
+
+def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBook,
+           undone: Sequence[tuple[dict[str, Any], list[UndoEntry]]], applies: Sequence[_ApplyStep],
+           stack: list[dict[str, Any]], revert_layers: int, on_patched: Callable[[str, torch.Tensor], None],
+           early: dict[str, Future[tuple[list[int], list[bytes]]]], hasher: ThreadPoolExecutor | None, *,
+           fault: str | None, verify: bool) -> tuple[list[dict[str, Any]], str]:
+    """The writes of :func:`_execute` inside its transaction, up to the durable weights (``tx.commit``).
+    Returns (the new stack, the new state root)."""
+    for _, ents in undone:
+        tx.restore(ents, fault=fault if fault and not applies else None)
+        book.restored(ents)
+    new_layers, records = [], []
+    for st in applies:
+        ents = book.applied(tx.apply(st.adapter.params, st.scale, fault=fault, on_patched=on_patched))
+        data = encode_undo(ents, {"ref": st.info.ref, "scale": st.scale})
+        digest = hashlib.sha256(data).hexdigest()
+        records.append((digest, data))
+        new_layers.append({"ref": st.info.ref, "version_id": st.info.id,
+                           "content_hash": st.info.content_hash, "scale": st.scale, "undo": digest})
+    for digest, data in records:  # after the last patch, so a crash mid-patch leaves none behind
+        atomic_write_bytes(_undo_path(info.path, digest), data)
+    new_stack = stack[:len(stack) - revert_layers] + new_layers
+    # After tx.commit() the weights are durable; from there the event naming op_id decides whether recovery
+    # keeps them (see _committed), so an error past that point leaves the WAL for it.
+    if verify:  # measured: every byte hashed again, and it must agree with the derivation
+        root = book.finish()
+        whole, _ = measure_folder(info.path)
+        if whole.root() != root:
+            raise DeploymentError(f"deployment {name!r}: the measured state {whole.root()[:12]} differs from "
+                                  f"the derived {root[:12]} (the weights changed during the operation); "
+                                  "nothing was changed")
+        tx.commit()
+    else:  # derived: the rest of the touched chunks re-hashed from the hot pages during the write-back
+        pool = hasher or ThreadPoolExecutor(1)
+        derived = pool.submit(book.finish, early)
+        try:
+            tx.commit()
+        finally:
+            if hasher is None:
+                pool.shutdown(wait=True)  # it reads the memory map: never unmap it under the hasher
+        root = derived.result()
+    return new_stack, root
 
 
 def _load_step(ws: Workspace, dep: DeploymentInfo, ref: str, scale: float) -> _ApplyStep:
@@ -792,8 +1094,12 @@ def _load_step(ws: Workspace, dep: DeploymentInfo, ref: str, scale: float) -> _A
     return _ApplyStep(vinfo, adapter, float(scale))
 
 
-def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool = True) -> DeploymentInfo:
+def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool = True,
+          verify: bool = False) -> DeploymentInfo:
     """Apply adapter ``ref`` on top of deployment ``name``'s stack, in place on disk.
+
+    The new state root is derived from the chunks the patch touched; ``verify`` measures it instead (every
+    weight byte hashed before and after; see :func:`_execute`).
 
     Raises: DeploymentError (unknown deployment, corrupt weights), RefError, BaseModelError (other base,
     shape mismatch). On any error the deployment is unchanged.
@@ -801,11 +1107,14 @@ def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool
     dep = _writable(ws, name)
     step = _load_step(ws, dep, ref, scale)
     return _execute(ws, name, action="apply", applies=[step], version_id=step.info.id, scale=step.scale,
-                    details={"ref": step.info.ref}, check=check, fault="deploy.apply.mid-patch")
+                    details={"ref": step.info.ref}, check=check, verify=verify, fault="deploy.apply.mid-patch")
 
 
-def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = True) -> DeploymentInfo:
+def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = True,
+           verify: bool = False) -> DeploymentInfo:
     """Revert the top layer, or the topmost layer holding version ``ref`` (re-applying those above it).
+
+    ``verify``: measure the resulting state instead of deriving it (as :func:`apply`).
 
     Raises: DeploymentError (empty stack, ref not applied, another home's deployment), RefError.
     """
@@ -829,11 +1138,15 @@ def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = Tr
     return _execute(ws, name, action="revert", revert_layers=len(stack) - pos, applies=steps,
                     version_id=target["version_id"], scale=target["scale"],
                     details={"ref": target["ref"], "reapplied": [layer["ref"] for layer in above]}, check=check,
+                    verify=verify,
                     fault="deploy.revert.mid-patch", planned_on=stack)
 
 
-def rollback(ws: Workspace, name: str, to: int, *, check: bool = True) -> DeploymentInfo:
+def rollback(ws: Workspace, name: str, to: int, *, check: bool = True, verify: bool = False) -> DeploymentInfo:
     """Restore the state after event ``to`` (its stack), exactly.
+
+    ``verify`` (``rollback --verify``): measure — hash every weight byte before and after; the event records a
+    measured state, and a rollback whose result differs from the derived root is undone.
 
     Raises: DeploymentError (unknown event, another home's deployment).
     """
@@ -852,6 +1165,7 @@ def rollback(ws: Workspace, name: str, to: int, *, check: bool = True) -> Deploy
         steps.append(st)
     return _execute(ws, name, action="rollback", revert_layers=len(cur) - p, applies=steps,
                     details={"to": to, "ref": None, "stack": [layer["ref"] for layer in target]}, check=check,
+                    verify=verify,
                     fault="deploy.rollback.mid-patch", planned_on=cur)
 
 

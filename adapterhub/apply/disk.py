@@ -18,7 +18,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,7 +30,15 @@ from .. import st_io
 from ..errors import DeploymentError, HeaderError
 from ..faults import fault_point
 from ..fsutil import atomic_write_bytes
-from .patching import NonFiniteWeightsError, UndoEntry, check_scale, patch_flat, write_at
+from .patching import (
+    NonFiniteWeightsError,
+    UndoEntry,
+    check_scale,
+    patch_flat,
+    patched_values,
+    read_at,
+    write_at,
+)
 
 __all__ = ["ST_DTYPES", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "encode_undo", "decode_undo",
            "read_wal", "recover_wal", "check_finite_plan"]
@@ -168,6 +176,17 @@ class WeightsFolder:
         except KeyError:
             raise DeploymentError(f"{name}: no such tensor in the deployment's weights") from None
 
+    def buffer(self, name: str) -> tuple[Any, str, int, int]:
+        """(the memory map of the file holding ``name``, the file's name, the tensor's absolute begin and end
+        offsets) for hashing its bytes; does not mark the file for :meth:`sync`."""
+        f = self._file(name)
+        _, _, b, e = f.entries[name]
+        return f._mm, f.path.name, f.data_start + b, f.data_start + e
+
+    def file_of(self, name: str) -> str:
+        """The name of the weights file holding tensor ``name``."""
+        return self._file(name).path.name
+
     def flat(self, name: str) -> torch.Tensor:
         """See :meth:`SafetensorsFile.flat`; marks the tensor's file for :meth:`sync`."""
         f = self._file(name)
@@ -212,6 +231,9 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     for i, e in enumerate(entries):
         tensors[f"{i:06d}.idx"] = e.indices.contiguous()
         tensors[f"{i:06d}.orig"] = e.original.contiguous()
+        if e.chunks is not None and e.chunk_hashes is not None:  # the state's hashes of those chunks before
+            tensors[f"{i:06d}.chunks"] = e.chunks.to(torch.int64).contiguous()
+            tensors[f"{i:06d}.prehash"] = e.chunk_hashes.to(torch.uint8).contiguous()
         names.append(e.name)
     doc = dict(meta)
     doc["names"] = names
@@ -230,20 +252,26 @@ def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
         meta = st_io.parse_header(data, "undo record").metadata  # the one strict header reader
         doc = json.loads(meta["adapterhub.undo"])
         tensors = load(data)
-        entries = [UndoEntry(name, tensors[f"{i:06d}.idx"], tensors[f"{i:06d}.orig"]) for i, name in enumerate(doc["names"])]
+        entries = [UndoEntry(name, tensors[f"{i:06d}.idx"], tensors[f"{i:06d}.orig"], tensors.get(f"{i:06d}.chunks"),
+                             tensors.get(f"{i:06d}.prehash")) for i, name in enumerate(doc["names"])]
+        for e in entries:
+            if e.chunk_hashes is not None and (e.chunks is None or e.chunk_hashes.dtype != torch.uint8
+                                               or tuple(e.chunk_hashes.shape) != (e.chunks.numel(), 32)):
+                raise ValueError("chunk hashes do not match their chunks")
     except (HeaderError, SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise DeploymentError("undo record is damaged") from None
     return entries, doc
 
 
-def _union_sorted(lists: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
-    """Sorted union of sorted index lists (a boolean mark over the tensor: faster than torch.unique on CPU)."""
+def _union_sorted(lists: Sequence[torch.Tensor], numel: int | None = None) -> torch.Tensor:
+    """Sorted union of sorted index lists, in O(n log n) of their total length n — never a mark over the
+    tensor's ``numel`` elements (which would make a revert cost what the model costs, issue 19).
+    ``numel`` is accepted for callers of the old signature and ignored."""
     if len(lists) == 1:
         return lists[0].to(torch.int64)
-    mark = torch.zeros(numel, dtype=torch.bool)
-    for t in lists:
-        mark[t] = True
-    return mark.nonzero().view(-1)
+    if not lists:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.unique(torch.cat([t.to(torch.int64).view(-1) for t in lists]), sorted=True)
 
 
 def check_finite_plan(weights: Weights, restores: Sequence[Sequence[UndoEntry]],
@@ -263,8 +291,17 @@ def check_finite_plan(weights: Weights, restores: Sequence[Sequence[UndoEntry]],
     for n in names:
         flat = weights.flat(n)
         rest = [e for ents in restores for e in reversed(list(ents)) if e.name == n]
-        lists = [params[n].flat()[0] for params, _, _ in applies if n in params]
-        idx = _union_sorted(lists + [e.indices for e in rest], flat.numel())
+        mine = [(params[n], scale, label) for params, scale, label in applies if n in params]
+        if not rest and len(mine) == 1:  # the common case (one apply): no replay, just the new values
+            (p, scale, label), = mine
+            i, v = p.flat()
+            try:
+                patched_values(read_at(flat, i), v, scale, name=n)
+            except NonFiniteWeightsError as err:
+                raise NonFiniteWeightsError(f"{label}: {err}") from None
+            continue
+        lists = [p.flat()[0] for p, _, _ in mine]
+        idx = _union_sorted(lists + [e.indices for e in rest])
         work = flat.index_select(0, idx)  # a copy: the file is not touched
         for e in rest:
             work[torch.searchsorted(idx, e.indices)] = e.original.to(work.dtype)
@@ -317,7 +354,7 @@ class DiskTransaction:
         """Save the current bytes of every touched position to the WAL and fsync it, before any write."""
         for name in sorted(self.touched):
             flat = self.weights.flat(name)
-            idx = _union_sorted(self.touched[name], flat.numel())
+            idx = _union_sorted(self.touched[name])
             self._saved.append(UndoEntry(name, idx, flat.index_select(0, idx)))
         atomic_write_bytes(self.wal_path, encode_undo(self._saved, self.meta))
         fault_point("wal.written")
@@ -335,16 +372,20 @@ class DiskTransaction:
             with contextlib.suppress(Exception):
                 self._rollback()
 
-    def apply(self, adapter_params: Mapping[str, Any], scale: float, fault: str | None = None) -> list[UndoEntry]:
+    def apply(self, adapter_params: Mapping[str, Any], scale: float, fault: str | None = None,
+              on_patched: Callable[[str, torch.Tensor], None] | None = None) -> list[UndoEntry]:
         """Apply sparse params (name -> SparseParam) in place; returns their undo entries.
 
         ``fault``: a fault point hit half-way, after making the half-written state durable.
+        ``on_patched(name, indices)``: called after each tensor is written (e.g. to start hashing it).
         Raises: NonFiniteWeightsError (see :func:`patch_flat`; :func:`check_finite_plan` refuses earlier).
         """
         out = []
         for i, name in enumerate(sorted(adapter_params)):
             idx, vals = adapter_params[name].flat()
             out.append(UndoEntry(name, idx, patch_flat(self.weights.flat(name), idx, vals, scale, name=name)))
+            if on_patched is not None:
+                on_patched(name, idx)
             if fault and i == len(adapter_params) // 2:
                 self.weights.sync()  # make the half-written state durable so recovery has real work to do
                 fault_point(fault)

@@ -28,7 +28,8 @@ from ..format import SparseAdapter
 
 __all__ = [
     "UndoEntry", "UndoRecord", "apply_adapter", "revert", "revert_all", "applied", "state_fingerprint",
-    "resolve_names", "patch_flat", "write_at", "check_scale", "NonFiniteWeightsError",
+    "resolve_names", "patch_flat", "patched_values", "read_at", "write_at", "check_scale", "NonFiniteWeightsError",
+    "state_root",
 ]
 
 
@@ -87,24 +88,38 @@ def patch_flat(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, scal
     copy: ``np.take`` then fancy assignment), the add in torch at fp32 (fp64 for fp64 weights),
     rounded once to the weight dtype — the same arithmetic as the device path.
     """
-    ct = _compute_dtype(flat.dtype)
-    delta = values if values.dtype == ct else values.to(ct)
-    if scale != 1.0:
-        delta = delta * scale
     if flat.device.type == "cpu" and flat.element_size() in _INT_VIEW and idx.device.type == "cpu":
         it = _INT_VIEW[flat.element_size()]
         bits = flat.detach().view(it).numpy()
         ii = idx.numpy()
         orig = torch.from_numpy(np.take(bits, ii)).view(flat.dtype)
-        new = orig + delta if flat.dtype == ct else (orig.to(ct) + delta).to(flat.dtype)
-        _check_finite(orig, new, name, scale)
+        new = patched_values(orig, values, scale, name=name)
         bits[ii] = new.view(it).numpy()
         return orig
     orig = flat.index_select(0, idx)
-    new = (orig.to(ct) + delta).to(flat.dtype)
-    _check_finite(orig, new, name, scale)
-    write_at(flat, idx, new)
+    write_at(flat, idx, patched_values(orig, values, scale, name=name))
     return orig
+
+
+def read_at(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A copy of ``flat[idx]`` (on CPU through numpy on an integer view of the same width, as :func:`write_at`)."""
+    if flat.device.type == "cpu" and flat.element_size() in _INT_VIEW and idx.device.type == "cpu":
+        it = _INT_VIEW[flat.element_size()]
+        return torch.from_numpy(np.take(flat.detach().view(it).numpy(), idx.numpy())).view(flat.dtype)
+    return flat.index_select(0, idx)
+
+
+def patched_values(orig: torch.Tensor, values: torch.Tensor, scale: float = 1.0, *, name: str = "tensor") -> torch.Tensor:
+    """``round(orig + scale * values)`` in ``orig``'s dtype — :func:`patch_flat`'s arithmetic, without writing:
+    the sum in fp32 (fp64 for fp64 weights), rounded once.
+    Raises: NonFiniteWeightsError if a value would not be finite where ``orig`` was."""
+    ct = _compute_dtype(orig.dtype)
+    delta = values if values.dtype == ct else values.to(ct)
+    if scale != 1.0:
+        delta = delta * scale
+    new = orig + delta if orig.dtype == ct else (orig.to(ct) + delta).to(orig.dtype)
+    _check_finite(orig, new, name, scale)
+    return new
 
 
 def check_scale(scale: float) -> float:
@@ -128,6 +143,10 @@ class UndoEntry:
     name: str
     indices: torch.Tensor
     original: torch.Tensor
+    # On disk only: the deployment state's chunk hashes of the chunks this entry touched, as they were before
+    # the apply (ids int64 [k], hashes uint8 [k, 32]); a revert puts them back instead of re-hashing.
+    chunks: torch.Tensor | None = None
+    chunk_hashes: torch.Tensor | None = None
 
 
 @dataclass
@@ -270,3 +289,21 @@ def state_fingerprint(target: Any) -> str:
         h.update(json.dumps([name, st, list(t.shape)]).encode() + b"\n")
         h.update(_tensor_raw(t))
     return h.hexdigest()
+
+
+def state_root(target: Any) -> str:
+    """The state root of a module or state dict (:mod:`adapterhub.apply.state`): the Merkle fingerprint a
+    deployment records, equal to the root of a folder holding the same tensors (a deployment with an empty
+    stack has its base's). Raises: BaseModelError for a tensor of a dtype safetensors cannot hold."""
+    from .state import TensorState, root_of, tensor_chunk_hashes
+
+    tensors = _tensors_of(target)
+    out = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        st = st_io.st_name(t.dtype)
+        if st is None:
+            raise BaseModelError(f"{name}: unsupported dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        out[name] = TensorState("", st, tuple(t.shape), 0, nbytes, tensor_chunk_hashes(_tensor_raw(t)))
+    return root_of(out)

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..errors import DeploymentError
-from .models import Adapter, AdapterVersion, Deployment, DeploymentEvent
+from .models import Adapter, AdapterVersion, BaseModel, Deployment, DeploymentEvent
 from .records import iso_utc
 
 __all__ = ["DeploymentInfo", "EventInfo", "DeploymentCatalog"]
@@ -36,17 +36,25 @@ class EventInfo:
     action: str
     ref: str | None
     scale: float | None
-    state_fingerprint: str
+    state_fingerprint: str | None  # identity-style sha256 of the state, where known (always before revision 0004)
     stack: list[dict[str, Any]]
     details: dict[str, Any]
     created_at: dt.datetime | None
     content_hash: str | None = None  # the applied/reverted version's sha256
     kind: str | None = None  # its adapter kind (expert, merge, unlearning, ...)
     forget: str | None = None  # an unlearning version's forget spec, e.g. "class:NUM"
+    state_root: str | None = None  # the resulting state root (None: recorded before revision 0004)
+    measured: bool = True  # the state was measured (every weight byte hashed), not derived incrementally
+
+    @property
+    def state(self) -> str:
+        """The state as shown: the root, else (events before revision 0004) the identity-style fingerprint."""
+        return self.state_root or self.state_fingerprint or ""
 
     def to_json(self) -> dict[str, Any]:
         return {"event": self.seq, "action": self.action, "ref": self.ref, "scale": self.scale,
                 "content_hash": self.content_hash, "kind": self.kind, "forget": self.forget,
+                "state_root": self.state_root, "measured": self.measured,
                 "state_fingerprint": self.state_fingerprint, "stack": [layer["ref"] for layer in self.stack],
                 "details": self.details, "time": iso_utc(self.created_at)}
 
@@ -59,7 +67,7 @@ class DeploymentInfo:
     base: str
     base_fingerprint: str
     path: Path
-    state_fingerprint: str
+    state_fingerprint: str | None  # identity-style sha256 of the current weights, where known
     stack: list[dict[str, Any]]
     events: int
     created_at: dt.datetime | None = None
@@ -70,9 +78,18 @@ class DeploymentInfo:
     home_id: str | None = None  # the owner home's id
     read_only: bool = False  # owned by another home (or a copy's original): this home may only read it
     rel_path: str | None = field(default=None, repr=False)  # the folder relative to the owner home, if inside it
+    state_root: str | None = None  # the current state root (None: a row made before revision 0004, not yet measured)
+    base_state_root: str | None = field(default=None, repr=False)
+    base_id: int | None = field(default=None, repr=False)
+
+    @property
+    def state(self) -> str:
+        """The state as shown: the root, else (rows before revision 0004) the identity-style fingerprint."""
+        return self.state_root or self.state_fingerprint or ""
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base, "base_fingerprint": self.base_fingerprint, "path": str(self.path),
+                "state_root": self.state_root, "base_state_root": self.base_state_root,
                 "state_fingerprint": self.state_fingerprint, "stack": [dict(layer) for layer in self.stack],
                 "events": self.events, "created_at": iso_utc(self.created_at), "updated_at": iso_utc(self.updated_at),
                 "recovered": self.recovered, "owner_home": self.home_id, "read_only": self.read_only}
@@ -91,9 +108,10 @@ def _row(s: Session, name: str) -> Deployment:
 
 
 def _info(row: Deployment, events: int) -> DeploymentInfo:
-    return DeploymentInfo(row.name, row.base.name, row.base.fingerprint, Path(row.path), row.state_fingerprint or "",
+    return DeploymentInfo(row.name, row.base.name, row.base.fingerprint, Path(row.path), row.state_fingerprint,
                           list(row.stack or []), events, row.created_at, row.updated_at, uid=row.uid,
-                          home_id=row.home_id, rel_path=row.rel_path)
+                          home_id=row.home_id, rel_path=row.rel_path, state_root=row.state_root,
+                          base_state_root=row.base.state_root, base_id=row.base_id)
 
 
 def _next_seq(s: Session, row: Deployment) -> int:
@@ -104,7 +122,7 @@ def _event(e: DeploymentEvent, about: tuple[str, str, str | None] | None = None)
     d = dict(e.details or {})
     chash, kind, forget = about or (None, None, None)
     return EventInfo(e.seq, e.action, d.get("ref"), e.scale, e.state_fingerprint, list(e.stack or []), d, e.created_at,
-                     chash, kind, forget)
+                     chash, kind, forget, e.state_root, bool(e.measured))
 
 
 class DeploymentCatalog:
@@ -146,18 +164,51 @@ class DeploymentCatalog:
             return [_info(r, int(counts.get(r.id, 0))) for r in s.scalars(select(Deployment).order_by(Deployment.name))]
 
     def add(self, *, name: str, base_id: int, path: str, rel_path: str | None, state_fingerprint: str, uid: str,
-            home_id: str, details: dict[str, Any]) -> None:
-        """Insert a deployment row (empty stack) and its ``create`` event (seq 0), in one transaction.
+            home_id: str, details: dict[str, Any], state_root: str) -> None:
+        """Insert a deployment row (empty stack) and its ``create`` event (seq 0, measured), in one transaction.
 
         Raises: the driver's IntegrityError if the name or uid is taken meanwhile.
         """
         with self._session() as s:
             row = Deployment(name=name, base_id=base_id, path=path, state_fingerprint=state_fingerprint, stack=[],
-                             created_at=_now(), updated_at=_now(), uid=uid, home_id=home_id, rel_path=rel_path)
+                             created_at=_now(), updated_at=_now(), uid=uid, home_id=home_id, rel_path=rel_path,
+                             state_root=state_root)
             s.add(row)
             s.flush()
             s.add(DeploymentEvent(deployment_id=row.id, seq=0, action="create", version_id=None, scale=None, stack=[],
-                                  state_fingerprint=state_fingerprint, details=details, created_at=_now()))
+                                  state_fingerprint=state_fingerprint, details=details, created_at=_now(),
+                                  state_root=state_root, measured=True))
+
+    def set_base_state_root(self, base_id: int, root: str) -> None:
+        """Record base ``base_id``'s state root (measured at its first ``deploy create``) if it has none yet."""
+        with self._session() as s:
+            row = s.get(BaseModel, base_id)
+            if row is not None and row.state_root is None:
+                row.state_root = root
+
+    def base_state_root(self, base_id: int) -> str | None:
+        """Base ``base_id``'s state root, or None if it was never measured."""
+        with self._session() as s:
+            row = s.get(BaseModel, base_id)
+            return None if row is None else row.state_root
+
+    def set_state_root(self, name: str, root: str) -> None:
+        """Give a row made before revision 0004 its state root, measured now (its stack and events unchanged)."""
+        with self._session() as s:
+            row = _row(s, name)
+            if row.state_root is None:
+                row.state_root = root
+
+    def known_fingerprint(self, name: str, root: str) -> str | None:
+        """The identity-style fingerprint of state ``root`` if it is known without reading the weights: the base's
+        when ``root`` is the base's state root, else one recorded by an earlier event of ``name`` with that root."""
+        with self._session() as s:
+            row = _row(s, name)
+            if row.base.state_root == root:
+                return row.base.fingerprint
+            return s.scalar(select(DeploymentEvent.state_fingerprint).where(
+                DeploymentEvent.deployment_id == row.id, DeploymentEvent.state_root == root,
+                DeploymentEvent.state_fingerprint.is_not(None)).limit(1))
 
     def adopt(self, name: str, *, uid: str, home_id: str, rel_path: str | None) -> None:
         """Give a row made before catalog revision 0002 its ids (only if it still has no owner)."""
@@ -175,22 +226,23 @@ class DeploymentCatalog:
             op = (last.details or {}).get("op_id") if last is not None else None
             return op if isinstance(op, str) else None
 
-    def add_event(self, name: str, *, action: str, stack: list[dict[str, Any]], state_fingerprint: str,
-                  details: dict[str, Any], version_id: int | None = None, scale: float | None = None,
-                  set_state: bool = True) -> None:
+    def add_event(self, name: str, *, action: str, stack: list[dict[str, Any]], state_fingerprint: str | None,
+                  details: dict[str, Any], state_root: str, measured: bool, version_id: int | None = None,
+                  scale: float | None = None, set_state: bool = True) -> None:
         """Append an event (the next seq) to deployment ``name``, in one transaction.
 
-        With ``set_state`` the row's stack and state fingerprint become the event's; the row's
+        With ``set_state`` the row's stack, state root and state fingerprint become the event's; the row's
         ``updated_at`` is set either way.
         """
         with self._session() as s:
             row = _row(s, name)
             s.add(DeploymentEvent(deployment_id=row.id, seq=_next_seq(s, row), action=action, version_id=version_id,
                                   scale=scale, stack=stack, state_fingerprint=state_fingerprint, details=details,
-                                  created_at=_now()))
+                                  created_at=_now(), state_root=state_root, measured=measured))
             if set_state:
                 row.stack = stack
                 row.state_fingerprint = state_fingerprint
+                row.state_root = state_root
             row.updated_at = _now()
 
     def events(self, name: str) -> list[EventInfo]:

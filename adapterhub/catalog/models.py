@@ -62,6 +62,9 @@ class BaseModel(Base):
     num_params: Mapped[Optional[int]] = mapped_column(BigInteger)
     local_path: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Revision 0004: the Merkle state root of the weights (adapterhub.apply.state), beside the identity
+    # fingerprint above; NULL until the first `deploy create` of the base measures it.
+    state_root: Mapped[Optional[str]] = mapped_column(String(64))
 
 
 class Adapter(Base):
@@ -88,6 +91,9 @@ class AdapterVersion(Base):
     __table_args__ = (
         UniqueConstraint("adapter_id", "number"),
         Index("ix_adapter_versions_task_created", "task", "created_at"),
+        # revision 0005: newest-first pages and counts of the non-deprecated versions from indexes (issue 18)
+        Index("ix_adapter_versions_created_id", "created_at", "id"),
+        Index("ix_adapter_versions_deprecated_created", "deprecated_at", "created_at", "id"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
@@ -127,7 +133,9 @@ class MetricRow(Base):
     scored and ``full`` whether they were the whole split (a ``--max-examples`` subset is not)."""
 
     __tablename__ = "metric_rows"
-    __table_args__ = (Index("ix_metric_rows_version_name", "version_id", "name"),)
+    __table_args__ = (Index("ix_metric_rows_version_name", "version_id", "name"),
+                      # revision 0005: the current rows of one metric (a sort column) from the index alone
+                      Index("ix_metric_rows_name_version", "name", "version_id", "full", "source", "value"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(100))
@@ -184,6 +192,9 @@ class Deployment(Base):
     uid: Mapped[Optional[str]] = mapped_column(String(32), unique=True)  # also in the folder's marker
     home_id: Mapped[Optional[str]] = mapped_column(String(32))  # the home that created it; only it writes
     rel_path: Mapped[Optional[str]] = mapped_column(Text)  # folder relative to that home, if inside it
+    # Revision 0004: the current state root (NULL on rows made before it until their next operation measures it);
+    # state_fingerprint is then the identity-style sha256 of the state where known (legacy rows: always).
+    state_root: Mapped[Optional[str]] = mapped_column(String(64))
 
     base: Mapped[BaseModel] = relationship(lazy="joined")
 
@@ -203,6 +214,12 @@ class DeploymentEvent(Base):
     version_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
     scale: Mapped[Optional[float]] = mapped_column(Float)
     stack: Mapped[Optional[Any]] = mapped_column(JSONType)
-    state_fingerprint: Mapped[str] = mapped_column(String(64))
+    # The identity-style sha256 of the resulting weights (fingerprint_folder's definition): every event before
+    # revision 0004 has one; from 0004 only where it is known without reading the model (e.g. the base's).
+    state_fingerprint: Mapped[Optional[str]] = mapped_column(String(64))
     details: Mapped[Optional[Any]] = mapped_column(JSONType)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Revision 0004: the resulting state root, and whether it was measured (every weight byte hashed) or derived
+    # from the previous root and the chunks the operation touched. Events before 0004 were measured (full sha256).
+    state_root: Mapped[Optional[str]] = mapped_column(String(64))
+    measured: Mapped[bool] = mapped_column(Boolean, default=False)

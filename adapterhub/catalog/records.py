@@ -107,6 +107,7 @@ class VersionInfo:
     hub_endpoint: str | None = None
     tags: list[str] = field(default_factory=list)
     created: bool = True
+    deprecated_at: dt.datetime | None = None  # retired with Workspace.deprecate (revision 0003)
 
     @property
     def ref(self) -> str:
@@ -124,5 +125,6 @@ class VersionInfo:
                      "nnz_per_param": self.nnz_per_param, "dtype": self.dtype, "mask_hash": self.mask_hash},
             "training_config": self.training_config, "metrics": self.metrics or {}, "card": self.card or {},
             "created_at": iso_utc(self.created_at), "tags": self.tags,
+            "deprecated": self.deprecated_at is not None, "deprecated_at": iso_utc(self.deprecated_at),
             "hub": {"repo": self.hub_repo, "commit": self.hub_commit, "tag": self.hub_tag, "endpoint": self.hub_endpoint},
         }

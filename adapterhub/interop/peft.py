@@ -311,7 +311,8 @@ def read_adapter_source(path: str | os.PathLike[str], base_shapes: Mapping[str, 
         raise FormatError("density and block size apply only to PEFT LoRA folders", keywords=("density",))
     if p.is_dir():
         return import_peft_shira(p, base_shapes or {}, allow_nonfinite=allow_nonfinite), "peft-shira"
-    return fmt.load_file(p, allow_nonfinite=allow_nonfinite), "adapterhub"
+    # keep_source: register stores a canonical file's own bytes instead of re-serialising them (issue 19)
+    return fmt.load_file(p, allow_nonfinite=allow_nonfinite, keep_source=True), "adapterhub"
 
 
 # -- export --------------------------------------------------------------------------------------
@@ -354,6 +355,20 @@ def _linear_weights(base_folder: Path | None) -> set[str] | None:
         return None
 
 
+def first_free_positions(idx: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest non-negative positions not in ``idx`` (sorted, unique int64), ascending.
+
+    O(k log nnz), nothing of the tensor's size allocated (issue 19): position ``j`` of the free list is
+    ``j + #{i : idx[i] - i <= j}``, because ``idx[i] - i`` (the free positions below ``idx[i]``) never
+    decreases. Equal to ``(~mark).nonzero()[:k]`` over a boolean mark of ``idx``.
+    """
+    j = torch.arange(k, dtype=torch.int64)
+    if idx.numel() == 0:
+        return j
+    below = idx.to(torch.int64) - torch.arange(idx.numel(), dtype=torch.int64)
+    return j + torch.searchsorted(below, j, right=True)
+
+
 def export_peft_shira(adapter: fmt.SparseAdapter, out: str | os.PathLike[str], *, base_folder: Path | None = None,
                       base_name_or_path: str | None = None, drop_extras: bool = False) -> PeftExport:
     """Write ``adapter`` as a PEFT SHiRA folder that ``peft.PeftModel.from_pretrained`` loads.
@@ -394,9 +409,7 @@ def export_peft_shira(adapter: fmt.SparseAdapter, out: str | os.PathLike[str], *
         want = need_r * (m + n)
         extra = want - idx.numel()
         if extra:
-            used = torch.zeros(m * n, dtype=torch.bool)
-            used[idx] = True
-            free = (~used).nonzero().reshape(-1)[:extra]
+            free = first_free_positions(idx, extra)
             idx = torch.cat([idx, free])
             vals = torch.cat([vals.to(torch.float32), torch.zeros(extra, dtype=torch.float32)])
             padded += extra

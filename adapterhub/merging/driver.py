@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..catalog.records import Parent
-from ..errors import MergeError
+from ..errors import FormatError, MergeError
 from ..faults import fault_point
-from ..format import SparseAdapter, SparseParam
+from ..format import PackedAdapter, SparseAdapter, SparseParam, dtype_name, parse_dtype
 from .methods import ExpertEntry, get_method
 from .sources import ExpertSource, LazyAdapterFile
 
@@ -33,7 +33,7 @@ __all__ = ["MergeResult", "merge", "merge_adapters", "merge_extras"]
 class MergeResult:
     """The merged adapter and what went into it (in the caller's order)."""
 
-    adapter: SparseAdapter
+    adapter: SparseAdapter | PackedAdapter
     method: str
     options: dict[str, Any]
     weights: list[float]
@@ -51,16 +51,23 @@ def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Sequence[float] | None = None,
                    lam: float | None = None, density: float | None = None, seed: int | None = None,
                    gamma: float | None = None, rng: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> MergeResult:
+                   progress: Callable[[int, int], None] | None = None,
+                   values_dtype: str | None = None, packed: bool = False) -> MergeResult:
     """Merge experts parameter by parameter in sparse space.
 
     Takes: expert sources (at least 2), a method id and its options (``weights`` one per expert
     in the given order; ``lam`` the task-arithmetic lambda; ``density``/``seed``/``gamma``/``rng``
-    for trimming and DARE); ``progress(done, total)`` called after each parameter.
-    Returns: :class:`MergeResult` with an element-layout adapter whose values have the promoted
-    dtype of the experts' values; extras are carried over (same-name extras that differ are averaged).
+    for trimming and DARE); ``progress(done, total)`` called after each parameter; ``values_dtype``
+    (``fp32``/``bf16``/``fp16`` or their torch names) for the result's values.
+    Returns: :class:`MergeResult` with an element-layout adapter whose values have ``values_dtype``, by
+    default the promoted dtype of the experts' values (a different one is recorded in the card's
+    ``values``); extras are carried over (same-name extras that differ are averaged). With ``packed`` the
+    adapter is a :class:`~adapterhub.format.PackedAdapter`: each parameter is encoded (2 B per index + its
+    values) as soon as it is merged, so memory holds the result's file-sized bytes plus one tensor's union of
+    entries, never int64 indices for the whole model (issue 19); ``format.save`` gives the same bytes.
     Raises: MergeError (fewer than 2 experts, different bases, shape clash, bad options).
     """
+    want = _values_dtype(values_dtype)
     m = get_method(method)
     if len(experts) < 2:
         raise MergeError("merging needs at least two adapters")
@@ -83,8 +90,13 @@ def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Seq
         raise MergeError(f"the same adapter is given twice ({dup[:12]}); give weights instead", keywords=("weights",))
     ordered = [(experts[i], eff[i], set(experts[i].param_names())) for i in order]
     names = sorted({n for _, _, held in ordered for n in held})
+    # the output dtype is known before any value is merged (from the headers), so each merged tensor is cast
+    # and, when packed, encoded at once
+    promoted = _promote([e.value_dtype(n) for n in names for e, _, held in ordered if n in held]) if names \
+        else torch.float32
+    out_dtype = want if want is not None else promoted
     params: dict[str, SparseParam] = {}
-    dtypes: list[torch.dtype] = []
+    pack = PackedAdapter() if packed else None
     nnz_in = 0
     for k, name in enumerate(names):
         entries: list[ExpertEntry] = []
@@ -98,19 +110,20 @@ def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Seq
             shape = sh
             p = e.get_param(name)
             idx, vals = p.flat()
-            dtypes.append(vals.dtype)
             nnz_in += idx.numel()
             entries.append(ExpertEntry(idx, vals.to(torch.float32), w, e.key))
             del p
         assert shape is not None  # every name comes from some expert's list
         idx, vals = m.merge_param(name, shape, entries, ctx)
         del entries
-        params[name] = SparseParam(shape, idx.contiguous(), vals)
+        merged = SparseParam(shape, idx.contiguous(), vals.to(out_dtype).contiguous())
+        if pack is not None:
+            pack.add(name, merged)  # encoded now: 2 B per index + the values, as in the file
+        else:
+            params[name] = merged
+        del merged, idx, vals
         if progress is not None:
             progress(k + 1, len(names))
-    out_dtype = _promote(dtypes) if dtypes else torch.float32
-    for p in params.values():
-        p.values = p.values.to(out_dtype).contiguous()
     extras, averaged = merge_extras([e for e, _, _ in ordered])
     public_opts = {k: v for k, v in opts.items() if k != "weights"}  # weights are recorded per expert
     card: dict[str, Any] = {"kind": "merge", "merge": {"method": m.name, "options": public_opts, "weights": w_in,
@@ -130,9 +143,25 @@ def merge_adapters(experts: Sequence[ExpertSource], method: str, *, weights: Seq
         card["tasks"] = tasks
     if averaged:
         card["merge"]["extras_averaged"] = averaged
-    adapter = SparseAdapter(params, extras, card)
+    if out_dtype != promoted:
+        card["values"] = {"dtype": dtype_name(out_dtype), "cast_from": [dtype_name(promoted)]}
+    adapter: SparseAdapter | PackedAdapter
+    if pack is not None:
+        pack.extras, pack.card = extras, card
+        adapter = pack
+    else:
+        adapter = SparseAdapter(params, extras, card)
     return MergeResult(adapter, m.name, public_opts, w_in, [e.label for e in experts],
-                       {"params": len(params), "nnz_in": nnz_in, "nnz_out": adapter.nnz})
+                       {"params": len(adapter.params), "nnz_in": nnz_in, "nnz_out": adapter.nnz})
+
+
+def _values_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return parse_dtype(name)
+    except FormatError as e:
+        raise MergeError(str(e), keywords=("values_dtype",)) from None
 
 
 def merge_extras(experts: Sequence[ExpertSource]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -166,10 +195,11 @@ def merge_extras(experts: Sequence[ExpertSource]) -> tuple[dict[str, torch.Tenso
 def merge(ws: Workspace, refs: Sequence[str], method: str, *, weights: Sequence[float] | None = None,
           lam: float | None = None, density: float | None = None, seed: int | None = None,
           gamma: float | None = None, rng: str | None = None, name: str,
-          progress: Callable[[int, int], None] | None = None) -> VersionInfo:
+          progress: Callable[[int, int], None] | None = None, values_dtype: str | None = None) -> VersionInfo:
     """Merge catalog versions into a new ``merge`` version with ``merged_from`` lineage.
 
-    Takes: a Workspace, at least two REFs, the method and its options, the output adapter ``name``.
+    Takes: a Workspace, at least two REFs, the method and its options, the output adapter ``name``,
+    ``values_dtype`` as :func:`merge_adapters`.
     Returns: the new VersionInfo.
     Raises: RefError (unknown ref), MergeError (different bases, bad options), StoreError.
     Nothing is written unless the merge succeeds.
@@ -185,7 +215,7 @@ def merge(ws: Workspace, refs: Sequence[str], method: str, *, weights: Sequence[
             sources.append(LazyAdapterFile(ws.store.path(i.content_hash), key=i.content_hash, label=i.ref,
                                            expected_sha256=i.content_hash, base_fingerprint=i.base_fingerprint))
         res = merge_adapters(sources, method, weights=weights, lam=lam, density=density, seed=seed, gamma=gamma,
-                             rng=rng, progress=progress)
+                             rng=rng, progress=progress, values_dtype=values_dtype, packed=True)
     finally:
         for s in sources:
             s.close()

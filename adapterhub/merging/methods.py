@@ -1,7 +1,7 @@
 """Merge methods and their registry: how one parameter of several sparse experts becomes one.
 
 Every method works on the **union of the experts' flat indices** of one parameter at a time
-(a boolean mark + prefix-sum rank, then ``index_add_``), so the cost is O(total nnz) and no
+(a sort of the concatenated indices, then ``index_add_``), so the cost is O(nnz log nnz) and no
 expert's values are ever densified (docs/merging.md). The driver that streams the experts
 parameter by parameter is :mod:`adapterhub.merging.driver`; the experts themselves (lazy files,
 in-memory adapters) are :mod:`adapterhub.merging.sources`.
@@ -161,21 +161,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _union(entries: list[ExpertEntry], numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sorted union of the entries' indices and, per entry, the positions of its indices in it.
 
-    A boolean mark over the tensor plus a prefix-sum rank (O(numel + nnz), no value densified):
-    on CPU this is several times faster than ``torch.unique(return_inverse=True)``, which sorts.
+    Sorts the concatenated index lists (``torch.unique(sorted=True, return_inverse=True)``): O(nnz log nnz)
+    time and O(nnz) memory, whatever the tensor's size (issue 19: the old boolean mark and int32 prefix
+    sum over every element of the tensor made a 4-way merge cost what the model costs). ``numel`` is
+    kept for the callers' signature; nothing of that size is allocated.
     """
     if not entries:
         return torch.zeros(0, dtype=torch.int64), []
     if len(entries) == 1:
         return entries[0].idx, [torch.arange(entries[0].idx.numel())]
     cat = torch.cat([e.idx for e in entries])
-    mark = torch.zeros(numel, dtype=torch.bool)
-    mark[cat] = True
-    uniq = mark.nonzero().view(-1)
-    rank = torch.cumsum(mark, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
-    del mark
-    inv = rank[cat].to(torch.int64) - 1
-    del rank
+    uniq, inv = torch.unique(cat, sorted=True, return_inverse=True)
+    del cat
     return uniq, list(torch.split(inv, [e.idx.numel() for e in entries]))
 
 

@@ -46,6 +46,11 @@ class ExpertSource(ABC):
     def get_param(self, name: str) -> SparseParam:
         """Load one parameter (raises KeyError if absent)."""
 
+    def value_dtype(self, name: str) -> torch.dtype:
+        """The dtype of parameter ``name``'s values (default: loads the parameter; sources override it
+        to read it without loading values)."""
+        return self.get_param(name).values.dtype
+
     @abstractmethod
     def extras(self) -> dict[str, torch.Tensor]:
         """Dense extras (task heads)."""
@@ -85,6 +90,9 @@ class InMemoryExpert(ExpertSource):
 
     def get_param(self, name: str) -> SparseParam:
         return self.adapter.params[name]
+
+    def value_dtype(self, name: str) -> torch.dtype:
+        return self.adapter.params[name].values.dtype
 
     def extras(self) -> dict[str, torch.Tensor]:
         return dict(self.adapter.extras)
@@ -126,6 +134,9 @@ class LazyAdapterFile(ExpertSource):
 
     def get_param(self, name: str) -> SparseParam:
         return self._reader.get_param(name, allow_nonfinite=self._allow_nonfinite)
+
+    def value_dtype(self, name: str) -> torch.dtype:
+        return self._reader.value_dtype(name)
 
     def extras(self) -> dict[str, torch.Tensor]:
         return {n: self._reader.get_extra(n, allow_nonfinite=self._allow_nonfinite)

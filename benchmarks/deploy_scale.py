@@ -1,0 +1,218 @@
+"""Deployment cost at two model sizes: ``deploy apply`` + ``deploy revert`` of the same adapter (issue 19).
+
+Builds two synthetic sharded bf16 Llama checkpoints locally (random weights, nothing downloaded;
+``save_pretrained(max_shard_size="500MB")``): SmolLM2-135M shapes and TinyLlama-1.1B shapes (hidden 2048,
+intermediate 5632, 22 layers, 32 heads, 4 KV heads; ~2.2 GB). One random adapter of ~0.9M non-zeros on the
+seven projections is made for each (the same count; positions uniform over the targeted tensors).
+
+Measured in one run, warm page cache (a warm-up cycle first), medians of ``--repeat`` runs:
+
+1. ``adapterhub deploy apply`` + ``adapterhub deploy revert`` through the CLI (two processes, start-up
+   included) on both sizes; prints the ratio 1.1B / 135M (target <= 1.5x).
+2. In process: ``deployments.apply`` + ``deployments.revert`` vs the bare patch of the same entries
+   (gather + scatter on the memory-mapped shards + fsync of the touched shards, then the same to put the
+   originals back) on each size (target <= 1.5x); pages touched are printed beside nnz.
+
+Usage:  nice -n 10 .venv/bin/python benchmarks/deploy_scale.py [--work /tmp/adapterhub-deploy-scale] [--repeat 5]
+        [--sizes 135m,1.1b]
+The checkpoints are kept under ``--work`` and reused by the next run (delete the folder to rebuild).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
+    "1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False},
+}
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NNZ = 900_000
+
+
+def build(folder: Path, size: str) -> None:
+    """A random bf16 Llama of shape ``size`` saved sharded into ``folder`` (skipped if it is there)."""
+    if (folder / "config.json").is_file():
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[size], max_position_embeddings=2048, torch_dtype="bfloat16")
+    model = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, max_shard_size="500MB")
+    del model
+    tmp.rename(folder)
+
+
+def make_adapter(folder: Path, out: Path, nnz: int = NNZ, seed: int = 0) -> int:
+    """A random adapter of ``nnz`` non-zeros on the seven projections of the base in ``folder``."""
+    from adapterhub import format as fmt
+    from adapterhub.bases.sources import tensor_shapes
+
+    shapes = {n: s for n, s in tensor_shapes(folder).items() if any(f".{p}." in n for p in PROJ)}
+    total = sum(int(torch.tensor(s).prod()) for s in shapes.values())
+    g = torch.Generator().manual_seed(seed)
+    params = {}
+    for n in sorted(shapes):
+        numel = int(torch.tensor(shapes[n]).prod())
+        k = max(1, round(nnz * numel / total))
+        idx = torch.randperm(numel, generator=g)[:k].sort().values
+        params[n] = fmt.SparseParam(shapes[n], idx, torch.randn(k, generator=g) * 0.01)
+    fmt.save_file(fmt.SparseAdapter(params, {}, {"mask": {"method": "random"}}), out)
+    return sum(p.nnz for p in params.values())
+
+
+def cli(home: Path, *args: str) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "adapterhub.cli.main", "--home", str(home), *args],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"adapterhub {' '.join(args)} failed: {p.stderr.strip()}")
+    return dt
+
+
+def pages_touched(folder: Path, adapter_path: Path) -> int:
+    """4 KiB pages of the weights files the adapter's entries fall in."""
+    from adapterhub import format as fmt
+    from adapterhub.apply.disk import WeightsFolder
+
+    ad = fmt.load_file(adapter_path)
+    n = 0
+    with WeightsFolder(folder, writable=False) as w:
+        for name, p in ad.params.items():
+            f = w._file(name)
+            dt, _, b, _ = f.entries[name]
+            size = torch.tensor([], dtype=w.flat(name).dtype).element_size()
+            off = f.data_start + b + p.flat()[0] * size
+            n += int(torch.unique_consecutive(off // 4096).numel())
+    return n
+
+
+def bare_patch(folder: Path, adapter_path: Path) -> float:
+    """Apply then revert the adapter's entries on the memory-mapped shards, fsyncing touched shards each time."""
+    from adapterhub import format as fmt
+    from adapterhub.apply.disk import WeightsFolder
+    from adapterhub.apply.patching import patch_flat, write_at
+
+    ad = fmt.load_file(adapter_path)
+    t0 = time.perf_counter()
+    with WeightsFolder(folder) as w:
+        saved = []
+        for name in sorted(ad.params):
+            idx, vals = ad.params[name].flat()
+            saved.append((name, idx, patch_flat(w.flat(name), idx, vals, 1.0, name=name)))
+        w.sync()
+        for name, idx, orig in reversed(saved):
+            write_at(w.flat(name), idx, orig)
+        w.sync()
+    return time.perf_counter() - t0
+
+
+def setup_size(work: Path, size: str) -> dict[str, Any]:
+    """Build the base, the adapter, a home with both registered and deployment ``d`` (reused when present)."""
+    base = work / f"llama-{size}"
+    build(base, size)
+    home = work / f"home-{size}"
+    adapter = work / f"adapter-{size}.safetensors"
+    if not adapter.exists():
+        make_adapter(base, adapter)
+    if not (home / "catalog.db").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        cli(home, "init")
+        cli(home, "base", "add", "b", str(base))
+        cli(home, "register", str(adapter), "--name", "a", "--task", "t", "--base", "b")
+    t_create = float("nan")
+    if not (home / "deployments" / "d").exists():
+        t_create = cli(home, "deploy", "create", "d", "--base", "b")
+    return {"size": size, "base": base, "home": home, "adapter": adapter, "dep": home / "deployments" / "d",
+            "create": t_create, "cli": [], "lib": [], "bare": []}
+
+
+def cycle_cli(r: dict[str, Any]) -> float:
+    return cli(r["home"], "deploy", "apply", "d", "a@1") + cli(r["home"], "deploy", "revert", "d")
+
+
+def cycle_lib(r: dict[str, Any]) -> float:
+    from adapterhub.apply import deployments
+    from adapterhub.workspace import Workspace
+
+    with Workspace.open(r["home"]) as ws:
+        t0 = time.perf_counter()
+        deployments.apply(ws, "d", "a@1")
+        deployments.revert(ws, "d")
+        return time.perf_counter() - t0
+
+
+def finish_size(r: dict[str, Any]) -> dict[str, Any]:
+    from adapterhub import format as fmt
+    from adapterhub.apply import deployments
+    from adapterhub.workspace import Workspace
+
+    with Workspace.open(r["home"]) as ws:
+        t0 = time.perf_counter()
+        ok = deployments.verify(ws, "d")["ok"]
+        t_verify = time.perf_counter() - t0
+    nnz = sum(p.nnz for p in fmt.load_file(r["adapter"]).params.values())
+    nbytes = sum(f.stat().st_size for f in r["base"].glob("*.safetensors"))
+    return {**r, "shards": len(list(r["base"].glob("*.safetensors"))), "bytes": nbytes, "nnz": nnz,
+            "pages": pages_touched(r["dep"], r["adapter"]), "cli": statistics.median(r["cli"]),
+            "lib": statistics.median(r["lib"]), "bare": statistics.median(r["bare"]), "verify": t_verify,
+            "verify_ok": ok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/adapterhub-deploy-scale"))
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--sizes", default="135m,1.1b")
+    ap.add_argument("--build-only", action="store_true", help="Only build the checkpoints.")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    sizes = a.sizes.split(",")
+    if a.build_only:
+        for s in sizes:
+            build(a.work / f"llama-{s}", s)
+        return
+    runs = [setup_size(a.work, s) for s in sizes]
+    for r in runs:  # warm-up cycle: page cache, bytecode
+        cycle_cli(r)
+    # the sizes alternate within each repetition, so that a change in the machine's load hits both alike
+    for _ in range(a.repeat):
+        for r in runs:
+            r["cli"].append(cycle_cli(r))
+            print(f"{r['size']}: CLI apply+revert {r['cli'][-1]:.2f} s", file=sys.stderr, flush=True)
+    for _ in range(a.repeat):
+        for r in runs:
+            r["lib"].append(cycle_lib(r))
+            r["bare"].append(bare_patch(r["dep"], r["adapter"]))
+            print(f"{r['size']}: in-process {r['lib'][-1]:.2f} s, bare {r['bare'][-1]:.2f} s", file=sys.stderr, flush=True)
+    rows = [finish_size(r) for r in runs]
+    print("| base | shards | weights | nnz | 4 KiB pages touched | CLI apply+revert | in-process apply+revert | bare patch "
+          "| in-process / bare | deploy create | deploy verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['shards']} | {r['bytes'] / 1e9:.2f} GB | {r['nnz']:,} | {r['pages']:,} | {r['cli']:.2f} s "
+              f"| {r['lib']:.2f} s | {r['bare']:.2f} s | {r['lib'] / r['bare']:.2f}x | {r['create']:.2f} s "
+              f"| {r['verify']:.2f} s ({'ok' if r['verify_ok'] else 'FAILED'}) |")
+    if len(rows) == 2:
+        print(f"\nCLI apply+revert {rows[1]['size']} / {rows[0]['size']}: {rows[1]['cli'] / rows[0]['cli']:.2f}x "
+              "(target <= 1.5x)")
+        print(f"in-process apply+revert {rows[1]['size']} / {rows[0]['size']}: {rows[1]['lib'] / rows[0]['lib']:.2f}x")
+    print(f"warm page cache, medians of {a.repeat} runs; python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

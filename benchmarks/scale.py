@@ -1,0 +1,574 @@
+"""Scale (issue 19): what the catalog, merge, export, diff and Hub operations cost on 135M and 1.1B bases.
+
+Builds synthetic sharded bf16 Llama checkpoints locally (random weights, nothing downloaded;
+``save_pretrained(max_shard_size="500MB")``): SmolLM2-135M shapes and TinyLlama-1.1B shapes (hidden 2048,
+intermediate 5632, 22 layers, 32 heads, 4 KV heads). For each size and for 1% and 0.1% adapters on the
+seven projections (random positions, bf16 values, i.e. 4 bytes per non-zero), it measures in one run:
+
+* ``base add`` (fingerprints the folder) vs a plain sha256 of the same weight files;
+* ``register`` of a canonical file vs a plain sha256 + copy (+ fsync) of the same file (target <= 1.2x);
+* ``merge`` of 4 experts with TIES (``--density 0.5``) and ``uniform-sparse``: wall time, peak RSS of the
+  timed merges above the process's RSS after a warm-up merge (imports and allocator caches are not the
+  merge's), as a multiple of the experts' total file size (target <= 2x); the
+  union of the previous implementation (a boolean mark + int32 prefix sum over every element) is timed
+  once in the same run as the "before" figure;
+* ``export --format peft`` and ``diff`` (lazy, one tensor at a time);
+* ``push`` and ``pull`` against the test Hub server (adapterhub.testing.hubserver) vs raw
+  ``upload_folder`` / ``snapshot_download`` of the same files (targets <= 1.1x; catalog time of a pull,
+  from the "registering" progress step to the end, < 0.1 s).
+
+Every operation runs in a child process (so its peak RSS is its own: ``VmHWM``), with one torch thread
+(``--threads``), a warm-up
+call first, then the median of ``--repeat`` calls (warm page cache; all figures are warm-cache). Ratios
+are printed against anchors measured in the same child.
+
+Usage:  nice -n 10 .venv/bin/python benchmarks/scale.py [--sizes 135m,1.1b] [--repeat 3]
+        [--work /tmp/adapterhub-scale] [--json docs/bench/scale.json] [--with-deploy]
+``--sizes 135m`` is the quick run. ``--with-deploy`` adds the deployment half's figures
+(``benchmarks/deploy_scale.py``'s ``run_size(work, size, repeat)``, same checkpoints) to the JSON under
+``deploy``; :func:`add_section` is the hook for any other measurement that wants to join the same run.
+The checkpoints and homes are kept under ``--work`` and reused (delete the folder to rebuild).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES: dict[str, dict[str, Any]] = {
+    "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
+    "1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False},
+}
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DENSITIES = (0.01, 0.001)
+EXPERTS = 4
+
+# -- the hook: other measurements join the same run and the same JSON ----------------------------------------
+SECTIONS: dict[str, Callable[[Path, str, int], dict[str, Any]]] = {}
+
+
+def add_section(name: str, fn: Callable[[Path, str, int], dict[str, Any]]) -> None:
+    """Add a measurement to the run: ``fn(work, size, repeat)`` is called once per size after ours, and its
+    JSON-able result is stored as ``doc[name][size]`` (``--with-deploy`` adds ``deploy_scale.run_size``)."""
+    SECTIONS[name] = fn
+
+
+# -- fixtures: checkpoints, adapters, homes -----------------------------------------------------------------------
+
+def build(folder: Path, size: str) -> None:
+    """A random bf16 Llama of shape ``size`` saved sharded into ``folder`` (skipped if it is there)."""
+    if (folder / "config.json").is_file():
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[size], max_position_embeddings=2048)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # initialised in bf16 directly (no fp32 copy of 1.1B weights)
+    try:
+        model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="500MB")
+    del model
+    tmp.rename(folder)
+
+
+def make_adapter(base: Path, fingerprint: str, density: float, seed: int, out: Path) -> None:
+    """A canonical adapter file: random positions at ``density`` on the seven projections, bf16 values, and
+    a card that ``register`` keeps as it is (base, task, kind), so register takes the canonical path."""
+    import torch
+
+    from adapterhub import format as fmt
+    from adapterhub.bases.sources import tensor_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, shape in sorted(tensor_shapes(base).items()):
+        if not (name.endswith(".weight") and any(f".{p}." in name for p in PROJ)):
+            continue
+        numel = shape[0] * shape[1]
+        idx = torch.unique(torch.randint(0, numel, (max(1, round(numel * density)),), generator=g))
+        vals = (torch.randn(idx.numel(), generator=g) * 1e-3).to(torch.bfloat16)
+        params[name] = fmt.SparseParam(tuple(shape), idx, vals)
+    card = {"base": {"name": "b", "fingerprint": fingerprint}, "task": "t", "kind": "expert",
+            "mask": {"method": "random", "density": density, "granularity": "element", "targets": list(PROJ)}}
+    fmt.save_file(fmt.SparseAdapter(params, {}, card), out)
+
+
+def prepare(work: Path, size: str) -> dict[str, Any]:
+    """Checkpoint, a home with the base and 4 experts per density registered, the adapter files."""
+    from adapterhub.workspace import Workspace
+
+    base = work / f"llama-{size}"
+    build(base, size)
+    home = work / f"home-{size}"
+    ws = Workspace.open(home)
+    try:
+        try:
+            info = ws.get_base("b")
+        except Exception:  # first run: add it
+            info = ws.add_base("b", str(base))
+        files: dict[str, list[str]] = {}
+        refs: dict[str, list[str]] = {}
+        for d in DENSITIES:
+            key = f"{d:g}"
+            files[key], refs[key] = [], []
+            for s in range(EXPERTS):
+                f = work / f"adapter-{size}-{key}-{s}.safetensors"
+                if not f.exists():
+                    make_adapter(base, info.fingerprint, d, s, f)
+                files[key].append(str(f))
+                v = ws.register(f, name=f"e{key.replace('.', '_')}-{s}", task="t", base="b")
+                refs[key].append(v.ref)
+    finally:
+        ws.close()
+    dst_home = work / f"home-dst-{size}"
+    dst = Workspace.open(dst_home)
+    try:
+        try:
+            dst.get_base("b")
+        except Exception:  # first run: add it
+            dst.add_base("b", str(base))
+    finally:
+        dst.close()
+    return {"base": str(base), "home": str(home), "dst_home": str(dst_home), "files": files, "refs": refs}
+
+
+# -- child-side measurements -------------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status in KiB: VmRSS (now) or VmHWM (peak of this process image; unlike
+    getrusage's ru_maxrss it is not inherited from the parent across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+MEM: dict[str, int] = {}  # the measured operation's memory (KiB): RSS after its warm-up, peak of its timed runs
+
+
+def _reset_peak() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    MEM["rss0"] = _status_kb("VmRSS")
+
+
+def _median(fn: Callable[[], Any], repeat: int, after: Callable[[], Any] | None = None,
+            measure: bool = False) -> float:
+    """Warm-up call, then the median of ``repeat`` calls; ``after`` runs untimed after each call. With
+    ``measure``, the peak RSS of the timed calls above the RSS after the warm-up goes into MEM (so imports
+    and caches that the first call fills are not counted, only what the operation itself holds)."""
+    ts = []
+    for i in range(repeat + 1):
+        if i == 1 and measure:
+            _reset_peak()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if after is not None:
+            after()
+        if i:
+            ts.append(dt)
+    if measure:
+        MEM["peak"] = _status_kb("VmHWM")
+    return statistics.median(ts)
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while b := f.read(1 << 20):
+                h.update(b)
+    return h.hexdigest()
+
+
+def _copy_hash_fsync(src: Path, dst: Path) -> None:
+    """The register anchor: read the file, sha256 it, write it to a new file and fsync it (as a store write)."""
+    data = src.read_bytes()
+    hashlib.sha256(data).hexdigest()
+    with open(dst, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1) -> dict[str, Any]:
+    """Run one operation group in this (fresh) process; returns its figures."""
+    import torch  # imported before the baseline RSS is read: every operation needs it
+
+    torch.set_num_threads(threads)
+
+    from adapterhub.workspace import Workspace
+
+    base, home = Path(cfg["base"]), Path(cfg["home"])
+    files = [Path(f) for f in cfg["files"][key]] if key else []
+    refs = cfg["refs"][key] if key else []
+    out: dict[str, Any] = {}
+    ws = Workspace.open(home)
+    rss0 = _status_kb("VmRSS")
+
+    def drop(ref: str) -> None:
+        ws.remove(ref)
+        ws.gc()
+
+    if op == "base_add":
+        weights = sorted(base.glob("*.safetensors"))
+
+        def add() -> None:
+            tmp = Path(tempfile.mkdtemp(dir=home.parent))
+            w = Workspace.open(tmp / "h")
+            try:
+                w.add_base("b", str(base))
+            finally:
+                w.close()
+                shutil.rmtree(tmp)
+
+        out["seconds"] = _median(add, repeat, measure=True)
+        out["anchor_sha256"] = _median(lambda: _sha256_files(weights), repeat)
+        out["bytes"] = sum(p.stat().st_size for p in weights)
+        out["ratio"] = out["seconds"] / out["anchor_sha256"]
+    elif op == "register":
+        f = files[0]
+        made: list[str] = []
+        out["seconds"] = _median(lambda: made.append(ws.register(f, name="reg", task="t", base="b").ref), repeat,
+                                 after=lambda: drop(made.pop()), measure=True)
+        copy_to = home.parent / "anchor-copy.safetensors"
+        out["anchor_sha256_copy_fsync"] = _median(lambda: _copy_hash_fsync(f, copy_to), repeat,
+                                                  after=lambda: copy_to.unlink())
+        out["bytes"] = f.stat().st_size
+        out["ratio"] = out["seconds"] / out["anchor_sha256_copy_fsync"]
+    elif op in ("merge_ties", "merge_uniform_sparse", "merge_ties_old_union"):
+        from adapterhub.merging import merge
+
+        method, dens = ("ties", 0.5) if op.startswith("merge_ties") else ("uniform-sparse", None)
+        if op == "merge_ties_old_union":  # the implementation before issue 19, timed once as "before"
+            from adapterhub.merging import methods as mm
+
+            def old_union(entries: list[Any], numel: int) -> Any:
+                if len(entries) < 2:
+                    return (entries[0].idx, [torch.arange(entries[0].idx.numel())]) if entries else (
+                        torch.zeros(0, dtype=torch.int64), [])
+                cat = torch.cat([e.idx for e in entries])
+                mark = torch.zeros(numel, dtype=torch.bool)
+                mark[cat] = True
+                uniq = mark.nonzero().view(-1)
+                rank = torch.cumsum(mark, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
+                inv = rank[cat].to(torch.int64) - 1
+                return uniq, list(torch.split(inv, [e.idx.numel() for e in entries]))
+
+            mm._union = old_union
+            repeat = 1
+        made = []
+        out["seconds"] = _median(lambda: made.append(merge(ws, refs, method, name="m", density=dens).ref), repeat,
+                                 after=lambda: drop(made.pop()), measure=True)
+        experts = sum(ws.resolve(r).size_bytes for r in refs)
+        out["experts_bytes"] = experts
+        out["nnz_in"] = sum(ws.resolve(r).nnz for r in refs)
+    elif op == "export_peft":
+        import peft  # noqa: F401 - imported before timing: export reads its version
+
+        from adapterhub.interop.peft import export_version
+
+        dest = home.parent / "export-peft"
+        out["seconds"] = _median(lambda: export_version(ws, refs[0], dest, to="peft"), repeat,
+                                 after=lambda: shutil.rmtree(dest), measure=True)
+        out["adapter_bytes"] = ws.resolve(refs[0]).size_bytes
+    elif op == "diff":
+        from adapterhub.views.diff import diff_versions
+
+        out["seconds"] = _median(lambda: diff_versions(ws, refs[0], refs[1]), repeat, measure=True)
+    elif op == "hub":
+        dst = Workspace.open(Path(cfg["dst_home"]))
+        try:
+            out.update(_hub(ws, dst, home, refs[0], repeat))
+        finally:
+            dst.close()
+    else:
+        raise SystemExit(f"unknown op {op}")
+    ws.close()
+    out["rss_at_start_mb"] = rss0 / 1024
+    if "peak" in MEM:
+        out["rss_after_warmup_mb"] = MEM["rss0"] / 1024
+        out["peak_rss_mb"] = MEM["peak"] / 1024
+        out["peak_above_warm_mb"] = (MEM["peak"] - MEM["rss0"]) / 1024
+        if "experts_bytes" in out:
+            out["peak_over_experts"] = (MEM["peak"] - MEM["rss0"]) * 1024 / out["experts_bytes"]
+    return out
+
+
+def _stamp(stamps: list[tuple[str, float]], msg: str) -> None:
+    stamps.append((msg, time.perf_counter()))
+
+
+def _hub(ws: Any, dst: Any, home: Path, ref: str, repeat: int) -> dict[str, Any]:
+    """push/pull through adapterhub vs raw upload_folder/snapshot_download of the same files."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    from adapterhub.hub.client import pull, push
+    from adapterhub.testing.hubserver import HubServer
+
+    disable_progress_bars()
+    tmp = Path(tempfile.mkdtemp(dir=home.parent))
+    server = HubServer(record_bodies=False).start()
+    api = HfApi(endpoint=server.url, token=False)
+    t_push, t_raw_up, t_pull, t_raw_down, t_cat = [], [], [], [], []
+    try:
+        for i in range(repeat + 1):
+            if i == 1:
+                _reset_peak()
+            repo = f"bench/ah-{i}"
+            t0 = time.perf_counter()
+            res = push(ws, ref, repo=repo, endpoint=server.url)
+            dt_push = time.perf_counter() - t0
+            folder = tmp / f"raw-{i}"
+            folder.mkdir()
+            for p in ("adapter.safetensors", "adapterhub.json", "README.md"):
+                (folder / p).write_bytes(server.file_bytes(repo, res.commit, p))
+            t0 = time.perf_counter()
+            api.create_repo(f"bench/raw-{i}", exist_ok=True)
+            api.upload_folder(repo_id=f"bench/raw-{i}", folder_path=folder, commit_message="raw")
+            dt_raw_up = time.perf_counter() - t0
+            # pull into a second home that has the base but not this adapter (as a fresh home would)
+            stamps: list[tuple[str, float]] = []
+            t0 = time.perf_counter()
+            got = pull(dst, f"{repo}@v1", name="pulled", endpoint=server.url, cache_dir=tmp / f"cache-ah-{i}",
+                       progress=functools.partial(_stamp, stamps))
+            end = time.perf_counter()
+            dt_pull = end - t0
+            reg = next((t for m, t in stamps if m.startswith("registering")), end)
+            t0 = time.perf_counter()
+            snapshot_download(f"bench/raw-{i}", endpoint=server.url, cache_dir=tmp / f"cache-raw-{i}")
+            dt_raw_down = time.perf_counter() - t0
+            if got.registered:
+                dst.remove(got.ref)
+                dst.gc()
+            if i:
+                t_push.append(dt_push)
+                t_raw_up.append(dt_raw_up)
+                t_pull.append(dt_pull)
+                t_raw_down.append(dt_raw_down)
+                t_cat.append(end - reg)
+        MEM["peak"] = _status_kb("VmHWM")
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = statistics.median
+    return {"push": med(t_push), "raw_upload_folder": med(t_raw_up), "push_ratio": med(t_push) / med(t_raw_up),
+            "pull": med(t_pull), "raw_snapshot_download": med(t_raw_down),
+            "pull_ratio": med(t_pull) / med(t_raw_down), "pull_catalog_s": med(t_cat),
+            "pull_ratio_without_catalog": (med(t_pull) - med(t_cat)) / med(t_raw_down)}
+
+
+# -- parent ---------------------------------------------------------------------------------------------------
+
+def run_child(op: str, cfg: dict[str, Any], key: str, repeat: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", op, "--cfg", json.dumps(cfg), "--key", key, "--repeat", str(repeat),
+           "--threads", str(THREADS)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_DISABLE_XET": "1",  # the local server speaks LFS
+           "HF_HOME": str(Path(cfg["home"]).parent / "hf_home")}
+    for k in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT"):
+        env.pop(k, None)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{op} failed:\n{r.stderr[-3000:]}")
+    doc: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return doc
+
+
+THREADS = 1  # torch intra-op threads in the children (--threads)
+OPS = ("register", "merge_ties", "merge_uniform_sparse", "merge_ties_old_union", "export_peft", "diff", "hub")
+
+
+def run_size(work: Path, size: str, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
+    cfg = prepare(work, size)
+    base = Path(cfg["base"])
+    out: dict[str, Any] = {"size": size, "shards": len(list(base.glob("*.safetensors"))),
+                           "weights_bytes": sum(p.stat().st_size for p in base.glob("*.safetensors"))}
+    out["base_add"] = run_child("base_add", cfg, "", repeat)
+    log(f"{size} base add: {out['base_add']['seconds']:.2f} s ({out['base_add']['ratio']:.2f}x sha256)")
+    for d in DENSITIES:
+        key = f"{d:g}"
+        from adapterhub import format as fmt
+
+        with fmt.open_adapter(cfg["files"][key][0]) as r:
+            nnz = sum(int(r.doc["params"][n]["nnz"]) for n in r.keys())
+        res: dict[str, Any] = {"nnz": nnz, "file_bytes": Path(cfg["files"][key][0]).stat().st_size}
+        res["bytes_per_nnz"] = res["file_bytes"] / nnz
+        for op in OPS:
+            res[op] = run_child(op, cfg, key, repeat)
+            log(f"{size} {d:.1%} {op}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in res[op].items()))
+        out[key] = res
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--sizes", default="135m,1.1b")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/adapterhub-scale"))
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "scale.json")
+    ap.add_argument("--md", type=Path, default=ROOT / "docs" / "bench" / "scale.md",
+                    help="the docs/benchmarks.md fragment written from the JSON (then run benchmarks/collect.py)")
+    ap.add_argument("--md-only", action="store_true", help="only rewrite --md from the existing --json")
+    ap.add_argument("--with-deploy", action="store_true",
+                    help="also run benchmarks/deploy_scale.py's run_size on the same checkpoints")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per operation (default 1: on shared cores, spinning OpenMP threads "
+                         "measure the neighbours, not us; the anchors are single-threaded too)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--key", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, json.loads(args.cfg), args.key, args.repeat, args.threads)))
+        return
+    global THREADS
+    THREADS = args.threads
+    if args.md_only:
+        args.md.write_text(fragment(json.loads(args.json.read_text())))
+        return
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for s in sizes:
+        if s not in SHAPES:
+            raise SystemExit(f"unknown size {s!r}; use {', '.join(SHAPES)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.work).free
+    if "1.1b" in sizes and free < 12 * 2**30:
+        raise SystemExit(f"{args.work}: {free / 2**30:.1f} GiB free; the 1.1B run needs about 12 GiB")
+    if args.with_deploy:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import deploy_scale
+
+        add_section("deploy", lambda work, size, repeat: deploy_scale.run_size(work, size, repeat))
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    doc: dict[str, Any] = {"command": "nice -n 10 .venv/bin/python benchmarks/scale.py --sizes "
+                                      f"{','.join(sizes)} --repeat {args.repeat} --threads {args.threads}",
+                           "cpus": os.cpu_count(), "threads": args.threads, "warm_cache": True,
+                           "load_average_at_start": os.getloadavg()[0], "sizes": {}}
+    for s in sizes:
+        doc["sizes"][s] = run_size(args.work, s, args.repeat, log)
+        for name, fn in SECTIONS.items():
+            doc.setdefault(name, {})[s] = fn(args.work, s, args.repeat)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    args.md.write_text(fragment(doc))
+    print(summary(doc))
+
+
+def fragment(doc: dict[str, Any]) -> str:
+    """The docs/bench/scale.md fragment: command, setting, tables (docs/benchmarks.md via collect.py)."""
+    return "\n".join([
+        "# Scale: 135M and 1.1B bases (issue 19)", "",
+        f"Command: `{doc['command']}` (figures: `docs/bench/scale.json`).", "",
+        "Synthetic sharded bf16 Llama checkpoints built locally (random weights, `save_pretrained(max_shard_size="
+        "\"500MB\")`): SmolLM2-135M shapes and TinyLlama-1.1B shapes. Adapters: random positions at 1% and 0.1% of "
+        "the seven projections, bf16 values (4 B per non-zero + header). Each operation runs in its own process, "
+        f"one torch thread, a warm-up call then the median of the timed calls; warm page cache throughout. "
+        f"{doc['cpus']} shared CPU cores (load average {doc.get('load_average_at_start', 0):.1f} at the start: other "
+        "work ran meanwhile, so absolute times are pessimistic and noisy; each ratio's two sides ran back to back "
+        "in the same process).", "",
+        "Columns: *register ÷ sha256+copy* — `Workspace.register(file)` of a canonical file (validated while "
+        "read, stored without re-serialising, hashed once, catalog row committed) against reading, hashing "
+        "and writing + fsyncing the same bytes (target ≤ 1.2×); *TIES merge* / *uniform-sparse* — `merge` of 4 "
+        "experts (TIES at `--density 0.5`) into the catalog; *before* — the same TIES merge with the previous "
+        "union (a boolean mark + int32 prefix sum over every element of each tensor), timed once in the same "
+        "run; *merge peak ÷ experts* — peak RSS of the timed merges above the process's RSS after a warm-up "
+        "merge, over the 4 experts' total file size (worse of the two methods; target ≤ 2×); *push / pull ÷ "
+        "raw* — against `upload_folder` / `snapshot_download` of the same three files on the test Hub server "
+        "(targets ≤ 1.1×); *pull catalog* — from the \"registering\" step to the end (target < 0.1 s).", "",
+        summary(doc), "", *verdicts(doc), "",
+        "Where the misses come from (cProfile of one `register` of the 1.1B 1% file, 0.78 s on this machine): "
+        "the catalog's mask hash is sha256 over int64 indices (8 B per non-zero: twice the bytes of the whole "
+        "bf16 file, 0.18 s), decoding the gap-coded indices 0.17 s, the finite check of the values 0.08 s (now an "
+        "exponent-bit test, 2-3x faster than `torch.isfinite` on bf16), the content hash 0.06 s, reading the "
+        "file 0.05 s; the anchor is only the read, one hash and the write. A pull's catalog step is a register "
+        "(the same costs) plus the store's own fsynced copy of the blob that the Hub cache already holds; its "
+        "download adds a card fetch, a HEAD and a refs listing to `snapshot_download`'s requests, and a push adds "
+        "a tag and the card/README checks to `upload_folder`'s. On tiny files (135M at 0.1%, 0.5 MB) fixed costs "
+        "(per-tensor decoding of 210 tensors, the catalog transaction) dominate.", "",
+        "Export (`export --format peft`) and `diff` read the adapter one tensor at a time; their times are in the "
+        "JSON with their peak RSS. `base add` fingerprints every weight file once (sha256 of the bytes), so it "
+        "follows the model by design: the anchor is a plain sha256 of the same files.", ""])
+
+
+def verdicts(doc: dict[str, Any]) -> list[str]:
+    """One line per target: the worst measured ratio and whether it is met."""
+    rows = [(s, k, r[k]) for s, r in doc["sizes"].items() for k in (f"{d:g}" for d in DENSITIES)]
+    if not rows:
+        return []
+
+    def worst(f: Callable[[dict[str, Any]], float]) -> tuple[float, str]:
+        v, s, k = max((f(x), s, k) for s, k, x in rows)
+        return v, f"{s} at {float(k):.1%}"
+
+    lines = ["Targets (worst case over sizes and densities, this run):", ""]
+    for label, f, target in (
+            ("merge peak memory ÷ experts' total size", lambda x: max(x["merge_ties"]["peak_over_experts"],
+                                                                       x["merge_uniform_sparse"]["peak_over_experts"]), 2.0),
+            ("register of canonical bytes ÷ sha256 + copy", lambda x: x["register"]["ratio"], 1.2),
+            ("push ÷ upload_folder", lambda x: x["hub"]["push_ratio"], 1.1),
+            ("pull ÷ snapshot_download", lambda x: x["hub"]["pull_ratio"], 1.1),
+            ("pull catalog time (s)", lambda x: x["hub"]["pull_catalog_s"], 0.1)):
+        v, where = worst(f)
+        lines.append(f"* {label}: {v:.2f} ({where}); target ≤ {target:g}: {'met' if v <= target else 'NOT met'}")
+    speed = [(x["merge_ties_old_union"]["seconds"] / x["merge_ties"]["seconds"], s, k) for s, k, x in rows]
+    lines.append("* TIES merge, previous union ÷ now: " + ", ".join(f"{v:.1f}× ({s} at {float(k):.1%})"
+                                                                  for v, s, k in speed))
+    return lines
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """The figures as a Markdown table (what docs/benchmarks.md shows)."""
+    lines = ["| size | density | nnz | B/nnz | register (s) | ÷ sha256+copy | TIES merge (s) | before (s) | "
+             "uniform-sparse (s) | merge peak ÷ experts | export peft (s) | diff (s) | push ÷ raw | pull ÷ raw | "
+             "pull catalog (s) |", "|" + "---|" * 15]
+    for s, r in doc["sizes"].items():
+        for key in (f"{d:g}" for d in DENSITIES):
+            x = r[key]
+            peak = max(x["merge_ties"]["peak_over_experts"], x["merge_uniform_sparse"]["peak_over_experts"])
+            lines.append(
+                f"| {s} | {float(key):.1%} | {x['nnz']:,} | {x['bytes_per_nnz']:.2f} | {x['register']['seconds']:.3f} | "
+                f"{x['register']['ratio']:.2f}x | {x['merge_ties']['seconds']:.2f} | "
+                f"{x['merge_ties_old_union']['seconds']:.2f} | {x['merge_uniform_sparse']['seconds']:.2f} | "
+                f"{peak:.2f}x | {x['export_peft']['seconds']:.2f} | {x['diff']['seconds']:.3f} | "
+                f"{x['hub']['push_ratio']:.2f}x | {x['hub']['pull_ratio']:.2f}x | {x['hub']['pull_catalog_s']:.3f} |")
+    lines.append("")
+    lines.append("| size | weights | shards | base add (s) | ÷ sha256 of the files |")
+    lines.append("|---|---|---|---|---|")
+    for s, r in doc["sizes"].items():
+        b = r["base_add"]
+        lines.append(f"| {s} | {r['weights_bytes'] / 1e9:.2f} GB | {r['shards']} | {b['seconds']:.2f} | {b['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Issue 19 (scale): every operation costs what the adapter costs, not what the base costs.
+
+* unions of index sets are sorts of the indices, never a mark over the tensor (old implementation kept
+  here as the oracle: results identical bit for bit);
+* merge, PEFT export and diff never allocate anything of the tensor's size (shapes of 2**40 elements,
+  declared in metadata only: a numel-sized scratch array cannot even be allocated);
+* ``register`` of canonical bytes stores those very bytes (no re-serialisation, hashed once), ``pull`` hashes
+  once while downloading;
+* values in bf16/fp16 round trip bit for bit; ``--values-dtype`` casts at register and merge; apply/revert
+  of such values is exact.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from adapterhub import format as fmt
+from adapterhub.apply.patching import apply_adapter, revert
+from adapterhub.format import SparseAdapter, SparseParam
+from adapterhub.interop.peft import export_peft_shira, first_free_positions
+from adapterhub.merging import methods as mm
+from adapterhub.merging.driver import merge_adapters
+from adapterhub.merging.sources import InMemoryExpert
+from adapterhub.views.diff import diff_adapters
+from catalog_util import BERT_TARGETS, make_adapter
+
+HUGE = (1 << 20, 1 << 20)  # 2**40 elements: a bool mark of it is 1 TiB, an int32 rank 4 TiB
+
+
+def _old_union(entries: list[mm.ExpertEntry], numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The implementation before issue 19 (boolean mark over the tensor + int32 prefix sum): the oracle."""
+    if not entries:
+        return torch.zeros(0, dtype=torch.int64), []
+    if len(entries) == 1:
+        return entries[0].idx, [torch.arange(entries[0].idx.numel())]
+    cat = torch.cat([e.idx for e in entries])
+    mark = torch.zeros(numel, dtype=torch.bool)
+    mark[cat] = True
+    uniq = mark.nonzero().view(-1)
+    rank = torch.cumsum(mark, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
+    inv = rank[cat].to(torch.int64) - 1
+    return uniq, list(torch.split(inv, [e.idx.numel() for e in entries]))
+
+
+def _experts(seed: int, n: int, numel: int, density: float, dtype: torch.dtype = torch.float32
+             ) -> list[mm.ExpertEntry]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        k = int(torch.randint(0, max(1, int(numel * density)) + 1, (1,), generator=g))
+        idx = torch.randperm(numel, generator=g)[:k].sort().values
+        out.append(mm.ExpertEntry(idx, torch.randn(k, generator=g).to(dtype).float(), 1.0 + i, f"k{i}"))
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(0, 5), numel=st.integers(1, 3000),
+       density=st.sampled_from([0.001, 0.01, 0.1, 0.5, 1.0]))
+def test_union_equals_the_old_mark_and_prefix_sum(seed, n, numel, density):
+    entries = _experts(seed, n, numel, density)
+    uniq, pos = mm._union(entries, numel)
+    ouniq, opos = _old_union(entries, numel)
+    assert torch.equal(uniq, ouniq) and uniq.dtype == torch.int64
+    assert len(pos) == len(opos) and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(pos, opos, strict=True))
+
+
+def _sparse_experts(seed: int, n: int, shapes: dict[str, tuple[int, ...]], density: float,
+                    dtype: torch.dtype) -> list[InMemoryExpert]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        params = {}
+        for name, shape in shapes.items():
+            numel = shape[0] * shape[1]
+            k = int(torch.randint(1, max(2, int(numel * density)), (1,), generator=g))
+            idx = torch.randperm(numel, generator=g)[:k].sort().values
+            params[name] = SparseParam(shape, idx, torch.randn(k, generator=g).to(dtype))
+        out.append(InMemoryExpert(SparseAdapter(params, {}, {"base": {"name": "b", "fingerprint": "f"}}),
+                                  key=f"e{seed}-{i}"))
+    return out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 4), density=st.sampled_from([0.01, 0.1, 0.6]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       method=st.sampled_from(["uniform-sparse", "ties", "task-arithmetic", "dare-ties", "breadcrumbs", "uniform"]))
+def test_merge_bytes_equal_those_of_the_old_union(seed, n, density, dtype, method):
+    shapes = {"a.weight": (48, 40), "b.weight": (16, 96)}
+    experts = _sparse_experts(seed, n, shapes, density, dtype)
+    kw = {"density": 0.5} if method in ("ties", "dare-ties", "breadcrumbs") else {}
+    new = hashlib.sha256(fmt.save(merge_adapters(experts, method, **kw).adapter)).hexdigest()
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(mm, "_union", _old_union)
+        old = hashlib.sha256(fmt.save(merge_adapters(experts, method, **kw).adapter)).hexdigest()
+    finally:
+        mp.undo()
+    assert new == old
+
+
+def _huge_expert(seed: int, k: int = 5000, key: str = "") -> InMemoryExpert:
+    g = torch.Generator().manual_seed(seed)
+    numel = HUGE[0] * HUGE[1]
+    params = {}
+    for name in ("x.weight", "y.weight"):
+        idx = torch.unique(torch.randint(0, numel, (k,), generator=g))
+        params[name] = SparseParam(HUGE, idx, torch.randn(idx.numel(), generator=g))
+    return InMemoryExpert(SparseAdapter(params, {}, {}), key=key or f"huge{seed}")
+
+
+@pytest.mark.parametrize("method", ["uniform-sparse", "ties", "uniform", "dare-linear"])
+def test_merge_of_huge_tensors_allocates_nothing_of_their_size(method):
+    """On the old code this fails at once: torch cannot allocate the 1 TiB mark."""
+    experts = [_huge_expert(s) for s in range(3)]
+    kw = {"density": 0.5} if method in ("ties", "dare-linear") else {}
+    res = merge_adapters(experts, method, **kw)
+    for name in ("x.weight", "y.weight"):
+        union = torch.unique(torch.cat([e.adapter.params[name].indices for e in experts]))
+        p = res.adapter.params[name]
+        assert p.shape == HUGE
+        if method in ("uniform-sparse", "uniform"):
+            assert torch.equal(p.indices, union)
+
+
+def test_first_free_positions_equals_the_mark():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        mark = torch.rand(n, generator=g) < float(torch.rand(1, generator=g))
+        idx = mark.nonzero().view(-1)
+        k = int(torch.randint(0, int((~mark).sum()) + 1, (1,), generator=g))
+        assert torch.equal(first_free_positions(idx, k), (~mark).nonzero().view(-1)[:k])
+
+
+def test_peft_export_of_a_huge_layer_pads_without_a_mask(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from safetensors.torch import load_file
+
+    # export only reads peft.__version__; PEFT itself loading such folders is tests/test_interop_peft.py's
+    # job (importing it takes seconds)
+    monkeypatch.setitem(sys.modules, "peft", types.SimpleNamespace(__version__="0"))
+
+    g = torch.Generator().manual_seed(1)
+    numel = HUGE[0] * HUGE[1]
+    idx = torch.unique(torch.cat([torch.arange(0, 70), torch.randint(0, numel, (3000,), generator=g)]))
+    a = SparseAdapter({"layer.weight": SparseParam(HUGE, idx, torch.randn(idx.numel(), generator=g))}, {}, {})
+    res = export_peft_shira(a, tmp_path / "peft")
+    assert res.r == 1 and res.padded == HUGE[0] + HUGE[1] - idx.numel()
+    t = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    coo = t["base_model.model.layer.shira_indices"].to(torch.int64)
+    flat = coo[0] * HUGE[1] + coo[1]
+    assert torch.equal(flat[: idx.numel()], idx)
+    pad = flat[idx.numel():]
+    # the padding is the smallest free positions, ascending: 70.. (0..69 are taken)
+    assert int(pad[0]) == 70 and bool((pad[1:] > pad[:-1]).all()) and not bool(torch.isin(pad, idx).any())
+    assert float(t["base_model.model.layer.shira_weight"][idx.numel():].abs().sum()) == 0.0
+
+
+def test_diff_of_huge_tensors():
+    a, b = _huge_expert(1).adapter, _huge_expert(2).adapter
+    d = diff_adapters(a, a)
+    assert d.jaccard == 1.0 and d.union == a.nnz
+    d2 = diff_adapters(a, b)
+    assert d2.union == a.nnz + b.nnz - d2.intersection
+
+
+# -- register: canonical bytes stored as they are ------------------------------------------------------
+
+def _canonical_file(ws, tmp_path: Path, tiny_bert_dir: Path, *, dtype=torch.float32, seed: int = 0) -> Path:
+    base = ws.add_base("tiny", str(tiny_bert_dir))
+    a = make_adapter(density=0.2, seed=seed, dtype=dtype)
+    a.card = {"mask": {"method": "random"}, "base": {"name": "tiny", "fingerprint": base.fingerprint},
+              "task": "t", "kind": "expert"}
+    path = tmp_path / "a.safetensors"
+    fmt.save_file(a, path)
+    return path
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_register_of_canonical_bytes_stores_them_without_reserialising(ws, tmp_path, tiny_bert_dir, monkeypatch,
+                                                                       as_bytes):
+    path = _canonical_file(ws, tmp_path, tiny_bert_dir, dtype=torch.bfloat16)
+    raw = path.read_bytes()
+    hashes = []
+    real = fmt.sha256_hex
+    monkeypatch.setattr("adapterhub.workspace.sha256_hex", lambda d: hashes.append(1) or real(d))
+    monkeypatch.setattr("adapterhub.store.sha256_hex", lambda d: pytest.fail("the store hashed the bytes again"))
+
+    def no_write(*a, **k):
+        raise AssertionError("re-serialised canonical bytes")
+
+    monkeypatch.setattr(fmt, "_write_container", no_write)
+    info = ws.register(raw if as_bytes else path, name="a", task="t", base="tiny")
+    assert info.content_hash == hashlib.sha256(raw).hexdigest() and hashes == [1]  # hashed exactly once
+    monkeypatch.undo()
+    assert ws.store.get_bytes(info.content_hash) == raw
+    assert info.dtype == "bf16" and info.nnz == fmt.load(raw).nnz
+
+
+def test_register_of_non_canonical_bytes_is_reserialised(ws, tmp_path, tiny_bert_dir):
+    path = _canonical_file(ws, tmp_path, tiny_bert_dir)
+    a = fmt.load_file(path)
+    a.card.pop("task")  # register adds it: the stored card differs, so the bytes are written anew
+    raw = fmt.save(a)
+    info = ws.register(raw, name="a", task="t", base="tiny")
+    stored = ws.store.get_bytes(info.content_hash)
+    assert stored != raw and stored == path.read_bytes()  # the canonical form (card with the task)
+    # a header with the same tensors but a different (valid) layout order is not canonical either
+    h = fmt.st_io.parse_header(raw)
+    assert h.data_start > 8
+
+
+def test_register_values_dtype_casts_and_records(ws, tmp_path, tiny_bert_dir):
+    path = _canonical_file(ws, tmp_path, tiny_bert_dir, dtype=torch.float32)
+    info = ws.register(path, name="a", task="t", base="tiny", values_dtype="bfloat16")
+    a = ws.load_adapter(info)
+    src = fmt.load_file(path)
+    assert info.dtype == "bf16" and a.card["values"] == {"dtype": "bf16", "cast_from": ["fp32"]}
+    for n, p in a.params.items():
+        assert torch.equal(p.values, src.params[n].values.to(torch.bfloat16))
+    # 2 B of index + 2 B of value per non-zero, plus the header
+    assert info.size_bytes - fmt.st_io.parse_header(ws.adapter_bytes(info)).data_start == 4 * a.nnz
+    with pytest.raises(fmt.FormatError, match="unknown value dtype"):
+        ws.register(path, name="b", task="t", base="tiny", values_dtype="int8")
+
+
+def test_merge_values_dtype():
+    experts = _sparse_experts(3, 3, {"a.weight": (32, 32)}, 0.2, torch.float32)
+    full = merge_adapters(experts, "uniform-sparse").adapter
+    half = merge_adapters(experts, "uniform-sparse", values_dtype="bfloat16").adapter
+    p, q = full.params["a.weight"], half.params["a.weight"]
+    assert q.values.dtype == torch.bfloat16 and torch.equal(p.indices, q.indices)
+    assert torch.equal(q.values, p.values.to(torch.bfloat16))
+    assert half.card["values"] == {"dtype": "bf16", "cast_from": ["fp32"]} and "values" not in full.card
+    with pytest.raises(Exception, match="unknown value dtype"):
+        merge_adapters(experts, "uniform-sparse", values_dtype="fp8")
+
+
+# -- bf16/fp16 values: round trips and exact apply/revert ---------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       target=st.sampled_from([None, "float32", "bfloat16", "float16"]), density=st.sampled_from([0.01, 0.2, 1.0]))
+def test_half_values_round_trip_and_cast(seed, dtype, target, density):
+    a = make_adapter(density=density, seed=seed, dtype=dtype)
+    data = fmt.save(a)
+    b = fmt.load(data, keep_source=True)
+    assert fmt.save(b) is b.source_bytes and fmt.save(fmt.load(data)) == data
+    for n, p in a.params.items():
+        assert torch.equal(b.params[n].values.view(torch.int16), p.values.view(torch.int16))
+    c = fmt.cast_values(b, target)
+    cdata = fmt.save(c)
+    assert fmt.save(fmt.load(cdata)) == cdata
+    want = dtype if target is None else fmt.parse_dtype(target)
+    assert fmt.load(cdata).dtype == want
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float16])
+def test_apply_adds_the_file_values_and_revert_is_exact(wdtype, vdtype):
+    g = torch.Generator().manual_seed(7)
+    weights = {n: (torch.randn(s, generator=g) * 0.1).to(wdtype) for n, s in BERT_TARGETS.items()}
+    before = {n: hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest() for n, t in weights.items()}
+    orig = {n: t.clone() for n, t in weights.items()}
+    a = fmt.load(fmt.save(make_adapter(density=0.3, seed=1, dtype=vdtype)))
+    rec = apply_adapter(weights, a)
+    for n, p in a.params.items():
+        flat = weights[n].view(-1)
+        want = (orig[n].view(-1)[p.indices].to(torch.float32) + p.values.to(torch.float32)).to(wdtype)
+        assert torch.equal(flat[p.indices], want)
+    revert(weights, rec)
+    assert {n: hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest() for n, t in weights.items()} == before
+
+
+# -- pull: one hash, while downloading ---------------------------------------------------------------------
+
+def test_pull_hashes_once_while_downloading_and_stores_the_downloaded_bytes(hub_server, tmp_path, tiny_bert_dir,
+                                                                            monkeypatch):
+    from adapterhub.hub.client import pull, push
+    from adapterhub.workspace import Workspace
+
+    a = Workspace.open(tmp_path / "a")
+    b = Workspace.open(tmp_path / "b")
+    try:
+        a.add_base("tiny", str(tiny_bert_dir))
+        b.add_base("tiny", str(tiny_bert_dir))
+        v = a.register(make_adapter(density=0.2, seed=3, dtype=torch.bfloat16), name="rt", task="t", base="tiny")
+        push(a, v.ref, repo="alice/rt")
+        pushed = a.adapter_bytes(v)
+
+        def no_hash(*args, **kw):
+            raise AssertionError("the pulled bytes were hashed again")
+
+        for where in ("adapterhub.workspace.sha256_hex", "adapterhub.store.sha256_hex",
+                      "adapterhub.hub.client.sha256_hex", "adapterhub.hub.client.sha256_file"):
+            monkeypatch.setattr(where, no_hash)
+        monkeypatch.setattr(fmt, "_write_container", no_hash)  # nor re-serialised
+        res = pull(b, "alice/rt")
+        monkeypatch.undo()
+        assert res.registered and res.content_hash == v.content_hash
+        assert b.adapter_bytes(res.ref) == pushed
+    finally:
+        a.close()
+        b.close()
+
+
+# -- merge: the result is packed as soon as each tensor is merged --------------------------------------------
+
+@pytest.mark.parametrize("method", ["uniform-sparse", "ties", "dare-ties"])
+def test_packed_merge_gives_the_same_bytes_mask_hash_and_catalog_row(method, ws, tmp_path, tiny_bert_dir):
+    from adapterhub.merging import merge
+
+    experts = _sparse_experts(5, 3, {n: s for n, s in list(BERT_TARGETS.items())[:3]}, 0.3, torch.bfloat16)
+    kw = {"density": 0.5} if method != "uniform-sparse" else {}
+    plain = merge_adapters(experts, method, **kw).adapter
+    packed = merge_adapters(experts, method, packed=True, **kw).adapter
+    assert isinstance(packed, fmt.PackedAdapter)
+    data = fmt.save(plain)
+    assert fmt.save(packed) == data and len(packed) == len(data)
+    assert packed.mask_hash() == plain.mask_hash() and packed.nnz_per_param() == plain.nnz_per_param()
+    assert packed.dtype == torch.bfloat16 and packed.density == plain.density
+    # through the catalog: merge() registers the packed result; the blob is save() of the plain result
+    base = ws.add_base("tiny", str(tiny_bert_dir))
+    refs = []
+    for i, e in enumerate(experts):
+        a = e.adapter
+        a.card = {"base": {"name": "tiny", "fingerprint": base.fingerprint}}
+        refs.append(ws.register(a, name=f"e{i}", task="t", base="tiny").ref)
+    info = merge(ws, refs, method, name="m", **kw)
+    stored = ws.adapter_bytes(info)
+    again = merge_adapters([InMemoryExpert(ws.load_adapter(r), key=ws.resolve(r).content_hash) for r in refs],
+                           method, **kw).adapter
+    again.card = fmt.load(stored).card
+    assert stored == fmt.save(again) and info.mask_hash == again.mask_hash() and info.nnz == again.nnz
+
+
+def test_merge_memory_follows_the_result_file_not_int64_indices():
+    """A packed result holds ~ (2 + value bytes) per entry; the plain one 8 B of int64 index + values."""
+    experts = _sparse_experts(9, 4, {"a.weight": (512, 512), "b.weight": (256, 1024)}, 0.02, torch.bfloat16)
+    packed = merge_adapters(experts, "uniform-sparse", packed=True).adapter
+    held = sum(len(t[2]) for t in packed._tensors.values())
+    assert packed.nnz > 10_000 and held == 4 * packed.nnz  # bf16: 2 B of index + 2 B of value, no escapes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite_on_every_bit_pattern(dtype):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    ref = torch.isfinite(bits)
+    got = torch.tensor([fmt.all_finite(bits[i:i + 1]) for i in range(bits.numel())])
+    assert torch.equal(got, ref) and int((~ref).sum()) > 0
+    assert fmt.all_finite(bits[ref]) and not fmt.all_finite(bits)
