@@ -69,3 +69,7 @@ class MergeError(AdapterHubError):
 
 class UnlearningError(AdapterHubError):
     """An unlearning request is invalid (unknown client or class, K too large...)."""
+
+
+class UiError(AdapterHubError):
+    """The web view cannot be served as asked (another address without a token, an unusable token file)."""

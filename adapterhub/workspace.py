@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, func, select, text
+from sqlalchemy import CursorResult, case, delete, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -42,7 +42,7 @@ class _PreparedVersion:
     base: "BaseInfo"
     adapter: Any
     card: dict[str, Any]
-    data: bytes
+    data: Any  # bytes, or a format.PackedAdapter written piece by piece (len() is its size)
     digest: str
     dtype: str
 
@@ -63,7 +63,7 @@ def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None =
         nnz=row.nnz, nnz_per_param=row.nnz_per_param, dtype=row.dtype, mask_hash=row.mask_hash,
         training_config=row.training_config, metrics=row.metrics, card=row.card, created_at=row.created_at,
         hub_repo=row.hub_repo, hub_commit=row.hub_commit, hub_tag=row.hub_tag, hub_endpoint=row.hub_endpoint,
-        tags=sorted(tags or []))
+        tags=sorted(tags or []), deprecated_at=row.deprecated_at)
 
 
 _T = TypeVar("_T")
@@ -275,11 +275,13 @@ class Workspace:
             "format": source, "path": os.path.basename(os.path.abspath(path))})]
         return adapter, source, extra
 
-    def register(self, adapter: fmt.SparseAdapter | bytes | str | os.PathLike[str], *, name: str, task: str | None,
+    def register(self, adapter: fmt.SparseAdapter | fmt.PackedAdapter | bytes | str | os.PathLike[str], *, name: str,
+                 task: str | None,
                  base: str, kind: str = "expert", parents: Sequence[Parent] = (),
                  metrics: dict[str, Any] | None = None, training_config: dict[str, Any] | None = None,
                  hub: dict[str, str | None] | None = None, allow_nonfinite: bool = False,
-                 density: float | None = None, block_size: int | None = None) -> VersionInfo:
+                 density: float | None = None, block_size: int | None = None,
+                 values_dtype: str | None = None) -> VersionInfo:
         """Store an adapter and record it as the next version of ``name``.
 
         NaN/inf values are refused (FormatError) unless ``allow_nonfinite`` is passed (``register
@@ -288,7 +290,10 @@ class Workspace:
         ``adapter`` is a SparseAdapter, the bytes of an adapter file (re-serialised canonically), or a path
         (str / PathLike) to an adapter file or PEFT folder, read as ``adapterhub register`` reads it
         (:meth:`read_adapter_path`, which adds the ``imported_from`` provenance edge; ``density`` and
-        ``block_size`` are for a PEFT LoRA folder, as ``register --density``).
+        ``block_size`` are for a PEFT LoRA folder, as ``register --density``). Bytes (or a file) that already
+        are canonical are stored as they are, hashed once (no re-serialisation). ``values_dtype`` (``fp32``/
+        ``float32``, ``bf16``/``bfloat16``, ``fp16``/``float16``) stores the values in that dtype
+        (:func:`adapterhub.format.cast_values`, recorded in the card); default: as given.
         Checks: names, kind, relations, parents exist, the adapter fits the base (fingerprint in its card,
         every parameter a base tensor of the same shape). The blob is written before the catalog row,
         so a crash leaves at most an unreferenced blob (removed by ``gc``), never a row without a blob.
@@ -302,6 +307,15 @@ class Workspace:
             adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
                                                              density=density, block_size=block_size)
             parents = [*parents, *extra]
+        if values_dtype is not None:
+            from . import format as fmt
+
+            if isinstance(adapter, (bytes, bytearray)):
+                adapter = fmt.load(bytes(adapter), allow_nonfinite=allow_nonfinite)
+            if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: merge(values_dtype=) casts it
+                raise FormatError("values_dtype does not apply to a packed merge result; give it to the merge",
+                                  keywords=("values_dtype",))
+            adapter = fmt.cast_values(adapter, values_dtype)
         spec = NewVersion(adapter, name=name, task=task, base=base, kind=kind, parents=tuple(parents),
                           metrics=metrics, training_config=training_config, hub=hub, allow_nonfinite=allow_nonfinite)
         prep = self._prepare_version(spec, {})
@@ -309,7 +323,7 @@ class Workspace:
         from .faults import fault_point
 
         with self.store.lock(exclusive=False):  # a concurrent gc waits until the row is committed
-            digest = self.store.put_bytes(prep.data)
+            digest = self.store.put_bytes(prep.data, digest=prep.digest)  # hashed once, in _prepare_version
             fault_point("register.after-blob")
             return self._retry(lambda: self._insert_version(**prep.row_args(digest)))
 
@@ -336,8 +350,8 @@ class Workspace:
             if p.relation not in RELATIONS:
                 raise CatalogError(f"unknown relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
         adapter = spec.adapter
-        if isinstance(adapter, (bytes, bytearray)):
-            adapter = fmt.load(bytes(adapter), allow_nonfinite=spec.allow_nonfinite)
+        if isinstance(adapter, (bytes, bytearray)):  # kept: canonical bytes are stored as they are
+            adapter = fmt.load(bytes(adapter), allow_nonfinite=spec.allow_nonfinite, keep_source=True)
         card = dict(adapter.card)
         if spec.allow_nonfinite:  # record the user's decision, so reads from the store accept this blob
             card["allow_nonfinite"] = True
@@ -354,10 +368,24 @@ class Workspace:
         if task is not None:
             card.setdefault("task", task)
         card.setdefault("kind", kind)
-        adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card)
-        data = fmt.save(adapter, allow_nonfinite=spec.allow_nonfinite)
+        if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: written piece by piece, never joined
+            if spec.allow_nonfinite:
+                adapter.allow_nonfinite = True
+            packed = adapter.with_card(card)
+            data: Any = fmt.serialised(packed)
+            digest = fmt.serialised_sha256(data)
+            dtype = packed.dtype
+            return _PreparedVersion(spec, binfo, packed, card, data, digest,
+                                    fmt.dtype_name(dtype) if dtype is not None else "mixed")
+        adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card, source_bytes=adapter.source_bytes,
+                                    source_allow_nonfinite=adapter.source_allow_nonfinite,
+                                    source_sha256=adapter.source_sha256, source_escapes=adapter.source_escapes)
+        data = fmt.save(adapter, allow_nonfinite=spec.allow_nonfinite)  # the source bytes when canonical
+        # hashed once: a pull's bytes were hashed while downloading (source_sha256), others here
+        digest = (adapter.source_sha256 if data is adapter.source_bytes and adapter.source_sha256
+                  else sha256_hex(data))
         dtype = adapter.dtype
-        return _PreparedVersion(spec, binfo, adapter, card, data, sha256_hex(data),
+        return _PreparedVersion(spec, binfo, adapter, card, data, digest,
                                 fmt.dtype_name(dtype) if dtype is not None else "mixed")
 
     def prepare_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
@@ -420,7 +448,7 @@ class Workspace:
                 for p in prepared:
                     if p.digest not in created and not self.store.has(p.digest):
                         created.append(p.digest)
-                    self.store.put_bytes(p.data)
+                    self.store.put_bytes(p.data, digest=p.digest)
                 fault_point("register.after-blob")
                 return self._retry(txn)
         except BaseException:
@@ -684,48 +712,52 @@ class Workspace:
     def list_versions(self, *, task: str | None = None, base: str | None = None, kind: str | None = None,
                       name: str | None = None, limit: int | None = None,
                       include_deprecated: bool = True, sort: str | None = None, descending: bool = False,
-                      columns: Sequence[str] = ()) -> list[VersionInfo]:
+                      columns: Sequence[str] = (), tag: str | None = None, search: str | None = None,
+                      on_hub: bool = False, offset: int = 0) -> list[VersionInfo]:
         """Versions filtered by task/base/kind/name, newest first (``include_deprecated=False`` leaves out
-        versions retired with :meth:`deprecate`).
+        versions retired with :meth:`deprecate`). ``tag``: only versions a tag of that name points at;
+        ``search``: adapter name or task contains the text (any case); ``on_hub``: only pushed versions; ``offset``
+        skips that many rows (pages of ``limit``; :meth:`count_versions` counts the same filters).
 
         One Core query over the version, adapter and base columns (no ORM objects, no per-row lazy loads)
-        and one query for the tags: tens of thousands of rows a second even on a 1M-version catalog.
-        ``sort`` orders by a metric's current figure (versions without it last, then newest first) and
-        ``columns`` names further metrics; their current figures are joined into that same query (one
-        windowed subquery over ``metric_rows`` per metric). Each version's ``metrics`` is the presented
-        overlay (:func:`adapterhub.catalog.metrics.present`), read with one more query.
+        and one query for the tags: tens of thousands of rows a second even on a 1M-version catalog; with a
+        ``limit``, the page's ids are found first over narrow rows and indexes, then their columns read.
+        ``sort`` orders by a metric's current figure (versions without it last, then newest first; one
+        windowed subquery over that metric's ``metric_rows``); ``columns`` names further metrics the caller
+        shows. Each version's ``metrics`` is the presented overlay (:func:`adapterhub.catalog.metrics.present`,
+        every current figure, those of ``columns`` included), read with one more query.
         """
         v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
         # labelled with VersionInfo's field names, so each row becomes VersionInfo(**row)
         cols = [v.id, a.name, v.number, a.kind, v.content_hash, v.size_bytes, v.task, b.name.label("base"),
                 b.fingerprint.label("base_fingerprint"), v.mask_method, v.density, v.granularity, v.block_size,
                 v.target_modules, v.nnz, v.nnz_per_param, v.dtype, v.mask_hash, v.training_config, v.metrics,
-                v.card, v.created_at, v.hub_repo, v.hub_commit, v.hub_tag, v.hub_endpoint]
-        q = (select(*cols).select_from(AdapterVersion.__table__.join(Adapter.__table__, v.adapter_id == a.id)
-                                       .join(BaseModel.__table__, a.base_id == b.id)))
-        if task is not None:
-            q = q.where(v.task == task)
-        if kind is not None:
-            q = q.where(a.kind == kind)
-        if name is not None:
-            q = q.where(a.name == name)
-        if base is not None:
-            q = q.where(b.name == base)
-        if not include_deprecated:
-            q = q.where(v.deprecated_at.is_(None))
-        sort_col = None
-        for i, metric in enumerate(dict.fromkeys([*([sort] if sort else []), *columns])):
-            cur = self._current_metric_query(metric).subquery(f"m{i}")
+                v.card, v.created_at, v.hub_repo, v.hub_commit, v.hub_tag, v.hub_endpoint, v.deprecated_at]
+        # A page (``limit``) takes two steps: its ids, filtered and ordered through the indexes over narrow rows
+        # (SQLite would otherwise sort whole rows, JSON columns and all, for every page), then their columns.
+        narrow = bool(limit)
+        q = self._version_filters(select(v.id) if narrow else select(*cols), join=not narrow, task=task, base=base,
+                                  kind=kind, name=name, tag=tag, search=search, on_hub=on_hub,
+                                  include_deprecated=include_deprecated)
+        if sort:  # only the sort metric is joined: `columns` figures come with the metrics overlay below
+            cur = self._current_metric_values(sort).subquery("m0")
             q = q.outerjoin(cur, cur.c.version_id == v.id)
-            if metric == sort:
-                sort_col = cur.c.value
-        if sort_col is not None:
-            q = q.order_by(sort_col.is_(None), sort_col.desc() if descending else sort_col.asc())
+            q = q.order_by(cur.c.value.is_(None), cur.c.value.desc() if descending else cur.c.value.asc())
         q = q.order_by(v.created_at.desc(), v.id.desc())
         if limit:
             q = q.limit(limit)
+        if offset:
+            q = q.offset(offset)
         with self.session() as s:
-            rows = s.execute(q).all()
+            if narrow:
+                order = [r[0] for r in s.execute(q)]
+                wide = self._version_filters(select(*cols), join=True)
+                by_id: dict[int, Any] = {}
+                for i in range(0, len(order), 900):  # stay under SQLite's bound-parameter limit
+                    by_id.update({r.id: r for r in s.execute(wide.where(v.id.in_(order[i:i + 900])))})
+                rows = [by_id[i] for i in order if i in by_id]
+            else:
+                rows = list(s.execute(q).all())
             tagmap: dict[int, list[str]] = {}
             ids = [r.id for r in rows]
             for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
@@ -736,6 +768,74 @@ class Workspace:
         for info in out:
             info.metrics = mh.present(info.metrics, current.get(info.id, []))
         return out
+
+    @staticmethod
+    def _version_filters(q: Any, *, task: str | None = None, base: str | None = None, kind: str | None = None,
+                         name: str | None = None, tag: str | None = None, search: str | None = None,
+                         on_hub: bool = False, include_deprecated: bool = True, join: bool = False) -> Any:
+        """``q`` over versions, narrowed by :meth:`list_versions`' filters; joined with their adapter and base
+        when ``join`` or a filter needs them (a query of version columns only then runs on its indexes)."""
+        v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
+        if join or base is not None or kind is not None or name is not None or search:
+            q = q.select_from(AdapterVersion.__table__.join(Adapter.__table__, v.adapter_id == a.id)
+                              .join(BaseModel.__table__, a.base_id == b.id))
+        else:
+            q = q.select_from(AdapterVersion.__table__)
+        if task is not None:
+            q = q.where(v.task == task)
+        if kind is not None:
+            q = q.where(a.kind == kind)
+        if name is not None:
+            q = q.where(a.name == name)
+        if base is not None:
+            q = q.where(b.name == base)
+        if tag is not None:
+            q = q.where(v.id.in_(select(Tag.version_id).where(Tag.name == tag)))
+        if search:
+            q = q.where(a.name.icontains(search, autoescape=True) | v.task.icontains(search, autoescape=True))
+        if on_hub:
+            q = q.where(v.hub_repo.is_not(None))
+        if not include_deprecated:
+            q = q.where(v.deprecated_at.is_(None))
+        return q
+
+    def count_versions(self, *, task: str | None = None, base: str | None = None, kind: str | None = None,
+                       name: str | None = None, tag: str | None = None, search: str | None = None,
+                       on_hub: bool = False, include_deprecated: bool = True) -> int:
+        """How many versions :meth:`list_versions` returns with the same filters and no limit."""
+        q = self._version_filters(select(func.count()), task=task, base=base, kind=kind, name=name, tag=tag,
+                                  search=search, on_hub=on_hub, include_deprecated=include_deprecated)
+        with self.session() as s:
+            return int(s.scalar(q) or 0)
+
+    def catalog_facets(self) -> dict[str, list[str]]:
+        """The distinct tasks, kinds and tag names in the catalog, sorted (what a filter can choose from)."""
+        v, a = AdapterVersion.__table__.c, Adapter.__table__.c
+        with self.session() as s:
+            tasks = s.scalars(select(v.task).where(v.task.is_not(None)).distinct().order_by(v.task)).all()
+            kinds = s.scalars(select(a.kind).distinct().order_by(a.kind)).all()
+            tags = s.scalars(select(Tag.name).distinct().order_by(Tag.name)).all()
+        return {"tasks": [t for t in tasks if t is not None], "kinds": list(kinds), "tags": list(tags)}
+
+    def metric_names(self, ids: Sequence[int]) -> list[str]:
+        """The names of the metrics recorded for versions ``ids`` (any source), sorted."""
+        m = MetricRow.__table__.c
+        out: set[str] = set()
+        with self.session() as s:
+            for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+                out.update(s.scalars(select(m.name).where(m.version_id.in_(list(ids[i:i + 900]))).distinct()))
+        return sorted(out)
+
+    @staticmethod
+    def _current_metric_values(metric: str) -> Any:
+        """SELECT version_id, value of each version's current row of ``metric``: the same rows as
+        :meth:`_current_metric_query` (the latest full-split row, else the latest row, among the version's own
+        sources), picked by one grouped pass over the ``(name, version_id, ...)`` index instead of a window
+        (what a page sorted by a metric waits for)."""
+        m = MetricRow.__table__.c
+        pick = (select(func.coalesce(func.max(case((m.full, m.id))), func.max(m.id)))
+                .where(m.name == metric, m.source.in_(mh.SELF_SOURCES)).group_by(m.version_id))
+        return select(m.version_id, m.value).where(m.id.in_(pick))
 
     @staticmethod
     def _current_metric_query(metric: str | None = None, ids: Sequence[int] | None = None) -> Any:
@@ -886,14 +986,17 @@ class Workspace:
 
     # -- lineage ----------------------------------------------------------------------------------
 
-    def lineage(self, ref: str, *, direction: str = "ancestors") -> list[dict[str, Any]]:
+    def lineage(self, ref: str, *, direction: str = "ancestors", max_depth: int | None = None) -> list[dict[str, Any]]:
         """All ancestors (or descendants) of a version as edges, found with one recursive CTE.
 
         Each edge: {"child", "parent", "relation", "weight", "params", "depth"} with refs ``name@N``
-        (parent None for imported_from provenance).
+        (parent None for imported_from provenance). ``max_depth``: only edges at most that many steps away
+        (the walk stops there: a picture of a huge graph reads only what it draws).
         """
         if direction not in ("ancestors", "descendants"):
             raise CatalogError("direction must be ancestors or descendants")
+        if max_depth is not None and max_depth < 1:
+            raise CatalogError("max_depth must be at least 1")
         info = self.resolve(ref)
         # one walk for both directions: follow edges from `near` (the side we stand on) to `far`
         near, far = ("child_id", "parent_id") if direction == "ancestors" else ("parent_id", "child_id")
@@ -902,11 +1005,11 @@ class Workspace:
                 SELECT e.id, e.child_id, e.parent_id, 1 FROM lineage_edges e WHERE e.{near} = :vid
                 UNION
                 SELECT e.id, e.child_id, e.parent_id, w.depth + 1 FROM lineage_edges e
-                JOIN walk w ON e.{near} = w.{far} WHERE w.depth < 10000
+                JOIN walk w ON e.{near} = w.{far} WHERE w.depth < :max_depth
             )
             SELECT edge_id, MIN(depth) FROM walk GROUP BY edge_id"""
         with self.session() as s:
-            depth = {eid: d for eid, d in s.execute(text(sql), {"vid": info.id})}
+            depth = {eid: d for eid, d in s.execute(text(sql), {"vid": info.id, "max_depth": max_depth or 10000})}
             return self._edge_dicts(s, depth)
 
     @staticmethod

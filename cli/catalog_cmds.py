@@ -44,7 +44,7 @@ def _fmt_density(d: float | None) -> str:
 
 
 def _version_row(v: VersionInfo) -> list[Any]:
-    return [v.ref, v.kind, v.task, v.base, _fmt_density(v.density), v.nnz, v.dtype, ",".join(v.tags),
+    return [f"{v.ref} (deprecated)" if v.deprecated_at is not None else v.ref, v.kind, v.task, v.base, _fmt_density(v.density), v.nnz, v.dtype, ",".join(v.tags),
             v.content_hash[:12], v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else ""]
 
 
@@ -142,7 +142,9 @@ def base_group() -> None:
 @pass_ctx
 @handle_errors
 def base_add(c: Ctx, name: str, source: str, revision: str | None, as_json: bool) -> None:
-    """Register base model NAME from SOURCE: a local Hugging Face folder, 'minilm' or 'smollm2'.
+    """Register base model NAME from SOURCE: a local Hugging Face folder, 'minilm', 'smollm2' or 'digits-cnn'.
+
+    'digits-cnn' is adapterhub's own small image CNN for the digits task (built from seed 0).
 
     Example: adapterhub base add minilm minilm
     """
@@ -168,6 +170,10 @@ def base_list(c: Ctx, as_json: bool) -> None:
            ([b.name, b.source, b.architecture, f"{b.num_params or 0:,}", b.fingerprint[:12]] for b in bases))
 
 
+# value dtypes an adapter file may hold (adapterhub.format.VALUE_DTYPES, named without importing torch)
+VALUE_DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
 @click.command("register", cls=ArgvCommand)
 @click.argument("file", type=click.Path(exists=True))
 @click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Adapter name (new or existing).")
@@ -183,12 +189,14 @@ def base_list(c: Ctx, as_json: bool) -> None:
               help="PEFT LoRA folders: fraction of each ΔW = B·A·scale kept, by magnitude (required for LoRA).")
 @click.option("--block-size", type=click.IntRange(min=1), default=None,
               help="PEFT LoRA folders: keep b x b blocks by norm instead of single entries.")
+@click.option("--values-dtype", type=click.Choice(VALUE_DTYPE_CHOICES), default=None,
+              help="Store the values in this dtype (recorded in the card); default: as in FILE.")
 @json_option
 @click.pass_context
 @handle_errors
 def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str, kind: str,
                  parents: tuple[str, ...], relations: tuple[str, ...], allow_nonfinite: bool,
-                 density: float | None, block_size: int | None, as_json: bool) -> None:
+                 density: float | None, block_size: int | None, values_dtype: str | None, as_json: bool) -> None:
     """Add FILE (an adapterhub .safetensors file, a PEFT SHiRA folder or a PEFT LoRA folder) as the next version of NAME.
 
     A LoRA folder needs --density: ΔW is kept sparse and the card records each tensor's relative
@@ -210,7 +218,7 @@ def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str,
                                                      block_size=block_size)
     plist = [Parent(ref, rel) for ref, rel in pairs] + imported
     info = ws.register(adapter, name=name, task=task, base=base, kind=kind, parents=plist,
-                       allow_nonfinite=allow_nonfinite)
+                       allow_nonfinite=allow_nonfinite, values_dtype=values_dtype)
     if not info.created:
         echo_err(f"same content is already {info.ref}; nothing added")
     if as_json:
@@ -294,18 +302,14 @@ def metrics_cmd(c: Ctx, ref: str, as_json: bool) -> None:
 
     Example: adapterhub metrics rt-sentiment@1 --json
     """
-    info = c.ws.resolve(ref)
-    rows = c.ws.metric_history(info.ref)
-    from adapterhub.catalog.metrics import current_rows
+    from adapterhub.views.documents import metrics_document
 
-    shown = {id(r) for r in current_rows(rows)}
-    doc = {"ref": info.ref, "current": info.metrics or {},
-           "history": [{**r.to_json(), "shown": id(r) in shown} for r in rows]}
+    doc = metrics_document(c.ws, ref)
     output(doc, as_json, ["name", "value", "split", "n", "full", "source", "scorer", "data", "time", "shown"],
-           ([r.name, _fmt_metric(r.value), r.split or "", "" if r.n is None else r.n, "yes" if r.full else "subset",
-             r.source, r.scorer or "", (r.dataset_hash or "")[:12],
-             r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "", "*" if id(r) in shown else ""]
-            for r in rows), title=f"metrics of {info.ref}", no_wrap=("scorer", "data", "time"))
+           ([r["name"], _fmt_metric(r["value"]), r["split"] or "", "" if r["n"] is None else r["n"],
+             "yes" if r["full"] else "subset", r["source"], r["scorer"] or "", (r["dataset_hash"] or "")[:12],
+             (r["created_at"] or "")[:19].replace("T", " "), "*" if r["shown"] else ""]
+            for r in doc["history"]), title=f"metrics of {doc['ref']}", no_wrap=("scorer", "data", "time"))
 
 
 @click.command("show")
@@ -316,14 +320,17 @@ def metrics_cmd(c: Ctx, ref: str, as_json: bool) -> None:
 def show_cmd(c: Ctx, ref: str, as_json: bool) -> None:
     """Show everything the catalog knows about one version, with its direct parents.
 
+    A deprecated version is flagged (a `deprecated` row, `"deprecated": true` and `deprecated_at` in --json).
+
     Example: adapterhub show rt-sentiment@prod
     """
-    info = c.ws.resolve(ref)
-    doc = info.to_json()
-    doc["parents"] = [{k: e[k] for k in ("parent", "relation", "weight", "params")} for e in c.ws.parents(info.ref)]
+    from adapterhub.views.documents import show_document
+
+    doc = show_document(c.ws, ref)
     if as_json:
         print_json(doc)
         return
+    info = c.ws.resolve(doc["ref"])
     rows = [("ref", info.ref), ("kind", info.kind), ("task", info.task), ("base", f"{info.base} ({info.base_fingerprint[:12]})"),
             ("content hash", info.content_hash), ("size", f"{info.size_bytes:,} bytes"),
             ("mask", f"{info.mask_method or '?'}, {info.granularity or '?'}"
@@ -335,7 +342,12 @@ def show_cmd(c: Ctx, ref: str, as_json: bool) -> None:
                                   for p in doc["parents"]))]
     if info.hub_repo:
         rows.append(("hub", f"{info.hub_repo}@{info.hub_commit or ''} {info.hub_tag or ''}".strip()))
-    output(doc, False, ["field", "value"], rows, title=info.ref)
+    title = info.ref
+    if info.deprecated_at is not None:
+        rows.insert(1, ("deprecated", f"since {doc['deprecated_at']}: hidden from `list` (shown by `list --all`), "
+                                      f"still resolvable; `adapterhub deprecate --undo {info.ref}` reinstates it"))
+        title = f"{info.ref} (deprecated)"
+    output(doc, False, ["field", "value"], rows, title=title)
 
 
 @click.command("log")
@@ -422,10 +434,9 @@ def diff_cmd(c: Ctx, ref_a: str, ref_b: str, as_json: bool) -> None:
 
     Example: adapterhub diff rt-sentiment@1 rt-sentiment@2
     """
-    from adapterhub.views.diff import diff_adapters
+    from adapterhub.views.diff import diff_versions
 
-    a, b = c.ws.resolve(ref_a), c.ws.resolve(ref_b)
-    d = diff_adapters(c.ws.load_adapter(a), c.ws.load_adapter(b), name_a=a.ref, name_b=b.ref)
+    d = diff_versions(c.ws, ref_a, ref_b)
     doc = d.to_json()
 
     def f(x: float | None) -> str:
@@ -435,7 +446,7 @@ def diff_cmd(c: Ctx, ref_a: str, ref_b: str, as_json: bool) -> None:
              f(p.mean_abs_diff)] for p in d.params]
     rows.append(["TOTAL", doc["total"]["nnz_a"], doc["total"]["nnz_b"], d.intersection, f(d.jaccard), "", "", ""])
     output(doc, as_json, ["param", "nnz A", "nnz B", "both", "jaccard", "cosine", "same sign", "mean |A-B|"],
-           rows, title=f"{a.ref} vs {b.ref}")
+           rows, title=f"{d.a} vs {d.b}")
 
 
 @click.command("verify")

@@ -264,6 +264,7 @@ def progress(description: str = "", *, total: float | None = None, transient: bo
         return LogProgress(parse_progress_every(os.environ.get("ADAPTERHUB_PROGRESS_EVERY")), counts=counts)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     class SafeProgress(Progress):
         """Descriptions and ``info`` fields are shown literally (no markup), control characters escaped."""
@@ -277,9 +278,15 @@ def progress(description: str = "", *, total: float | None = None, transient: bo
                 fields["description"] = safe_text(description)
             super().update(task_id, **{k: _safe_field(v) if k not in _PROGRESS_ARGS else v for k, v in fields.items()})
 
+    class CountsColumn(MofNCompleteColumn):
+        """``done/total``, and nothing (never ``0/?``) while the total is not known yet (loading)."""
+
+        def render(self, task: Any) -> Any:
+            return Text("") if task.total is None else super().render(task)
+
     cols: list[Any] = [TextColumn("{task.description}", markup=False), BarColumn()]
     if counts:
-        cols.append(MofNCompleteColumn())
+        cols.append(CountsColumn())
     cols += [TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False)]
     return SafeProgress(*cols, console=Console(file=sys.stderr), transient=transient)
 

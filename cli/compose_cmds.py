@@ -35,11 +35,13 @@ def _two_or_more(ctx: click.Context, param: click.Parameter, refs: tuple[str, ..
               help="Fraction kept per expert (ties, breadcrumbs: of its entries; dare-*: keep probability).")
 @click.option("--seed", type=int, default=None, help="Seed of the DARE random drop.")
 @click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Name of the merged adapter.")
+@click.option("--values-dtype", type=click.Choice(("float32", "bfloat16", "float16")), default=None,
+              help="Dtype of the merged values (recorded in the card); default: the experts' promoted dtype.")
 @json_option
 @pass_ctx
 @handle_errors
 def merge_cmd(c: Ctx, refs: tuple[str, ...], method: str, weights: list[float] | None, lam: float | None,
-              density: float | None, seed: int | None, name: str, as_json: bool) -> None:
+              density: float | None, seed: int | None, name: str, values_dtype: str | None, as_json: bool) -> None:
     """Merge experts in sparse space into a new `merge` version with merged_from lineage.
 
     Example: adapterhub merge rt-sentiment@2 sms-spam trec --method uniform-sparse --name multi
@@ -57,7 +59,7 @@ def merge_cmd(c: Ctx, refs: tuple[str, ...], method: str, weights: list[float] |
             prog.update(task, total=total, completed=done)
 
         info = merge(c.ws, list(refs), method, weights=weights, lam=lam, density=density, seed=seed, name=name,
-                     progress=tick)
+                     progress=tick, values_dtype=values_dtype)
     doc = info.to_json()
     doc["merged_from"] = list(refs)
     output(doc, as_json, ["ref", "kind", "method", "nnz", "content hash"],
@@ -95,7 +97,7 @@ def _show(info: DeploymentInfo, as_json: bool) -> None:
     output(info.to_json(), as_json, ["deployment", "base", "stack", "state", "path"],
            [[info.name, info.base, " > ".join(f"{l['ref']}x{l['scale']:g}" if l["scale"] != 1 else l["ref"]
                                                for l in info.stack) or "-",
-             info.state_fingerprint[:16], str(info.path)]])
+             info.state[:16], str(info.path)]])
 
 
 @deploy_group.command("list")
@@ -111,7 +113,7 @@ def deploy_list(c: Ctx, as_json: bool) -> None:
 
     infos = deployments.list_deployments(c.ws)
     output([i.to_json() for i in infos], as_json, ["deployment", "base", "stack", "events", "state", "path"],
-           [[i.name, i.base, " > ".join(l["ref"] for l in i.stack) or "-", i.events, i.state_fingerprint[:16], str(i.path)]
+           [[i.name, i.base, " > ".join(l["ref"] for l in i.stack) or "-", i.events, i.state[:16], str(i.path)]
             for i in infos])
 
 
@@ -152,17 +154,19 @@ def deploy_revert(c: Ctx, name: str, ref: str | None, as_json: bool) -> None:
 @deploy_group.command("rollback")
 @click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
 @click.option("--to", "to", type=click.IntRange(min=0), required=True, help="Event number (see `deploy history`).")
+@click.option("--verify", "verify", is_flag=True,
+              help="Measure: hash every weight byte before and after (slower; the event records a measured state).")
 @json_option
 @pass_ctx
 @handle_errors
-def deploy_rollback(c: Ctx, name: str, to: int, as_json: bool) -> None:
+def deploy_rollback(c: Ctx, name: str, to: int, verify: bool, as_json: bool) -> None:
     """Restore deployment NAME exactly to its state after event EVENT.
 
-    Example: adapterhub deploy rollback prod --to 3
+    Example: adapterhub deploy rollback prod --to 3 --verify
     """
     from adapterhub.apply import deployments
 
-    _show(deployments.rollback(c.ws, name, to), as_json)
+    _show(deployments.rollback(c.ws, name, to, verify=verify), as_json)
 
 
 @deploy_group.command("history")
@@ -171,7 +175,10 @@ def deploy_rollback(c: Ctx, name: str, to: int, as_json: bool) -> None:
 @pass_ctx
 @handle_errors
 def deploy_history(c: Ctx, name: str, as_json: bool) -> None:
-    """Events of deployment NAME: event, action, adapter ref and hash, forget spec, state fingerprint, time.
+    """Events of deployment NAME: event, action, adapter ref and hash, forget spec, state root, time.
+
+    A state marked * was derived from the previous one and the chunks the operation touched; the others were
+    measured (every weight byte hashed: create, --verify). --json has both as "state_root" and "measured".
 
     Example: adapterhub deploy history prod --json
     """
@@ -182,7 +189,8 @@ def deploy_history(c: Ctx, name: str, as_json: bool) -> None:
            ["event", "action", "ref", "adapter hash", "forget", "scale", "state", "stack", "time"],
            [[e.seq, e.action, e.ref or (f"to {e.details['to']}" if "to" in e.details else ""),
              (e.content_hash or "")[:12], e.forget or "", "" if e.scale is None else f"{e.scale:g}",
-             e.state_fingerprint[:16], " > ".join(l["ref"] for l in e.stack) or "-", _when(e.created_at)] for e in evs],
+             e.state[:12] + ("" if e.measured else "*"), " > ".join(l["ref"] for l in e.stack) or "-",
+             _when(e.created_at)] for e in evs],
            no_wrap=("adapter hash", "state", "ref", "forget", "time"))
 
 

@@ -32,7 +32,7 @@ def demo_cmd(c: Ctx, steps: int, density: float, eval_examples: int, base_source
 
     Example: adapterhub --home ./demo-home demo
     """
-    from adapterhub.demo import DemoConfig, run_demo, summary_rows
+    from adapterhub.demo import DemoConfig, browse_command, run_demo, summary_rows
 
     home = Path(c.home) if c.home else None
     if fresh and home is not None and (home / "catalog.db").exists():
@@ -57,6 +57,7 @@ def demo_cmd(c: Ctx, steps: int, density: float, eval_examples: int, base_source
         return
     print_table(["what", "ref", "figure", "value"], summary_rows(report), title="adapterhub demo summary")
     echo(f"report: {Path(report.home) / 'demo' / 'summary.json'} and summary.png")
+    echo(f"browse the catalog: {browse_command(report)}  (then open http://127.0.0.1:8765/)")
 
 
 # The root group (cli/main.py) adds these.

@@ -33,8 +33,9 @@ def render(root: click.Command | None = None, prog: str = "adapterhub") -> str:
            "unknown task or choice, clashing options), reported before torch is imported. REFs: `name`, "
            "`name@latest`, `name@~1` (one before the latest), `name@N`, `name@tag`, `sha256:<8+ hex>` "
            "(docs/catalog.md).", "",
-           "Progress: on a terminal, a live bar; otherwise (logs, CI) one line every 10% of the steps and at "
-           "least every 30 s, plus one when the training phase changes (warm-up, mask selection, values-only). "
+           "Progress (`train`: steps, `eval`: rows scored, both as done/total): on a terminal, a live bar; "
+           "otherwise (logs, CI) one line every 10% of the total and at least every 30 s, plus one when the "
+           "phase changes (training: warm-up, mask selection, values-only; eval: loading, scoring). "
            "`ADAPTERHUB_PROGRESS_EVERY` sets the period: `N%`, `Ns` or `N` steps, comma-separated "
            "(`5%,60s`).", "",
            "Shell completion (names, tags, `@latest`, `@~1` and version numbers from your catalog, and task "

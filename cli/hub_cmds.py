@@ -56,7 +56,8 @@ def _status(quiet: bool) -> Iterator[Any]:
 @click.option("--card-only", is_flag=True,
               help="Only refresh the card (adapterhub.json, README.md) of a version already pushed; no weights.")
 @click.option("--tags", "mirror_tags", is_flag=True,
-              help="Also set the version's local tags on the Hub, as tag-NAME (e.g. prod -> tag-prod).")
+              help="Mirror the adapter's local tags on the Hub as tag-NAME (prod -> tag-prod), for its "
+                   "versions pushed to this repo; a tag-NAME at one of them whose local tag is gone is deleted.")
 @_endpoint_option
 @json_option
 @pass_ctx
@@ -83,6 +84,8 @@ def push_cmd(c: Ctx, ref: str, repo: str | None, private: bool, branch: str, car
         echo(res.message)
         if res.hub_tags:
             echo(f"Hub tags: {', '.join(res.hub_tags)}")
+        if res.hub_tags_deleted:
+            echo(f"Hub tags deleted (no longer tagged locally): {', '.join(res.hub_tags_deleted)}")
         echo(f"{res.url}/tree/{res.tag}")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import catalog_cmds, compose_cmds, demo_cmds, hub_cmds, train_cmds, unlearn_cmds
+from . import catalog_cmds, compose_cmds, demo_cmds, hub_cmds, train_cmds, ui_cmds, unlearn_cmds
 from .common import Ctx, parse_lock_timeout
 
 # commands that load models: transformers' own per-load progress bars would interleave with ours
@@ -40,7 +40,7 @@ def cli(ctx: click.Context, home: str | None, db_url: str | None, lock_timeout: 
 
 # Every command module defines its commands and groups at module level and lists them in COMMANDS;
 # this is the one place they are attached (click lists them by name, so the order here does not show).
-for _module in (catalog_cmds, train_cmds, compose_cmds, hub_cmds, unlearn_cmds, demo_cmds):
+for _module in (catalog_cmds, train_cmds, compose_cmds, hub_cmds, unlearn_cmds, demo_cmds, ui_cmds):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -133,14 +133,18 @@ def eval_cmd(c: Ctx, ref: str | None, task: str | None, dataset: str | None, tex
             note = f"{version.ref} is not in deployment {deployment}'s stack ({shown})"
             echo_err(f"note: {note}: the score is the deployment's, with {version.ref}'s head and labels; "
                      f"it is not recorded on {version.ref}")
-    # evaluate() reports no steps: a spinner-like bar without a done/total column (never "0/?")
-    with progress(transient=True, counts=False) as bar:
-        bar.add_task(f"eval {ref or deployment}", total=None,
-                     info=f"{split} split" + (f" of {task or dataset}" if task or dataset else ""))
+    # rows scored / rows to score, as training shows steps; in a log, one line per ADAPTERHUB_PROGRESS_EVERY
+    what = f"{split} split" + (f" of {task or dataset}" if task or dataset else "")
+    with progress(transient=True) as bar:
+        tid = bar.add_task(f"eval {ref or deployment}", total=None, info=f"{what}  [loading]")
+
+        def cb(done: int, total: int, info: dict[str, Any]) -> None:
+            bar.update(tid, completed=done, total=total, info=f"{what}  [{info['phase']}]")
+
         res = evaluate(c.ws, ref, task=task, dataset=dataset, split=split, model_dir=model_dir,
                        text_column=text_column, label_column=label_column, batch_size=batch_size,
                        max_examples=max_examples, max_length=max_length, device=device,
-                       deployment=deployment, record=in_stack is not False)
+                       deployment=deployment, record=in_stack is not False, progress=cb)
     doc = res.to_json()
     doc["deployment"] = deployment
     if in_stack is not None:

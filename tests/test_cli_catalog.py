@@ -40,16 +40,19 @@ def hub(home, tiny_bert_dir):
 
 
 def test_init_and_db(home):
+    from adapterhub.catalog.db import head_revision
+
+    HEAD = head_revision()  # the newest migration (tests/test_migrations.py checks the chain)
     h = Hub(home)
     r = h("init")
     assert "initialised" in r.stdout
     doc = h.json("init")
-    assert doc["revision"] == "0003" and doc["home"] == str(home)
+    assert doc["revision"] == HEAD and doc["home"] == str(home)
     cur = h.json("db", "current")
-    assert cur["current"] == cur["head"] == "0003" and cur["up_to_date"] is True
+    assert cur["current"] == cur["head"] == HEAD and cur["up_to_date"] is True
     r = h("db", "upgrade")
-    assert "0003 -> 0003" in r.stdout
-    assert h("db", "current").stdout.strip() == "0003 (head)"
+    assert f"{HEAD} -> {HEAD}" in r.stdout
+    assert h("db", "current").stdout.strip() == f"{HEAD} (head)"
     r = h("db", "upgrade", "--revision", "zzz", code=1)
     assert "zzz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = Hub(home, db_url="nonsense://x")("list", code=1)
@@ -57,10 +60,13 @@ def test_init_and_db(home):
 
 
 def test_db_upgrade_on_empty_database(tmp_path):
+    from adapterhub.catalog.db import head_revision
+
+    HEAD = head_revision()
     h = Hub(tmp_path / "h2", db_url=f"sqlite:///{tmp_path / 'other.db'}")
     assert h.json("db", "current")["current"] is None
-    assert "empty -> 0003" in h("db", "upgrade").stdout
-    assert h.json("db", "current")["current"] == "0003"
+    assert f"empty -> {HEAD}" in h("db", "upgrade").stdout
+    assert h.json("db", "current")["current"] == HEAD
 
 
 def test_base_add_and_list(hub, tiny_bert_dir):

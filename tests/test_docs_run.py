@@ -1,4 +1,11 @@
-"""The docs run: every shell line of ``docs/tour.md`` is executed, in order, through the real CLI.
+"""The docs run: every shell line of ``docs/tour.md`` and of ``docs/guide.md`` is executed, in order, through
+the real CLI, and every ``adapterhub`` line of every doc is accepted by the CLI's parser.
+
+The guide's lines (its PEFT-user section, "The same from the command line") run the same way as the tour's,
+in a fresh home; the guide's Python blocks then run, as written, against the home the lines made
+(:func:`test_guide_command_blocks_run`). :func:`test_every_documented_command_line_parses` checks the lines
+that need data no test has (``rt.safetensors``, ``qa-merge``) as far as a parser can: command, options and
+every value's type.
 
 The test reads the ```` ```bash ```` blocks of the tour, and runs each ``adapterhub …`` line with the
 click app (``CliRunner``, the same entry point as the ``adapterhub`` script) in a fresh home
@@ -21,6 +28,7 @@ import re
 import shlex
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -61,13 +69,26 @@ CLAIMS = {
 
 
 def tour_lines(path: Path) -> list[tuple[str, str]]:
-    """``(command, comment)`` of every line of the ```` ```bash ```` blocks of ``path``, in order."""
+    """``(command, comment)`` of every command of the shell blocks of ``path``, in order: every line of a
+    ```` ```bash ```` (or ``sh``/``shell``) block, and the ``$ `` lines of a ```` ```console ```` block (the
+    others are its output). A line ending in ``\\`` continues on the next; ``  # `` starts a comment."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+    for lang, block in re.findall(r"^ *```(bash|sh|shell|console)\n(.*?)^ *```", path.read_text(encoding="utf-8"),
+                                  flags=re.S | re.M):
+        pending = ""
         for raw in block.splitlines():
+            raw = raw.strip()
+            if lang == "console" and not pending:
+                if not raw.startswith("$ "):
+                    continue  # output shown under a command
+                raw = raw[2:]
+            if raw.endswith("\\"):
+                pending += raw[:-1] + " "
+                continue
+            raw, pending = pending + raw, ""
             command, *rest = re.split(r"\s+#\s", raw, maxsplit=1)
             command, comment = command.strip(), (rest[0].strip() if rest else "")
-            if command:
+            if command and not command.startswith("#"):
                 out.append((command, comment))
     return out
 
@@ -108,23 +129,20 @@ def tour_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("base", ["tiny", pytest.param("minilm", marks=pytest.mark.slow)])
-def test_tour_runs_line_by_line(base: str, hub_server: HubServer, tour_base: Path, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
-    lines = tour_lines(DOCS / "tour.md")
-    assert len(lines) > 30  # the parser found the tour
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "tour-home"))
-    monkeypatch.setenv("HF_TOKEN", "hf_tourTestToken0123456789")
-    monkeypatch.delenv("ADAPTERHUB_DB_URL", raising=False)
-    monkeypatch.setenv("COLUMNS", "250")  # tables unwrapped, so that the claims can be found
+def run_lines(lines: list[tuple[str, str]], claims: dict[str, list[str]], base: str, tour_base: Path,
+              doc: str) -> int:
+    """Run ``lines`` (from :func:`tour_lines`) in order through the click app; returns how many ran.
+
+    Each must exit 0 and its output contain what ``claims`` lists for its first words. Lines of
+    :data:`SKIP` are not run; flags of :data:`SMALL` are shrunk; with ``base == "tiny"`` the base
+    ``minilm`` is the tiny random BERT ``tour_base``."""
     runner = CliRunner()
     ran = 0
     for command, _comment in lines:
         if any(command.startswith(k) for k in SKIP):
             continue
         argv = shlex.split(command)
-        assert argv[0] == "adapterhub", f"the tour has a line the test cannot run: {command}"
+        assert argv[0] == "adapterhub", f"{doc} has a line the test cannot run: {command}"
         args = shrink(argv[1:])
         if base == "tiny" and args[:3] == ["base", "add", "minilm"]:
             args = ["base", "add", "minilm", str(tour_base)]  # the fast variant's tiny base
@@ -136,22 +154,141 @@ def test_tour_runs_line_by_line(base: str, hub_server: HubServer, tour_base: Pat
             out_file = args[args.index(">") + 1]
             args = args[:args.index(">")]
         result = runner.invoke(cli, args)
-        assert result.exit_code == 0, f"{command}\n{result.output}\n{result.exception!r}"
+        assert result.exit_code == 0, f"{doc}: {command}\n{result.output}\n{result.exception!r}"
         if out_file:
             Path(out_file).write_text(result.stdout)
-            doc = json.loads(Path(out_file).read_text())
-            assert {"mask", "training_config", "metrics", "content_hash"} <= set(doc), command
-            assert doc["mask"]["nnz"] > 0 and doc["training_config"]["steps"] == 6
+            written = json.loads(Path(out_file).read_text())
+            assert {"mask", "training_config", "metrics", "content_hash"} <= set(written), command
+            assert written["mask"]["nnz"] > 0 and written["training_config"]["steps"] == 6
             # no --select-steps/--reselect-every on the line: the schedule scaled to the 6 steps, as recorded
-            assert (doc["training_config"]["select_steps"], doc["training_config"]["reselect_every"]) == (1, 1)
-        for prefix, needles in CLAIMS.items():
+            assert (written["training_config"]["select_steps"], written["training_config"]["reselect_every"]) == (1, 1)
+        for prefix, needles in claims.items():
             if command.startswith(prefix):
                 for needle in needles:
                     assert needle.lower() in result.output.lower(), f"{command}: {needle!r} not in\n{result.output}"
                 break
         ran += 1
+    return ran
+
+
+def _fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / home))
+    monkeypatch.setenv("HF_TOKEN", "hf_tourTestToken0123456789")
+    monkeypatch.delenv("ADAPTERHUB_DB_URL", raising=False)
+    monkeypatch.delenv("ADAPTERHUB_PROGRESS_EVERY", raising=False)
+    monkeypatch.setenv("COLUMNS", "250")  # tables unwrapped, so that the claims can be found
+
+
+@pytest.mark.parametrize("base", ["tiny", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_tour_runs_line_by_line(base: str, hub_server: HubServer, tour_base: Path, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = tour_lines(DOCS / "tour.md")
+    assert len(lines) > 30  # the parser found the tour
+    _fresh_home(tmp_path, monkeypatch, "tour-home")
+    ran = run_lines(lines, CLAIMS, base, tour_base, "tour.md")
     assert ran == len(lines) - 4  # every line but the four of SKIP
     assert (tmp_path / "other-home").is_dir()
     peft_folder = tmp_path / "rt-peft"
     assert json.loads((peft_folder / "adapter_config.json").read_text())["peft_type"] == "SHIRA"
     assert (peft_folder / "adapterhub_extras.safetensors").is_file()  # the head travels beside the SHiRA weights
+
+
+# -- docs/guide.md ----------------------------------------------------------------------------------------
+
+#: a guide line's first words -> text its output must contain (what its comment claims)
+GUIDE_CLAIMS = {
+    "adapterhub eval rt@prod": ["486/486 (100%)", "[scoring]"],  # rows scored / total, in a log too
+    "adapterhub show rt@prod": ["rt@1", "prod", "test_accuracy", "test_n=486", "content hash"],
+    "adapterhub register ./exported/rt-peft": ["rt-peft@1"],
+    "adapterhub push rt@prod": ["alice/rt@v1", "Hub tags: tag-prod"],
+    "adapterhub pull alice/rt@v1": ["rt@1"],
+    "adapterhub metrics rt@1": ["test_accuracy", "486", "*"],
+    "adapterhub deprecate": ["deprecated rt-peft@1"],
+    "adapterhub list --all": ["rt-peft@1 (deprecated)", "rt@1", "spam@1"],
+}
+
+
+def test_guide_shows_the_peft_path_first() -> None:
+    """The guide opens with the PEFT user's path: its first section and first code block load, predict,
+    switch and revert, in that order, before any command line or configuration table."""
+    text = (DOCS / "guide.md").read_text(encoding="utf-8")
+    assert re.findall(r"^## (.*)$", text, flags=re.M)[0].startswith("Coming from PEFT")
+    lang, first = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)[0]
+    assert lang == "python"
+    steps = [first.index(w) for w in ("adapterhub.activate(model", ".predict(", ".set_adapter(", ".revert()")]
+    assert steps == sorted(steps), steps
+    assert text.index("```python") < text.index("```bash") < text.index("## Configuration and commands")
+
+
+@pytest.mark.parametrize("base", ["tiny", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_guide_command_blocks_run(base: str, hub_server: HubServer, tour_base: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command of the guide's shell blocks runs as written (small step counts, the local Hub), and
+    leaves what the guide's Python blocks need; those then run against it, as written."""
+    from test_activate import _guide_python_blocks
+
+    lines = tour_lines(DOCS / "guide.md")
+    assert len(lines) >= 14 and all(c.startswith(("adapterhub ", "export ")) for c, _ in lines)
+    _fresh_home(tmp_path, monkeypatch, "guide-home")
+    ran = run_lines(lines, GUIDE_CLAIMS, base, tour_base, "guide.md")
+    assert ran == len(lines) - 1  # every line but `export HF_TOKEN=...`
+    repo = hub_server.repos["alice/rt"]
+    assert set(repo.tags) == {"v1", "tag-prod"} and repo.tags["tag-prod"] == repo.tags["v1"]
+    peft_folder = tmp_path / "exported" / "rt-peft"
+    assert json.loads((peft_folder / "adapter_config.json").read_text())["peft_type"] == "SHIRA"
+    # the Python of the guide, as written, in the home the commands made
+    first, second = _guide_python_blocks()
+    ns: dict = {}
+    exec(compile(first, "guide.md#peft-1", "exec"), ns)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("rt@1 [") and ns["adapters"].active_adapter is None
+    exec(compile(second, "guide.md#peft-2", "exec"), ns)
+    assert ns["adapters"].names == ["rt", "spam", "mine"]
+    ns["ws"].close()
+
+
+# -- every documented command line, in every doc ----------------------------------------------------------
+
+def _leaf_commands(group: click.Group) -> list[click.Command]:
+    out: list[click.Command] = []
+    for cmd in group.commands.values():
+        out += _leaf_commands(cmd) if isinstance(cmd, click.Group) else [cmd]
+    return out
+
+
+def test_every_documented_command_line_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``adapterhub …`` line of every shell block of README.md and docs/*.md is accepted by the CLI as written:
+    the command and its options exist, and each value passes its type (REF, NAME, choices, ranges). The
+    commands' bodies are replaced by no-ops, so lines that need data (``rt.safetensors``, a trained
+    ``rt-sentiment@2``) are checked too; a relative path a line reads gets an empty stand-in first."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "home"))
+    for var in ("ADAPTERHUB_DB_URL", "ADAPTERHUB_STORE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    ran: list[str] = []
+    for cmd in _leaf_commands(cli):
+        monkeypatch.setattr(cmd, "callback", lambda *a, _name=cmd.name, **kw: ran.append(str(_name)))
+    runner = CliRunner()
+    checked = 0
+    for path in [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for line, _comment in tour_lines(path):
+            for part in re.split(r"\s&&\s", line):  # `a && b`: each command; `a | b`, `a > f`: the adapterhub part
+                part = re.split(r"\s[|>]\s", part)[0].strip()
+                if not part.startswith("adapterhub "):
+                    continue
+                args = shlex.split(part)[1:]
+                for _ in range(5):
+                    r = runner.invoke(cli, args)
+                    missing = re.search(r"Path '([^']+)' does not exist", r.output)
+                    if r.exit_code != 2 or missing is None or Path(missing[1]).is_absolute():
+                        break
+                    stand_in = Path(missing[1])  # a file the reader has: an empty one (a folder without suffix)
+                    if stand_in.suffix:
+                        stand_in.parent.mkdir(parents=True, exist_ok=True)
+                        stand_in.touch()
+                    else:
+                        stand_in.mkdir(parents=True)
+                assert r.exit_code == 0, f"{path.name}: {part}\n{r.output}"
+                checked += 1
+    assert checked > 100 and len(ran) > 100

@@ -89,6 +89,7 @@ class PushResult:
     card_commit: str | None = None  # the card-only commit of a refresh (no weights uploaded)
     card_stale: bool = False  # the Hub's card differs and could not be refreshed on this branch
     hub_tags: list[str] = field(default_factory=list)  # local tags mirrored as tag-<name> (push --tags)
+    hub_tags_deleted: list[str] = field(default_factory=list)  # tag-<name> refs of tags gone locally (push --tags)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -610,31 +611,39 @@ class _Hub:
             raise HubError("no Hub cache folder for this download")
         return self.cache_root / "blobs"
 
-    def _cached(self, digest: str) -> Path | None:
-        """The cached blob ``digest`` if present and still holding exactly those bytes (else it is dropped)."""
+    def _cached(self, digest: str, into: list[bytes] | None = None) -> Path | None:
+        """The cached blob ``digest`` if present and still holding exactly those bytes (else it is dropped).
+        With ``into``, the bytes that were hashed are appended to it (read once, hashed once)."""
         path = self.blobs_dir / digest
         if not path.exists() and not path.is_symlink():
             return None
         try:
             path = _inside(path, self.blobs_dir)
-            if sha256_file(path) == digest:
-                return path
+            if into is None:
+                if sha256_file(path) == digest:
+                    return path
+            else:
+                data = path.read_bytes()
+                if sha256_hex(data) == digest:
+                    into.append(data)
+                    return path
         except (OSError, HubError):
             pass
         _drop_cached(self.blobs_dir / digest, self.blobs_dir)
         return None
 
     def fetch_weights(self, repo: str, filename: str, commit: str, digest: str, *, size_hint: object = None,
-                      where: str | None = None) -> Path:
+                      where: str | None = None, into: list[bytes] | None = None) -> Path:
         """The verified file ``filename`` of ``commit`` as ``<cache>/blobs/<digest>``: served from the cache
         when it holds those bytes, else downloaded (at most ``max_bytes``, lowered by ``size_hint`` — the
         card's ``size_bytes``) and kept only when its sha256 equals ``digest``. Raises HubError otherwise;
-        no temp file is left behind."""
+        no temp file is left behind. With ``into``, the verified bytes are also appended to it, so the
+        caller neither re-reads nor re-hashes the file (issue 19: a pull hashes once, while downloading)."""
         if not _HEX40.match(commit) or not _HEX64.match(digest):
             raise HubError(f"refusing to download {filename}: commit or content hash is not hex")
         safe_repo_path(filename)
         where = where or f"{repo}@{commit[:12]}"
-        hit = self._cached(digest)
+        hit = self._cached(digest, into)
         if hit is not None:
             return hit
         cap = self.limits.max_bytes if self.limits is not None else DEFAULT_PULL_MAX_BYTES
@@ -654,15 +663,19 @@ class _Hub:
         _sweep_stale_parts(tmp_dir)
         fd, name = tempfile.mkstemp(prefix="pull-", suffix=".part", dir=tmp_dir)
         tmp = Path(name)
+        chunks: list[bytes] = []
         try:
             with os.fdopen(fd, "wb") as f:
-                got = self.call(what, lambda: self._stream(repo, filename, commit, cap, meta.size, f, what),
+                sink = f if into is None else _Tee(f, chunks)
+                got = self.call(what, lambda: self._stream(repo, filename, commit, cap, meta.size, sink, what),
                                 repo=repo, rev=commit)
             if got != digest:
                 raise HubError(f"sha256 mismatch for {where}/{filename}: the card says {digest[:16]}…, the download "
                                f"is {got[:16]}…; refusing it, nothing was registered")
             dest = _inside(self.blobs_dir / digest, self.blobs_dir)
             os.replace(_inside(tmp, tmp_dir), dest)
+            if into is not None:
+                into.append(b"".join(chunks))
             return dest
         finally:
             try:
@@ -680,6 +693,18 @@ class _Hub:
                                                                                 recursive=True)),
                             repo=repo, rev=revision)
         return {getattr(f, "path", ""): f for f in entries}
+
+
+class _Tee:
+    """A download sink that writes each chunk to the file and keeps it (the caller's verified bytes)."""
+
+    def __init__(self, f: Any, chunks: list[bytes]) -> None:
+        self.f = f
+        self.chunks = chunks
+
+    def write(self, chunk: bytes) -> int:
+        self.chunks.append(bytes(chunk))
+        return int(self.f.write(chunk))
 
 
 def _version() -> str:
@@ -757,9 +782,11 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
     files is made on ``branch`` (no weights uploaded) — automatically, or as the only thing to do with
     ``card_only`` (which raises HubError when the version is not on the Hub yet). It needs ``branch``'s
     head to hold this version's weights; a branch that does not exist yet is created at ``v{N}``. The tag
-    ``v{N}`` itself stays the first push's commit. ``mirror_tags``: each local tag of the version (``prod``)
-    is set on the Hub as ``tag-prod`` (:func:`hub_tag_name`) at ``v{N}``'s commit, moved if it pointed
-    elsewhere.
+    ``v{N}`` itself stays the first push's commit. ``mirror_tags``: the repo's ``tag-<name>`` refs mirror the
+    local tags of the version's adapter (see :func:`_mirror_tags`): a local tag ``prod`` on a version pushed to
+    this repo is set as ``tag-prod`` (:func:`hub_tag_name`) at that version's ``v{N}`` commit (moved if it
+    pointed elsewhere), and a ``tag-<name>`` at one of this adapter's pushed commits whose local tag is gone
+    (or now names a version not on this repo) is deleted; other refs are never touched.
     """
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
@@ -808,7 +835,7 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
             out = done(tags[tag], False, res[2])
             out.card_commit, out.card_stale = res[0], res[1]
             if mirror_tags:
-                out.hub_tags = _mirror_tags(hub, v, repo_id, tags[tag], tags)
+                out.hub_tags, out.hub_tags_deleted = _mirror_tags(hub, ws, v, repo_id, tags)
             return out
         if card_only:
             raise HubError(f"{v.ref} is not on {repo_id} yet ({tag} is missing): push it first, without --card-only",
@@ -865,7 +892,8 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
         raise _hub_error("tag", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id, rev=tag) from None
     out = done(commit, True, f"pushed {v.ref} to {repo_id}@{tag} (commit {commit[:12]})")
     if mirror_tags:
-        out.hub_tags = _mirror_tags(hub, v, repo_id, commit, {t.name: t.target_commit for t in hub.refs(repo_id).tags})
+        out.hub_tags, out.hub_tags_deleted = _mirror_tags(hub, ws, v, repo_id,
+                                                          {t.name: t.target_commit for t in hub.refs(repo_id).tags})
     return out
 
 
@@ -904,19 +932,48 @@ def _refresh_card(hub: _Hub, v: "VersionInfo", repo_id: str, branch: str, tag: s
                              f"(commit {info.oid[:12]}, no weights uploaded)")
 
 
-def _mirror_tags(hub: _Hub, v: "VersionInfo", repo_id: str, commit: str, hub_tags: dict[str, str]) -> list[str]:
-    """Set ``tag-<name>`` on the Hub at ``commit`` for each local tag of ``v``; returns the Hub tag names."""
-    out = []
-    for local in sorted(v.tags):
-        name = hub_tag_name(local)
+def _delete_tag_if_there(api: Any, repo_id: str, tag: str) -> None:
+    """``api.delete_tag``; a tag someone else deleted meanwhile (404 RevisionNotFound) is as good as deleted."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        api.delete_tag(repo_id, tag=tag)
+    except RevisionNotFoundError:
+        pass
+
+
+def _mirror_tags(hub: _Hub, ws: "Workspace", v: "VersionInfo", repo_id: str,
+                 hub_tags: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Make ``repo_id``'s ``tag-<name>`` refs a mirror of the local tags of ``v``'s adapter.
+
+    "Ours" are the ``v{N}`` commits the catalog recorded for the adapter's versions pushed to this repo (and
+    endpoint). Wanted: ``tag-<local>`` at the commit of each tagged version among them (created, or moved
+    when it points elsewhere). Deleted: a ``tag-<name>`` ref that points at one of our commits but is not
+    wanted (its local tag was removed, or moved to a version not on this repo). Refs outside the
+    ``tag-`` convention (``v{N}``, branches) and ``tag-`` refs at commits this catalog did not push are left
+    alone. Returns (the mirrored Hub tag names, the deleted ones), sorted.
+    """
+    endpoint = public_endpoint(hub.endpoint)
+    ours = {x.hub_commit: x for x in ws.log(v.name)
+            if x.hub_repo == repo_id and x.hub_commit and x.hub_endpoint in (None, endpoint)}
+    want = {hub_tag_name(local): (commit, local, x.ref) for commit, x in ours.items() for local in x.tags}
+    mirrored: list[str] = []
+    for name, (commit, local, ref) in sorted(want.items()):
         if hub_tags.get(name) != commit:
             if name in hub_tags:
                 hub.progress(f"moving Hub tag {name} to {commit[:12]}")
                 hub.call("move tag", functools.partial(hub.api.delete_tag, repo_id, tag=name), repo=repo_id, rev=name)
             hub.call("tag", functools.partial(hub.api.create_tag, repo_id, tag=name, revision=commit,
-                                              tag_message=f"adapterhub tag {local} -> {v.ref}"), repo=repo_id, rev=name)
-        out.append(name)
-    return out
+                                              tag_message=f"adapterhub tag {local} -> {ref}"), repo=repo_id, rev=name)
+        mirrored.append(name)
+    deleted: list[str] = []
+    for name, commit in sorted(hub_tags.items()):
+        if name.startswith(HUB_TAG_PREFIX) and name not in want and commit in ours:
+            hub.progress(f"deleting Hub tag {name} (no local tag {name[len(HUB_TAG_PREFIX):]} on a version there)")
+            hub.call("delete tag", functools.partial(_delete_tag_if_there, hub.api, repo_id, name), repo=repo_id,
+                     rev=name)
+            deleted.append(name)
+    return mirrored, deleted
 
 
 # ---------------------------------------------------------------------------------------------- pull
@@ -1132,16 +1189,13 @@ def _plan_pull(ws: "Workspace", hub: _Hub, plan: _Plan, spec: str, *, name: str 
     # Weights: download (from the exact commit the card came from) and verify BEFORE anything else.
     filename = safe_repo_path(card.get("file", WEIGHTS_FILE))
     hub.progress(f"downloading {repo}@{revision}/{filename}")
-    weights_path = hub.fetch_weights(repo, filename, commit, digest, size_hint=card.get("size_bytes"),
-                                     where=f"{repo}@{revision}")  # verified against digest, capped, deadline
-    data = weights_path.read_bytes()
-    got = sha256_hex(data)
-    if got != digest:
-        _drop_cached(weights_path, hub.blobs_dir)
-        raise HubError(f"sha256 mismatch for {repo}@{revision}/{filename}: the card says {digest[:16]}…, the "
-                       f"download is {got[:16]}…; refusing it, nothing was registered")
+    got_bytes: list[bytes] = []
+    hub.fetch_weights(repo, filename, commit, digest, size_hint=card.get("size_bytes"), where=f"{repo}@{revision}",
+                      into=got_bytes)  # verified against digest while streaming (or read once from the cache)
+    data = got_bytes[0]
     fault_point("pull.after-download")  # crash tests: weights verified in the cache, nothing registered yet
-    adapter = fmt.load(data)
+    # canonical bytes are registered as they are: not re-serialised, not hashed again
+    adapter = fmt.load(data, keep_source=True, source_sha256=digest)
     embedded = adapter.card.get("base") if isinstance(adapter.card.get("base"), dict) else {}
     if embedded and embedded.get("fingerprint") != card["base"].get("fingerprint"):
         raise HubError(f"{repo}@{revision}: the file's base fingerprint disagrees with its card; refusing")

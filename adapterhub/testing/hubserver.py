@@ -224,7 +224,7 @@ class HubServer:
         """Make the ``nth`` request of ``kind`` from now on (and the ``times - 1`` after it) fail.
 
         kinds: create_repo, validate_yaml, preupload, lfs_batch, lfs_upload, lfs_verify, commit, tag,
-        branch, refs, info, tree, resolve.  ``mode="status"`` answers ``status``; ``mode="drop"`` closes
+        delete_tag, branch, refs, info, tree, resolve.  ``mode="status"`` answers ``status``; ``mode="drop"`` closes
         the connection without a response.  ``when="after"`` acts on the request first, then fails (a
         commit that happened but whose answer was lost).
         """
@@ -466,6 +466,8 @@ class _Handler(BaseHTTPRequestHandler):
         if m:
             rest = m.group("rest") or ""
             head = rest.split("/", 1)[0]
+            if head == "tag" and method == "DELETE":
+                return "delete_tag"
             return {"preupload": "preupload", "commit": "commit", "tag": "tag", "branch": "branch",
                     "refs": "refs", "revision": "info", "tree": "tree", "": "info"}.get(head, "api_other")
         if _RESOLVE.match(path):
