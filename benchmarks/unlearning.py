@@ -111,7 +111,8 @@ def run_variant(variant: str, ctx: dict[str, Any], args: argparse.Namespace) -> 
     model = F.FedModel(ctx["base_path"], len(fed.labels), max_length=cfg.max_length, seed=cfg.seed,
                        layer_regex=ctx["layer_regex"])
     model.apply_adapter(gad, head_task=fed.task)
-    layers = (U.select_layers(ranking, k, head=head, selection=selection, seed=ctx["seed"], salt=str(plan.spec))
+    layers = (U.select_layers(ranking, k, head=head, selection=selection, seed=ctx["seed"],
+                              salt=U.selection_salt(plan))
               if k else [])
     ucfg = F.FedConfig(**{**cfg.to_json(), "rounds": args.unlearn_rounds, "seed": ctx["seed"]})
     stop = U.stop_rule(model, plan, args.patience, args.max_eval)

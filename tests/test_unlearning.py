@@ -369,6 +369,17 @@ def test_random_layer_selection_is_seeded_ablation(trained, tiny_bert_dir):
         U.select_layers(res.critical_layers, 13, head="freeze", selection="critical", seed=1)
 
 
+def test_random_layers_do_not_depend_on_the_samples_file_path(trained, tmp_path):
+    ws, info, res, data = trained
+    salts = []
+    for d in ("a", "b"):
+        f = tmp_path / d / "s.txt"
+        f.parent.mkdir()
+        f.write_text("3\n7\n")
+        salts.append(U.selection_salt(U.plan_forget(res.federation, U.parse_forget(f"samples:{f}"))))
+    assert salts[0] == salts[1] and salts[0].startswith("samples:")
+
+
 def test_bad_head_mode(trained, tiny_bert_dir):
     ws, info, res, data = trained
     with pytest.raises(UnlearningError, match="head must be one of"):

@@ -291,6 +291,12 @@ def select_layers(ranking: list[dict[str, Any]], k: int, *, head: str, selection
     raise UnlearningError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
 
 
+def selection_salt(plan: ForgetPlan) -> str:
+    """What the random-layer draw depends on besides the seed: the request's content (for samples the
+    sha256 of the forgotten row ids, never the file's path), so the same request draws the same layers."""
+    return f"{plan.spec.kind}:{plan.record.get('samples_sha256', plan.spec.value)}"
+
+
 def train_unlearning(model: FedModel, plan: ForgetPlan, cfg: FedConfig, layers: list[str], *, density: float,
                      seed: int, head: str, stop: StopRule | None,
                      progress: ProgressFn | None = None) -> tuple[dict[str, torch.Tensor], FedStats]:
@@ -404,7 +410,7 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
     if missing:
         raise UnlearningError(f"the global model adapts {missing[0]}, which is not one of the model's layers")
     check_ranking(ranking, set(global_adapter.params))
-    critical = select_layers(ranking, layers, head=head, selection=selection, seed=seed, salt=str(spec))
+    critical = select_layers(ranking, layers, head=head, selection=selection, seed=seed, salt=selection_salt(plan))
     model.apply_adapter(global_adapter, head_task=task)  # the backbone now holds the global model's weights
     ucfg = FedConfig(**{**cfg.to_json(), "rounds": rounds or cfg.rounds, "seed": seed,
                         "local_steps": local_steps or cfg.local_steps, "lr": lr or cfg.lr})
@@ -523,4 +529,4 @@ def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _U
 __all__ = ["ForgetSpec", "parse_forget", "ForgetPlan", "plan_forget", "layer_l1_distances", "rank_layers",
            "evaluate", "run_unlearning", "unlearn", "UnlearnResult", "check_request", "VALUE_BYTES", "HEAD_MODES",
            "SELECTIONS", "HEAD_TEXT", "select_layers", "train_unlearning", "retrain", "recorded_ranking",
-           "stop_rule", "label_matched", "fresh_head_state", "cost_of"]
+           "stop_rule", "label_matched", "fresh_head_state", "cost_of", "selection_salt"]
