@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -14,3 +15,23 @@ def median_seconds(fn: Callable[[], object], repeat: int = 3) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def write_section(md_path: Path, marker: str, body: str, *, title: str = "") -> None:
+    """Put ``body`` between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` in ``md_path``, replacing what
+    was there (or appending the block; a new file starts with ``title``). Text outside the markers is kept."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    body = body.strip()
+    if body.startswith(begin):
+        body = body[len(begin):]
+    if body.endswith(end):
+        body = body[:-len(end)]
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = md_path.read_text() if md_path.exists() else title
+    if begin in text and end in text.split(begin, 1)[1]:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 import catalog_scale as cs  # the synthetic catalog builder and API timings (this folder is on sys.path)
+from benchutil import write_section
 
 
 def _exe() -> list[str]:
@@ -127,16 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if a.write:
         out = ROOT / "docs" / "bench" / "reliability.md"
-        head = "# Reliability benchmarks\n\n"
-        old = out.read_text() if out.exists() else head
-        if "<!-- catalog_load:begin -->" in old:
-            pre, rest = old.split("<!-- catalog_load:begin -->", 1)
-            post = rest.split("<!-- catalog_load:end -->", 1)[1]
-            new = pre + text + post
-        else:
-            new = old.rstrip() + "\n\n" + text + "\n"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(new)
+        write_section(out, "catalog_load", text, title="# Reliability benchmarks\n")
         cs.plot(small, big, small_facts["versions"], facts["versions"], ROOT / "docs" / "img" / "catalog_load.png")
         print(f"wrote {out}", file=sys.stderr)
 

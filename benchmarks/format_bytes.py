@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 from adapterhub import format as fmt
-from benchutil import median_seconds  # benchmarks/ is the script's folder, so on sys.path
+from benchutil import median_seconds, write_section  # benchmarks/ is the script's folder, so on sys.path
 
 DEFAULT_SHAPES = "3072x9216,9216x3072,576x1536,4096x4096"
 DEFAULT_DENSITIES = "0.001,0.01,0.1,0.5"
@@ -101,21 +101,6 @@ def plot(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_section(md_path: Path, marker: str, body: str) -> None:
-    """Replace the text between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` (or append it)."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    text = md_path.read_text() if md_path.exists() else "# Catalog and format benchmarks\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:

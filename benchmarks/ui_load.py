@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sqlalchemy import insert, text
 
 from adapterhub.catalog.models import MetricRow
+from benchutil import write_section
 from catalog_scale import TASKS, build
 
 SORT_NOTE = ("The page sorted by a metric misses the target: it picks every version's current figure of that "
@@ -192,12 +193,7 @@ def main() -> None:
             "<!-- ui_load:end -->",
         ])
         doc = ROOT / "docs" / "benchmarks.md"
-        s = doc.read_text()
-        if "<!-- ui_load:begin -->" in s:
-            s = re.sub(r"<!-- ui_load:begin -->.*?<!-- ui_load:end -->", lambda m: section, s, flags=re.S)
-        else:
-            s = s.rstrip("\n") + "\n\n" + section + "\n"
-        doc.write_text(s)
+        write_section(doc, "ui_load", section)
         print(f"updated {doc}")
 
 

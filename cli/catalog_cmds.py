@@ -21,6 +21,7 @@ from .common import (
     progress,
     safe_doc,
 )
+from .options import values_dtype_option
 from .paramtypes import ADAPTER_NAME, BASE_NAME, METRIC, METRIC_LIST, REF, TAG
 
 if TYPE_CHECKING:  # the workspace module is imported by the commands that open one
@@ -170,10 +171,6 @@ def base_list(c: Ctx, as_json: bool) -> None:
            ([b.name, b.source, b.architecture, f"{b.num_params or 0:,}", b.fingerprint[:12]] for b in bases))
 
 
-# value dtypes an adapter file may hold (adapterhub.format.VALUE_DTYPES, named without importing torch)
-VALUE_DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-
-
 @click.command("register", cls=ArgvCommand)
 @click.argument("file", type=click.Path(exists=True))
 @click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Adapter name (new or existing).")
@@ -189,8 +186,7 @@ VALUE_DTYPE_CHOICES = ("float32", "bfloat16", "float16")
               help="PEFT LoRA folders: fraction of each ΔW = B·A·scale kept, by magnitude (required for LoRA).")
 @click.option("--block-size", type=click.IntRange(min=1), default=None,
               help="PEFT LoRA folders: keep b x b blocks by norm instead of single entries.")
-@click.option("--values-dtype", type=click.Choice(VALUE_DTYPE_CHOICES), default=None,
-              help="Store the values in this dtype (recorded in the card); default: as in FILE.")
+@values_dtype_option("Store the values in this dtype (recorded in the card); default: as in FILE.")
 @json_option
 @click.pass_context
 @handle_errors

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 
 from adapterhub.errors import AdapterHubError
+from adapterhub.textsafe import visible
 
 if TYPE_CHECKING:  # rich is imported when a bar is drawn, not at start-up
     from rich.progress import Progress, TaskID
@@ -152,10 +153,6 @@ def _driver_error_message(e: BaseException) -> str | None:
     return f"catalog error: {e.__class__.__name__}: {first}"
 
 
-# C0/C1 controls, DEL, format characters (bidi overrides/isolates, zero-width), line/paragraph separators
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
-
-
 def safe_text(value: Any, *, newlines: bool = False) -> str:
     """``value`` as text that cannot drive a terminal: every control, format (bidi, zero-width), separator,
     surrogate, private-use or unassigned character is replaced by its visible escape (``\\x1b``, ``\\u202e``).
@@ -163,21 +160,7 @@ def safe_text(value: Any, *, newlines: bool = False) -> str:
     ``newlines=True`` keeps ``\\n`` (for multi-line text we compose ourselves). Rich markup is *not*
     escaped here: tables take cells as plain ``rich.text.Text``; see :func:`rich_safe` for markup strings.
     """
-    import unicodedata
-
-    s = "" if value is None else str(value)
-    if s.isprintable() and s.isascii():
-        return s
-    out = []
-    for ch in s:
-        if ch == "\n" and newlines:
-            out.append(ch)
-        elif ch != " " and unicodedata.category(ch) in _UNSAFE_CATEGORIES:
-            o = ord(ch)
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return visible("" if value is None else str(value), newlines=newlines)
 
 
 def safe_doc(doc: Any) -> Any:

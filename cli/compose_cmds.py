@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .common import Ctx, LazyChoice, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from .options import values_dtype_option
 from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF, FiniteFloat, WeightsType
 
 if TYPE_CHECKING:  # torch-free at run time: only the type checker reads the deployments module here
@@ -35,8 +36,7 @@ def _two_or_more(ctx: click.Context, param: click.Parameter, refs: tuple[str, ..
               help="Fraction kept per expert (ties, breadcrumbs: of its entries; dare-*: keep probability).")
 @click.option("--seed", type=int, default=None, help="Seed of the DARE random drop.")
 @click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Name of the merged adapter.")
-@click.option("--values-dtype", type=click.Choice(("float32", "bfloat16", "float16")), default=None,
-              help="Dtype of the merged values (recorded in the card); default: the experts' promoted dtype.")
+@values_dtype_option("Dtype of the merged values (recorded in the card); default: the experts' promoted dtype.")
 @json_option
 @pass_ctx
 @handle_errors

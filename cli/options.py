@@ -37,6 +37,15 @@ class DensityType(click.ParamType[float]):
         return v
 
 
+# the dtypes a stored adapter's values may have (adapterhub.format.VALUE_DTYPES, named without importing torch)
+VALUE_DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def values_dtype_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--values-dtype``: the dtype the written adapter stores its values in (recorded in its card)."""
+    return click.option("--values-dtype", type=click.Choice(VALUE_DTYPE_CHOICES), default=None, help=help)
+
+
 def _mask_choices() -> list[str]:
     from adapterhub.training.masks import (
         MASK_METHODS,  # torch: only when the option is parsed or its help shown

@@ -46,6 +46,17 @@ def ws(home):
     w.close()
 
 
+@pytest.fixture
+def ws_a(tmp_path):
+    """Alice's home with the shipped MiniLM base added (the Hub tests' first party)."""
+    from adapterhub.workspace import Workspace
+
+    w = Workspace.open(tmp_path / "alice")
+    w.add_base("minilm", "minilm")
+    yield w
+    w.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer random BERT (hidden 32) saved as a Hugging Face folder with model.safetensors."""

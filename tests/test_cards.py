@@ -262,3 +262,15 @@ def test_md_text(value: Any, expected: str) -> None:
 
 def test_md_code_escapes_pipes_only_in_cells() -> None:
     assert md_code("a|b") == "`a|b`" and md_code("a|b", cell=True) == "`a\\|b`"
+
+
+def test_image_adapter_usage_loads_the_cnn_not_a_transformers_model() -> None:
+    card = pinned_card()
+    card["base"] = {**card["base"], "architecture": "AdapterhubDigitsCNN", "name": "d"}
+    card["task"] = "digits"
+    text = str(build_model_card(card, repo_id="alice/digits")).split("## Use it")[1]
+    assert "from adapterhub.bases.cnn import load_cnn" in text and "model = load_cnn(" in text
+    assert "AutoModel" not in text and "PeftModel" not in text and "predict" not in text
+    # a text classifier's card keeps its transformers + PEFT snippets
+    text = str(build_model_card(pinned_card(), repo_id="alice/rt")).split("## Use it")[1]
+    assert "AutoModel.from_pretrained" in text and "PeftModel" in text and "load_cnn" not in text

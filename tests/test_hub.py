@@ -39,14 +39,6 @@ def new_ws(path: Path) -> Workspace:
     return Workspace.open(path)
 
 
-@pytest.fixture
-def ws_a(tmp_path: Path) -> Workspace:
-    ws = new_ws(tmp_path / "alice")
-    ws.add_base("minilm", "minilm")
-    yield ws
-    ws.close()
-
-
 def _register_two(ws: Workspace) -> tuple[str, str]:
     v1 = ws.register(make_adapter(ws, 1), name="rt", task="rt-sentiment", base="minilm",
                      metrics={"accuracy": 0.81}, training_config={"steps": 100, "lr": 1e-3})

@@ -17,14 +17,6 @@ from adapterhub.workspace import Workspace
 from test_hub import _register_two
 
 
-@pytest.fixture
-def ws_a(tmp_path: Path) -> Workspace:
-    ws = Workspace.open(tmp_path / "alice")
-    ws.add_base("minilm", "minilm")
-    yield ws
-    ws.close()
-
-
 def _card(hub: HubServer, rev: str) -> dict:
     return json.loads(hub.file_bytes("alice/rt", rev, CARD_FILE))
 

@@ -26,14 +26,6 @@ def run(home: Path, *args: str, **kw):
     return CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False, **kw)
 
 
-@pytest.fixture
-def ws_a(tmp_path: Path) -> Workspace:
-    ws = Workspace.open(tmp_path / "alice")
-    ws.add_base("minilm", "minilm")
-    yield ws
-    ws.close()
-
-
 # -- eval shows rows scored / rows to score, on a terminal and in a log ------------------------------------
 
 def test_eval_progress_has_a_total_and_logs_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,13 +45,14 @@ from torch import nn
 
 from .. import safe_read, st_io
 from ..errors import BaseModelError, DataError, HeaderError
+from . import CNN_ARCHITECTURE, CNN_MODEL_TYPE
 
 __all__ = ["ARCHITECTURE", "IMAGE_SIZE", "MAX_LEVEL", "MODEL_TYPE", "TRIGGER_PIXELS", "DigitsCNN", "DigitsCNNConfig",
            "add_trigger", "build_digits_cnn", "check_pixel_rows", "decode_pixels", "encode_pixels", "is_cnn_config", "load_cnn",
            "materialize_digits_cnn", "read_config"]
 
-ARCHITECTURE = "AdapterhubDigitsCNN"
-MODEL_TYPE = "adapterhub-digits-cnn"
+ARCHITECTURE = CNN_ARCHITECTURE
+MODEL_TYPE = CNN_MODEL_TYPE
 IMAGE_SIZE = 8  # the only image size: the digits' 8x8
 MAX_LEVEL = 16  # the digits' pixel intensities are 0..16
 TRIGGER_PIXELS = (54, 55, 62, 63)  # flat positions of the 2x2 bottom-right block

@@ -19,6 +19,7 @@ import json
 import re
 from typing import Any, Mapping
 
+from ..bases import CNN_ARCHITECTURE
 from ..errors import HubError
 
 HUB_CARD_FORMAT = "adapterhub.hub/1"
@@ -248,13 +249,18 @@ def _usage(card: Mapping[str, Any], repo_id: str, base_id: str | None) -> list[s
     folder = repo_id.split("/", 1)[1] + "-peft"
     base = base_id or "PATH/TO/BASE"
     classifier = bool(card.get("labels"))
+    base_card = card.get("base")
+    image = isinstance(base_card, Mapping) and base_card.get("architecture") == CNN_ARCHITECTURE
     auto = "AutoModel" if classifier else "AutoModelForCausalLM"
+    loader = (["from adapterhub.bases.cnn import load_cnn", "", f"model = load_cnn({_py(base)})"] if image
+              else [f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({_py(base)})"])
     lines = ["## Use it", "", "With adapterhub (the weights are checked against the sha256 above):", "",
-             "```bash", f"adapterhub pull {ref}", "```", "", "```python", "import adapterhub",
-             f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({_py(base)})",
+             "```bash", f"adapterhub pull {ref}", "```", "", "```python", "import adapterhub", *loader,
              f"with adapterhub.activate(model, {_py(ref)}) as handle:  # leaving the block reverts exactly"]
-    lines += (["    print(handle.predict([\"an example sentence\"]))"] if classifier
+    lines += (["    print(handle.predict([\"an example sentence\"]))"] if classifier and not image
               else ["    ...  # use model as usual"])
+    if image:  # the digits CNN is adapterhub's own module, not a transformers model PEFT can load
+        return lines + ["```", ""]
     lines += ["```", "", "With PEFT, export the pulled version as a PEFT SHiRA folder first:", "", "```bash",
               f"adapterhub export {local}@1 ./{folder} --format peft  # the first version pulled under {local}",
               "```", "", "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
