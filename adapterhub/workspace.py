@@ -24,7 +24,7 @@ from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel
 from .catalog.names import validate_name
 from .catalog.records import BaseInfo, NewVersion, Parent, VersionInfo, iso_utc  # noqa: F401 - re-exported
 from .catalog.refs import parse_ref
-from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError
+from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError, StoreError
 from .fsutil import sha256_hex
 from .store import GcResult, Store, open_store
 
@@ -98,7 +98,7 @@ def retry_on_busy(fn: Callable[[], _T], *, attempts: int | None = None, base_del
             elif isinstance(e, IntegrityError):  # only a unique-key race is worth retrying (FK/CHECK are bugs)
                 transient = "unique" in msg or "duplicate key" in msg
             else:
-                locked = "locked" in msg or "busy" in msg
+                locked = "locked" in msg or "busy" in msg or "lock timeout" in msg  # PostgreSQL: 55P03
                 transient = locked or any(s in msg for s in ("could not serialize", "deadlock"))
             first = (raw.strip().splitlines() or ["?"])[0]
             if not transient:
@@ -152,8 +152,15 @@ class Workspace:
         self.store: Store = open_store(store_url or os.environ.get("ADAPTERHUB_STORE_URL"), self.home)
         self.engine = db.make_engine(db_url, lock_timeout=self.lock_timeout)
         if migrate:
-            db.ensure_schema(self.engine)
+            db.ensure_schema(self.engine, blob_reader=self._blob_or_none)
         self._sessions = db.session_factory(self.engine)
+
+    def _blob_or_none(self, digest: str) -> bytes | None:
+        """A blob's verified bytes, or None when it is missing or corrupt (for data migrations)."""
+        try:
+            return self.store.get_bytes(digest)
+        except StoreError:
+            return None
 
     @classmethod
     def open(cls, home: str | os.PathLike[str] | None = None, db_url: str | None = None, *,
@@ -304,14 +311,24 @@ class Workspace:
                               keywords=("density", "block_size"))
         if isinstance(adapter, (str, os.PathLike)):
             validate_name(name, "adapter name")  # misuse is refused before the file is read
-            adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
-                                                             density=density, block_size=block_size)
-            parents = [*parents, *extra]
+            if density is None and block_size is None and not os.path.isdir(adapter):
+                from . import format as fmt
+
+                # our own file: validated on views of its bytes, stored as it is when canonical (issue 19)
+                path = Path(adapter)
+                adapter = fmt.load_canonical(fmt.read_bytes_checked(path), allow_nonfinite=allow_nonfinite,
+                                             source=path.name)
+            else:
+                adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
+                                                                 density=density, block_size=block_size)
+                parents = [*parents, *extra]
         if values_dtype is not None:
             from . import format as fmt
 
             if isinstance(adapter, (bytes, bytearray)):
                 adapter = fmt.load(bytes(adapter), allow_nonfinite=allow_nonfinite)
+            if isinstance(adapter, fmt.ScannedAdapter):
+                adapter = adapter.load()
             if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: merge(values_dtype=) casts it
                 raise FormatError("values_dtype does not apply to a packed merge result; give it to the merge",
                                   keywords=("values_dtype",))
@@ -351,7 +368,7 @@ class Workspace:
                 raise CatalogError(f"unknown relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
         adapter = spec.adapter
         if isinstance(adapter, (bytes, bytearray)):  # kept: canonical bytes are stored as they are
-            adapter = fmt.load(bytes(adapter), allow_nonfinite=spec.allow_nonfinite, keep_source=True)
+            adapter = fmt.load_canonical(bytes(adapter), allow_nonfinite=spec.allow_nonfinite)
         card = dict(adapter.card)
         if spec.allow_nonfinite:  # record the user's decision, so reads from the store accept this blob
             card["allow_nonfinite"] = True
@@ -368,6 +385,14 @@ class Workspace:
         if task is not None:
             card.setdefault("task", task)
         card.setdefault("kind", kind)
+        if isinstance(adapter, fmt.ScannedAdapter):  # canonical under this card: the file's own bytes, hashed once
+            if adapter.canonical_with(card, allow_nonfinite=spec.allow_nonfinite):
+                data = adapter.source_bytes
+                digest = adapter.source_sha256 or sha256_hex(data)
+                dtype = adapter.dtype
+                return _PreparedVersion(spec, binfo, adapter, card, data, digest,
+                                        fmt.dtype_name(dtype) if dtype is not None else "mixed")
+            adapter = adapter.load()  # another card: re-serialised by the full path
         if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: written piece by piece, never joined
             if spec.allow_nonfinite:
                 adapter.allow_nonfinite = True

@@ -142,7 +142,7 @@ def _driver_error_message(e: BaseException) -> str | None:
     orig = getattr(e, "orig", None)
     first = (str(orig if orig is not None else e).strip().splitlines() or ["?"])[0]
     low = first.lower()
-    if "locked" in low or "busy" in low:
+    if "locked" in low or "busy" in low or "lock timeout" in low:
         return (f"the catalog database is locked by another process ({first}); try again, or wait longer with "
                 "--lock-timeout / ADAPTERHUB_LOCK_TIMEOUT")
     if isinstance(e, exc.DatabaseError) and not isinstance(e, exc.OperationalError):

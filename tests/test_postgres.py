@@ -75,3 +75,28 @@ def test_jsonb_columns_and_two_homes_share_one_catalog(pg_url, tmp_path, tiny_be
         assert typ == "jsonb"
         assert c.execute(text("SELECT training_config->>'lr' FROM adapter_versions")).scalar() == "0.1"
     eng.dispose()
+
+
+def test_a_lock_held_by_another_client_is_waited_for_at_most_the_lock_timeout(pg_url, home, tmp_path,
+                                                                              tiny_bert_dir):
+    """PostgreSQL waits for a lock forever by default; the catalog's lock timeout bounds it (SQLSTATE 55P03),
+    and the CLI says so in one line, exit 1, with nothing registered."""
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    _run(home, pg_url, "base", "add", "tiny", tiny_bert_dir)
+    f = write_adapter(tmp_path / "a.safetensors", seed=0)
+    other = create_engine(pg_url)
+    with other.connect() as c:
+        c.execute(text("LOCK TABLE adapters IN ACCESS EXCLUSIVE MODE"))  # held until this block ends
+        t0 = time.monotonic()
+        r = _run(home, pg_url, "--lock-timeout", "1", "register", f, "--name", "rt", "--task", "t", "--base", "tiny",
+                 code=1)
+        waited = time.monotonic() - t0
+        c.rollback()
+    other.dispose()
+    assert "locked by another process" in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert waited < 30, waited  # bounded: without a lock timeout this register would wait forever
+    assert json.loads(_run(home, pg_url, "list", "--json").stdout) == []

@@ -117,7 +117,8 @@ def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
     """Create an engine for ``url``.
 
     SQLite gets WAL, foreign keys and a busy timeout of ``lock_timeout`` seconds (default: env
-    ADAPTERHUB_LOCK_TIMEOUT, else 60 s). Raises CatalogError for an unusable URL or timeout.
+    ADAPTERHUB_LOCK_TIMEOUT, else 60 s); PostgreSQL gets the same as its ``lock_timeout``. Raises
+    CatalogError for an unusable URL or timeout.
     """
     timeout = lock_timeout_setting(lock_timeout)
     full_ms = int(timeout * 1000)
@@ -129,7 +130,10 @@ def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
         else:
             if url.startswith("postgresql://"):
                 url = "postgresql+psycopg://" + url[len("postgresql://"):]
-            engine = create_engine(url, pool_pre_ping=True)
+            # a row or table lock held by another client is waited for at most the lock timeout (PostgreSQL's
+            # own default is forever); the server then cancels the statement with SQLSTATE 55P03
+            engine = create_engine(url, pool_pre_ping=True,
+                                   connect_args={"options": f"-c lock_timeout={full_ms}"})
     except (ArgumentError, ImportError) as e:
         raise CatalogError(f"cannot use database URL: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
     return engine
