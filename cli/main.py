@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import catalog_cmds, compose_cmds, demo_cmds, hub_cmds, train_cmds, ui_cmds, unlearn_cmds
+from . import catalog_cmds, compose_cmds, demo_cmds, fed_cmds, hub_cmds, train_cmds, ui_cmds, unlearn_cmds
 from .common import Ctx, parse_lock_timeout
 
 # commands that load models: transformers' own per-load progress bars would interleave with ours
@@ -43,6 +43,7 @@ def cli(ctx: click.Context, home: str | None, db_url: str | None, lock_timeout: 
 for _module in (catalog_cmds, train_cmds, compose_cmds, hub_cmds, unlearn_cmds, demo_cmds, ui_cmds):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
+fed_cmds.attach(unlearn_cmds.fed_group)  # `fed node`: a site joining a Flower federation
 
 
 def _quiet_libraries() -> None:

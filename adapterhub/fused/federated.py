@@ -10,9 +10,11 @@
   indices (a sparse expert). ``W`` itself may be the base or the base with an adapter applied by
   :mod:`adapterhub.apply.patching` (the unlearning adapter trains over the *global model's* weights).
 * :func:`fedavg` runs FedAvg rounds: every participating client starts from the global trainable
-  state, does ``local_steps`` of SGD with momentum on its own rows, and the server averages the
-  results weighted by client data size, in the order of the clients' stable ids. Clients only
-  ever read their own rows. Optionally (:class:`StopRule`) it stops when a validation loss on
+  state, does ``local_steps`` of SGD with momentum on its own rows (:func:`client_update`, the one
+  per-client step both engines call), and the server averages the results weighted by client data
+  size, in the order of the clients' stable ids. Clients only ever read their own rows. Who runs the
+  clients is a :class:`RoundRunner`: :class:`LocalRounds` in this process (``--engine local``) or
+  the Flower ServerApp's messages to SuperNodes (``--engine flower``, :mod:`adapterhub.fused.flower`). Optionally (:class:`StopRule`) it stops when a validation loss on
   remaining data stops improving and keeps the best round; it counts what travels (bytes down and
   up per client) and the compute (local steps, examples, validation rows) in :class:`FedStats`.
 * Critical layers (FUSED step 1) are measured *during* training: in the last round each client
@@ -34,7 +36,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -472,18 +474,81 @@ def client_layer_l1(local: Mapping[str, torch.Tensor], glob: Mapping[str, torch.
     return out
 
 
+@dataclass
+class ClientUpdate:
+    """What one client sends back after a round (the same whichever engine carried it).
+
+    Attributes:
+        state: the client's new trainable state. n_rows: the rows it trained on (its FedAvg weight).
+        layer_l1: in a recording round, :func:`client_layer_l1` of the update; else None.
+        local_steps, train_examples: the work it did.
+    """
+
+    state: dict[str, torch.Tensor]
+    n_rows: int
+    layer_l1: dict[str, float] | None
+    local_steps: int
+    train_examples: int
+
+
+def client_update(model: FedModel, state: Mapping[str, torch.Tensor], rows: Sequence[Example], cfg: FedConfig, *,
+                  round_: int, client_id: int, salt: str = "", record_layers: bool = False) -> ClientUpdate:
+    """One client's work in one round: local training from ``state`` on its own ``rows`` (seeded by
+    (seed, round, stable client id, salt)), plus the per-layer distances in a recording round.
+
+    Both engines call this: the in-process loop (:func:`fedavg`) and the Flower ClientApp on a node
+    (:mod:`adapterhub.fused.flower`), so for the same seed and rows they compute the same bits.
+    Raises: TrainingError when the client has no rows.
+    """
+    local = local_train(model, state, rows, cfg, gen=_client_generator(cfg.seed, round_, client_id, salt))
+    return ClientUpdate(local, len(rows), client_layer_l1(local, state) if record_layers else None, cfg.local_steps,
+                        cfg.local_steps * min(cfg.batch_size, len(rows)))
+
+
+class RoundRunner(Protocol):
+    """Runs one FedAvg round on clients ``ids`` from ``state``; returns the updates of those that replied,
+    by client id (a client that left is simply missing)."""
+
+    def __call__(self, state: Mapping[str, torch.Tensor], round_: int, ids: Sequence[int], *, salt: str,
+                 record_layers: bool) -> dict[int, ClientUpdate]: ...
+
+
+class LocalRounds:
+    """The local engine: every client's :func:`client_update` in this process, in id order."""
+
+    def __init__(self, model: FedModel, rows: Mapping[int, Sequence[Example]], cfg: FedConfig, *,
+                 progress: ProgressFn | None = None, desc: str = "FedAvg", total: int = 0) -> None:
+        self.model, self.rows, self.cfg = model, rows, cfg
+        self.progress, self.desc, self.total, self.done = progress, desc, total, 0
+
+    def __call__(self, state: Mapping[str, torch.Tensor], round_: int, ids: Sequence[int], *, salt: str,
+                 record_layers: bool) -> dict[int, ClientUpdate]:
+        out = {}
+        for cid in ids:
+            out[cid] = client_update(self.model, state, self.rows[cid], self.cfg, round_=round_, client_id=cid,
+                                     salt=salt, record_layers=record_layers)
+            self.done += 1
+            if self.progress:
+                self.progress(self.desc, self.done, self.total)
+        return out
+
+
 def fedavg(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence[Sequence[Example]], cfg: FedConfig, *,
            client_ids: Sequence[int] | None = None, salt: str = "", progress: ProgressFn | None = None,
-           desc: str = "FedAvg", record_layers: bool = False,
-           stop: StopRule | None = None) -> tuple[dict[str, torch.Tensor], FedStats]:
+           desc: str = "FedAvg", record_layers: bool = False, stop: StopRule | None = None,
+           runner: RoundRunner | None = None, min_clients: int = 1) -> tuple[dict[str, torch.Tensor], FedStats]:
     """Run up to ``cfg.rounds`` FedAvg rounds over ``clients`` (each a sequence of rows it owns).
 
     Only the given clients' rows are read, each by its own local update; the server aggregates in
-    the order given (callers pass clients by ascending stable id). ``record_layers``: every client
+    the order of the clients' stable ids (callers pass them ascending). ``record_layers``: every client
     also reports :func:`client_layer_l1` of its update (kept for the last round run, in
     ``stats.layer_l1``). ``stop``: see :class:`StopRule` (without one, exactly ``cfg.rounds`` run).
+    ``runner``: who runs the clients' rounds (default :class:`LocalRounds` over ``clients``; the
+    Flower engine passes one that sends messages, and ``clients`` may then be empty lists: only the
+    ids matter). A client that does not reply is left out of that round and the next ones; fewer
+    than ``min_clients`` replies fail the run.
     Returns the final (or best) trainable state and a :class:`FedStats`.
-    Raises: TrainingError when there are no clients (or ``client_ids`` does not match them).
+    Raises: TrainingError when there are no clients (or ``client_ids`` does not match them), or too few reply.
     """
     cfg.check()
     if not clients:
@@ -491,31 +556,32 @@ def fedavg(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence
     ids = list(client_ids) if client_ids is not None else list(range(len(clients)))
     if len(ids) != len(clients):
         raise TrainingError(f"{len(ids)} client ids for {len(clients)} clients")
-    sizes = [len(c) for c in clients]
+    if runner is None:
+        runner = LocalRounds(model, dict(zip(ids, clients, strict=True)), cfg, progress=progress, desc=desc,
+                             total=cfg.rounds * len(clients))
     cur = {k: v.detach().clone() for k, v in state.items()}
     per_update = state_numel(cur)
     t0 = time.perf_counter()
-    total = cfg.rounds * len(clients)
-    done = 0
     st = FedStats(upload_values_per_update=per_update)
     best, best_state, best_round = math.inf, cur, 0
+    active = sorted(ids)
+    participated = set()
     for r in range(cfg.rounds):
-        new_states = []
-        layer_l1: dict[str, dict[str, float]] = {}
-        for cid, rows in zip(ids, clients, strict=True):
-            local = local_train(model, cur, rows, cfg, gen=_client_generator(cfg.seed, r, cid, salt))
-            if record_layers:
-                layer_l1[str(cid)] = client_layer_l1(local, cur)
-            new_states.append(local)
-            st.local_steps += cfg.local_steps
-            st.train_examples += cfg.local_steps * min(cfg.batch_size, len(rows))
-            done += 1
-            if progress:
-                progress(desc, done, total)
-        cur = weighted_average(new_states, sizes)
+        updates = runner(cur, r, active, salt=salt, record_layers=record_layers)
+        got = [cid for cid in active if cid in updates]  # stable id order, whatever order replies came in
+        if len(got) < max(1, min_clients):
+            raise TrainingError(f"round {r + 1}: {len(got)} of {len(active)} clients replied, fewer than the "
+                                f"{max(1, min_clients)} needed")
+        participated.update(got)
+        st.client_updates += len(got)
+        for cid in got:
+            st.local_steps += updates[cid].local_steps
+            st.train_examples += updates[cid].train_examples
+        cur = weighted_average([updates[c].state for c in got], [updates[c].n_rows for c in got])
+        active = got
         st.rounds = r + 1
         if record_layers:
-            st.layer_l1 = layer_l1
+            st.layer_l1 = {str(c): dict(updates[c].layer_l1 or {}) for c in got}
         if stop is not None:
             loss = stop.loss(cur)
             st.eval_examples += stop.rows
@@ -528,11 +594,10 @@ def fedavg(model: FedModel, state: Mapping[str, torch.Tensor], clients: Sequence
     n_layers_reported = len(next(iter(st.layer_l1.values()))) if st.layer_l1 else 0
     st.seconds = time.perf_counter() - t0
     st.best_round = best_round
-    st.client_updates = st.rounds * len(clients)
     st.bytes_down_per_client = per_update * VALUE_BYTES * st.rounds
     st.bytes_up_per_client = per_update * VALUE_BYTES * st.rounds + n_layers_reported * VALUE_BYTES
     st.bytes_per_client = st.bytes_up_per_client + st.bytes_down_per_client
-    st.bytes_total = st.bytes_per_client * len(clients)
+    st.bytes_total = st.bytes_per_client * len(participated)
     return best_state, st
 
 
@@ -669,28 +734,36 @@ def state_to_adapter(model: FedModel, state: Mapping[str, torch.Tensor], *, task
 def train_global(base_path: Path, fed: Federation, cfg: FedConfig, *, density: float, mask: str = "random",
                  layer_regex: str = DEFAULT_LAYER_REGEX, exclude: Callable[[int], Sequence[Example]] | None = None,
                  progress: ProgressFn | None = None, desc: str = "FedAvg", record_layers: bool = False,
-                 stop: Callable[[FedModel], StopRule | None] | None = None
-                 ) -> tuple[FedModel, dict[str, torch.Tensor], FedStats]:
+                 stop: Callable[[FedModel], StopRule | None] | None = None,
+                 runner: Callable[[FedModel], RoundRunner] | None = None, client_ids: Sequence[int] | None = None,
+                 min_clients: int = 1) -> tuple[FedModel, dict[str, torch.Tensor], FedStats]:
     """Train a global model from the base with FedAvg over all clients (or ``exclude(cid)``'s rows).
 
     ``exclude`` returns a client's rows to train with (the retraining baseline passes the rows left
     after removing forgotten data); clients left with no rows sit out. ``record_layers``: the
     clients report per-layer distances in each round (see :func:`fedavg`); ``stop`` builds the
-    stopping rule for the model (retraining "to convergence").
+    stopping rule for the model (retraining "to convergence"). ``runner`` builds, for the model, who runs
+    the clients (the Flower engine; the rows then stay on the nodes and ``client_ids`` names the clients).
     Returns: the model (base weights untouched), the final state (deltas + head) and stats.
     """
     model = FedModel(base_path, len(fed.labels), max_length=cfg.max_length, layer_regex=layer_regex, seed=cfg.seed)
     state = sparse_delta_state(model, model.layers, density, cfg.seed, mask=mask)
     h = model.head_state()
     state.update({k: v.clone() for k, v in h.items()})
-    clients, ids = [], []
-    for cid in range(fed.n_clients):
-        rows = exclude(cid) if exclude is not None else fed.client_rows(cid)
-        if rows:
-            clients.append(rows)
-            ids.append(cid)
+    clients: list[Sequence[Example]] = []
+    ids: list[int] = []
+    if runner is not None:  # the rows stay where they are: only the ids are known here
+        ids = sorted(client_ids if client_ids is not None else range(fed.n_clients))
+        clients = [[] for _ in ids]
+    else:
+        for cid in range(fed.n_clients):
+            rows = exclude(cid) if exclude is not None else fed.client_rows(cid)
+            if rows:
+                clients.append(rows)
+                ids.append(cid)
     state, stats = fedavg(model, state, clients, cfg, client_ids=ids, progress=progress, desc=desc,
-                          record_layers=record_layers, stop=stop(model) if stop is not None else None)
+                          record_layers=record_layers, stop=stop(model) if stop is not None else None,
+                          runner=runner(model) if runner is not None else None, min_clients=min_clients)
     return model, state, stats
 
 
@@ -721,15 +794,38 @@ def fed_train(ws: Workspace, *, base: str, task: str, clients: int, alpha: float
     M.check_density(density)
     binfo = ws.get_base(base)
     fed = make_federation(task, clients, alpha, seed, data=data, max_train=max_train, max_test=max_test)
-    model, state, stats = train_global(binfo.path, fed, cfg, density=density, mask=mask, layer_regex=layer_regex,
-                                       progress=progress, record_layers=True)
+    res = global_model(binfo.path, fed, cfg, density=density, mask=mask, layer_regex=layer_regex, progress=progress,
+                       max_train=max_train, max_test=max_test)
+    info = ws.register(res.adapter, name=name, task=task, base=base, kind="expert", metrics=res.metrics,
+                       training_config=res.training_config)
+    return info, res
+
+
+def global_model(base_path: Path, fed: Federation, cfg: FedConfig, *, density: float, mask: str = "random",
+                 layer_regex: str = DEFAULT_LAYER_REGEX, progress: ProgressFn | None = None,
+                 max_train: int | None = None, max_test: int | None = None,
+                 runner: Callable[[FedModel], RoundRunner] | None = None, client_ids: Sequence[int] | None = None,
+                 min_clients: int = 1, client_sizes: Mapping[int, int] | None = None) -> GlobalResult:
+    """Train the global model (FedAvg with the last round's per-layer differences recorded), rank the
+    layers, score it on the test split and package it: everything :func:`fed_train` does but register.
+
+    ``runner``/``client_ids``/``min_clients``: see :func:`train_global` (the Flower engine's ServerApp
+    calls this with its own runner; the coordinator registers what it returns). ``client_sizes``: the
+    clients' row counts that weight the layer ranking (default: the partition's).
+    Returns: a :class:`GlobalResult` (adapter, state, metrics, training config, ranking).
+    """
+    model, state, stats = train_global(base_path, fed, cfg, density=density, mask=mask, layer_regex=layer_regex,
+                                       progress=progress, record_layers=True, runner=runner, client_ids=client_ids,
+                                       min_clients=min_clients)
     # FUSED's critical layers, from what the clients reported in the last round (no extra round)
-    sizes = {str(c): n for c, n in enumerate(fed.partition.sizes)}
+    sizes = {str(c): n for c, n in (client_sizes.items() if client_sizes is not None
+                                    else enumerate(fed.partition.sizes))}
     ranking = rank_layers(layer_l1_distances(stats.layer_l1, sizes))
     acc = model.accuracy(state, fed.test, cfg.eval_batch_size)
     federation = fed.to_json()
-    federation.update({"rounds": rounds, "local_steps": local_steps, "max_train": max_train, "max_test": max_test,
-                       "density": density, "mask": mask if density < 1 else "full", "layer_regex": layer_regex})
+    federation.update({"rounds": cfg.rounds, "local_steps": cfg.local_steps, "max_train": max_train,
+                       "max_test": max_test, "density": density, "mask": mask if density < 1 else "full",
+                       "layer_regex": layer_regex})
     tc = {"federation": federation, "fedavg": cfg.to_json(), "critical_layers": ranking,
           "layer_differences": {"source": f"last round of fed train (round {stats.rounds})",
                                 "client_sizes": sizes, "per_client": stats.layer_l1},
@@ -737,11 +833,11 @@ def fed_train(ws: Workspace, *, base: str, task: str, clients: int, alpha: float
     card = {"mask": {"method": mask if density < 1 else "full", "density": density, "granularity": "element",
                      "targets": layer_regex, "target_tensors": sorted(model.layers)},
             "training": {"federated": federation, "fedavg": cfg.to_json()}}
-    adapter = state_to_adapter(model, state, task=task, labels=fed.labels, kind="expert", card=card, include_head=True)
+    adapter = state_to_adapter(model, state, task=fed.task, labels=fed.labels, kind="expert", card=card,
+                               include_head=True)
     metrics = {"test_accuracy": acc, "train_seconds": round(stats.seconds, 3), "bytes_per_client": stats.bytes_per_client,
                "bytes_total": stats.bytes_total}
-    info = ws.register(adapter, name=name, task=task, base=base, kind="expert", metrics=metrics, training_config=tc)
-    return info, GlobalResult(adapter, state, fed, stats, metrics, tc, ranking)
+    return GlobalResult(adapter, state, fed, stats, metrics, tc, ranking)
 
 
 def load_global(ws: Workspace, ref: str, *, data: TaskData | None = None) -> tuple[Any, fmt.SparseAdapter, Federation, FedConfig, dict[str, Any]]:
@@ -768,6 +864,7 @@ def load_global(ws: Workspace, ref: str, *, data: TaskData | None = None) -> tup
 __all__ = ["Partition", "dirichlet_partition", "partition_hash", "HashTokenizer", "FedConfig", "FedModel",
            "layer_l1_distances", "rank_layers", "client_layer_l1", "DEFAULT_LAYER_REGEX", "StopRule", "HEAD_LAYER",
            "sparse_head_state", "is_head_key",
-           "sparse_delta_state", "local_train", "weighted_average", "fedavg", "FedStats", "Federation",
-           "make_federation", "train_global", "state_to_adapter", "fed_train", "load_global", "GlobalResult",
+           "sparse_delta_state", "local_train", "weighted_average", "fedavg", "ClientUpdate", "client_update",
+           "RoundRunner", "LocalRounds", "FedStats", "Federation",
+           "make_federation", "train_global", "global_model", "state_to_adapter", "fed_train", "load_global", "GlobalResult",
            "AdapterHubError"]

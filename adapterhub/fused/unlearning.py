@@ -62,6 +62,7 @@ from .federated import (
     FedModel,
     FedStats,
     ProgressFn,
+    RoundRunner,
     StopRule,
     fedavg,
     layer_l1_distances,
@@ -226,6 +227,11 @@ def plan_forget(fed: Federation, spec: ForgetSpec) -> ForgetPlan:
     return plan
 
 
+def cap_rows(rows: list[Example], n: int | None) -> list[Example]:
+    """At most ``n`` of ``rows``, evenly spaced (the evaluation cap; both engines use it)."""
+    return _cap(rows, n)
+
+
 def _cap(rows: list[Example], n: int | None) -> list[Example]:
     if n is None or len(rows) <= n:
         return rows
@@ -297,13 +303,12 @@ def selection_salt(plan: ForgetPlan) -> str:
     return f"{plan.spec.kind}:{plan.record.get('samples_sha256', plan.spec.value)}"
 
 
-def train_unlearning(model: FedModel, plan: ForgetPlan, cfg: FedConfig, layers: list[str], *, density: float,
-                     seed: int, head: str, stop: StopRule | None,
-                     progress: ProgressFn | None = None) -> tuple[dict[str, torch.Tensor], FedStats]:
-    """Train the unlearning state on ``plan.remaining`` with FedAvg: sparse random-mask deltas on
-    ``layers`` (the head's as sparse deltas when ``"head"`` is one of them), plus the dense head
-    of a baseline ``head`` mode. ``model`` holds the global model (weights and head).
-    Returns (state, stats). Raises UnlearningError when nothing would be trained."""
+def unlearning_state(model: FedModel, layers: list[str], *, density: float, seed: int, head: str
+                     ) -> dict[str, torch.Tensor]:
+    """The unlearning adapter's starting state (and ``model.index``, its masks): seeded random-mask zero
+    deltas on ``layers`` (the head's as sparse deltas when ``"head"`` is one), plus the dense head of a
+    baseline ``head`` mode. The nodes of the Flower engine call it too, so masks never travel.
+    Raises UnlearningError when nothing would be trained."""
     body = [x for x in layers if x != HEAD_LAYER]
     state = sparse_delta_state(model, body, density, seed, mask="random") if body else {}
     if HEAD_LAYER in layers:
@@ -314,10 +319,22 @@ def train_unlearning(model: FedModel, plan: ForgetPlan, cfg: FedConfig, layers: 
         state.update(fresh_head_state(model, seed))
     if not state:
         raise UnlearningError("nothing to train: choose at least one layer or a dense head baseline")
+    return state
+
+
+def train_unlearning(model: FedModel, plan: ForgetPlan, cfg: FedConfig, layers: list[str], *, density: float,
+                     seed: int, head: str, stop: StopRule | None, progress: ProgressFn | None = None,
+                     runner: RoundRunner | None = None, min_clients: int = 1) -> tuple[dict[str, torch.Tensor], FedStats]:
+    """Train the unlearning state on ``plan.remaining`` with FedAvg: sparse random-mask deltas on
+    ``layers`` (the head's as sparse deltas when ``"head"`` is one of them), plus the dense head
+    of a baseline ``head`` mode. ``model`` holds the global model (weights and head). ``runner``: who
+    runs the clients' rounds (default: in this process; see :func:`~adapterhub.fused.federated.fedavg`).
+    Returns (state, stats). Raises UnlearningError when nothing would be trained."""
+    state = unlearning_state(model, layers, density=density, seed=seed, head=head)
     ids = [c for c, _ in plan.remaining]
     rows = [r for _, r in plan.remaining]
     return fedavg(model, state, rows, cfg, client_ids=ids, salt="unlearn", progress=progress, desc="unlearning",
-                  stop=stop)
+                  stop=stop, runner=runner, min_clients=min_clients)
 
 
 @dataclass
@@ -392,7 +409,11 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
                    evaluate_metrics: bool = True, evaluate_global: bool = True, compare_retrain: bool = False,
                    retrain_rounds: int | None = None, max_eval: int | None = _UD.max_eval,
                    nonmembers: list[Example] | None = None, global_ref: str = "", global_hash: str = "",
-                   layer_regex: str = DEFAULT_LAYER_REGEX, progress: ProgressFn | None = None) -> UnlearnResult:
+                   layer_regex: str = DEFAULT_LAYER_REGEX, progress: ProgressFn | None = None,
+                   runner: Callable[[FedModel], RoundRunner] | None = None,
+                   evaluator: Callable[[FedModel, list[Mapping[str, torch.Tensor]], ForgetPlan],
+                                       list[dict[str, Any]]] | None = None,
+                   min_clients: int = 1) -> UnlearnResult:
     """Build the FUSED unlearning adapter for ``spec`` over the global model (no catalog involved).
 
     Takes: the base folder, the global adapter (deltas over the base + head), its federation and
@@ -400,6 +421,9 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
         (at most; default: the global model's), the stopping patience (0: run every round), a
         seed, the head mode (``ranked`` = FUSED; the rest are baselines) and the layer selection
         (``critical`` = FUSED; ``random`` = the ablation).
+    ``runner`` builds, for the model, who runs the clients' rounds and ``evaluator`` replaces
+        :func:`evaluate` for a list of states (the Flower engine: the nodes train, and report counts and
+        scores for the global and the unlearned model in one round).
     Returns: :class:`UnlearnResult`. With ``evaluate_metrics=False`` no forgotten row is ever read.
     Raises: UnlearningError for a bad request (before training).
     """
@@ -418,7 +442,8 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
     stop = stop_rule(model, plan, patience, max_eval)
     t0 = time.perf_counter()
     state, stats = train_unlearning(model, plan, ucfg, critical, density=density, seed=seed, head=head, stop=stop,
-                                    progress=progress)
+                                    progress=progress, runner=runner(model) if runner is not None else None,
+                                    min_clients=min_clients)
     seconds = time.perf_counter() - t0
     head_in_adapter = head in ("reset", "train") or HEAD_LAYER in critical
     body = [x for x in critical if x != HEAD_LAYER]
@@ -436,9 +461,14 @@ def run_unlearning(base_path: Path, global_adapter: fmt.SparseAdapter, fed: Fede
                                include_head=head_in_adapter)
     metrics: dict[str, Any] = {**cost_of(stats, seconds), "remaining_clients": len(plan.remaining)}
     if evaluate_metrics:
+        states: list[Mapping[str, torch.Tensor]] = [{}, state] if evaluate_global else [state]
+        if evaluator is not None:  # one federated evaluation round for both models
+            scores = evaluator(model, states, plan)
+        else:
+            scores = [evaluate(model, st, plan, max_eval=max_eval, nonmembers=nonmembers) for st in states]
         if evaluate_global:
-            metrics["global"] = evaluate(model, {}, plan, max_eval=max_eval, nonmembers=nonmembers)
-        metrics.update(evaluate(model, state, plan, max_eval=max_eval, nonmembers=nonmembers))
+            metrics["global"] = scores[0]
+        metrics.update(scores[-1])
         if compare_retrain:
             metrics["retrain"] = retrain(base_path, fed, cfg, plan, density=_density_of(global_adapter),
                                          rounds=retrain_rounds or 4 * cfg.rounds, patience=max(patience, 1),
@@ -497,8 +527,48 @@ def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _U
     Returns: (VersionInfo, UnlearnResult).
     Raises: UnlearningError/RefError/... before anything is registered.
     """
+    req = prepare_unlearn(ws, ref, forget=forget, name=name, layers=layers, density=density, rounds=rounds, head=head,
+                          selection=selection, rerank=rerank, data=data)
+    res = run_unlearning(req.base_path, req.global_adapter, req.fed, req.cfg, req.spec, req.ranking,
+                         ranking_source=req.ranking_source, layers=layers, density=density, rounds=rounds,
+                         patience=patience, seed=seed, local_steps=local_steps, lr=lr, head=head, selection=selection,
+                         compare_retrain=compare_retrain, retrain_rounds=retrain_rounds, max_eval=max_eval,
+                         global_ref=req.info.ref, global_hash=req.info.content_hash, layer_regex=req.layer_regex,
+                         progress=progress)
+    return register_unlearning(ws, req, res.adapter, name, critical=res.critical, metrics=res.metrics,
+                               training_config=res.training_config), res
+
+
+@dataclass
+class UnlearnRequest:
+    """An unlearning request resolved against the catalog (what :func:`run_unlearning` needs).
+
+    Attributes: the global version, its adapter, rebuilt federation (partition hash verified),
+    FedAvg config and federation record, the parsed spec, the plan, the recorded ranking and its
+    source, the base folder and the trained-layer regex.
+    """
+
+    info: VersionInfo
+    global_adapter: fmt.SparseAdapter
+    fed: Federation
+    cfg: FedConfig
+    record: dict[str, Any]
+    spec: ForgetSpec
+    plan: ForgetPlan
+    ranking: list[dict[str, Any]]
+    ranking_source: str
+    base_path: Path
+    layer_regex: str
+
+
+def prepare_unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _UD.layers,
+                    density: float = _UD.density, rounds: int | None = None, head: str = _UD.head,
+                    selection: str = "critical", rerank: bool = False, data: TaskData | None = None) -> UnlearnRequest:
+    """Check an unlearning request against the catalog before any training (both engines).
+
+    Raises: UnlearningError/RefError/... ; nothing is written.
+    """
     from ..catalog.names import validate_name
-    from ..catalog.records import Parent
 
     validate_name(name, "adapter name")
     spec = parse_forget(forget)
@@ -513,20 +583,26 @@ def unlearn(ws: Workspace, ref: str, *, forget: str, name: str, layers: int = _U
     binfo = ws.get_base(info.base)
     plan = check_request(fed, spec, layers, density, rounds or cfg.rounds, head=head, selection=selection)
     ranking, source = recorded_ranking(info.training_config or {}, plan, rerank=rerank)
-    res = run_unlearning(binfo.path, gadapter, fed, cfg, spec, ranking, ranking_source=source, layers=layers,
-                         density=density, rounds=rounds, patience=patience, seed=seed, local_steps=local_steps, lr=lr,
-                         head=head, selection=selection, compare_retrain=compare_retrain,
-                         retrain_rounds=retrain_rounds, max_eval=max_eval, global_ref=info.ref,
-                         global_hash=info.content_hash, layer_regex=rec.get("layer_regex") or DEFAULT_LAYER_REGEX,
-                         progress=progress)
-    v = ws.register(res.adapter, name=name, task=info.task, base=info.base, kind="unlearning",
-                    parents=[Parent(info.ref, "unlearns", params={"forget": str(spec),
-                                                                 "critical_layers": res.critical})],
-                    metrics=res.metrics, training_config=res.training_config)
-    return v, res
+    return UnlearnRequest(info, gadapter, fed, cfg, rec, spec, plan, ranking, source, Path(binfo.path),
+                          rec.get("layer_regex") or DEFAULT_LAYER_REGEX)
+
+
+def register_unlearning(ws: Workspace, req: UnlearnRequest, adapter: fmt.SparseAdapter, name: str, *,
+                        critical: list[str], metrics: dict[str, Any], training_config: dict[str, Any]
+                        ) -> VersionInfo:
+    """Register an unlearning adapter as kind ``unlearning`` with its ``unlearns`` edge to the global version
+    (both engines; the Flower engine adds its run record to ``training_config``, which is not part of the
+    adapter's bytes, so the content hash does not depend on the engine)."""
+    from ..catalog.records import Parent
+
+    return ws.register(adapter, name=name, task=req.info.task, base=req.info.base, kind="unlearning",
+                       parents=[Parent(req.info.ref, "unlearns", params={"forget": str(req.spec),
+                                                                         "critical_layers": critical})],
+                       metrics=metrics, training_config=training_config)
 
 
 __all__ = ["ForgetSpec", "parse_forget", "ForgetPlan", "plan_forget", "layer_l1_distances", "rank_layers",
            "evaluate", "run_unlearning", "unlearn", "UnlearnResult", "check_request", "VALUE_BYTES", "HEAD_MODES",
            "SELECTIONS", "HEAD_TEXT", "select_layers", "train_unlearning", "retrain", "recorded_ranking",
-           "stop_rule", "label_matched", "fresh_head_state", "cost_of", "selection_salt"]
+           "stop_rule", "label_matched", "fresh_head_state", "unlearning_state", "cap_rows", "cost_of", "selection_salt", "UnlearnRequest",
+           "prepare_unlearn", "register_unlearning"]
