@@ -39,6 +39,7 @@ import torch
 from . import st_io
 from .errors import FormatError
 from .fsutil import atomic_write_bytes, sha256_hex  # re-exported: part of this module's API
+from .maskhash import MaskHasher
 from .safe_read import NotRegularFile, read_regular
 
 FORMAT_ID = "adapterhub.sparse/1"
@@ -228,8 +229,46 @@ class SparseParam:
             raise FormatError(f"{name}: values contain NaN or infinity")
 
 
+class ParamStats:
+    """What the catalog reads of an adapter, derived from ``self.params`` (name -> an object with ``shape``,
+    ``nnz``, ``numel`` and ``dtype``): shared by :class:`SparseAdapter`, :class:`PackedAdapter` and
+    :class:`ScannedAdapter`."""
+
+    params: Mapping[str, Any]
+
+    @property
+    def nnz(self) -> int:
+        return sum(int(p.nnz) for p in self.params.values())
+
+    @property
+    def numel(self) -> int:
+        """Total size of the targeted base tensors."""
+        return sum(int(p.numel) for p in self.params.values())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        dts = {p.dtype for p in self.params.values()}
+        return dts.pop() if len(dts) == 1 else None
+
+    def nnz_per_param(self) -> dict[str, int]:
+        return {k: int(self.params[k].nnz) for k in sorted(self.params)}
+
+    def check_base(self, base_shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise FormatError if a parameter is missing from the base or its shape differs."""
+        for name in sorted(self.params):
+            if name not in base_shapes:
+                raise FormatError(f"{name}: no such tensor in the base model")
+            if tuple(base_shapes[name]) != tuple(self.params[name].shape):
+                raise FormatError(
+                    f"{name}: shape {tuple(self.params[name].shape)} does not match the base's {tuple(base_shapes[name])}")
+
+
 @dataclass
-class SparseAdapter:
+class SparseAdapter(ParamStats):
     """A sparse adapter: sparse deltas per base tensor, dense extras, and a JSON card."""
 
     params: dict[str, SparseParam]
@@ -244,27 +283,6 @@ class SparseAdapter:
     source_sha256: str | None = field(default=None, repr=False, compare=False)
     # {tensor name: shape} of the source file's ``::esc`` tensors (read with the header on load)
     source_escapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def nnz(self) -> int:
-        return sum(p.nnz for p in self.params.values())
-
-    @property
-    def numel(self) -> int:
-        """Total size of the targeted base tensors."""
-        return sum(p.numel for p in self.params.values())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / self.numel if self.numel else 0.0
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        dts = {p.dtype for p in self.params.values()}
-        return dts.pop() if len(dts) == 1 else None
-
-    def nnz_per_param(self) -> dict[str, int]:
-        return {k: self.params[k].nnz for k in sorted(self.params)}
 
     def mask_hash(self) -> str:
         """sha256 over the sorted parameter names, shapes and element indices: same mask, same hash.
@@ -291,14 +309,6 @@ class SparseAdapter:
         except (TypeError, ValueError) as e:
             raise FormatError(f"card is not JSON-serialisable: {e}") from None
 
-    def check_base(self, base_shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """Raise FormatError if a parameter is missing from the base or its shape differs."""
-        for name in sorted(self.params):
-            if name not in base_shapes:
-                raise FormatError(f"{name}: no such tensor in the base model")
-            if tuple(base_shapes[name]) != self.params[name].shape:
-                raise FormatError(
-                    f"{name}: shape {self.params[name].shape} does not match the base's {tuple(base_shapes[name])}")
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -498,7 +508,7 @@ class PackedParam:
         return _numel(self.shape)
 
 
-class PackedAdapter:
+class PackedAdapter(ParamStats):
     """An element-layout adapter held as the bytes :func:`save` writes for its tensors, built one parameter
     at a time (issue 19: a merge's result costs what its file costs — 2 B per index and the values' bytes —
     instead of int64 indices per entry, and is written to the store without joining the whole file in memory).
@@ -516,7 +526,7 @@ class PackedAdapter:
         self.card: dict[str, Any] = dict(card or {})
         self.allow_nonfinite = allow_nonfinite
         self._tensors: dict[str, tuple[str, list[int], bytes]] = {}
-        self._mask = hashlib.sha256()
+        self._mask = MaskHasher()
         self._last: str | None = None
 
     def add(self, name: str, p: SparseParam) -> None:
@@ -531,13 +541,14 @@ class PackedAdapter:
             raise FormatError(f"{name}: a packed adapter holds element layout only")
         p.validate(name, allow_nonfinite=self.allow_nonfinite)
         gaps, esc = encode_indices(p.indices)
-        self._tensors[f"param::{name}::idx"] = ("U16", [int(gaps.numel())], _tensor_bytes(gaps))
+        gap_bytes, esc_bytes = _tensor_bytes(gaps), (_tensor_bytes(esc) if esc.numel() else b"")
+        self._tensors[f"param::{name}::idx"] = ("U16", [int(gaps.numel())], gap_bytes)
         if esc.numel():
-            self._tensors[f"param::{name}::esc"] = ("I64", [int(esc.numel())], _tensor_bytes(esc))
+            self._tensors[f"param::{name}::esc"] = ("I64", [int(esc.numel())], esc_bytes)
         vals = p.values.detach().cpu().contiguous()
         self._tensors[f"param::{name}::val"] = (_DTYPE_TO_ST[vals.dtype], list(vals.shape), _tensor_bytes(vals))
-        self._mask.update(name.encode() + b"\0" + json.dumps([int(s) for s in p.shape]).encode() + b"\0")
-        self._mask.update(_tensor_bytes(p.indices.to(torch.int64)))
+        # the mask hash of definition 2 is over these very index bytes (adapterhub.maskhash)
+        self._mask.add_encoded(name, p.shape, gap_bytes, int(gaps.numel()), esc_bytes, int(esc.numel()))
         self.params[name] = PackedParam(p.shape, int(p.indices.numel()), p.nnz, vals.dtype)
         self._last = name
 
@@ -548,32 +559,9 @@ class PackedAdapter:
                                                                        self._mask.copy(), self._last)
         return out
 
-    # -- what the catalog reads
-    @property
-    def nnz(self) -> int:
-        return sum(p.nnz for p in self.params.values())
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel for p in self.params.values())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / self.numel if self.numel else 0.0
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        dts = {p.dtype for p in self.params.values()}
-        return dts.pop() if len(dts) == 1 else None
-
-    def nnz_per_param(self) -> dict[str, int]:
-        return {k: self.params[k].nnz for k in sorted(self.params)}
-
+    # -- what the catalog reads (nnz, density, dtype, nnz_per_param, check_base: ParamStats)
     def mask_hash(self) -> str:
-        return str(self._mask.copy().hexdigest())
-
-    def check_base(self, base_shapes: Mapping[str, tuple[int, ...]]) -> None:
-        SparseAdapter.check_base(self, base_shapes)  # type: ignore[arg-type]  # reads only params[...].shape
+        return self._mask.hexdigest()
 
     # -- bytes
     def _layout(self) -> tuple[bytes, list[str], int, dict[str, tuple[str, list[int], bytes]]]:
@@ -868,6 +856,148 @@ def load(data: bytes, *, allow_nonfinite: bool = False, source: str | None = Non
         out.source_allow_nonfinite = allow_nonfinite
         out.source_sha256 = source_sha256
     return out
+
+
+class ScannedAdapter(ParamStats):
+    """A canonical element-layout adapter file, validated without decoding it (issue 19: ``register`` and
+    ``pull`` of canonical bytes cost about what hashing and copying the file costs).
+
+    Made by :func:`load_canonical`. It holds the file's bytes (``source_bytes``), the parameters' shapes,
+    counts and value dtypes (``params``, as :class:`PackedParam`), the dense extras and the card; its mask
+    hash was computed from the file's own index bytes. Catalog code reads it like a SparseAdapter (``nnz``,
+    ``density``, ``dtype``, ``nnz_per_param()``, ``mask_hash()``, ``extras``, ``card``, ``check_base``); the
+    file is stored as it is when :meth:`canonical_with` says so for the card being registered.
+    """
+
+    def __init__(self, data: bytes, params: dict[str, PackedParam], escapes: dict[str, int],
+                 extras: dict[str, torch.Tensor], card: dict[str, Any], mask: str, *, allow_nonfinite: bool,
+                 source_sha256: str | None) -> None:
+        self.source_bytes = data
+        self.params = params
+        self.extras = extras
+        self.card = card
+        self.allow_nonfinite = allow_nonfinite
+        self.source_sha256 = source_sha256
+        self._escapes = escapes
+        self._mask = mask
+
+    def mask_hash(self) -> str:
+        return self._mask
+
+    def canonical_with(self, card: dict[str, Any], *, allow_nonfinite: bool = False) -> bool:
+        """Whether the file is exactly what :func:`save` writes for these tensors under ``card``."""
+        if self.allow_nonfinite and not allow_nonfinite:
+            return False  # scanned leniently: the values must be checked again, by the full path
+        specs: dict[str, tuple[str, list[int]]] = {}
+        layout: dict[str, Any] = {}
+        for name, p in sorted(self.params.items()):
+            specs[f"param::{name}::idx"] = ("U16", [p.count])
+            if self._escapes.get(name):
+                specs[f"param::{name}::esc"] = ("I64", [self._escapes[name]])
+            specs[f"param::{name}::val"] = (_DTYPE_TO_ST[p.dtype], [p.count])
+            layout[name] = {"shape": list(p.shape), "layout": "element", "block_size": None, "count": p.count,
+                            "nnz": p.nnz, "dtype": dtype_name(p.dtype)}
+        for name in sorted(self.extras):
+            t = self.extras[name]
+            specs[f"extra::{name}"] = (_DTYPE_TO_ST[t.dtype], list(t.shape))
+        try:
+            head, _, size = _container_header(specs, _doc_meta(layout, self.extras, card))
+        except FormatError:
+            return False
+        raw = self.source_bytes
+        return len(raw) == len(head) + size and raw[:len(head)] == head
+
+    def load(self) -> SparseAdapter:
+        """The full :class:`SparseAdapter` (decoded and validated again; keeps the source bytes)."""
+        return load(self.source_bytes, allow_nonfinite=self.allow_nonfinite, keep_source=True,
+                    source_sha256=self.source_sha256)
+
+
+_FINITE_BITS = {"BF16": (0x7FFF, 0x7F80), "F16": (0x7FFF, 0x7C00)}
+
+
+def _scan_param(r: AdapterReader, name: str, mv: memoryview, hasher: MaskHasher
+                ) -> tuple[PackedParam, int] | None:
+    """Validate one element-layout parameter on views of the file's bytes (no decoding, no copies of the
+    indices) and add it to the mask hash; None where the full path must decide (block layout, any doubt)."""
+    import numpy as np
+
+    _check_name(name)
+    shape, layout, block, count = r._layout(name)
+    if layout != "element" or block is not None or count < 0:
+        return None
+    if any(d <= 0 for d in shape) or len(shape) > 8 or _numel(shape) >= MAX_NUMEL:
+        return None
+    ents = r._entries
+    ie, ve = ents.get(f"param::{name}::idx"), ents.get(f"param::{name}::val")
+    ee = ents.get(f"param::{name}::esc")
+    if ie is None or ve is None or ie[0] != "U16" or ie[1] != [count] or ve[0] not in ("F32", "BF16", "F16") \
+            or ve[1] != [count] or (ee is not None and (ee[0] != "I64" or len(ee[1]) != 1)):
+        return None
+    at = r._start
+    gaps = np.frombuffer(mv[at + ie[2]:at + ie[3]], dtype="<u2")
+    esc = (np.frombuffer(mv[at + ee[2]:at + ee[3]], dtype="<i8") if ee is not None
+           else np.zeros(0, dtype="<i8"))
+    numel = _numel(shape)
+    if count:
+        zeros = int(np.count_nonzero(gaps == 0)) if int(gaps.min()) == 0 else 0
+        if zeros != esc.size:
+            return None
+        if esc.size:
+            if int(esc.min()) < GAP_LIMIT or int(esc.max()) > numel or esc.size * GAP_LIMIT > numel:
+                return None
+            if float(esc.sum(dtype=np.float64)) > 2.0 * numel:
+                return None
+        # every gap is >= 1, so the indices are strictly increasing from gap[0] - 1 >= 0; the last one is
+        # the sum of the gaps (escapes in place of the zeros) minus one
+        last = int(gaps.sum(dtype=np.uint64)) + (int(esc.sum(dtype=np.uint64)) if esc.size else 0) - 1
+        if last >= numel:
+            return None
+    elif esc.size:
+        return None
+    vals = mv[at + ve[2]:at + ve[3]]
+    dt = ve[0]
+    if not r.allow_nonfinite and count:
+        if dt == "F32":
+            finite = bool(np.isfinite(np.frombuffer(vals, dtype="<f4")).all())
+        else:
+            low, exp = _FINITE_BITS[dt]
+            finite = int((np.frombuffer(vals, dtype="<u2") & low).max()) < exp
+        if not finite:
+            return None
+    hasher.add_encoded(name, shape, mv[at + ie[2]:at + ie[3]], count,
+                       mv[at + ee[2]:at + ee[3]] if ee is not None else b"", esc.size)
+    return PackedParam(shape, count, count, _ST_TO_DTYPE[dt]), int(esc.size)
+
+
+def load_canonical(data: bytes, *, allow_nonfinite: bool = False, source: str | None = None,
+                   source_sha256: str | None = None) -> SparseAdapter | ScannedAdapter:
+    """Read adapter bytes for ``register``/``pull``: a :class:`ScannedAdapter` when every parameter is in
+    element layout and passes the checks on views of the bytes, else the full :func:`load` (``keep_source``).
+
+    The scan accepts exactly what :func:`load` accepts (header, card, names, counts, gap coding and escapes,
+    ranges, finite values, extras, no undescribed tensors) without decoding indices; at the first doubt it
+    hands over to :func:`load`, so every refusal has the same one-line error. Raises FormatError.
+    """
+    try:
+        with open_adapter(data, allow_nonfinite=allow_nonfinite, source=source) as r:
+            mv = memoryview(data)
+            hasher = MaskHasher()
+            params: dict[str, PackedParam] = {}
+            escapes: dict[str, int] = {}
+            for name in r.keys():
+                got = _scan_param(r, name, mv, hasher)
+                if got is None:
+                    break
+                params[name], escapes[name] = got
+            else:
+                if not r.unknown_tensors():
+                    extras = {n: r.get_extra(n) for n in r.extra_names()}
+                    return ScannedAdapter(data, params, escapes, extras, r.card, hasher.hexdigest(),
+                                          allow_nonfinite=allow_nonfinite, source_sha256=source_sha256)
+    except (FormatError, KeyError, ValueError, TypeError, OverflowError):
+        pass  # the full path below gives the error
+    return load(data, allow_nonfinite=allow_nonfinite, source=source, keep_source=True, source_sha256=source_sha256)
 
 
 def cast_values(adapter: SparseAdapter, dtype: torch.dtype | str | None) -> SparseAdapter:

@@ -152,10 +152,10 @@ class Workspace:
         self.store: Store = open_store(store_url or os.environ.get("ADAPTERHUB_STORE_URL"), self.home)
         self.engine = db.make_engine(db_url, lock_timeout=self.lock_timeout)
         if migrate:
-            db.ensure_schema(self.engine, blob_reader=self._blob_or_none)
+            db.ensure_schema(self.engine, blob_reader=self.blob_or_none)
         self._sessions = db.session_factory(self.engine)
 
-    def _blob_or_none(self, digest: str) -> bytes | None:
+    def blob_or_none(self, digest: str) -> bytes | None:
         """A blob's verified bytes, or None when it is missing or corrupt (for data migrations)."""
         try:
             return self.store.get_bytes(digest)
@@ -282,7 +282,8 @@ class Workspace:
             "format": source, "path": os.path.basename(os.path.abspath(path))})]
         return adapter, source, extra
 
-    def register(self, adapter: fmt.SparseAdapter | fmt.PackedAdapter | bytes | str | os.PathLike[str], *, name: str,
+    def register(self, adapter: fmt.SparseAdapter | fmt.PackedAdapter | fmt.ScannedAdapter | bytes | str | os.PathLike[str],
+                 *, name: str,
                  task: str | None,
                  base: str, kind: str = "expert", parents: Sequence[Parent] = (),
                  metrics: dict[str, Any] | None = None, training_config: dict[str, Any] | None = None,
@@ -316,8 +317,8 @@ class Workspace:
 
                 # our own file: validated on views of its bytes, stored as it is when canonical (issue 19)
                 path = Path(adapter)
-                adapter = fmt.load_canonical(fmt.read_bytes_checked(path), allow_nonfinite=allow_nonfinite,
-                                             source=path.name)
+                adapter = _load_hashed(fmt.read_bytes_checked(path), allow_nonfinite=allow_nonfinite,
+                                       source=path.name)
             else:
                 adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
                                                                  density=density, block_size=block_size)
@@ -387,11 +388,10 @@ class Workspace:
         card.setdefault("kind", kind)
         if isinstance(adapter, fmt.ScannedAdapter):  # canonical under this card: the file's own bytes, hashed once
             if adapter.canonical_with(card, allow_nonfinite=spec.allow_nonfinite):
-                data = adapter.source_bytes
-                digest = adapter.source_sha256 or sha256_hex(data)
-                dtype = adapter.dtype
-                return _PreparedVersion(spec, binfo, adapter, card, data, digest,
-                                        fmt.dtype_name(dtype) if dtype is not None else "mixed")
+                raw = adapter.source_bytes
+                vdt = adapter.dtype
+                return _PreparedVersion(spec, binfo, adapter, card, raw, adapter.source_sha256 or sha256_hex(raw),
+                                        fmt.dtype_name(vdt) if vdt is not None else "mixed")
             adapter = adapter.load()  # another card: re-serialised by the full path
         if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: written piece by piece, never joined
             if spec.allow_nonfinite:
@@ -1100,6 +1100,23 @@ class Workspace:
 def open_workspace(home: str | None = None, db_url: str | None = None) -> Workspace:
     """Shorthand for :meth:`Workspace.open`."""
     return Workspace.open(home, db_url)
+
+
+def _load_hashed(data: bytes, *, allow_nonfinite: bool, source: str) -> fmt.SparseAdapter | fmt.ScannedAdapter:
+    """:func:`adapterhub.format.load_canonical` of ``data`` with its sha256 (the version's content hash) computed
+    at the same time on a second thread (hashlib releases the GIL on large buffers), so a large file costs about
+    one pass of the slower of the two instead of both; the digest is kept as the adapter's ``source_sha256``."""
+    from . import format as fmt
+
+    if len(data) < (1 << 20):
+        return fmt.load_canonical(data, allow_nonfinite=allow_nonfinite, source=source)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        digest = pool.submit(sha256_hex, data)
+        adapter = fmt.load_canonical(data, allow_nonfinite=allow_nonfinite, source=source)
+        adapter.source_sha256 = digest.result()
+    return adapter
 
 
 def _granularity(adapter: fmt.SparseAdapter) -> str | None:

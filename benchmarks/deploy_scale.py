@@ -124,8 +124,8 @@ def setup_size(work: Path, size: str) -> dict[str, Any]:
     """Build the base, the adapter, a home with both registered and deployment ``d`` (reused when present)."""
     base = work / f"llama-{size}"
     build(base, size)
-    home = work / f"home-{size}"
-    adapter = work / f"adapter-{size}.safetensors"
+    home = work / f"deploy-home-{size}"  # beside scale.py's homes when both use the same --work
+    adapter = work / f"deploy-adapter-{size}.safetensors"
     if not adapter.exists():
         make_adapter(base, adapter)
     if not (home / "catalog.db").exists():
@@ -172,6 +172,27 @@ def finish_size(r: dict[str, Any]) -> dict[str, Any]:
             "verify_ok": ok}
 
 
+def run_size(work: Path, size: str, repeat: int) -> dict[str, Any]:
+    """One size on its own (``scale.py --with-deploy``'s hook): warm-up, ``repeat`` CLI cycles, ``repeat``
+    in-process cycles each with the bare patch right after it. JSON-able."""
+    r = setup_size(work, size)
+    cycle_cli(r)
+    for _ in range(repeat):
+        r["cli"].append(cycle_cli(r))
+    for _ in range(repeat):
+        r["lib"].append(cycle_lib(r))
+        r["bare"].append(bare_patch(r["dep"], r["adapter"]))
+    out = finish_size(r)
+    out["lib_over_bare"] = out["lib"] / out["bare"]
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+
+def load_line() -> str:
+    """The machine's load (``uptime``'s averages), recorded beside the figures."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/adapterhub-deploy-scale"))
@@ -185,6 +206,7 @@ def main() -> None:
         for s in sizes:
             build(a.work / f"llama-{s}", s)
         return
+    print(f"start: {load_line()}", flush=True)
     runs = [setup_size(a.work, s) for s in sizes]
     for r in runs:  # warm-up cycle: page cache, bytecode
         cycle_cli(r)
@@ -210,8 +232,11 @@ def main() -> None:
         print(f"\nCLI apply+revert {rows[1]['size']} / {rows[0]['size']}: {rows[1]['cli'] / rows[0]['cli']:.2f}x "
               "(target <= 1.5x)")
         print(f"in-process apply+revert {rows[1]['size']} / {rows[0]['size']}: {rows[1]['lib'] / rows[0]['lib']:.2f}x")
+    for r in rows:
+        v = r["lib"] / r["bare"]
+        print(f"{r['size']}: in-process apply+revert / bare patch {v:.2f}x (target <= 1.5x: {'met' if v <= 1.5 else 'NOT met'})")
     print(f"warm page cache, medians of {a.repeat} runs; python {sys.version.split()[0]}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; end: {load_line()}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def db_upgrade(c: Ctx, revision: str) -> None:
     ws = _raw_ws(c)
     try:
         before = db.current_revision(ws.engine)
-        db.upgrade(ws.engine, revision)
+        db.upgrade(ws.engine, revision, blob_reader=ws.blob_or_none)  # 0006 recomputes mask hashes from blobs
         after = db.current_revision(ws.engine)
     finally:
         ws.close()

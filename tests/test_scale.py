@@ -355,3 +355,181 @@ def test_all_finite_agrees_with_isfinite_on_every_bit_pattern(dtype):
     got = torch.tensor([fmt.all_finite(bits[i:i + 1]) for i in range(bits.numel())])
     assert torch.equal(got, ref) and int((~ref).sum()) > 0
     assert fmt.all_finite(bits[ref]) and not fmt.all_finite(bits)
+
+
+# -- mask hash, definition 2: from the file's own index bytes (issue 19) ----------------------------------------
+
+def _hand_mask_hash_v2(adapter: SparseAdapter) -> str:
+    """Definition 2 written out independently (struct, no numpy): see adapterhub/maskhash.py."""
+    import json
+    import struct
+
+    h = hashlib.sha256(b"adapterhub.mask-hash/2\n")
+    for name in sorted(adapter.params):
+        p = adapter.params[name]
+        prev, gaps, esc = -1, [], []
+        for i in p.flat()[0].tolist():
+            gaps.append(i - prev if i - prev < 65536 else 0)
+            if i - prev >= 65536:
+                esc.append(i - prev)
+            prev = i
+        h.update(json.dumps([name, list(p.shape), len(gaps), len(esc)]).encode() + b"\n")
+        h.update(b"".join(struct.pack("<H", g) for g in gaps) + b"".join(struct.pack("<q", e) for e in esc))
+    return h.hexdigest()
+
+
+def _escaping_adapter(seed: int, dtype: torch.dtype = torch.bfloat16) -> SparseAdapter:
+    """Element layout with gaps over 65535 (escapes), an empty parameter and mixed value dtypes."""
+    g = torch.Generator().manual_seed(seed)
+    far = torch.unique(torch.cat([torch.randint(0, 1000, (40,), generator=g), torch.tensor([70_000, 140_001, 299_999])]))
+    near = torch.unique(torch.randint(0, 64 * 64, (200,), generator=g))
+    return SparseAdapter({
+        "a.weight": SparseParam((300, 1000), far, torch.randn(far.numel(), generator=g).to(dtype)),
+        "b.weight": SparseParam((64, 64), near, torch.randn(near.numel(), generator=g)),
+        "c.weight": SparseParam((10,), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype)),
+    }, {"head": torch.randn(3, generator=g)}, {"task": "t"})
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scanned_adapter_reads_what_load_reads(seed, dtype):
+    from adapterhub.maskhash import mask_hash_of_file
+
+    a = _escaping_adapter(seed, dtype)
+    data = fmt.save(a)
+    assert fmt.st_io.parse_header(data).entries.get("param::a.weight::esc") is not None  # escapes are exercised
+    s = fmt.load_canonical(data)
+    full = fmt.load(data)
+    assert isinstance(s, fmt.ScannedAdapter) and s.source_bytes is data
+    want = _hand_mask_hash_v2(a)
+    assert s.mask_hash() == full.mask_hash() == a.mask_hash() == mask_hash_of_file(data) == want
+    assert (s.nnz, s.numel, s.density, s.dtype, s.nnz_per_param()) == (
+        full.nnz, full.numel, full.density, full.dtype, full.nnz_per_param())
+    assert s.canonical_with(a.card) and not s.canonical_with({"task": "other"})
+    assert fmt.save(s.load()) == data
+    packed = fmt.PackedAdapter(a.card)
+    for n in sorted(a.params):
+        packed.add(n, a.params[n])
+    assert packed.mask_hash() == want
+
+
+def test_block_layout_hashes_as_its_elements_and_takes_the_full_path():
+    from adapterhub.maskhash import mask_hash_of_file
+
+    bm = torch.zeros(8, 8, dtype=torch.bool)
+    bm[1, 2] = bm[5, 7] = True
+    blk = SparseParam.from_block_mask(torch.randn(64, 64), bm, 8)
+    el = SparseParam((64, 64), *blk.flat())
+    a, b = SparseAdapter({"w": blk}), SparseAdapter({"w": el})
+    data = fmt.save(a)
+    assert not isinstance(fmt.load_canonical(data), fmt.ScannedAdapter)
+    assert a.mask_hash() == b.mask_hash() == mask_hash_of_file(data) == mask_hash_of_file(fmt.save(b)) == \
+        _hand_mask_hash_v2(b)
+
+
+def _mutations(data: bytes) -> list[bytes]:
+    """Damaged variants of an adapter file whose header stays valid: a zero gap without an escape, an index
+    out of range, a non-finite value, an escape below 65536."""
+    h = fmt.st_io.parse_header(data)
+    out = []
+
+    def poke(name: str, at: int, raw: bytes) -> None:
+        e = h.entries[name]
+        b = bytearray(data)
+        b[h.data_start + e.begin + at:h.data_start + e.begin + at + len(raw)] = raw
+        out.append(bytes(b))
+
+    poke("param::b.weight::idx", 2, b"\0\0")  # a zero gap with no escape value for it
+    poke("param::b.weight::idx", 0, b"\xff\xff")  # first index 65534 > 4095
+    poke("param::b.weight::val", 4, b"\x00\x00\xc0\x7f")  # a NaN (fp32 values)
+    poke("param::a.weight::esc", 0, (1000).to_bytes(8, "little"))  # an escape that is not one
+    poke("param::a.weight::esc", 0, (10**12).to_bytes(8, "little"))  # far out of range
+    return out
+
+
+def test_scan_refuses_what_load_refuses_with_the_same_error():
+    data = fmt.save(_escaping_adapter(0))
+    for bad in _mutations(data):
+        with pytest.raises(fmt.FormatError) as full:
+            fmt.load(bad)
+        with pytest.raises(fmt.FormatError) as scanned:
+            fmt.load_canonical(bad)
+        assert str(scanned.value) == str(full.value)
+    bad_val = _mutations(data)[2]
+    assert isinstance(fmt.load_canonical(bad_val, allow_nonfinite=True), fmt.ScannedAdapter)
+
+
+def test_register_of_a_canonical_file_takes_the_scan(ws, tmp_path, tiny_bert_dir, monkeypatch):
+    path = _canonical_file(ws, tmp_path, tiny_bert_dir, dtype=torch.bfloat16)
+    monkeypatch.setattr(fmt, "decode_indices", lambda *a: pytest.fail("decoded the indices"))
+    info = ws.register(path, name="a", task="t", base="tiny")
+    monkeypatch.undo()
+    a = fmt.load_file(path)
+    assert info.mask_hash == a.mask_hash() == _hand_mask_hash_v2(a) and info.nnz == a.nnz
+    assert info.nnz_per_param == a.nnz_per_param() and info.dtype == "bf16"
+    # a second name for the same bytes: the blob is compared with them, not re-hashed, and stays
+    monkeypatch.setattr("adapterhub.store.sha256_file", lambda p: pytest.fail("re-hashed the stored blob"))
+    again = ws.register(path, name="b", task="t", base="tiny")
+    assert again.content_hash == info.content_hash and again.mask_hash == info.mask_hash
+
+
+def test_register_heals_a_corrupt_blob_by_comparing_bytes(ws, tmp_path, tiny_bert_dir):
+    path = _canonical_file(ws, tmp_path, tiny_bert_dir)
+    info = ws.register(path, name="a", task="t", base="tiny")
+    blob = ws.store.path(info.content_hash)
+    raw = bytearray(blob.read_bytes())
+    raw[-1] ^= 1
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(raw))
+    ws.register(path, name="b", task="t", base="tiny")
+    assert blob.read_bytes() == path.read_bytes()
+
+
+def test_migration_0006_recomputes_mask_hashes(tmp_path, tiny_bert_dir):
+    """Down to 0005: definition 1 (int64 indices) is recomputed from the blobs; up again: definition 2; a row
+    whose blob is gone, or a migration without a blob reader, leaves NULL (unknown), never the other value."""
+    import json
+    import struct
+
+    from sqlalchemy import text
+
+    from adapterhub.catalog import db
+    from adapterhub.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "h")
+    try:
+        base = ws.add_base("tiny", str(tiny_bert_dir))
+        adapters, infos = [], []
+        for seed, block in ((0, None), (1, 4)):
+            a = make_adapter(density=0.2, seed=seed, block=block)
+            a.card = {"base": {"name": "tiny", "fingerprint": base.fingerprint}}
+            adapters.append(a)
+            infos.append(ws.register(fmt.save(a), name=f"a{seed}", task="t", base="tiny"))
+        gone = ws.register(fmt.save(make_adapter(density=0.1, seed=7)), name="gone", task="t", base="tiny")
+        ws.store.delete(gone.content_hash)
+
+        def v1(a: SparseAdapter) -> str:
+            h = hashlib.sha256()
+            for n in sorted(a.params):
+                h.update(n.encode() + b"\0" + json.dumps(list(a.params[n].shape)).encode() + b"\0")
+                h.update(b"".join(struct.pack("<q", i) for i in a.params[n].flat()[0].tolist()))
+            return h.hexdigest()
+
+        def hashes() -> dict[int, str | None]:
+            with ws.engine.connect() as c:
+                return dict(c.execute(text("SELECT id, mask_hash FROM adapter_versions")).all())
+
+        assert hashes()[infos[0].id] == _hand_mask_hash_v2(adapters[0]) and hashes()[infos[1].id] == \
+            _hand_mask_hash_v2(adapters[1])
+        db.downgrade(ws.engine, "0005", blob_reader=ws.blob_or_none)
+        got = hashes()
+        assert [got[i.id] for i in infos] == [v1(a) for a in adapters] and got[gone.id] is None
+        assert v1(adapters[0]) != _hand_mask_hash_v2(adapters[0])
+        db.ensure_schema(ws.engine, blob_reader=ws.blob_or_none)
+        got = hashes()
+        assert [got[i.id] for i in infos] == [_hand_mask_hash_v2(a) for a in adapters] and got[gone.id] is None
+        db.downgrade(ws.engine, "0005", blob_reader=ws.blob_or_none)
+        db.upgrade(ws.engine)  # by hand, without the store: unknown
+        assert set(hashes().values()) == {None}
+    finally:
+        ws.close()

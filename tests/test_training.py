@@ -52,13 +52,20 @@ def _cfg(**kw):
 
 
 def _hand_mask_hash(adapter) -> str:
-    """The mask-hash definition written out independently: per name in sorted order, ``name NUL
-    json(shape) NUL`` then every sorted flat index as little-endian int64."""
-    h = hashlib.sha256()
+    """The mask-hash definition (2) written out independently: a prefix line, then per name in sorted order
+    ``json([name, shape, count, escapes])`` and a newline, every gap between sorted flat indices (from -1) as
+    little-endian uint16 (0 when it is 65536 or more), then those large gaps as little-endian int64."""
+    h = hashlib.sha256(b"adapterhub.mask-hash/2\n")
     for name in sorted(adapter.params):
         p = adapter.params[name]
-        h.update(name.encode() + b"\0" + json.dumps(list(p.shape)).encode() + b"\0")
-        h.update(b"".join(struct.pack("<q", i) for i in p.flat()[0].tolist()))
+        prev, gaps, esc = -1, [], []
+        for i in p.flat()[0].tolist():
+            gaps.append(i - prev if i - prev < 65536 else 0)
+            if i - prev >= 65536:
+                esc.append(i - prev)
+            prev = i
+        h.update(json.dumps([name, list(p.shape), len(gaps), len(esc)]).encode() + b"\n")
+        h.update(b"".join(struct.pack("<H", g) for g in gaps) + b"".join(struct.pack("<q", e) for e in esc))
     return h.hexdigest()
 
 

@@ -996,8 +996,8 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
                 for n, p in st.adapter.params.items():
                     touched.setdefault(n, []).append(p.flat()[0])
             # NaN/inf (e.g. bf16 overflow, a huge --scale) refused before the WAL or any weight byte is written
-            check_finite_plan(weights, [ents for _, ents in undone], [(st.adapter.params, st.scale, st.info.ref)
-                                                                      for st in applies])
+            prepared = check_finite_plan(weights, [ents for _, ents in undone],
+                                         [(st.adapter.params, st.scale, st.info.ref) for st in applies])
             op_id = uuid.uuid4().hex
             wal_meta = {"op_id": op_id, "action": action, "ref": (details or {}).get("ref")}
             book = _ChunkBook(state, weights)
@@ -1012,7 +1012,7 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
                     early[n] = hasher.submit(book.hash_written, n, idx)
 
             try:
-                with DiskTransaction(weights, _wal(info.path), wal_meta, touched) as tx:
+                with DiskTransaction(weights, _wal(info.path), wal_meta, touched, prepared) as tx:
                     new_stack, root = _patch(name, info, tx, book, undone, applies, stack, revert_layers, on_patched,
                                              early, hasher, fault=fault, verify=verify)
                     state.stamp(info.path, {weights.file_of(n) for n in touched})  # fsync'ed files: final stat data

@@ -224,8 +224,6 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     Takes: the entries (application order) and a JSON-able mapping (``names`` is reserved).
     Returns: the bytes of the record.
     """
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     names = []
     for i, e in enumerate(entries):
@@ -237,7 +235,13 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
         names.append(e.name)
     doc = dict(meta)
     doc["names"] = names
-    return save(tensors, metadata={"adapterhub.undo": json.dumps(doc, sort_keys=True)})
+    # the container written directly (format's canonical safetensors writer: one copy of each tensor's bytes),
+    # not through safetensors.torch.save, which converts every tensor twice; read back by safetensors' loader
+    from ..format import _DTYPE_TO_ST, _container_header, _tensor_bytes
+
+    specs = {n: (_DTYPE_TO_ST[t.dtype], list(t.shape)) for n, t in tensors.items()}
+    head, order, _ = _container_header(specs, {"adapterhub.undo": json.dumps(doc, sort_keys=True)})
+    return b"".join([head, *(_tensor_bytes(tensors[n]) for n in order)])
 
 
 def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
@@ -275,19 +279,23 @@ def _union_sorted(lists: Sequence[torch.Tensor], numel: int | None = None) -> to
 
 
 def check_finite_plan(weights: Weights, restores: Sequence[Sequence[UndoEntry]],
-                      applies: Sequence[tuple[Mapping[str, Any], float, str]]) -> None:
+                      applies: Sequence[tuple[Mapping[str, Any], float, str]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Refuse an on-disk operation that would write NaN/inf, before anything is written.
 
     Takes the weights, the undo entries the operation will restore first (per layer, in the order
     :meth:`DiskTransaction.restore` is called) and the applies that follow, as (name -> SparseParam,
     scale, label). Replays them with :func:`patch_flat`'s exact arithmetic on copies of the touched
     positions only (O(nnz)), in the weight dtype.
+    Returns: for each tensor that only one apply touches and nothing restores (the common case), the
+    (original, patched) values at that apply's positions — what :class:`DiskTransaction` saves and writes
+    (``prepared``), so the positions are gathered and the sum computed once per operation.
     Raises: NonFiniteWeightsError naming the adapter (label) and the tensor; NonFiniteWeightsError for a
     non-finite scale.
     """
     for _, scale, _ in applies:
         check_scale(scale)
     names = sorted({n for params, _, _ in applies for n in params})
+    prepared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for n in names:
         flat = weights.flat(n)
         rest = [e for ents in restores for e in reversed(list(ents)) if e.name == n]
@@ -295,8 +303,9 @@ def check_finite_plan(weights: Weights, restores: Sequence[Sequence[UndoEntry]],
         if not rest and len(mine) == 1:  # the common case (one apply): no replay, just the new values
             (p, scale, label), = mine
             i, v = p.flat()
+            orig = read_at(flat, i)
             try:
-                patched_values(read_at(flat, i), v, scale, name=n)
+                prepared[n] = (orig, patched_values(orig, v, scale, name=n))
             except NonFiniteWeightsError as err:
                 raise NonFiniteWeightsError(f"{label}: {err}") from None
             continue
@@ -316,6 +325,7 @@ def check_finite_plan(weights: Weights, restores: Sequence[Sequence[UndoEntry]],
             except NonFiniteWeightsError as err:
                 raise NonFiniteWeightsError(f"{label}: {err}") from None
             work[pos] = sub
+    return prepared
 
 
 class DiskTransaction:
@@ -342,11 +352,15 @@ class DiskTransaction:
     """
 
     def __init__(self, weights: Weights, wal_path: Path, meta: Mapping[str, Any],
-                 touched: Mapping[str, Sequence[torch.Tensor]]) -> None:
+                 touched: Mapping[str, Sequence[torch.Tensor]],
+                 prepared: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.weights = weights
         self.wal_path = wal_path
         self.meta = dict(meta)
         self.touched = touched
+        # name -> (original, patched) values of the one apply touching it (check_finite_plan's result): saved
+        # and written as they are instead of being gathered and computed again
+        self._prepared = dict(prepared or {})
         self._saved: list[UndoEntry] = []
         self._committed = False
 
@@ -355,7 +369,11 @@ class DiskTransaction:
         for name in sorted(self.touched):
             flat = self.weights.flat(name)
             idx = _union_sorted(self.touched[name])
-            self._saved.append(UndoEntry(name, idx, flat.index_select(0, idx)))
+            pre = self._prepared.get(name)
+            if pre is not None and len(self.touched[name]) != 1:
+                self._prepared.pop(name)  # positions beyond that apply's: gathered here, patched by apply()
+                pre = None
+            self._saved.append(UndoEntry(name, idx, pre[0] if pre is not None else read_at(flat, idx)))
         atomic_write_bytes(self.wal_path, encode_undo(self._saved, self.meta))
         fault_point("wal.written")
         return self
@@ -383,7 +401,12 @@ class DiskTransaction:
         out = []
         for i, name in enumerate(sorted(adapter_params)):
             idx, vals = adapter_params[name].flat()
-            out.append(UndoEntry(name, idx, patch_flat(self.weights.flat(name), idx, vals, scale, name=name)))
+            pre = self._prepared.pop(name, None)
+            if pre is not None:  # computed by check_finite_plan from these very positions and values
+                write_at(self.weights.flat(name), idx, pre[1])
+                out.append(UndoEntry(name, idx, pre[0]))
+            else:
+                out.append(UndoEntry(name, idx, patch_flat(self.weights.flat(name), idx, vals, scale, name=name)))
             if on_patched is not None:
                 on_patched(name, idx)
             if fault and i == len(adapter_params) // 2:

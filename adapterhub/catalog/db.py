@@ -139,7 +139,8 @@ def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
     return engine
 
 
-def alembic_config(engine: Engine | None = None, connection: Connection | None = None) -> AlembicConfig:
+def alembic_config(engine: Engine | None = None, connection: Connection | None = None,
+                   blob_reader: Callable[[str], bytes | None] | None = None) -> AlembicConfig:
     """The Alembic configuration for the packaged migrations folder.
 
     Takes: an engine whose URL the migrations use, and/or an open connection they run on (migrations/env.py
@@ -153,6 +154,8 @@ def alembic_config(engine: Engine | None = None, connection: Connection | None =
         cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     if connection is not None:
         cfg.attributes["connection"] = connection
+    if blob_reader is not None:  # data migrations that read blobs (0006: mask hashes)
+        cfg.attributes["blob_reader"] = blob_reader
     return cfg
 
 
@@ -188,32 +191,35 @@ def _open_error(engine: Engine, e: DatabaseError) -> str:
     return f"the catalog at {where} is not a readable database ({first})"
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply Alembic migrations up to ``revision``."""
+def upgrade(engine: Engine, revision: str = "head", *, blob_reader: Callable[[str], bytes | None] | None = None
+            ) -> None:
+    """Apply Alembic migrations up to ``revision`` (``blob_reader``: digest -> verified blob bytes or None, for
+    revisions that recompute values from the blobs)."""
     from alembic import command
     from alembic.util import CommandError
 
     with _upgrade_lock:
         try:
             with engine.begin() as conn:
-                command.upgrade(alembic_config(engine, conn), revision)
+                command.upgrade(alembic_config(engine, conn, blob_reader), revision)
         except DatabaseError as e:
             raise CatalogError(f"cannot migrate the catalog database: {_open_error(engine, e)}") from None
         except CommandError as e:  # unknown revision and the like
             raise CatalogError(f"cannot migrate the catalog database: {e}") from None
 
 
-def downgrade(engine: Engine, revision: str = "base") -> None:
+def downgrade(engine: Engine, revision: str = "base", *, blob_reader: Callable[[str], bytes | None] | None = None
+              ) -> None:
     from alembic import command
 
     with engine.begin() as conn:
-        command.downgrade(alembic_config(engine, conn), revision)
+        command.downgrade(alembic_config(engine, conn, blob_reader), revision)
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Upgrade to head unless already there (cheap check first)."""
+def ensure_schema(engine: Engine, *, blob_reader: Callable[[str], bytes | None] | None = None) -> None:
+    """Upgrade to head unless already there (cheap check first); ``blob_reader`` as :func:`upgrade`."""
     if current_revision(engine) != head_revision():
-        upgrade(engine)
+        upgrade(engine, blob_reader=blob_reader)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -857,7 +857,7 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
     # 2. Commit, unless the head already holds exactly these files (an earlier try whose answer was lost).
     files = {WEIGHTS_FILE: data, CARD_FILE: card_bytes, README_FILE: readme}
     commit: str | None = None
-    if head is not None:
+    if head is not None and refs is not None:  # a repo created just now holds none of them: no listing needed
         tree = hub.tree(repo_id, head)
         if all(_tree_has(tree, p, sha256=v.content_hash if p == WEIGHTS_FILE else None, data=b)
                for p, b in files.items()):
@@ -1195,7 +1195,7 @@ def _plan_pull(ws: "Workspace", hub: _Hub, plan: _Plan, spec: str, *, name: str 
     data = got_bytes[0]
     fault_point("pull.after-download")  # crash tests: weights verified in the cache, nothing registered yet
     # canonical bytes are registered as they are: not re-serialised, not hashed again
-    adapter = fmt.load(data, keep_source=True, source_sha256=digest)
+    adapter = fmt.load_canonical(data, source_sha256=digest)
     embedded = adapter.card.get("base") if isinstance(adapter.card.get("base"), dict) else {}
     if embedded and embedded.get("fingerprint") != card["base"].get("fingerprint"):
         raise HubError(f"{repo}@{revision}: the file's base fingerprint disagrees with its card; refusing")
