@@ -207,6 +207,41 @@ def test_deployment_page_history_verify_unlearning(cat):
     assert client(ws).get("/deployments/nope").status_code == 404
 
 
+def test_deployment_page_takes_the_stat_check_and_hashes_on_request(cat, monkeypatch):
+    """Viewing a deployment does not read the model: the stat check suffices while the files are unchanged;
+    ``?measure=1`` hashes every byte; a byte changed behind the catalog's back is still reported."""
+    import os
+
+    from adapterhub.apply import deployments
+
+    ws, _ = cat
+    calls = []
+    real = deployments.measure_folder
+    monkeypatch.setattr(deployments, "measure_folder", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    html = client(ws).get("/deployments/prod").text
+    assert '<span class="ok">ok</span>' in html and "stat check" in html and calls == []
+    html = client(ws).get("/deployments/prod?measure=1").text
+    assert '<span class="ok">ok</span>' in html and "every weight byte hashed" in html and calls == [1]
+    f = next(deployments.get(ws, "prod").path.glob("*.safetensors"))
+    st = f.stat()
+
+    def flip() -> None:  # flip one byte of the last tensor's data, then put the mtime back
+        with open(f, "r+b") as fh:
+            fh.seek(st.st_size - 1)
+            b = fh.read(1)
+            fh.seek(st.st_size - 1)
+            fh.write(bytes([b[0] ^ 1]))
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    flip()
+    try:
+        html = client(ws).get("/deployments/prod").text  # ctime changed: the stat check fails, bytes are hashed
+        assert "NOT OK" in html and calls == [1, 1]
+    finally:
+        flip()  # the module's catalog is shared by the next tests
+    assert deployments.verify(ws, "prod")["ok"]
+
+
 @pytest.mark.parametrize("api,args", [
     ("/api/versions", ["list"]),
     ("/api/versions?task=sentiment&sort=test_accuracy&desc=1&limit=1000",

@@ -542,11 +542,14 @@ def history(ws: Workspace, name: str) -> list[EventInfo]:
     return ws.deployment_rows.events(name)
 
 
-def verify(ws: Workspace, name: str) -> dict[str, Any]:
+def verify(ws: Workspace, name: str, *, measure: bool = True) -> dict[str, Any]:
     """Re-hash the weights and compare with the recorded state fingerprint; check the folder's marker
     names this deployment and that every undo record the stack needs (to revert or roll back) is there,
     intact (its sha256 is the stack's) and of its layer.
 
+    ``measure=False`` (a quick look, e.g. the web view's page): when the folder's state file gives the
+    recorded root and no weights file's ``stat`` data changed since (nor is racily clean), the recorded root
+    is reported without reading the weights (``"measured": False``); otherwise every byte is hashed as usual.
     Works on deployments of other homes too (read-only). Does not change anything.
     Returns: {"name", "ok", "expected", "actual" (state roots; the identity-style fingerprint for a row made
     before revision 0004 and not yet measured), "measured", "pending_recovery", "stack", "problems": [one-line
@@ -563,17 +566,27 @@ def verify(ws: Workspace, name: str) -> dict[str, Any]:
             doc = None
         # A WAL whose operation is already recorded is a leftover of a completed operation, not pending work.
         pending = doc is None or not _committed(ws, name, doc)
-    # A full measurement, always: every weight byte is hashed (the cheap stat checks are for operations).
+    # A full measurement unless asked for a quick look whose stat checks pass (operations use the same checks).
     expected = info.state_root or info.state_fingerprint or ""
-    try:
-        measured, ident = measure_folder(info.path, identity=info.state_root is None)
-        actual = measured.root() if info.state_root is not None else str(ident)
-    except AdapterHubError as e:
-        actual = f"unreadable: {e}"
-    except OSError as e:
-        actual = f"unreadable: {e.strerror}"
+    actual = None
+    if not measure and not problems and info.path.is_dir():
+        st = _recorded_state(info)
+        try:
+            if st is not None and not st.stale_files(info.path):
+                actual = info.state_root
+        except StateFileError:
+            actual = None
+    was_measured = actual is None
+    if actual is None:
+        try:
+            measured, ident = measure_folder(info.path, identity=info.state_root is None)
+            actual = measured.root() if info.state_root is not None else str(ident)
+        except AdapterHubError as e:
+            actual = f"unreadable: {e}"
+        except OSError as e:
+            actual = f"unreadable: {e.strerror}"
     return {"name": name, "ok": actual == expected and not pending and not problems,
-            "expected": expected, "actual": actual, "measured": True, "pending_recovery": pending,
+            "expected": expected, "actual": actual, "measured": was_measured, "pending_recovery": pending,
             "stack": [layer["ref"] for layer in info.stack], "problems": problems, "read_only": info.read_only}
 
 

@@ -153,7 +153,8 @@ def create_app(ws: Workspace, settings: UiSettings | None = None, *, lineage_dep
 
     @page
     def deployment(request: Request) -> Response:
-        data = pages.deployment_page(ws, request.path_params["name"])
+        data = pages.deployment_page(ws, request.path_params["name"],
+                                     measure=request.query_params.get("measure") == "1")
         return render("deployment.html", nav="deployments", message=request.query_params.get("done"), **data)
 
     @page

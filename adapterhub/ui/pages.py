@@ -296,15 +296,18 @@ def unlearning_summary(info: VersionInfo) -> dict[str, Any]:
             "other": other}
 
 
-def deployment_page(ws: Workspace, name: str) -> dict[str, Any]:
+def deployment_page(ws: Workspace, name: str, *, measure: bool = False) -> dict[str, Any]:
     """A deployment's stack, event history (with state fingerprints), ``verify`` result, and the unlearning
-    versions in its stack with their forget spec and before/after figures."""
+    versions in its stack with their forget spec and before/after figures.
+
+    ``measure``: hash every weight byte (``deploy verify``); by default the page takes the cheap stat check
+    and re-hashes only when it fails, so a view of a multi-GB deployment does not read the model."""
     from ..apply import deployments
 
     info = deployments.get(ws, name)
     events = deployments.history(ws, name)
     try:
-        check: dict[str, Any] = deployments.verify(ws, name)
+        check: dict[str, Any] = deployments.verify(ws, name, measure=measure)
         check["why"] = None if check["ok"] else deployments.why_not_ok(check)
     except (AdapterHubError, OSError) as e:
         check = {"ok": False, "why": str(e), "expected": info.state, "actual": None, "problems": [str(e)]}
