@@ -16,7 +16,7 @@ server) and a plain SQL ``SELECT`` of the same 50 rows (version, adapter and bas
 no HTML), in process.
 
 Usage:  nice -n 10 .venv/bin/python benchmarks/ui_load.py [--n 100000] [--repeat 30] [--write]
-``--write`` replaces the "ui_load" section of docs/benchmarks.md.
+``--write`` replaces the "ui_load" section of docs/bench/ui.md (then run benchmarks/collect.py).
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=30)
-    ap.add_argument("--write", action="store_true", help="update the ui_load section of docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="update the ui_load section of docs/bench/ui.md")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ui-load-") as tmp:
@@ -192,8 +192,8 @@ def main() -> None:
             SORT_NOTE,
             "<!-- ui_load:end -->",
         ])
-        doc = ROOT / "docs" / "benchmarks.md"
-        write_section(doc, "ui_load", section)
+        doc = ROOT / "docs" / "bench" / "ui.md"
+        write_section(doc, "ui_load", section, title="# Web view benchmarks\n")
         print(f"updated {doc}")
 
 
