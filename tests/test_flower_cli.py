@@ -169,3 +169,62 @@ def test_a_node_splits_its_own_rows_by_the_forget_spec_and_refuses_another_task(
         _rows(node, {**job, "task": "sms-spam"})
     with pytest.raises(TrainingError, match="differs from the run's"):
         _rows(node, {**job, "partition": {**job["partition"], "hash": "0" * 64}})
+
+
+def _reply(doc, state=None):
+    pytest.importorskip("flwr")
+    from flwr.app import RecordDict
+
+    from adapterhub.fused.flower.wire import REPLY, STATE, json_record, state_record
+
+    content = RecordDict({REPLY: json_record(doc)})
+    if state is not None:
+        content[STATE] = state_record(state)
+    return content
+
+
+def test_a_nodes_training_reply_is_checked_as_untrusted_input():
+    import torch
+
+    pytest.importorskip("flwr")
+    from adapterhub.errors import TrainingError
+    from adapterhub.fused.flower.server_app import train_reply
+
+    shapes = {"delta:w": (2, 3)}
+    good = {"client_id": 1, "ok": True, "n_rows": 40, "local_steps": 2, "train_examples": 16,
+            "layer_l1": {"w": 0.5, "head": 0.25}}
+    st = {"delta:w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    u = train_reply(_reply(good, st), 1, shapes)
+    assert u.n_rows == 40 and torch.equal(u.state["delta:w"], st["delta:w"]) and u.layer_l1 == {"w": 0.5, "head": 0.25}
+    nan = {"delta:w": torch.tensor([[0.0, float("nan"), 0], [0, 0, 0]])}
+    bad_cases = [
+        (good, nan, "NaN or infinite"),
+        ({**good, "client_id": 2}, st, "client id"),
+        ({**good, "n_rows": 10**12}, st, "n_rows"),  # would outweigh every honest node in the average
+        ({**good, "n_rows": "40"}, st, "n_rows"),
+        ({**good, "n_rows": True}, st, "n_rows"),
+        ({**good, "layer_l1": {"w": -1}}, st, "layer_l1"),
+        ({**good, "layer_l1": {"w": float("inf")}}, st, "layer_l1"),
+        (good, {"delta:w": torch.zeros(3, 2)}, "shape"),
+        (good, {"delta:x": torch.zeros(2, 3)}, "keys"),
+        (good, None, "no state"),
+    ]
+    for doc, state, why in bad_cases:
+        with pytest.raises(TrainingError, match=why):
+            train_reply(_reply(doc, state), 1, shapes)
+
+
+def test_a_nodes_evaluation_reply_is_checked_and_bounded():
+    pytest.importorskip("flwr")
+    from adapterhub.errors import TrainingError
+    from adapterhub.fused.flower.server_app import MAX_EVAL_ROWS, eval_reply
+
+    ok = eval_reply({"fa": 0.5, "fa_n": 4, "label_counts": {"0": 3, "1": 1}, "scores": [0.1, 2.0]}, 2)
+    assert ok == {"fa": 0.5, "fa_n": 4, "label_counts": {"0": 3, "1": 1}, "scores": [0.1, 2.0]}
+    assert eval_reply({}, 2) == {"fa": None, "fa_n": 0, "label_counts": {}, "scores": []}
+    for doc, why in [({"fa": 2}, "fraction"), ({"label_counts": {"7": 1}}, "unknown label"),
+                     ({"label_counts": {"0": MAX_EVAL_ROWS + 1}}, "more than"),  # expanded in memory: bounded
+                     ({"label_counts": {"0": -1}}, "label_counts|integer"), ({"scores": [float("nan")]}, "finite"),
+                     ({"scores": "x"}, "finite")]:
+        with pytest.raises(TrainingError, match=why):
+            eval_reply(doc, 2)

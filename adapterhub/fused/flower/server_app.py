@@ -14,6 +14,7 @@ the ranking and the packaging are the same lines of code as ``--engine local``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -176,17 +177,79 @@ class FlowerRounds:
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         out = {}
         for cid, r in replies.items():
-            doc = record_json(r.content, REPLY)
-            if doc.get("client_id") != cid or not doc.get("ok"):
+            try:
+                out[cid] = train_reply(r.content, cid, shapes)
+            except TrainingError as e:  # a node's answer is outside input: refused, the node dropped from the run
                 self.nodes.lost.append({"key": cid, "node_id": str(targets[cid]), "kind": "train",
-                                        "error": f"bad reply: {str(doc.get('error', doc.get('client_id')))[:200]}"})
-                continue
-            new = record_state(r.content.array_records[STATE], shapes)
-            l1 = doc.get("layer_l1")
-            out[cid] = ClientUpdate(new, int(doc["n_rows"]), {str(k): float(v) for k, v in l1.items()} if l1 else None,
-                                    int(doc["local_steps"]), int(doc["train_examples"]))
+                                        "error": f"bad reply: {str(e)[:200]}"})
         self.nodes.outbox.progress(event="round done", round=round_ + 1, replied=sorted(out))
         return out
+
+
+MAX_ROWS = 10**9  # rows one node may claim (the FedAvg weight); more is refused as a bad reply
+MAX_SCORES = 10**6  # membership scores one node may send
+MAX_EVAL_ROWS = 10**7  # forgotten rows one node may report label counts for (they are expanded in memory)
+
+
+def _count(doc: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    v = doc.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise TrainingError(f"{key} must be an integer in [{low}, {high}], got {str(v)[:40]!r}")
+    return v
+
+
+def train_reply(content: RecordDict, cid: int, shapes: Mapping[str, tuple[int, ...]]) -> ClientUpdate:
+    """A node's answer to a training round, checked as the untrusted input it is: its client id, counts in
+    range, the state's keys and shapes those sent, every value finite, layer distances finite and >= 0.
+
+    Raises: TrainingError (one line) on anything else; the caller drops the node from the run.
+    """
+    doc = record_json(content, REPLY)
+    if doc.get("client_id") != cid or doc.get("ok") is not True:
+        raise TrainingError(str(doc.get("error", f"client id {str(doc.get('client_id'))[:40]!r}")))
+    if STATE not in content.array_records:
+        raise TrainingError("no state in the reply")
+    new = record_state(content.array_records[STATE], shapes)
+    bad = next((k for k, v in new.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise TrainingError(f"state tensor {bad!r} has NaN or infinite values")
+    l1 = doc.get("layer_l1")
+    layers: dict[str, float] | None = None
+    if l1 is not None:
+        if not isinstance(l1, dict) or len(l1) > 4 * len(shapes) + 16:
+            raise TrainingError("layer_l1 must be a small object of layer name -> distance")
+        layers = {}
+        for k, v in l1.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise TrainingError(f"layer_l1[{str(k)[:60]!r}] must be a finite number >= 0")
+            layers[str(k)] = float(v)
+    return ClientUpdate(new, _count(doc, "n_rows", 0, MAX_ROWS), layers, _count(doc, "local_steps", 0, 2**40),
+                        _count(doc, "train_examples", 0, 2**50))
+
+
+def eval_reply(doc: Mapping[str, Any], n_labels: int) -> dict[str, Any]:
+    """A node's evaluation figures, checked: ``fa`` in [0, 1] or null, counts in range, label counts only for
+    the task's labels and no more than ``MAX_EVAL_ROWS`` rows, at most ``MAX_SCORES`` finite scores.
+    Raises: TrainingError (one line)."""
+    fa = doc.get("fa")
+    if fa is not None and (isinstance(fa, bool) or not isinstance(fa, (int, float)) or not 0 <= fa <= 1):
+        raise TrainingError(f"fa must be a fraction, got {str(fa)[:40]!r}")
+    counts = doc.get("label_counts") or {}
+    if not isinstance(counts, dict):
+        raise TrainingError("label_counts must be an object")
+    clean: dict[str, int] = {}
+    for lab in counts:
+        if not (isinstance(lab, str) and lab.isdigit() and int(lab) < n_labels):
+            raise TrainingError(f"label_counts names an unknown label {str(lab)[:20]!r}")
+        clean[lab] = _count(counts, lab, 0, MAX_ROWS)
+    if sum(clean.values()) > MAX_EVAL_ROWS:
+        raise TrainingError(f"label_counts add up to more than {MAX_EVAL_ROWS} rows")
+    scores = doc.get("scores") or []
+    if not isinstance(scores, list) or len(scores) > MAX_SCORES or not all(
+            not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in scores):
+        raise TrainingError(f"scores must be a list of at most {MAX_SCORES} finite numbers")
+    return {"fa": fa, "fa_n": _count(doc, "fa_n", 0, MAX_ROWS) if doc.get("fa_n") is not None else 0,
+            "label_counts": clean, "scores": [float(x) for x in scores]}
 
 
 def _job(req: dict[str, Any], fed: Any) -> dict[str, Any]:
@@ -247,12 +310,16 @@ class FlowerEvaluator:
         with_global = len(states) == 2
         replies = self.nodes.exchange(targets, "evaluate", {"max_eval": self.max_eval, "with_global": with_global},
                                       states[-1], self.nodes.round_timeout) if targets else {}
-        docs = [record_json(replies[c].content, REPLY) for c in sorted(replies)]
-        out = []
-        for i, st in enumerate(states):
-            key = "unlearned" if i == len(states) - 1 else "global"
-            out.append(self._score(model, st, plan, [d.get(key) or {} for d in docs]))
-        return out
+        keys = ["global", "unlearned"][-len(states):]
+        docs: list[dict[str, dict[str, Any]]] = []
+        for c in sorted(replies):
+            doc = record_json(replies[c].content, REPLY)
+            try:  # a node's figures are outside input: checked, and a node that sends nonsense is not counted
+                docs.append({k: eval_reply(doc.get(k) or {}, len(self.fed.labels)) for k in keys})
+            except TrainingError as e:
+                self.nodes.lost.append({"key": c, "node_id": str(targets[c]), "kind": "evaluate",
+                                        "error": f"bad reply: {str(e)[:200]}"})
+        return [self._score(model, st, plan, [d[k] for d in docs]) for k, st in zip(keys, states, strict=True)]
 
     def _score(self, model: FedModel, state: Mapping[str, torch.Tensor], plan: Any,
                docs: list[dict[str, Any]]) -> dict[str, Any]:
