@@ -20,7 +20,7 @@ BENCH = ROOT / "docs" / "bench"
 PAGE = ROOT / "docs" / "benchmarks.md"
 # the page's sections, in reading order (docs/bench/<stem>.md)
 ORDER = ["catalog", "training", "composer", "deploy_scale", "scale", "hub", "unlearning_summary", "merge_study",
-         "generative_study", "reliability", "ui", "demo"]
+         "generative_study", "generative_study_long", "reliability", "ui", "demo"]
 # full result tables a section links to instead of inlining (too long for the page)
 DETAILS = {"unlearning"}
 HEADER = [

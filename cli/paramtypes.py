@@ -47,7 +47,8 @@ class RefType(click.ParamType[str]):
 
 
 class TaskType(click.ParamType[str]):
-    """A built-in task name (see ``adapterhub tasks``), checked without importing torch."""
+    """A built-in task name, classification or text-to-text (see ``adapterhub tasks``), checked without
+    importing torch."""
 
     name = "TASK"
 
@@ -57,12 +58,15 @@ class TaskType(click.ParamType[str]):
         Raises: click.BadParameter (exit 2) listing the built-in tasks otherwise.
         """
         from adapterhub.data.tasks import get_task
+        from adapterhub.data.text2text import is_text2text_task
         from adapterhub.errors import DataError
 
+        if is_text2text_task(str(value)):
+            return str(value)
         try:
             get_task(str(value))
         except DataError as e:
-            self.fail(str(e), param, ctx)
+            self.fail(f"{e}; text-to-text tasks: see `adapterhub tasks --text2text`", param, ctx)
         return str(value)
 
     def shell_complete(self, ctx: click.Context, param: click.Parameter,
@@ -70,8 +74,9 @@ class TaskType(click.ParamType[str]):
         from click.shell_completion import CompletionItem
 
         from adapterhub.data.tasks import BUILTIN_TASKS
+        from adapterhub.data.text2text import TEXT2TEXT_TASKS
 
-        return [CompletionItem(n) for n in sorted(BUILTIN_TASKS) if n.startswith(incomplete)]
+        return [CompletionItem(n) for n in sorted([*BUILTIN_TASKS, *TEXT2TEXT_TASKS]) if n.startswith(incomplete)]
 
 
 class DatasetSpecType(click.ParamType[str]):

@@ -34,12 +34,26 @@ def _progress_cb(bar: Any, task_id: Any) -> Callable[[int, int, dict[str, Any]],
 
 
 @click.command("tasks")
+@click.option("--text2text", is_flag=True, help="List the text-to-text (prompt -> response) tasks instead.")
 @json_option
-def tasks_cmd(as_json: bool) -> None:
+def tasks_cmd(text2text: bool, as_json: bool) -> None:
     """List the built-in offline tasks with their labels and split sizes.
 
-    Example: adapterhub tasks --json
+    Example: adapterhub tasks --text2text --json
     """
+    if text2text:
+        from adapterhub.data.text2text import list_text2text_tasks
+
+        t2t = list_text2text_tasks()
+        tdoc = [{"name": s.name, "description": s.description, "generative": s.generative,
+                 "answers": list(s.verbal), "rows": dict(s.rows),
+                 "files": [{"package": f.package, "path": f.relpath, "sha256": f.sha256} for f in s.files]}
+                for s in t2t]
+        trows = [(s.name, "generative" if s.generative else "verbalised", s.rows["train"], s.rows["validation"],
+                  s.rows["test"], s.description) for s in t2t]
+        output(tdoc, as_json, ["task", "kind", "train", "validation", "test", "description"], trows,
+               title="built-in text-to-text tasks")
+        return
     from adapterhub.data import list_tasks
 
     specs = list_tasks()
@@ -59,26 +73,51 @@ def tasks_cmd(as_json: bool) -> None:
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--name", type=ADAPTER_NAME, is_eager=True, default=None, help="Adapter name (default <task>-<mask>).")
+@click.option("--prompt-column", default=None, metavar="COLUMN",
+              help="Text-to-text dataset: the prompt column (default prompt); makes --dataset prompt -> response.")
+@click.option("--response-column", default=None, metavar="COLUMN",
+              help="Text-to-text dataset: the response column (default response).")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Text-to-text: lay prompts out with the base tokenizer's chat template (default: when it has one).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1, max=4096), default=32, show_default=True,
+              help="Text-to-text: generation budget of the validation Rouge-L (recorded in the card).")
 @check_one_of("task", "dataset")
 @config_options(TrainConfig, into="cfg")
 @json_option
 @pass_ctx
 @handle_errors
 def train_cmd(c: Ctx, base: str, task: str | None, dataset: str | None, text_column: str, label_column: str,
-              name: str | None, cfg: TrainConfig, as_json: bool) -> None:
+              name: str | None, prompt_column: str | None, response_column: str | None, chat_template: bool | None,
+              max_new_tokens: int, cfg: TrainConfig, as_json: bool) -> None:
     """Train a sparse adapter and register it as a new version; prints its ref.
+
+    A text-to-text task (t2t-*, see `adapterhub tasks --text2text`) or a dataset with --prompt-column /
+    --response-column trains a generative adapter on a causal LM: loss on the response tokens only, chat
+    template when the base has one, validation Rouge-L and exact match.
 
     Runs on several GPUs or nodes with `accelerate launch -m adapterhub.cli.main train ...`.
 
     Example: adapterhub train --base minilm --task rt-sentiment --density 0.05 --steps 300
     """
+    from adapterhub.data.text2text import is_text2text_task
     from adapterhub.training import init_distributed_from_env, train
 
+    text2text = is_text2text_task(task) or prompt_column is not None or response_column is not None
+    if not text2text and (chat_template is not None):
+        raise click.UsageError("--chat-template applies to text-to-text training (a t2t-* task or --prompt-column)")
     init_distributed_from_env()
     with progress(transient=True) as bar:
         tid = bar.add_task(f"train {task or dataset}", total=None, info="loading")
-        info = train(c.ws, base=base, task=task, dataset=dataset, name=name, config=cfg,
-                     text_column=text_column, label_column=label_column, progress=_progress_cb(bar, tid))
+        if text2text:
+            from adapterhub.training.sft import train_sft
+
+            info = train_sft(c.ws, base=base, task=task, dataset=dataset, name=name, config=cfg,
+                             prompt_column=prompt_column or "prompt", response_column=response_column or "response",
+                             chat_template=chat_template, max_new_tokens=max_new_tokens,
+                             progress=_progress_cb(bar, tid))
+        else:
+            info = train(c.ws, base=base, task=task, dataset=dataset, name=name, config=cfg,
+                         text_column=text_column, label_column=label_column, progress=_progress_cb(bar, tid))
     if info is None:  # a non-zero distributed rank: rank 0 reports
         return
     if as_json:
@@ -86,6 +125,11 @@ def train_cmd(c: Ctx, base: str, task: str | None, dataset: str | None, text_col
         return
     m = info.metrics or {}
     acc = m.get("validation_accuracy")
+    if m.get("validation_rougeL") is not None:
+        echo_err(f"trained {info.nnz} values ({info.density:.4g} of targets), validation Rouge-L "
+                 f"{m['validation_rougeL']:.4f}, exact match {m.get('validation_exact_match', 0.0):.4f}")
+        echo(info.ref)
+        return
     echo_err(f"trained {info.nnz} values ({info.density:.4g} of targets), validation accuracy "
              f"{acc:.4f}" if acc is not None else f"trained {info.nnz} values")
     echo(info.ref)
@@ -104,13 +148,23 @@ def train_cmd(c: Ctx, base: str, task: str | None, dataset: str | None, text_col
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--prompt-column", default=None, metavar="COLUMN",
+              help="Text-to-text dataset: the prompt column (default prompt); scores generations.")
+@click.option("--response-column", default=None, metavar="COLUMN",
+              help="Text-to-text dataset: the response column (default response).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1, max=4096), default=None,
+              help="Text-to-text: generation budget (default: the adapter card's, else 32).")
 @json_option
 @pass_ctx
 @handle_errors
 def eval_cmd(c: Ctx, ref: str | None, task: str | None, dataset: str | None, text_column: str, label_column: str,
              split: str, deployment: str | None, max_examples: int | None, batch_size: int, max_length: int,
-             device: str, as_json: bool) -> None:
+             device: str, prompt_column: str | None, response_column: str | None, max_new_tokens: int | None,
+             as_json: bool) -> None:
     """Accuracy and loss of a version on a task split, recorded on the version.
+
+    Text-to-text versions and tasks (t2t-*, or --prompt-column) are scored by greedy generation instead:
+    Rouge-L and exact match, recorded as <split>_rougeL and <split>_exact_match.
 
     Example: adapterhub eval rt-sentiment-connection-sensitivity@1 --split test --json
     """
@@ -135,6 +189,28 @@ def eval_cmd(c: Ctx, ref: str | None, task: str | None, dataset: str | None, tex
                      f"it is not recorded on {version.ref}")
     # rows scored / rows to score, as training shows steps; in a log, one line per ADAPTERHUB_PROGRESS_EVERY
     what = f"{split} split" + (f" of {task or dataset}" if task or dataset else "")
+    from adapterhub.evaluation.generation import evaluate_text2text, wants_generation
+
+    if wants_generation(c.ws, ref, task, dataset, prompt_column or response_column):
+        with progress(transient=True) as bar:
+            tid = bar.add_task(f"eval {ref or deployment}", total=None, info=f"{what}  [loading]")
+
+            def gcb(done: int, total: int, info: dict[str, Any]) -> None:
+                bar.update(tid, completed=done, total=total, info=f"{what}  [{info['phase']}]")
+
+            g = evaluate_text2text(c.ws, ref, task=task, dataset=dataset, split=split, model_dir=model_dir,
+                                   prompt_column=prompt_column or "prompt", response_column=response_column or "response",
+                                   batch_size=batch_size, max_examples=max_examples, max_length=max(max_length, 256),
+                                   max_new_tokens=max_new_tokens, device=device, deployment=deployment,
+                                   record=in_stack is not False, progress=gcb)
+        gdoc = g.to_json()
+        gdoc["deployment"] = deployment
+        if in_stack is not None:
+            gdoc["in_stack"] = in_stack
+        output(gdoc, as_json, ["ref", "task", "split", "rougeL", "exact_match", "n"],
+               [(g.ref or deployment or "-", g.task, g.split, f"{g.rougeL:.4f}", f"{g.exact_match:.4f}", g.n)],
+               title=f"generation{' by deployment ' + deployment if deployment else ''}{': ' + note if note else ''}")
+        return
     with progress(transient=True) as bar:
         tid = bar.add_task(f"eval {ref or deployment}", total=None, info=f"{what}  [loading]")
 

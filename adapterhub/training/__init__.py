@@ -1,6 +1,7 @@
 """Sparse training: ``config`` (settings), ``masks`` (mask methods), ``model`` (base + delta + head,
 loading, batching), ``loop`` (trainers and the public train functions), ``packaging`` (trained state
-to adapter), ``distributed`` (multi-process)."""
+to adapter), ``distributed`` (multi-process), ``sft`` (text-to-text fine-tuning of causal LMs) and
+``decoding`` (generation, Rouge-L, exact match)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -41,11 +42,21 @@ if TYPE_CHECKING:
         resolve_device as resolve_device,
     )
     from .packaging import build_adapter as build_adapter
+    from .sft import (
+        SFTBatcher as SFTBatcher,
+        fit_sft as fit_sft,
+        train_sft as train_sft,
+        train_sft_adapter as train_sft_adapter,
+    )
 
 # Public names and the submodule that defines each (imported on first use, so importing a
 # sibling submodule stays as cheap as before the split).
 _EXPORTS = {
     "Batcher": ".model",
+    "SFTBatcher": ".sft",
+    "fit_sft": ".sft",
+    "train_sft": ".sft",
+    "train_sft_adapter": ".sft",
     "BaselineResult": ".loop",
     "DEFAULT_TARGETS": ".model",
     "DTYPES": ".model",

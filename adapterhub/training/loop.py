@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -74,6 +74,7 @@ from .packaging import build_adapter
 
 if TYPE_CHECKING:  # pragma: no cover - the workspace imports the whole stack
     from ..catalog.records import VersionInfo
+    from ..data.text2text import Text2TextData
     from ..workspace import Workspace
 
 __all__ = ["BASELINES", "BaselineResult", "FullTrainer", "LoraTrainer", "ProgressFn", "SparseTrainer", "TRAINERS",
@@ -81,6 +82,14 @@ __all__ = ["BASELINES", "BaselineResult", "FullTrainer", "LoraTrainer", "Progres
            "train", "train_adapter", "train_baseline", "validate_config", "with_validation"]
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
+
+
+class RowBatcher(Protocol):
+    """What a trainer needs of a batcher: the model inputs of a list of rows (label rows for
+    :class:`~adapterhub.training.model.Batcher`, prompt/response pairs for
+    :class:`~adapterhub.training.sft.SFTBatcher`)."""
+
+    def batch(self, rows: Sequence[Any], device: torch.device) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -165,8 +174,8 @@ class Trainer:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, sdm: SparseDeltaModel, data: TaskData, batcher: Batcher, cfg: TrainConfig,
-                 progress: ProgressFn | None = None) -> None:
+    def __init__(self, sdm: SparseDeltaModel, data: TaskData | Text2TextData, batcher: Batcher | RowBatcher,
+                 cfg: TrainConfig, progress: ProgressFn | None = None) -> None:
         self.sdm, self.data, self.batcher, self.cfg, self.progress = sdm, data, batcher, cfg, progress
         self.rank, self.world = rank_and_world()
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -179,6 +188,7 @@ class Trainer:
             self.total = max(1, int(round((cfg.epochs or 1.0) * self.steps_per_epoch)))
         self.cfg = cfg = cfg.scheduled(self.total)  # unset select/reselect steps scale with the run's length
         self.order: list[int] = []
+        self.order_fn: Callable[[torch.Generator], list[int]] | None = None  # e.g. SFT's length bucketing
         self.pos = 0
         self.events: list[dict[str, Any]] = []  # mask events (sparse trainers)
         self.losses: list[float] = []
@@ -213,11 +223,17 @@ class Trainer:
         """Called after step ``step`` (``captured``: what :meth:`before_step` returned)."""
 
     # -- data
-    def next_rows(self) -> list[tuple[str, int]]:
-        rows: list[tuple[str, int]] = []
+    def new_order(self) -> list[int]:
+        """The next epoch's order of the train rows: a seeded permutation, or :attr:`order_fn`'s order."""
+        if self.order_fn is not None:
+            return self.order_fn(self.gen)
+        return torch.randperm(len(self.data.train), generator=self.gen).tolist()
+
+    def next_rows(self) -> list[Any]:
+        rows: list[Any] = []
         while len(rows) < self.cfg.batch_size:
             if self.pos >= len(self.order):
-                self.order = torch.randperm(len(self.data.train), generator=self.gen).tolist()
+                self.order = self.new_order()
                 self.pos = 0
             take = self.order[self.pos:self.pos + self.cfg.batch_size - len(rows)]
             self.pos += len(take)
@@ -226,7 +242,7 @@ class Trainer:
                 break  # an epoch ends at its last (possibly short) batch
         return rows[self.rank::self.world] or rows[:1]
 
-    def batch(self, rows: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    def batch(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
         """The model inputs of ``rows`` on the model's device."""
         return self.batcher.batch(rows, self.sdm.device)
 
@@ -283,8 +299,8 @@ class SparseTrainer(Trainer):
 
     name = "sparse"
 
-    def __init__(self, sdm: SparseDeltaModel, data: TaskData, batcher: Batcher, cfg: TrainConfig,
-                 progress: ProgressFn | None = None) -> None:
+    def __init__(self, sdm: SparseDeltaModel, data: TaskData | Text2TextData, batcher: Batcher | RowBatcher,
+                 cfg: TrainConfig, progress: ProgressFn | None = None) -> None:
         super().__init__(sdm, data, batcher, cfg, progress)
         self.method = get_mask_method(cfg.mask)
         self.freeze_step = min(self.steps_per_epoch, self.total)
@@ -508,6 +524,7 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
     """
     trainer, data, seconds = _fit("sparse", base_path, data, cfg, progress=progress)
     sdm, batcher = trainer.sdm, trainer.batcher
+    assert isinstance(batcher, Batcher)  # label training; text-to-text goes through training.sft
     metrics = _metrics(trainer, data, seconds)
     adapter = build_adapter(sdm, trainer.cfg, kind=sdm.kind, task_name=task_name, labels=data.labels,
                             regex=cfg.targets or DEFAULT_TARGETS[sdm.kind], base_name=base_name,
@@ -518,7 +535,10 @@ def train_adapter(base_path: Path, data: TaskData, cfg: TrainConfig, *, task_nam
 VALIDATION_FRACTION = 0.1  # of the train rows, when a dataset has no validation split
 
 
-def with_validation(data: TaskData, seed: int, fraction: float = VALIDATION_FRACTION) -> TaskData:
+_D = TypeVar("_D", "TaskData", "Text2TextData")
+
+
+def with_validation(data: _D, seed: int, fraction: float = VALIDATION_FRACTION) -> _D:
     """The data to train and validate on; the test split is never used for validation.
 
     Takes the task data, a seed and a fraction. Returns ``data`` itself when it has a validation
@@ -576,6 +596,7 @@ def _metrics(trainer: Trainer, data: TaskData, seconds: float) -> dict[str, Any]
         metrics["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(sdm.device) / 2**20, 1)
     val_rows = data.validation[:cfg.max_eval_examples] if cfg.max_eval_examples else data.validation
     if val_rows:
+        assert isinstance(trainer.batcher, Batcher)
         acc, vloss, n = predict(sdm, trainer.batcher, val_rows, cfg.eval_batch_size)
         metrics.update({"validation_accuracy": acc, "validation_loss": vloss, "validation_n": n})
     return metrics
@@ -739,4 +760,5 @@ def train_baseline(base_path: Path, data: TaskData, cfg: TrainConfig, *, method:
     if method not in BASELINES:
         raise TrainingError(f"unknown baseline {method!r}; choose lora or full")
     trainer, data, seconds = _fit(method, base_path, data, cfg, progress=progress, lora_r=lora_r)
+    assert isinstance(trainer.batcher, Batcher)
     return BaselineResult(_metrics(trainer, data, seconds), trainer.sdm, trainer.batcher)

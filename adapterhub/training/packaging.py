@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,12 +19,15 @@ from .config import TrainConfig
 from .masks import view2d
 from .model import DTYPES, PROMPT_SUFFIX, SparseDeltaModel
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..data.text2text import Text2TextData
+
 __all__ = ["build_adapter"]
 
 
 def build_adapter(sdm: SparseDeltaModel, cfg: TrainConfig, *, kind: str, task_name: str, labels: Sequence[str],
                   regex: str, base_name: str | None, base_fingerprint: str | None,
-                  events: list[dict[str, Any]], data: TaskData, world: int) -> fmt.SparseAdapter:
+                  events: list[dict[str, Any]], data: TaskData | Text2TextData, world: int) -> fmt.SparseAdapter:
     """Package the trained values (and head) as a SparseAdapter keyed by base-file tensor names.
 
     Takes: the trained model, its config, the model ``kind``, the task name and label names, the
