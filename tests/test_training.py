@@ -351,3 +351,17 @@ def test_max_length_beyond_the_models_positions_is_truncated_not_a_crash(bases, 
     tok = load_tokenizer(bases[kind])
     assert Batcher(tok, "encoder", data.labels, 128, limit).max_length == 64
     assert position_limit(tok) is None  # a tokenizer has no position table: unknown, no clamp
+
+
+def test_the_toy_tokenizer_knows_every_word_of_the_toy_rows(tmp_path):
+    """A tokenizer that maps every word to [UNK] (what transformers 5 made of ``vocab_file=``) would let the
+    training tests pass on inputs that carry no signal."""
+    import transformers
+
+    from test_training_util import make_tokenizer, sentiment_rows
+
+    make_tokenizer(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text, label in sentiment_rows(20):
+        ids = tok(text + " " + label, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len((text + " " + label).split()) and tok.unk_token_id not in ids, text

@@ -13,7 +13,8 @@ FILLER = ["the", "movie", "was", "a", "film", "plot", "it", "and", "so", "very",
 
 
 def make_tokenizer(dest: Path) -> None:
-    """A WordPiece BERT tokenizer over a tiny vocabulary (fast, offline)."""
+    """A WordPiece BERT tokenizer over a tiny vocabulary (fast, offline); every word of the toy rows is in it
+    (``tests/test_training.py`` checks none becomes ``[UNK]``)."""
     from transformers import BertTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "label", ":", ".", ","] + WORDS_POS + WORDS_NEG + FILLER
@@ -25,7 +26,9 @@ def make_tokenizer(dest: Path) -> None:
             uniq.append(w)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "vocab.txt").write_text("\n".join(uniq) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(dest / "vocab.txt"), do_lower_case=True)
+    # the vocabulary as a mapping: transformers 5 takes ``vocab`` (a ``vocab_file`` keyword is ignored there,
+    # which left every word [UNK])
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(uniq)}, do_lower_case=True)
     tok.save_pretrained(str(dest))
 
 
