@@ -88,7 +88,7 @@ def evaluate_text2text(ws: Workspace, ref: str | None, task: str | None = None, 
     from ..training.loop import dataset_task_name
     from ..training.model import DTYPES, load_backbone, load_tokenizer, model_kind, resolve_device
     from ..training.sft import SFTBatcher
-    from .scoring import underlying_versions
+    from .scoring import model_folder, underlying_versions
 
     version = ws.resolve(ref) if ref is not None else None
     adapter = ws.load_adapter(version) if version is not None else None
@@ -101,14 +101,7 @@ def evaluate_text2text(ws: Workspace, ref: str | None, task: str | None = None, 
         else:
             raise DataError("give a text-to-text task or a dataset (the version's task is not a built-in one)",
                             keywords=("task", "dataset"))
-    if model_dir is not None:
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise TrainingError(f"{path}: not a model folder (no config.json)")
-    elif version is not None:
-        path = ws.get_base(version.base).path
-    else:
-        raise TrainingError("give a REF or a model folder to evaluate")
+    path = model_folder(ws, version, model_dir)
     if model_kind(path) != "causal-lm":
         raise TrainingError(f"text-to-text evaluation needs a causal LM; {path} is not one")
     data = _eval_data(task, dataset, prompt_column, response_column)

@@ -91,6 +91,19 @@ def head_for(adapter: fmt.SparseAdapter, task: str | None) -> tuple[str, torch.T
     return name, w, b, list(labels)
 
 
+def model_folder(ws: Workspace, version: VersionInfo | None, model_dir: str | Path | None) -> Path:
+    """The model folder an evaluation runs on: ``model_dir`` (a deployment or any folder with a
+    ``config.json``), else the version's base. Raises TrainingError (one line) otherwise."""
+    if model_dir is not None:
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise TrainingError(f"{path}: not a model folder (no config.json)")
+        return path
+    if version is not None:
+        return Path(ws.get_base(version.base).path)
+    raise TrainingError("give a REF or a model folder to evaluate")
+
+
 def load_eval_data(task: str | None, dataset: str | None, labels: list[str] | None, *,
                    text_column: str = "text", label_column: str = "label") -> TaskData:
     """Built-in task or dataset spec, with label ids aligned to ``labels`` when given.
@@ -144,14 +157,7 @@ def evaluate(ws: Workspace, ref: str | None, task: str | None = None, dataset: s
         else:
             raise DataError("give a task or a dataset (the version's task is not a built-in task)",
                             keywords=("task", "dataset"))
-    if model_dir is not None:
-        path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise TrainingError(f"{path}: not a model folder (no config.json)")
-    elif version is not None:
-        path = ws.get_base(version.base).path
-    else:
-        raise TrainingError("give a REF or a model folder to evaluate")
+    path = model_folder(ws, version, model_dir)
     kind = model_kind(path)
     head = None
     labels: list[str] | None = None
