@@ -66,7 +66,7 @@ from ..catalog.names import validate_name
 from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatError
 from ..faults import fault_point
 from ..format import SparseAdapter
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, fsync_dir
 from ..safe_read import open_regular
 from .disk import (
     ST_DTYPES,
@@ -677,14 +677,6 @@ def remove_temp_files(ws: Workspace, *, dry_run: bool = False) -> int:
 # -- state roots (adapterhub.apply.state) --------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _measure(folder: Path, *, identity: bool = False) -> tuple[FolderState, str | None]:
     """A full measurement of ``folder``'s weights, the ``stat`` data taken (after a clock reading) before the
     bytes are read, so a write during the hashing shows as a change next time."""
@@ -776,7 +768,7 @@ def _promote_state(path: Path, op_id: object) -> None:
         got = None
     if got is not None and isinstance(op_id, str) and got[0].op_id == op_id:
         os.replace(nxt, _state_file(path))
-        _fsync_dir(_control(path))
+        fsync_dir(_control(path))
     else:
         with contextlib.suppress(FileNotFoundError):
             nxt.unlink()

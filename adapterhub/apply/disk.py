@@ -29,7 +29,7 @@ import torch
 from .. import st_io
 from ..errors import DeploymentError, HeaderError
 from ..faults import fault_point
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, fsync_dir
 from .patching import (
     NonFiniteWeightsError,
     UndoEntry,
@@ -205,14 +205,6 @@ class WeightsFolder:
 
 
 Weights = SafetensorsFile | WeightsFolder
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Undo / WAL records are small safetensors files: per tensor an int64 index list and the original
@@ -437,7 +429,7 @@ class DiskTransaction:
     def _remove_wal(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.wal_path.unlink()
-        _fsync_dir(self.wal_path.parent)
+        fsync_dir(self.wal_path.parent)
 
 
 def read_wal(wal_path: Path) -> dict[str, Any] | None:
@@ -464,5 +456,5 @@ def recover_wal(target: Weights, wal_path: Path) -> bool:
         write_at(target.flat(e.name), e.indices, e.original)
     target.sync()
     wal_path.unlink()
-    _fsync_dir(wal_path.parent)
+    fsync_dir(wal_path.parent)
     return True
