@@ -111,6 +111,9 @@ class SparseParam:
     indices: torch.Tensor
     values: torch.Tensor
     block_size: int | None = None
+    # flat() moved to a device other than the CPU, kept per device: (indices, values it was made from, idx, vals)
+    _placed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -148,6 +151,22 @@ class SparseParam:
         vals = self.values.reshape(-1)
         order = torch.argsort(flat)
         return flat[order], vals[order]
+
+    def flat_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`flat` on ``device``. Off the CPU the pair is moved once and kept on this parameter for that
+        device (a model on a GPU switching adapters moves each adapter's indices and values once); a new
+        ``indices`` or ``values`` tensor assigned to the parameter invalidates the kept copy."""
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            return self.flat()
+        key = str(dev)
+        hit = self._placed.get(key)
+        if hit is not None and hit[0] is self.indices and hit[1] is self.values:
+            return hit[2], hit[3]
+        idx, vals = self.flat()
+        placed = idx.to(dev), vals.to(dev)
+        self._placed[key] = (self.indices, self.values, *placed)
+        return placed
 
     def mask(self) -> torch.Tensor:
         """Dense boolean mask of the base tensor's shape."""

@@ -173,6 +173,47 @@ def _time_shira(layers: int) -> tuple[int, int, dict[str, float]]:
     return r, adapter.nnz, times
 
 
+def gpu_in_memory(layers: int, device: str, results: dict[str, Any]) -> None:
+    """The in-memory comparison on a GPU (fp32 base, same mask and values as SHiRA): adapterhub apply + revert
+    (indices and values moved to the device on the first apply and kept; that first apply is timed apart)
+    against PEFT SHiRA ``merge_adapter`` + ``unmerge_adapter`` on the same device, medians of 5, with
+    ``torch.cuda.synchronize()`` inside every timed call. The weights must come back bit for bit."""
+    from adapterhub.apply.patching import state_fingerprint
+
+    r, sm, adapter, _w, _t = _setup_shira(layers)  # the adapter is read from SHiRA's indices on the CPU
+    sm.to(device)
+    weights = linear_weights(sm)
+    target = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in weights.items()}
+    fp0 = state_fingerprint(target)
+    sync = torch.cuda.synchronize
+
+    t0 = time.perf_counter()
+    rec = apply_adapter(target, adapter)
+    sync()
+    first = time.perf_counter() - t0
+    revert(target, rec)
+    sync()
+
+    def ours() -> None:
+        revert(target, apply_adapter(target, adapter))
+        sync()
+
+    def shira() -> None:
+        sm.merge_adapter()
+        sm.unmerge_adapter()
+        sync()
+
+    ours()
+    t_ours = median_seconds(ours, 5)
+    exact = state_fingerprint(target) == fp0
+    shira()
+    t_shira = median_seconds(shira, 5)
+    results["gpu_in_memory_fp32"] = {
+        "device": torch.cuda.get_device_name(0), "layers": layers, "r": r, "nnz": adapter.nnz,
+        "adapterhub_s": t_ours, "adapterhub_first_apply_s": first, "peft_shira_s": t_shira,
+        "speedup_vs_shira": t_shira / t_ours, "adapterhub_exact": exact}
+
+
 def _time_lora(layers: int, r: int) -> float:
     lm = _lora(layers, r, torch.float32)
 
@@ -365,6 +406,8 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also a synthetic ~1B-parameter bf16 file on disk")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: only the in-memory comparison with PEFT SHiRA, on the GPU")
     args = ap.parse_args()
     # One thread by default: on a shared, overloaded machine OpenMP wake-ups dominate and turn the
     # figures into noise; every implementation runs under the same setting.
@@ -373,6 +416,19 @@ def main() -> None:
     import peft
 
     results["peft"] = peft.__version__
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
+        gpu_in_memory(args.layers, "cuda", results)
+        g = results["gpu_in_memory_fp32"]
+        print(json.dumps(results, indent=2, default=float))
+        print(f"\nGPU in memory ({g['device']}, fp32, {g['nnz']:,} nnz): adapterhub apply + revert "
+              f"{g['adapterhub_s'] * 1e3:.2f} ms (first apply, moving the adapter: {g['adapterhub_first_apply_s'] * 1e3:.1f} ms;"
+              f" exact: {g['adapterhub_exact']}) | PEFT SHiRA merge + unmerge {g['peft_shira_s'] * 1e3:.2f} ms "
+              f"({g['speedup_vs_shira']:.1f}x)")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=float))
+        return
     in_memory(args.layers, results)
     exactness(args.exact_layers, args.cycles, results)
     on_disk(args.layers, torch.bfloat16, "smollm2_bf16", [0.00001, 0.0001, 0.001, 0.01, 0.1], results)

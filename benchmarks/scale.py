@@ -308,6 +308,8 @@ def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1)
         from adapterhub.views.diff import diff_versions
 
         out["seconds"] = _median(lambda: diff_versions(ws, refs[0], refs[1]), repeat, measure=True)
+    elif op == "memory":
+        out.update(_in_memory(base, Path(cfg["files"][key][0]), repeat, DEVICE))
     elif op == "hub":
         dst = Workspace.open(Path(cfg["dst_home"]))
         try:
@@ -325,6 +327,48 @@ def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1)
         if "experts_bytes" in out:
             out["peak_over_experts"] = (MEM["peak"] - MEM["rss0"]) * 1024 / out["experts_bytes"]
     return out
+
+
+def _in_memory(base: Path, adapter_file: Path, repeat: int, device: str) -> dict[str, Any]:
+    """apply_adapter + revert on the base's tensors held in memory (on ``device``), warm: the adapter is
+    read and the tensors loaded first; the first apply (which, off the CPU, moves the indices and values to
+    the device once) is timed apart, then the median of ``repeat`` cycles."""
+    import torch
+    from safetensors import safe_open
+
+    from adapterhub import format as fmt
+    from adapterhub.apply.patching import apply_adapter, revert, state_fingerprint
+
+    adapter = fmt.load(adapter_file.read_bytes())
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (base / "model.safetensors.index.json").is_file() else {n: "model.safetensors" for n in adapter.params}
+    tensors: dict[str, Any] = {}
+    for shard in sorted({index[n] for n in adapter.params}):
+        with safe_open(str(base / shard), "pt") as f:
+            for n in adapter.params:
+                if index[n] == shard:
+                    tensors[n] = f.get_tensor(n).to(device)
+    fp0 = state_fingerprint(tensors)
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    def cycle() -> None:
+        revert(tensors, apply_adapter(tensors, adapter))
+        sync()
+
+    t0 = time.perf_counter()
+    rec = apply_adapter(tensors, adapter)
+    sync()
+    first_apply = time.perf_counter() - t0
+    revert(tensors, rec)
+    sync()
+    secs = _median(cycle, repeat)
+    if state_fingerprint(tensors) != fp0:
+        raise SystemExit("in-memory apply + revert did not restore the weights bit for bit")
+    return {"seconds": secs, "first_apply_s": first_apply, "device": device, "nnz": adapter.nnz,
+            "exact": True}
 
 
 def _stamp(stamps: list[tuple[str, float]], msg: str) -> None:
@@ -395,7 +439,7 @@ def _hub(ws: Any, dst: Any, home: Path, ref: str, repeat: int) -> dict[str, Any]
 
 def run_child(op: str, cfg: dict[str, Any], key: str, repeat: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", op, "--cfg", json.dumps(cfg), "--key", key, "--repeat", str(repeat),
-           "--threads", str(THREADS)]
+           "--threads", str(THREADS), "--device", DEVICE]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_DISABLE_XET": "1",  # the local server speaks LFS
            "HF_HOME": str(Path(cfg["home"]).parent / "hf_home")}
     for k in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT"):
@@ -408,7 +452,9 @@ def run_child(op: str, cfg: dict[str, Any], key: str, repeat: int) -> dict[str, 
 
 
 THREADS = 1  # torch intra-op threads in the children (--threads)
-OPS = ("register", "merge_ties", "merge_uniform_sparse", "merge_ties_old_union", "export_peft", "diff", "hub")
+DEVICE = "cpu"  # where the in-memory apply + revert runs (--device)
+ONLY: tuple[str, ...] = ()  # --ops: a subset of OPS (printed, not written to the docs)
+OPS = ("memory", "register", "merge_ties", "merge_uniform_sparse", "merge_ties_old_union", "export_peft", "diff", "hub")
 
 
 def run_size(work: Path, size: str, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -416,8 +462,9 @@ def run_size(work: Path, size: str, repeat: int, log: Callable[[str], None]) -> 
     base = Path(cfg["base"])
     out: dict[str, Any] = {"size": size, "shards": len(list(base.glob("*.safetensors"))),
                            "weights_bytes": sum(p.stat().st_size for p in base.glob("*.safetensors"))}
-    out["base_add"] = run_child("base_add", cfg, "", repeat)
-    log(f"{size} base add: {out['base_add']['seconds']:.2f} s ({out['base_add']['ratio']:.2f}x sha256)")
+    if not ONLY:
+        out["base_add"] = run_child("base_add", cfg, "", repeat)
+        log(f"{size} base add: {out['base_add']['seconds']:.2f} s ({out['base_add']['ratio']:.2f}x sha256)")
     for d in DENSITIES:
         key = f"{d:g}"
         from adapterhub import format as fmt
@@ -426,7 +473,7 @@ def run_size(work: Path, size: str, repeat: int, log: Callable[[str], None]) -> 
             nnz = sum(int(r.doc["params"][n]["nnz"]) for n in r.keys())
         res: dict[str, Any] = {"nnz": nnz, "file_bytes": Path(cfg["files"][key][0]).stat().st_size}
         res["bytes_per_nnz"] = res["file_bytes"] / nnz
-        for op in OPS:
+        for op in ONLY or OPS:
             res[op] = run_child(op, cfg, key, repeat)
             log(f"{size} {d:.1%} {op}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in res[op].items()))
@@ -448,15 +495,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per operation (default 1: on shared cores, spinning OpenMP threads "
                          "measure the neighbours, not us; the anchors are single-threaded too)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the in-memory apply + revert runs (the other operations are CPU and disk work)")
+    ap.add_argument("--ops", default="", help=f"only these operations, comma-separated ({', '.join(OPS)}); "
+                    "the figures are printed as JSON and the docs are not touched")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--key", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global THREADS, DEVICE, ONLY
+    THREADS, DEVICE = args.threads, args.device
+    ONLY = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    if set(ONLY) - set(OPS):
+        raise SystemExit(f"unknown operation(s) {', '.join(sorted(set(ONLY) - set(OPS)))}; use {', '.join(OPS)}")
     if args.child:
         print(json.dumps(child(args.child, json.loads(args.cfg), args.key, args.repeat, args.threads)))
         return
-    global THREADS
-    THREADS = args.threads
     if args.md_only:
         args.md.write_text(fragment(json.loads(args.json.read_text())))
         return
@@ -478,7 +532,8 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     doc: dict[str, Any] = {"command": ".venv/bin/python benchmarks/scale.py --sizes "
-                                      f"{','.join(sizes)} --repeat {args.repeat} --threads {args.threads}",
+                                      f"{','.join(sizes)} --repeat {args.repeat} --threads {args.threads}"
+                                      + (f" --device {args.device}" if args.device != "cpu" else ""),
                            "cpus": os.cpu_count(), "threads": args.threads, "warm_cache": True,
                            "load_average_at_start": os.getloadavg()[0], "sizes": {}}
     for s in sizes:
@@ -486,6 +541,9 @@ def main() -> None:
         for name, fn in SECTIONS.items():
             doc.setdefault(name, {})[s] = fn(args.work, s, args.repeat)
     doc["load_average_at_end"] = os.getloadavg()[0]
+    if ONLY:
+        print(json.dumps(doc, indent=1, sort_keys=True))
+        return
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     args.md.write_text(fragment(doc))
@@ -559,6 +617,12 @@ def verdicts(doc: dict[str, Any]) -> list[str]:
             ("pull catalog time (s)", lambda x: x["hub"]["pull_catalog_s"], 0.1)):
         v, where = worst(f)
         lines.append(f"* {label}: {v:.2f} ({where}); target ≤ {target:g}: {'met' if v <= target else 'NOT met'}")
+    for s, r in doc["sizes"].items():
+        if s == "1.1b" and all("memory" in r[f"{d:g}"] for d in DENSITIES):
+            v = r["0.01"]["memory"]["seconds"] / r["0.001"]["memory"]["seconds"]
+            dev = r["0.01"]["memory"]["device"]
+            lines.append(f"* in memory ({dev}), apply + revert of the 1% adapter ÷ of the 0.1% adapter at 1.1b: "
+                         f"{v:.1f}×; target ≥ 5: {'met' if v >= 5 else 'NOT met'}")
     speed = [(x["merge_ties_old_union"]["seconds"] / x["merge_ties"]["seconds"], s, k) for s, k, x in rows]
     lines.append("* TIES merge, previous union ÷ now: " + ", ".join(f"{v:.1f}× ({s} at {float(k):.1%})"
                                                                   for v, s, k in speed))
@@ -586,6 +650,14 @@ def summary(doc: dict[str, Any]) -> str:
     for s, r in doc["sizes"].items():
         b = r["base_add"]
         lines.append(f"| {s} | {r['weights_bytes'] / 1e9:.2f} GB | {r['shards']} | {b['seconds']:.2f} | {b['ratio']:.2f}x |")
+    mem = [(s, r) for s, r in doc["sizes"].items() if all("memory" in r[f"{d:g}"] for d in DENSITIES)]
+    if mem:
+        lines += ["", "| size | device | in memory apply + revert, 1% (s) | 0.1% (s) | 1% ÷ 0.1% | first apply, 1% (s) |",
+                  "|---|---|---|---|---|---|"]
+        for s, r in mem:
+            a, b = r["0.01"]["memory"], r["0.001"]["memory"]
+            lines.append(f"| {s} | {a['device']} | {a['seconds']:.3f} | {b['seconds']:.4f} | "
+                         f"{a['seconds'] / b['seconds']:.1f}× | {a['first_apply_s']:.2f} |")
     return "\n".join(lines)
 
 

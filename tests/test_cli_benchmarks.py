@@ -23,3 +23,23 @@ def test_format_bytes_smoke():
 def test_catalog_scale_smoke():
     out = _run("benchmarks/catalog_scale.py", "--n", "300", "--n-small", "150", "--repeat", "2")
     assert "lineage, 100 deep" in out and "hop-by-hop" in out
+
+
+def test_gpu_check_script_names_what_exists():
+    """benchmarks/gpu_check.sh runs only on a lent GPU machine, so a stale module or script name in it would go
+    unnoticed until that run: every ``-m MODULE`` it names must be importable, every benchmark script and test
+    file it names must exist, and the scripts' own ``--device`` choice must accept ``cuda``."""
+    import importlib.util
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    modules = set(re.findall(r"-m ([A-Za-z_][\w.]*)", text)) - {"pytest"}
+    assert modules, "no -m MODULE found"
+    for m in modules:
+        assert importlib.util.find_spec(m) is not None, m
+    paths = set(re.findall(r"((?:benchmarks|tests)/[\w/]+\.py)", text))
+    assert {"benchmarks/apply_revert.py", "benchmarks/scale.py", "tests/test_patching_device.py"} <= paths
+    for p in paths:
+        assert (ROOT / p).is_file(), p
+    for script in ("benchmarks/apply_revert.py", "benchmarks/scale.py"):
+        assert "--device" in _run(script, "--help")

@@ -223,8 +223,8 @@ def apply_adapter(target: Any, adapter: SparseAdapter, scale: float = 1.0, *, la
     with torch.no_grad():
         try:
             for n in sorted(adapter.params):
-                idx, vals = adapter.params[n].flat()
                 flat = _flat_view(tensors[names[n]], n)
+                idx, vals = adapter.params[n].flat_on(flat.device)  # moved to a GPU once, then kept
                 rec.entries.append(UndoEntry(names[n], idx, patch_flat(flat, idx, vals, scale, name=n)))
         except NonFiniteWeightsError:
             revert(target, rec)  # the tensors patched so far go back bit for bit
