@@ -274,20 +274,9 @@ def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1)
         method, dens = ("ties", 0.5) if op.startswith("merge_ties") else ("uniform-sparse", None)
         if op == "merge_ties_old_union":  # the implementation before issue 19, timed once as "before"
             from adapterhub.merging import methods as mm
+            from adapterhub.testing.reference import dense_mark_union
 
-            def old_union(entries: list[Any], numel: int) -> Any:
-                if len(entries) < 2:
-                    return (entries[0].idx, [torch.arange(entries[0].idx.numel())]) if entries else (
-                        torch.zeros(0, dtype=torch.int64), [])
-                cat = torch.cat([e.idx for e in entries])
-                mark = torch.zeros(numel, dtype=torch.bool)
-                mark[cat] = True
-                uniq = mark.nonzero().view(-1)
-                rank = torch.cumsum(mark, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
-                inv = rank[cat].to(torch.int64) - 1
-                return uniq, list(torch.split(inv, [e.idx.numel() for e in entries]))
-
-            mm._union = old_union
+            mm._union = dense_mark_union
             repeat = 1
         made = []
         out["seconds"] = _median(lambda: made.append(merge(ws, refs, method, name="m", density=dens).ref), repeat,

@@ -1,8 +1,10 @@
 """Helpers shared by the catalog tests: random adapters for the tiny bases, snapshots, a catalog_url fixture."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -107,3 +109,22 @@ def catalog_url(request, home):
         home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{home / 'catalog.db'}"
     return request.getfixturevalue("pg_url")
+
+
+def hand_mask_hash(adapter: fmt.SparseAdapter) -> str:
+    """The mask-hash definition (2) written out independently of adapterhub/maskhash.py (struct, no numpy): a
+    prefix line, then per name in sorted order ``json([name, shape, count, escapes])`` and a newline, every gap
+    between sorted flat indices (from -1) as little-endian uint16 (0 when it is 65536 or more), then those
+    large gaps as little-endian int64."""
+    h = hashlib.sha256(b"adapterhub.mask-hash/2\n")
+    for name in sorted(adapter.params):
+        p = adapter.params[name]
+        prev, gaps, esc = -1, [], []
+        for i in p.flat()[0].tolist():
+            gaps.append(i - prev if i - prev < 65536 else 0)
+            if i - prev >= 65536:
+                esc.append(i - prev)
+            prev = i
+        h.update(json.dumps([name, list(p.shape), len(gaps), len(esc)]).encode() + b"\n")
+        h.update(b"".join(struct.pack("<H", g) for g in gaps) + b"".join(struct.pack("<q", e) for e in esc))
+    return h.hexdigest()

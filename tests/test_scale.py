@@ -25,25 +25,11 @@ from adapterhub.interop.peft import export_peft_shira, first_free_positions
 from adapterhub.merging import methods as mm
 from adapterhub.merging.driver import merge_adapters
 from adapterhub.merging.sources import InMemoryExpert
+from adapterhub.testing.reference import dense_mark_union
 from adapterhub.views.diff import diff_adapters
-from catalog_util import BERT_TARGETS, make_adapter
+from catalog_util import BERT_TARGETS, hand_mask_hash, make_adapter
 
 HUGE = (1 << 20, 1 << 20)  # 2**40 elements: a bool mark of it is 1 TiB, an int32 rank 4 TiB
-
-
-def _old_union(entries: list[mm.ExpertEntry], numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The implementation before issue 19 (boolean mark over the tensor + int32 prefix sum): the oracle."""
-    if not entries:
-        return torch.zeros(0, dtype=torch.int64), []
-    if len(entries) == 1:
-        return entries[0].idx, [torch.arange(entries[0].idx.numel())]
-    cat = torch.cat([e.idx for e in entries])
-    mark = torch.zeros(numel, dtype=torch.bool)
-    mark[cat] = True
-    uniq = mark.nonzero().view(-1)
-    rank = torch.cumsum(mark, 0, dtype=torch.int32 if numel < 2**31 else torch.int64)
-    inv = rank[cat].to(torch.int64) - 1
-    return uniq, list(torch.split(inv, [e.idx.numel() for e in entries]))
 
 
 def _experts(seed: int, n: int, numel: int, density: float, dtype: torch.dtype = torch.float32
@@ -63,7 +49,7 @@ def _experts(seed: int, n: int, numel: int, density: float, dtype: torch.dtype =
 def test_union_equals_the_old_mark_and_prefix_sum(seed, n, numel, density):
     entries = _experts(seed, n, numel, density)
     uniq, pos = mm._union(entries, numel)
-    ouniq, opos = _old_union(entries, numel)
+    ouniq, opos = dense_mark_union(entries, numel)
     assert torch.equal(uniq, ouniq) and uniq.dtype == torch.int64
     assert len(pos) == len(opos) and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(pos, opos, strict=True))
 
@@ -88,14 +74,14 @@ def _sparse_experts(seed: int, n: int, shapes: dict[str, tuple[int, ...]], densi
 @given(seed=st.integers(0, 10_000), n=st.integers(2, 4), density=st.sampled_from([0.01, 0.1, 0.6]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        method=st.sampled_from(["uniform-sparse", "ties", "task-arithmetic", "dare-ties", "breadcrumbs", "uniform"]))
-def test_merge_bytes_equal_those_of_the_old_union(seed, n, density, dtype, method):
+def test_merge_bytes_equal_those_of_thedense_mark_union(seed, n, density, dtype, method):
     shapes = {"a.weight": (48, 40), "b.weight": (16, 96)}
     experts = _sparse_experts(seed, n, shapes, density, dtype)
     kw = {"density": 0.5} if method in ("ties", "dare-ties", "breadcrumbs") else {}
     new = hashlib.sha256(fmt.save(merge_adapters(experts, method, **kw).adapter)).hexdigest()
     mp = pytest.MonkeyPatch()
     try:
-        mp.setattr(mm, "_union", _old_union)
+        mp.setattr(mm, "_union", dense_mark_union)
         old = hashlib.sha256(fmt.save(merge_adapters(experts, method, **kw).adapter)).hexdigest()
     finally:
         mp.undo()
@@ -359,24 +345,6 @@ def test_all_finite_agrees_with_isfinite_on_every_bit_pattern(dtype):
 
 # -- mask hash, definition 2: from the file's own index bytes (issue 19) ----------------------------------------
 
-def _hand_mask_hash_v2(adapter: SparseAdapter) -> str:
-    """Definition 2 written out independently (struct, no numpy): see adapterhub/maskhash.py."""
-    import json
-    import struct
-
-    h = hashlib.sha256(b"adapterhub.mask-hash/2\n")
-    for name in sorted(adapter.params):
-        p = adapter.params[name]
-        prev, gaps, esc = -1, [], []
-        for i in p.flat()[0].tolist():
-            gaps.append(i - prev if i - prev < 65536 else 0)
-            if i - prev >= 65536:
-                esc.append(i - prev)
-            prev = i
-        h.update(json.dumps([name, list(p.shape), len(gaps), len(esc)]).encode() + b"\n")
-        h.update(b"".join(struct.pack("<H", g) for g in gaps) + b"".join(struct.pack("<q", e) for e in esc))
-    return h.hexdigest()
-
 
 def _escaping_adapter(seed: int, dtype: torch.dtype = torch.bfloat16) -> SparseAdapter:
     """Element layout with gaps over 65535 (escapes), an empty parameter and mixed value dtypes."""
@@ -401,7 +369,7 @@ def test_scanned_adapter_reads_what_load_reads(seed, dtype):
     s = fmt.load_canonical(data)
     full = fmt.load(data)
     assert isinstance(s, fmt.ScannedAdapter) and s.source_bytes is data
-    want = _hand_mask_hash_v2(a)
+    want = hand_mask_hash(a)
     assert s.mask_hash() == full.mask_hash() == a.mask_hash() == mask_hash_of_file(data) == want
     assert (s.nnz, s.numel, s.density, s.dtype, s.nnz_per_param()) == (
         full.nnz, full.numel, full.density, full.dtype, full.nnz_per_param())
@@ -424,7 +392,7 @@ def test_block_layout_hashes_as_its_elements_and_takes_the_full_path():
     data = fmt.save(a)
     assert not isinstance(fmt.load_canonical(data), fmt.ScannedAdapter)
     assert a.mask_hash() == b.mask_hash() == mask_hash_of_file(data) == mask_hash_of_file(fmt.save(b)) == \
-        _hand_mask_hash_v2(b)
+        hand_mask_hash(b)
 
 
 def _mutations(data: bytes) -> list[bytes]:
@@ -465,7 +433,7 @@ def test_register_of_a_canonical_file_takes_the_scan(ws, tmp_path, tiny_bert_dir
     info = ws.register(path, name="a", task="t", base="tiny")
     monkeypatch.undo()
     a = fmt.load_file(path)
-    assert info.mask_hash == a.mask_hash() == _hand_mask_hash_v2(a) and info.nnz == a.nnz
+    assert info.mask_hash == a.mask_hash() == hand_mask_hash(a) and info.nnz == a.nnz
     assert info.nnz_per_param == a.nnz_per_param() and info.dtype == "bf16"
     # a second name for the same bytes: the blob is compared with them, not re-hashed, and stays
     monkeypatch.setattr("adapterhub.store.sha256_file", lambda p: pytest.fail("re-hashed the stored blob"))
@@ -519,15 +487,15 @@ def test_migration_0006_recomputes_mask_hashes(tmp_path, tiny_bert_dir):
             with ws.engine.connect() as c:
                 return dict(c.execute(text("SELECT id, mask_hash FROM adapter_versions")).all())
 
-        assert hashes()[infos[0].id] == _hand_mask_hash_v2(adapters[0]) and hashes()[infos[1].id] == \
-            _hand_mask_hash_v2(adapters[1])
+        assert hashes()[infos[0].id] == hand_mask_hash(adapters[0]) and hashes()[infos[1].id] == \
+            hand_mask_hash(adapters[1])
         db.downgrade(ws.engine, "0005", blob_reader=ws.blob_or_none)
         got = hashes()
         assert [got[i.id] for i in infos] == [v1(a) for a in adapters] and got[gone.id] is None
-        assert v1(adapters[0]) != _hand_mask_hash_v2(adapters[0])
+        assert v1(adapters[0]) != hand_mask_hash(adapters[0])
         db.ensure_schema(ws.engine, blob_reader=ws.blob_or_none)
         got = hashes()
-        assert [got[i.id] for i in infos] == [_hand_mask_hash_v2(a) for a in adapters] and got[gone.id] is None
+        assert [got[i.id] for i in infos] == [hand_mask_hash(a) for a in adapters] and got[gone.id] is None
         db.downgrade(ws.engine, "0005", blob_reader=ws.blob_or_none)
         db.upgrade(ws.engine)  # by hand, without the store: unknown
         assert set(hashes().values()) == {None}

@@ -2,10 +2,6 @@
 frozen base, reselection schedule, determinism, catalog registration and bad inputs."""
 from __future__ import annotations
 
-import hashlib
-import json
-import struct
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -26,6 +22,7 @@ from adapterhub.training import (
     train_adapter,
     train_baseline,
 )
+from catalog_util import hand_mask_hash
 from test_training_util import folder_digest, sentiment_rows, tiny_model, write_csv
 
 torch.set_num_threads(1)
@@ -51,22 +48,6 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def _hand_mask_hash(adapter) -> str:
-    """The mask-hash definition (2) written out independently: a prefix line, then per name in sorted order
-    ``json([name, shape, count, escapes])`` and a newline, every gap between sorted flat indices (from -1) as
-    little-endian uint16 (0 when it is 65536 or more), then those large gaps as little-endian int64."""
-    h = hashlib.sha256(b"adapterhub.mask-hash/2\n")
-    for name in sorted(adapter.params):
-        p = adapter.params[name]
-        prev, gaps, esc = -1, [], []
-        for i in p.flat()[0].tolist():
-            gaps.append(i - prev if i - prev < 65536 else 0)
-            if i - prev >= 65536:
-                esc.append(i - prev)
-            prev = i
-        h.update(json.dumps([name, list(p.shape), len(gaps), len(esc)]).encode() + b"\n")
-        h.update(b"".join(struct.pack("<H", g) for g in gaps) + b"".join(struct.pack("<q", e) for e in esc))
-    return h.hexdigest()
 
 
 def _patched_folder(src, adapter, dest):
@@ -189,7 +170,7 @@ def test_reselection_happens_only_during_the_first_epoch(bases, toy):
     assert all(e["nnz"] == res.adapter.nnz for e in ev)
     # the mask stops moving after the first epoch: the last event's hash is the final adapter's, and
     # both equal the documented definition computed here by hand
-    assert ev[-1]["mask_hash"] == res.adapter.mask_hash() == _hand_mask_hash(res.adapter)
+    assert ev[-1]["mask_hash"] == res.adapter.mask_hash() == hand_mask_hash(res.adapter)
     gd = train_adapter(bases["bert"], toy, _cfg(mask="grow-drop", steps=18, reselect_every=2), task_name="toy")
     assert [e["step"] for e in gd.mask_events] == [0, 2, 4]
     assert len({e["mask_hash"] for e in gd.mask_events}) == 3

@@ -25,7 +25,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from ..errors import DataError
 from ..fsutil import sha256_file
@@ -329,10 +329,23 @@ _VADER = "data/hutto_ICWSM_2014/"
 BUILTIN_TASKS: dict[str, TaskSpec] = {}
 
 
-def _add(spec: TaskSpec) -> None:
-    if spec.name in BUILTIN_TASKS:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_S = TypeVar("_S", bound=_Named)
+
+
+def add_unique(registry: dict[str, _S], spec: _S) -> None:
+    """Add ``spec`` to a task registry under its name; a name added twice is a programming error."""
+    if spec.name in registry:
         raise ValueError(f"duplicate task {spec.name!r}")
-    BUILTIN_TASKS[spec.name] = spec
+    registry[spec.name] = spec
+
+
+def _add(spec: TaskSpec) -> None:
+    add_unique(BUILTIN_TASKS, spec)
 
 
 _add(TaskSpec(

@@ -41,6 +41,7 @@ from .tasks import (
     _clean,
     _open_text,
     _read_records,
+    add_unique,
     get_task,
     split_rows,
 )
@@ -246,9 +247,7 @@ TEXT2TEXT_TASKS: dict[str, Text2TextSpec] = {}
 
 
 def _add(spec: Text2TextSpec) -> None:
-    if spec.name in TEXT2TEXT_TASKS:
-        raise ValueError(f"duplicate task {spec.name!r}")
-    TEXT2TEXT_TASKS[spec.name] = spec
+    add_unique(TEXT2TEXT_TASKS, spec)
 
 
 _add(Text2TextSpec(
