@@ -109,6 +109,18 @@ def _model(node: NodeConfig, job: dict[str, Any], msg: Message) -> tuple[Any, di
     return model, {k: tuple(v.shape) for k, v in state.items()}
 
 
+def _setup(msg: Message, context: Context) -> tuple[NodeConfig, dict[str, Any], list[Example], list[Example], Any,
+                                                    dict[str, Any]]:
+    """What a train or evaluate message starts with: this node's config, the job, its rows split into
+    (remaining, forgotten), and the model with its state's shapes."""
+    node = NodeConfig.from_mapping(dict(context.node_config))
+    job = record_json(msg.content, JOB)
+    rows, _ = _rows(node, job)
+    remaining, forgotten = _split(rows, node, job)
+    model, shapes = _model(node, job, msg)
+    return node, job, remaining, forgotten, model, shapes
+
+
 def _reply(msg: Message, doc: dict[str, Any], state: dict[str, Any] | None = None) -> Message:
     content = RecordDict({REPLY: json_record(doc)})
     if state is not None:
@@ -142,11 +154,7 @@ def train(msg: Message, context: Context) -> Message:
     from ...training.config import FedConfig
     from ..federated import client_update
 
-    node = NodeConfig.from_mapping(dict(context.node_config))
-    job = record_json(msg.content, JOB)
-    rows, _ = _rows(node, job)
-    remaining, _ = _split(rows, node, job)
-    model, shapes = _model(node, job, msg)
+    node, job, remaining, _, model, shapes = _setup(msg, context)
     state = record_state(msg.content.array_records[STATE], shapes)
     cfg = FedConfig(**job["cfg"])
     up = client_update(model, state, remaining, cfg, round_=int(job["round"]), client_id=node.client_id,
@@ -161,11 +169,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from ..mia import loss_scores
     from ..unlearning import cap_rows
 
-    node = NodeConfig.from_mapping(dict(context.node_config))
-    job = record_json(msg.content, JOB)
-    rows, _ = _rows(node, job)
-    _, forgotten = _split(rows, node, job)
-    model, shapes = _model(node, job, msg)
+    node, job, _, forgotten, model, shapes = _setup(msg, context)
     sent = msg.content.array_records.get(STATE)
     state = record_state(sent, {k: shapes[k] for k in sent}) if sent is not None and len(sent) else {}
     mine = cap_rows(forgotten, job.get("max_eval"))
