@@ -8,13 +8,14 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .errors import StoreError
-from .fsutil import atomic_write_bytes, sha256_file, sha256_hex
+from .fsutil import atomic_write_bytes, fsync_dir, sha256_file, sha256_hex
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -28,28 +29,62 @@ class Chunked(Protocol):
 
 
 def _write_blob(path: Path, data: bytes | Chunked) -> None:
-    """``atomic_write_bytes`` for bytes; for chunked data the same temp file + fsync + rename, piece by piece."""
+    """``atomic_write_bytes`` (temp file, fsync, rename, directory fsync); chunked data is written piece by piece."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         atomic_write_bytes(path, bytes(data) if not isinstance(data, bytes) else data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in data.chunks():
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    else:
+        atomic_write_bytes(path, data.chunks())
+
+
+class StagedBlob:
+    """Bytes being written to a temp file of the store (write + fsync) on a worker thread, started before their
+    digest is known, so the write and its fsync overlap the caller's validation and hashing of the same bytes.
+
+    :meth:`BlobStore.put_bytes` given ``staged=`` with the *same* bytes object renames the temp file into place
+    (no second write); in every other case the temp file is removed (:meth:`discard`, also on exit of the
+    ``with`` block). The caller holds the store's shared lock for the temp file's life, as for any write, and
+    ``gc`` removes a temp file left by a killed process, as for any interrupted write.
+    """
+
+    def __init__(self, folder: Path, data: bytes) -> None:
+        self.data = data
+        self._error: BaseException | None = None
+        fd, tmp = tempfile.mkstemp(prefix=".staged.", suffix=".tmp", dir=folder)
+        self.tmp: Path | None = Path(tmp)
+        self._thread = threading.Thread(target=self._write, args=(fd,), name="adapterhub-stage", daemon=True)
+        self._thread.start()
+
+    def _write(self, fd: int) -> None:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by wait()
+            self._error = e
+
+    def wait(self) -> Path:
+        """The temp file, written and fsynced. Raises the write's OSError."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self.tmp is None:
+            raise StoreError("internal: a staged blob was used after it was discarded")
+        return self.tmp
+
+    def discard(self) -> None:
+        """Wait for the write and remove the temp file (a no-op once renamed into place)."""
+        self._thread.join()
+        if self.tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+            self.tmp = None
+
+    def __enter__(self) -> StagedBlob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
 
 
 def _write_error(e: OSError, digest: str) -> StoreError:
@@ -110,8 +145,23 @@ class BlobStore(_VerifiedReads):
         p = self.path(digest)
         return p.is_file() and not p.is_symlink() and not p.parent.is_symlink()
 
-    def put_bytes(self, data: bytes | Chunked, *, digest: str | None = None) -> str:
+    def stage(self, data: bytes) -> StagedBlob:
+        """Start writing ``data`` to a temp file of the store now (see :class:`StagedBlob`); hold the shared
+        :meth:`lock` until it is put or discarded. Raises StoreError for a symlink in the way."""
+        folder = self.root / "staging"
+        if folder.is_symlink():
+            raise StoreError(f"{folder} is a symlink; refusing to write through it")
+        try:
+            folder.mkdir(exist_ok=True)
+            return StagedBlob(folder, data)
+        except OSError as e:
+            raise _write_error(e, "(staged)") from None
+
+    def put_bytes(self, data: bytes | Chunked, *, digest: str | None = None, staged: StagedBlob | None = None) -> str:
         """Store ``data`` (idempotent) and return its sha256 hex digest.
+
+        ``staged`` (from :meth:`stage`) holding this very ``data`` object is renamed into place instead of
+        writing the bytes again; otherwise it is ignored (the caller discards it).
 
         ``digest`` is the caller's sha256 of these very bytes (``register`` hashes them once and passes it, so
         they are not hashed twice); never pass a digest not computed from ``data``. ``data`` may be chunked
@@ -137,10 +187,28 @@ class BlobStore(_VerifiedReads):
         if p.is_symlink():
             raise StoreError(f"refusing to write through a symlink at {p}")
         try:
+            if staged is not None and staged.data is data and self._place(staged, p):
+                return digest
             _write_blob(p, data)  # temp file, fsync, rename: replaces a corrupt blob atomically
         except OSError as e:
             raise _write_error(e, digest) from None
         return digest
+
+    @staticmethod
+    def _place(staged: StagedBlob, p: Path) -> bool:
+        """Rename a staged temp file to ``p`` and fsync its folder; False (nothing done) if the rename crosses
+        file systems. Raises the staged write's OSError."""
+        tmp = staged.wait()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, p)
+        except OSError as e:
+            if e.errno == errno.EXDEV:
+                return False
+            raise
+        staged.tmp = None
+        fsync_dir(p.parent)
+        return True
 
     @staticmethod
     def _same_bytes(p: Path, data: bytes | bytearray | memoryview) -> bool:
@@ -410,11 +478,12 @@ class ObjectStore(_VerifiedReads):
         except Exception as e:  # noqa: BLE001 - botocore / aiohttp errors: one line, secrets scrubbed
             raise self._error(f"cannot check blob {digest[:12]}", e) from None
 
-    def put_bytes(self, data: bytes | Chunked, *, digest: str | None = None) -> str:
+    def put_bytes(self, data: bytes | Chunked, *, digest: str | None = None, staged: StagedBlob | None = None) -> str:
         """Upload ``data`` under its sha256 (one atomic PUT; replaces a mismatching object) and return it.
 
         ``digest``: the caller's sha256 of these very bytes, to skip hashing them again (as ``BlobStore``).
-        Chunked data is joined here (one PUT needs the whole body)."""
+        Chunked data is joined here (one PUT needs the whole body). ``staged`` is accepted for the same call
+        shape as ``BlobStore`` and never used (nothing is staged for an object store)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             data = b"".join(data.chunks())
         data = bytes(data)

@@ -310,40 +310,55 @@ class Workspace:
         if not isinstance(adapter, (str, os.PathLike)) and (density is not None or block_size is not None):
             raise FormatError("density and block_size apply only to a PEFT LoRA folder given by its path",
                               keywords=("density", "block_size"))
-        if isinstance(adapter, (str, os.PathLike)):
-            validate_name(name, "adapter name")  # misuse is refused before the file is read
-            if density is None and block_size is None and not os.path.isdir(adapter):
+        with contextlib.ExitStack() as stack:
+            staged = None
+            if isinstance(adapter, (str, os.PathLike)):
+                validate_name(name, "adapter name")  # misuse is refused before the file is read
+                if density is None and block_size is None and not os.path.isdir(adapter):
+                    from . import format as fmt
+
+                    # our own file: validated on views of its bytes, stored as it is when canonical (issue 19)
+                    path = Path(adapter)
+                    raw = fmt.read_bytes_checked(path)
+                    staged = self._stage(raw, stack)  # its write + fsync overlap the validation and the hash
+                    adapter = _load_hashed(raw, allow_nonfinite=allow_nonfinite, source=path.name)
+                else:
+                    adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
+                                                                     density=density, block_size=block_size)
+                    parents = [*parents, *extra]
+            if values_dtype is not None:
                 from . import format as fmt
 
-                # our own file: validated on views of its bytes, stored as it is when canonical (issue 19)
-                path = Path(adapter)
-                adapter = _load_hashed(fmt.read_bytes_checked(path), allow_nonfinite=allow_nonfinite,
-                                       source=path.name)
-            else:
-                adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
-                                                                 density=density, block_size=block_size)
-                parents = [*parents, *extra]
-        if values_dtype is not None:
-            from . import format as fmt
+                if isinstance(adapter, (bytes, bytearray)):
+                    adapter = fmt.load(bytes(adapter), allow_nonfinite=allow_nonfinite)
+                if isinstance(adapter, fmt.ScannedAdapter):
+                    adapter = adapter.load()
+                if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: merge(values_dtype=) casts it
+                    raise FormatError("values_dtype does not apply to a packed merge result; give it to the merge",
+                                      keywords=("values_dtype",))
+                adapter = fmt.cast_values(adapter, values_dtype)
+            spec = NewVersion(adapter, name=name, task=task, base=base, kind=kind, parents=tuple(parents),
+                              metrics=metrics, training_config=training_config, hub=hub, allow_nonfinite=allow_nonfinite)
+            prep = self._prepare_version(spec, {})
+            self._precheck_register(name, kind, prep.base.id, parents)  # refuse before the blob is written
+            from .faults import fault_point
 
-            if isinstance(adapter, (bytes, bytearray)):
-                adapter = fmt.load(bytes(adapter), allow_nonfinite=allow_nonfinite)
-            if isinstance(adapter, fmt.ScannedAdapter):
-                adapter = adapter.load()
-            if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: merge(values_dtype=) casts it
-                raise FormatError("values_dtype does not apply to a packed merge result; give it to the merge",
-                                  keywords=("values_dtype",))
-            adapter = fmt.cast_values(adapter, values_dtype)
-        spec = NewVersion(adapter, name=name, task=task, base=base, kind=kind, parents=tuple(parents),
-                          metrics=metrics, training_config=training_config, hub=hub, allow_nonfinite=allow_nonfinite)
-        prep = self._prepare_version(spec, {})
-        self._precheck_register(name, kind, prep.base.id, parents)  # refuse before the blob is written
-        from .faults import fault_point
+            # a concurrent gc waits until the row is committed (a staged write holds the lock already)
+            with contextlib.nullcontext() if staged is not None else self.store.lock(exclusive=False):
+                # hashed once, in _prepare_version; a staged temp file holding these bytes is renamed into place
+                digest = self.store.put_bytes(prep.data, digest=prep.digest, staged=staged)
+                fault_point("register.after-blob")
+                return self._retry(lambda: self._insert_version(**prep.row_args(digest)))
 
-        with self.store.lock(exclusive=False):  # a concurrent gc waits until the row is committed
-            digest = self.store.put_bytes(prep.data, digest=prep.digest)  # hashed once, in _prepare_version
-            fault_point("register.after-blob")
-            return self._retry(lambda: self._insert_version(**prep.row_args(digest)))
+    def _stage(self, raw: bytes, stack: contextlib.ExitStack) -> Any:
+        """For a file of 1 MiB or more on a local store: take the store's shared lock (until ``stack`` closes)
+        and start writing ``raw`` to a temp file of the store now (:meth:`BlobStore.stage`); None otherwise."""
+        from .store import BlobStore
+
+        if len(raw) < _STAGE_MIN or not isinstance(self.store, BlobStore):
+            return None
+        stack.enter_context(self.store.lock(exclusive=False))
+        return stack.enter_context(self.store.stage(raw))
 
     def _prepare_version(self, spec: NewVersion, bases: dict[str, BaseInfo]) -> _PreparedVersion:
         """Validate one version and serialise it canonically; writes nothing.
@@ -1100,6 +1115,9 @@ class Workspace:
 def open_workspace(home: str | None = None, db_url: str | None = None) -> Workspace:
     """Shorthand for :meth:`Workspace.open`."""
     return Workspace.open(home, db_url)
+
+
+_STAGE_MIN = 1 << 20  # a register of a file this large overlaps its store write with its checks
 
 
 def _load_hashed(data: bytes, *, allow_nonfinite: bool, source: str) -> fmt.SparseAdapter | fmt.ScannedAdapter:
