@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, cast
 
-from sqlalchemy import CursorResult, case, delete, func, select, text
+from sqlalchemy import CursorResult, delete, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -19,8 +19,19 @@ from sqlalchemy.orm.exc import StaleDataError
 from . import safe_read
 from .bases.sources import canonical_source, inspect_folder, resolve_source, tensor_shapes
 from .catalog import db, metrics as mh
+from .catalog.current import upsert_current
 from .catalog.deployments import DeploymentCatalog
-from .catalog.models import KINDS, RELATIONS, Adapter, AdapterVersion, BaseModel, LineageEdge, MetricRow, Tag
+from .catalog.models import (
+    KINDS,
+    RELATIONS,
+    Adapter,
+    AdapterVersion,
+    BaseModel,
+    CurrentMetric,
+    LineageEdge,
+    MetricRow,
+    Tag,
+)
 from .catalog.names import validate_name
 from .catalog.records import BaseInfo, NewVersion, Parent, VersionInfo, iso_utc  # noqa: F401 - re-exported
 from .catalog.refs import parse_ref
@@ -440,9 +451,13 @@ class Workspace:
         info = inspect_folder(path)
         return BaseInfo(name, src, revision, info.architecture, info.fingerprint, info.num_params, path, 0)
 
-    def register_many(self, versions: Sequence[NewVersion], *, new_bases: Sequence[BaseInfo] = ()
-                      ) -> list[VersionInfo]:
+    def register_many(self, versions: Sequence[NewVersion], *, new_bases: Sequence[BaseInfo] = (),
+                      staged: dict[str, Any] | None = None) -> list[VersionInfo]:
         """Register several versions (and new bases) all-or-nothing: one catalog transaction.
+
+        ``staged``: content hash -> a :class:`~adapterhub.store.StagedBlob` of those very bytes (``pull`` stages
+        what it downloaded while it validates it): renamed into place instead of written again; the caller
+        discards them afterwards (and must not hold the store's lock during this call).
 
         Takes the versions in order (a parent before its children; a child names a parent of the same
         batch by ``sha256:<content hash>``) and bases from :meth:`prepare_base` to add in the same
@@ -488,7 +503,7 @@ class Workspace:
                 for p in prepared:
                     if p.digest not in created and not self.store.has(p.digest):
                         created.append(p.digest)
-                    self.store.put_bytes(p.data, digest=p.digest)
+                    self.store.put_bytes(p.data, digest=p.digest, staged=(staged or {}).get(p.digest))
                 fault_point("register.after-blob")
                 return self._retry(txn)
         except BaseException:
@@ -608,9 +623,11 @@ class Workspace:
         for p, prow in parent_rows:
             s.add(LineageEdge(child_id=row.id, parent_id=prow.id if prow is not None else None,
                               relation=p.relation, weight=p.weight, params=p.params))
-        for m in mh.rows_from_metrics(metrics or {}, source="train"):  # the history starts with them
-            s.add(MetricRow(version_id=row.id, created_at=row.created_at, **m))
+        added = [MetricRow(version_id=row.id, created_at=row.created_at, **m)  # the history starts with them
+                 for m in mh.rows_from_metrics(metrics or {}, source="train")]
+        s.add_all(added)
         s.flush()
+        upsert_current(s, added)
         return _version_info(row, a.base)
 
     # -- resolve / read ---------------------------------------------------------------------------
@@ -712,9 +729,10 @@ class Workspace:
             with self.session() as s:
                 row = self._resolve_row(s, ref)
                 now = dt.datetime.now(dt.timezone.utc)
-                for m in rows:
-                    s.add(MetricRow(version_id=row.id, created_at=now, **m))
+                added = [MetricRow(version_id=row.id, created_at=now, **m) for m in rows]
+                s.add_all(added)
                 s.flush()
+                upsert_current(s, added)
                 return f"{row.adapter.name}@{row.number}"
         return self.resolve(self._retry(txn))
 
@@ -762,8 +780,8 @@ class Workspace:
         One Core query over the version, adapter and base columns (no ORM objects, no per-row lazy loads)
         and one query for the tags: tens of thousands of rows a second even on a 1M-version catalog; with a
         ``limit``, the page's ids are found first over narrow rows and indexes, then their columns read.
-        ``sort`` orders by a metric's current figure (versions without it last, then newest first; one
-        windowed subquery over that metric's ``metric_rows``); ``columns`` names further metrics the caller
+        ``sort`` orders by a metric's current figure (versions without it last, then newest first; read from
+        ``current_metrics``, a page at a time from its ``(name, value)`` index: :meth:`_sorted_page`); ``columns`` names further metrics the caller
         shows. Each version's ``metrics`` is the presented overlay (:func:`adapterhub.catalog.metrics.present`,
         every current figure, those of ``columns`` included), read with one more query.
         """
@@ -776,21 +794,24 @@ class Workspace:
         # A page (``limit``) takes two steps: its ids, filtered and ordered through the indexes over narrow rows
         # (SQLite would otherwise sort whole rows, JSON columns and all, for every page), then their columns.
         narrow = bool(limit)
-        q = self._version_filters(select(v.id) if narrow else select(*cols), join=not narrow, task=task, base=base,
-                                  kind=kind, name=name, tag=tag, search=search, on_hub=on_hub,
-                                  include_deprecated=include_deprecated)
+        filters: dict[str, Any] = {"task": task, "base": base, "kind": kind, "name": name, "tag": tag, "search": search,
+                   "on_hub": on_hub, "include_deprecated": include_deprecated}
+        q = self._version_filters(select(v.id) if narrow else select(*cols), join=not narrow, **filters)
         if sort:  # only the sort metric is joined: `columns` figures come with the metrics overlay below
-            cur = self._current_metric_values(sort).subquery("m0")
-            q = q.outerjoin(cur, cur.c.version_id == v.id)
-            q = q.order_by(cur.c.value.is_(None), cur.c.value.desc() if descending else cur.c.value.asc())
+            cm = CurrentMetric.__table__.c
+            q = q.outerjoin(CurrentMetric.__table__, (cm.version_id == v.id) & (cm.name == sort))
+            q = q.order_by(cm.value.is_(None), cm.value.desc() if descending else cm.value.asc())
         q = q.order_by(v.created_at.desc(), v.id.desc())
         if limit:
             q = q.limit(limit)
         if offset:
             q = q.offset(offset)
         with self.session() as s:
-            if narrow:
+            if narrow and sort:
+                order = self._sorted_page(s, sort, descending, int(limit or 0), offset, filters)
+            elif narrow:
                 order = [r[0] for r in s.execute(q)]
+            if narrow:
                 wide = self._version_filters(select(*cols), join=True)
                 by_id: dict[int, Any] = {}
                 for i in range(0, len(order), 900):  # stay under SQLite's bound-parameter limit
@@ -866,16 +887,28 @@ class Workspace:
                 out.update(s.scalars(select(m.name).where(m.version_id.in_(list(ids[i:i + 900]))).distinct()))
         return sorted(out)
 
-    @staticmethod
-    def _current_metric_values(metric: str) -> Any:
-        """SELECT version_id, value of each version's current row of ``metric``: the same rows as
-        :meth:`_current_metric_query` (the latest full-split row, else the latest row, among the version's own
-        sources), picked by one grouped pass over the ``(name, version_id, ...)`` index instead of a window
-        (what a page sorted by a metric waits for)."""
-        m = MetricRow.__table__.c
-        pick = (select(func.coalesce(func.max(case((m.full, m.id))), func.max(m.id)))
-                .where(m.name == metric, m.source.in_(mh.SELF_SOURCES)).group_by(m.version_id))
-        return select(m.version_id, m.value).where(m.id.in_(pick))
+    def _sorted_page(self, s: Session, metric: str, descending: bool, limit: int, offset: int,
+                     filters: dict[str, Any]) -> list[int]:
+        """The ids of one page of :meth:`list_versions` sorted by ``metric``: the versions with a current figure
+        in value order (then newest first), read from the ``(name, value)`` index of ``current_metrics`` and
+        stopped after the page; then, where the page runs past them, the versions without one, newest first.
+        The same order as the single outer-joined query, without ordering the whole catalog."""
+        v, cm = AdapterVersion.__table__.c, CurrentMetric.__table__.c
+        value = cm.value.desc() if descending else cm.value.asc()
+        has = (self._version_filters(select(v.id), **filters)
+               .join(CurrentMetric.__table__, (cm.version_id == v.id) & (cm.name == metric)))
+        order = [r[0] for r in s.execute(has.order_by(value, v.created_at.desc(), v.id.desc())
+                                         .limit(limit).offset(offset))]
+        if len(order) == limit:
+            return order
+        # the page runs past the versions with the metric: how many there are decides where the rest starts
+        n_has = offset + len(order) if order else int(s.scalar(
+            self._version_filters(select(func.count()), **filters)
+            .join(CurrentMetric.__table__, (cm.version_id == v.id) & (cm.name == metric))) or 0)
+        lacking = ~select(cm.version_id).where(cm.version_id == v.id, cm.name == metric).exists()
+        rest = (self._version_filters(select(v.id), **filters).where(lacking)
+                .order_by(v.created_at.desc(), v.id.desc()).limit(limit - len(order)).offset(max(0, offset - n_has)))
+        return order + [r[0] for r in s.execute(rest)]
 
     @staticmethod
     def _current_metric_query(metric: str | None = None, ids: Sequence[int] | None = None) -> Any:
@@ -979,6 +1012,7 @@ class Workspace:
                                        "the next version reuse its number: deprecate it instead")
                 s.execute(delete(LineageEdge).where(LineageEdge.child_id == row.id))
                 s.execute(delete(MetricRow).where(MetricRow.version_id == row.id))
+                s.execute(delete(CurrentMetric).where(CurrentMetric.version_id == row.id))
                 adapter_id = row.adapter_id
                 s.delete(row)
                 s.flush()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import event, insert, select
+from sqlalchemy import event, func, insert, select
 
 from adapterhub.catalog import db
 from adapterhub.catalog.models import Adapter, AdapterVersion, BaseModel, MetricRow
@@ -110,11 +110,14 @@ def _count_queries(engine):
 
 
 def test_sort_at_scale_is_one_query(home):
-    """20,000 versions with two metrics each: the sorted page is two queries (+ tags + current figures)."""
+    """20,000 versions with two metrics each, written before revision 0007: the upgrade derives each version's
+    current figure, and the sorted page is two queries (+ tags + current figures)."""
     n = 20_000
-    ws = Workspace.open(home)
+    home.mkdir(parents=True, exist_ok=True)
+    old = db.make_engine(f"sqlite:///{home / 'catalog.db'}")
+    db.upgrade(old, "0006")
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    with ws.engine.begin() as c:
+    with old.begin() as c:
         c.execute(insert(BaseModel), [{"id": 1, "name": "b", "source": "/x", "fingerprint": "0" * 64,
                                        "created_at": now}])
         c.execute(insert(Adapter), [{"id": i + 1, "name": f"a{i}", "kind": "expert", "base_id": 1, "created_at": now}
@@ -130,6 +133,8 @@ def test_sort_at_scale_is_one_query(home):
             rows.append({"version_id": i + 1, "name": "test_accuracy", "value": 2.0, "split": "test", "n": 5,
                          "full": False, "source": "eval", "created_at": now})  # a later subset, higher
         c.execute(insert(MetricRow), rows)
+    old.dispose()
+    ws = Workspace.open(home)  # upgrades to head: current_metrics filled from the rows
     seen, stop = _count_queries(ws.engine)
     try:
         t0 = time.perf_counter()
@@ -250,3 +255,45 @@ def test_cli_eval_appends_rows_and_a_subset_does_not_replace(tmp_path):
     evals = [(h["source"], h["n"], h["full"]) for h in doc["history"] if h["name"] == "test_accuracy"]
     assert evals == [("eval", full["n"], True), ("eval", 2, False), ("deployment:prod", full["n"], True)]
     assert all(h["dataset_hash"] == full["dataset_hash"] for h in doc["history"] if h["source"] != "train")
+
+
+def test_current_metrics_follow_every_row_and_pages_keep_the_order(cws):
+    """Revision 0007's ``current_metrics`` equals the rule computed from the append-only rows after a random
+    mix of full, subset, train, eval and deployment rows; and the sorted catalog read a page at a time (from
+    that table's index, versions lacking the metric after) equals the one-query order, for every page size."""
+    import random
+
+    from adapterhub.catalog.models import CurrentMetric
+
+    rnd = random.Random(7)
+    names = [f"v{i}" for i in range(9)]
+    for i, n in enumerate(names):
+        metrics = {"test_accuracy": round(rnd.random(), 3), "test_n": 10} if i % 3 else {}
+        cws.register(make_adapter(seed=i), name=n, task="t", base="tiny", metrics=metrics)
+    for _ in range(40):
+        ref = f"{rnd.choice(names[:7])}@1"
+        source = rnd.choice(["eval", "eval", "train", "deployment:x"])
+        cws.record_metrics(ref, {rnd.choice(["test_accuracy", "test_loss"]): round(rnd.random(), 2), "test_n": 5},
+                           source=source, full=rnd.random() < 0.5)
+    with cws.session() as s:
+        table = {(r.version_id, r.name): r.value for r in s.scalars(select(CurrentMetric))}
+        rule = {(r.version_id, r.name): r.value for r in s.execute(cws._current_metric_query())}
+    assert table == rule and len(table) >= 8
+    for metric in ("test_accuracy", "test_loss"):
+        for desc in (False, True):
+            whole = [v.id for v in cws.list_versions(sort=metric, descending=desc)]
+            assert len(whole) == len(names)
+            for size in (1, 2, 4, 5, 9, 20):
+                paged = []
+                for off in range(0, len(names), size):
+                    paged += [v.id for v in cws.list_versions(sort=metric, descending=desc, limit=size, offset=off)]
+                assert paged == whole, (metric, desc, size)
+            shown = [v.metrics.get(metric) for v in cws.list_versions(sort=metric, descending=desc)]
+            have = [x for x in shown if x is not None]
+            assert have == sorted(have, reverse=desc) and shown[len(have):] == [None] * (len(shown) - len(have))
+    # removing a version removes its current figures
+    victim = cws.list_versions(sort="test_accuracy", limit=1)[0]
+    cws.remove(victim.ref)
+    with cws.session() as s:
+        assert s.scalar(select(func.count()).select_from(CurrentMetric).where(
+            CurrentMetric.version_id == victim.id)) == 0

@@ -149,6 +149,21 @@ class MetricRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class CurrentMetric(Base):
+    """A version's current figure of one metric (revision 0007): derived from ``metric_rows`` — among the
+    version's own sources, the latest full-split row, else the latest row — and kept in the transaction that
+    adds a row (:func:`adapterhub.catalog.metrics.upsert_current`), so a catalog sorted by a metric reads the
+    ``(name, value)`` index instead of deriving every version's figure first."""
+
+    __tablename__ = "current_metrics"
+    __table_args__ = (Index("ix_current_metrics_name_value", "name", "value", "version_id"),)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    full: Mapped[bool] = mapped_column(Boolean)
+    row_id: Mapped[int] = mapped_column(Integer)
+
+
 class LineageEdge(Base):
     """child -> parent with a relation; parent is NULL for imported_from (provenance in params)."""
 
