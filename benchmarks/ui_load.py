@@ -40,14 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sqlalchemy import insert, text
 
+from adapterhub.catalog.current import rebuild as rebuild_current
 from adapterhub.catalog.models import MetricRow
 from benchutil import write_section
 from catalog_scale import TASKS, build
 
-SORT_NOTE = ("The page sorted by a metric misses the target: it picks every version's current figure of that "
-             "metric (all 100,000 metric rows, grouped over revision 0005's index) and orders the whole catalog by "
-             "it before taking 50; only a stored per-version current figure would avoid that pass. The other pages "
-             "read a page of ids from the indexes and then those 50 rows.")
+SORT_NOTE = ("The page sorted by a metric reads each version's current figure from `current_metrics` (revision "
+             "0007: kept as rows are added; here derived once from the bulk-inserted rows) through its `(name, "
+             "value)` index and stops after 50; before 0007 it derived every version's figure from all 100,000 "
+             "metric rows and ordered the whole catalog (298 ms in the previous run). The other pages read a page of "
+             "ids from the indexes and then those 50 rows.")
 
 
 def add_metrics(ws, n_versions: int, seed: int = 0) -> None:
@@ -59,6 +61,7 @@ def add_metrics(ws, n_versions: int, seed: int = 0) -> None:
     with ws.engine.begin() as c:
         for i in range(0, len(rows), 20000):
             c.execute(insert(MetricRow), rows[i:i + 20000])
+        rebuild_current(c)  # what registering them one by one would have kept in current_metrics
     with ws.engine.connect() as c:
         c.exec_driver_sql("ANALYZE")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from sqlalchemy import Connection, case, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from . import metrics as mh
@@ -38,3 +39,14 @@ def upsert_current(s: Session, rows: Iterable[MetricRow]) -> None:
             index_elements=[t.c.version_id, t.c.name],
             set_={"value": new.value, "full": new.full, "row_id": new.row_id},
             where=(new.full & ~t.c.full) | ((new.full == t.c.full) & (new.row_id > t.c.row_id))))
+
+
+def rebuild(conn: Connection) -> None:
+    """Derive the whole ``current_metrics`` table again from ``metric_rows`` (for catalogs filled by bulk inserts
+    that bypass :func:`upsert_current`, e.g. the benchmarks' synthetic catalogs): the same rows the upserts keep."""
+    m = MetricRow.__table__.c
+    pick = (select(func.coalesce(func.max(case((m.full, m.id))), func.max(m.id)))
+            .where(m.source.in_(mh.SELF_SOURCES)).group_by(m.version_id, m.name))
+    conn.execute(delete(CurrentMetric))
+    conn.execute(insert(CurrentMetric).from_select(["version_id", "name", "value", "full", "row_id"],
+                                       select(m.version_id, m.name, m.value, m.full, m.id).where(m.id.in_(pick))))
