@@ -13,9 +13,11 @@ changed or is racily clean (docs/deployments.md). ``deploy verify`` always measu
 
 Crash safety (docs/deployments.md): before the first byte changes, the original bytes of every
 position the operation touches go to ``<dir>/.adapterhub/wal.safetensors`` with a fresh operation
-id (fsynced; :class:`adapterhub.apply.disk.DiskTransaction`). The weights are patched, each applied
-layer's own undo record is saved (content-addressed, ``.adapterhub/undo/<sha256>.safetensors``, with the
-chunk hashes its chunks had before), the weights files written are fsynced, the new chunk hashes go to
+id (fsynced; :class:`adapterhub.apply.disk.DiskTransaction`). A lone apply writes its layer's undo record
+(content-addressed, ``.adapterhub/undo/<sha256>.safetensors``, with the chunk hashes its chunks had before)
+first, and its WAL names that record instead of holding a second copy of the same bytes. The weights are
+patched, each other applied layer's undo record is saved, the weights files written are fsynced, the new
+chunk hashes go to
 ``.adapterhub/state.next.json``, the catalog event carrying the operation id and state root is committed,
 ``state.next.json`` becomes ``state.json`` and the WAL is removed. The next command on the deployment finds
 a leftover WAL and either keeps the new state (the catalog's latest event has that operation id; its next
@@ -758,15 +760,16 @@ def _layout_matches(state: FolderState, weights: WeightsFolder) -> bool:
     return True
 
 
-def _promote_state(path: Path, op_id: object) -> None:
+def _promote_state(path: Path, op_id: object, *, ours: bool = False) -> None:
     """The operation ``op_id`` is recorded: its ``state.next.json`` becomes ``state.json`` (a next state of another
-    operation is dropped; a missing or stale state file only costs the next operation a full measurement)."""
+    operation is dropped; a missing or stale state file only costs the next operation a full measurement).
+    ``ours``: the caller wrote that file for ``op_id`` itself, under the lock it still holds (not read again)."""
     nxt = _state_next(path)
     try:
-        got = read_state_file(nxt)
+        got = None if ours else read_state_file(nxt)
     except StateFileError:
         got = None
-    if got is not None and isinstance(op_id, str) and got[0].op_id == op_id:
+    if ours or (got is not None and isinstance(op_id, str) and got[0].op_id == op_id):
         os.replace(nxt, _state_file(path))
         fsync_dir(_control(path))
     else:
@@ -824,14 +827,20 @@ class _ChunkBook:
         """Digests of the chunks of ``name`` holding ``idx``, read now (the tensor's last write of the operation
         is done); stored by :meth:`finish`, so that the pre-apply hashes stay readable meanwhile."""
         buf, _, b, e = self.weights.buffer(name)
-        return hash_chunks(buf, b, e, self._chunks(name, idx).tolist())
+        return hash_chunks(buf, b, e, self._chunks(name, idx).tolist(), threads=False)
 
     def finish(self, early: dict[str, Future[tuple[list[int], list[bytes]]]] | None = None) -> str:
         """Re-hash the chunks whose hashes are unknown (those ``early`` hashed already are taken from it);
-        returns the derived state root."""
-        for name, unk in sorted(self.unknown.items()):
+        returns the derived state root.
+
+        Called once the patch is written (alongside the fsync): the background hasher's tensors it has not
+        started yet are taken back (cancelled) and hashed here on every core, while it finishes the one it is
+        on; its results are collected last."""
+        early = dict(early or {})
+        running = {n for n, f in early.items() if not f.cancel()}  # started or done: their results are used
+        for name, unk in sorted(self.unknown.items(), key=lambda kv: (kv[0] in running, kv[0])):
             hashes = self.state.tensors[name].hashes
-            if early and name in early:
+            if name in running:
                 ids, digests = early[name].result()
                 if ids:
                     hashes[ids] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
@@ -955,8 +964,14 @@ def _load_layer_undo(path: Path, layer: dict[str, Any]) -> list[UndoEntry]:
     return entries
 
 
-def _prepare(ws: Workspace, name: str) -> tuple[DeploymentInfo, bool]:
-    """Lock must be held. Recover, then check the recorded state still matches the files."""
+def _prepare(ws: Workspace, name: str, info: DeploymentInfo | None = None) -> tuple[DeploymentInfo, bool]:
+    """Lock must be held. Recover, then check the recorded state still matches the files. ``info``: the record
+    as read under the lock; with no WAL to recover it is current (not read again)."""
+    if info is not None and not _wal(info.path).exists():
+        if not info.path.is_dir():
+            raise DeploymentError(f"deployment folder {info.path} is missing")
+        info.recovered = False
+        return info, False
     recovered = _recover_locked(ws, name)
     info = get(ws, name)
     info.recovered = recovered
@@ -978,8 +993,7 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
     """
     info = _writable(ws, name)
     with _locked(info.path):
-        _writable(ws, name, adopt=True)
-        info, recovered = _prepare(ws, name)
+        info, recovered = _prepare(ws, name, _writable(ws, name, adopt=True))
         if planned_on is not None and [layer["undo"] for layer in planned_on] != [layer["undo"] for layer in info.stack]:
             raise DeploymentError(f"deployment {name!r} was changed by another command meanwhile; run it again")
         weights = WeightsFolder(info.path)  # parses headers: a corrupt/truncated file fails here, nothing changed
@@ -1006,6 +1020,12 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
             op_id = uuid.uuid4().hex
             wal_meta = {"op_id": op_id, "action": action, "ref": (details or {}).get("ref")}
             book = _ChunkBook(state, weights)
+            # A lone apply (nothing reverted first): its undo record holds the current bytes of every position the
+            # patch writes, which is what the WAL must hold. It is written (fsynced) first and the WAL names it
+            # instead of holding a second copy: one encode, one write and one fsync less.
+            saved_in = None
+            if not undone and len(applies) == 1 and set(prepared) == set(applies[0].adapter.params):
+                saved_in = _early_record(info.path, book, applies[0], prepared)
             # With one apply each tensor's last write is its patch: its chunks are hashed on a worker as soon as
             # it is patched, overlapping the rest of the patch, the undo records and the fsync. The worker reads
             # the memory map, so it is always joined before the map is closed.
@@ -1017,9 +1037,9 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
                     early[n] = hasher.submit(book.hash_written, n, idx)
 
             try:
-                with DiskTransaction(weights, _wal(info.path), wal_meta, touched, prepared) as tx:
+                with DiskTransaction(weights, _wal(info.path), wal_meta, touched, prepared, saved_in=saved_in) as tx:
                     new_stack, root = _patch(name, info, tx, book, undone, applies, stack, revert_layers, on_patched,
-                                             early, hasher, fault=fault, verify=verify)
+                                             early, fault=fault, verify=verify, saved_in=saved_in)
                     state.stamp(info.path, {weights.file_of(n) for n in touched})  # fsync'ed files: final stat data
                     state.op_id = op_id
                     atomic_write_bytes(_state_next(info.path), state.to_bytes(root))
@@ -1030,7 +1050,13 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
                                                  state_root=root, measured=verify,
                                                  details={**(details or {}), "op_id": op_id})
                     fault_point(f"deploy.{action}.after-commit")
-                    _promote_state(info.path, op_id)
+                    _promote_state(info.path, op_id, ours=True)
+            except Exception:
+                if saved_in is not None and not _wal(info.path).exists() and saved_in not in {
+                        layer["undo"] for layer in stack}:  # rolled back: no stack will name the early record
+                    with contextlib.suppress(OSError):
+                        _undo_path(info.path, saved_in).unlink()
+                raise
             finally:
                 if hasher is not None:
                     hasher.shutdown(wait=True)
@@ -1045,19 +1071,23 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
 def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBook,
            undone: Sequence[tuple[dict[str, Any], list[UndoEntry]]], applies: Sequence[_ApplyStep],
            stack: list[dict[str, Any]], revert_layers: int, on_patched: Callable[[str, torch.Tensor], None],
-           early: dict[str, Future[tuple[list[int], list[bytes]]]], hasher: ThreadPoolExecutor | None, *,
-           fault: str | None, verify: bool) -> tuple[list[dict[str, Any]], str]:
+           early: dict[str, Future[tuple[list[int], list[bytes]]]], *,
+           fault: str | None, verify: bool, saved_in: str | None = None) -> tuple[list[dict[str, Any]], str]:
     """The writes of :func:`_execute` inside its transaction, up to the durable weights (``tx.commit``).
+    ``saved_in``: the digest of the lone apply's undo record, already written (:func:`_early_record`).
     Returns (the new stack, the new state root)."""
     for _, ents in undone:
         tx.restore(ents, fault=fault if fault and not applies else None)
         book.restored(ents)
     new_layers, records = [], []
     for st in applies:
-        ents = book.applied(tx.apply(st.adapter.params, st.scale, fault=fault, on_patched=on_patched))
-        data = encode_undo(ents, {"ref": st.info.ref, "scale": st.scale})
-        digest = hashlib.sha256(data).hexdigest()
-        records.append((digest, data))
+        written = tx.apply(st.adapter.params, st.scale, fault=fault, on_patched=on_patched)
+        if saved_in is not None:  # its record (and its chunk hashes) were taken before the patch
+            digest = saved_in
+        else:
+            data = encode_undo(book.applied(written), {"ref": st.info.ref, "scale": st.scale})
+            digest = hashlib.sha256(data).hexdigest()
+            records.append((digest, data))
         new_layers.append({"ref": st.info.ref, "version_id": st.info.id,
                            "content_hash": st.info.content_hash, "scale": st.scale, "undo": digest})
     for digest, data in records:  # after the last patch, so a crash mid-patch leaves none behind
@@ -1074,15 +1104,27 @@ def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBoo
                                   "nothing was changed")
         tx.commit()
     else:  # derived: the rest of the touched chunks re-hashed from the hot pages during the write-back
-        pool = hasher or ThreadPoolExecutor(1)
+        pool = ThreadPoolExecutor(1)  # not the background hasher: finish takes back what that has not started
         derived = pool.submit(book.finish, early)
         try:
             tx.commit()
         finally:
-            if hasher is None:
-                pool.shutdown(wait=True)  # it reads the memory map: never unmap it under the hasher
+            pool.shutdown(wait=True)  # it reads the memory map: never unmap it under the hasher
         root = derived.result()
     return new_stack, root
+
+
+def _early_record(path: Path, book: _ChunkBook, st: _ApplyStep,
+                  prepared: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """Write (durably) the undo record of lone apply ``st`` before its patch: the positions, the original values
+    :func:`check_finite_plan` gathered, and the chunk hashes before the patch. Returns its sha256 — the record
+    the WAL names (:class:`DiskTransaction`'s ``saved_in``). The same bytes as a record written after the patch."""
+    ents = book.applied([UndoEntry(n, st.adapter.params[n].flat()[0], prepared[n][0]) for n in sorted(st.adapter.params)])
+    data = encode_undo(ents, {"ref": st.info.ref, "scale": st.scale})
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(_undo_path(path, digest), data)
+    fault_point("undo.written")  # a crash here leaves a record no stack names: the next operation's gc removes it
+    return digest
 
 
 def _load_step(ws: Workspace, dep: DeploymentInfo, ref: str, scale: float) -> _ApplyStep:

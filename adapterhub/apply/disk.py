@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -41,7 +42,7 @@ from .patching import (
 )
 
 __all__ = ["ST_DTYPES", "SafetensorsFile", "WeightsFolder", "DiskTransaction", "encode_undo", "decode_undo",
-           "read_wal", "recover_wal", "check_finite_plan"]
+           "read_wal", "recover_wal", "wal_entries", "check_finite_plan"]
 
 # the patchable (floating) dtypes: a view of the one dtype table in st_io
 ST_DTYPES: dict[str, torch.dtype] = {n: st_io.torch_dtype(n) for n in st_io.FLOAT_DTYPES}
@@ -207,54 +208,115 @@ class WeightsFolder:
 Weights = SafetensorsFile | WeightsFolder
 
 
-# Undo / WAL records are small safetensors files: per tensor an int64 index list and the original
-# values in the weight dtype, plus a JSON document in the metadata. No pickle.
+# Undo / WAL records are small safetensors files: per tensor the positions and the original values in the
+# weight dtype, plus a JSON document in the metadata. No pickle. The positions are gap-coded as the adapter
+# format codes its indices (:func:`adapterhub.format.encode_indices`: uint16 gaps, a zero gap escaping to an
+# int64 value): ``NNNNNN.gap`` + ``NNNNNN.esc``, 2 bytes a position instead of 8. Records written before
+# that hold plain int64 positions (``NNNNNN.idx``) and are read as they are.
+
+_GAP_LIMIT = 1 << 16  # adapterhub.format's GAP_LIMIT: a gap this large is escaped (a zero gap + an int64 value)
+
 
 def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     """Serialise undo entries (+ JSON metadata) as safetensors bytes (deterministic).
 
-    Takes: the entries (application order) and a JSON-able mapping (``names`` is reserved).
+    Takes: the entries (application order; sorted unique positions, as every apply's) and a JSON-able mapping
+    (``names`` is reserved).
     Returns: the bytes of the record.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    from ..format import _DTYPE_TO_ST, _container_header, _tensor_bytes
+
+    specs: dict[str, tuple[str, list[int]]] = {}
+    blobs: dict[str, bytes] = {}
     names = []
     for i, e in enumerate(entries):
-        tensors[f"{i:06d}.idx"] = e.indices.contiguous()
-        tensors[f"{i:06d}.orig"] = e.original.contiguous()
+        gaps = np.diff(e.indices.to(torch.int64).numpy(), prepend=np.int64(-1))  # format.encode_indices' coding
+        big = gaps >= _GAP_LIMIT
+        esc = np.ascontiguousarray(gaps[big])
+        gaps[big] = 0
+        parts = {f"{i:06d}.gap": ("U16", gaps.astype("<u2").tobytes()), f"{i:06d}.esc": ("I64", esc.astype("<i8").tobytes()),
+                 f"{i:06d}.orig": (_DTYPE_TO_ST[e.original.dtype], _tensor_bytes(e.original))}
         if e.chunks is not None and e.chunk_hashes is not None:  # the state's hashes of those chunks before
-            tensors[f"{i:06d}.chunks"] = e.chunks.to(torch.int64).contiguous()
-            tensors[f"{i:06d}.prehash"] = e.chunk_hashes.to(torch.uint8).contiguous()
+            parts[f"{i:06d}.chunks"] = ("I64", _tensor_bytes(e.chunks.to(torch.int64)))
+            parts[f"{i:06d}.prehash"] = ("U8", _tensor_bytes(e.chunk_hashes.to(torch.uint8)))
+        for k, (dt, raw) in parts.items():
+            n = len(raw) // st_io.DTYPE_SIZES[dt]
+            specs[k] = (dt, [n // 32, 32] if k.endswith(".prehash") else [n])
+            blobs[k] = raw
         names.append(e.name)
     doc = dict(meta)
     doc["names"] = names
-    # the container written directly (format's canonical safetensors writer: one copy of each tensor's bytes),
-    # not through safetensors.torch.save, which converts every tensor twice; read back by safetensors' loader
-    from ..format import _DTYPE_TO_ST, _container_header, _tensor_bytes
-
-    specs = {n: (_DTYPE_TO_ST[t.dtype], list(t.shape)) for n, t in tensors.items()}
+    # the container written directly (format's canonical safetensors writer: one copy of each tensor's bytes)
     head, order, _ = _container_header(specs, {"adapterhub.undo": json.dumps(doc, sort_keys=True)})
-    return b"".join([head, *(_tensor_bytes(tensors[n]) for n in order)])
+    return b"".join([head, *(blobs[n] for n in order)])
+
+
+def _array(data: bytes, header: st_io.Header, key: str, dtype: str) -> np.ndarray[Any, Any]:
+    """Tensor ``key`` of the record ``data`` as a read-only numpy view (little-endian ``dtype``), from the strict
+    header's offsets. Raises KeyError if absent, ValueError if it is not of safetensors dtype ``dtype``."""
+    e = header.entries[key]
+    if e.dtype != dtype:
+        raise ValueError(f"{key} is {e.dtype}, not {dtype}")
+    return np.frombuffer(data, dtype=_NP[dtype], count=e.nbytes // st_io.DTYPE_SIZES[dtype],
+                         offset=header.data_start + e.begin)
+
+
+_NP = {"U16": "<u2", "I64": "<i8", "U8": "u1"}
+
+
+def _indices(data: bytes, header: st_io.Header, i: int) -> torch.Tensor:
+    """Entry ``i``'s positions: gap-coded (``.gap`` + ``.esc``; :func:`adapterhub.format.decode_indices`' rules) or,
+    in records of earlier versions, plain int64 (``.idx``)."""
+    if f"{i:06d}.idx" in header.entries:
+        return torch.from_numpy(_array(data, header, f"{i:06d}.idx", "I64").copy())
+    g = _array(data, header, f"{i:06d}.gap", "U16").astype(np.int64)
+    esc = _array(data, header, f"{i:06d}.esc", "I64")
+    zero = g == 0
+    if int(zero.sum()) != esc.size or bool((esc < _GAP_LIMIT).any()):
+        raise ValueError("escaped gaps do not match their values")
+    g[zero] = esc
+    return torch.from_numpy(np.cumsum(g) - 1)
+
+
+def _original(data: bytes, header: st_io.Header, key: str) -> torch.Tensor:
+    """The original values ``key`` (a float tensor in the weight dtype; a copy)."""
+    e = header.entries[key]
+    if e.dtype not in ST_DTYPES or len(e.shape) != 1:
+        raise ValueError(f"{key} is not a list of float values")
+    if not e.nbytes:
+        return torch.zeros(0, dtype=ST_DTYPES[e.dtype])
+    return torch.frombuffer(bytearray(memoryview(data)[header.data_start + e.begin:header.data_start + e.end]),
+                            dtype=ST_DTYPES[e.dtype])
 
 
 def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
-    """Inverse of :func:`encode_undo`: (entries, JSON document).
+    """Inverse of :func:`encode_undo` (and the reader of records with plain int64 positions): (entries, JSON
+    document).
 
     Raises: DeploymentError if the record is damaged.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     try:
-        meta = st_io.parse_header(data, "undo record").metadata  # the one strict header reader
-        doc = json.loads(meta["adapterhub.undo"])
-        tensors = load(data)
-        entries = [UndoEntry(name, tensors[f"{i:06d}.idx"], tensors[f"{i:06d}.orig"], tensors.get(f"{i:06d}.chunks"),
-                             tensors.get(f"{i:06d}.prehash")) for i, name in enumerate(doc["names"])]
-        for e in entries:
-            if e.chunk_hashes is not None and (e.chunks is None or e.chunk_hashes.dtype != torch.uint8
-                                               or tuple(e.chunk_hashes.shape) != (e.chunks.numel(), 32)):
-                raise ValueError("chunk hashes do not match their chunks")
-    except (HeaderError, SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        header = st_io.parse_header(data, "undo record")  # the one strict header reader: offsets checked
+        doc = json.loads(header.metadata["adapterhub.undo"])
+        if not isinstance(doc, dict) or not isinstance(doc.get("names"), list):
+            raise ValueError("no entry names")
+        entries = []
+        for i, name in enumerate(doc["names"]):
+            if not isinstance(name, str):
+                raise ValueError("an entry name is not a string")
+            idx = _indices(data, header, i)
+            orig = _original(data, header, f"{i:06d}.orig")
+            if orig.numel() != idx.numel():
+                raise ValueError("original values do not match their positions")
+            chunks = pre = None
+            if f"{i:06d}.prehash" in header.entries:
+                chunks = torch.from_numpy(_array(data, header, f"{i:06d}.chunks", "I64").copy())
+                pre = torch.from_numpy(_array(data, header, f"{i:06d}.prehash", "U8").copy())
+                if pre.numel() != 32 * chunks.numel():
+                    raise ValueError("chunk hashes do not match their chunks")
+                pre = pre.reshape(-1, 32)
+            entries.append(UndoEntry(name, idx, orig, chunks, pre))
+    except (HeaderError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise DeploymentError("undo record is damaged") from None
     return entries, doc
 
@@ -335,6 +397,12 @@ class DiskTransaction:
             record(op)           # e.g. the catalog event naming ``op``
         # left normally: the WAL is removed (commit() is implied if the block did not call it)
 
+    ``saved_in``: the sha256 of an undo record already durable in ``<WAL folder>/undo/`` holding the current
+    bytes of every position the batch writes (a lone apply's own record, written before its patch); the WAL
+    then holds only ``meta`` and that name, and :func:`recover_wal` reads the bytes from the record (checking
+    its sha256). The saved bytes are the same either way; the WAL is still written and fsynced before the
+    first byte changes.
+
     An ``Exception`` before :meth:`commit` rolls back at once (the saved bytes are written back,
     fsynced, the WAL removed) and propagates. After :meth:`commit`, and on any ``BaseException`` that
     is not an ``Exception`` (KeyboardInterrupt, SystemExit: the process is going away, as after a
@@ -345,10 +413,15 @@ class DiskTransaction:
 
     def __init__(self, weights: Weights, wal_path: Path, meta: Mapping[str, Any],
                  touched: Mapping[str, Sequence[torch.Tensor]],
-                 prepared: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+                 prepared: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 saved_in: str | None = None) -> None:
         self.weights = weights
         self.wal_path = wal_path
         self.meta = dict(meta)
+        # the sha256 of an undo record already durable in ``<WAL folder>/undo/`` that holds the current bytes of
+        # every position the batch writes (an apply's own undo record, written before the patch): the WAL then
+        # names it instead of holding a second copy of the same bytes (see :func:`wal_entries`)
+        self.saved_in = saved_in
         self.touched = touched
         # name -> (original, patched) values of the one apply touching it (check_finite_plan's result): saved
         # and written as they are instead of being gathered and computed again
@@ -366,7 +439,11 @@ class DiskTransaction:
                 self._prepared.pop(name)  # positions beyond that apply's: gathered here, patched by apply()
                 pre = None
             self._saved.append(UndoEntry(name, idx, pre[0] if pre is not None else read_at(flat, idx)))
-        atomic_write_bytes(self.wal_path, encode_undo(self._saved, self.meta))
+        if self.saved_in is not None:
+            _undo_record_path(self.wal_path, self.saved_in)  # a valid digest, or refused before anything is written
+            atomic_write_bytes(self.wal_path, encode_undo([], {**self.meta, "saved_in": self.saved_in}))
+        else:
+            atomic_write_bytes(self.wal_path, encode_undo(self._saved, self.meta))
         fault_point("wal.written")
         return self
 
@@ -442,16 +519,55 @@ def read_wal(wal_path: Path) -> dict[str, Any] | None:
     return decode_undo(wal_path.read_bytes())[1]
 
 
+def _undo_record_path(wal_path: Path, digest: object) -> Path:
+    """Where the undo record named by a WAL lives: ``<WAL folder>/undo/<sha256>.safetensors``.
+    Raises: DeploymentError for a name that is not a sha256 (a damaged or forged WAL)."""
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise DeploymentError("write-ahead log is damaged (it names an invalid undo record)")
+    return wal_path.parent / "undo" / f"{digest}.safetensors"
+
+
+def wal_entries(wal_path: Path) -> tuple[list[UndoEntry], dict[str, Any]]:
+    """The saved bytes of a WAL and its JSON document. A WAL that names the undo record holding them
+    (``saved_in``, see :class:`DiskTransaction`) has them read from that record, which must be a regular file
+    (no symlink followed) whose sha256 is its name.
+
+    Raises: DeploymentError if the WAL or that record is damaged or missing.
+    """
+    entries, doc = decode_undo(wal_path.read_bytes())
+    if "saved_in" not in doc:
+        return entries, doc
+    p = _undo_record_path(wal_path, doc["saved_in"])
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        raise DeploymentError(f"the write-ahead log's undo record {p.name} is missing or unreadable; the "
+                              "interrupted operation cannot be undone") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise DeploymentError(f"the write-ahead log's undo record {p.name} is not a regular file")
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != doc["saved_in"]:
+        raise DeploymentError(f"the write-ahead log's undo record {p.name} is corrupt (its sha256 differs); the "
+                              "interrupted operation cannot be undone")
+    return decode_undo(data)[0], doc
+
+
 def recover_wal(target: Weights, wal_path: Path) -> bool:
     """Put back the bytes saved in a WAL (undo an interrupted operation), then delete the WAL.
 
     Idempotent: a crash during recovery is recovered again next time.
     Returns: True if something was restored.
-    Raises: DeploymentError if the WAL is damaged or names a tensor the weights lack.
+    Raises: DeploymentError if the WAL (or the undo record it names) is damaged or names a tensor or a position
+    the weights lack.
     """
     if not wal_path.exists():
         return False
-    entries, _ = decode_undo(wal_path.read_bytes())
+    entries, _ = wal_entries(wal_path)
+    for e in entries:
+        flat = target.flat(e.name)
+        if e.indices.numel() and (int(e.indices.min()) < 0 or int(e.indices.max()) >= flat.numel()):
+            raise DeploymentError(f"write-ahead log is damaged: {e.name} positions lie outside the tensor")
     for e in entries:
         write_at(target.flat(e.name), e.indices, e.original)
     target.sync()

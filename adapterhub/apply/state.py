@@ -99,11 +99,13 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def hash_chunks(buf: Any, begin: int, end: int, chunks: Iterable[int] | None = None) -> tuple[list[int], list[bytes]]:
+def hash_chunks(buf: Any, begin: int, end: int, chunks: Iterable[int] | None = None, *,
+                threads: bool = True) -> tuple[list[int], list[bytes]]:
     """sha256 of the chunks ``chunks`` (all when None) of the tensor at ``buf[begin:end]``.
 
     ``buf`` is anything with the buffer protocol (a memory map); hashlib releases the GIL on large buffers, so
-    the chunks are hashed on a few threads. Returns (chunk ids, digests).
+    the chunks are hashed on a few threads (on the calling thread alone when not ``threads``: a background
+    hasher that must leave a core to the patch it overlaps). Returns (chunk ids, digests).
     """
     n = chunk_count(end - begin)
     ids = list(range(n)) if chunks is None else sorted(set(chunks))
@@ -114,7 +116,7 @@ def hash_chunks(buf: Any, begin: int, end: int, chunks: Iterable[int] | None = N
         return hashlib.sha256(mv[a:min(a + CHUNK, end)]).digest()
 
     try:
-        if len(ids) < 8:
+        if len(ids) < 8 or not threads or _workers() == 1:
             return ids, [one(i) for i in ids]
         with ThreadPoolExecutor(_workers()) as ex:
             return ids, list(ex.map(one, ids, chunksize=max(1, len(ids) // (4 * _workers()))))

@@ -1,0 +1,297 @@
+"""Issue 19's cheaper crash safety, kept exact: a lone ``deploy apply`` writes its undo record before the patch
+and its WAL names that record; undo records and WALs store positions gap-coded. Old records (plain int64
+positions) and old WALs (holding the bytes) still revert and recover; every crash point of the new order
+recovers to the prior bytes exactly."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+import adapterhub.apply.deployments as dmod
+import adapterhub.apply.disk as diskmod
+from adapterhub.apply import deployments as dep
+from adapterhub.apply.disk import DiskTransaction, WeightsFolder, decode_undo, encode_undo, read_wal, recover_wal
+from adapterhub.apply.patching import UndoEntry
+from adapterhub.bases.sources import tensor_shapes
+from adapterhub.errors import DeploymentError
+from adapterhub.format import SparseAdapter, SparseParam
+
+TARGETS = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight",
+           "encoder.layer.1.output.dense.weight"]
+
+
+def _adapter(folder, seed: int, density: float = 0.3) -> SparseAdapter:
+    shapes = tensor_shapes(folder)
+    g = torch.Generator().manual_seed(seed)
+    params = {}
+    for n in TARGETS:
+        mask = torch.rand(shapes[n], generator=g) < density
+        params[n] = SparseParam.from_mask(torch.randn(shapes[n], generator=g) * 0.05, mask)
+    return SparseAdapter(params, {}, {"task": f"t{seed}"})
+
+
+@pytest.fixture
+def setup(ws, tiny_bert_dir):
+    ws.add_base("tiny", str(tiny_bert_dir))
+    refs = [ws.register(_adapter(tiny_bert_dir, i), name=f"ex{i}", task="t", base="tiny").ref for i in range(2)]
+    dep.create(ws, "d", "tiny")
+    return ws, dep.get(ws, "d").path, refs
+
+
+def _sha(path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _undo_files(path) -> set[str]:
+    return {p.name for p in (path / ".adapterhub" / "undo").glob("*.safetensors")}
+
+
+def _old_encode_undo(entries, meta) -> bytes:
+    """The record format of earlier versions: plain int64 positions (``NNNNNN.idx``), via safetensors."""
+    tensors, names = {}, []
+    for i, e in enumerate(entries):
+        tensors[f"{i:06d}.idx"] = e.indices.to(torch.int64).contiguous()
+        tensors[f"{i:06d}.orig"] = e.original.contiguous()
+        if e.chunks is not None and e.chunk_hashes is not None:
+            tensors[f"{i:06d}.chunks"] = e.chunks.to(torch.int64).contiguous()
+            tensors[f"{i:06d}.prehash"] = e.chunk_hashes.to(torch.uint8).contiguous()
+        names.append(e.name)
+    return st_save(tensors, metadata={"adapterhub.undo": json.dumps({**meta, "names": names}, sort_keys=True)})
+
+
+class Crash(BaseException):
+    pass
+
+
+def _crash_at(monkeypatch, point: str) -> None:
+    def boom(name: str) -> None:
+        if name == point:
+            raise Crash(name)
+
+    monkeypatch.setattr(dmod, "fault_point", boom)
+    monkeypatch.setattr(diskmod, "fault_point", boom)
+
+
+# -- the record format -------------------------------------------------------------------------------------
+
+
+def test_gap_coded_record_round_trips_with_escapes_and_is_small():
+    idx = torch.tensor([70_000, 70_001, 70_002 + 65_535, 70_002 + 65_536 + 65_535, 1 << 40, (1 << 40) + 3])
+    orig = torch.arange(6, dtype=torch.float32).to(torch.bfloat16)
+    big = torch.arange(0, 3 * 100_000, 3)
+    ents = [UndoEntry("a", idx, orig, torch.tensor([0, 5]), torch.arange(64, dtype=torch.uint8).reshape(2, 32)),
+            UndoEntry("b", big, torch.randn(big.numel()), None, None),
+            UndoEntry("empty", torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float16))]
+    data = encode_undo(ents, {"ref": "x@1", "scale": 0.5})
+    got, doc = decode_undo(data)
+    assert doc == {"ref": "x@1", "scale": 0.5, "names": ["a", "b", "empty"]}
+    for e, g in zip(ents, got, strict=True):
+        assert g.name == e.name and torch.equal(g.indices, e.indices) and g.indices.dtype == torch.int64
+        assert g.original.dtype == e.original.dtype and torch.equal(g.original.view(torch.uint8), e.original.view(torch.uint8))
+    assert torch.equal(got[0].chunks, torch.tensor([0, 5])) and torch.equal(got[0].chunk_hashes, ents[0].chunk_hashes)
+    assert got[1].chunks is None and got[1].chunk_hashes is None
+    # 2 bytes a position (+ 4 for the fp32 value): the int64 positions of before took 8
+    assert len(data) < 100_000 * (2 + 4) + 4096
+    assert encode_undo(ents, {"ref": "x@1", "scale": 0.5}) == data  # deterministic: records are content-addressed
+
+
+def test_old_format_record_still_decodes():
+    ents = [UndoEntry("a", torch.tensor([3, 9, 1 << 33]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0]),
+                      torch.zeros(1, 32, dtype=torch.uint8))]
+    got, doc = decode_undo(_old_encode_undo(ents, {"ref": "r", "scale": 1.0}))
+    assert doc["ref"] == "r" and torch.equal(got[0].indices, ents[0].indices)
+    assert torch.equal(got[0].original, ents[0].original) and got[0].chunks is not None
+
+
+@pytest.mark.parametrize("damage", ["escape-count", "small-escape", "orig-length", "gap-dtype"])
+def test_damaged_gap_coding_is_refused(damage):
+    from adapterhub.format import _container_header
+
+    if damage == "escape-count":  # a zero gap with no escape value
+        parts = {"000000.gap": ("U16", [2], [0, 0, 1, 0]), "000000.esc": ("I64", [0], []),
+                 "000000.orig": ("F32", [2], [0] * 8)}
+    elif damage == "small-escape":  # an escape value that should have been a plain gap
+        parts = {"000000.gap": ("U16", [1], [0, 0]), "000000.esc": ("I64", [1], [5, 0, 0, 0, 0, 0, 0, 0]),
+                 "000000.orig": ("F32", [1], [0] * 4)}
+    elif damage == "orig-length":
+        parts = {"000000.gap": ("U16", [2], [1, 0, 1, 0]), "000000.esc": ("I64", [0], []),
+                 "000000.orig": ("F32", [1], [0] * 4)}
+    else:
+        parts = {"000000.gap": ("I16", [2], [1, 0, 1, 0]), "000000.esc": ("I64", [0], []),
+                 "000000.orig": ("F32", [2], [0] * 8)}
+    head, order, _ = _container_header({k: (dt, shape) for k, (dt, shape, _) in parts.items()},
+                                       {"adapterhub.undo": json.dumps({"names": ["a"]})})
+    data = head + b"".join(bytes(parts[k][2]) for k in order)
+    with pytest.raises(DeploymentError, match="undo record is damaged"):
+        decode_undo(data)
+
+
+# -- deployments -------------------------------------------------------------------------------------------
+
+
+def test_lone_apply_wal_names_its_undo_record(setup, monkeypatch):
+    """Crash right after the WAL: it names the record (no second copy), the record holds the originals, and
+    recovery puts the prior bytes back exactly, then removes the record no stack names."""
+    ws, path, (a, _) = setup
+    before = _sha(path)
+    _crash_at(monkeypatch, "wal.written")
+    with pytest.raises(Crash):
+        dep.apply(ws, "d", a)
+    monkeypatch.undo()
+    wal = path / ".adapterhub" / "wal.safetensors"
+    doc = read_wal(wal)
+    assert doc is not None and set(_undo_files(path)) == {f"{doc['saved_in']}.safetensors"}
+    assert wal.stat().st_size < 2048  # the bytes are in the record, not here
+    rec = path / ".adapterhub" / "undo" / f"{doc['saved_in']}.safetensors"
+    assert hashlib.sha256(rec.read_bytes()).hexdigest() == doc["saved_in"]
+    assert dep.verify(ws, "d")["pending_recovery"]
+    assert dep.recover(ws, "d")
+    assert _sha(path) == before and dep.verify(ws, "d")["ok"]
+    assert _undo_files(path) == set() and not wal.exists()
+    info = dep.apply(ws, "d", a)  # the same record again, now named by the stack
+    assert _undo_files(path) == {f"{info.stack[0]['undo']}.safetensors"} == {rec.name}
+
+
+@pytest.mark.parametrize("point", ["undo.written", "wal.written", "deploy.apply.mid-patch",
+                                   "deploy.apply.before-commit", "deploy.apply.after-commit"])
+def test_each_crash_point_of_a_lone_apply_recovers_exactly(setup, monkeypatch, point):
+    ws, path, (a, b) = setup
+    dep.apply(ws, "d", a)
+    before, root_before = _sha(path), dep.get(ws, "d").state_root
+    _crash_at(monkeypatch, point)
+    with pytest.raises(Crash):
+        dep.apply(ws, "d", b)
+    monkeypatch.undo()
+    dep.recover(ws, "d")
+    kept = point.endswith("after-commit")
+    info = dep.get(ws, "d")
+    assert [x["ref"] for x in info.stack] == ([a, b] if kept else [a])
+    if not kept:
+        assert _sha(path) == before and info.state_root == root_before
+    assert dep.verify(ws, "d")["ok"]
+    dep.revert(ws, "d")  # the orphan record of an interrupted apply is gone after the next operation
+    assert _undo_files(path) == ({f"{dep.get(ws, 'd').stack[0]['undo']}.safetensors"} if kept else set())
+    if kept:
+        dep.revert(ws, "d")
+    assert dep.get(ws, "d").stack == [] and dep.verify(ws, "d")["ok"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "symlink"])
+def test_wal_whose_record_is_missing_or_corrupt_is_refused_nothing_changed(setup, monkeypatch, tmp_path, damage):
+    ws, path, (a, _) = setup
+    _crash_at(monkeypatch, "deploy.apply.mid-patch")
+    with pytest.raises(Crash):
+        dep.apply(ws, "d", a)
+    monkeypatch.undo()
+    rec = path / ".adapterhub" / "undo" / f"{read_wal(path / '.adapterhub' / 'wal.safetensors')['saved_in']}.safetensors"
+    if damage == "missing":
+        rec.unlink()
+    elif damage == "corrupt":
+        raw = bytearray(rec.read_bytes())
+        raw[-1] ^= 1
+        rec.write_bytes(bytes(raw))
+    else:
+        elsewhere = tmp_path / "elsewhere.safetensors"
+        elsewhere.write_bytes(rec.read_bytes())
+        rec.unlink()
+        rec.symlink_to(elsewhere)
+    mid = _sha(path)
+    with pytest.raises(DeploymentError, match="write-ahead log's undo record") as e:
+        dep.recover(ws, "d")
+    assert "\n" not in str(e.value)
+    assert _sha(path) == mid and (path / ".adapterhub" / "wal.safetensors").exists()
+
+
+def test_ordinary_error_after_early_record_removes_it(setup, monkeypatch):
+    ws, path, (a, _) = setup
+    before = _sha(path)
+
+    def fail(*args, **kw):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(DiskTransaction, "commit", fail)
+    with pytest.raises(OSError):
+        dep.apply(ws, "d", a)
+    monkeypatch.undo()
+    assert _sha(path) == before and _undo_files(path) == set()
+    assert not (path / ".adapterhub" / "wal.safetensors").exists() and dep.verify(ws, "d")["ok"]
+
+
+def test_layer_with_old_format_record_still_reverts_exactly(setup, monkeypatch):
+    """A deployment whose layer was applied by an earlier version (int64 positions in its record) reverts bit
+    for bit; so does a layer below one applied now."""
+    ws, path, (a, b) = setup
+    before = _sha(path)
+    monkeypatch.setattr(dmod, "encode_undo", _old_encode_undo)
+    info = dep.apply(ws, "d", a)
+    monkeypatch.undo()
+    data = (path / ".adapterhub" / "undo" / f"{info.stack[0]['undo']}.safetensors").read_bytes()
+    assert b"000000.idx" in data and b"000000.gap" not in data
+    mid = _sha(path)
+    dep.apply(ws, "d", b)
+    dep.revert(ws, "d", a)  # reverts a (old record) below b, re-applies b
+    dep.revert(ws, "d")
+    assert _sha(path) == before and dep.get(ws, "d").stack == [] and dep.verify(ws, "d")["ok"]
+    dep.apply(ws, "d", a)
+    assert _sha(path) == mid
+
+
+def test_old_format_wal_still_recovers(tmp_path):
+    """A WAL written by an earlier version (the saved bytes in it, int64 positions) is recovered exactly."""
+    from safetensors.torch import save_file
+
+    w = torch.randn(1000)
+    save_file({"w": w}, tmp_path / "model.safetensors")
+    original = (tmp_path / "model.safetensors").read_bytes()
+    idx = torch.tensor([1, 7, 999])
+    wal = tmp_path / "wal.safetensors"
+    wal.write_bytes(_old_encode_undo([UndoEntry("w", idx, w[idx].clone())], {"op_id": "x", "action": "apply"}))
+    with WeightsFolder(tmp_path) as weights:
+        weights.flat("w")[idx] = 5.0
+        weights.sync()
+        assert (tmp_path / "model.safetensors").read_bytes() != original
+        assert recover_wal(weights, wal)
+    assert (tmp_path / "model.safetensors").read_bytes() == original and not wal.exists()
+
+
+def test_wal_with_out_of_range_positions_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(10)}, tmp_path / "model.safetensors")
+    wal = tmp_path / "wal.safetensors"
+    wal.write_bytes(encode_undo([UndoEntry("w", torch.tensor([3, 10]), torch.zeros(2))], {"op_id": "x"}))
+    with WeightsFolder(tmp_path) as weights, pytest.raises(DeploymentError, match="outside the tensor"):
+        recover_wal(weights, wal)
+    assert wal.exists()
+
+
+def test_root_is_exact_when_finish_takes_back_the_background_hashing(setup, monkeypatch):
+    """The background hasher is slow here, so finish cancels the tensors it has not started and hashes them
+    itself: the derived root still equals a full measurement of the bytes."""
+    import time
+
+    from adapterhub.apply.state import measure_folder
+
+    ws, path, (a, b) = setup
+    base_root = dep.get(ws, "d").state_root
+    slow = dmod._ChunkBook.hash_written
+    calls: list[str] = []
+
+    def hash_written(self, name, idx):
+        calls.append(name)
+        time.sleep(1.0)
+        return slow(self, name, idx)
+
+    monkeypatch.setattr(dmod._ChunkBook, "hash_written", hash_written)
+    info = dep.apply(ws, "d", a)
+    assert 0 < len(calls) < len(TARGETS)  # some were taken back
+    assert info.state_root == measure_folder(path)[0].root()
+    monkeypatch.undo()
+    assert dep.apply(ws, "d", b).state_root == measure_folder(path)[0].root()
+    dep.revert(ws, "d")
+    dep.revert(ws, "d")
+    assert dep.get(ws, "d").state_root == measure_folder(path)[0].root() == base_root
