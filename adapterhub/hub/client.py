@@ -5,7 +5,10 @@
   :mod:`adapterhub.hub.cards`) and ``README.md`` (the model card), tagged ``v{N}``. The catalog records
   repo, commit and tag. A version whose tag already holds the same weights uploads nothing.
   Retrying a push that failed half-way never makes a second commit: if the branch head already holds
-  exactly these files (a commit whose answer was lost), it is tagged instead of committed again.
+  exactly these files (a commit whose answer was lost), it is tagged instead of committed again. To a repo
+  the catalog never pushed to, a push starts with ``create_repo``: a new repo then takes the requests of
+  ``create_repo`` + ``upload_folder`` and the tag (8), and an existing one answers 409 and gets the usual
+  checks (refs, trees). The weights are hashed once, by the upload itself, before the first request.
 * :func:`pull` — ``REPO[@REV]`` (tag, branch or commit) through our own download cache; the weights' sha256 must
   equal the card's ``content_hash`` *before* anything is registered, then the file is validated
   (:func:`adapterhub.format.load`) and registered with an ``imported_from`` edge (repo, revision,
@@ -30,6 +33,7 @@ and a size cap (:func:`pull_limits`: ``--timeout`` / ``ADAPTERHUB_PULL_TIMEOUT``
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -716,8 +720,11 @@ def _version() -> str:
         return "0"
 
 
-def _tree_has(tree: dict[str, Any], path: str, *, sha256: str | None = None, data: bytes | None = None) -> bool:
-    """Whether ``tree[path]`` holds exactly these bytes (LFS sha256 or git blob id)."""
+def _tree_has(tree: dict[str, Any], path: str, *, sha256: str | None = None,
+              data: bytes | Callable[[], bytes] | None = None) -> bool:
+    """Whether ``tree[path]`` holds exactly these bytes (LFS sha256 or git blob id). ``data`` may be a function
+    giving the bytes: it is called only when the tree's entry is a plain git blob (an LFS entry is compared by
+    ``sha256``), so a push reads the weights from the store only where it needs them."""
     f = tree.get(path)
     if f is None:
         return False
@@ -725,7 +732,11 @@ def _tree_has(tree: dict[str, Any], path: str, *, sha256: str | None = None, dat
     if sha256 is not None:
         if lfs is not None:
             return getattr(lfs, "sha256", None) == sha256
+        if callable(data):
+            data = data()
         return data is not None and getattr(f, "blob_id", None) == _git_blob_sha1(data)
+    if callable(data):
+        data = data()
     assert data is not None
     if lfs is not None:
         return getattr(lfs, "sha256", None) == hashlib.sha256(data).hexdigest()
@@ -796,13 +807,29 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
     if repo is not None and not is_repo_id(repo):
         raise HubError(f"invalid Hub repo id {repo!r}: expected OWNER/NAME")
     v = ws.resolve(ref)
-    data = ws.adapter_bytes(v)  # verified against the content hash by the store
+    # The weights are not read up front (issue 19): an upload hashes the store's blob once, in
+    # CommitOperationAdd, and is refused unless that equals the content hash; a tree whose weights are a plain
+    # git blob (not LFS) is compared against the store's verified bytes, read then and only then.
+    weights = functools.cache(lambda: ws.adapter_bytes(v))  # verified against the content hash by the store
+
+    @functools.cache
+    def weights_op() -> Any:
+        """The upload of the weights from the store's blob file (huggingface_hub shows a byte progress bar for
+        files); its upload_info is the one sha256 of the blob, and must be the content hash."""
+        blob = ws.store.path(v.content_hash)
+        if not blob.is_file() or blob.is_symlink():
+            weights()  # the store's own one-line error (missing, a symlink...)
+        op = CommitOperationAdd(path_in_repo=WEIGHTS_FILE, path_or_fileobj=str(blob))
+        if op.upload_info.sha256.hex() != v.content_hash or op.upload_info.size != v.size_bytes:
+            raise HubError(f"{v.ref}: the store's blob does not hold this version's bytes (corrupt or changed); "
+                           "nothing was uploaded; run `adapterhub verify`")
+        return op
     base = ws.get_base(v.base, resolve_path=False)
     hub = _Hub(endpoint, token, None, progress)
     repo_id = repo or default_repo(ws, v.name, hub)
     tag = f"v{v.number}"
     card = build_hub_card(v, base, _lineage_for_card(ws, v.ref))
-    card["size_bytes"] = len(data)
+    card["size_bytes"] = v.size_bytes
     card_bytes = hub_card_bytes(card)
     readme = str(build_model_card(card, repo_id=repo_id, endpoint=public_endpoint(hub.endpoint))).encode()
     url = f"{public_endpoint(hub.endpoint)}/{repo_id}"
@@ -812,21 +839,21 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
         ws.set_hub(v.ref, repo=repo_id, commit=commit, tag=tag, endpoint=public_endpoint(hub.endpoint))
         return PushResult(v.ref, repo_id, branch, commit, tag, v.content_hash, uploaded, url, message)
 
-    # 1. Is this version already there?
-    hub.progress(f"checking {repo_id} on {public_endpoint(hub.endpoint)}")
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        refs = hub.api.list_repo_refs(repo_id)
-    except RepositoryNotFoundError:
-        refs = None
-    except Exception as e:  # noqa: BLE001
-        raise _hub_error("push", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id) from None
+    # 0. A repo this catalog never pushed to is created first (issue 19): a new repo then needs no refs listing
+    # (nothing to compare, no tag to protect); one that exists answers 409 and is checked below as always.
+    created = not card_only and not _pushed_to(ws, v.name, repo_id, public_endpoint(hub.endpoint)) and \
+        _create_new_repo(hub, repo_id, private, weights_op)
+    refs: Any = None
+    branches: dict[str, str | None] = {"main": None}  # a repo created just now: its branch, holding none of our files
+    if not created:
+        # 1. Is this version already there?
+        hub.progress(f"checking {repo_id} on {public_endpoint(hub.endpoint)}")
+        refs = _list_refs_or_none(hub, repo_id)
     if refs is not None:
         tags = {t.name: t.target_commit for t in refs.tags}
         if tag in tags:
             tree = hub.tree(repo_id, tags[tag])
-            if not _tree_has(tree, WEIGHTS_FILE, sha256=v.content_hash, data=data):
+            if not _tree_has(tree, WEIGHTS_FILE, sha256=v.content_hash, data=weights):
                 raise HubError(f"{repo_id}@{tag} already holds a different adapter; push to another repo",
                                keywords=("repo",))
             res = _refresh_card(hub, v, repo_id, branch, tag, tags[tag], tree, {b.name: b.target_commit
@@ -841,21 +868,23 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
             raise HubError(f"{v.ref} is not on {repo_id} yet ({tag} is missing): push it first, without --card-only",
                            keywords=("card-only",))
         branches = {b.name: b.target_commit for b in refs.branches}
-    elif card_only:
-        raise HubError(f"{v.ref} is not on the Hub yet ({repo_id} does not exist): push it first, without --card-only",
-                       keywords=("card-only",))
-    else:
+    elif not created:
+        if card_only:
+            raise HubError(f"{v.ref} is not on the Hub yet ({repo_id} does not exist): push it first, without "
+                           "--card-only", keywords=("card-only",))
+        weights_op()  # a blob that is not this version's bytes is refused before the repo is created
         hub.progress(f"creating {'private ' if private else ''}repo {repo_id}")
         hub.call("create repo", lambda: hub.api.create_repo(repo_id, private=private, exist_ok=True), repo=repo_id)
-        branches = {b.name: b.target_commit for b in hub.refs(repo_id).branches}
+        # like one created above: "main" holds none of our files, so the commit needs no parent and no second refs
+        # listing (issue 19); another branch is created and listed below
     if branch not in branches:
         hub.call("create branch", lambda: hub.api.create_branch(repo_id, branch=branch, exist_ok=True),
                  repo=repo_id, rev=branch)
         branches = {b.name: b.target_commit for b in hub.refs(repo_id).branches}
-    head = branches.get(branch)
+    head: str | None = branches.get(branch)
 
     # 2. Commit, unless the head already holds exactly these files (an earlier try whose answer was lost).
-    files = {WEIGHTS_FILE: data, CARD_FILE: card_bytes, README_FILE: readme}
+    files: dict[str, bytes | Callable[[], bytes]] = {WEIGHTS_FILE: weights, CARD_FILE: card_bytes, README_FILE: readme}
     commit: str | None = None
     if head is not None and refs is not None:  # a repo created just now holds none of them: no listing needed
         tree = hub.tree(repo_id, head)
@@ -863,12 +892,9 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
                for p, b in files.items()):
             commit = head
     if commit is None:
-        hub.progress(f"uploading {v.ref} ({len(data)} bytes) to {repo_id}@{branch}")
-        # the weights go from the store's blob file (huggingface_hub shows a byte progress bar for files)
-        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(ws.store.path(v.content_hash))
-                                  if p == WEIGHTS_FILE else b) for p, b in files.items()]
-        if ops[0].upload_info.sha256.hex() != v.content_hash or ops[0].upload_info.size != len(data):
-            raise HubError(f"{v.ref}: the store blob changed while pushing; run `adapterhub verify`")
+        hub.progress(f"uploading {v.ref} ({v.size_bytes} bytes) to {repo_id}@{branch}")
+        ops = [weights_op(), CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_bytes),
+               CommitOperationAdd(path_in_repo=README_FILE, path_or_fileobj=readme)]
         info = hub.call("commit", lambda: hub.api.create_commit(
             repo_id, ops, commit_message=f"{v.name} {tag} (sha256 {v.content_hash[:12]})",
             commit_description=f"adapterhub {v.ref}, content hash {v.content_hash}", revision=branch,
@@ -895,6 +921,43 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
         out.hub_tags, out.hub_tags_deleted = _mirror_tags(hub, ws, v, repo_id,
                                                           {t.name: t.target_commit for t in hub.refs(repo_id).tags})
     return out
+
+
+def _pushed_to(ws: "Workspace", name: str, repo_id: str, endpoint: str) -> bool:
+    """Whether the catalog recorded a push of a version of adapter ``name`` to ``repo_id`` on ``endpoint``."""
+    return any(x.hub_repo == repo_id and x.hub_endpoint in (None, endpoint) for x in ws.log(name))
+
+
+def _list_refs_or_none(hub: _Hub, repo_id: str) -> Any:
+    """``list_repo_refs(repo_id)``, or None when the repo does not exist; HubError for any other failure."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return hub.api.list_repo_refs(repo_id)
+    except RepositoryNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error("push", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id) from None
+
+
+def _create_new_repo(hub: _Hub, repo_id: str, private: bool, weights_op: Callable[[], Any]) -> bool:
+    """Try to create ``repo_id`` as a new repo: True when this call created it; False when the Hub says it exists
+    (409) or that this token may not create it (401/402/403: it may still exist and be writable), so the caller
+    lists its refs and goes on as for any existing repo. The weights are hashed first (``weights_op``): a blob
+    that is not this version's bytes creates nothing. Raises HubError for any other failure."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    weights_op()
+    hub.progress(f"creating {'private ' if private else ''}repo {repo_id} on {public_endpoint(hub.endpoint)}")
+    try:
+        hub.api.create_repo(repo_id, private=private, exist_ok=False)
+    except HfHubHTTPError as e:
+        if getattr(getattr(e, "response", None), "status_code", None) in (409, 401, 402, 403):
+            return False
+        raise _hub_error("create repo", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id) from None
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error("create repo", e, endpoint=hub.endpoint, scrub=hub.scrub, repo=repo_id) from None
+    return True
 
 
 def _refresh_card(hub: _Hub, v: "VersionInfo", repo_id: str, branch: str, tag: str, tag_commit: str,
@@ -1000,6 +1063,29 @@ class _Plan:
     by_digest: dict[str, PullResult] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
     in_progress: set[str] = field(default_factory=set)
+    staged: dict[str, Any] = field(default_factory=dict)  # content hash -> StagedBlob (see _stage)
+    stages: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # discards them
+    lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the store's shared lock meanwhile
+
+
+_STAGE_MIN_BYTES = 1 << 20  # as register: a smaller file is written by register_many itself
+
+
+def _stage(ws: "Workspace", plan: _Plan, digest: str, data: bytes) -> None:
+    """Start writing verified downloaded bytes (1 MiB or more, for a local store that lacks them) to a staged temp
+    file of the store on a worker thread (:meth:`BlobStore.stage`: write + fsync), so the write overlaps the
+    validation and the rest of the plan and ``register_many`` renames it into place (issue 19: the store's copy
+    is written once, beside the validation, not after it). The store's shared lock is held from the first one
+    until just before registration (a concurrent ``gc`` leaves the temp files alone); ``plan.stages`` removes
+    whatever was not renamed."""
+    from ..store import BlobStore
+
+    if len(data) < _STAGE_MIN_BYTES or not isinstance(ws.store, BlobStore) or digest in plan.staged \
+            or ws.store.has(digest):
+        return
+    if not plan.staged:
+        plan.lock.enter_context(ws.store.lock(exclusive=False))
+    plan.staged[digest] = plan.stages.enter_context(ws.store.stage(data))
 
 
 def local_name_for(repo: str) -> str:
@@ -1132,10 +1218,16 @@ def pull(ws: "Workspace", spec: str, *, name: str | None = None, with_parents: b
     hub = _Hub(endpoint, token, cache_dir if cache_dir is not None else ws.cache_dir / "hub", progress,
                limits if limits is not None else pull_limits())
     plan = _Plan()
-    result = _plan_pull(ws, hub, plan, spec, name=name, with_parents=with_parents, depth=0)
-    if plan.versions:
+    with plan.stages:  # staged store copies (_stage): removed unless register_many renamed them into place
+        try:
+            result = _plan_pull(ws, hub, plan, spec, name=name, with_parents=with_parents, depth=0)
+        finally:
+            plan.lock.close()  # released first: register_many's failure path takes the store's exclusive lock
+        if not plan.versions:
+            return result
         hub.progress(f"registering {len(plan.versions)} version(s)")
-        infos = ws.register_many([v for v, _, _ in plan.versions], new_bases=list(plan.bases.values()))
+        infos = ws.register_many([v for v, _, _ in plan.versions], new_bases=list(plan.bases.values()),
+                                 staged=plan.staged)
         for (version, res, added), info in zip(plan.versions, infos, strict=True):
             res.ref, res.registered = info.ref, info.created
             where = f"{res.repo}@{res.revision}"
@@ -1194,6 +1286,7 @@ def _plan_pull(ws: "Workspace", hub: _Hub, plan: _Plan, spec: str, *, name: str 
                       into=got_bytes)  # verified against digest while streaming (or read once from the cache)
     data = got_bytes[0]
     fault_point("pull.after-download")  # crash tests: weights verified in the cache, nothing registered yet
+    _stage(ws, plan, digest, data)  # the store's copy is written while the bytes are validated
     # canonical bytes are registered as they are: not re-serialised, not hashed again
     adapter = fmt.load_canonical(data, source_sha256=digest)
     embedded = adapter.card.get("base") if isinstance(adapter.card.get("base"), dict) else {}
