@@ -170,7 +170,12 @@ class _Dropped(Exception):
 class HubServer:
     """A threaded Hub-protocol HTTP server on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self, *, token: str | None = None, record_bodies: bool = True) -> None:
+    def __init__(self, *, token: str | None = None, record_bodies: bool = True, nodelay: bool = True) -> None:
+        """``nodelay``: answer with TCP_NODELAY (each request costs about a millisecond on the loopback). With
+        False a reply's headers and body go out as two small writes under Nagle's algorithm, and the client's
+        delayed ACK holds the body back: about 40 ms per request with a body, like a network round trip —
+        what ``benchmarks/scale.py`` also measures the Hub operations under."""
+        self.nodelay = nodelay
         self.token = token
         self.user = "hubtester"
         self.record_bodies = record_bodies
@@ -199,6 +204,7 @@ class HubServer:
 
         class Handler(_Handler):
             hub = server
+            disable_nagle_algorithm = server.nodelay
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
