@@ -295,3 +295,20 @@ def test_root_is_exact_when_finish_takes_back_the_background_hashing(setup, monk
     dep.revert(ws, "d")
     dep.revert(ws, "d")
     assert dep.get(ws, "d").state_root == measure_folder(path)[0].root() == base_root
+
+
+def test_a_read_only_view_of_weights_warns_nothing(tmp_path):
+    """Reading weights through a read-only map (verify, diff, the benchmarks) must not print torch's
+    "non-writable NumPy array" warning (torch warns once per process, so this runs in a fresh one)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(16, dtype=torch.float32).reshape(4, 4)}, str(tmp_path / "m.safetensors"))
+    code = ("import sys; from adapterhub.apply.disk import SafetensorsFile\n"
+            f"with SafetensorsFile({str(tmp_path / 'm.safetensors')!r}, writable=False) as f:\n"
+            "    assert f.flat('w').tolist() == list(map(float, range(16)))\n")
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr[-2000:]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import stat
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -108,7 +109,8 @@ class SafetensorsFile:
             raise DeploymentError(f"{name}: cannot patch a {dt} tensor")
         assert self._mm is not None  # a file with tensors has a non-empty data region
         arr = self._mm[self.data_start + b:self.data_start + e]
-        with contextlib.suppress(UserWarning):  # a read-only map: torch warns, and we never write through it
+        with warnings.catch_warnings():  # a read-only map: torch warns, and we never write through it
+            warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(arr)
         return t.view(ST_DTYPES[dt])
 
