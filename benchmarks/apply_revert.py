@@ -32,7 +32,7 @@ import torch
 from adapterhub.apply.disk import DiskTransaction, SafetensorsFile
 from adapterhub.apply.patching import apply_adapter, revert
 from adapterhub.format import SparseAdapter, SparseParam
-from benchutil import median_seconds  # benchmarks/ is the script's folder, so on sys.path
+from benchutil import first_apply_seconds, median_seconds  # benchmarks/ is the script's folder, so on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 Weights = dict[str, torch.Tensor]
@@ -187,12 +187,7 @@ def gpu_in_memory(layers: int, device: str, results: dict[str, Any]) -> None:
     fp0 = state_fingerprint(target)
     sync = torch.cuda.synchronize
 
-    t0 = time.perf_counter()
-    rec = apply_adapter(target, adapter)
-    sync()
-    first = time.perf_counter() - t0
-    revert(target, rec)
-    sync()
+    first = first_apply_seconds(target, adapter, device)
 
     def ours() -> None:
         revert(target, apply_adapter(target, adapter))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def median_seconds(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -35,3 +35,23 @@ def write_section(md_path: Path, marker: str, body: str, *, title: str = "") -> 
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text)
+
+
+def first_apply_seconds(target: Any, adapter: Any, device: str) -> float:
+    """Time one in-memory ``apply_adapter`` on ``target`` (off the CPU it also moves the adapter's indices and
+    values to the device, once), then revert it; the device is synchronised before each clock reading."""
+    import torch
+
+    from adapterhub.apply.patching import apply_adapter, revert
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    rec = apply_adapter(target, adapter)
+    sync()
+    first = time.perf_counter() - t0
+    revert(target, rec)
+    sync()
+    return first

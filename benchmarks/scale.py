@@ -327,6 +327,7 @@ def _in_memory(base: Path, adapter_file: Path, repeat: int, device: str) -> dict
 
     from adapterhub import format as fmt
     from adapterhub.apply.patching import apply_adapter, revert, state_fingerprint
+    from benchutil import first_apply_seconds  # benchmarks/ is the script's folder, so on sys.path
 
     adapter = fmt.load(adapter_file.read_bytes())
     index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"] \
@@ -347,12 +348,7 @@ def _in_memory(base: Path, adapter_file: Path, repeat: int, device: str) -> dict
         revert(tensors, apply_adapter(tensors, adapter))
         sync()
 
-    t0 = time.perf_counter()
-    rec = apply_adapter(tensors, adapter)
-    sync()
-    first_apply = time.perf_counter() - t0
-    revert(tensors, rec)
-    sync()
+    first_apply = first_apply_seconds(tensors, adapter, device)
     secs = _median(cycle, repeat)
     if state_fingerprint(tensors) != fp0:
         raise SystemExit("in-memory apply + revert did not restore the weights bit for bit")
