@@ -462,6 +462,8 @@ class _Handler(BaseHTTPRequestHandler):
             return "validate_yaml"
         if path == "/api/whoami-v2":
             return "whoami"
+        if path == "/api/agent-harnesses":
+            return "agent_harnesses"
         if _LFS_BATCH.match(path):
             return "lfs_batch"
         if _LFS_UPLOAD.match(path):
@@ -578,6 +580,9 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, {"type": "user", "name": hub.user, "auth": {"type": "access_token"}}, ok, jtype
         if path == "/api/validate-yaml" and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
+        if path == "/api/agent-harnesses" and method == "GET":
+            # huggingface_hub's telemetry fetches this registry once a day per cache (for its User-Agent): empty
+            return 200, {"standardEnvVars": [], "harnesses": {}}, ok, jtype
 
         m = _LFS_BATCH.match(path)
         if m and method == "POST":
