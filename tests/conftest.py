@@ -29,6 +29,8 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    # tables as wide as on a plain CI run (no terminal: 120 columns), whatever runs the tests (a terminal, xdist)
+    monkeypatch.setenv("COLUMNS", "120")
     yield
 
 
