@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeGuard
 
 from .errors import StoreError
 from .fsutil import atomic_write_bytes, fsync_dir, sha256_file, sha256_hex
@@ -34,6 +34,15 @@ def _write_blob(path: Path, data: bytes | Chunked) -> None:
         atomic_write_bytes(path, bytes(data) if not isinstance(data, bytes) else data)
     else:
         atomic_write_bytes(path, data.chunks())
+
+
+STAGE_MIN_BYTES = 1 << 20  # smaller bytes are written after their checks: a worker thread would cost more
+
+
+def can_stage(store: object, nbytes: int) -> TypeGuard[BlobStore]:
+    """Whether ``nbytes`` bytes bound for ``store`` are worth staging (:meth:`BlobStore.stage`): a local store
+    and at least :data:`STAGE_MIN_BYTES` (what ``register`` and ``pull`` both ask)."""
+    return nbytes >= STAGE_MIN_BYTES and isinstance(store, BlobStore)
 
 
 class StagedBlob:

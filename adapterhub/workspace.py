@@ -364,9 +364,9 @@ class Workspace:
     def _stage(self, raw: bytes, stack: contextlib.ExitStack) -> Any:
         """For a file of 1 MiB or more on a local store: take the store's shared lock (until ``stack`` closes)
         and start writing ``raw`` to a temp file of the store now (:meth:`BlobStore.stage`); None otherwise."""
-        from .store import BlobStore
+        from .store import can_stage
 
-        if len(raw) < _STAGE_MIN or not isinstance(self.store, BlobStore):
+        if not can_stage(self.store, len(raw)):
             return None
         stack.enter_context(self.store.lock(exclusive=False))
         return stack.enter_context(self.store.stage(raw))
@@ -797,21 +797,15 @@ class Workspace:
         filters: dict[str, Any] = {"task": task, "base": base, "kind": kind, "name": name, "tag": tag, "search": search,
                    "on_hub": on_hub, "include_deprecated": include_deprecated}
         q = self._version_filters(select(v.id) if narrow else select(*cols), join=not narrow, **filters)
-        if sort:  # only the sort metric is joined: `columns` figures come with the metrics overlay below
+        if sort and not narrow:  # only the sort metric is joined: `columns` figures come with the metrics overlay
             cm = CurrentMetric.__table__.c
             q = q.outerjoin(CurrentMetric.__table__, (cm.version_id == v.id) & (cm.name == sort))
             q = q.order_by(cm.value.is_(None), cm.value.desc() if descending else cm.value.asc())
-        q = q.order_by(v.created_at.desc(), v.id.desc())
-        if limit:
-            q = q.limit(limit)
-        if offset:
-            q = q.offset(offset)
+        q = q.order_by(v.created_at.desc(), v.id.desc()).limit(limit or None).offset(offset or None)
         with self.session() as s:
-            if narrow and sort:
-                order = self._sorted_page(s, sort, descending, int(limit or 0), offset, filters)
-            elif narrow:
-                order = [r[0] for r in s.execute(q)]
-            if narrow:
+            if narrow:  # a sorted page is read from the metric's index instead (_sorted_page)
+                order = (self._sorted_page(s, sort, descending, int(limit or 0), offset, filters) if sort
+                         else [r[0] for r in s.execute(q)])
                 wide = self._version_filters(select(*cols), join=True)
                 by_id: dict[int, Any] = {}
                 for i in range(0, len(order), 900):  # stay under SQLite's bound-parameter limit
@@ -895,16 +889,15 @@ class Workspace:
         The same order as the single outer-joined query, without ordering the whole catalog."""
         v, cm = AdapterVersion.__table__.c, CurrentMetric.__table__.c
         value = cm.value.desc() if descending else cm.value.asc()
-        has = (self._version_filters(select(v.id), **filters)
-               .join(CurrentMetric.__table__, (cm.version_id == v.id) & (cm.name == metric)))
+        on = (cm.version_id == v.id) & (cm.name == metric)
+        has = self._version_filters(select(v.id), **filters).join(CurrentMetric.__table__, on)
         order = [r[0] for r in s.execute(has.order_by(value, v.created_at.desc(), v.id.desc())
                                          .limit(limit).offset(offset))]
         if len(order) == limit:
             return order
         # the page runs past the versions with the metric: how many there are decides where the rest starts
         n_has = offset + len(order) if order else int(s.scalar(
-            self._version_filters(select(func.count()), **filters)
-            .join(CurrentMetric.__table__, (cm.version_id == v.id) & (cm.name == metric))) or 0)
+            self._version_filters(select(func.count()), **filters).join(CurrentMetric.__table__, on)) or 0)
         lacking = ~select(cm.version_id).where(cm.version_id == v.id, cm.name == metric).exists()
         rest = (self._version_filters(select(v.id), **filters).where(lacking)
                 .order_by(v.created_at.desc(), v.id.desc()).limit(limit - len(order)).offset(max(0, offset - n_has)))
@@ -1149,9 +1142,6 @@ class Workspace:
 def open_workspace(home: str | None = None, db_url: str | None = None) -> Workspace:
     """Shorthand for :meth:`Workspace.open`."""
     return Workspace.open(home, db_url)
-
-
-_STAGE_MIN = 1 << 20  # a register of a file this large overlaps its store write with its checks
 
 
 def _load_hashed(data: bytes, *, allow_nonfinite: bool, source: str) -> fmt.SparseAdapter | fmt.ScannedAdapter:

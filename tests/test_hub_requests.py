@@ -105,9 +105,8 @@ def test_pull_renames_its_staged_copy_into_the_store(hub_server: HubServer, ws_a
     """With the size threshold lowered, the downloaded bytes are staged (written + fsynced beside the validation)
     and renamed into place by register_many: no second blob write, no temp file left."""
     from adapterhub import store as store_mod
-    from adapterhub.hub import client
 
-    monkeypatch.setattr(client, "_STAGE_MIN_BYTES", 1)
+    monkeypatch.setattr("adapterhub.store.STAGE_MIN_BYTES", 1)
     r1, _ = _register_two(ws_a)
     push(ws_a, r1, repo="alice/rt")
     ws_b = new_ws(tmp_path / "bob")
@@ -126,9 +125,8 @@ def test_pull_refused_after_staging_leaves_no_blob_and_no_temp_file(hub_server: 
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The local name is taken by another adapter: refused after the download (and the staging), so the staged
     temp file is removed and the store holds nothing new; the next pull under a free name works."""
-    from adapterhub.hub import client
 
-    monkeypatch.setattr(client, "_STAGE_MIN_BYTES", 1)
+    monkeypatch.setattr("adapterhub.store.STAGE_MIN_BYTES", 1)
     r1, _ = _register_two(ws_a)
     push(ws_a, r1, repo="alice/rt")
     ws_b = new_ws(tmp_path / "bob")

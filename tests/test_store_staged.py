@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-import adapterhub.workspace as wsmod
 from adapterhub import format as fmt
 from adapterhub.errors import BaseModelError, StoreError
 from adapterhub.store import BlobStore
@@ -14,7 +13,7 @@ from catalog_util import BERT_TARGETS, make_adapter, write_adapter
 
 @pytest.fixture
 def staged_ws(ws, tiny_bert_dir, monkeypatch):
-    monkeypatch.setattr(wsmod, "_STAGE_MIN", 0)  # the tiny test files stage as a large one would
+    monkeypatch.setattr("adapterhub.store.STAGE_MIN_BYTES", 0)  # the tiny test files stage as a large one would
     ws.add_base("tiny", str(tiny_bert_dir))
     return ws
 

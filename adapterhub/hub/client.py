@@ -1068,9 +1068,6 @@ class _Plan:
     lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the store's shared lock meanwhile
 
 
-_STAGE_MIN_BYTES = 1 << 20  # as register: a smaller file is written by register_many itself
-
-
 def _stage(ws: "Workspace", plan: _Plan, digest: str, data: bytes) -> None:
     """Start writing verified downloaded bytes (1 MiB or more, for a local store that lacks them) to a staged temp
     file of the store on a worker thread (:meth:`BlobStore.stage`: write + fsync), so the write overlaps the
@@ -1078,10 +1075,9 @@ def _stage(ws: "Workspace", plan: _Plan, digest: str, data: bytes) -> None:
     is written once, beside the validation, not after it). The store's shared lock is held from the first one
     until just before registration (a concurrent ``gc`` leaves the temp files alone); ``plan.stages`` removes
     whatever was not renamed."""
-    from ..store import BlobStore
+    from ..store import can_stage
 
-    if len(data) < _STAGE_MIN_BYTES or not isinstance(ws.store, BlobStore) or digest in plan.staged \
-            or ws.store.has(digest):
+    if not can_stage(ws.store, len(data)) or digest in plan.staged or ws.store.has(digest):
         return
     if not plan.staged:
         plan.lock.enter_context(ws.store.lock(exclusive=False))
