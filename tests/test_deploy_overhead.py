@@ -312,3 +312,108 @@ def test_a_read_only_view_of_weights_warns_nothing(tmp_path):
     r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr[-2000:]
+
+
+# -- a lone revert's WAL names the layer's record (its patched values) ---------------------------------------
+
+def test_record_keeps_the_patched_values(setup):
+    """Every new undo record holds, beside the originals, the values its apply wrote: the bytes on disk."""
+    ws, path, (a, _) = setup
+    info = dep.apply(ws, "d", a)
+    rec = path / ".adapterhub" / "undo" / f"{info.stack[0]['undo']}.safetensors"
+    ents, _ = decode_undo(rec.read_bytes())
+    assert ents and all(e.patched is not None for e in ents)
+    with WeightsFolder(path, writable=False) as w:
+        for e in ents:
+            got = w.flat(e.name)[e.indices]
+            assert got.view(torch.int16 if got.element_size() == 2 else torch.int32).tolist() == \
+                e.patched.view(torch.int16 if got.element_size() == 2 else torch.int32).tolist()
+
+
+@pytest.mark.parametrize("point", ["wal.written", "deploy.revert.mid-patch", "deploy.revert.before-commit",
+                                   "deploy.revert.after-commit"])
+def test_each_crash_point_of_a_lone_revert_recovers_exactly(setup, monkeypatch, point):
+    """The lone revert's WAL is a pointer to the record of the layer it takes off (``saved: patched``), no copy
+    of the bytes; a crash anywhere recovers to the applied bytes (before the commit) or keeps the revert."""
+    ws, path, (a, _) = setup
+    before = _sha(path)
+    info = dep.apply(ws, "d", a)
+    mid, root_mid = _sha(path), info.state_root
+    _crash_at(monkeypatch, point)
+    with pytest.raises(Crash):
+        dep.revert(ws, "d")
+    monkeypatch.undo()
+    wal = path / ".adapterhub" / "wal.safetensors"
+    doc = read_wal(wal)
+    assert doc is not None and doc["saved_in"] == info.stack[0]["undo"] and doc["saved"] == "patched"
+    assert wal.stat().st_size < 2048
+    assert dep.recover(ws, "d")
+    kept = point.endswith("after-commit")
+    now = dep.get(ws, "d")
+    assert [x["ref"] for x in now.stack] == ([] if kept else [a])
+    assert _sha(path) == (before if kept else mid) and dep.verify(ws, "d")["ok"]
+    if not kept:
+        assert now.state_root == root_mid
+        dep.revert(ws, "d")
+    assert _sha(path) == before and _undo_files(path) == set() and dep.verify(ws, "d")["ok"]
+
+
+def test_lone_revert_of_a_record_without_patched_values_gathers_them(setup, monkeypatch):
+    """A layer applied by an earlier version (its record holds no patched values): the revert's WAL holds the
+    bytes it gathered, as before, and a crash still recovers exactly."""
+    ws, path, (a, _) = setup
+    before = _sha(path)
+    monkeypatch.setattr(dmod, "encode_undo", _old_encode_undo)
+    dep.apply(ws, "d", a)
+    monkeypatch.undo()
+    mid = _sha(path)
+    _crash_at(monkeypatch, "deploy.revert.mid-patch")
+    with pytest.raises(Crash):
+        dep.revert(ws, "d")
+    monkeypatch.undo()
+    doc = read_wal(path / ".adapterhub" / "wal.safetensors")
+    assert doc is not None and "saved_in" not in doc
+    assert dep.recover(ws, "d") and _sha(path) == mid
+    dep.revert(ws, "d")
+    assert _sha(path) == before and dep.verify(ws, "d")["ok"]
+
+
+@pytest.mark.parametrize("kind", ["patched", "other"])
+def test_wal_asking_for_values_its_record_lacks_is_refused(setup, monkeypatch, kind):
+    """A WAL that names a record for patched values it does not hold (or an unknown kind of saved values) is
+    refused in one line; nothing is written."""
+    ws, path, (a, _) = setup
+    monkeypatch.setattr(dmod, "encode_undo", _old_encode_undo)
+    info = dep.apply(ws, "d", a)
+    monkeypatch.undo()
+    wal = path / ".adapterhub" / "wal.safetensors"
+    wal.write_bytes(encode_undo([], {"op_id": "x" * 32, "action": "revert", "saved_in": info.stack[0]["undo"],
+                                     "saved": kind}))
+    mid = _sha(path)
+    with pytest.raises(DeploymentError, match="no patched values" if kind == "patched" else "unknown kind") as e:
+        dep.recover(ws, "d")
+    assert "\n" not in str(e.value) and _sha(path) == mid and wal.exists()
+
+
+def test_hash_chunk_sets_equals_hash_chunks_per_tensor():
+    """One pool over several tensors gives each tensor's chunk digests, in order, as hashing them one by one."""
+    import os
+
+    from adapterhub.apply.state import CHUNK, hash_chunk_sets, hash_chunks
+
+    buf = bytearray(os.urandom(5 * CHUNK + 1234))
+    jobs = [(buf, 0, 3 * CHUNK + 7, None), (buf, 3 * CHUNK + 7, len(buf), {1, 0}), (buf, 10, 10, None),
+            (buf, 100, 100 + 40 * 1024 * 1024 // 1024, [0])]
+    def ref(b, s, e, c):  # chunks counted from the tensor's first byte, the last one short
+        ids = sorted(set(c)) if c is not None else list(range(-(-(e - s) // CHUNK)))
+        return ids, [hashlib.sha256(bytes(b[s + i * CHUNK:min(s + (i + 1) * CHUNK, e)])).digest() for i in ids]
+
+    want = [ref(*j) for j in jobs]
+    assert [hash_chunks(*j, threads=False) for j in jobs] == want
+    for threads in (False, True):
+        got = hash_chunk_sets(jobs, threads=threads)
+        assert got == want
+    ids, digests = want[1]
+    assert ids == [0, 1] and digests[0] == hashlib.sha256(buf[3 * CHUNK + 7:4 * CHUNK + 7]).digest()
+    many = [(buf, 0, len(buf), None)] * 3  # more tasks than workers
+    assert hash_chunk_sets(many) == [ref(buf, 0, len(buf), None)] * 3

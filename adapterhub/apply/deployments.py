@@ -14,8 +14,10 @@ changed or is racily clean (docs/deployments.md). ``deploy verify`` always measu
 Crash safety (docs/deployments.md): before the first byte changes, the original bytes of every
 position the operation touches go to ``<dir>/.adapterhub/wal.safetensors`` with a fresh operation
 id (fsynced; :class:`adapterhub.apply.disk.DiskTransaction`). A lone apply writes its layer's undo record
-(content-addressed, ``.adapterhub/undo/<sha256>.safetensors``, with the chunk hashes its chunks had before)
-first, and its WAL names that record instead of holding a second copy of the same bytes. The weights are
+(content-addressed, ``.adapterhub/undo/<sha256>.safetensors``, with the original and the patched values and
+the chunk hashes its chunks had before) first, and its WAL names that record instead of holding a second copy
+of the same bytes; a lone revert's WAL names the record of the layer it takes off, whose patched values are
+the bytes it overwrites (records of earlier versions lack them: their reverts gather them). The weights are
 patched, each other applied layer's undo record is saved, the weights files written are fsynced, the new
 chunk hashes go to
 ``.adapterhub/state.next.json``, the catalog event carrying the operation id and state root is committed,
@@ -85,6 +87,7 @@ from .state import (
     CHUNK,
     FolderState,
     StateFileError,
+    hash_chunk_sets,
     hash_chunks,
     measure_folder,
     read_state_file,
@@ -838,18 +841,26 @@ class _ChunkBook:
         on; its results are collected last."""
         early = dict(early or {})
         running = {n for n, f in early.items() if not f.cancel()}  # started or done: their results are used
-        for name, unk in sorted(self.unknown.items(), key=lambda kv: (kv[0] in running, kv[0])):
-            hashes = self.state.tensors[name].hashes
-            if name in running:
-                ids, digests = early[name].result()
-                if ids:
-                    hashes[ids] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
-                unk = unk - set(ids)
-            if unk:
-                buf, _, b, e = self.weights.buffer(name)
-                ids, digests = hash_chunks(buf, b, e, unk)
-                hashes[ids] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
+        # every tensor the background hasher has not started, on one pool (all cores, however small each is)
+        rest = sorted(n for n, unk in self.unknown.items() if unk and n not in running)
+        jobs = [(*self._span(n), self.unknown[n]) for n in rest]
+        for name, got in zip(rest, hash_chunk_sets(jobs), strict=True):
+            self._store(name, *got)
+        for name in sorted(running):
+            ids, digests = early[name].result()
+            self._store(name, ids, digests)
+            left = self.unknown.get(name, set()) - set(ids)
+            if left:
+                self._store(name, *hash_chunk_sets([(*self._span(name), left)])[0])
         return root_of(self.state.tensors)
+
+    def _span(self, name: str) -> tuple[Any, int, int]:
+        buf, _, b, e = self.weights.buffer(name)
+        return buf, b, e
+
+    def _store(self, name: str, ids: list[int], digests: list[bytes]) -> None:
+        if ids:
+            self.state.tensors[name].hashes[ids] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
 
 
 # -- recovery --------------------------------------------------------------------------------------
@@ -983,15 +994,17 @@ def _prepare(ws: Workspace, name: str, info: DeploymentInfo | None = None) -> tu
 def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, applies: Sequence[_ApplyStep] = (),
              version_id: int | None = None, scale: float | None = None, details: dict[str, Any] | None = None,
              check: bool = True, verify: bool = False, fault: str | None = None,
-             planned_on: Sequence[dict[str, Any]] | None = None) -> DeploymentInfo:
+             planned_on: Sequence[dict[str, Any]] | None = None, seen: DeploymentInfo | None = None) -> DeploymentInfo:
     """Revert the top ``revert_layers`` layers, then apply ``applies``, crash-safely; record the event.
 
     ``planned_on`` is the stack the caller planned against; if another process changed it
     meanwhile, the operation is refused (nothing changed) rather than applied to the wrong stack.
     ``check``: the cheap check of the weights against the recorded state (stat data; changed files re-hashed).
     ``verify``: measure instead — hash every byte before, and after the patch (must equal the derived root).
+    ``seen``: the caller's :func:`_writable` record, read without the lock (it only says which folder to lock:
+    everything is read again under it).
     """
-    info = _writable(ws, name)
+    info = seen if seen is not None else _writable(ws, name)
     with _locked(info.path):
         info, recovered = _prepare(ws, name, _writable(ws, name, adopt=True))
         if planned_on is not None and [layer["undo"] for layer in planned_on] != [layer["undo"] for layer in info.stack]:
@@ -1023,9 +1036,14 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
             # A lone apply (nothing reverted first): its undo record holds the current bytes of every position the
             # patch writes, which is what the WAL must hold. It is written (fsynced) first and the WAL names it
             # instead of holding a second copy: one encode, one write and one fsync less.
-            saved_in = None
+            saved_in = early_record = None
             if not undone and len(applies) == 1 and set(prepared) == set(applies[0].adapter.params):
-                saved_in = _early_record(info.path, book, applies[0], prepared)
+                saved_in = early_record = _early_record(info.path, book, applies[0], prepared)
+            # A lone revert: the weights now hold the values the layer's apply wrote, which its record keeps (records
+            # of earlier versions do not): the WAL names the record for them instead of gathering and writing them.
+            current = _patched_values(undone) if not applies else None
+            if current is not None:
+                saved_in = undone[0][0]["undo"]
             # With one apply each tensor's last write is its patch: its chunks are hashed on a worker as soon as
             # it is patched, overlapping the rest of the patch, the undo records and the fsync. The worker reads
             # the memory map, so it is always joined before the map is closed.
@@ -1037,9 +1055,10 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
                     early[n] = hasher.submit(book.hash_written, n, idx)
 
             try:
-                with DiskTransaction(weights, _wal(info.path), wal_meta, touched, prepared, saved_in=saved_in) as tx:
+                with DiskTransaction(weights, _wal(info.path), wal_meta, touched, prepared, saved_in=saved_in,
+                                     saved_patched=current is not None, current=current) as tx:
                     new_stack, root = _patch(name, info, tx, book, undone, applies, stack, revert_layers, on_patched,
-                                             early, fault=fault, verify=verify, saved_in=saved_in)
+                                             early, fault=fault, verify=verify, saved_in=early_record)
                     state.stamp(info.path, {weights.file_of(n) for n in touched})  # fsync'ed files: final stat data
                     state.op_id = op_id
                     atomic_write_bytes(_state_next(info.path), state.to_bytes(root))
@@ -1052,10 +1071,10 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
                     fault_point(f"deploy.{action}.after-commit")
                     _promote_state(info.path, op_id, ours=True)
             except Exception:
-                if saved_in is not None and not _wal(info.path).exists() and saved_in not in {
+                if early_record is not None and not _wal(info.path).exists() and early_record not in {
                         layer["undo"] for layer in stack}:  # rolled back: no stack will name the early record
                     with contextlib.suppress(OSError):
-                        _undo_path(info.path, saved_in).unlink()
+                        _undo_path(info.path, early_record).unlink()
                 raise
             finally:
                 if hasher is not None:
@@ -1114,12 +1133,25 @@ def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBoo
     return new_stack, root
 
 
+def _patched_values(undone: Sequence[tuple[dict[str, Any], list[UndoEntry]]]) -> dict[str, torch.Tensor] | None:
+    """For a lone revert (one layer taken off, nothing applied): name -> the values the layer's apply wrote, from
+    its record, when the record holds them for every entry (one entry per tensor); else None."""
+    if len(undone) != 1:
+        return None
+    ents = undone[0][1]
+    if not ents or len({e.name for e in ents}) != len(ents) or any(e.patched is None for e in ents):
+        return None
+    return {e.name: e.patched for e in ents if e.patched is not None}
+
+
 def _early_record(path: Path, book: _ChunkBook, st: _ApplyStep,
                   prepared: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
     """Write (durably) the undo record of lone apply ``st`` before its patch: the positions, the original values
     :func:`check_finite_plan` gathered, and the chunk hashes before the patch. Returns its sha256 — the record
-    the WAL names (:class:`DiskTransaction`'s ``saved_in``). The same bytes as a record written after the patch."""
-    ents = book.applied([UndoEntry(n, st.adapter.params[n].flat()[0], prepared[n][0]) for n in sorted(st.adapter.params)])
+    the WAL names (:class:`DiskTransaction`'s ``saved_in``). The same bytes as a record written after the patch
+    (the original and the patched values of every position, the chunk hashes before)."""
+    ents = book.applied([UndoEntry(n, st.adapter.params[n].flat()[0], prepared[n][0], patched=prepared[n][1])
+                         for n in sorted(st.adapter.params)])
     data = encode_undo(ents, {"ref": st.info.ref, "scale": st.scale})
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(_undo_path(path, digest), data)
@@ -1154,7 +1186,8 @@ def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool
     dep = _writable(ws, name)
     step = _load_step(ws, dep, ref, scale)
     return _execute(ws, name, action="apply", applies=[step], version_id=step.info.id, scale=step.scale,
-                    details={"ref": step.info.ref}, check=check, verify=verify, fault="deploy.apply.mid-patch")
+                    details={"ref": step.info.ref}, check=check, verify=verify, fault="deploy.apply.mid-patch",
+                    seen=dep)
 
 
 def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = True,
@@ -1186,7 +1219,7 @@ def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = Tr
                     version_id=target["version_id"], scale=target["scale"],
                     details={"ref": target["ref"], "reapplied": [layer["ref"] for layer in above]}, check=check,
                     verify=verify,
-                    fault="deploy.revert.mid-patch", planned_on=stack)
+                    fault="deploy.revert.mid-patch", planned_on=stack, seen=dep)
 
 
 def rollback(ws: Workspace, name: str, to: int, *, check: bool = True, verify: bool = False) -> DeploymentInfo:
@@ -1213,7 +1246,7 @@ def rollback(ws: Workspace, name: str, to: int, *, check: bool = True, verify: b
     return _execute(ws, name, action="rollback", revert_layers=len(cur) - p, applies=steps,
                     details={"to": to, "ref": None, "stack": [layer["ref"] for layer in target]}, check=check,
                     verify=verify,
-                    fault="deploy.rollback.mid-patch", planned_on=cur)
+                    fault="deploy.rollback.mid-patch", planned_on=cur, seen=dep)
 
 
 def weights_path(ws: Workspace, name: str) -> Path:

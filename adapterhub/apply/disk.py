@@ -232,12 +232,18 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     blobs: dict[str, bytes] = {}
     names = []
     for i, e in enumerate(entries):
-        gaps = np.diff(e.indices.to(torch.int64).numpy(), prepend=np.int64(-1))  # format.encode_indices' coding
+        pos = e.indices.to(torch.int64).numpy()
+        gaps = np.empty(pos.size, dtype=np.int64)  # format.encode_indices' coding: the first gap is from -1
+        if pos.size:
+            gaps[0] = pos[0] + 1
+            np.subtract(pos[1:], pos[:-1], out=gaps[1:])
         big = gaps >= _GAP_LIMIT
         esc = np.ascontiguousarray(gaps[big])
         gaps[big] = 0
         parts = {f"{i:06d}.gap": ("U16", gaps.astype("<u2").tobytes()), f"{i:06d}.esc": ("I64", esc.astype("<i8").tobytes()),
                  f"{i:06d}.orig": (_DTYPE_TO_ST[e.original.dtype], _tensor_bytes(e.original))}
+        if e.patched is not None:  # the values the apply wrote (a revert's WAL names the record for them)
+            parts[f"{i:06d}.new"] = (_DTYPE_TO_ST[e.patched.dtype], _tensor_bytes(e.patched))
         if e.chunks is not None and e.chunk_hashes is not None:  # the state's hashes of those chunks before
             parts[f"{i:06d}.chunks"] = ("I64", _tensor_bytes(e.chunks.to(torch.int64)))
             parts[f"{i:06d}.prehash"] = ("U8", _tensor_bytes(e.chunk_hashes.to(torch.uint8)))
@@ -310,6 +316,11 @@ def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
             orig = _original(data, header, f"{i:06d}.orig")
             if orig.numel() != idx.numel():
                 raise ValueError("original values do not match their positions")
+            new = None
+            if f"{i:06d}.new" in header.entries:
+                new = _original(data, header, f"{i:06d}.new")
+                if new.numel() != idx.numel() or new.dtype != orig.dtype:
+                    raise ValueError("patched values do not match their positions")
             chunks = pre = None
             if f"{i:06d}.prehash" in header.entries:
                 chunks = torch.from_numpy(_array(data, header, f"{i:06d}.chunks", "I64").copy())
@@ -317,7 +328,7 @@ def decode_undo(data: bytes) -> tuple[list[UndoEntry], dict[str, Any]]:
                 if pre.numel() != 32 * chunks.numel():
                     raise ValueError("chunk hashes do not match their chunks")
                 pre = pre.reshape(-1, 32)
-            entries.append(UndoEntry(name, idx, orig, chunks, pre))
+            entries.append(UndoEntry(name, idx, orig, chunks, pre, new))
     except (HeaderError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise DeploymentError("undo record is damaged") from None
     return entries, doc
@@ -400,10 +411,12 @@ class DiskTransaction:
         # left normally: the WAL is removed (commit() is implied if the block did not call it)
 
     ``saved_in``: the sha256 of an undo record already durable in ``<WAL folder>/undo/`` holding the current
-    bytes of every position the batch writes (a lone apply's own record, written before its patch); the WAL
-    then holds only ``meta`` and that name, and :func:`recover_wal` reads the bytes from the record (checking
-    its sha256). The saved bytes are the same either way; the WAL is still written and fsynced before the
-    first byte changes.
+    bytes of every position the batch writes: a lone apply's own record, written before its patch (its
+    original values), or, with ``saved_patched``, the record of the layer a lone revert takes off (the values
+    its apply wrote, which the weights hold now; ``current`` gives them, name -> values at the layer's
+    positions, so they are not gathered again). The WAL then holds only ``meta`` and that name, and
+    :func:`recover_wal` reads the bytes from the record (checking its sha256). The saved bytes are the same
+    either way; the WAL is still written and fsynced before the first byte changes.
 
     An ``Exception`` before :meth:`commit` rolls back at once (the saved bytes are written back,
     fsynced, the WAL removed) and propagates. After :meth:`commit`, and on any ``BaseException`` that
@@ -416,7 +429,8 @@ class DiskTransaction:
     def __init__(self, weights: Weights, wal_path: Path, meta: Mapping[str, Any],
                  touched: Mapping[str, Sequence[torch.Tensor]],
                  prepared: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 saved_in: str | None = None) -> None:
+                 saved_in: str | None = None, saved_patched: bool = False,
+                 current: Mapping[str, torch.Tensor] | None = None) -> None:
         self.weights = weights
         self.wal_path = wal_path
         self.meta = dict(meta)
@@ -424,6 +438,9 @@ class DiskTransaction:
         # every position the batch writes (an apply's own undo record, written before the patch): the WAL then
         # names it instead of holding a second copy of the same bytes (see :func:`wal_entries`)
         self.saved_in = saved_in
+        self.saved_patched = saved_patched
+        # name -> the current values at the (one) index list the batch touches in it, when the caller holds them
+        self._current = dict(current or {})
         self.touched = touched
         # name -> (original, patched) values of the one apply touching it (check_finite_plan's result): saved
         # and written as they are instead of being gathered and computed again
@@ -440,10 +457,12 @@ class DiskTransaction:
             if pre is not None and len(self.touched[name]) != 1:
                 self._prepared.pop(name)  # positions beyond that apply's: gathered here, patched by apply()
                 pre = None
-            self._saved.append(UndoEntry(name, idx, pre[0] if pre is not None else read_at(flat, idx)))
+            cur = pre[0] if pre is not None else (self._current.get(name) if len(self.touched[name]) == 1 else None)
+            self._saved.append(UndoEntry(name, idx, cur if cur is not None else read_at(flat, idx)))
         if self.saved_in is not None:
             _undo_record_path(self.wal_path, self.saved_in)  # a valid digest, or refused before anything is written
-            atomic_write_bytes(self.wal_path, encode_undo([], {**self.meta, "saved_in": self.saved_in}))
+            doc = {**self.meta, "saved_in": self.saved_in, **({"saved": "patched"} if self.saved_patched else {})}
+            atomic_write_bytes(self.wal_path, encode_undo([], doc))
         else:
             atomic_write_bytes(self.wal_path, encode_undo(self._saved, self.meta))
         fault_point("wal.written")
@@ -463,7 +482,7 @@ class DiskTransaction:
 
     def apply(self, adapter_params: Mapping[str, Any], scale: float, fault: str | None = None,
               on_patched: Callable[[str, torch.Tensor], None] | None = None) -> list[UndoEntry]:
-        """Apply sparse params (name -> SparseParam) in place; returns their undo entries.
+        """Apply sparse params (name -> SparseParam) in place; returns their undo entries (with the values written, ``patched``).
 
         ``fault``: a fault point hit half-way, after making the half-written state durable.
         ``on_patched(name, indices)``: called after each tensor is written (e.g. to start hashing it).
@@ -475,9 +494,11 @@ class DiskTransaction:
             pre = self._prepared.pop(name, None)
             if pre is not None:  # computed by check_finite_plan from these very positions and values
                 write_at(self.weights.flat(name), idx, pre[1])
-                out.append(UndoEntry(name, idx, pre[0]))
+                out.append(UndoEntry(name, idx, pre[0], patched=pre[1]))
             else:
-                out.append(UndoEntry(name, idx, patch_flat(self.weights.flat(name), idx, vals, scale, name=name)))
+                flat = self.weights.flat(name)
+                orig = patch_flat(flat, idx, vals, scale, name=name)
+                out.append(UndoEntry(name, idx, orig, patched=read_at(flat, idx)))
             if on_patched is not None:
                 on_patched(name, idx)
             if fault and i == len(adapter_params) // 2:
@@ -534,6 +555,8 @@ def wal_entries(wal_path: Path) -> tuple[list[UndoEntry], dict[str, Any]]:
     (``saved_in``, see :class:`DiskTransaction`) has them read from that record, which must be a regular file
     (no symlink followed) whose sha256 is its name.
 
+    With ``"saved": "patched"`` (a lone revert's WAL) the saved bytes are the values the record's apply wrote.
+
     Raises: DeploymentError if the WAL or that record is damaged or missing.
     """
     entries, doc = decode_undo(wal_path.read_bytes())
@@ -552,7 +575,15 @@ def wal_entries(wal_path: Path) -> tuple[list[UndoEntry], dict[str, Any]]:
     if hashlib.sha256(data).hexdigest() != doc["saved_in"]:
         raise DeploymentError(f"the write-ahead log's undo record {p.name} is corrupt (its sha256 differs); the "
                               "interrupted operation cannot be undone")
-    return decode_undo(data)[0], doc
+    saved = decode_undo(data)[0]
+    if doc.get("saved") == "patched":
+        if any(e.patched is None for e in saved):
+            raise DeploymentError(f"the write-ahead log's undo record {p.name} holds no patched values; the "
+                                  "interrupted operation cannot be undone")
+        return [UndoEntry(e.name, e.indices, e.patched) for e in saved if e.patched is not None], doc
+    if "saved" in doc:
+        raise DeploymentError("write-ahead log is damaged (it names an unknown kind of saved values)")
+    return saved, doc
 
 
 def recover_wal(target: Weights, wal_path: Path) -> bool:

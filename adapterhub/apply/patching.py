@@ -147,6 +147,9 @@ class UndoEntry:
     # the apply (ids int64 [k], hashes uint8 [k, 32]); a revert puts them back instead of re-hashing.
     chunks: torch.Tensor | None = None
     chunk_hashes: torch.Tensor | None = None
+    # On disk only: the values the apply wrote at those positions (what the weights hold while its layer is on
+    # top); a revert of that layer saves them in its WAL by naming the record instead of gathering them again.
+    patched: torch.Tensor | None = None
 
 
 @dataclass

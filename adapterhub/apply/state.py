@@ -33,7 +33,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,7 @@ from .. import st_io
 from ..errors import DeploymentError, HeaderError
 
 __all__ = ["CHUNK", "ROOT_PREFIX", "STATE_FORMAT", "TensorState", "FolderState", "chunk_count", "leaf_hash",
-           "root_of", "measure_folder", "hash_chunks", "file_stat", "fs_clock_ns", "StateFileError", "read_state_file",
+           "root_of", "measure_folder", "hash_chunks", "hash_chunk_sets", "file_stat", "fs_clock_ns", "StateFileError", "read_state_file",
            "tensor_chunk_hashes"]
 
 CHUNK = 1 << 18  # 256 KiB: small enough that row/block-structured adapters touch few chunks
@@ -103,25 +103,46 @@ def hash_chunks(buf: Any, begin: int, end: int, chunks: Iterable[int] | None = N
                 threads: bool = True) -> tuple[list[int], list[bytes]]:
     """sha256 of the chunks ``chunks`` (all when None) of the tensor at ``buf[begin:end]``.
 
-    ``buf`` is anything with the buffer protocol (a memory map); hashlib releases the GIL on large buffers, so
-    the chunks are hashed on a few threads (on the calling thread alone when not ``threads``: a background
-    hasher that must leave a core to the patch it overlaps). Returns (chunk ids, digests).
+    ``buf`` is anything with the buffer protocol (a memory map); the chunks are hashed on a few threads (on the
+    calling thread alone when not ``threads``: a background hasher that must leave a core to the patch it
+    overlaps). Returns (chunk ids, digests). For several tensors at once use :func:`hash_chunk_sets` (one pool).
     """
-    n = chunk_count(end - begin)
-    ids = list(range(n)) if chunks is None else sorted(set(chunks))
-    mv = memoryview(buf)
+    return hash_chunk_sets([(buf, begin, end, chunks)], threads=threads)[0]
 
-    def one(i: int) -> bytes:
-        a = begin + i * CHUNK
-        return hashlib.sha256(mv[a:min(a + CHUNK, end)]).digest()
 
+_BATCH = 16  # chunks (4 MiB) per task of the pool: large enough that a task's overhead is noise
+
+
+def hash_chunk_sets(jobs: Sequence[tuple[Any, int, int, Iterable[int] | None]], *,
+                    threads: bool = True) -> list[tuple[list[int], list[bytes]]]:
+    """:func:`hash_chunks` of several tensors (``(buf, begin, end, chunks)`` each), on one pool of threads
+    shared by all of them: hashlib releases the GIL on large buffers, so the cores hash side by side however
+    small each tensor is (a pool per tensor left one core idle on the many small ones). Returns, per job,
+    (chunk ids, digests)."""
+    ids = [list(range(chunk_count(e - b))) if c is None else sorted(set(c)) for _, b, e, c in jobs]
+    views = [memoryview(buf) for buf, *_ in jobs]
+    out: list[list[bytes]] = [[b""] * len(i) for i in ids]
+
+    def run(task: tuple[int, int]) -> None:
+        j, k = task
+        mv, (_, begin, end, _) = views[j], jobs[j]
+        dig = out[j]
+        for pos in range(k, min(k + _BATCH, len(ids[j]))):
+            a = begin + ids[j][pos] * CHUNK
+            dig[pos] = hashlib.sha256(mv[a:min(a + CHUNK, end)]).digest()
+
+    tasks = [(j, k) for j, i in enumerate(ids) for k in range(0, len(i), _BATCH)]
     try:
-        if len(ids) < 8 or not threads or _workers() == 1:
-            return ids, [one(i) for i in ids]
-        with ThreadPoolExecutor(_workers()) as ex:
-            return ids, list(ex.map(one, ids, chunksize=max(1, len(ids) // (4 * _workers()))))
+        if not threads or _workers() == 1 or sum(map(len, ids)) < 8:
+            for t in tasks:
+                run(t)
+        else:
+            with ThreadPoolExecutor(_workers()) as ex:
+                list(ex.map(run, tasks))
     finally:
-        mv.release()
+        for mv in views:
+            mv.release()
+    return [(i, d) for i, d in zip(ids, out, strict=True)]
 
 
 def file_stat(path: Path) -> dict[str, int]:
@@ -321,14 +342,18 @@ def measure_folder(folder: Path, *, files: Iterable[str] | None = None, identity
     try:
         for fname in by_file:
             maps[fname] = _open_map(folder / fname)
+        todo: list[TensorState] = []
         for fname, names in by_file.items():
             _, mm = maps[fname]
             for n in names:
                 t = tensors[n]
                 if t.end > (len(mm) if mm is not None else 0):
                     raise DeploymentError(f"{fname}: truncated tensor data in {n}")
-                _, digests = hash_chunks(mm, t.begin, t.end) if mm is not None else ([], [])
-                t.hashes = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, _HASH).copy()
+                if mm is not None:
+                    todo.append(t)
+        hashed = hash_chunk_sets([(maps[t.file][1], t.begin, t.end, None) for t in todo])
+        for t, (_, digests) in zip(todo, hashed, strict=True):
+            t.hashes = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, _HASH).copy()
         if ident is not None:  # fingerprint_folder's definition: name order across files
             for n in sorted(tensors):
                 t = tensors[n]
