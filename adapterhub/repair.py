@@ -45,14 +45,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def gc(ws: Workspace, *, dry_run: bool = False, grace_s: float = 0.0) -> GcResult:
     """Remove blobs no version references and temp files of interrupted writes, in the store and in this
-    home's deployment folders (``.adapterhub/.*.tmp``, ``.adapterhub/undo/.*.tmp``).
+    home's deployment folders (``.adapterhub/.*.tmp``, ``.adapterhub/undo/.*.tmp``), and the folders an
+    interrupted ``deploy rm`` left in ``<home>/deployments``.
 
     Takes: the workspace; ``dry_run``: only count; ``grace_s``: keep orphans younger than this (see
     :meth:`Workspace.gc <adapterhub.workspace.Workspace.gc>`).
     Returns: the store's GcResult, with the deployments' temp files counted in ``temp_files_removed``.
     """
     res = ws.gc(dry_run=dry_run, grace_s=grace_s)
-    if ws.deployment_rows.has_any():
+    d = ws.deployments_dir  # folders an interrupted removal left there count too, rows or not
+    if ws.deployment_rows.has_any() or (d.is_dir() and not d.is_symlink() and any(d.iterdir())):
         from .apply import deployments  # imports torch: only when there are deployments
 
         res.temp_files_removed += deployments.remove_temp_files(ws, dry_run=dry_run)

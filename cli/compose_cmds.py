@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import Ctx, LazyChoice, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from .common import Ctx, LazyChoice, echo, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
 from .options import values_dtype_option
 from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF, FiniteFloat, WeightsType
 
@@ -149,6 +149,33 @@ def deploy_revert(c: Ctx, name: str, ref: str | None, as_json: bool) -> None:
     from adapterhub.apply import deployments
 
     _show(deployments.revert(c.ws, name, ref), as_json)
+
+
+@deploy_group.command("rm")
+@click.argument("name", type=DEPLOYMENT_NAME, is_eager=True)
+@click.option("--keep-files", is_flag=True,
+              help="Keep the model files (a plain Hugging Face folder in the last state); delete only adapterhub's "
+                   "control folder and the catalog's record.")
+@json_option
+@pass_ctx
+@handle_errors
+def deploy_rm(c: Ctx, name: str, keep_files: bool, as_json: bool) -> None:
+    """Remove deployment NAME: its record and history, and its folder (all of it, unless --keep-files).
+
+    Only the home that created it may remove it, and only while no other command works on it. The versions
+    in its stack and history can then be removed with `adapterhub rm`.
+
+    Example: adapterhub deploy rm staging
+    """
+    from adapterhub.apply import deployments
+
+    r = deployments.remove(c.ws, name, keep_files=keep_files)
+    if as_json:
+        print_json(r.to_json())
+        return
+    what = {"deleted": f"deleted {r.info.path}", "kept": f"its model files stay in {r.info.path}",
+            "already gone": f"its folder {r.info.path} was already gone"}[r.folder]
+    echo(f"removed deployment {r.info.name} ({what})")
 
 
 @deploy_group.command("rollback")

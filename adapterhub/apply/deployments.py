@@ -53,6 +53,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -98,7 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..catalog.records import VersionInfo
     from ..workspace import Workspace
 
-__all__ = ["DeploymentInfo", "EventInfo", "create", "get", "list_deployments", "apply", "revert", "rollback",
+__all__ = ["DeploymentInfo", "EventInfo", "create", "get", "list_deployments", "apply", "revert", "rollback", "remove", "Removed",
            "history", "verify", "recover", "check_all", "remove_temp_files", "current_home_id", "why_not_ok",
            "CONTROL_DIR", "HOME_ID_FILE"]
 
@@ -512,9 +513,12 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     return get(ws, name)
 
 
-def _is_orphan(ws: Workspace, m: dict[str, Any], name: str, hid: str) -> bool:
-    """True if marker ``m`` is of this home's create of ``name`` that never got its catalog row."""
-    if m.get("state") != "creating" or m.get("name") != name or m.get("home_id") != hid:
+def _is_orphan(ws: Workspace, m: dict[str, Any], name: str | None, hid: str,
+               states: tuple[str, ...] = ("creating", "removing")) -> bool:
+    """True if marker ``m`` is of this home's deployment ``name`` (any name when None), in one of ``states``, and
+    has no catalog row: a create that crashed before its row, or a removal that crashed after deleting it
+    (:func:`remove`)."""
+    if m.get("state") not in states or (name is not None and m.get("name") != name) or m.get("home_id") != hid:
         return False
     uid = m.get("deployment_id")
     if not _is_id(uid):
@@ -648,11 +652,12 @@ def check_all(ws: Workspace) -> list[str]:
 
 def remove_temp_files(ws: Workspace, *, dry_run: bool = False) -> int:
     """Remove temp files of interrupted writes (``.adapterhub/.*.tmp``, ``.adapterhub/undo/.*.tmp``) from this
-    home's deployment folders. Skips deployments of other homes, folders that are not provably theirs, and
+    home's deployment folders, and the folders an interrupted ``deploy rm`` left in ``<home>/deployments``
+    (each counted as one). Skips deployments of other homes, folders that are not provably theirs, and
     deployments busy with an operation (their temp files may be in use). Returns how many were (would be) removed.
     """
     hid = current_home_id(ws, create=False)
-    n = 0
+    n = _sweep_removed(ws, dry_run=dry_run)
     for d in list_deployments(ws):
         mine = d.home_id == hid if d.home_id is not None else _rel_to_home(ws, d.path) is not None
         ctl = _control(d.path)
@@ -676,6 +681,111 @@ def remove_temp_files(ws: Workspace, *, dry_run: bool = False) -> int:
                                     f.unlink()
         except DeploymentError:
             continue  # a tampered folder: verify reports it
+    return n
+
+
+@dataclass
+class Removed:
+    """What :func:`remove` did: the record as it was, and what became of the folder."""
+
+    info: DeploymentInfo
+    folder: Literal["deleted", "kept", "already gone"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"removed": self.info.name, "path": str(self.info.path), "folder": self.folder,
+                "stack": [layer["ref"] for layer in self.info.stack], "events": self.info.events}
+
+
+def remove(ws: Workspace, name: str, *, keep_files: bool = False) -> Removed:
+    """Remove deployment ``name``: its catalog row and history, and its folder.
+
+    Only the home that created it may (see :func:`_writable`); the folder must be provably the deployment's (its
+    marker names it and this home; no symlink is followed) and no other command may be working on it.
+    ``keep_files``: an interrupted operation is recovered first, then only the control folder
+    (``.adapterhub/``: state, undo records, lock) is deleted — the model files stay, a plain Hugging Face folder
+    in the state of the last event. A folder already deleted by hand just has its row removed.
+
+    Crash-safe: the marker says ``removing`` before the row is deleted; the row's deletion is the commit point;
+    then the folder is renamed to a hidden ``.<name>.removing-<id>`` beside it and deleted. A folder left by a
+    crash after the commit has no row: ``deploy create`` of the same name replaces it and ``gc`` deletes it.
+
+    Returns: :class:`Removed`. Raises: DeploymentError (unknown, another home's, busy, tampered folder).
+    """
+    info = _writable(ws, name)
+    path = info.path
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise DeploymentError(f"{path} is not the deployment's folder (a symlink or a file); refusing to remove it")
+    hid = current_home_id(ws)
+    if not path.exists():
+        ws.deployment_rows.remove(name, info.uid)
+        return Removed(info, "already gone")
+    with _locked(path, blocking=False) as got:
+        if not got:
+            raise DeploymentError(f"deployment {name!r} is busy (another command is working on it); try again")
+        info = _writable(ws, name, adopt=True)  # as it is now, under the lock (a row made before 0002 gets its id)
+        uid = info.uid
+        if uid is None:  # pragma: no cover - adopt gives every row of this home an id
+            raise DeploymentError(f"deployment {name!r} has no id; refusing to remove it")
+        if keep_files:
+            info, _ = _prepare(ws, name, info)
+        _write_marker(path, name, uid, hid, "removing")
+        ws.deployment_rows.remove(name, uid)
+        fault_point("deploy.remove.after-commit")
+        if keep_files:
+            shutil.rmtree(_control(path))
+    if keep_files:
+        return Removed(info, "kept")
+    _delete_folder(path, uid)
+    return Removed(info, "deleted")
+
+
+def _delete_folder(path: Path, uid: str) -> None:
+    """Rename a removed deployment's folder to a hidden name beside it, then delete it (never following a link).
+    A concurrent ``gc`` may be deleting it too: what is already gone is not an error."""
+    trash = path.parent / f".{path.name}.removing-{uid}"
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, trash)
+        fsync_dir(path.parent)
+    _rmtree(trash)
+
+
+def _rmtree(p: Path) -> None:
+    """``shutil.rmtree`` (links inside are removed, never followed) that skips what another process removed."""
+    def gone(fn: Any, path: str, exc: Any) -> None:
+        e = exc[1] if isinstance(exc, tuple) else exc  # onerror's (type, value, tb) or onexc's exception
+        if not isinstance(e, FileNotFoundError):
+            raise e
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(p, onexc=gone)
+    else:
+        shutil.rmtree(p, onerror=gone)
+
+
+def _sweep_removed(ws: Workspace, *, dry_run: bool) -> int:
+    """Folders in ``<home>/deployments`` left by a removal that crashed after its commit: the folder, or its hidden
+    ``.<name>.removing-<id>`` copy, whose marker says this home was removing it and whose id has no catalog row.
+    (A ``creating`` folder without a row may be a create in progress: only ``deploy create`` of that name
+    replaces it.) Returns how many were (would be) deleted."""
+    hid = current_home_id(ws, create=False)
+    d = ws.deployments_dir
+    if hid is None or d.is_symlink() or not d.is_dir():
+        return 0
+    n = 0
+    for f in sorted(d.iterdir()):
+        if f.is_symlink() or not f.is_dir():
+            continue
+        try:
+            m = _read_marker(f)
+        except DeploymentError:
+            continue
+        if m is None or not _is_orphan(ws, m, None, hid, ("removing",)):
+            continue
+        if not f.name.startswith(".") and ws.deployment_rows.exists(f.name):
+            continue  # a live deployment of that name (another folder's marker never decides a deletion of it)
+        n += 1
+        if not dry_run:
+            _rmtree(f)
     return n
 
 

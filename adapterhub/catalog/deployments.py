@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from ..errors import DeploymentError
@@ -178,6 +178,16 @@ class DeploymentCatalog:
             s.add(DeploymentEvent(deployment_id=row.id, seq=0, action="create", version_id=None, scale=None, stack=[],
                                   state_fingerprint=state_fingerprint, details=details, created_at=_now(),
                                   state_root=state_root, measured=True))
+
+    def remove(self, name: str, uid: str | None) -> None:
+        """Delete deployment ``name``'s row and its events, in one transaction — only the row carrying id ``uid``
+        (a row re-created meanwhile under the same name is another deployment). Raises: DeploymentError."""
+        with self._session() as s:
+            row = _row(s, name)
+            if row.uid != uid:
+                raise DeploymentError(f"deployment {name!r} was replaced by another command meanwhile; nothing removed")
+            s.execute(delete(DeploymentEvent).where(DeploymentEvent.deployment_id == row.id))
+            s.delete(row)
 
     def set_base_state_root(self, base_id: int, root: str) -> None:
         """Record base ``base_id``'s state root (measured at its first ``deploy create``) if it has none yet."""
