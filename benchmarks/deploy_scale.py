@@ -15,6 +15,9 @@ Measured in one run, warm page cache (a warm-up cycle first), medians of ``--rep
    its own copy of the base's weights files (``<work>/bare-<size>``), never on the deployment (see
    :func:`bare_copy`).
 
+3. ``deployments.rollback`` of one layer (to the event before an apply, in process), and ``deploy create`` (a copy
+   of the base, hashed once) + ``deploy rm`` of a second deployment through the CLI.
+
 The checkpoints are made by ``benchmarks/scale.py``'s ``build()`` (the same folders, ``<work>/llama-<size>``).
 
 Usage:  nice -n 10 .venv/bin/python benchmarks/deploy_scale.py [--work /tmp/adapterhub-deploy-scale] [--repeat 5]
@@ -141,11 +144,29 @@ def setup_size(work: Path, size: str) -> dict[str, Any]:
         cli(home, "init")
         cli(home, "base", "add", "b", str(base))
         cli(home, "register", str(adapter), "--name", "a", "--task", "t", "--base", "b")
-    t_create = float("nan")
     if not (home / "deployments" / "d").exists():
-        t_create = cli(home, "deploy", "create", "d", "--base", "b")
+        cli(home, "deploy", "create", "d", "--base", "b")
     return {"size": size, "base": base, "home": home, "adapter": adapter, "dep": home / "deployments" / "d",
-            "bare_dir": bare_copy(work, size), "create": t_create, "cli": [], "lib": [], "bare": []}
+            "bare_dir": bare_copy(work, size), "create": [], "rm": [], "cli": [], "lib": [], "bare": [], "rollback": []}
+
+
+def create_rm(r: dict[str, Any]) -> None:
+    """``deploy create`` (copy of the base + one full hash) then ``deploy rm`` of a second deployment, CLI."""
+    r["create"].append(cli(r["home"], "deploy", "create", "dc", "--base", "b"))
+    r["rm"].append(cli(r["home"], "deploy", "rm", "dc"))
+
+
+def rollback_lib(r: dict[str, Any]) -> float:
+    """In process: apply the adapter (not timed), then time ``rollback`` to the event before it."""
+    from adapterhub.apply import deployments
+    from adapterhub.workspace import Workspace
+
+    with Workspace.open(r["home"]) as ws:
+        before = deployments.get(ws, "d").events - 1  # the last event's number (events count from 0)
+        deployments.apply(ws, "d", "a@1")
+        t0 = time.perf_counter()
+        deployments.rollback(ws, "d", before)
+        return time.perf_counter() - t0
 
 
 def cycle_cli(r: dict[str, Any]) -> float:
@@ -174,10 +195,10 @@ def finish_size(r: dict[str, Any]) -> dict[str, Any]:
         t_verify = time.perf_counter() - t0
     nnz = sum(p.nnz for p in fmt.load_file(r["adapter"]).params.values())
     nbytes = sum(f.stat().st_size for f in r["base"].glob("*.safetensors"))
-    return {**r, "shards": len(list(r["base"].glob("*.safetensors"))), "bytes": nbytes, "nnz": nnz,
-            "pages": pages_touched(r["dep"], r["adapter"]), "cli": statistics.median(r["cli"]),
-            "lib": statistics.median(r["lib"]), "bare": statistics.median(r["bare"]), "verify": t_verify,
-            "verify_ok": ok}
+    med = {k: statistics.median(r[k]) if r[k] else float("nan") for k in ("cli", "lib", "bare", "create", "rm",
+                                                                          "rollback")}
+    return {**r, **med, "shards": len(list(r["base"].glob("*.safetensors"))), "bytes": nbytes, "nnz": nnz,
+            "pages": pages_touched(r["dep"], r["adapter"]), "verify": t_verify, "verify_ok": ok}
 
 
 def run_size(work: Path, size: str, repeat: int) -> dict[str, Any]:
@@ -191,6 +212,9 @@ def run_size(work: Path, size: str, repeat: int) -> dict[str, Any]:
     for _ in range(repeat):
         r["lib"].append(cycle_lib(r))
         r["bare"].append(bare_patch(r["bare_dir"], r["adapter"]))
+    for _ in range(repeat):
+        r["rollback"].append(rollback_lib(r))
+        create_rm(r)
     out = finish_size(r)
     out["lib_over_bare"] = out["lib"] / out["bare"]
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
@@ -230,14 +254,20 @@ def main() -> None:
             r["lib"].append(cycle_lib(r))
             r["bare"].append(bare_patch(r["bare_dir"], r["adapter"]))
             print(f"{r['size']}: in-process {r['lib'][-1]:.2f} s, bare {r['bare'][-1]:.2f} s", file=sys.stderr, flush=True)
+    for _ in range(a.repeat):
+        for r in runs:
+            r["rollback"].append(rollback_lib(r))
+            create_rm(r)
+            print(f"{r['size']}: rollback {r['rollback'][-1]:.2f} s, CLI create {r['create'][-1]:.2f} s, "
+                  f"rm {r['rm'][-1]:.2f} s", file=sys.stderr, flush=True)
     rows = [finish_size(r) for r in runs]
     print("| base | shards | weights | nnz | 4 KiB pages touched | CLI apply+revert | in-process apply+revert | bare patch "
-          "| in-process / bare | deploy create | deploy verify |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| in-process / bare | in-process rollback (one layer) | CLI deploy create | CLI deploy rm | deploy verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['shards']} | {r['bytes'] / 1e9:.2f} GB | {r['nnz']:,} | {r['pages']:,} | {r['cli']:.2f} s "
-              f"| {r['lib']:.2f} s | {r['bare']:.2f} s | {r['lib'] / r['bare']:.2f}x | {r['create']:.2f} s "
-              f"| {r['verify']:.2f} s ({'ok' if r['verify_ok'] else 'FAILED'}) |")
+              f"| {r['lib']:.2f} s | {r['bare']:.2f} s | {r['lib'] / r['bare']:.2f}x | {r['rollback']:.2f} s "
+              f"| {r['create']:.2f} s | {r['rm']:.2f} s | {r['verify']:.2f} s ({'ok' if r['verify_ok'] else 'FAILED'}) |")
     if len(rows) == 2:
         print(f"\nCLI apply+revert {rows[1]['size']} / {rows[0]['size']}: {rows[1]['cli'] / rows[0]['cli']:.2f}x "
               "(target <= 1.5x)")
