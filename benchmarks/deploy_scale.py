@@ -32,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,23 @@ def make_adapter(folder: Path, out: Path, nnz: int = NNZ, seed: int = 0) -> int:
     return sum(p.nnz for p in params.values())
 
 
+PEAK_KB: dict[str, list[int]] = {}  # "<home folder>: <command's first two words>" -> peak RSS of each run, KiB
+
+
 def cli(home: Path, *args: str) -> float:
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "adapterhub.cli.main", "--home", str(home), *args],
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    dt = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"adapterhub {' '.join(args)} failed: {p.stderr.strip()}")
+    """Run ``adapterhub --home HOME ARGS`` as a process; returns its wall time and records its peak RSS
+    (``wait4``'s ``ru_maxrss``, that process alone) in :data:`PEAK_KB`."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "adapterhub.cli.main", "--home", str(home), *args],
+                             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+        dt = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"adapterhub {' '.join(args)} failed: {err.read().decode(errors='replace').strip()}")
+    PEAK_KB.setdefault(f"{home.name}: {' '.join(args[:2])}", []).append(int(usage.ru_maxrss))
     return dt
 
 
@@ -275,6 +286,8 @@ def main() -> None:
     for r in rows:
         v = r["lib"] / r["bare"]
         print(f"{r['size']}: in-process apply+revert / bare patch {v:.2f}x (target <= 1.5x: {'met' if v <= 1.5 else 'NOT met'})")
+    print("\npeak RSS of each CLI command (median over its runs): " + ", ".join(
+        f"{cmd} {statistics.median(kb) / 1024:.0f} MiB" for cmd, kb in sorted(PEAK_KB.items())))
     print(f"warm page cache, medians of {a.repeat} runs; python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs; end: {load_line()}")
 
