@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,13 @@ def encode_gaps(idx: Any) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     return gaps.astype("<u2"), esc
 
 
+def _line(name: str, shape: Iterable[int], count: int, n_escapes: int) -> bytes:
+    """``json.dumps([name, [*shape], count, n_escapes]) + "\\n"`` as bytes, written out (json.dumps' own string
+    encoder for the name; ints as json writes them): the same bytes without the encoder's per-call set-up."""
+    dims = ", ".join([str(int(s)) for s in shape])
+    return f"[{encode_basestring_ascii(name)}, [{dims}], {int(count)}, {int(n_escapes)}]\n".encode()
+
+
 class MaskHasher:
     """The mask hash built one tensor at a time (tensors in increasing name order)."""
 
@@ -65,7 +73,7 @@ class MaskHasher:
         if self._last is not None and name <= self._last:
             raise ValueError(f"{name}: mask hash tensors must come in increasing name order")
         self._last = name
-        self._h.update(json.dumps([name, [int(s) for s in shape], int(count), int(n_escapes)]).encode() + b"\n")
+        self._h.update(_line(name, shape, count, n_escapes))
         self._h.update(gaps)
         self._h.update(escapes)
 

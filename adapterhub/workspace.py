@@ -62,10 +62,10 @@ class _PreparedVersion:
         s = self.spec
         return dict(name=s.name, kind=s.kind, base_id=self.base.id, digest=digest, size=len(self.data), task=s.task,
                     mask=self.card.get("mask") or {}, adapter=self.adapter, dtype=self.dtype, parents=s.parents,
-                    metrics=s.metrics, training_config=s.training_config, card=self.card, hub=s.hub)
+                    metrics=s.metrics, training_config=s.training_config, card=self.card, hub=s.hub, base=self.base)
 
 
-def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None = None) -> VersionInfo:
+def _version_info(row: AdapterVersion, base: BaseModel | BaseInfo, tags: list[str] | None = None) -> VersionInfo:
     a = row.adapter
     return VersionInfo(
         id=row.id, name=a.name, number=row.number, kind=a.kind, content_hash=row.content_hash, size_bytes=row.size_bytes,
@@ -75,6 +75,31 @@ def _version_info(row: AdapterVersion, base: BaseModel, tags: list[str] | None =
         training_config=row.training_config, metrics=row.metrics, card=row.card, created_at=row.created_at,
         hub_repo=row.hub_repo, hub_commit=row.hub_commit, hub_tag=row.hub_tag, hub_endpoint=row.hub_endpoint,
         tags=sorted(tags or []), deprecated_at=row.deprecated_at)
+
+
+@dataclass
+class _RegisterSnapshot:
+    """What ``register`` read of the catalog before writing anything (:meth:`Workspace._register_snapshot`)."""
+
+    base: BaseInfo | None
+    adapter: tuple[str, int, str] | None  # kind, base id, base name of the adapter of that name, if any
+    parent_errors: list[AdapterHubError | None]  # per parent: the error resolving its ref, if any
+
+    def precheck(self, name: str, kind: str, base_id: int, parents: Sequence[Parent]) -> None:
+        """Raise what :meth:`Workspace._insert_version` would raise for kind/base conflicts and unknown parents,
+        so a refused registration leaves the store unchanged (the insert re-checks inside its transaction)."""
+        if self.adapter is not None:
+            a_kind, a_base_id, a_base = self.adapter
+            if a_kind != kind:
+                raise CatalogError(f"adapter {name!r} is of kind {a_kind}, not {kind}")
+            if a_base_id != base_id:
+                raise CatalogError(f"adapter {name!r} belongs to base {a_base!r}")
+        for p, err in zip(parents, self.parent_errors, strict=True):
+            if p.ref is None:
+                if p.relation != "imported_from":
+                    raise CatalogError(f"relation {p.relation} needs a parent ref")
+            elif err is not None:
+                raise err
 
 
 _T = TypeVar("_T")
@@ -350,8 +375,10 @@ class Workspace:
                 adapter = fmt.cast_values(adapter, values_dtype)
             spec = NewVersion(adapter, name=name, task=task, base=base, kind=kind, parents=tuple(parents),
                               metrics=metrics, training_config=training_config, hub=hub, allow_nonfinite=allow_nonfinite)
-            prep = self._prepare_version(spec, {})
-            self._precheck_register(name, kind, prep.base.id, parents)  # refuse before the blob is written
+            # one read of the catalog for the base and what the precheck needs; the insert re-checks in its transaction
+            snap = self._register_snapshot(name, base, parents)
+            prep = self._prepare_version(spec, {base: snap.base} if snap.base is not None else {})
+            snap.precheck(name, kind, prep.base.id, parents)  # refuse before the blob is written
             from .faults import fault_point
 
             # a concurrent gc waits until the row is committed (a staged write holds the lock already)
@@ -546,31 +573,38 @@ class Workspace:
         except Exception:  # noqa: BLE001 - the original error matters more; gc removes what is left
             pass
 
-    def _precheck_register(self, name: str, kind: str, base_id: int, parents: Sequence[Parent]) -> None:
-        """Raise what :meth:`_insert_version` would raise for kind/base conflicts and unknown parents, so a
-        refused registration leaves the store unchanged (the insert re-checks inside its transaction)."""
+    def _register_snapshot(self, name: str, base: str, parents: Sequence[Parent]) -> _RegisterSnapshot:
+        """One read transaction: base ``base`` (its folder resolved; None when unknown, so that
+        :meth:`get_base` words the error later, in its turn), adapter ``name`` and each parent ref's resolution."""
         with self.session() as s:
-            a = s.scalar(select(Adapter).where(Adapter.name == name))
-            if a is not None and a.kind != kind:
-                raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
-            if a is not None and a.base_id != base_id:
-                raise CatalogError(f"adapter {name!r} belongs to base {a.base.name!r}")
+            # column rows, not ORM objects: nothing here is changed or kept
+            row = s.execute(select(*BaseModel.__table__.c).where(BaseModel.name == base)).first()
+            info = self._base_info(cast(BaseModel, row)) if row is not None else None
+            a = s.execute(select(Adapter.kind, Adapter.base_id, BaseModel.name).join(BaseModel, Adapter.base_id == BaseModel.id)
+                          .where(Adapter.name == name)).first()
+            have = (a[0], a[1], a[2]) if a is not None else None
+            errors: list[AdapterHubError | None] = []
             for p in parents:
-                if p.ref is None:
-                    if p.relation != "imported_from":
-                        raise CatalogError(f"relation {p.relation} needs a parent ref")
-                else:
-                    self._resolve_row(s, p.ref)
+                err = None
+                if p.ref is not None:
+                    try:
+                        self._resolve_row(s, p.ref)
+                    except AdapterHubError as e:
+                        err = e
+                errors.append(err)
+        if info is not None:
+            info.path = resolve_source(info.source, self.cache_dir)
+        return _RegisterSnapshot(info, have, errors)
 
     def _insert_version(self, *, name: str, kind: str, base_id: int, digest: str, size: int, task: str | None,
                         mask: dict[str, Any], adapter: fmt.SparseAdapter, dtype: str, parents: Sequence[Parent],
                         metrics: dict[str, Any] | None, training_config: dict[str, Any] | None, card: dict[str, Any],
-                        hub: dict[str, str | None] | None) -> VersionInfo:
+                        hub: dict[str, str | None] | None, base: BaseInfo) -> VersionInfo:
         with self.session() as s:
             info = self._add_version_row(
                 s, name=name, kind=kind, base_id=base_id, digest=digest, size=size, task=task, mask=mask,
                 adapter=adapter, dtype=dtype, parents=parents, metrics=metrics, training_config=training_config,
-                card=card, hub=hub)
+                card=card, hub=hub, base=base)
             if info.created:
                 from .faults import fault_point
 
@@ -581,14 +615,16 @@ class Workspace:
                          task: str | None, mask: dict[str, Any], adapter: fmt.SparseAdapter, dtype: str,
                          parents: Sequence[Parent], metrics: dict[str, Any] | None,
                          training_config: dict[str, Any] | None, card: dict[str, Any],
-                         hub: dict[str, str | None] | None) -> VersionInfo:
+                         hub: dict[str, str | None] | None, base: BaseInfo) -> VersionInfo:
         """Add one version row and its lineage edges to session ``s`` (flushed, not committed); an
-        adapter row is created when ``name`` is new. Raises CatalogError/RefError on conflicts."""
+        adapter row is created when ``name`` is new. ``base`` is the base of ``base_id`` as the caller read it
+        (its name and fingerprint go into the returned VersionInfo of a new adapter, without reading the row
+        again). Raises CatalogError/RefError on conflicts."""
         a = s.scalar(select(Adapter).where(Adapter.name == name))
-        if a is None:
+        new = a is None
+        if a is None:  # inserted with the version row, in one flush
             a = Adapter(name=name, kind=kind, base_id=base_id)
             s.add(a)
-            s.flush()
         else:
             if a.kind != kind:
                 raise CatalogError(f"adapter {name!r} is of kind {a.kind}, not {kind}")
@@ -606,9 +642,10 @@ class Workspace:
             if prow is None and p.relation != "imported_from":
                 raise CatalogError(f"relation {p.relation} needs a parent ref")
             parent_rows.append((p, prow))
-        number = (s.scalar(select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == a.id)) or 0) + 1
+        number = 1 if new else (s.scalar(select(func.max(AdapterVersion.number))
+                                         .where(AdapterVersion.adapter_id == a.id)) or 0) + 1
         row = AdapterVersion(
-            adapter_id=a.id, number=number, content_hash=digest, size_bytes=size, task=task,
+            adapter=a, number=number, content_hash=digest, size_bytes=size, task=task,
             mask_method=mask.get("method"), density=float(mask["density"]) if mask.get("density") is not None else adapter.density,
             granularity=mask.get("granularity") or _granularity(adapter), block_size=mask.get("block_size") or _block_size(adapter),
             target_modules=mask.get("targets") or sorted(adapter.params), nnz=adapter.nnz,
@@ -617,7 +654,6 @@ class Workspace:
             hub_repo=(hub or {}).get("repo"), hub_commit=(hub or {}).get("commit"),
             hub_tag=(hub or {}).get("tag"), hub_endpoint=(hub or {}).get("endpoint"),
         )
-        row.adapter = a
         s.add(row)
         s.flush()
         for p, prow in parent_rows:
@@ -625,10 +661,11 @@ class Workspace:
                               relation=p.relation, weight=p.weight, params=p.params))
         added = [MetricRow(version_id=row.id, created_at=row.created_at, **m)  # the history starts with them
                  for m in mh.rows_from_metrics(metrics or {}, source="train")]
-        s.add_all(added)
-        s.flush()
-        upsert_current(s, added)
-        return _version_info(row, a.base)
+        if parent_rows or added:  # one flush for the edges and metric rows (none for a plain register)
+            s.add_all(added)
+            s.flush()
+            upsert_current(s, added)
+        return _version_info(row, base if new else a.base)
 
     # -- resolve / read ---------------------------------------------------------------------------
 
@@ -903,27 +940,17 @@ class Workspace:
                 .order_by(v.created_at.desc(), v.id.desc()).limit(limit - len(order)).offset(max(0, offset - n_has)))
         return order + [r[0] for r in s.execute(rest)]
 
-    @staticmethod
-    def _current_metric_query(metric: str | None = None, ids: Sequence[int] | None = None) -> Any:
-        """SELECT version_id, name, value, n, full, source of each version's current row per metric
-        (latest full-split row, else latest row, among the version's own sources), optionally one metric."""
-        m = MetricRow.__table__.c
-        rk = func.row_number().over(partition_by=(m.version_id, m.name), order_by=(m.full.desc(), m.id.desc()))
-        inner = select(m.version_id, m.name, m.value, m.n, m.full, m.split, m.source, rk.label("rk")).where(
-            m.source.in_(mh.SELF_SOURCES))
-        if metric is not None:
-            inner = inner.where(m.name == metric)
-        if ids is not None:
-            inner = inner.where(m.version_id.in_(list(ids)))
-        sub = inner.subquery()
-        return select(sub.c.version_id, sub.c.name, sub.c.value, sub.c.n, sub.c.full, sub.c.split,
-                      sub.c.source).where(sub.c.rk == 1)
-
     def _current_metrics(self, s: Session, ids: Sequence[int]) -> dict[int, list[mh.MetricRecord]]:
-        """The current rows of versions ``ids``: one windowed query per 900 ids (indexed on version_id)."""
+        """The current rows of versions ``ids``: ``current_metrics`` (revision 0007, kept by
+        :func:`adapterhub.catalog.current.upsert_current`) joined to the metric rows it names, in name order (as
+        :func:`adapterhub.catalog.metrics.current_rows` gives them); one query per 900 ids."""
+        m, cm = MetricRow.__table__.c, CurrentMetric.__table__.c
         out: dict[int, list[mh.MetricRecord]] = {}
         for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
-            for r in s.execute(self._current_metric_query(ids=ids[i:i + 900])):
+            q = (select(m.version_id, m.name, m.value, m.n, m.full, m.split, m.source)
+                 .join_from(MetricRow.__table__, CurrentMetric.__table__, cm.row_id == m.id)
+                 .where(cm.version_id.in_(list(ids[i:i + 900]))).order_by(cm.version_id, cm.name))
+            for r in s.execute(q):
                 out.setdefault(r.version_id, []).append(mh.MetricRecord(
                     name=r.name, value=r.value, split=r.split, n=r.n, full=bool(r.full), dataset_hash=None,
                     scorer=None, source=r.source, created_at=None))

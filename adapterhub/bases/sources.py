@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +100,46 @@ def read_header(path: Path) -> Header:
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in the folder's safetensors files (headers only)."""
+    """Name -> shape of every tensor in the folder's safetensors files (headers only; a file unchanged since
+    this process last read it is not read again, see :func:`_file_shapes`)."""
     out: dict[str, tuple[int, ...]] = {}
     for f in weight_files(folder):
-        for k, e in read_header(f).entries.items():
-            out[k] = e.shape
+        out.update(_file_shapes(f))
     return out
+
+
+# path -> (stat identity, {tensor: shape}): every ``register`` checks the adapter against its base's shapes
+_SHAPES: dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]] = {}
+_SHAPES_MAX = 64
+# a file whose ctime is older than this when read is kept: any later change sets its ctime to a later time, so a
+# changed file never matches the kept identity even where timestamps are coarse (git's "racily clean" rule)
+_SETTLED_NS = 5_000_000_000
+
+
+def _stat_key(f: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(f)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _file_shapes(f: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor: shape} of one safetensors file, kept per process by the file's identity (device, inode, size,
+    mtime, ctime): a file written, replaced or touched since it was read is read again. Only a file settled
+    for :data:`_SETTLED_NS` and unchanged across the read is kept. The dict returned is shared: read it, never
+    change it. Raises BaseModelError."""
+    path = os.path.abspath(f)
+    before = _stat_key(f)
+    hit = _SHAPES.get(path)
+    if hit is not None and before is not None and hit[0] == before:
+        return hit[1]
+    shapes = {k: e.shape for k, e in read_header(f).entries.items()}
+    if before is not None and before == _stat_key(f) and time.time_ns() - max(before[3], before[4]) > _SETTLED_NS:
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()
+        _SHAPES[path] = (before, shapes)
+    return shapes
 
 
 def tensor_dtypes(folder: Path) -> dict[str, str]:
