@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
+import queue
 import re
 import tempfile
 import threading
@@ -45,49 +47,193 @@ def can_stage(store: object, nbytes: int) -> TypeGuard[BlobStore]:
     return nbytes >= STAGE_MIN_BYTES and isinstance(store, BlobStore)
 
 
+def _locked_temp(folder: Path) -> tuple[int, Path | None]:
+    """A new temp file ``.staged.<random>.tmp`` in ``folder``, open and ``flock``\ ed: (its fd, its path). It is made
+    as ``.staged.<random>.new`` (a name ``gc`` leaves alone while young), locked, and only then linked under its
+    ``.tmp`` name, so ``gc`` never sees a staged ``.tmp`` file that is not locked by a live process."""
+    while True:
+        fd, new = tempfile.mkstemp(prefix=".staged.", suffix=".new", dir=folder)
+        tmp: Path | None = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(FileExistsError):  # a .tmp of that name already: another name
+                os.link(new, new[: -len(".new")] + ".tmp")
+                tmp = Path(new[: -len(".new")] + ".tmp")
+        finally:
+            os.unlink(new)
+            if tmp is None:
+                os.close(fd)
+        if tmp is not None:
+            return fd, tmp
+
+
 class StagedBlob:
     """Bytes being written to a temp file of the store (write + fsync) on a worker thread, started before their
     digest is known, so the write and its fsync overlap the caller's validation and hashing of the same bytes.
 
+    Two ways to fill it: given ``data``, the whole bytes are written at once; without, the caller :meth:`feed`\ s
+    chunks as they arrive (a download) and :meth:`end` returns the sha256 of exactly the bytes written and starts
+    the fsync. Fed chunks are hashed and written on the worker thread, overlapping the transfer (``threaded``,
+    for large downloads), or in the feeding thread (cheaper for small ones: no hand-over per chunk).
+
     :meth:`BlobStore.put_bytes` given ``staged=`` with the *same* bytes object renames the temp file into place
     (no second write); in every other case the temp file is removed (:meth:`discard`, also on exit of the
-    ``with`` block). The caller holds the store's shared lock for the temp file's life, as for any write, and
-    ``gc`` removes a temp file left by a killed process, as for any interrupted write.
+    ``with`` block). The temp file is ``flock``\ ed by this process until it is renamed or removed, and ``gc``
+    leaves a locked temp file alone (:meth:`BlobStore.gc`): a collection between the staging and the register
+    (which holds the store's shared lock only while it renames and commits) cannot take it; a temp file left by
+    a killed process is unlocked (the kernel drops the lock with the process) and removed by ``gc``.
     """
 
-    def __init__(self, folder: Path, data: bytes) -> None:
+    def __init__(self, folder: Path, data: bytes | None = None, *, threaded: bool = True) -> None:
         self.data = data
         self._error: BaseException | None = None
-        fd, tmp = tempfile.mkstemp(prefix=".staged.", suffix=".tmp", dir=folder)
-        self.tmp: Path | None = Path(tmp)
-        self._thread = threading.Thread(target=self._write, args=(fd,), name="adapterhub-stage", daemon=True)
-        self._thread.start()
+        fd, self.tmp = _locked_temp(folder)
+        self._lock_fd: int | None = fd  # held (flock) until renamed or removed: gc skips the file meanwhile
+        self._queue: queue.SimpleQueue[bytes | None] | None = None
+        self._hash: Any = None if data is not None else hashlib.sha256()
+        self._streaming = data is None
+        self._hashed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()  # an inline feed and the closing of its fd never interleave
+        try:
+            if data is not None:
+                self._thread = threading.Thread(target=self._write, args=(os.dup(fd),), name="adapterhub-stage",
+                                                daemon=True)
+            elif threaded:
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._pump, args=(os.dup(fd),), name="adapterhub-stage",
+                                                daemon=True)
+            if self._thread is not None:
+                self._thread.start()
+        except BaseException:
+            self._close()
+            raise
 
     def _write(self, fd: int) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(self.data)
+                f.write(self.data)  # type: ignore[arg-type]
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by wait()
             self._error = e
 
+    def _pump(self, fd: int) -> None:
+        """The streaming worker: hash and write each fed chunk; at the end (None), fsync."""
+        assert self._queue is not None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while (chunk := self._queue.get()) is not None:
+                    self._hash.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                self._hashed.set()
+                os.fsync(f.fileno())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by end() / wait()
+            self._error = e
+        finally:
+            self._hashed.set()
+
+    def _sync(self, fd: int) -> None:
+        """The fsync of a stage fed in the caller's thread (``threaded=False``), on a worker thread."""
+        try:
+            os.fsync(fd)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by wait()
+            self._error = e
+        finally:
+            os.close(fd)
+
+    def feed(self, chunk: bytes) -> None:
+        """Hash and write ``chunk`` (streaming mode): queued to the worker thread, or, for a stage made with
+        ``threaded=False``, right here. Raises the write's OSError (once it failed)."""
+        if self._error is not None:
+            raise self._failure()
+        if self._queue is not None:
+            if self._hashed.is_set():
+                raise StoreError("internal: feed() after end() or discard()")
+            self._queue.put(chunk)
+            return
+        with self._mutex:  # (a download abandoned at its deadline may still feed while the pull discards this)
+            if not self._streaming or self._hashed.is_set() or self._lock_fd is None:
+                raise StoreError("internal: feed() on a staged blob made from whole bytes, or after end()")
+            self._hash.update(chunk)
+            view = memoryview(chunk)
+            try:
+                while view:
+                    view = view[os.write(self._lock_fd, view):]
+            except OSError as e:
+                self._error = e
+                raise self._failure() from None
+
+    def _failure(self) -> BaseException:
+        """The write's error as a one-line StoreError (an OSError: no space left...), else as it was."""
+        e = self._error
+        assert e is not None
+        return _write_error(e, "(staged)") if isinstance(e, OSError) else e
+
+    def end(self, data: bytes) -> str:
+        """Finish a streamed stage: ``data`` must be the fed chunks joined (what ``put_bytes`` will be given). Waits
+        until every chunk is written and returns their sha256; the fsync goes on in the background (:meth:`wait`).
+        Raises the write's OSError."""
+        if not self._streaming:
+            raise StoreError("internal: end() on a staged blob made from whole bytes")
+        if self._queue is not None:
+            self._queue.put(None)
+            self._hashed.wait()
+        else:
+            self._hashed.set()
+            if self._error is None and self._lock_fd is not None:
+                self._thread = threading.Thread(target=self._sync, args=(os.dup(self._lock_fd),),
+                                                name="adapterhub-stage", daemon=True)
+                self._thread.start()
+        if self._error is not None:
+            raise self._failure()
+        self.data = data
+        return str(self._hash.hexdigest())
+
     def wait(self) -> Path:
         """The temp file, written and fsynced. Raises the write's OSError."""
-        self._thread.join()
+        if self._streaming and not self._hashed.is_set():
+            raise StoreError("internal: a streamed staged blob was used before end()")
+        if self._thread is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         if self.tmp is None:
             raise StoreError("internal: a staged blob was used after it was discarded")
         return self.tmp
 
+    def _close(self) -> None:
+        """Remove the temp file (if still there), then drop the lock."""
+        with self._mutex:
+            self._hashed.set()  # no feed after this
+            if self.tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tmp)
+                self.tmp = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def placed(self) -> None:
+        """The temp file was renamed into place: forget it and drop the lock."""
+        self.tmp = None
+        self._close()
+
     def discard(self) -> None:
-        """Wait for the write and remove the temp file (a no-op once renamed into place)."""
-        self._thread.join()
+        """Stop and wait for the write and remove the temp file (a no-op once renamed into place), and the staging
+        folder with it when that leaves it empty (a refused pull or register leaves no trace)."""
+        if self._queue is not None and not self._hashed.is_set():
+            self._queue.put(None)
+        self._hashed.set()
+        if self._thread is not None:
+            self._thread.join()
         if self.tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp)
-            self.tmp = None
+            folder = self.tmp.parent
+            self._close()
+            with contextlib.suppress(OSError):  # not empty (another process stages there): kept
+                folder.rmdir()
+        self._close()
 
     def __enter__(self) -> StagedBlob:
         return self
@@ -154,15 +300,23 @@ class BlobStore(_VerifiedReads):
         p = self.path(digest)
         return p.is_file() and not p.is_symlink() and not p.parent.is_symlink()
 
-    def stage(self, data: bytes) -> StagedBlob:
-        """Start writing ``data`` to a temp file of the store now (see :class:`StagedBlob`); hold the shared
-        :meth:`lock` until it is put or discarded. Raises StoreError for a symlink in the way."""
+    def stage(self, data: bytes | None = None, *, threaded: bool = True) -> StagedBlob:
+        """Start writing ``data`` to a temp file of the store now, or, without ``data``, open one to be fed chunk by
+        chunk (see :class:`StagedBlob`; ``threaded=False``: hashed and written in the feeding thread, only the
+        fsync on a worker: cheaper for small downloads). The temp file's own lock keeps ``gc`` off it until it is put or
+        discarded, so no store lock is needed meanwhile. Raises StoreError for a symlink in the way."""
         folder = self.root / "staging"
         if folder.is_symlink():
             raise StoreError(f"{folder} is a symlink; refusing to write through it")
         try:
-            folder.mkdir(exist_ok=True)
-            return StagedBlob(folder, data)
+            for attempt in range(3):
+                folder.mkdir(exist_ok=True)
+                try:
+                    return StagedBlob(folder, data, threaded=threaded)
+                except FileNotFoundError:  # an emptied staging folder removed meanwhile (StagedBlob.discard)
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
         except OSError as e:
             raise _write_error(e, "(staged)") from None
 
@@ -215,7 +369,7 @@ class BlobStore(_VerifiedReads):
             if e.errno == errno.EXDEV:
                 return False
             raise
-        staged.tmp = None
+        staged.placed()
         fsync_dir(p.parent)
         return True
 
@@ -336,16 +490,41 @@ class BlobStore(_VerifiedReads):
         temps = 0
         for d in self.root.iterdir() if self.root.exists() else []:
             if d.is_dir() and not d.is_symlink():
-                for f in d.glob(".*.tmp"):
+                for f in [*d.glob(".*.tmp"), *d.glob(".staged.*.new")]:
                     try:
-                        if grace_s > 0 and now - f.stat().st_mtime < grace_s:
+                        young = max(grace_s, 3600.0 if f.suffix == ".new" else 0.0)  # .new: see _locked_temp
+                        if young > 0 and now - f.stat().st_mtime < young:
                             continue
                     except FileNotFoundError:
                         continue
-                    temps += 1
-                    if not dry_run:
-                        f.unlink(missing_ok=True)
+                    with _unless_held(f) as free:  # a staged file a live process still holds is not stale
+                        if not free:
+                            continue
+                        temps += 1
+                        if not dry_run:
+                            f.unlink(missing_ok=True)
         return GcResult(removed, freed, temps, kept)
+
+
+@contextlib.contextmanager
+def _unless_held(path: Path) -> Iterator[bool]:
+    """Yield False when another open file holds ``path``'s ``flock`` (a :class:`StagedBlob` of a live process),
+    else True, holding the lock meanwhile so no one takes it up while ``gc`` removes the file. A symlink or a
+    file that cannot be opened is not held by anyone: True."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 # -- shared object store (S3-compatible, through fsspec/s3fs) -------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, func, select, text
+from sqlalchemy import CursorResult, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -795,6 +795,27 @@ class Workspace:
                     name=r.name, value=r.value, split=r.split, n=r.n, full=bool(r.full), dataset_hash=r.dataset_hash,
                     scorer=r.scorer, source=r.source, created_at=r.created_at, ref=ref))
         return out
+
+    def has_content(self, content_hash: str) -> bool:
+        """Whether a version holds these bytes (one narrow query: a pull's fixed cost, issue 19)."""
+        with self.session() as s:
+            return s.scalar(select(AdapterVersion.id).where(AdapterVersion.content_hash == content_hash).limit(1)) \
+                is not None
+
+    def has_parents(self, version_id: int) -> bool:
+        """Whether version ``version_id`` has a lineage edge to a local parent (one narrow query)."""
+        with self.session() as s:
+            return s.scalar(select(LineageEdge.id).where(LineageEdge.child_id == version_id,
+                                                         LineageEdge.parent_id.is_not(None)).limit(1)) is not None
+
+    def pushed_to(self, name: str, repo_id: str, endpoint: str) -> bool:
+        """Whether a push of a version of adapter ``name`` to ``repo_id`` on ``endpoint`` is recorded (a version
+        recorded without an endpoint counts: catalogs from before endpoints were kept). One narrow query."""
+        v = AdapterVersion
+        with self.session() as s:
+            return s.scalar(select(v.id).join(Adapter, v.adapter_id == Adapter.id).where(
+                Adapter.name == name, v.hub_repo == repo_id, or_(v.hub_endpoint.is_(None), v.hub_endpoint == endpoint)
+            ).limit(1)) is not None
 
     def set_hub(self, ref: str, *, repo: str, commit: str | None, tag: str | None, endpoint: str | None) -> None:
         """Record the Hub coordinates of a pushed version."""

@@ -571,19 +571,25 @@ def fragment(doc: dict[str, Any]) -> str:
         "`adapterhub/maskhash.py`); for a file of 1 MiB or more the store's copy is written and fsynced on a third "
         "thread at the same time (a staged temp file, renamed into place once the checks pass), then the row is "
         "committed. The anchor reads, hashes, writes and fsyncs the same bytes, one after the other. On the small "
-        "files the target is missed on costs that do not depend on the file's size: parsing the adapter's and the "
-        "base's safetensors headers (210 and 272 tensors at 135M), the blob's rename and directory fsync and the "
-        "catalog transaction (an SQLite commit, itself an fsync), about 15 ms in all, against an anchor of 1-9 ms.",
+        "files the target is missed on CPU work whose size does not follow the file's: the strict parse of the "
+        "adapter's header and card, the scan of each parameter, the canonical-header check and the mask hash (about "
+        "4.5 ms for the 210 tensors at 135M), and the catalog's read and insert transactions through the ORM (about "
+        "3 ms; a bare SQLite commit in WAL mode costs 0.1 ms, without an fsync). The durability the anchor does not "
+        "pay (the blob's rename and directory fsync, the commit) is 0.2-0.3 ms: `benchmarks/register_floor.py` "
+        "measures each part against the same anchor ([register floor](register_floor.md)).",
         "",
         "Push and pull: counted on the test server, a push to a repo this catalog never pushed to makes 8 requests "
         "(create_repo, validate_yaml, preupload, LFS batch, upload, verify, commit, tag), as many as `create_repo` "
         "+ `upload_folder` (which does not tag); a push to an existing repo first lists its refs (no tag may move, "
         "a lost commit is not repeated). The weights are hashed once, by the upload, and checked against the "
-        "version's content hash before the first request. A pull makes 4 requests (HEAD + GET of the card and of "
-        "the weights) against `snapshot_download`'s 10 (info, tree, 4 x HEAD + GET); on the weights it hashes "
-        "while downloading, validates, writes the store's fsynced copy (staged while it validates) and commits the "
-        "row, where the anchor only writes its cache. With ~1 ms per request the ratios measure the two sides' own "
-        "work, and ours does more of it (a durable store write, the card, the catalog).", "",
+        "version's content hash before the first request. A pull makes 2 requests (one GET of the card and one of "
+        "the weights, each checked on its own headers before its body is read: no HEAD) against "
+        "`snapshot_download`'s 10 (info, tree, 4 x HEAD + GET); the weights stream straight into a staged temp file "
+        "of the store, hashed and written as they arrive (on a second thread from 16 MiB; the anchor writes its "
+        "cache file and hashes nothing), then the pull validates them while the staged file is fsynced, and the registration "
+        "renames it into place (the Hub cache gets a hard link) and commits the row. With ~1 ms per request the "
+        "ratios measure the two sides' own work, and ours does more of it (the sha256, a durable store write, the "
+        "card, the catalog).", "",
         "In memory: `apply_adapter` + `revert` on the base's seven projections held as tensors (warm: loaded, the "
         "adapter read, a first apply timed apart); the ratio of the 1% adapter to the 0.1% adapter on the 1.1B "
         "model is the target (≥ 5×). On a GPU (`--device cuda`, not run here: no GPU was lent) the indices and "

@@ -23,11 +23,15 @@ is never stored, logged or put into an error message. The endpoint is ``endpoint
 ``user:password@`` part is likewise never stored, shown in an error or left in a log record of the Hub
 client (:class:`_LogScrubber`).
 
-Downloads (:class:`_Hub`): no server-provided string decides a local path. Commit ids and ETags must be
-hex before anything is written; cards are read into memory (at most 1 MiB); weights are streamed from the
-resolve URL pinned to the checked commit into ``<cache>/<endpoint key>/tmp`` under a name we choose, hashed
-on the way, and kept as ``blobs/<sha256>`` only when they equal the card's ``content_hash``. The cache is
-``<home>/cache/hub/<sha256(public endpoint)[:16]>/`` (one per endpoint). A pull has an overall deadline
+Downloads (:class:`_Hub`): no server-provided string decides a local path. One GET per file (no HEAD): its
+commit id and ETag must be hex, and its announced size under the cap, before its body is read; cards are
+read into memory (at most 1 MiB); weights are streamed from the resolve URL pinned to the card's commit
+straight into a staged temp file of a local store (hashed and written on a worker thread while the transfer
+goes on; renamed into place by the registration, removed otherwise) and accepted only when their sha256
+equals the card's ``content_hash``; the cache then gets ``blobs/<sha256>`` as a hard link to them. Weights
+the store (or the cache) already holds are read from there, verified, instead of downloaded. For an object
+store they go through ``<cache>/<endpoint key>/tmp`` under a name we choose and are kept as
+``blobs/<sha256>``. The cache is ``<home>/cache/hub/<sha256(public endpoint)[:16]>/`` (one per endpoint). A pull has an overall deadline
 and a size cap (:func:`pull_limits`: ``--timeout`` / ``ADAPTERHUB_PULL_TIMEOUT``, default 600 s;
 ``--max-bytes`` / ``ADAPTERHUB_PULL_MAX_BYTES``, default 4 GiB, lowered by the card's ``size_bytes``).
 """
@@ -67,6 +71,7 @@ from .cards import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..catalog.records import BaseInfo, NewVersion, VersionInfo
+    from ..store import StagedBlob
     from ..workspace import Workspace
 
 _TAG_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
@@ -358,6 +363,7 @@ PULL_MAX_BYTES_ENV = "ADAPTERHUB_PULL_MAX_BYTES"
 DEFAULT_PULL_TIMEOUT = 600.0
 DEFAULT_PULL_MAX_BYTES = 4 * 1024 ** 3
 CARD_MAX_BYTES = 1024 ** 2
+STREAM_THREAD_MIN_BYTES = 16 * 1024 ** 2  # weights this large are hashed and written on a second thread (_weights)
 _RETRY_STATUS = (429, 500, 502, 503, 504)
 _ETAG_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _BYTES_RE = re.compile(r"^([0-9]{1,20})\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
@@ -449,11 +455,12 @@ class _Hub:
     """Thin wrapper around one HfApi with uniform error translation, secret scrubbing and, for pulls, the
     download layer (internal).
 
-    Downloads never let the server name a local path: file metadata (commit id, ETag, size) is checked
-    first (hex ids only, size under the cap), the body is streamed by us from the resolve URL pinned to the
-    checked commit, into memory (cards) or a temp file we name inside ``<cache>/<endpoint key>/tmp``, hashed
-    on the way and moved to ``blobs/<sha256>`` only when it equals the card's ``content_hash``. With
-    ``limits`` every request runs under the pull's overall deadline.
+    Downloads never let the server name a local path: the GET's own metadata (commit id, ETag, size) is checked
+    before its body is read (hex ids only, size under the cap), the body is streamed by us from the resolve URL
+    pinned to the card's commit, into memory (cards), a staged temp file of the store (:meth:`stream_weights`)
+    or a temp file we name inside ``<cache>/<endpoint key>/tmp`` (:meth:`fetch_weights`), hashed on the way and
+    accepted only when it equals the card's ``content_hash``. With ``limits`` every request runs under the
+    pull's overall deadline.
     """
 
     def __init__(self, endpoint: str | None, token: str | bool | None, cache_dir: str | os.PathLike[str] | None,
@@ -528,85 +535,81 @@ class _Hub:
             raise self._timeout_error(what)
 
     # -- downloads
-    def _metadata(self, repo: str, filename: str, revision: str, cap: int, what: str) -> _Meta:
-        """HEAD of ``filename`` at ``revision``; refuses a non-hex commit id or ETag, or a size over ``cap``."""
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
-        safe_repo_path(filename)
-        from huggingface_hub.errors import HfHubHTTPError
-
-        url = hf_hub_url(repo, filename, revision=revision, endpoint=self.endpoint)
-
-        def head() -> Any:  # a busy server (429/5xx) is retried with backoff; an unreachable one is not
-            delay = 1.0
-            for attempt in range(6):
-                try:
-                    return get_hf_file_metadata(url, token=self.token, timeout=max(0.1, min(60.0, self.remaining())),
-                                                library_name="adapterhub", library_version=_version(),
-                                                endpoint=self.endpoint, retry_on_errors=False)
-                except HfHubHTTPError as e:
-                    status = getattr(getattr(e, "response", None), "status_code", None)
-                    if status not in _RETRY_STATUS or attempt == 5 or self.remaining() <= delay:
-                        raise
-                self._check_running(what)
-                time.sleep(delay)
-                delay = min(8.0, delay * 2)
-
-        meta = self.call(what, head, repo=repo, rev=revision)
-        where = f"{repo}@{revision}/{filename}"
-        commit, etag, size = meta.commit_hash, meta.etag, meta.size
+    def _answer_meta(self, r: Any, where: str, what: str, cap: int) -> _Meta:
+        """The commit id, ETag and announced size of a GET's answer, checked before its body is read (issue 19:
+        the GET's own headers carry what a HEAD would, so no HEAD is sent). They are read from the first answer
+        of the endpoint's own origin that names a commit (a redirect to a CDN keeps them on the redirect);
+        refuses a non-hex commit id or ETag, or an announced size over ``cap``."""
+        origin = urlsplit(self.endpoint)
+        answers = [*getattr(r, "history", []), r]
+        own = [a for a in answers if urlsplit(str(a.url)).netloc.rpartition("@")[2] == origin.netloc.rpartition("@")[2]]
+        first = next((a for a in own if a.headers.get("X-Repo-Commit") is not None), own[0] if own else answers[0])
+        commit = first.headers.get("X-Repo-Commit")
+        etag = first.headers.get("X-Linked-Etag") or first.headers.get("ETag")
+        etag = etag.lstrip("W/").strip('"') if isinstance(etag, str) else etag
         if not isinstance(commit, str) or not _HEX40.match(commit):
             raise HubError(self.scrub(f"{what}: the server gave {where} the commit id {_show(commit)}, not 40 hex "
                                       "digits; refusing it, nothing was written"))
         if not isinstance(etag, str) or not _ETAG_RE.match(etag):
             raise HubError(self.scrub(f"{what}: the server gave {where} the ETag {_show(etag)}, not a hex digest; "
                                       "refusing it, nothing was written"))
-        if size is not None and (size < 0 or size > cap):
-            raise _TooBig(f"{what}: {where} is {size} bytes, over the limit of {cap} bytes; refusing it")
+        size: int | None = None
+        for raw in (first.headers.get("X-Linked-Size"), r.headers.get("Content-Length")):
+            if raw is None:
+                continue
+            if not raw.strip().isdigit():
+                raise HubError(self.scrub(f"{what}: the server gave {where} the size {_show(raw)}; refusing it"))
+            if int(raw) > cap:
+                raise _TooBig(f"{what}: {where} is {int(raw)} bytes, over the limit of {cap} bytes; refusing it")
+            size = int(raw) if size is None else size
         return _Meta(commit, etag, size)
 
-    def _stream(self, repo: str, filename: str, commit: str, cap: int, expected: int | None, sink: Any,
-                what: str) -> str:
-        """GET ``filename`` at ``commit`` into ``sink`` (``write``), at most ``cap`` bytes, stopping at the
-        deadline; returns the body's sha256 hex. Runs in the worker thread of :meth:`_bounded`."""
+    def _get(self, repo: str, filename: str, rev: str, cap: int, sink: Callable[[bytes], object], what: str,
+             check: Callable[[_Meta], None] | None = None, hasher: Any = None) -> tuple[_Meta, int]:
+        """One GET of ``filename`` at ``rev`` (the only request for a file): its headers are checked first
+        (:meth:`_answer_meta`, then ``check``), then the body goes chunk by chunk to ``sink`` (and ``hasher``), at
+        most ``cap`` bytes, stopping at the deadline. A busy server (429/5xx) is retried with backoff, an
+        unreachable one is not. Returns (the answer's metadata, the byte count). Runs in the worker thread of
+        :meth:`_bounded`."""
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
-        url = hf_hub_url(repo, filename, revision=commit, endpoint=self.endpoint)
+        safe_repo_path(filename)
+        url = hf_hub_url(repo, filename, revision=rev, endpoint=self.endpoint)
         headers = build_hf_headers(token=self.token, library_name="adapterhub", library_version=_version())
         headers["Accept-Encoding"] = "identity"
-        h = hashlib.sha256()
+        where = f"{repo}@{rev[:12] if _HEX40.match(rev) else rev}/{filename}"
         total = 0
-        where = f"{repo}@{commit[:12]}/{filename}"
         with http_stream_backoff("GET", url, headers=headers, timeout=max(0.1, min(60.0, self.remaining())),
                                  retry_on_exceptions=(), retry_on_status_codes=_RETRY_STATUS) as r:
             hf_raise_for_status(r)
-            announced = r.headers.get("Content-Length")
-            if announced is not None and announced.strip().isdigit() and int(announced) > cap:
-                raise _TooBig(f"{what}: {where} is {int(announced)} bytes, over the limit of {cap} bytes; refusing it")
+            meta = self._answer_meta(r, where, what, cap)
+            if check is not None:
+                check(meta)
             for chunk in r.iter_bytes():
                 self._check_running(what)
                 total += len(chunk)
                 if total > cap:
                     raise _TooBig(f"{what}: {where} is over the limit of {cap} bytes; refusing it")
-                h.update(chunk)
-                sink.write(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
+                sink(chunk)
         self._check_running(what)
-        if expected is not None and total != expected:
-            raise HubError(f"{what}: {where}: got {total} bytes, the server announced {expected}; refusing it")
-        return h.hexdigest()
+        if meta.size is not None and total != meta.size:
+            raise HubError(f"{what}: {where}: got {total} bytes, the server announced {meta.size}; refusing it")
+        return meta, total
 
     def fetch_card(self, repo: str, revision: str) -> tuple[str, bytes]:
         """(commit id, bytes) of the ``adapterhub.json`` at ``revision``, read into memory (at most the card
-        cap). Raises HubError for any refusal or transfer failure."""
+        cap) by one GET whose commit id and ETag are checked before its body is read. Raises HubError for any
+        refusal or transfer failure."""
         import io
 
         cap = self.limits.card_max_bytes if self.limits is not None else CARD_MAX_BYTES
         what = f"download {CARD_FILE}"
-        meta = self._metadata(repo, CARD_FILE, revision, cap, what)
         buf = io.BytesIO()
-        self.call(what, lambda: self._stream(repo, CARD_FILE, meta.commit, cap, meta.size, buf, what),
-                  repo=repo, rev=revision)
+        meta, _ = self.call(what, lambda: self._get(repo, CARD_FILE, revision, cap, buf.write, what),
+                            repo=repo, rev=revision)
         return meta.commit, buf.getvalue()
 
     @property
@@ -618,6 +621,8 @@ class _Hub:
     def _cached(self, digest: str, into: list[bytes] | None = None) -> Path | None:
         """The cached blob ``digest`` if present and still holding exactly those bytes (else it is dropped).
         With ``into``, the bytes that were hashed are appended to it (read once, hashed once)."""
+        if self.cache_root is None:
+            return None
         path = self.blobs_dir / digest
         if not path.exists() and not path.is_symlink():
             return None
@@ -636,50 +641,78 @@ class _Hub:
         _drop_cached(self.blobs_dir / digest, self.blobs_dir)
         return None
 
+    def _keep(self, path: Path, digest: str) -> None:
+        """Keep verified bytes at ``path`` (a staged file of the store) as ``<cache>/blobs/<digest>`` too, by a hard
+        link (no copy): a later pull of them (say, once a refused one is retried under another name) is served
+        without a download. Best effort: another file system, an existing entry or any error keeps nothing."""
+        if self.cache_root is None or not _HEX64.match(digest):
+            return
+        try:  # our own name (a hex digest) in our folder; a link never follows an entry already there
+            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+            os.link(path, self.blobs_dir / digest)
+        except OSError:
+            pass
+
+    def _weights_checks(self, repo: str, commit: str, digest: str, what: str, where: str) -> Callable[[_Meta], None]:
+        def check(meta: _Meta) -> None:
+            if meta.commit != commit:
+                raise HubError(f"{what}: asked for commit {commit[:12]} of {repo}, the server answered "
+                               f"{meta.commit[:12]}; refusing it")
+            if len(meta.etag) == 64 and meta.etag != digest:
+                raise HubError(f"sha256 mismatch for {where}: the card says {digest[:16]}…, the server's file "
+                               f"is {meta.etag[:16]}…; refusing it, nothing was registered")
+        return check
+
+    def _weights_cap(self, size_hint: object) -> int:
+        cap = self.limits.max_bytes if self.limits is not None else DEFAULT_PULL_MAX_BYTES
+        if isinstance(size_hint, int) and not isinstance(size_hint, bool) and 0 <= size_hint < cap:
+            cap = size_hint  # the card can only lower the cap
+        return cap
+
     def fetch_weights(self, repo: str, filename: str, commit: str, digest: str, *, size_hint: object = None,
                       where: str | None = None, into: list[bytes] | None = None) -> Path:
         """The verified file ``filename`` of ``commit`` as ``<cache>/blobs/<digest>``: served from the cache
         when it holds those bytes, else downloaded (at most ``max_bytes``, lowered by ``size_hint`` — the
-        card's ``size_bytes``) and kept only when its sha256 equals ``digest``. Raises HubError otherwise;
-        no temp file is left behind. With ``into``, the verified bytes are also appended to it, so the
-        caller neither re-reads nor re-hashes the file (issue 19: a pull hashes once, while downloading)."""
+        card's ``size_bytes``) into ``<cache>/tmp`` and kept only when its sha256 equals ``digest``. Raises
+        HubError otherwise; no temp file is left behind. With ``into``, the verified bytes are also appended to
+        it, so the caller neither re-reads nor re-hashes the file. (A pull into a local store streams into the
+        store's staged file instead: :meth:`stream_weights`.)"""
+        import io
+
         if not _HEX40.match(commit) or not _HEX64.match(digest):
             raise HubError(f"refusing to download {filename}: commit or content hash is not hex")
         safe_repo_path(filename)
-        where = where or f"{repo}@{commit[:12]}"
+        where = f"{where or f'{repo}@{commit[:12]}'}/{filename}"
         hit = self._cached(digest, into)
         if hit is not None:
             return hit
-        cap = self.limits.max_bytes if self.limits is not None else DEFAULT_PULL_MAX_BYTES
-        if isinstance(size_hint, int) and not isinstance(size_hint, bool) and 0 <= size_hint < cap:
-            cap = size_hint  # the card can only lower the cap
+        cap = self._weights_cap(size_hint)
         what = f"download {filename}"
-        meta = self._metadata(repo, filename, commit, cap, what)
-        if meta.commit != commit:
-            raise HubError(f"{what}: asked for commit {commit[:12]} of {repo}, the server answered {meta.commit[:12]}; "
-                           "refusing it")
-        if len(meta.etag) == 64 and meta.etag != digest:
-            raise HubError(f"sha256 mismatch for {where}/{filename}: the card says {digest[:16]}…, the server's file "
-                           f"is {meta.etag[:16]}…; refusing it, nothing was registered")
         tmp_dir = self.cache_root / "tmp"  # type: ignore[operator]
         tmp_dir.mkdir(parents=True, exist_ok=True)
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         _sweep_stale_parts(tmp_dir)
         fd, name = tempfile.mkstemp(prefix="pull-", suffix=".part", dir=tmp_dir)
         tmp = Path(name)
-        chunks: list[bytes] = []
+        buf = io.BytesIO()
+        h = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as f:
-                sink = f if into is None else _Tee(f, chunks)
-                got = self.call(what, lambda: self._stream(repo, filename, commit, cap, meta.size, sink, what),
-                                repo=repo, rev=commit)
+                def sink(chunk: bytes) -> None:
+                    f.write(chunk)
+                    if into is not None:
+                        buf.write(chunk)
+                self.call(what, lambda: self._get(repo, filename, commit, cap, sink, what,
+                                                  self._weights_checks(repo, commit, digest, what, where), h),
+                          repo=repo, rev=commit)
+            got = h.hexdigest()
             if got != digest:
-                raise HubError(f"sha256 mismatch for {where}/{filename}: the card says {digest[:16]}…, the download "
+                raise HubError(f"sha256 mismatch for {where}: the card says {digest[:16]}…, the download "
                                f"is {got[:16]}…; refusing it, nothing was registered")
             dest = _inside(self.blobs_dir / digest, self.blobs_dir)
             os.replace(_inside(tmp, tmp_dir), dest)
             if into is not None:
-                into.append(b"".join(chunks))
+                into.append(buf.getvalue())
             return dest
         finally:
             try:
@@ -687,6 +720,43 @@ class _Hub:
                     _inside(tmp, tmp_dir).unlink()
             except (OSError, HubError):
                 pass
+
+    def stream_weights(self, repo: str, filename: str, commit: str, digest: str, staged: "StagedBlob", *,
+                       size_hint: object = None, where: str | None = None) -> tuple[bytes, Callable[[], None]]:
+        """Download ``filename`` of ``commit`` straight into ``staged`` (a streamed :class:`StagedBlob` of the
+        store: each chunk is hashed and written on its worker thread while the next one arrives, and the fsync
+        starts once the last is written). Returns the bytes as soon as they are received, with ``verify``: it
+        waits for the worker's sha256 and raises HubError unless it equals ``digest`` (then the bytes are linked
+        into the cache, :meth:`_keep`). The caller may parse the bytes meanwhile but must call ``verify`` before
+        using them for anything else. The same checks and limits as :meth:`fetch_weights` (one GET, its headers
+        checked before the body). Raises HubError; the caller discards ``staged``."""
+        import io
+
+        if not _HEX40.match(commit) or not _HEX64.match(digest):
+            raise HubError(f"refusing to download {filename}: commit or content hash is not hex")
+        safe_repo_path(filename)
+        where = f"{where or f'{repo}@{commit[:12]}'}/{filename}"
+        cap = self._weights_cap(size_hint)
+        what = f"download {filename}"
+        buf = io.BytesIO()
+
+        def sink(chunk: bytes) -> None:
+            buf.write(chunk)
+            staged.feed(chunk)
+
+        self.call(what, lambda: self._get(repo, filename, commit, cap, sink, what,
+                                          self._weights_checks(repo, commit, digest, what, where)),
+                  repo=repo, rev=commit)
+        data = buf.getvalue()
+
+        def verify() -> None:
+            got = staged.end(data)  # the sha256 of exactly the bytes written to the staged file
+            if got != digest:
+                raise HubError(f"sha256 mismatch for {where}: the card says {digest[:16]}…, the download "
+                               f"is {got[:16]}…; refusing it, nothing was registered")
+            if staged.tmp is not None:
+                self._keep(staged.tmp, digest)
+        return data, verify
 
     # -- listings
     def refs(self, repo: str) -> Any:
@@ -699,19 +769,9 @@ class _Hub:
         return {getattr(f, "path", ""): f for f in entries}
 
 
-class _Tee:
-    """A download sink that writes each chunk to the file and keeps it (the caller's verified bytes)."""
-
-    def __init__(self, f: Any, chunks: list[bytes]) -> None:
-        self.f = f
-        self.chunks = chunks
-
-    def write(self, chunk: bytes) -> int:
-        self.chunks.append(bytes(chunk))
-        return int(self.f.write(chunk))
-
-
+@functools.cache
 def _version() -> str:
+    """adapterhub's version for the User-Agent (read once a process: it is asked for on every request)."""
     try:
         from importlib.metadata import version
 
@@ -764,9 +824,14 @@ def default_repo(ws: "Workspace", name: str, hub: _Hub) -> str:
     return repo
 
 
-def _lineage_for_card(ws: "Workspace", ref: str) -> list[dict[str, Any]]:
+def _lineage_for_card(ws: "Workspace", v: "VersionInfo | str") -> list[dict[str, Any]]:
+    """The card's lineage of ``v`` (a version or a REF): its edges to local parents (provenance left out), sorted."""
+    if isinstance(v, str):
+        v = ws.resolve(v)
+    if not ws.has_parents(v.id):  # most versions have no parent: one narrow query then, not a resolve + edge walk
+        return []
     out = []
-    for edge in ws.parents(ref):
+    for edge in ws.parents(v.ref):
         if edge["parent"] is None:  # imported_from provenance is local knowledge, not lineage
             continue
         pv = ws.resolve(edge["parent"])
@@ -828,7 +893,7 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
     hub = _Hub(endpoint, token, None, progress)
     repo_id = repo or default_repo(ws, v.name, hub)
     tag = f"v{v.number}"
-    card = build_hub_card(v, base, _lineage_for_card(ws, v.ref))
+    card = build_hub_card(v, base, _lineage_for_card(ws, v))
     card["size_bytes"] = v.size_bytes
     card_bytes = hub_card_bytes(card)
     readme = str(build_model_card(card, repo_id=repo_id, endpoint=public_endpoint(hub.endpoint))).encode()
@@ -924,8 +989,9 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
 
 
 def _pushed_to(ws: "Workspace", name: str, repo_id: str, endpoint: str) -> bool:
-    """Whether the catalog recorded a push of a version of adapter ``name`` to ``repo_id`` on ``endpoint``."""
-    return any(x.hub_repo == repo_id and x.hub_endpoint in (None, endpoint) for x in ws.log(name))
+    """Whether the catalog recorded a push of a version of adapter ``name`` to ``repo_id`` on ``endpoint`` (one
+    narrow query: a push's fixed cost, issue 19)."""
+    return ws.pushed_to(name, repo_id, endpoint)
 
 
 def _list_refs_or_none(hub: _Hub, repo_id: str) -> Any:
@@ -1041,7 +1107,9 @@ def _mirror_tags(hub: _Hub, ws: "Workspace", v: "VersionInfo", repo_id: str,
 
 # ---------------------------------------------------------------------------------------------- pull
 def _find_local(ws: "Workspace", content_hash: str) -> "VersionInfo | None":
-    """The local version holding these bytes (None when the catalog has none)."""
+    """The local version holding these bytes (None when the catalog has none: one narrow query, issue 19)."""
+    if not _HEX64.match(content_hash) or not ws.has_content(content_hash):
+        return None
     try:
         return ws.resolve(f"sha256:{content_hash}")
     except RefError:
@@ -1063,25 +1131,49 @@ class _Plan:
     by_digest: dict[str, PullResult] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
     in_progress: set[str] = field(default_factory=set)
-    staged: dict[str, Any] = field(default_factory=dict)  # content hash -> StagedBlob (see _stage)
+    staged: dict[str, Any] = field(default_factory=dict)  # content hash -> StagedBlob (see _weights)
     stages: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # discards them
-    lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the store's shared lock meanwhile
 
 
-def _stage(ws: "Workspace", plan: _Plan, digest: str, data: bytes) -> None:
-    """Start writing verified downloaded bytes (1 MiB or more, for a local store that lacks them) to a staged temp
-    file of the store on a worker thread (:meth:`BlobStore.stage`: write + fsync), so the write overlaps the
-    validation and the rest of the plan and ``register_many`` renames it into place (issue 19: the store's copy
-    is written once, beside the validation, not after it). The store's shared lock is held from the first one
-    until just before registration (a concurrent ``gc`` leaves the temp files alone); ``plan.stages`` removes
-    whatever was not renamed."""
-    from ..store import can_stage
+def _weights(ws: "Workspace", hub: _Hub, plan: _Plan, repo: str, filename: str, commit: str, digest: str, *,
+             size_hint: object, where: str) -> tuple[bytes, Callable[[], None]]:
+    """The verified weights ``digest`` for a pull, from the first place that has them: this plan (a diamond), the
+    local store (a blob no version references any more: read and hashed), the Hub cache, or a download. A pull
+    into a local store downloads straight into a staged temp file of the store (:meth:`_Hub.stream_weights`:
+    hashed and written while the transfer goes on, fsynced beside the validation), which ``register_many``
+    renames into place (issue 19: one write of the bytes, no cache copy first; the cache gets a hard link).
+    ``plan.stages`` removes whatever was not renamed; the temp file's own lock keeps a concurrent ``gc`` off it
+    until then (:class:`~adapterhub.store.StagedBlob`). Raises HubError (refusals, transfer failures) or
+    StoreError (the store cannot be written). Returns the bytes and ``verify``: a download's bytes come back as
+    soon as they are received, so that the caller parses them while their sha256 is finished on the worker
+    thread; ``verify()`` (a no-op for bytes read and hashed here) raises HubError unless they are the card's,
+    and must be called before they are used for anything but parsing."""
+    from ..errors import StoreError
+    from ..store import BlobStore
 
-    if not can_stage(ws.store, len(data)) or digest in plan.staged or ws.store.has(digest):
-        return
-    if not plan.staged:
-        plan.lock.enter_context(ws.store.lock(exclusive=False))
-    plan.staged[digest] = plan.stages.enter_context(ws.store.stage(data))
+    def verified() -> None:
+        return None
+
+    planned = plan.staged.get(digest)
+    if planned is not None and planned.data is not None:
+        return bytes(planned.data), verified
+    store = ws.store
+    if isinstance(store, BlobStore) and store.has(digest):
+        with contextlib.suppress(StoreError):  # a corrupt blob: downloaded again, and put_bytes heals it
+            return store.get_bytes(digest), verified
+    got: list[bytes] = []
+    if hub._cached(digest, got) is not None:
+        return got[0], verified
+    if not isinstance(store, BlobStore):  # an object store: through the cache, as any download
+        hub.fetch_weights(repo, filename, commit, digest, size_hint=size_hint, where=where, into=got)
+        return got[0], verified
+    # a large download is hashed and written on the stage's worker thread, beside the transfer; a small one in the
+    # downloading thread (no hand-over per chunk). The card's size only chooses that: the cap is checked anyway.
+    large = isinstance(size_hint, int) and size_hint >= STREAM_THREAD_MIN_BYTES
+    staged = plan.stages.enter_context(store.stage(threaded=large))
+    data, verify = hub.stream_weights(repo, filename, commit, digest, staged, size_hint=size_hint, where=where)
+    plan.staged[digest] = staged
+    return data, verify
 
 
 def local_name_for(repo: str) -> str:
@@ -1214,11 +1306,8 @@ def pull(ws: "Workspace", spec: str, *, name: str | None = None, with_parents: b
     hub = _Hub(endpoint, token, cache_dir if cache_dir is not None else ws.cache_dir / "hub", progress,
                limits if limits is not None else pull_limits())
     plan = _Plan()
-    with plan.stages:  # staged store copies (_stage): removed unless register_many renamed them into place
-        try:
-            result = _plan_pull(ws, hub, plan, spec, name=name, with_parents=with_parents, depth=0)
-        finally:
-            plan.lock.close()  # released first: register_many's failure path takes the store's exclusive lock
+    with plan.stages:  # staged store copies (_weights): removed unless register_many renamed them into place
+        result = _plan_pull(ws, hub, plan, spec, name=name, with_parents=with_parents, depth=0)
         if not plan.versions:
             return result
         hub.progress(f"registering {len(plan.versions)} version(s)")
@@ -1277,14 +1366,17 @@ def _plan_pull(ws: "Workspace", hub: _Hub, plan: _Plan, spec: str, *, name: str 
     # Weights: download (from the exact commit the card came from) and verify BEFORE anything else.
     filename = safe_repo_path(card.get("file", WEIGHTS_FILE))
     hub.progress(f"downloading {repo}@{revision}/{filename}")
-    got_bytes: list[bytes] = []
-    hub.fetch_weights(repo, filename, commit, digest, size_hint=card.get("size_bytes"), where=f"{repo}@{revision}",
-                      into=got_bytes)  # verified against digest while streaming (or read once from the cache)
-    data = got_bytes[0]
-    fault_point("pull.after-download")  # crash tests: weights verified in the cache, nothing registered yet
-    _stage(ws, plan, digest, data)  # the store's copy is written while the bytes are validated
-    # canonical bytes are registered as they are: not re-serialised, not hashed again
-    adapter = fmt.load_canonical(data, source_sha256=digest)
+    data, verify = _weights(ws, hub, plan, repo, filename, commit, digest, size_hint=card.get("size_bytes"),
+                            where=f"{repo}@{revision}")  # hashed while streaming into the store's staged file
+    # The bytes are parsed while the worker finishes their sha256 (issue 19); nothing uses them before verify().
+    # Bytes that are not the card's are refused as such, whatever the parse says.
+    try:
+        adapter = fmt.load_canonical(data, source_sha256=digest)  # canonical bytes: stored as they are
+    except AdapterHubError:
+        verify()
+        raise
+    verify()
+    fault_point("pull.after-download")  # crash tests: weights verified and staged, nothing registered yet
     embedded = adapter.card.get("base") if isinstance(adapter.card.get("base"), dict) else {}
     if embedded and embedded.get("fingerprint") != card["base"].get("fingerprint"):
         raise HubError(f"{repo}@{revision}: the file's base fingerprint disagrees with its card; refusing")
