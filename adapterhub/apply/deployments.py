@@ -930,10 +930,12 @@ class _ChunkBook:
         for e in entries:
             unk = self.unknown.setdefault(e.name, set())
             ch = self._chunks(e.name, e.indices)
-            known = np.array([c for c in ch.tolist() if c not in unk], dtype=np.int64)
+            ids = ch.tolist()
+            # (nothing unknown in this tensor yet, the common case: every chunk's hash is known)
+            known = ch.astype(np.int64) if not unk else np.array([c for c in ids if c not in unk], dtype=np.int64)
             pre = self.state.tensors[e.name].hashes[known]
             out.append(replace(e, chunks=torch.from_numpy(known), chunk_hashes=torch.from_numpy(np.ascontiguousarray(pre))))
-            unk.update(ch.tolist())
+            unk.update(ids)
         return out
 
     def hash_written(self, name: str, idx: torch.Tensor) -> tuple[list[int], list[bytes]]:
