@@ -563,8 +563,12 @@ def fragment(doc: dict[str, Any]) -> str:
         "(about 1 ms per request: only the two sides' own work counts); *pull catalog* — from the \"registering\" "
         "step to the end (target < 0.1 s).", "",
         summary(doc), "", *verdicts(doc), "",
-        "The same targets in the previous run (load 2.3 at its start, 40 ms setting only): register 1.55-18.5x, "
-        "push 1.28-1.32x, pull 0.55-1.31x, pull catalog time 0.015-0.081 s.", "",
+        "The same targets in the previous round's final run (quiet machine): register 0.92-17.7x, push 0.92-1.05x "
+        "(40 ms) / 1.07-2.01x (1 ms), pull 0.55-1.28x (40 ms) / 1.39-1.61x (1 ms), pull catalog time 0.014-0.053 s, "
+        "in memory 1% ÷ 0.1% at 1.1B 5.1×. The in-memory ratio is the noisiest figure: two runs of "
+        "`--ops memory --sizes 1.1b --repeat 3` right after this run (same code, quiet machine) gave 8.4× "
+        "(0.560 s / 0.066 s) and 7.7× (0.582 s / 0.076 s); the 0.1% side is a few tens of milliseconds, so a "
+        "hiccup of 30 ms moves the ratio by half.", "",
         "What `register` of a canonical file does: it reads the file once; its sha256 (the content hash) runs on a "
         "second thread while the file is validated on views of its bytes (gap coding, escapes, ranges, finite "
         "values; no index is decoded) and the mask hash is taken over the file's own index bytes (definition 2, "
