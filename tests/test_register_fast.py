@@ -39,13 +39,9 @@ _dtypes = st.sampled_from(sorted(st_io.DTYPE_SIZES) + ["F31", "f32"])
 _dims = st.lists(st.integers(0, 5), max_size=3)
 
 
-@st.composite
-def _headers(draw):
-    """Mostly valid headers (tensors tiled in some order), then one field of one entry damaged, or none."""
-    specs = draw(st.dictionaries(_names, st.tuples(_dtypes.filter(lambda d: d in st_io.DTYPE_SIZES), _dims),
-                                 max_size=5))
-    order = draw(st.permutations(sorted(specs)))
-    header: dict = {}
+def _tile(header: dict, specs: dict, order) -> int:
+    """Add ``specs`` (name -> (dtype, shape)) to ``header`` in ``order``, each tensor's bytes right after the
+    previous one's; returns where the data ends."""
     pos = 0
     for n in order:
         dt, shape = specs[n]
@@ -54,6 +50,17 @@ def _headers(draw):
             size *= d
         header[n] = {"dtype": dt, "shape": list(shape), "data_offsets": [pos, pos + size]}
         pos += size
+    return pos
+
+
+@st.composite
+def _headers(draw):
+    """Mostly valid headers (tensors tiled in some order), then one field of one entry damaged, or none."""
+    specs = draw(st.dictionaries(_names, st.tuples(_dtypes.filter(lambda d: d in st_io.DTYPE_SIZES), _dims),
+                                 max_size=5))
+    order = draw(st.permutations(sorted(specs)))
+    header: dict = {}
+    pos = _tile(header, specs, order)
     body = pos + draw(st.sampled_from([0, 0, 0, 1, -1]))
     if header and draw(st.booleans()):
         victim = header[draw(st.sampled_from(sorted(header)))]
@@ -125,14 +132,7 @@ def _container_header_by_dumps(specs: dict, metadata: dict) -> bytes:
     """The canonical header as the format defines it: one json.dumps of the whole header."""
     names = sorted(specs, key=lambda n: (-st_io.DTYPE_SIZES[specs[n][0]], n))
     header: dict = {"__metadata__": metadata}
-    offset = 0
-    for n in names:
-        dt, shape = specs[n]
-        size = st_io.DTYPE_SIZES[dt]
-        for d in shape:
-            size *= d
-        header[n] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
+    _tile(header, specs, names)
     hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     hjson += b" " * ((8 - len(hjson) % 8) % 8)
     return struct.pack("<Q", len(hjson)) + hjson
