@@ -64,6 +64,7 @@ CLAIMS = {
     "adapterhub diff": ["jaccard"],
     "adapterhub lineage rt-spam --format mermaid": ["rt@1", "spam@1"],
     "adapterhub deploy history prod": ["rt-spam@1"],
+    "adapterhub deploy rm fed": ["removed deployment fed", "deleted"],
     "adapterhub hub versions": ["v1"],
 }
 
