@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import PROJ, build  # (one implementation of the checkpoints, shared with scale.py)
+from scale import PROJ, _status_kb, build  # (one implementation of the checkpoints, shared with scale.py)
 
 NNZ = 900_000
 
@@ -73,13 +73,9 @@ def _hwm_kb(pid: int) -> int:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"adapterhub.cli.main" not in f.read():
                 return 0
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
+        return _status_kb("VmHWM", pid)
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def cli(home: Path, *args: str) -> float:

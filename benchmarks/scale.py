@@ -161,10 +161,11 @@ def prepare(work: Path, size: str) -> dict[str, Any]:
 
 # -- child-side measurements -------------------------------------------------------------------------------------
 
-def _status_kb(field: str) -> int:
-    """A field of /proc/self/status in KiB: VmRSS (now) or VmHWM (peak of this process image; unlike
-    getrusage's ru_maxrss it is not inherited from the parent across exec)."""
-    with open("/proc/self/status") as f:
+def _status_kb(field: str, pid: int | str = "self") -> int:
+    """A field of /proc/<pid>/status in KiB: VmRSS (now) or VmHWM (peak of this process image; unlike
+    getrusage's ru_maxrss it is not inherited from the parent across exec). 0 if absent (e.g. an exited
+    process). Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
