@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from .. import st_io
-from ..errors import DeploymentError, HeaderError
+from ..errors import DeploymentError, FormatError, HeaderError
 from ..faults import fault_point
+from ..format import decode_gaps, encode_gaps
 from ..fsutil import atomic_write_bytes, fsync_dir
 from .patching import (
     NonFiniteWeightsError,
@@ -212,11 +213,9 @@ Weights = SafetensorsFile | WeightsFolder
 
 # Undo / WAL records are small safetensors files: per tensor the positions and the original values in the
 # weight dtype, plus a JSON document in the metadata. No pickle. The positions are gap-coded as the adapter
-# format codes its indices (:func:`adapterhub.format.encode_indices`: uint16 gaps, a zero gap escaping to an
-# int64 value): ``NNNNNN.gap`` + ``NNNNNN.esc``, 2 bytes a position instead of 8. Records written before
-# that hold plain int64 positions (``NNNNNN.idx``) and are read as they are.
-
-_GAP_LIMIT = 1 << 16  # adapterhub.format's GAP_LIMIT: a gap this large is escaped (a zero gap + an int64 value)
+# format codes its indices, with the same coder (:func:`adapterhub.format.encode_gaps`: uint16 gaps, a zero gap
+# escaping to an int64 value): ``NNNNNN.gap`` + ``NNNNNN.esc``, 2 bytes a position instead of 8. Records written
+# before that hold plain int64 positions (``NNNNNN.idx``) and are read as they are.
 
 
 def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
@@ -232,15 +231,8 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     blobs: dict[str, bytes] = {}
     names = []
     for i, e in enumerate(entries):
-        pos = e.indices.to(torch.int64).numpy()
-        gaps = np.empty(pos.size, dtype=np.int64)  # format.encode_indices' coding: the first gap is from -1
-        if pos.size:
-            gaps[0] = pos[0] + 1
-            np.subtract(pos[1:], pos[:-1], out=gaps[1:])
-        big = gaps >= _GAP_LIMIT
-        esc = np.ascontiguousarray(gaps[big])
-        gaps[big] = 0
-        parts = {f"{i:06d}.gap": ("U16", gaps.astype("<u2").tobytes()), f"{i:06d}.esc": ("I64", esc.astype("<i8").tobytes()),
+        gaps, esc = encode_gaps(e.indices.to(torch.int64).numpy())
+        parts = {f"{i:06d}.gap": ("U16", gaps.tobytes()), f"{i:06d}.esc": ("I64", esc.tobytes()),
                  f"{i:06d}.orig": (_DTYPE_TO_ST[e.original.dtype], _tensor_bytes(e.original))}
         if e.patched is not None:  # the values the apply wrote (a revert's WAL names the record for them)
             parts[f"{i:06d}.new"] = (_DTYPE_TO_ST[e.patched.dtype], _tensor_bytes(e.patched))
@@ -273,17 +265,15 @@ _NP = {"U16": "<u2", "I64": "<i8", "U8": "u1"}
 
 
 def _indices(data: bytes, header: st_io.Header, i: int) -> torch.Tensor:
-    """Entry ``i``'s positions: gap-coded (``.gap`` + ``.esc``; :func:`adapterhub.format.decode_indices`' rules) or,
+    """Entry ``i``'s positions: gap-coded (``.gap`` + ``.esc``; :func:`adapterhub.format.decode_gaps`) or,
     in records of earlier versions, plain int64 (``.idx``)."""
     if f"{i:06d}.idx" in header.entries:
         return torch.from_numpy(_array(data, header, f"{i:06d}.idx", "I64").copy())
-    g = _array(data, header, f"{i:06d}.gap", "U16").astype(np.int64)
-    esc = _array(data, header, f"{i:06d}.esc", "I64")
-    zero = g == 0
-    if int(zero.sum()) != esc.size or bool((esc < _GAP_LIMIT).any()):
-        raise ValueError("escaped gaps do not match their values")
-    g[zero] = esc
-    return torch.from_numpy(np.cumsum(g) - 1)
+    try:
+        return torch.from_numpy(decode_gaps(_array(data, header, f"{i:06d}.gap", "U16"),
+                                            _array(data, header, f"{i:06d}.esc", "I64"), "undo record"))
+    except FormatError as e:
+        raise ValueError(str(e)) from None
 
 
 def _original(data: bytes, header: st_io.Header, key: str) -> torch.Tensor:
