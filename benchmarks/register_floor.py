@@ -11,7 +11,7 @@ conditions), the medians of:
 * ``sha256``: the content hash of the bytes alone;
 * ``blob_write``: ``BlobStore.put_bytes`` of the bytes (hash given) into a scratch store on the same file system;
 * ``sqlite_commit``: one ``INSERT`` of an adapter row + ``COMMIT`` into this catalog with the catalog's own
-  settings (WAL, ``synchronous=NORMAL``) through the plain ``sqlite3`` module;
+  settings (WAL, ``synchronous=FULL``: the commit is fsynced) through the plain ``sqlite3`` module;
 * ``orm_commit``: the same row through the catalog's SQLAlchemy session (add, commit);
 * ``validate``: ``format.load_canonical`` + ``ScannedAdapter.canonical_with`` (the checks, in memory).
 
@@ -69,7 +69,7 @@ def measure(work: Path, size: str, density: str, repeat: int) -> dict[str, Any]:
         raise SystemExit("register_floor.py needs a SQLite catalog")
     raw = sqlite3.connect(db_path, isolation_level=None)
     raw.execute("PRAGMA journal_mode=WAL")
-    raw.execute("PRAGMA synchronous=NORMAL")
+    raw.execute("PRAGMA synchronous=FULL")
     raw.execute("PRAGMA foreign_keys=ON")
     with ws.session() as s:
         base_id = s.query(BaseModel.id).filter(BaseModel.name == "b").scalar()

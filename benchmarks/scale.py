@@ -590,7 +590,7 @@ def fragment(doc: dict[str, Any]) -> str:
         "files the target is missed on CPU work whose size does not follow the file's: the strict parse of the "
         "adapter's header and card, the scan of each parameter, the canonical-header check and the mask hash (about "
         "4.5 ms for the 210 tensors at 135M), and the catalog's read and insert transactions through the ORM (about "
-        "3 ms; a bare SQLite commit in WAL mode costs 0.1 ms, without an fsync). The durability the anchor does not "
+        "3 ms; a bare SQLite commit in WAL mode, fsynced, costs 0.1-0.2 ms). The durability the anchor does not "
         "pay (the blob's rename and directory fsync, the commit) is 0.2-0.3 ms: `benchmarks/register_floor.py` "
         "measures each part against the same anchor ([register floor](register_floor.md)).",
         "",

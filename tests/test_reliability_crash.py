@@ -393,3 +393,19 @@ def test_fault_point_kills_only_when_named(tmp_path):
         env["ADAPTERHUB_FAULT"] = spec
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == rc, (spec, r.returncode, r.stderr)
+
+
+def test_sqlite_catalog_commits_are_fsynced(tmp_path):
+    """A SIGKILL loses nothing the OS already has, but a power cut loses what was not fsynced. A deployment's
+    event is the commit point of its on-disk patch (the WAL is deleted once it commits), so the catalog's
+    commits must be durable when they return: SQLite runs with ``synchronous=FULL`` (2), not NORMAL (1), on
+    every pooled connection the catalog hands out."""
+    from sqlalchemy import text
+
+    from adapterhub.workspace import Workspace
+
+    with Workspace.open(tmp_path / "home") as ws:
+        with ws.engine.connect() as c1, ws.engine.connect() as c2:  # two pooled connections, both set up
+            for c in (c1, c2):
+                assert c.execute(text("PRAGMA synchronous")).scalar() == 2
+                assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
