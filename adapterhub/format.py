@@ -399,20 +399,24 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().tobytes()
     if t.dtype == torch.uint16:
-        return t.to(torch.int32).numpy().astype("<u2").tobytes()
+        return t.numpy().astype("<u2", copy=False).tobytes()
     return t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
 
 
-def _tensor_from_bytes(buf: bytes, st_dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    dtype = _ST_TO_DTYPE[st_dtype]
-    if not buf:
-        return torch.zeros(shape, dtype=dtype)
-    if dtype == torch.uint16:
-        import numpy as np
+_INT_OF_SIZE = {1: "<i1", 2: "<i2", 4: "<i4", 8: "<i8"}
 
-        arr = np.frombuffer(buf, dtype="<u2").astype(np.int32)
-        return torch.from_numpy(arr).to(torch.uint16).reshape(shape)
-    return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape).clone()
+
+def _tensor_from_buffer(data: Any, offset: int, nbytes: int, st_dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor owning a copy of ``nbytes`` little-endian bytes of ``data`` (bytes, mmap, any buffer) from
+    ``offset``: one copy (numpy allocates it aligned), through a signed integer view of the same width."""
+    dtype = _ST_TO_DTYPE[st_dtype]
+    if not nbytes:
+        return torch.zeros(shape, dtype=dtype)
+    size = _ITEMSIZE[st_dtype]
+    arr = np.frombuffer(data, dtype="<u2" if dtype == torch.uint16 else _INT_OF_SIZE[size],
+                        count=nbytes // size, offset=offset).copy()
+    t = torch.from_numpy(arr)
+    return (t if dtype == torch.uint16 else t.view(dtype)).reshape(shape)
 
 
 def _container_header(specs: dict[str, tuple[str, list[int]]], metadata: dict[str, str]) -> tuple[bytes, list[str], int]:
@@ -744,7 +748,7 @@ class AdapterReader:
         dt, shape, b, e = self._entries[tname]
         if dt not in dtypes:
             raise FormatError(f"{tname}: dtype {dt} not allowed here (expected {' or '.join(dtypes)})")
-        return _tensor_from_bytes(self._data[self._start + b:self._start + e], dt, shape)
+        return _tensor_from_buffer(self._data, self._start + b, e - b, dt, shape)
 
     def value_dtype(self, name: str) -> torch.dtype:
         """The dtype of parameter ``name``'s stored values, from the header (no tensor data read).
