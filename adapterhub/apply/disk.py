@@ -225,30 +225,41 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     (``names`` is reserved).
     Returns: the bytes of the record.
     """
-    from ..format import _DTYPE_TO_ST, _container_header, _tensor_bytes
+    from ..format import _DTYPE_TO_ST, _container_header
 
     specs: dict[str, tuple[str, list[int]]] = {}
-    blobs: dict[str, bytes] = {}
+    blobs: dict[str, np.ndarray[Any, Any]] = {}
     names = []
     for i, e in enumerate(entries):
         gaps, esc = encode_gaps(e.indices.to(torch.int64).numpy())
-        parts = {f"{i:06d}.gap": ("U16", gaps.tobytes()), f"{i:06d}.esc": ("I64", esc.tobytes()),
-                 f"{i:06d}.orig": (_DTYPE_TO_ST[e.original.dtype], _tensor_bytes(e.original))}
+        parts = {f"{i:06d}.gap": ("U16", gaps), f"{i:06d}.esc": ("I64", esc),
+                 f"{i:06d}.orig": (_DTYPE_TO_ST[e.original.dtype], _le_array(e.original))}
         if e.patched is not None:  # the values the apply wrote (a revert's WAL names the record for them)
-            parts[f"{i:06d}.new"] = (_DTYPE_TO_ST[e.patched.dtype], _tensor_bytes(e.patched))
+            parts[f"{i:06d}.new"] = (_DTYPE_TO_ST[e.patched.dtype], _le_array(e.patched))
         if e.chunks is not None and e.chunk_hashes is not None:  # the state's hashes of those chunks before
-            parts[f"{i:06d}.chunks"] = ("I64", _tensor_bytes(e.chunks.to(torch.int64)))
-            parts[f"{i:06d}.prehash"] = ("U8", _tensor_bytes(e.chunk_hashes.to(torch.uint8)))
-        for k, (dt, raw) in parts.items():
-            n = len(raw) // st_io.DTYPE_SIZES[dt]
+            parts[f"{i:06d}.chunks"] = ("I64", _le_array(e.chunks.to(torch.int64)))
+            parts[f"{i:06d}.prehash"] = ("U8", _le_array(e.chunk_hashes.to(torch.uint8)))
+        for k, (dt, arr) in parts.items():
+            n = arr.nbytes // st_io.DTYPE_SIZES[dt]
             specs[k] = (dt, [n // 32, 32] if k.endswith(".prehash") else [n])
-            blobs[k] = raw
+            blobs[k] = arr
         names.append(e.name)
     doc = dict(meta)
     doc["names"] = names
-    # the container written directly (format's canonical safetensors writer: one copy of each tensor's bytes)
+    # the container written directly (format's canonical safetensors writer), each tensor's bytes copied once,
+    # straight from its array into the record
     head, order, _ = _container_header(specs, {"adapterhub.undo": json.dumps(doc, sort_keys=True)})
-    return b"".join([head, *(blobs[n] for n in order)])
+    return b"".join([head, *(blobs[n].data for n in order)])
+
+
+def _le_array(t: torch.Tensor) -> np.ndarray[Any, Any]:
+    """``t``'s bytes as a C-contiguous little-endian numpy array, without a copy where it can (bf16 through an
+    int16 view: numpy has no bfloat16)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    a = t.numpy().reshape(-1)
+    return a if a.dtype.byteorder != ">" else a.astype(a.dtype.newbyteorder("<"))
 
 
 def _array(data: bytes, header: st_io.Header, key: str, dtype: str) -> np.ndarray[Any, Any]:
