@@ -99,6 +99,22 @@ def test_gap_coded_record_round_trips_with_escapes_and_is_small():
     assert encode_undo(ents, {"ref": "x@1", "scale": 0.5}) == data  # deterministic: records are content-addressed
 
 
+def test_record_bytes_are_pinned():
+    """Undo records are content-addressed (a stack names its records by sha256): the same entries must encode to
+    the same bytes in every version. Pinned to the bytes of the encoder before its tensors were written from
+    numpy views (bf16 with .new, fp32, fp16 with .new, an empty entry, escapes and chunk hashes)."""
+    idx = torch.tensor([70_000, 70_001, 70_002 + 65_535, 70_002 + 65_536 + 65_535, 1 << 40, (1 << 40) + 3])
+    vals = torch.linspace(-2, 2, 6)
+    ents = [UndoEntry("a", idx, vals.to(torch.bfloat16), torch.tensor([0, 5]),
+                      torch.arange(64, dtype=torch.uint8).reshape(2, 32), (vals + 1).to(torch.bfloat16)),
+            UndoEntry("b", torch.arange(0, 3000, 3), torch.linspace(0, 1, 1000)),
+            UndoEntry("c", torch.tensor([1, 2]), torch.tensor([0.5, -0.25], dtype=torch.float16),
+                      patched=torch.tensor([1.5, 0.75], dtype=torch.float16)),
+            UndoEntry("empty", torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float16))]
+    data = encode_undo(ents, {"ref": "x@1", "scale": 0.5})
+    assert hashlib.sha256(data).hexdigest() == "464ccfe8c9043fc0ed4faa6c0af24534f1a1de9c0ab927fc01a815e4306831e3"
+
+
 def test_old_format_record_still_decodes():
     ents = [UndoEntry("a", torch.tensor([3, 9, 1 << 33]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0]),
                       torch.zeros(1, 32, dtype=torch.uint8))]
