@@ -89,3 +89,59 @@ def test_alembic_has_exactly_one_head(tmp_path):
         f'revision = "9999"\ndown_revision = "{chain[-1].revision}"\n\n\n'
         "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n")
     assert len(_heads(copy)) == 2
+
+
+def test_declared_head_agrees_with_alembic_and_says_none_when_unsure(tmp_path, monkeypatch):
+    """The start-up check reads the head from the migration files without Alembic (db.declared_head): it must
+    name Alembic's own head, and give up (None: Alembic decides) on two heads or a non-literal revision."""
+    assert db.declared_head() == db.head_revision() == _heads(ROOT / "migrations")[0]
+    copy = tmp_path / "migrations"
+    shutil.copytree(ROOT / "migrations", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(db, "MIGRATIONS_DIR", copy)
+    assert db.declared_head() == db.head_revision()
+    nxt = copy / "versions" / "9998_next.py"
+    nxt.write_text(f'revision = "9998"\ndown_revision = "{db.head_revision()}"\n')
+    assert db.declared_head() == "9998" == _heads(copy)[0]  # a new revision is the new head
+    (copy / "versions" / "9999_branch.py").write_text('revision = "9999"\ndown_revision = "9998"[:0] + "0001"\n')
+    assert db.declared_head() is None  # not a literal
+    (copy / "versions" / "9999_branch.py").write_text('revision = "9999"\ndown_revision = "0001"\n')
+    assert db.declared_head() is None and len(_heads(copy)) == 2  # two heads
+
+
+def test_opening_a_catalog_at_head_does_not_load_alembic(home):
+    """Every command opens the catalog; at head that is one query, not Alembic's script directory (~0.2 s of
+    imports); a catalog behind head is still upgraded (test_workspace_migrates_on_first_use)."""
+    from adapterhub.workspace import Workspace
+
+    with Workspace.open(home):
+        pass  # created and upgraded to head (Alembic runs here)
+    code = ("import sys\nfrom adapterhub.workspace import Workspace\n"
+            f"with Workspace.open({str(home)!r}) as ws:\n    ws.list_bases()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_ensure_schema_upgrades_when_behind_and_is_one_query_at_head(catalog_url, monkeypatch):
+    """On SQLite and PostgreSQL: an empty catalog and one a revision behind are upgraded; at head nothing of
+    Alembic runs (its upgrade and its revision reader are made to fail)."""
+    engine = db.make_engine(catalog_url)
+    try:
+        assert db._stamped(engine) is None  # no version table yet: Alembic decides
+        db.ensure_schema(engine)
+        assert db.current_revision(engine) == db.head_revision()
+        chain = list(ScriptDirectory(str(ROOT / "migrations")).walk_revisions())
+        db.downgrade(engine, chain[1].revision)  # one behind head
+        assert db._stamped(engine) == [chain[1].revision]
+        db.ensure_schema(engine)
+        assert db._stamped(engine) == [db.head_revision()] and _diff(engine) == []
+
+        def boom(*a, **k):
+            raise AssertionError("Alembic ran at head")
+
+        monkeypatch.setattr(db, "upgrade", boom)
+        monkeypatch.setattr(db, "current_revision", boom)
+        db.ensure_schema(engine)
+    finally:
+        engine.dispose()
