@@ -1,5 +1,6 @@
 """``adapterhub merge`` and ``adapterhub deploy ...``: thin commands over adapterhub.merging.methods and
-adapterhub.apply.deployments."""
+adapterhub.apply.deployments. Only the commands that patch weights (apply, revert, rollback) import that module,
+and torch with it; the others use its torch-free parts (adapterhub.apply.deploy_ownership, deploy_folders)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -10,8 +11,8 @@ from .common import Ctx, LazyChoice, echo, echo_err, handle_errors, json_option,
 from .options import values_dtype_option
 from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF, FiniteFloat, WeightsType
 
-if TYPE_CHECKING:  # torch-free at run time: only the type checker reads the deployments module here
-    from adapterhub.apply.deployments import DeploymentInfo
+if TYPE_CHECKING:
+    from adapterhub.catalog.deployments import DeploymentInfo
 
 
 def _method_names() -> list[str]:
@@ -84,9 +85,9 @@ def deploy_create(c: Ctx, name: str, base: str, path: str | None, as_json: bool)
 
     Example: adapterhub deploy create prod --base minilm
     """
-    from adapterhub.apply import deployments
+    from adapterhub.apply import deploy_folders
 
-    info = deployments.create(c.ws, name, base, path)
+    info = deploy_folders.create(c.ws, name, base, path)
     _show(info, as_json)
 
 
@@ -109,9 +110,9 @@ def deploy_list(c: Ctx, as_json: bool) -> None:
 
     Example: adapterhub deploy list --json
     """
-    from adapterhub.apply import deployments
+    from adapterhub.apply import deploy_ownership
 
-    infos = deployments.list_deployments(c.ws)
+    infos = deploy_ownership.list_deployments(c.ws)
     output([i.to_json() for i in infos], as_json, ["deployment", "base", "stack", "events", "state", "path"],
            [[i.name, i.base, " > ".join(l["ref"] for l in i.stack) or "-", i.events, i.state[:16], str(i.path)]
             for i in infos])
@@ -167,9 +168,9 @@ def deploy_rm(c: Ctx, name: str, keep_files: bool, as_json: bool) -> None:
 
     Example: adapterhub deploy rm staging
     """
-    from adapterhub.apply import deployments
+    from adapterhub.apply import deploy_folders
 
-    r = deployments.remove(c.ws, name, keep_files=keep_files)
+    r = deploy_folders.remove(c.ws, name, keep_files=keep_files)
     if as_json:
         print_json(r.to_json())
         return
@@ -209,9 +210,9 @@ def deploy_history(c: Ctx, name: str, as_json: bool) -> None:
 
     Example: adapterhub deploy history prod --json
     """
-    from adapterhub.apply import deployments
+    from adapterhub.apply import deploy_ownership
 
-    evs = deployments.history(c.ws, name)
+    evs = deploy_ownership.history(c.ws, name)
     output([e.to_json() for e in evs], as_json,
            ["event", "action", "ref", "adapter hash", "forget", "scale", "state", "stack", "time"],
            [[e.seq, e.action, e.ref or (f"to {e.details['to']}" if "to" in e.details else ""),
@@ -238,16 +239,16 @@ def deploy_verify(c: Ctx, name: str, as_json: bool) -> None:
 
     Example: adapterhub deploy verify prod
     """
-    from adapterhub.apply import deployments
+    from adapterhub.apply import deploy_folders
 
-    r = deployments.verify(c.ws, name)
+    r = deploy_folders.verify(c.ws, name)
     if as_json:
         print_json(r)
     else:
         output(r, False, ["deployment", "ok", "expected", "actual"],
                [[r["name"], "yes" if r["ok"] else "NO", r["expected"][:16], str(r["actual"])[:16]]])
     if not r["ok"]:
-        why = deployments.why_not_ok(r)
+        why = deploy_folders.why_not_ok(r)
         if r.get("pending_recovery") and not r.get("problems"):  # the library does not name commands
             why += "; run `adapterhub verify --repair`"
         raise click.ClickException(f"deployment {name} does not verify: {why}")

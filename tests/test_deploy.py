@@ -359,7 +359,7 @@ def test_merge_refuses_different_bases(setup, tmp_path, home):
 
 def test_create_interrupted_before_commit_is_cleaned_up(setup, monkeypatch):
     ws, base_dir, refs = setup
-    import adapterhub.apply.deployments as dmod
+    import adapterhub.apply.deploy_folders as dmod
 
     class Crash(BaseException):
         pass

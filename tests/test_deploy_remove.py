@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-import adapterhub.apply.deployments as dmod
+import adapterhub.apply.deploy_folders as dmod
 from adapterhub.apply import deployments as dep
 from adapterhub.errors import CatalogError, DeploymentError
 from adapterhub.workspace import Workspace

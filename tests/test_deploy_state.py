@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from adapterhub.apply import deployments as dep, state as state_mod
+from adapterhub.apply import deploy_folders, deploy_ownership, deployments as dep, state as state_mod
 from adapterhub.apply.disk import WeightsFolder, _union_sorted
 from adapterhub.apply.patching import apply_adapter, state_root
 from adapterhub.apply.state import measure_folder
@@ -307,7 +307,7 @@ def test_create_copies_and_hashes_once(ws, tiny_llama_dir, monkeypatch):
         calls.append(bool(kw.get("identity")))
         return real(folder, **kw)
 
-    monkeypatch.setattr(dep, "measure_folder", spy)
+    monkeypatch.setattr(deploy_ownership, "measure_folder", spy)
     monkeypatch.setattr(dep, "fingerprint_folder", lambda *_: pytest.fail("second hash"), raising=False)
     one = dep.create(ws, "one", "tiny")
     two = dep.create(ws, "two", "tiny")
@@ -321,5 +321,5 @@ def test_clone_file_copies_bytes(tmp_path):
     src.write_bytes(os.urandom(3 << 20) + b"tail")
     dst = tmp_path / "b.bin"
     with open(src, "rb") as fin, open(dst, "xb") as fout:
-        dep._clone_file(fin.fileno(), fout.fileno())
+        deploy_folders._clone_file(fin.fileno(), fout.fileno())
     assert dst.read_bytes() == src.read_bytes()

@@ -27,3 +27,22 @@ def test_lazy_choices_still_validate_and_list():
     assert r.exit_code == 2 and "uniform-sparse" in r.output
     r = CliRunner().invoke(cli, ["train", "--help"])
     assert r.exit_code == 0 and "connection-sensitivity" in r.output
+
+
+def test_deploy_read_and_bookkeeping_commands_do_not_import_torch(tmp_path, tiny_llama_dir):
+    """deploy create / list / history / verify / rm run without torch (issue 19: costs follow the adapter);
+    only the commands that patch weights import it."""
+    from adapterhub.workspace import Workspace
+
+    home = tmp_path / "home"
+    with Workspace.open(home) as ws:
+        ws.add_base("b", str(tiny_llama_dir))
+    code = ("import sys; from adapterhub.cli.main import cli; from click.testing import CliRunner; h = sys.argv[1]\n"
+            "for args in (['create', 'd', '--base', 'b'], ['list', '--json'], ['history', 'd', '--json'],\n"
+            "             ['verify', 'd', '--json'], ['rm', 'd', '--json']):\n"
+            "    r = CliRunner().invoke(cli, ['--home', h, 'deploy', *args])\n"
+            "    assert r.exit_code == 0, (args, r.output)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(home)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

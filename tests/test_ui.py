@@ -212,12 +212,12 @@ def test_deployment_page_takes_the_stat_check_and_hashes_on_request(cat, monkeyp
     ``?measure=1`` hashes every byte; a byte changed behind the catalog's back is still reported."""
     import os
 
-    from adapterhub.apply import deployments
+    from adapterhub.apply import deploy_folders, deployments
 
     ws, _ = cat
     calls = []
-    real = deployments.measure_folder
-    monkeypatch.setattr(deployments, "measure_folder", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = deploy_folders.measure_folder
+    monkeypatch.setattr(deploy_folders, "measure_folder", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     html = client(ws).get("/deployments/prod").text
     assert '<span class="ok">ok</span>' in html and "stat check" in html and calls == []
     html = client(ws).get("/deployments/prod?measure=1").text
