@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import random
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, func, or_, select, text
+from sqlalchemy import CursorResult, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -40,6 +41,8 @@ from .fsutil import sha256_hex
 from .store import GcResult, Store, open_store
 
 if TYPE_CHECKING:
+    from sqlalchemy import Table
+
     from . import format as fmt
 
 _log = logging.getLogger("adapterhub.catalog")
@@ -75,6 +78,38 @@ def _version_info(row: AdapterVersion, base: BaseModel | BaseInfo, tags: list[st
         training_config=row.training_config, metrics=row.metrics, card=row.card, created_at=row.created_at,
         hub_repo=row.hub_repo, hub_commit=row.hub_commit, hub_tag=row.hub_tag, hub_endpoint=row.hub_endpoint,
         tags=sorted(tags or []), deprecated_at=row.deprecated_at)
+
+
+def _version_columns() -> list[Any]:
+    """The columns of a version, its adapter and its base, labelled with :class:`VersionInfo`'s field names (a row
+    of them becomes ``VersionInfo(**row._mapping)``; the query joins the three tables)."""
+    v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
+    return [v.id, a.name, v.number, a.kind, v.content_hash, v.size_bytes, v.task, b.name.label("base"),
+            b.fingerprint.label("base_fingerprint"), v.mask_method, v.density, v.granularity, v.block_size,
+            v.target_modules, v.nnz, v.nnz_per_param, v.dtype, v.mask_hash, v.training_config, v.metrics,
+            v.card, v.created_at, v.hub_repo, v.hub_commit, v.hub_tag, v.hub_endpoint, v.deprecated_at]
+
+
+@functools.cache
+def _push_snapshot_query(*, by_id: bool) -> Any:
+    """The statement of :meth:`Workspace.push_snapshot` (built once: a push's fixed cost, issue 19): a version's
+    columns (:func:`_version_columns`), its base's (``b_*``), whether it has an edge to a local parent and whether a
+    version of its adapter was pushed to ``:repo_id`` on ``:endpoint`` (or recorded without an endpoint); the version
+    by ``:name`` and ``:number``, or ``by_id`` by ``:id``."""
+    v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
+    e, other = LineageEdge.__table__.c, AdapterVersion.__table__.alias("pushed").c
+    q = select(*_version_columns(), b.id.label("b_id"), b.source.label("b_source"), b.revision.label("b_revision"),
+               b.architecture.label("b_architecture"), b.num_params.label("b_num_params"),
+               b.local_path.label("b_local_path"), b.created_at.label("b_created_at"),
+               select(e.id).where(e.child_id == v.id, e.parent_id.is_not(None)).limit(1).exists()
+               .label("b_has_parents"),
+               select(other.id).where(other.adapter_id == v.adapter_id, other.hub_repo == bindparam("repo_id"), or_(
+                   other.hub_endpoint.is_(None), other.hub_endpoint == bindparam("endpoint"))).limit(1).exists()
+               .label("b_pushed")).select_from(
+        AdapterVersion.__table__.join(Adapter.__table__, v.adapter_id == a.id).join(BaseModel.__table__, a.base_id == b.id))
+    if by_id:
+        return q.where(v.id == bindparam("id"))
+    return q.where(a.name == bindparam("name"), v.number == bindparam("number"))
 
 
 @dataclass
@@ -479,28 +514,33 @@ class Workspace:
         return BaseInfo(name, src, revision, info.architecture, info.fingerprint, info.num_params, path, 0)
 
     def register_many(self, versions: Sequence[NewVersion], *, new_bases: Sequence[BaseInfo] = (),
-                      staged: dict[str, Any] | None = None) -> list[VersionInfo]:
+                      staged: dict[str, Any] | None = None, known_bases: Sequence[BaseInfo] = ()) -> list[VersionInfo]:
         """Register several versions (and new bases) all-or-nothing: one catalog transaction.
 
         ``staged``: content hash -> a :class:`~adapterhub.store.StagedBlob` of those very bytes (``pull`` stages
         what it downloaded while it validates it): renamed into place instead of written again; the caller
-        discards them afterwards (and must not hold the store's lock during this call).
+        discards them afterwards (and must not hold the store's lock during this call). ``known_bases``: bases of
+        the catalog the caller has just read (their folders resolved), so that they are not read again.
 
         Takes the versions in order (a parent before its children; a child names a parent of the same
         batch by ``sha256:<content hash>``) and bases from :meth:`prepare_base` to add in the same
         transaction. Everything is validated and serialised first, and each ``expect_hash`` checked;
-        then the whole batch is tried against the catalog and rolled back, so refusals happen before any
-        blob is written. Blobs are then written (atomic, fsynced), then every row is inserted and committed
-        at once. If anything fails after that, the blobs this call newly created (and no committed version
-        references) are removed again; blobs that already existed stay. A crash leaves at most
-        unreferenced blobs, which ``gc`` removes. Returns one VersionInfo per version, in order (created
-        False for content already present as a version of that name). Raises what :meth:`register`
-        raises, CatalogError for a hash that differs from ``expect_hash`` or a base that appeared meanwhile
-        with other weights.
+        then the whole batch is tried against the catalog, so refusals happen before any blob is written:
+        in a transaction rolled back before the blobs are written, or, when no blob has bytes to write (each
+        is staged, or already in a local store: a pull), in the transaction itself, flushed before the blobs
+        are renamed into place and committed after them (issue 19: no second pass over the batch). Blobs are
+        written atomically and fsynced before the rows are committed. If anything fails after that, the blobs
+        this call newly created (and no committed version references) are removed again; blobs that already
+        existed stay. A crash leaves at most unreferenced blobs, which ``gc`` removes. Returns one VersionInfo
+        per version, in order (created False for content already present as a version of that name). Raises
+        what :meth:`register` raises, CatalogError for a hash that differs from ``expect_hash`` or a base that
+        appeared meanwhile with other weights.
         """
         from .faults import fault_point
+        from .store import BlobStore
 
-        bases = {b.name: b for b in new_bases}
+        bases = {b.name: b for b in known_bases}
+        bases.update({b.name: b for b in new_bases})
         for b in new_bases:
             validate_name(b.name, "base name")
         prepared = [self._prepare_version(v, bases) for v in versions]
@@ -508,6 +548,33 @@ class Workspace:
             if p.spec.expect_hash is not None and p.digest != p.spec.expect_hash:
                 raise CatalogError(f"{p.spec.name}: the canonical bytes hash {p.digest[:12]} differs from the "
                                    f"expected {p.spec.expect_hash[:12]} (a non-canonical file); nothing was registered")
+        stages = staged or {}
+        created: list[str] = []  # blobs this call writes (not there before): removed again on failure
+
+        def put_blobs() -> None:
+            for p in prepared:
+                if p.digest not in created and not self.store.has(p.digest):
+                    created.append(p.digest)
+                self.store.put_bytes(p.data, digest=p.digest, staged=stages.get(p.digest))
+            fault_point("register.after-blob")
+
+        # Nothing to write: every blob is a staged file of these very bytes (renamed into place) or already stored.
+        place_only = isinstance(self.store, BlobStore) and all(
+            (stages.get(p.digest) is not None and stages[p.digest].data is p.data) or self.store.has(p.digest)
+            for p in prepared)
+        if place_only:
+            def placing_txn() -> list[VersionInfo]:
+                with self.session() as s:
+                    infos = self._add_batch(s, new_bases, prepared)  # refusals: before any blob is placed
+                    put_blobs()  # renames (and the wait for the staged fsyncs) inside the open transaction
+                    fault_point("register.before-commit")  # rows and edges flushed, transaction not committed
+                    return infos
+            try:
+                with self.store.lock(exclusive=False):  # a concurrent gc waits until the rows are committed
+                    return cast("list[VersionInfo]", self._retry(placing_txn))
+            except BaseException:
+                self._drop_unreferenced(created)
+                raise
 
         def dry_run() -> None:
             with self._sessions() as s:
@@ -524,15 +591,10 @@ class Workspace:
                 fault_point("register.before-commit")  # rows and edges flushed, transaction not committed
                 return infos
 
-        created: list[str] = []  # blobs this call writes (not there before): removed again on failure
         try:
             with self.store.lock(exclusive=False):  # a concurrent gc waits until the rows are committed
-                for p in prepared:
-                    if p.digest not in created and not self.store.has(p.digest):
-                        created.append(p.digest)
-                    self.store.put_bytes(p.data, digest=p.digest, staged=(staged or {}).get(p.digest))
-                fault_point("register.after-blob")
-                return self._retry(txn)
+                put_blobs()
+                return cast("list[VersionInfo]", self._retry(txn))
         except BaseException:
             self._drop_unreferenced(created)
             raise
@@ -817,10 +879,60 @@ class Workspace:
                 Adapter.name == name, v.hub_repo == repo_id, or_(v.hub_endpoint.is_(None), v.hub_endpoint == endpoint)
             ).limit(1)) is not None
 
-    def set_hub(self, ref: str, *, repo: str, commit: str | None, tag: str | None, endpoint: str | None) -> None:
-        """Record the Hub coordinates of a pushed version."""
+    def push_snapshot(self, ref: str, repo_id: str | None, endpoint: str) -> tuple[VersionInfo, BaseInfo, bool, bool | None]:
+        """What a push reads of the catalog, in one read transaction of three statements (issue 19: a push's fixed
+        cost): the version ``ref`` resolves to (as :meth:`resolve`: tags and presented metrics included), its base
+        (as ``get_base(resolve_path=False)``), whether it has a lineage edge to a local parent (:meth:`has_parents`)
+        and, with ``repo_id``, whether a version of its adapter was pushed there on ``endpoint`` (:meth:`pushed_to`;
+        None without ``repo_id``). Raises RefError (as :meth:`resolve`)."""
+        r = parse_ref(ref)
+        args = {"repo_id": repo_id or "", "endpoint": endpoint}
+        with self.session() as s:
+            row = None
+            if r.name is not None and r.number is not None:  # name@N (what a push is given): one statement
+                row = s.execute(_push_snapshot_query(by_id=False), {**args, "name": r.name, "number": r.number}).first()
+            if row is None:  # any other REF, or one that does not resolve (then its RefError)
+                row = s.execute(_push_snapshot_query(by_id=True), {**args, "id": self._resolve_row(s, ref).id}).one()
+            m = dict(row._mapping)
+            tags = s.scalars(select(Tag.name).where(Tag.version_id == m["id"])).all()
+            current = mh.current_rows(self._metric_records(s, [m["id"]]).get(m["id"], []))
+        info = VersionInfo(**{k: m[k] for k in m if not k.startswith("b_")}, tags=sorted(tags))
+        info.metrics = mh.present(info.metrics, current)
+        base = BaseInfo(info.base, m["b_source"], m["b_revision"], m["b_architecture"], info.base_fingerprint,
+                        m["b_num_params"], Path(m["b_local_path"]) if m["b_local_path"] else Path(""), m["b_id"],
+                        m["b_created_at"])
+        return info, base, bool(m["b_has_parents"]), None if repo_id is None else bool(m["b_pushed"])
+
+    def pull_snapshot(self, base: str | None, name: str) -> tuple[BaseInfo | None, list[Any]]:
+        """What a pull reads of the catalog before it plans a version, in one read transaction (issue 19: a pull's
+        fixed cost): the base called ``base`` (as ``get_base(resolve_path=False)``; None when there is none or
+        ``base`` is None) and, for every version of adapter ``name`` (none when there is no such adapter), a row with
+        its ``base`` name, ``hub_repo`` and ``hub_endpoint``, oldest first."""
+        v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
+        with self.session() as s:
+            row = s.execute(select(*BaseModel.__table__.c).where(b.name == base)).first() if base is not None else None
+            info = self._base_info(cast(BaseModel, row)) if row is not None else None
+            versions = list(s.execute(
+                select(b.name.label("base"), v.hub_repo, v.hub_endpoint)
+                .select_from(AdapterVersion.__table__.join(Adapter.__table__, v.adapter_id == a.id)
+                             .join(BaseModel.__table__, a.base_id == b.id))
+                .where(a.name == name).order_by(v.number)).all())
+        return info, versions
+
+    def set_hub(self, ref: str, *, repo: str, commit: str | None, tag: str | None, endpoint: str | None,
+                version_id: int | None = None) -> None:
+        """Record the Hub coordinates of a pushed version. ``version_id``: the row ``ref`` resolved to (a push knows
+        it): one UPDATE by id, without resolving ``ref`` again (RefError when that row is gone meanwhile)."""
         def txn() -> None:
             with self.session() as s:
+                if version_id is not None:
+                    t = AdapterVersion.__table__.c  # a Core UPDATE: no ORM object is loaded
+                    done = s.execute(update(cast("Table", AdapterVersion.__table__)).where(t.id == version_id).values(
+                        hub_repo=repo, hub_commit=commit, hub_tag=tag, hub_endpoint=endpoint))
+                    if cast("CursorResult[Any]", done).rowcount != 1:
+                        raise RefError(f"{ref} was removed from the catalog meanwhile; its Hub coordinates were "
+                                       "not recorded")
+                    return
                 row = self._resolve_row(s, ref)
                 row.hub_repo, row.hub_commit, row.hub_tag, row.hub_endpoint = repo, commit, tag, endpoint
         self._retry(txn)
@@ -843,12 +955,8 @@ class Workspace:
         shows. Each version's ``metrics`` is the presented overlay (:func:`adapterhub.catalog.metrics.present`,
         every current figure, those of ``columns`` included), read with one more query.
         """
-        v, a, b = AdapterVersion.__table__.c, Adapter.__table__.c, BaseModel.__table__.c
-        # labelled with VersionInfo's field names, so each row becomes VersionInfo(**row)
-        cols = [v.id, a.name, v.number, a.kind, v.content_hash, v.size_bytes, v.task, b.name.label("base"),
-                b.fingerprint.label("base_fingerprint"), v.mask_method, v.density, v.granularity, v.block_size,
-                v.target_modules, v.nnz, v.nnz_per_param, v.dtype, v.mask_hash, v.training_config, v.metrics,
-                v.card, v.created_at, v.hub_repo, v.hub_commit, v.hub_tag, v.hub_endpoint, v.deprecated_at]
+        v = AdapterVersion.__table__.c
+        cols = _version_columns()  # labelled with VersionInfo's field names, so each row becomes VersionInfo(**row)
         # A page (``limit``) takes two steps: its ids, filtered and ordered through the indexes over narrow rows
         # (SQLite would otherwise sort whole rows, JSON columns and all, for every page), then their columns.
         narrow = bool(limit)

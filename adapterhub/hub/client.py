@@ -38,6 +38,7 @@ and a size cap (:func:`pull_limits`: ``--timeout`` / ``ADAPTERHUB_PULL_TIMEOUT``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -824,11 +825,15 @@ def default_repo(ws: "Workspace", name: str, hub: _Hub) -> str:
     return repo
 
 
-def _lineage_for_card(ws: "Workspace", v: "VersionInfo | str") -> list[dict[str, Any]]:
-    """The card's lineage of ``v`` (a version or a REF): its edges to local parents (provenance left out), sorted."""
+def _lineage_for_card(ws: "Workspace", v: "VersionInfo | str", *, has_parents: bool | None = None
+                      ) -> list[dict[str, Any]]:
+    """The card's lineage of ``v`` (a version or a REF): its edges to local parents (provenance left out), sorted.
+    ``has_parents``: whether ``v`` has an edge to a local parent, when the caller already read it."""
     if isinstance(v, str):
         v = ws.resolve(v)
-    if not ws.has_parents(v.id):  # most versions have no parent: one narrow query then, not a resolve + edge walk
+    if has_parents is None:
+        has_parents = ws.has_parents(v.id)
+    if not has_parents:  # most versions have no parent: one narrow query then, not a resolve + edge walk
         return []
     out = []
     for edge in ws.parents(v.ref):
@@ -871,7 +876,11 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
         raise HubError(f"invalid branch name {branch!r}")
     if repo is not None and not is_repo_id(repo):
         raise HubError(f"invalid Hub repo id {repo!r}: expected OWNER/NAME")
-    v = ws.resolve(ref)
+    hub = _Hub(endpoint, token, None, progress)
+    public = public_endpoint(hub.endpoint)
+    # one read transaction for the version, its base, whether it has parents and whether this catalog pushed its
+    # adapter to ``repo`` before (issue 19: a push's fixed cost)
+    v, base, has_parents, pushed = ws.push_snapshot(ref, repo, public)
     # The weights are not read up front (issue 19): an upload hashes the store's blob once, in
     # CommitOperationAdd, and is refused unless that equals the content hash; a tree whose weights are a plain
     # git blob (not LFS) is compared against the store's verified bytes, read then and only then.
@@ -889,25 +898,24 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
             raise HubError(f"{v.ref}: the store's blob does not hold this version's bytes (corrupt or changed); "
                            "nothing was uploaded; run `adapterhub verify`")
         return op
-    base = ws.get_base(v.base, resolve_path=False)
-    hub = _Hub(endpoint, token, None, progress)
     repo_id = repo or default_repo(ws, v.name, hub)
+    if pushed is None:
+        pushed = _pushed_to(ws, v.name, repo_id, public)
     tag = f"v{v.number}"
-    card = build_hub_card(v, base, _lineage_for_card(ws, v))
+    card = build_hub_card(v, base, _lineage_for_card(ws, v, has_parents=has_parents))
     card["size_bytes"] = v.size_bytes
     card_bytes = hub_card_bytes(card)
-    readme = str(build_model_card(card, repo_id=repo_id, endpoint=public_endpoint(hub.endpoint))).encode()
-    url = f"{public_endpoint(hub.endpoint)}/{repo_id}"
+    readme = str(build_model_card(card, repo_id=repo_id, endpoint=public)).encode()
+    url = f"{public}/{repo_id}"
 
     def done(commit: str, uploaded: bool, message: str) -> PushResult:
         fault_point("push.before-record")  # crash tests: tagged on the Hub, catalog not updated yet
-        ws.set_hub(v.ref, repo=repo_id, commit=commit, tag=tag, endpoint=public_endpoint(hub.endpoint))
+        ws.set_hub(v.ref, repo=repo_id, commit=commit, tag=tag, endpoint=public, version_id=v.id)
         return PushResult(v.ref, repo_id, branch, commit, tag, v.content_hash, uploaded, url, message)
 
     # 0. A repo this catalog never pushed to is created first (issue 19): a new repo then needs no refs listing
     # (nothing to compare, no tag to protect); one that exists answers 409 and is checked below as always.
-    created = not card_only and not _pushed_to(ws, v.name, repo_id, public_endpoint(hub.endpoint)) and \
-        _create_new_repo(hub, repo_id, private, weights_op)
+    created = not card_only and not pushed and _create_new_repo(hub, repo_id, private, weights_op)
     refs: Any = None
     branches: dict[str, str | None] = {"main": None}  # a repo created just now: its branch, holding none of our files
     if not created:
@@ -1128,6 +1136,7 @@ class _Plan:
 
     versions: list[tuple["NewVersion", PullResult, bool]] = field(default_factory=list)
     bases: dict[str, "BaseInfo"] = field(default_factory=dict)
+    local_bases: dict[str, "BaseInfo"] = field(default_factory=dict)  # bases of the catalog the versions use
     by_digest: dict[str, PullResult] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
     in_progress: set[str] = field(default_factory=set)
@@ -1192,22 +1201,25 @@ def local_name_for(repo: str) -> str:
 
 
 def _check_local_name(ws: "Workspace", plan: _Plan, *, name: str, repo: str, endpoint: str, base: str,
-                      explicit: bool) -> bool:
+                      explicit: bool, versions: list[Any] | None = None) -> bool:
     """May this pull add a version of ``repo`` under local adapter ``name``? Returns True when it adds to
     an adapter the user named (``explicit``) that already exists.
 
     A name the user gave may hold an existing adapter only on the same base. A name derived from the
     repo id may only hold versions pulled from (or pushed to) that same repo on the same endpoint. One
-    pull never puts two repos under one name. Raises HubError otherwise; writes nothing.
+    pull never puts two repos under one name. ``versions``: the local versions of ``name`` (their ``base``,
+    ``hub_repo`` and ``hub_endpoint``) when the caller has read them already. Raises HubError otherwise; writes
+    nothing.
     """
     other = plan.names.get(name)
     if other is not None and other != repo:
         raise HubError(f"this pull would put {other} and {repo} under one local name {name!r}; refusing")
     plan.names[name] = repo
-    try:
-        versions = ws.log(name)
-    except RefError:
-        return False
+    if versions is None:
+        try:
+            versions = ws.log(name)
+        except RefError:
+            return False
     if explicit:
         bases = sorted({v.base for v in versions} - {base})
         if bases:
@@ -1220,11 +1232,12 @@ def _check_local_name(ws: "Workspace", plan: _Plan, *, name: str, repo: str, end
     return False
 
 
-def _ensure_base(ws: "Workspace", base: dict[str, Any], plan: _Plan) -> str:
+def _ensure_base(ws: "Workspace", base: dict[str, Any], plan: _Plan, *, read: Any = None) -> str:
     """The local base name for the card's ``base``: a local base of that name with the same fingerprint,
     or one to add under that name (kept in ``plan.bases``, registered in the same transaction as the
     versions) from a local base with the same fingerprint or the card's built-in source. The fingerprint
-    decides; nothing is written to the catalog here. Raises HubError when no such base can be found."""
+    decides; nothing is written to the catalog here. ``read``: ``(the local base of that name or None,)`` when the
+    caller has read it already (:meth:`Workspace.pull_snapshot`). Raises HubError when no such base can be found."""
     from ..errors import BaseModelError
 
     name, fp = base.get("name"), base.get("fingerprint")
@@ -1235,14 +1248,19 @@ def _ensure_base(ws: "Workspace", base: dict[str, Any], plan: _Plan) -> str:
         if planned.fingerprint != fp:
             raise HubError(f"the pulled adapters need two different bases called {name!r}; refusing")
         return name
-    try:
-        local = ws.get_base(name, resolve_path=False)
-    except BaseModelError:
-        local = None
+    local = plan.local_bases.get(name)
+    if local is None and read is not None:
+        local = read[0]
+    elif local is None:
+        try:
+            local = ws.get_base(name, resolve_path=False)
+        except BaseModelError:
+            local = None
     if local is not None:
         if local.fingerprint != fp:
             raise HubError(f"local base {name!r} has fingerprint {local.fingerprint[:12]}, the adapter was made for "
                            f"{str(fp)[:12]}; refusing")
+        plan.local_bases[name] = local  # handed to register_many, which then does not read it again
         return name
     # The same weights under another local name, or a source we can materialise here.
     candidates = [b.source for b in ws.list_bases() if b.fingerprint == fp]
@@ -1311,8 +1329,11 @@ def pull(ws: "Workspace", spec: str, *, name: str | None = None, with_parents: b
         if not plan.versions:
             return result
         hub.progress(f"registering {len(plan.versions)} version(s)")
+        from ..bases.sources import resolve_source
+
+        known = [dataclasses.replace(b, path=resolve_source(b.source, ws.cache_dir)) for b in plan.local_bases.values()]
         infos = ws.register_many([v for v, _, _ in plan.versions], new_bases=list(plan.bases.values()),
-                                 staged=plan.staged)
+                                 staged=plan.staged, known_bases=known)
         for (version, res, added), info in zip(plan.versions, infos, strict=True):
             res.ref, res.registered = info.ref, info.created
             where = f"{res.repo}@{res.revision}"
@@ -1422,9 +1443,12 @@ def _plan_pull(ws: "Workspace", hub: _Hub, plan: _Plan, spec: str, *, name: str 
     if tag is None:  # pulled by branch or commit: name the version tag pointing at this commit, if any
         tags = sorted(t.name for t in hub.refs(repo).tags if t.target_commit == commit and _TAG_RE.match(t.name))
         tag = tags[0] if tags else None
-    base_name = _ensure_base(ws, card["base"], plan)
+    # one read of the catalog for the base and the local name (issue 19: a pull's fixed cost)
+    card_base = card["base"].get("name")
+    read = ws.pull_snapshot(card_base if isinstance(card_base, str) and card_base else None, local_name)
+    base_name = _ensure_base(ws, card["base"], plan, read=read[:1])
     added = _check_local_name(ws, plan, name=local_name, repo=repo, endpoint=endpoint, base=base_name,
-                              explicit=explicit)
+                              explicit=explicit, versions=read[1])
     version = NewVersion(adapter, name=local_name, task=card.get("task"), base=base_name,
                          kind=card.get("kind") or "expert", parents=tuple(parents),
                          metrics=card.get("metrics") or None, training_config=card.get("training") or None,
