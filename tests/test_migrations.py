@@ -98,14 +98,37 @@ def test_declared_head_agrees_with_alembic_and_says_none_when_unsure(tmp_path, m
     copy = tmp_path / "migrations"
     shutil.copytree(ROOT / "migrations", copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(db, "MIGRATIONS_DIR", copy)
-    assert db.declared_head() == db.head_revision()
+    assert db._read_declared_head() == db.head_revision()
     nxt = copy / "versions" / "9998_next.py"
     nxt.write_text(f'revision = "9998"\ndown_revision = "{db.head_revision()}"\n')
-    assert db.declared_head() == "9998" == _heads(copy)[0]  # a new revision is the new head
+    assert db._read_declared_head() == "9998" == _heads(copy)[0]  # a new revision is the new head
     (copy / "versions" / "9999_branch.py").write_text('revision = "9999"\ndown_revision = "9998"[:0] + "0001"\n')
-    assert db.declared_head() is None  # not a literal
+    assert db._read_declared_head() is None  # not a literal
     (copy / "versions" / "9999_branch.py").write_text('revision = "9999"\ndown_revision = "0001"\n')
-    assert db.declared_head() is None and len(_heads(copy)) == 2  # two heads
+    assert db._read_declared_head() is None and len(_heads(copy)) == 2  # two heads
+
+
+def test_declared_head_is_read_once_per_process_even_from_threads(monkeypatch):
+    """Workspaces opened from several threads at once read the migration files once, under a lock: CPython 3.11's
+    ast.parse is not safe in concurrent threads ("AST constructor recursion depth mismatch")."""
+    import threading
+
+    calls: list[int] = []
+    real = db._read_declared_head
+
+    def counted() -> str | None:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(db, "_read_declared_head", counted)
+    monkeypatch.setattr(db, "_declared_head_cache", [])
+    got: list[str | None] = []
+    threads = [threading.Thread(target=lambda: got.append(db.declared_head())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [db.head_revision()] * 8 and calls == [1]
 
 
 def test_opening_a_catalog_at_head_does_not_load_alembic(home):

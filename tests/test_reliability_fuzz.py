@@ -100,7 +100,7 @@ def test_huge_tensor_declared_is_refused_before_any_allocation(monkeypatch):
     def no_alloc(*a, **k):
         raise AssertionError("tensor data touched before the header was validated")
 
-    monkeypatch.setattr(fmt, "_tensor_from_bytes", no_alloc)
+    monkeypatch.setattr(fmt, "_tensor_from_buffer", no_alloc)
     cases = [
         {"x": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}},
         {"x": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 4]}},

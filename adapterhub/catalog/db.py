@@ -220,7 +220,22 @@ def downgrade(engine: Engine, revision: str = "base", *, blob_reader: Callable[[
         command.downgrade(alembic_config(engine, conn, blob_reader), revision)
 
 
+_DECLARED_HEAD_LOCK = threading.Lock()
+_declared_head_cache: list[str | None] = []
+
+
 def declared_head() -> str | None:
+    """:func:`_read_declared_head`, read once per process under a lock. The migration files ship with the package
+    and do not change while it runs; the lock also keeps ``ast.parse`` out of concurrent threads, where CPython
+    3.11 can fail with "AST constructor recursion depth mismatch" (its AST-to-object conversion kept one
+    recursion counter for all threads)."""
+    with _DECLARED_HEAD_LOCK:
+        if not _declared_head_cache:
+            _declared_head_cache.append(_read_declared_head())
+        return _declared_head_cache[0]
+
+
+def _read_declared_head() -> str | None:
     """The head revision as the packaged migration files declare it, read without importing them or Alembic: each
     file's module-level ``revision`` and ``down_revision`` literals; the head is the one revision no other
     names as its parent. None when a file does not declare them as plain literals or the files do not have
