@@ -12,7 +12,7 @@ What a crash (SIGKILL, power cut) can leave behind, and what repair does about i
 * an **orphan blob** (the blob is written before its catalog row, so a crash in between leaves a blob
   no version references) and **temp files** of interrupted atomic writes: removed through :func:`gc`;
 * a **deployment with a leftover write-ahead log** (killed mid apply/revert/rollback): finished or
-  undone, bit for bit, by :func:`adapterhub.apply.deployments.recover`, which records a ``recover`` event
+  undone, bit for bit, by :func:`adapterhub.apply.deploy_recovery.recover`, which records a ``recover`` event
   (only for this home's deployments: those of another home sharing the catalog, or of the home this
   one was copied from, are verified, never changed);
 * **temp files** of interrupted writes in this home's deployment folders (``.adapterhub/.*.tmp``,
@@ -55,9 +55,9 @@ def gc(ws: Workspace, *, dry_run: bool = False, grace_s: float = 0.0) -> GcResul
     res = ws.gc(dry_run=dry_run, grace_s=grace_s)
     d = ws.deployments_dir  # folders an interrupted removal left there count too, rows or not
     if ws.deployment_rows.has_any() or (d.is_dir() and not d.is_symlink() and any(d.iterdir())):
-        from .apply import deployments  # imports torch: only when there are deployments
+        from .apply.deploy_folders import remove_temp_files
 
-        res.temp_files_removed += deployments.remove_temp_files(ws, dry_run=dry_run)
+        res.temp_files_removed += remove_temp_files(ws, dry_run=dry_run)
     return res
 
 
@@ -66,12 +66,12 @@ def verify(ws: Workspace, refs: Sequence[str] = (), *,
     """:meth:`Workspace.verify <adapterhub.workspace.Workspace.verify>`; without ``refs`` also every deployment.
 
     Returns: {"checked", "problems", "orphans"}, deployment problems (``"deployment NAME: ..."``, see
-    :func:`adapterhub.apply.deployments.check_all`) appended to ``problems``.
+    :func:`adapterhub.apply.deploy_folders.check_all`) appended to ``problems``.
     Raises: RefError for an unknown ref.
     """
     res = ws.verify(refs, on_progress=on_progress)
     if not refs and ws.deployment_rows.has_any():
-        from .apply.deployments import check_all  # imports torch: only when there are deployments
+        from .apply.deploy_folders import check_all
 
         res["problems"] += check_all(ws)
     return res
@@ -110,20 +110,20 @@ def repair(ws: Workspace, *, grace_s: float = 0.0, dry_run: bool = False) -> Rep
     Returns: a :class:`RepairReport`. Raises: nothing for per-item problems (they are in the report);
     AdapterHubError only if the catalog itself cannot be read.
     """
-    from .apply import deployments
+    from .apply import deploy_folders, deploy_ownership, deploy_recovery  # torch only to undo an interrupted write
 
     rep = RepairReport(dry_run=dry_run)
     # 1. deployments first: recovery reads blobs (undo records live in the deployment folder, not the store)
-    for d in deployments.list_deployments(ws):
+    for d in deploy_ownership.list_deployments(ws):
         try:
-            if not dry_run and not d.read_only and deployments.recover(ws, d.name):
+            if not dry_run and not d.read_only and deploy_recovery.recover(ws, d.name):
                 rep.recovered_deployments.append(d.name)
-            chk = deployments.verify(ws, d.name)
+            chk = deploy_folders.verify(ws, d.name)
         except (AdapterHubError, OSError) as e:
             rep.deployment_problems.append(f"{d.name}: {_one_line(e)}")
             continue
         if not chk["ok"]:
-            rep.deployment_problems.append(f"{d.name}: {deployments.why_not_ok(chk)}")
+            rep.deployment_problems.append(f"{d.name}: {deploy_folders.why_not_ok(chk)}")
     # 2. orphans and temp files
     res = gc(ws, dry_run=dry_run, grace_s=grace_s)
     rep.removed_blobs, rep.freed_bytes, rep.temp_files_removed = res.removed, res.freed_bytes, res.temp_files_removed

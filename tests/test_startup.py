@@ -46,3 +46,27 @@ def test_deploy_read_and_bookkeeping_commands_do_not_import_torch(tmp_path, tiny
     out = subprocess.run([sys.executable, "-c", code, str(home)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_gc_verify_and_repair_of_clean_deployments_do_not_import_torch(tmp_path, tiny_llama_dir):
+    """gc, verify and verify --repair look at every deployment (temp files, weights, markers, undo records)
+    without torch; torch is imported only to undo an interrupted write (a WAL in the folder)."""
+    from adapterhub.workspace import Workspace
+
+    home = tmp_path / "home"
+    with Workspace.open(home) as ws:
+        ws.add_base("b", str(tiny_llama_dir))
+    code = ("import sys, json; from adapterhub.cli.main import cli; from click.testing import CliRunner\n"
+            "h = sys.argv[1]\n"
+            "r = CliRunner().invoke(cli, ['--home', h, 'deploy', 'create', 'd', '--base', 'b'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "out = {}\n"
+            "for args in (['gc', '--json'], ['verify', '--json'], ['verify', '--repair', '--json']):\n"
+            "    r = CliRunner().invoke(cli, ['--home', h, *args])\n"
+            "    assert r.exit_code == 0, (args, r.output)\n"
+            "    out[args[-2]] = json.loads(r.stdout)\n"
+            "assert out['verify']['problems'] == [], out\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(home)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -1,5 +1,6 @@
-"""Recovery of an interrupted deployment operation (a write-ahead log left in its folder): rewrites weights,
-so it imports torch; :mod:`adapterhub.apply.deploy_folders` imports it only when there is a log to recover."""
+"""Recovery of an interrupted deployment operation (a write-ahead log left in its folder). Undoing one rewrites
+weights, so torch (through :mod:`adapterhub.apply.disk`) is imported only when there is a log to recover:
+``gc``, ``verify`` and ``repair`` of a home whose deployments are clean stay torch-free."""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +8,33 @@ from typing import TYPE_CHECKING
 
 from ..errors import DeploymentError
 from ..fsutil import atomic_write_bytes
-from .deploy_ownership import _checked_state, _committed, _gc_undo, _promote_state, _state_file, _state_next, _wal, get
-from .disk import WeightsFolder, read_wal, recover_wal
+from .deploy_ownership import (
+    _checked_state,
+    _committed,
+    _gc_undo,
+    _locked,
+    _promote_state,
+    _state_file,
+    _state_next,
+    _wal,
+    _writable,
+    get,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..workspace import Workspace
+
+
+def recover(ws: Workspace, name: str) -> bool:
+    """Recover deployment ``name`` from an interrupted operation, if any. Returns True if it did.
+
+    Raises: DeploymentError if the deployment belongs to another home (see
+    :func:`~adapterhub.apply.deploy_ownership._writable`).
+    """
+    info = _writable(ws, name)
+    with _locked(info.path):
+        _writable(ws, name, adopt=True)
+        return _recover_locked(ws, name)
 
 
 def _recover_locked(ws: Workspace, name: str) -> bool:
@@ -20,6 +43,8 @@ def _recover_locked(ws: Workspace, name: str) -> bool:
     wal = _wal(info.path)
     if not wal.exists():
         return False
+    from .disk import WeightsFolder, read_wal, recover_wal  # torch: only with a log to recover
+
     doc = read_wal(wal)
     assert doc is not None
     if _committed(ws, name, doc):

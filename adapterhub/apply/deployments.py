@@ -99,7 +99,7 @@ from .deploy_ownership import (
     list_deployments,
     weights_path,
 )
-from .deploy_recovery import _recover_locked
+from .deploy_recovery import _recover_locked, recover
 from .disk import (
     ST_DTYPES,
     DiskTransaction,
@@ -225,17 +225,6 @@ class _ChunkBook:
             self.state.tensors[name].hashes[ids] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
 
 
-
-
-def recover(ws: Workspace, name: str) -> bool:
-    """Recover deployment ``name`` from an interrupted operation, if any. Returns True if it did.
-
-    Raises: DeploymentError if the deployment belongs to another home (see :func:`_writable`).
-    """
-    info = _writable(ws, name)
-    with _locked(info.path):
-        _writable(ws, name, adopt=True)
-        return _recover_locked(ws, name)
 
 
 # -- operations ----------------------------------------------------------------------------------
