@@ -99,7 +99,7 @@ from .deploy_ownership import (
     list_deployments,
     weights_path,
 )
-from .deploy_recovery import _recover_locked, recover
+from .deploy_recovery import recover
 from .disk import (
     ST_DTYPES,
     DiskTransaction,
