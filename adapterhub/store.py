@@ -294,6 +294,7 @@ class GcResult:
     freed_bytes: int
     temp_files_removed: int
     kept_recent: list[str] = field(default_factory=list)
+    empty_folders_removed: int = 0
 
 
 class _VerifiedReads:
@@ -541,7 +542,29 @@ class BlobStore(_VerifiedReads):
                         temps += 1
                         if not dry_run:
                             f.unlink(missing_ok=True)
-        return GcResult(removed, freed, temps, kept)
+        return GcResult(removed, freed, temps, kept, self._remove_empty_folders(dry_run=dry_run))
+
+    def _remove_empty_folders(self, *, dry_run: bool) -> int:
+        """Remove shard folders (and ``staging/``) left empty by deleted blobs or a refused registration; the
+        caller holds the store lock exclusively, so no writer is between creating a folder and filling it
+        (:meth:`stage` retries when its folder goes meanwhile). ``dry_run`` counts the folders empty now."""
+        n = 0
+        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
+            if not ((len(d.name) == 2 and _HEX_RE.match(d.name + "0" * 62)) or d.name == "staging"):
+                continue
+            if d.is_symlink() or not d.is_dir():
+                continue
+            try:
+                if any(d.iterdir()):
+                    continue
+                if not dry_run:
+                    d.rmdir()  # fails (and is skipped) if something arrived meanwhile
+            except OSError:
+                continue
+            n += 1
+        if n and not dry_run:
+            fsync_dir(self.root)
+        return n
 
 
 @contextlib.contextmanager

@@ -517,12 +517,13 @@ def gc_cmd(c: Ctx, dry_run: bool, grace_s: float, as_json: bool) -> None:
 
     r = gc_home(c.ws, dry_run=dry_run, grace_s=grace_s)
     doc = {"removed": r.removed, "freed_bytes": r.freed_bytes, "temp_files_removed": r.temp_files_removed,
-           "kept_recent": r.kept_recent, "dry_run": dry_run}
+           "empty_folders_removed": r.empty_folders_removed, "kept_recent": r.kept_recent, "dry_run": dry_run}
     if as_json:
         print_json(doc)
     else:
         verb = "would remove" if dry_run else "removed"
-        echo(f"{verb} {len(r.removed)} blob(s), {r.freed_bytes:,} bytes; {r.temp_files_removed} temp file(s)")
+        echo(f"{verb} {len(r.removed)} blob(s), {r.freed_bytes:,} bytes; {r.temp_files_removed} temp file(s)"
+             + (f"; {r.empty_folders_removed} empty store folder(s)" if r.empty_folders_removed else ""))
 
 
 @click.command("export")

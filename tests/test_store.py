@@ -105,3 +105,26 @@ def test_gc_waits_for_an_in_flight_register(tmp_path):
     assert results[0].removed == [] and store.has(digest)
     assert store.gc(set()).removed == [digest]  # once unreferenced, it goes
     assert digest not in list(store.iter_digests())
+
+
+def test_gc_removes_empty_store_folders_and_nothing_else(store, tmp_path):
+    """Shard folders emptied by gc or left empty by a refused registration, and an empty staging folder, go;
+    a folder with a blob, a symlinked folder and folders of other names stay."""
+    keep = store.put_bytes(b"keep")
+    drop = store.put_bytes(b"drop")
+    assert keep[:2] != drop[:2]
+    left = store.root / "ff"
+    left.mkdir(exist_ok=True)  # what a refused registration's put leaves
+    (store.root / "staging").mkdir()
+    other = store.root / "notes"
+    other.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, store.root / "ee")
+    assert store.gc({keep}, dry_run=True).empty_folders_removed == (2 if drop[:2] != "ff" else 1)
+    res = store.gc({keep})
+    assert res.removed == [drop] and res.empty_folders_removed == (3 if drop[:2] != "ff" else 2)
+    assert sorted(p.name for p in store.root.iterdir() if not p.name.startswith(".")) == \
+        sorted([keep[:2], "ee", "notes"])
+    assert store.has(keep) and outside.is_dir()
+    assert store.gc({keep}).empty_folders_removed == 0
