@@ -7,8 +7,9 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from adapterhub.hub.cards import build_model_card, md_code, md_text, task_metrics
+from adapterhub.hub.cards import build_model_card, md_code, md_text, model_card_text, task_metrics
 
 
 def pinned_card() -> dict[str, Any]:
@@ -274,3 +275,30 @@ def test_image_adapter_usage_loads_the_cnn_not_a_transformers_model() -> None:
     # a text classifier's card keeps its transformers + PEFT snippets
     text = str(build_model_card(pinned_card(), repo_id="alice/rt")).split("## Use it")[1]
     assert "AutoModel.from_pretrained" in text and "PeftModel" in text and "load_cnn" not in text
+
+
+_METRIC_KEYS = st.sampled_from(["test_accuracy", "validation_accuracy", "test_f1", "rougeL", "accuracy",
+                                "sms-spam/test_accuracy", "t.x/validation_f1", "test_n", "validation_n",
+                                "deployment:prod/test_accuracy", "steps"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(task=st.one_of(st.none(), st.sampled_from(["rt-sentiment", "a.b_c", "x y"]), st.text(max_size=12)),
+       kind=st.sampled_from(["expert", "merge", "unlearning", EVIL]),
+       metrics=st.dictionaries(st.one_of(_METRIC_KEYS, st.text(max_size=10)),
+                               st.one_of(st.floats(allow_nan=True), st.integers(-10**6, 10**6)), max_size=6),
+       hub_id=st.sampled_from([None, "sentence-transformers/all-MiniLM-L6-v2", "javascript:alert(1)"]),
+       parents=st.lists(st.sampled_from(["alice/rt", "bob/spam", "not a repo"]), max_size=3))
+def test_model_card_text_is_what_model_card_round_trips_to(task: Any, kind: str, metrics: dict[str, Any],
+                                                           hub_id: Any, parents: list[str]) -> None:
+    """Push writes ``model_card_text`` without huggingface_hub's ModelCard round trip (parse the front matter,
+    dump it again): the bytes must be the same as ``str(ModelCard(...))`` for any card a catalog can hold."""
+    from huggingface_hub import ModelCard
+
+    card = pinned_card()
+    card.update(task=task, kind=kind, metrics=metrics)
+    card["base"]["hub_id"] = hub_id
+    card["lineage"] = [{"relation": "merged_from", "weight": 0.5, "params": {"method": "ties"},
+                        "parent": {"name": p, "version": 1, "hub": {"repo": p, "tag": "v1"}}} for p in parents]
+    text = model_card_text(card, repo_id="alice/rt")
+    assert str(ModelCard(text)) == text == str(build_model_card(card, repo_id="alice/rt"))

@@ -63,9 +63,9 @@ from .cards import (
     README_FILE,
     WEIGHTS_FILE,
     build_hub_card,
-    build_model_card,
     hub_card_bytes,
     is_repo_id,
+    model_card_text,
     parse_hub_card,
     safe_repo_path,
 )
@@ -905,7 +905,7 @@ def push(ws: "Workspace", ref: str, *, repo: str | None = None, private: bool = 
     card = build_hub_card(v, base, _lineage_for_card(ws, v, has_parents=has_parents))
     card["size_bytes"] = v.size_bytes
     card_bytes = hub_card_bytes(card)
-    readme = str(build_model_card(card, repo_id=repo_id, endpoint=public)).encode()
+    readme = model_card_text(card, repo_id=repo_id, endpoint=public).encode()
     url = f"{public}/{repo_id}"
 
     def done(commit: str, uploaded: bool, message: str) -> PushResult:

@@ -176,13 +176,13 @@ def mask_rows(ws: Workspace, info: VersionInfo) -> tuple[list[dict[str, Any]], b
 
 def _readme(ws: Workspace, info: VersionInfo) -> str:
     """The README.md ``push`` would write for the version (the Hub's model card)."""
-    from ..hub.cards import build_hub_card, build_model_card
+    from ..hub.cards import build_hub_card, model_card_text
     from ..hub.client import _lineage_for_card
 
     base = ws.get_base(info.base, resolve_path=False)
     card = build_hub_card(info, base, _lineage_for_card(ws, info.ref))
     card["size_bytes"] = info.size_bytes
-    return str(build_model_card(card, repo_id=info.hub_repo or f"you/{info.name}", endpoint=info.hub_endpoint))
+    return model_card_text(card, repo_id=info.hub_repo or f"you/{info.name}", endpoint=info.hub_endpoint)
 
 
 def readme_text(ws: Workspace, ref: str) -> str:
