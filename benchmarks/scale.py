@@ -556,10 +556,10 @@ def fragment(doc: dict[str, Any]) -> str:
         "\"500MB\")`): SmolLM2-135M shapes and TinyLlama-1.1B shapes. Adapters: random positions at 1% and 0.1% of "
         "the seven projections, bf16 values (4 B per non-zero + header). Each operation runs in its own process, "
         f"one torch thread, a warm-up call then the median of the timed calls; warm page cache throughout. "
-        f"{doc['cpus']} shared CPU cores (load average {doc.get('load_average_at_start', 0):.1f} at the start, "
-        f"{doc.get('load_average_at_end', float('nan')):.1f} at the end: other work ran meanwhile, so absolute times "
-        "are pessimistic and noisy; the run's shell was given priority with `echo -10 > /proc/$$/autogroup`; each "
-        "ratio's two sides ran back to back in the same process).", "",
+        f"{doc['cpus']} CPU cores (load average {doc.get('load_average_at_start', 0):.1f} at the start, "
+        f"{doc.get('load_average_at_end', float('nan')):.1f} at the end, the run's own processes included; on a "
+        "shared machine absolute times are pessimistic and noisy; the run's shell was given priority with "
+        "`echo -10 > /proc/$$/autogroup`; each ratio's two sides ran back to back in the same process).", "",
         "Columns: *register ÷ sha256+copy* — `Workspace.register(file)` of a canonical file (validated while "
         "read, stored without re-serialising, hashed once, catalog row committed) against reading, hashing "
         "and writing + fsyncing the same bytes (target ≤ 1.2×); *TIES merge* / *uniform-sparse* — `merge` of 4 "
