@@ -677,6 +677,19 @@ def summary(doc: dict[str, Any]) -> str:
     for s, r in doc["sizes"].items():
         b = r["base_add"]
         lines.append(f"| {s} | {r['weights_bytes'] / 1e9:.2f} GB | {r['shards']} | {b['seconds']:.2f} | {b['ratio']:.2f}x |")
+    rss_ops = ("register", "merge_ties", "merge_uniform_sparse", "export_peft", "diff", "hub_nodelay")
+    lines += ["", "Peak RSS of each operation above its process's RSS after a warm-up call (MB; the imports and the "
+              "warm-up's allocations are not counted, so the figure is what the timed calls themselves held):", "",
+              "| size | density | adapter file (MB) | register | TIES merge | uniform-sparse merge | export peft | diff | "
+              "push + pull (and the test server, same process) | base add (per size) |", "|" + "---|" * 10]
+    for s, r in doc["sizes"].items():
+        b = r["base_add"]
+        for key in (f"{d:g}" for d in DENSITIES):
+            x = r[key]
+            cells = [f"{x[op]['peak_rss_mb'] - x[op]['rss_after_warmup_mb']:.1f}" if "peak_rss_mb" in x.get(op, {})
+                     else "-" for op in rss_ops]
+            lines.append(f"| {s} | {float(key):.1%} | {x['file_bytes'] / 1e6:.1f} | " + " | ".join(cells) + " | "
+                         + (f"{b['peak_rss_mb'] - b['rss_after_warmup_mb']:.1f} |" if "peak_rss_mb" in b else "- |"))
     mem = [(s, r) for s, r in doc["sizes"].items() if all("memory" in r[f"{d:g}"] for d in DENSITIES)]
     if mem:
         lines += ["", "| size | device | in memory apply + revert, 1% (s) | 0.1% (s) | 1% ÷ 0.1% | cycles timed "
