@@ -13,6 +13,9 @@ seven projections (random positions, bf16 values, i.e. 4 bytes per non-zero), it
   union of the previous implementation (a boolean mark + int32 prefix sum over every element) is timed
   once in the same run as the "before" figure;
 * ``export --format peft`` and ``diff`` (lazy, one tensor at a time);
+* on disk, in process: ``deploy apply``, ``revert``, ``rollback`` (one layer) and ``verify`` of the expert on a
+  deployment of the base (``benchmarks/deploy_scale.py`` has the CLI, ``create``/``rm`` and the bare-patch
+  anchor, with the same non-zeros at both sizes);
 * ``push`` and ``pull`` against the test Hub server (adapterhub.testing.hubserver) vs raw
   ``upload_folder`` / ``snapshot_download`` of the same files (targets <= 1.1x; catalog time of a pull,
   from the "registering" progress step to the end, < 0.1 s).
@@ -301,6 +304,8 @@ def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1)
         out["seconds"] = _median(lambda: diff_versions(ws, refs[0], refs[1]), repeat, measure=True)
     elif op == "memory":
         out.update(_in_memory(base, Path(cfg["files"][key][0]), repeat, DEVICE))
+    elif op == "deploy":
+        out.update(_deploy(ws, refs[0], repeat))
     elif op in ("hub", "hub_nodelay"):
         dst = Workspace.open(Path(cfg["dst_home"]))
         try:
@@ -363,6 +368,46 @@ def _in_memory(base: Path, adapter_file: Path, repeat: int, device: str) -> dict
         raise SystemExit("in-memory apply + revert did not restore the weights bit for bit")
     return {"seconds": secs, "first_apply_s": first_apply, "device": device, "nnz": adapter.nnz,
             "cycles": cycles, "exact": True}
+
+
+def _deploy(ws: Any, ref: str, repeat: int) -> dict[str, Any]:
+    """On disk, in process: ``apply`` and ``revert`` of this density's expert on a deployment of the base (made
+    once per home and kept; ``benchmarks/deploy_scale.py`` times ``deploy create`` and ``rm`` and the same
+    non-zeros at both sizes), ``rollback`` of one layer (its apply untimed), and ``verify`` (a full measurement).
+    Checks that the stack ends empty at the base's state root."""
+    from adapterhub.apply import deployments
+
+    name = "scale"
+    if name not in {d.name for d in deployments.list_deployments(ws)}:
+        deployments.create(ws, name, "b")
+    times: dict[str, list[float]] = {"apply": [], "revert": []}
+
+    def cycle() -> None:
+        t0 = time.perf_counter()
+        deployments.apply(ws, name, ref)
+        t1 = time.perf_counter()
+        deployments.revert(ws, name)
+        times["apply"].append(t1 - t0)
+        times["revert"].append(time.perf_counter() - t1)
+
+    cycle_s = _median(cycle, repeat, measure=True)
+
+    def rollback() -> float:
+        before = deployments.get(ws, name).events - 1
+        deployments.apply(ws, name, ref)
+        t0 = time.perf_counter()
+        deployments.rollback(ws, name, before)
+        return time.perf_counter() - t0
+
+    rollback_s = statistics.median([rollback() for _ in range(repeat)])
+    t0 = time.perf_counter()
+    ok = deployments.verify(ws, name)["ok"]
+    verify_s = time.perf_counter() - t0
+    info = deployments.get(ws, name)
+    if not ok or info.stack or info.state_root != info.base_state_root:
+        raise SystemExit("deploy: the deployment did not end at the base's state, verified")
+    return {"seconds": cycle_s, "apply_s": statistics.median(times["apply"][1:]),
+            "revert_s": statistics.median(times["revert"][1:]), "rollback_s": rollback_s, "verify_s": verify_s}
 
 
 def _stamp(stamps: list[tuple[str, float]], msg: str) -> None:
@@ -451,7 +496,7 @@ MEMORY_MIN_SECONDS = 2.0  # the in-memory cycles are repeated until their timed 
 MEMORY_MAX_CYCLES = 60
 ONLY: tuple[str, ...] = ()  # --ops: a subset of OPS (printed, not written to the docs)
 OPS = ("memory", "register", "merge_ties", "merge_uniform_sparse", "merge_ties_old_union", "export_peft", "diff", "hub",
-       "hub_nodelay")
+       "hub_nodelay", "deploy")
 
 
 def run_size(work: Path, size: str, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -677,6 +722,18 @@ def summary(doc: dict[str, Any]) -> str:
     for s, r in doc["sizes"].items():
         b = r["base_add"]
         lines.append(f"| {s} | {r['weights_bytes'] / 1e9:.2f} GB | {r['shards']} | {b['seconds']:.2f} | {b['ratio']:.2f}x |")
+    dep = [(s, r) for s, r in doc["sizes"].items() if all("deploy" in r[f"{d:g}"] for d in DENSITIES)]
+    if dep:
+        lines += ["", "On disk, in process, one deployment of the base per size (medians; warm page cache):", "",
+                  "| size | density | nnz | apply (s) | revert (s) | apply + revert (s) | rollback, one layer (s) | "
+                  "verify, full measurement (s) | peak RSS above warm-up (MB; counts the mapped weight pages touched) |",
+                  "|" + "---|" * 9]
+        for s, r in dep:
+            for key in (f"{d:g}" for d in DENSITIES):
+                x = r[key]["deploy"]
+                lines.append(f"| {s} | {float(key):.1%} | {r[key]['nnz']:,} | {x['apply_s']:.3f} | {x['revert_s']:.3f} | "
+                             f"{x['seconds']:.3f} | {x['rollback_s']:.3f} | {x['verify_s']:.2f} | "
+                             f"{x['peak_rss_mb'] - x['rss_after_warmup_mb']:.1f} |")
     rss_ops = ("register", "merge_ties", "merge_uniform_sparse", "export_peft", "diff", "hub_nodelay")
     lines += ["", "Peak RSS of each operation above its process's RSS after a warm-up call (MB; the imports and the "
               "warm-up's allocations are not counted, so the figure is what the timed calls themselves held):", "",
