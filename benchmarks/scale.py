@@ -497,6 +497,7 @@ MEMORY_MAX_CYCLES = 60
 ONLY: tuple[str, ...] = ()  # --ops: a subset of OPS (printed, not written to the docs)
 OPS = ("memory", "register", "merge_ties", "merge_uniform_sparse", "merge_ties_old_union", "export_peft", "diff", "hub",
        "hub_nodelay", "deploy")
+LATE_OPS = ("deploy",)  # run after every other operation of the size (see run_size)
 
 
 def run_size(work: Path, size: str, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -515,11 +516,17 @@ def run_size(work: Path, size: str, repeat: int, log: Callable[[str], None]) -> 
             nnz = sum(int(r.doc["params"][n]["nnz"]) for n in r.keys())
         res: dict[str, Any] = {"nnz": nnz, "file_bytes": Path(cfg["files"][key][0]).stat().st_size}
         res["bytes_per_nnz"] = res["file_bytes"] / nnz
-        for op in ONLY or OPS:
-            res[op] = run_child(op, cfg, key, repeat)
-            log(f"{size} {d:.1%} {op}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in res[op].items()))
         out[key] = res
+    # The deployment's writes (GBs of dirty pages at 1.1B, written back after the operation) ran right before the
+    # next density's in-memory cycles and slowed them: every operation of every density first, then the deploys.
+    ops = ONLY or OPS
+    for group in ([op for op in ops if op not in LATE_OPS], [op for op in ops if op in LATE_OPS]):
+        for d in DENSITIES:
+            key = f"{d:g}"
+            for op in group:
+                out[key][op] = run_child(op, cfg, key, repeat)
+                log(f"{size} {d:.1%} {op}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in out[key][op].items()))
     return out
 
 
