@@ -41,13 +41,13 @@ import torch
 from . import st_io
 from .errors import FormatError
 from .fsutil import atomic_write_bytes, sha256_hex  # re-exported: part of this module's API
+from .gapcode import GAP_LIMIT, decode_gaps, encode_gaps
 from .maskhash import MaskHasher
 from .safe_read import NotRegularFile, read_regular
 
 FORMAT_ID = "adapterhub.sparse/1"
 METADATA_KEY = "adapterhub"
 MAX_HEADER_BYTES = st_io.MAX_HEADER_BYTES
-GAP_LIMIT = 1 << 16
 MAX_NUMEL = 1 << 62  # flat positions (and block-expanded ones) must stay inside int64
 
 # The dtype table lives in st_io (the one safetensors reader); these are views of it.
@@ -350,45 +350,16 @@ def _check_name(name: str) -> None:
 
 # -- index coding -------------------------------------------------------------------------------
 
-def encode_gaps(pos: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """Sorted unique int64 positions (numpy) -> (uint16 gaps, int64 escapes), both little-endian: the one gap
-    coder (the first gap is from -1; a gap of GAP_LIMIT or more is written as 0 and its value escaped). The
-    adapter format and the deployments' undo records both code their positions with it."""
-    gaps = np.empty(pos.size, dtype=np.int64)
-    if pos.size:
-        gaps[0] = pos[0] + 1
-        np.subtract(pos[1:], pos[:-1], out=gaps[1:])
-    big = gaps >= GAP_LIMIT
-    esc = gaps[big].astype("<i8")
-    gaps[big] = 0
-    return gaps.astype("<u2"), esc
-
-
-def decode_gaps(gaps: np.ndarray[Any, Any], escapes: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
-    """Inverse of :func:`encode_gaps` (a new int64 array). Raises: FormatError if the zero gaps and the escape
-    values do not match, or an escape is below GAP_LIMIT."""
-    g = gaps.astype(np.int64)
-    zero = g == 0
-    nz = int(np.count_nonzero(zero))
-    if nz != escapes.size:
-        raise FormatError(f"{name}: {nz} escaped gaps but {escapes.size} escape values")
-    if nz:
-        if bool((escapes < GAP_LIMIT).any()):
-            raise FormatError(f"{name}: escape value below {GAP_LIMIT}")
-        g[zero] = escapes
-    idx: np.ndarray[Any, Any] = np.cumsum(g)
-    idx -= 1
-    return idx
-
-
 def encode_indices(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted int64 indices -> (uint16 gaps, int64 escapes). See the module docstring and :func:`encode_gaps`."""
+    """Sorted int64 indices -> (uint16 gaps, int64 escapes). See the module docstring and
+    :func:`adapterhub.gapcode.encode_gaps`."""
     gaps, esc = encode_gaps(idx.detach().to("cpu", torch.int64).numpy())
     return torch.from_numpy(gaps.astype(np.uint16, copy=False)), torch.from_numpy(esc.astype(np.int64, copy=False))
 
 
 def decode_indices(gaps: torch.Tensor, escapes: torch.Tensor, name: str) -> torch.Tensor:
-    """Inverse of :func:`encode_indices`; raises FormatError if escapes do not match (:func:`decode_gaps`)."""
+    """Inverse of :func:`encode_indices`; raises FormatError if escapes do not match
+    (:func:`adapterhub.gapcode.decode_gaps`)."""
     return torch.from_numpy(decode_gaps(gaps.detach().cpu().numpy(), escapes.detach().cpu().numpy(), name))
 
 

@@ -11,7 +11,7 @@ Definition 2 (issue 19; catalogs made before are migrated by Alembic revision 00
               escapes little-endian int64 escape values )
 
 where the gaps and escapes are the canonical index coding of the adapter file format
-(:mod:`adapterhub.format`): the sorted flat element indices ``i`` become ``i[k] - i[k-1]`` (``i[-1] = -1``),
+(:mod:`adapterhub.gapcode`, :mod:`adapterhub.format`): the sorted flat element indices ``i`` become ``i[k] - i[k-1]`` (``i[-1] = -1``),
 a gap of 65536 or more is written as 0 and its value appended to the escapes. That coding is a bijection
 on sorted index sets, so the hash still depends only on the positions; and it is exactly the bytes an
 element-layout file stores, so ``register`` and ``pull`` hash a file's own index bytes in one pass (2 B
@@ -31,25 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from .gapcode import GAP_LIMIT, encode_gaps  # noqa: F401 - re-exported: the coder the hash is defined over
+
 PREFIX = b"adapterhub.mask-hash/2\n"
-GAP_LIMIT = 1 << 16
 
 __all__ = ["PREFIX", "MaskHasher", "mask_hash", "encode_gaps", "mask_hash_of_file"]
-
-
-def encode_gaps(idx: Any) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """Sorted flat indices -> (uint16 gaps, int64 escapes): the file format's index coding (numpy)."""
-    if hasattr(idx, "detach"):  # a torch tensor, maybe on an accelerator
-        idx = idx.detach().cpu().numpy()
-    a = np.asarray(idx, dtype=np.int64).reshape(-1)
-    if a.size == 0:
-        return np.zeros(0, dtype="<u2"), np.zeros(0, dtype="<i8")
-    gaps = np.diff(a, prepend=np.int64(-1))
-    big = gaps >= GAP_LIMIT
-    esc = np.ascontiguousarray(gaps[big], dtype="<i8")
-    if esc.size:
-        gaps[big] = 0
-    return gaps.astype("<u2"), esc
 
 
 def _line(name: str, shape: Iterable[int], count: int, n_escapes: int) -> bytes:

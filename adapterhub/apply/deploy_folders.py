@@ -28,10 +28,10 @@ import numpy as np
 from .. import st_io
 from ..catalog.deployments import DeploymentInfo
 from ..catalog.names import validate_name
-from ..errors import AdapterHubError, BaseModelError, DeploymentError, HeaderError
+from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatError, HeaderError
 from ..faults import fault_point
 from ..fsutil import atomic_write_bytes, fsync_dir
-from ..maskhash import GAP_LIMIT
+from ..gapcode import decode_gaps
 from ..safe_read import open_regular
 from .deploy_ownership import (
     _committed,
@@ -543,7 +543,7 @@ def undo_doc(data: bytes) -> dict[str, Any]:
             if f"{i:06d}.prehash" in header.entries:
                 if _count(header, f"{i:06d}.prehash", "U8") != 32 * _count(header, f"{i:06d}.chunks", "I64"):
                     raise ValueError("chunk hashes do not match their chunks")
-    except (HeaderError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (HeaderError, FormatError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise DeploymentError("undo record is damaged") from None
     return doc
 
@@ -557,19 +557,16 @@ def _count(header: st_io.Header, key: str, dtype: str) -> int:
 
 
 def _positions(data: bytes, header: st_io.Header, i: int) -> int:
-    """How many positions entry ``i`` holds, its gap coding checked (escapes: one per zero gap, each at least
-    GAP_LIMIT; :func:`adapterhub.format.decode_gaps`)."""
+    """How many positions entry ``i`` holds, its gap coding checked by the one decoder
+    (:func:`adapterhub.gapcode.decode_gaps`: one escape per zero gap, each at least GAP_LIMIT)."""
     if f"{i:06d}.idx" in header.entries:
         return _count(header, f"{i:06d}.idx", "I64")
     n = _count(header, f"{i:06d}.gap", "U16")
     n_esc = _count(header, f"{i:06d}.esc", "I64")
     gaps = np.frombuffer(data, dtype="<u2", count=n, offset=header.data_start + header.entries[f"{i:06d}.gap"].begin)
-    if int(np.count_nonzero(gaps == 0)) != n_esc:
-        raise ValueError("escaped gaps do not match their escape values")
     esc = np.frombuffer(data, dtype="<i8", count=n_esc,
                         offset=header.data_start + header.entries[f"{i:06d}.esc"].begin)
-    if n_esc and bool((esc < GAP_LIMIT).any()):
-        raise ValueError(f"escape value below {GAP_LIMIT}")
+    decode_gaps(gaps, esc, "undo record")
     return n
 
 

@@ -31,8 +31,8 @@ import torch
 from .. import st_io
 from ..errors import DeploymentError, FormatError, HeaderError
 from ..faults import fault_point
-from ..format import decode_gaps, encode_gaps
 from ..fsutil import atomic_write_bytes, fsync_dir
+from ..gapcode import decode_gaps, encode_gaps
 from .patching import (
     NonFiniteWeightsError,
     UndoEntry,
@@ -213,7 +213,7 @@ Weights = SafetensorsFile | WeightsFolder
 
 # Undo / WAL records are small safetensors files: per tensor the positions and the original values in the
 # weight dtype, plus a JSON document in the metadata. No pickle. The positions are gap-coded as the adapter
-# format codes its indices, with the same coder (:func:`adapterhub.format.encode_gaps`: uint16 gaps, a zero gap
+# format codes its indices, with the same coder (:func:`adapterhub.gapcode.encode_gaps`: uint16 gaps, a zero gap
 # escaping to an int64 value): ``NNNNNN.gap`` + ``NNNNNN.esc``, 2 bytes a position instead of 8. Records written
 # before that hold plain int64 positions (``NNNNNN.idx``) and are read as they are.
 
@@ -231,7 +231,7 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     blobs: dict[str, np.ndarray[Any, Any]] = {}
     names = []
     for i, e in enumerate(entries):
-        gaps, esc = encode_gaps(e.indices.to(torch.int64).numpy())
+        gaps, esc = encode_gaps(e.indices)
         parts = {f"{i:06d}.gap": ("U16", gaps), f"{i:06d}.esc": ("I64", esc),
                  f"{i:06d}.orig": (_DTYPE_TO_ST[e.original.dtype], _le_array(e.original))}
         if e.patched is not None:  # the values the apply wrote (a revert's WAL names the record for them)
@@ -276,7 +276,7 @@ _NP = {"U16": "<u2", "I64": "<i8", "U8": "u1"}
 
 
 def _indices(data: bytes, header: st_io.Header, i: int) -> torch.Tensor:
-    """Entry ``i``'s positions: gap-coded (``.gap`` + ``.esc``; :func:`adapterhub.format.decode_gaps`) or,
+    """Entry ``i``'s positions: gap-coded (``.gap`` + ``.esc``; :func:`adapterhub.gapcode.decode_gaps`) or,
     in records of earlier versions, plain int64 (``.idx``)."""
     if f"{i:06d}.idx" in header.entries:
         return torch.from_numpy(_array(data, header, f"{i:06d}.idx", "I64").copy())
