@@ -366,12 +366,17 @@ def decode_indices(gaps: torch.Tensor, escapes: torch.Tensor, name: str) -> torc
 # -- container -----------------------------------------------------------------------------------
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    if t.dtype == torch.uint16:
-        return t.numpy().astype("<u2", copy=False).tobytes()
-    return t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
+    return _le_array(t).tobytes()
+
+
+def _le_array(t: torch.Tensor) -> np.ndarray[Any, Any]:
+    """``t``'s bytes as a flat C-contiguous little-endian numpy array, without a copy where it can (bf16 and fp16
+    through an int16 view: numpy has no bfloat16). The container writers take its ``.data`` or its bytes."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    a = t.numpy().reshape(-1)
+    return a if a.dtype.byteorder != ">" else a.astype(a.dtype.newbyteorder("<"))
 
 
 _INT_OF_SIZE = {1: "<i1", 2: "<i2", 4: "<i4", 8: "<i8"}

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .gapcode import GAP_LIMIT, encode_gaps  # noqa: F401 - re-exported: the coder the hash is defined over
+from .gapcode import encode_gaps
 
 PREFIX = b"adapterhub.mask-hash/2\n"
 

@@ -225,7 +225,7 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     (``names`` is reserved).
     Returns: the bytes of the record.
     """
-    from ..format import _DTYPE_TO_ST, _container_header
+    from ..format import _DTYPE_TO_ST, _container_header, _le_array
 
     specs: dict[str, tuple[str, list[int]]] = {}
     blobs: dict[str, np.ndarray[Any, Any]] = {}
@@ -250,16 +250,6 @@ def encode_undo(entries: Sequence[UndoEntry], meta: Mapping[str, Any]) -> bytes:
     # straight from its array into the record
     head, order, _ = _container_header(specs, {"adapterhub.undo": json.dumps(doc, sort_keys=True)})
     return b"".join([head, *(blobs[n].data for n in order)])
-
-
-def _le_array(t: torch.Tensor) -> np.ndarray[Any, Any]:
-    """``t``'s bytes as a C-contiguous little-endian numpy array, without a copy where it can (bf16 through an
-    int16 view: numpy has no bfloat16)."""
-    t = t.detach().cpu().contiguous()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.view(torch.int16)
-    a = t.numpy().reshape(-1)
-    return a if a.dtype.byteorder != ">" else a.astype(a.dtype.newbyteorder("<"))
 
 
 def _array(data: bytes, header: st_io.Header, key: str, dtype: str) -> np.ndarray[Any, Any]:
