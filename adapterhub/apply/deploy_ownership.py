@@ -134,6 +134,14 @@ def _read_nofollow(p: Path, limit: int = 1 << 30) -> bytes | None:
         return f.read(limit)
 
 
+def _json_or_none(raw: bytes) -> Any:
+    """``raw`` parsed as JSON, or None when it is not JSON (the callers word what a damaged file means)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 def _where(home: Path) -> dict[str, Any]:
     st = os.stat(home)
     return {"path": str(home), "dev": st.st_dev, "ino": st.st_ino}
@@ -143,10 +151,7 @@ def _home_doc(home: Path) -> dict[str, Any] | None:
     raw = _read_nofollow(home / HOME_ID_FILE, 4096)
     if raw is None:
         return None
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        doc = None
+    doc = _json_or_none(raw)
     if not (isinstance(doc, dict) and _is_id(doc.get("id")) and isinstance(doc.get("path"), str)
             and isinstance(doc.get("dev"), int) and isinstance(doc.get("ino"), int)):
         raise DeploymentError(f"{home / HOME_ID_FILE} is damaged (it holds this home's identity, which its "
@@ -199,10 +204,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
     raw = _read_nofollow(ctl / _MARKER, 1 << 16)
     if raw is None:
         return None
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        doc = None
+    doc = _json_or_none(raw)
     if isinstance(doc, dict):
         return doc
     return {"name": raw.decode("utf-8", "replace").strip()}
