@@ -343,6 +343,20 @@ def test_all_finite_agrees_with_isfinite_on_every_bit_pattern(dtype):
     assert fmt.all_finite(bits[ref]) and not fmt.all_finite(bits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite_on_special_values_views_and_graph_tensors(dtype):
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, info.max, -info.max, info.tiny, info.tiny / 4, float("nan"), float("inf"), float("-inf")]
+    g = torch.Generator().manual_seed(0)
+    for v in special:
+        for n in (1, 7, 5000):
+            t = torch.randn(n, generator=g).to(dtype)
+            t[int(torch.randint(n, (1,), generator=g))] = v
+            for x in (t, t[::2], t.reshape(1, -1), t.clone().requires_grad_(dtype.is_floating_point)):
+                assert fmt.all_finite(x) == bool(torch.isfinite(x.detach()).all()), (v, n)
+    assert fmt.all_finite(torch.zeros(0, dtype=dtype))
+
+
 # -- mask hash, definition 2: from the file's own index bytes (issue 19) ----------------------------------------
 
 
