@@ -95,10 +95,12 @@ def _show(info: DeploymentInfo, as_json: bool) -> None:
     """Print one deployment (a note on stderr first when the command recovered it)."""
     if info.recovered:
         echo_err(f"recovered deployment {info.name} from an interrupted operation")
+    from adapterhub.apply.state import short_root
+
     output(info.to_json(), as_json, ["deployment", "base", "stack", "state", "path"],
            [[info.name, info.base, " > ".join(f"{l['ref']}x{l['scale']:g}" if l["scale"] != 1 else l["ref"]
                                                for l in info.stack) or "-",
-             info.state[:16], str(info.path)]])
+             short_root(info.state, 16), str(info.path)]])
 
 
 @deploy_group.command("list")
@@ -111,10 +113,11 @@ def deploy_list(c: Ctx, as_json: bool) -> None:
     Example: adapterhub deploy list --json
     """
     from adapterhub.apply import deploy_ownership
+    from adapterhub.apply.state import short_root
 
     infos = deploy_ownership.list_deployments(c.ws)
     output([i.to_json() for i in infos], as_json, ["deployment", "base", "stack", "events", "state", "path"],
-           [[i.name, i.base, " > ".join(l["ref"] for l in i.stack) or "-", i.events, i.state[:16], str(i.path)]
+           [[i.name, i.base, " > ".join(l["ref"] for l in i.stack) or "-", i.events, short_root(i.state, 16), str(i.path)]
             for i in infos])
 
 
@@ -211,13 +214,14 @@ def deploy_history(c: Ctx, name: str, as_json: bool) -> None:
     Example: adapterhub deploy history prod --json
     """
     from adapterhub.apply import deploy_ownership
+    from adapterhub.apply.state import short_root
 
     evs = deploy_ownership.history(c.ws, name)
     output([e.to_json() for e in evs], as_json,
            ["event", "action", "ref", "adapter hash", "forget", "scale", "state", "stack", "time"],
            [[e.seq, e.action, e.ref or (f"to {e.details['to']}" if "to" in e.details else ""),
              (e.content_hash or "")[:12], e.forget or "", "" if e.scale is None else f"{e.scale:g}",
-             e.state[:12] + ("" if e.measured else "*"), " > ".join(l["ref"] for l in e.stack) or "-",
+             short_root(e.state) + ("" if e.measured else "*"), " > ".join(l["ref"] for l in e.stack) or "-",
              _when(e.created_at)] for e in evs],
            no_wrap=("adapter hash", "state", "ref", "forget", "time"))
 
@@ -240,13 +244,15 @@ def deploy_verify(c: Ctx, name: str, as_json: bool) -> None:
     Example: adapterhub deploy verify prod
     """
     from adapterhub.apply import deploy_folders
+    from adapterhub.apply.state import short_root
 
     r = deploy_folders.verify(c.ws, name)
     if as_json:
         print_json(r)
     else:
         output(r, False, ["deployment", "ok", "expected", "actual"],
-               [[r["name"], "yes" if r["ok"] else "NO", r["expected"][:16], str(r["actual"])[:16]]])
+               [[r["name"], "yes" if r["ok"] else "NO", short_root(r["expected"], 16), str(r["actual"]) if str(r["actual"]).startswith("unreadable")
+                else short_root(r["actual"], 16)]])
     if not r["ok"]:
         why = deploy_folders.why_not_ok(r)
         if r.get("pending_recovery") and not r.get("problems"):  # the library does not name commands

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterhub.apply import deployments as dep
 from adapterhub.apply.patching import apply_adapter, state_root
-from adapterhub.apply.state import measure_folder
+from adapterhub.apply.state import DEFAULT_SCHEME, measure_folder
 from adapterhub.bases.sources import tensor_shapes
 from adapterhub.errors import BaseModelError, DeploymentError, RefError
 from adapterhub.format import SparseAdapter, SparseParam
@@ -69,7 +70,7 @@ def expected_fp(base_dir: Path, ws, stack):
 
 def folder_root(path: Path) -> str:
     """The state root measured from a folder's bytes."""
-    return measure_folder(path)[0].root()
+    return measure_folder(path, scheme=DEFAULT_SCHEME)[0].root()
 
 
 def test_create_apply_revert_rollback_history_verify(setup):
@@ -306,7 +307,7 @@ def test_cli_deploy_and_merge(setup, home):
     hist = json.loads(r.output)
     assert [e["action"] for e in hist] == ["create", "apply", "apply", "revert"]
     assert hist[-1]["stack"] == ["m@1"] and hist[1]["scale"] == 0.5
-    assert all(len(e["state_root"]) == 64 and e["time"] for e in hist)
+    assert all(re.fullmatch(r"blake3:[0-9a-f]{56}", e["state_root"]) and e["time"] for e in hist)
     assert [e["measured"] for e in hist] == [True, False, False, False]  # create measures; the rest derive
     r = invoke(["deploy", "rollback", "srv", "--to", "1"], home)
     assert r.exit_code == 0, r.output

@@ -290,7 +290,7 @@ def test_root_is_exact_when_finish_takes_back_the_background_hashing(setup, monk
     itself: the derived root still equals a full measurement of the bytes."""
     import time
 
-    from adapterhub.apply.state import measure_folder
+    from adapterhub.apply.state import DEFAULT_SCHEME, measure_folder
 
     ws, path, (a, b) = setup
     base_root = dep.get(ws, "d").state_root
@@ -305,12 +305,12 @@ def test_root_is_exact_when_finish_takes_back_the_background_hashing(setup, monk
     monkeypatch.setattr(dmod._ChunkBook, "hash_written", hash_written)
     info = dep.apply(ws, "d", a)
     assert 0 < len(calls) < len(TARGETS)  # some were taken back
-    assert info.state_root == measure_folder(path)[0].root()
+    assert info.state_root == measure_folder(path, scheme=DEFAULT_SCHEME)[0].root()
     monkeypatch.undo()
-    assert dep.apply(ws, "d", b).state_root == measure_folder(path)[0].root()
+    assert dep.apply(ws, "d", b).state_root == measure_folder(path, scheme=DEFAULT_SCHEME)[0].root()
     dep.revert(ws, "d")
     dep.revert(ws, "d")
-    assert dep.get(ws, "d").state_root == measure_folder(path)[0].root() == base_root
+    assert dep.get(ws, "d").state_root == measure_folder(path, scheme=DEFAULT_SCHEME)[0].root() == base_root
 
 
 def test_a_read_only_view_of_weights_warns_nothing(tmp_path):
@@ -411,25 +411,31 @@ def test_wal_asking_for_values_its_record_lacks_is_refused(setup, monkeypatch, k
     assert "\n" not in str(e.value) and _sha(path) == mid and wal.exists()
 
 
-def test_hash_chunk_sets_equals_hash_chunks_per_tensor():
+@pytest.mark.parametrize("scheme_name", ["sha256", "blake3"])
+def test_hash_chunk_sets_equals_hash_chunks_per_tensor(scheme_name):
     """One pool over several tensors gives each tensor's chunk digests, in order, as hashing them one by one."""
     import os
 
-    from adapterhub.apply.state import CHUNK, hash_chunk_sets, hash_chunks
+    from blake3 import blake3
+
+    from adapterhub.apply.state import CHUNK, SCHEMES, hash_chunk_sets, hash_chunks
+
+    scheme = SCHEMES[scheme_name]
+    H = hashlib.sha256 if scheme_name == "sha256" else blake3  # the reference: the library itself
 
     buf = bytearray(os.urandom(5 * CHUNK + 1234))
     jobs = [(buf, 0, 3 * CHUNK + 7, None), (buf, 3 * CHUNK + 7, len(buf), {1, 0}), (buf, 10, 10, None),
             (buf, 100, 100 + 40 * 1024 * 1024 // 1024, [0])]
     def ref(b, s, e, c):  # chunks counted from the tensor's first byte, the last one short
         ids = sorted(set(c)) if c is not None else list(range(-(-(e - s) // CHUNK)))
-        return ids, [hashlib.sha256(bytes(b[s + i * CHUNK:min(s + (i + 1) * CHUNK, e)])).digest() for i in ids]
+        return ids, [H(bytes(b[s + i * CHUNK:min(s + (i + 1) * CHUNK, e)])).digest() for i in ids]
 
     want = [ref(*j) for j in jobs]
-    assert [hash_chunks(*j, threads=False) for j in jobs] == want
+    assert [hash_chunks(*j, scheme=scheme, threads=False) for j in jobs] == want
     for threads in (False, True):
-        got = hash_chunk_sets(jobs, threads=threads)
+        got = hash_chunk_sets(jobs, scheme=scheme, threads=threads)
         assert got == want
     ids, digests = want[1]
-    assert ids == [0, 1] and digests[0] == hashlib.sha256(buf[3 * CHUNK + 7:4 * CHUNK + 7]).digest()
+    assert ids == [0, 1] and digests[0] == H(buf[3 * CHUNK + 7:4 * CHUNK + 7]).digest()
     many = [(buf, 0, len(buf), None)] * 3  # more tasks than workers
-    assert hash_chunk_sets(many) == [ref(buf, 0, len(buf), None)] * 3
+    assert hash_chunk_sets(many, scheme=scheme) == [ref(buf, 0, len(buf), None)] * 3

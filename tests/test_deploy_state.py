@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from adapterhub.apply import deploy_folders, deploy_ownership, deployments as dep, state as state_mod
 from adapterhub.apply.disk import WeightsFolder, _union_sorted
 from adapterhub.apply.patching import apply_adapter, state_root
-from adapterhub.apply.state import measure_folder
+from adapterhub.apply.state import DEFAULT_SCHEME, measure_folder
 from adapterhub.bases.sources import fingerprint_folder, tensor_shapes
 from adapterhub.errors import DeploymentError
 from adapterhub.format import SparseAdapter, SparseParam
@@ -122,14 +122,14 @@ def test_sharded_tied_apply_revert_exact_and_only_touched_shards_synced(ws, shar
     expect = {k: v.clone() for k, v in sd0.items()}
     apply_adapter(expect, ws.load_adapter(a))
     apply_adapter(expect, ws.load_adapter(b), 0.5)
-    assert info.state_root == state_root(expect) == measure_folder(info.path)[0].root()
+    assert info.state_root == state_root(expect) == measure_folder(info.path, scheme=DEFAULT_SCHEME)[0].root()
     assert set(synced) == holding  # only the shards the adapters touch
     untouched = {f for f in base_hashes if f not in holding}
     assert untouched and all(shards(info.path)[f] == base_hashes[f] for f in untouched)
     info = dep.revert(ws, "d", a)  # b is re-applied on top of the base
     expect = {k: v.clone() for k, v in sd0.items()}
     apply_adapter(expect, ws.load_adapter(b), 0.5)
-    assert info.state_root == state_root(expect) == measure_folder(info.path)[0].root()
+    assert info.state_root == state_root(expect) == measure_folder(info.path, scheme=DEFAULT_SCHEME)[0].root()
     info = dep.revert(ws, "d")
     assert shards(info.path) == base_hashes  # bit for bit
     assert info.state_root == state_root(sd0)
@@ -258,7 +258,7 @@ def test_damaged_or_forged_state_file_falls_back_to_a_full_measurement(ws, tiny)
     doc["tensors"][name]["hashes"] = doc["tensors"][name]["hashes"][::-1]  # root no longer the catalog's
     sf.write_bytes(json.dumps(doc).encode())
     out = dep.apply(ws, "d", a)  # measured in full first (the weights are fine), then applied
-    assert out.state_root == measure_folder(out.path)[0].root()
+    assert out.state_root == measure_folder(out.path, scheme=DEFAULT_SCHEME)[0].root()
     sf.write_bytes(b"[1,2")
     assert dep.revert(ws, "d").state_root == info.state_root
 
@@ -279,7 +279,7 @@ def test_row_from_before_0004_gets_its_root_lazily(ws, tiny):
     v = dep.verify(ws, "d")
     assert v["ok"] and v["expected"] == legacy_fp
     out = dep.apply(ws, "d", b)
-    assert out.state_root == measure_folder(out.path)[0].root()
+    assert out.state_root == measure_folder(out.path, scheme=DEFAULT_SCHEME)[0].root()
     with ws.session() as s:
         s.execute(update(Deployment).values(state_root=None, state_fingerprint="0" * 64))
     with pytest.raises(DeploymentError, match="do not match the recorded state"):

@@ -196,8 +196,8 @@ def test_deployment_page_history_verify_unlearning(cat):
     html = client(ws).get("/deployments/prod").text
     events = deployments.history(ws, "prod")
     assert [e.action for e in events] == ["create", "apply", "apply"]
-    fps = re.findall(r'<td class="mono fingerprint">([0-9a-f]+)(?: \(derived\))?</td>', html)
-    assert fps == [e.state[:16] for e in events] and len(set(fps)) == 3
+    fps = re.findall(r'<td class="mono fingerprint">(blake3:[0-9a-f]{16})(?: \(derived\))?</td>', html)
+    assert fps == [e.state[:23] for e in events] and len(set(fps)) == 3
     assert '<span class="ok">ok</span>' in html
     # the unlearning version in the stack: forget spec and before/after figures, read from its metrics
     assert '<td colspan="2" class="forget">class:1</td>' in html

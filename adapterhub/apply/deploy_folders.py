@@ -53,7 +53,7 @@ from .deploy_ownership import (
     get,
     list_deployments,
 )
-from .state import StateFileError, measure_folder
+from .state import StateFileError, measure_folder, scheme_of
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -193,8 +193,8 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
         # The copy is hashed once, chunk by chunk (its state root); a base measured before needs nothing else,
         # one never measured (catalogs from before revision 0004) also gets its identity fingerprint checked in
         # the same pass, and its root recorded.
-        base_root = ws.deployment_rows.base_state_root(binfo.id)
-        state, ident = _measure(tmp, identity=base_root is None)
+        base_root = ws.deployment_rows.base_state_root(binfo.id)  # its scheme is the deployment's for good
+        state, ident = _measure(tmp, scheme=scheme_of(base_root), identity=base_root is None)
         root = state.root()
         if (base_root is None and ident != binfo.fingerprint) or (base_root is not None and root != base_root):
             raise BaseModelError(f"base {base!r} folder {src} no longer matches its registered fingerprint "
@@ -272,7 +272,8 @@ def verify(ws: Workspace, name: str, *, measure: bool = True) -> dict[str, Any]:
     was_measured = actual is None
     if actual is None:
         try:
-            measured, ident = measure_folder(info.path, identity=info.state_root is None)
+            measured, ident = measure_folder(info.path, scheme=scheme_of(info.state_root),
+                                             identity=info.state_root is None)
             actual = measured.root() if info.state_root is not None else str(ident)
         except AdapterHubError as e:
             actual = f"unreadable: {e}"

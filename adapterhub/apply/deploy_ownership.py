@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
 from ..catalog.deployments import DeploymentInfo, EventInfo
 from ..errors import DeploymentError
 from ..fsutil import atomic_write_bytes, fsync_dir
-from .state import FolderState, StateFileError, measure_folder, read_state_file
+from .state import FolderState, RootScheme, StateFileError, measure_folder, read_state_file, scheme_of, short_root
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..workspace import Workspace
@@ -320,19 +320,19 @@ def weights_path(ws: Workspace, name: str) -> Path:
 # -- state files (adapterhub.apply.state) ------------------------------------------------------
 
 
-def _measure(folder: Path, *, identity: bool = False) -> tuple[FolderState, str | None]:
-    """A full measurement of ``folder``'s weights, the ``stat`` data taken (after a clock reading) before the
-    bytes are read, so a write during the hashing shows as a change next time."""
+def _measure(folder: Path, *, scheme: RootScheme, identity: bool = False) -> tuple[FolderState, str | None]:
+    """A full measurement of ``folder``'s weights under ``scheme``, the ``stat`` data taken (after a clock
+    reading) before the bytes are read, so a write during the hashing shows as a change next time."""
     pre = FolderState({}, {})
     pre.stamp(folder, [p.name for p in folder.glob("*.safetensors")])
-    state, ident = measure_folder(folder, identity=identity)
+    state, ident = measure_folder(folder, scheme=scheme, identity=identity)
     state.files = pre.files
     return state, ident
 
 
 def _mismatch(name: str, actual: str, expected: str, where: str = "") -> DeploymentError:
-    return DeploymentError(f"deployment {name!r} weights{where} do not match the recorded state ({actual[:12]} != "
-                           f"{expected[:12]}): the file is corrupt or was changed outside adapterhub; nothing was changed")
+    return DeploymentError(f"deployment {name!r} weights{where} do not match the recorded state ({short_root(actual)} != "
+                           f"{short_root(expected)}): the file is corrupt or was changed outside adapterhub; nothing was changed")
 
 
 def _recorded_state(info: DeploymentInfo) -> FolderState | None:
@@ -344,7 +344,7 @@ def _recorded_state(info: DeploymentInfo) -> FolderState | None:
         got = read_state_file(_state_file(info.path))
     except StateFileError:
         return None
-    if got is None or got[0].root() != info.state_root:
+    if got is None or got[0].scheme is not scheme_of(info.state_root) or got[0].root() != info.state_root:
         return None
     return got[0]
 
@@ -367,7 +367,9 @@ def _checked_state(ws: Workspace, info: DeploymentInfo, *, full: bool,
         except StateFileError:
             st = None
     if st is None:
-        new, ident = _measure(info.path, identity=info.state_root is None)
+        # (a row from before revision 0004 gets a root of its base's scheme, so that an empty stack has its base's root)
+        new, ident = _measure(info.path, scheme=scheme_of(info.state_root or info.base_state_root),
+                              identity=info.state_root is None)
         root = new.root()
         if info.state_root is None:
             if ident != info.state_fingerprint:
@@ -380,7 +382,7 @@ def _checked_state(ws: Workspace, info: DeploymentInfo, *, full: bool,
     if stale:
         pre = FolderState({}, {})
         pre.stamp(info.path, stale)
-        new, _ = measure_folder(info.path, files=stale, base=st)
+        new, _ = measure_folder(info.path, scheme=st.scheme, files=stale, base=st)
         root = new.root()
         if root != info.state_root:
             raise _mismatch(info.name, root, str(info.state_root), f" ({', '.join(stale)}, changed since the last operation)")

@@ -116,6 +116,7 @@ from .state import (
     hash_chunks,
     measure_folder,
     root_of,
+    short_root,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,7 +193,7 @@ class _ChunkBook:
         """Digests of the chunks of ``name`` holding ``idx``, read now (the tensor's last write of the operation
         is done); stored by :meth:`finish`, so that the pre-apply hashes stay readable meanwhile."""
         buf, _, b, e = self.weights.buffer(name)
-        return hash_chunks(buf, b, e, self._chunks(name, idx).tolist(), threads=False)
+        return hash_chunks(buf, b, e, self._chunks(name, idx).tolist(), scheme=self.state.scheme, threads=False)
 
     def finish(self, early: dict[str, Future[tuple[list[int], list[bytes]]]] | None = None) -> str:
         """Re-hash the chunks whose hashes are unknown (those ``early`` hashed already are taken from it);
@@ -206,15 +207,15 @@ class _ChunkBook:
         # every tensor the background hasher has not started, on one pool (all cores, however small each is)
         rest = sorted(n for n, unk in self.unknown.items() if unk and n not in running)
         jobs = [(*self._span(n), self.unknown[n]) for n in rest]
-        for name, got in zip(rest, hash_chunk_sets(jobs), strict=True):
+        for name, got in zip(rest, hash_chunk_sets(jobs, scheme=self.state.scheme), strict=True):
             self._store(name, *got)
         for name in sorted(running):
             ids, digests = early[name].result()
             self._store(name, ids, digests)
             left = self.unknown.get(name, set()) - set(ids)
             if left:
-                self._store(name, *hash_chunk_sets([(*self._span(name), left)])[0])
-        return root_of(self.state.tensors)
+                self._store(name, *hash_chunk_sets([(*self._span(name), left)], scheme=self.state.scheme)[0])
+        return root_of(self.state.tensors, self.state.scheme)
 
     def _span(self, name: str) -> tuple[Any, int, int]:
         buf, _, b, e = self.weights.buffer(name)
@@ -386,10 +387,10 @@ def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBoo
     # keeps them (see _committed), so an error past that point leaves the WAL for it.
     if verify:  # measured: every byte hashed again, and it must agree with the derivation
         root = book.finish()
-        whole, _ = measure_folder(info.path)
+        whole, _ = measure_folder(info.path, scheme=book.state.scheme)
         if whole.root() != root:
-            raise DeploymentError(f"deployment {name!r}: the measured state {whole.root()[:12]} differs from "
-                                  f"the derived {root[:12]} (the weights changed during the operation); "
+            raise DeploymentError(f"deployment {name!r}: the measured state {short_root(whole.root())} differs from "
+                                  f"the derived {short_root(root)} (the weights changed during the operation); "
                                   "nothing was changed")
         tx.commit()
     else:  # derived: the rest of the touched chunks re-hashed from the hot pages during the write-back

@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ import torch
 from .. import st_io
 from ..errors import BaseModelError, DeploymentError
 from ..format import SparseAdapter, all_finite
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import RootScheme
 
 __all__ = [
     "UndoEntry", "UndoRecord", "apply_adapter", "revert", "revert_all", "applied", "state_fingerprint",
@@ -294,11 +297,14 @@ def state_fingerprint(target: Any) -> str:
     return h.hexdigest()
 
 
-def state_root(target: Any) -> str:
+def state_root(target: Any, scheme: RootScheme | None = None) -> str:
     """The state root of a module or state dict (:mod:`adapterhub.apply.state`): the Merkle fingerprint a
     deployment records, equal to the root of a folder holding the same tensors (a deployment with an empty
-    stack has its base's). Raises: BaseModelError for a tensor of a dtype safetensors cannot hold."""
-    from .state import TensorState, root_of, tensor_chunk_hashes
+    stack has its base's). ``scheme``: the default (BLAKE3) unless given — compare with a recorded root ``r``
+    using ``scheme_of(r)``. Raises: BaseModelError for a tensor of a dtype safetensors cannot hold."""
+    from .state import DEFAULT_SCHEME, TensorState, root_of, tensor_chunk_hashes
+
+    scheme = scheme or DEFAULT_SCHEME
 
     tensors = _tensors_of(target)
     out = {}
@@ -308,5 +314,5 @@ def state_root(target: Any) -> str:
         if st is None:
             raise BaseModelError(f"{name}: unsupported dtype {t.dtype}")
         nbytes = t.numel() * t.element_size()
-        out[name] = TensorState("", st, tuple(t.shape), 0, nbytes, tensor_chunk_hashes(_tensor_raw(t)))
-    return root_of(out)
+        out[name] = TensorState("", st, tuple(t.shape), 0, nbytes, tensor_chunk_hashes(_tensor_raw(t), scheme))
+    return root_of(out, scheme)

@@ -63,6 +63,13 @@ def _fmt_num(v: Any, digits: int = 4) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _short_root(root: Any, digits: int = 12) -> str:
+    """A state root's tag and first hex digits (:func:`adapterhub.apply.state.short_root`)."""
+    from ..apply.state import short_root
+
+    return short_root(str(root or ""), digits)
+
+
 def _when(t: Any) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S") if hasattr(t, "strftime") else ("" if t is None else str(t))
 
@@ -84,7 +91,8 @@ def create_app(ws: Workspace, settings: UiSettings | None = None, *, lineage_dep
     # there would no longer match the catalog string it stands for
     env.filters["val"] = attr_value
     env.globals.update(vhref=version_href, fmt=_fmt_num, when=_when, csrf=cfg.csrf, writes=cfg.allow_writes,
-                       qs=lambda d: urlencode(d), quote=lambda s: quote(str(s), safe=""), auth=cfg.token is not None)
+                       qs=lambda d: urlencode(d), quote=lambda s: quote(str(s), safe=""), auth=cfg.token is not None,
+                       short_root=_short_root)
 
     def render(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(**ctx), status_code=status)
