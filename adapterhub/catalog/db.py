@@ -117,41 +117,14 @@ def describe_url(url: str) -> str:
         return "(unparseable URL)"
 
 
-_ENGINES: dict[tuple[int, str, float], Engine] = {}
-_ENGINES_LOCK = threading.Lock()
-_MAX_ENGINES = 16
-
-
 def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
-    """An engine for ``url``.
+    """Create an engine for ``url``.
 
     SQLite gets WAL, foreign keys and a busy timeout of ``lock_timeout`` seconds (default: env
     ADAPTERHUB_LOCK_TIMEOUT, else 60 s); PostgreSQL gets the same as its ``lock_timeout``. Raises
     CatalogError for an unusable URL or timeout.
-
-    One process opening the same catalog again (a library user's second ``Workspace.open``) gets the engine
-    it made before, with a fresh pool: no connection of an earlier workspace is handed out again (its file
-    may have been replaced meanwhile), but the dialect's first-connect set-up and the compiled forms of the
-    catalog's statements are kept, which a new engine spent ~40 ms a deploy apply + revert redoing. Keyed by
-    process (a forked child makes its own), URL and timeout; in-memory SQLite is never shared.
     """
     timeout = lock_timeout_setting(lock_timeout)
-    if url in ("sqlite://", "sqlite:///:memory:") or ":memory:" in url or "mode=memory" in url:
-        return _new_engine(url, timeout)
-    key = (os.getpid(), url, timeout)
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is not None:
-            engine.dispose()  # a fresh pool (connections still checked out elsewhere stay valid until returned)
-            return engine
-        engine = _new_engine(url, timeout)
-        if len(_ENGINES) >= _MAX_ENGINES:
-            _ENGINES.pop(next(iter(_ENGINES))).dispose()
-        _ENGINES[key] = engine
-        return engine
-
-
-def _new_engine(url: str, timeout: float) -> Engine:
     full_ms = int(timeout * 1000)
     try:
         if url.startswith("sqlite"):
