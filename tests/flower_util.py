@@ -91,11 +91,23 @@ class Cluster:
                 time.sleep(0.2)
         raise RuntimeError("flower-superlink did not open its port")
 
-    def add_node(self, home: Path, client_id: int, base: str, data: str, *extra: str) -> None:
-        """``adapterhub fed node`` (which execs flower-supernode: its PID is the SuperNode's)."""
-        self._start(f"node{client_id}", [sys.executable, "-m", "adapterhub.cli.main", "--home", str(home), "fed", "node",
-                                         "--superlink", self.address, "--insecure", "--client-id", str(client_id),
-                                         "--base", base, "--data", data, "--port", str(free_port()), *extra])
+    def add_node(self, home: Path, client_id: int, base: str, data: str, *extra: str, timeout: float = 120) -> None:
+        """``adapterhub fed node`` (which execs flower-supernode: its PID is the SuperNode's).
+
+        Waits until the SuperNode's HTTP API is listening (or the process exits). Its port is picked free here and
+        bound later by the node, so another process can take it in between ("address already in use", seen under
+        CI load): the node is then started again on a new port, up to 5 times."""
+        name = f"node{client_id}"
+        for _ in range(5):
+            p = self._start(name, [sys.executable, "-m", "adapterhub.cli.main", "--home", str(home), "fed", "node",
+                                   "--superlink", self.address, "--insecure", "--client-id", str(client_id),
+                                   "--base", base, "--data", data, "--port", str(free_port()), *extra])
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and p.poll() is None and "Uvicorn running on" not in self.log(name):
+                time.sleep(0.2)
+            if p.poll() is None or "address already in use" not in self.log(name):
+                return
+            p.wait(timeout=10)
 
     def wait_connected(self, names: list[str], timeout: float = 120) -> None:
         """Wait until each named SuperNode has registered with the SuperLink (its log shows its node id)."""
