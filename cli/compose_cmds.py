@@ -251,8 +251,8 @@ def deploy_verify(c: Ctx, name: str, as_json: bool) -> None:
         print_json(r)
     else:
         output(r, False, ["deployment", "ok", "expected", "actual"],
-               [[r["name"], "yes" if r["ok"] else "NO", short_root(r["expected"], 16), str(r["actual"]) if str(r["actual"]).startswith("unreadable")
-                else short_root(r["actual"], 16)]])
+               [[r["name"], "yes" if r["ok"] else "NO", short_root(r["expected"], 16),
+                 short_root(str(r["actual"]), 16)]])
     if not r["ok"]:
         why = deploy_folders.why_not_ok(r)
         if r.get("pending_recovery") and not r.get("problems"):  # the library does not name commands

@@ -63,6 +63,7 @@ def test_root_definitions_are_pinned_and_follow_the_documented_construction():
 def test_short_root_keeps_the_tag():
     assert short_root(BLAKE3_ROOT) == "blake3:1f0e7e13f762"
     assert short_root(SHA256_ROOT, 16) == SHA256_ROOT[:16] and short_root(None) == ""
+    assert short_root("unreadable: a: b", 16) == "unreadable: a: b"[:16]  # not a root: cut as it is
 
 
 @pytest.fixture

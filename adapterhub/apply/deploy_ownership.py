@@ -344,7 +344,7 @@ def _recorded_state(info: DeploymentInfo) -> FolderState | None:
         got = read_state_file(_state_file(info.path))
     except StateFileError:
         return None
-    if got is None or got[0].scheme is not scheme_of(info.state_root) or got[0].root() != info.state_root:
+    if got is None or got[0].root() != info.state_root:  # (a root's text names its scheme: no other matches)
         return None
     return got[0]
 

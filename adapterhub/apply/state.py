@@ -76,20 +76,25 @@ _MAX_STATE_BYTES = 256 << 20
 @dataclass(frozen=True)
 class RootScheme:
     """How a state root is hashed and written (see the module): ``chunk`` hashes one chunk (32 bytes),
-    ``hasher`` makes the leaves' and the root's hash objects, ``text`` writes a finished root hash object."""
+    ``hasher`` makes the leaves' and the root's hash objects, ``hexdigest`` the hex digits a finished root hash
+    object is written with (after the tag: :meth:`text`)."""
 
     name: str
     tag: str  # what a written root starts with ("" for the sha256 roots, which predate schemes)
     prefix: bytes
     chunk: Callable[[Any], bytes]
     hasher: Callable[[], Any]
-    text: Callable[[Any], str]
+    hexdigest: Callable[[Any], str]
+
+    def text(self, h: Any) -> str:
+        """The written root of the finished root hash object ``h``."""
+        return self.tag + self.hexdigest(h)
 
 
 SHA256 = RootScheme("sha256", "", ROOT_PREFIX, lambda data: hashlib.sha256(data).digest(), hashlib.sha256,
                     lambda h: h.hexdigest())
 BLAKE3 = RootScheme("blake3", "blake3:", b"adapterhub.state-root.v2 chunk=262144 hash=blake3\n",
-                    lambda data: blake3(data).digest(), blake3, lambda h: "blake3:" + h.hexdigest(length=28))
+                    lambda data: blake3(data).digest(), blake3, lambda h: h.hexdigest(length=28))
 SCHEMES: dict[str, RootScheme] = {s.name: s for s in (SHA256, BLAKE3)}
 DEFAULT_SCHEME = BLAKE3  # for roots measured from now on; a recorded root keeps the scheme it names
 
@@ -105,9 +110,11 @@ def scheme_of(root: str | None) -> RootScheme:
 
 
 def short_root(root: str | None, digits: int = 12) -> str:
-    """A root (or any ``tag:hex`` or plain hex digest) for people: its tag and its first ``digits`` hex digits."""
-    tag, sep, rest = (root or "").rpartition(":")
-    return f"{tag}{sep}{rest[:digits]}"
+    """A root for people: its scheme's tag and its first ``digits`` hex digits (any other text, e.g. an
+    identity fingerprint or a message, is cut to ``digits`` characters)."""
+    text = root or ""
+    tag = scheme_of(text).tag
+    return tag + text[len(tag):len(tag) + digits]
 
 
 class StateFileError(DeploymentError):
