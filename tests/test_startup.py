@@ -73,3 +73,16 @@ def test_gc_verify_and_repair_of_clean_deployments_do_not_import_torch(tmp_path,
         "    assert r.exit_code == 0, (args, r.output)\n"
         "    out[args[-2]] = json.loads(r.stdout)\n"
         "assert out['verify']['problems'] == [], out\n"))
+
+
+def test_the_command_collects_garbage_less_often_than_python_by_default():
+    """``main`` (the ``adapterhub`` script and ``python -m adapterhub.cli.main``) raises the collector's first
+    threshold, so a command does not re-examine the modules it imported every 700 new objects; the process still
+    collects (the threshold is finite) and the older generations keep Python's own."""
+    code = ("import gc, sys; default = gc.get_threshold(); sys.argv = ['adapterhub', '--version']\n"
+            "from adapterhub.cli.main import GC_THRESHOLD, main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print(default, gc.get_threshold(), GC_THRESHOLD, gc.isenabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "(700, 10, 10) (100000, 10, 10) 100000 True"
