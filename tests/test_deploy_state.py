@@ -316,6 +316,38 @@ def test_create_copies_and_hashes_once(ws, tiny_llama_dir, monkeypatch):
     assert shards(one.path) == shards(tiny_llama_dir)
 
 
+def test_create_syncs_every_shard_before_its_state_file_and_records_their_final_stat(ws, tmp_path, monkeypatch):
+    """Shards are fsynced on a worker as they are copied, overlapping the copy and the measurement: each one is
+    durable before the state file is written, has mode 0644, and the stat data recorded is the file's final one
+    (a chmod after the measurement would change the ctime and make the next operation re-hash in full)."""
+    base = save_sharded_llama(tmp_path / "model", torch.bfloat16)
+    ws.add_base("sh", str(base))
+    events: list[str] = []
+    real_fsync, real_write = os.fsync, deploy_folders.atomic_write_bytes
+
+    def fsync(fd):
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def write(path, data):
+        events.append(f"write {Path(path).name}")
+        return real_write(path, data)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(deploy_folders, "atomic_write_bytes", write)
+    info = dep.create(ws, "d", "sh")
+    monkeypatch.undo()
+    names = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(names) > 3
+    first_state_write = events.index("write state.json")
+    synced = {Path(e).name for e in events[:first_state_write] if e.endswith(".safetensors")}
+    assert synced == set(names)
+    for n in names:
+        assert (info.path / n).stat().st_mode & 0o777 == 0o644
+    recorded, _ = state_mod.read_state_file(info.path / ".adapterhub" / "state.json")
+    assert recorded.stale_files(info.path) == []
+
+
 def test_clone_file_copies_bytes(tmp_path):
     src = tmp_path / "a.bin"
     src.write_bytes(os.urandom(3 << 20) + b"tail")

@@ -19,6 +19,8 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -112,8 +114,17 @@ def _clone_file(fin: int, fout: int) -> None:
         shutil.copyfileobj(a, b, 1 << 20)
 
 
-def _copy_base_folder(src: Path, dst: Path) -> None:
-    """Copy base folder ``src`` into the new deployment folder ``dst`` as real files only.
+def _fsync_file(w: Path) -> None:
+    fd = os.open(w, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_base_folder(src: Path, dst: Path, on_copied: Callable[[Path], None] | None = None) -> None:
+    """Copy base folder ``src`` into the new deployment folder ``dst`` as real files only; ``on_copied(path)`` is
+    called with each copied file's path as soon as it is written.
 
     Symlinked *files* are followed (a Hugging Face cache snapshot is made of them) but only to regular
     files; a symlinked sub-folder, a FIFO, a socket or a device (``tokenizer.json -> /dev/zero``) is refused,
@@ -145,6 +156,8 @@ def _copy_base_folder(src: Path, dst: Path) -> None:
             except OSError as e:
                 raise DeploymentError(f"base folder {src}: cannot copy {rel} "
                                       f"({e.strerror or e.__class__.__name__})") from None
+            if on_copied is not None:
+                on_copied(d / item.name)
 
     walk(src, dst, 0)
 
@@ -182,19 +195,30 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     src = Path(binfo.path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # Each weights file is fsynced on a worker as soon as it is copied: its write-back overlaps the copy of the
+    # next file and the measurement, which read the same pages from the page cache. All are durable before the
+    # state file is written.
+    syncer = ThreadPoolExecutor(1)
+    synced: list[Future[None]] = []
+
+    def on_copied(f: Path) -> None:
+        if f.parent == tmp and f.suffix == ".safetensors":
+            f.chmod(0o644)  # here, not on the worker: it changes the ctime, which the measurement records
+            synced.append(syncer.submit(_fsync_file, f))
+
     try:
-        _copy_base_folder(src, tmp)
-        for w in tmp.glob("*.safetensors"):
-            w.chmod(0o644)
-            fd = os.open(w, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        _control(tmp).mkdir()
-        # The copy is hashed once, chunk by chunk (its state root); a base measured before needs nothing else,
-        # one never measured (catalogs from before revision 0004) also gets its identity fingerprint checked in
-        # the same pass, and its root recorded.
-        base_root = ws.deployment_rows.base_state_root(binfo.id)  # its scheme is the deployment's for good
-        state, ident = _measure(tmp, scheme=scheme_of(base_root), identity=base_root is None)
+        try:
+            _copy_base_folder(src, tmp, on_copied)
+            _control(tmp).mkdir()
+            # The copy is hashed once, chunk by chunk (its state root); a base measured before needs nothing
+            # else, one never measured (catalogs from before revision 0004) also gets its identity fingerprint
+            # checked in the same pass, and its root recorded.
+            base_root = ws.deployment_rows.base_state_root(binfo.id)  # its scheme is the deployment's for good
+            state, ident = _measure(tmp, scheme=scheme_of(base_root), identity=base_root is None)
+        finally:
+            syncer.shutdown(wait=True)
+        for fut in synced:
+            fut.result()  # an fsync's error, if any
         root = state.root()
         if (base_root is None and ident != binfo.fingerprint) or (base_root is not None and root != base_root):
             raise BaseModelError(f"base {base!r} folder {src} no longer matches its registered fingerprint "
