@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 BIN = Path(sys.executable).parent
 
 
@@ -66,8 +68,12 @@ class Cluster:
         self.address = f"127.0.0.1:{self.port}"
         self.logs = tmp / "flower-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        # The nodes' ClientApps use as many torch threads as this process: the tests compare their training with
+        # the in-process engine's bit for bit, and on some CPUs (AVX-512) a matrix product's float sums come out
+        # differently with another thread count (test modules set 1 or 2 threads when imported).
         self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                        FLWR_HOME=str(tmp / "flwr-home"), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
+                        FLWR_HOME=str(tmp / "flwr-home"), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",
+                        OMP_NUM_THREADS=str(torch.get_num_threads()))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
