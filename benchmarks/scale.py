@@ -627,11 +627,12 @@ def fragment(doc: dict[str, Any]) -> str:
         "(about 1 ms per request: only the two sides' own work counts); *pull catalog* — from the \"registering\" "
         "step to the end (target < 0.1 s).", "",
         summary(doc), "", *verdicts(doc), "",
-        "The same targets in the previous round's final run (quiet machine): register 0.88-11.65x, push "
-        "1.03-1.06x (40 ms) / 1.04-1.59x (1 ms), pull 0.47-0.79x (40 ms) / 0.92-1.28x (1 ms), pull catalog time "
-        "0.008-0.031 s, in memory 1% ÷ 0.1% at 1.1B 4.6× (0.494 s / 0.107 s, each the median of 3 cycles; two "
-        "re-runs right after it gave 8.4× and 7.7×). The 0.1% side is a few tens of milliseconds, so with 3 cycles "
-        "one hiccup of 30 ms moved the ratio by half: the in-memory cycles are now repeated until they add up to "
+        "The same targets in the previous run (the previous version, another machine of the same kind): register "
+        "0.98-14.51x, push 1.00-1.01x (40 ms) / 1.08-1.19x (1 ms), pull 0.42-0.71x (40 ms) / 0.91-1.02x (1 ms), "
+        "pull catalog time 0.006-0.010 s, in memory 1% ÷ 0.1% at 1.1B 8.5×. An earlier round's run gave 4.6× there "
+        "(0.494 s / 0.107 s, each the median of 3 cycles; two re-runs right after it gave 8.4× and 7.7×): the 0.1% "
+        "side is a few tens of milliseconds, so with 3 cycles one hiccup of 30 ms moved the ratio by half, and the "
+        "in-memory cycles are now repeated until they add up to "
         f"{MEMORY_MIN_SECONDS:g} s (at least `--repeat`, at most {MEMORY_MAX_CYCLES}; the count is `cycles` in the "
         "JSON) and the median of those is reported.", "",
         "What `register` of a canonical file does: it reads the file once; its sha256 (the content hash) runs on a "
