@@ -171,6 +171,40 @@ def base_list(c: Ctx, as_json: bool) -> None:
            ([b.name, b.source, b.architecture, f"{b.num_params or 0:,}", b.fingerprint[:12]] for b in bases))
 
 
+@base_group.command("rehash")
+@click.argument("name", type=BASE_NAME, is_eager=True)
+@json_option
+@pass_ctx
+@handle_errors
+def base_rehash(c: Ctx, name: str, as_json: bool) -> None:
+    """Give base NAME a BLAKE3 state root if its root is sha256 (measured before catalog revision 0008).
+
+    The base's folder is measured again (its identity fingerprint checked in the same pass); new deployments
+    of NAME then hash with BLAKE3. Deployments made before keep their sha256 roots: remove and create one
+    again to move it.
+
+    Example: adapterhub base rehash minilm
+    """
+    from adapterhub.apply import deploy_folders
+    from adapterhub.apply.state import short_root
+
+    doc = deploy_folders.rehash_base(c.ws, name)
+    if as_json:
+        print_json(doc)
+        return
+    if doc["changed"]:
+        echo(f"{doc['base']}: state root {short_root(doc['state_root'], 16)} (was {short_root(doc['previous'], 16)}); "
+             f"new deployments hash with {doc['scheme']}")
+    elif doc["previous"] is None:
+        echo(f"{doc['base']}: not measured yet; its first deploy create measures it with {doc['scheme']}")
+    else:
+        echo(f"{doc['base']}: state root {short_root(doc['state_root'], 16)} is already {doc['scheme']}")
+    kept = sorted(n for n, sch in doc["deployments"].items() if sch != doc["scheme"])
+    if kept:
+        echo(f"deployments keeping their {', '.join(sorted({doc['deployments'][n] for n in kept}))} roots: "
+             f"{', '.join(kept)}")
+
+
 @click.command("register", cls=ArgvCommand)
 @click.argument("file", type=click.Path(exists=True))
 @click.option("--name", required=True, type=ADAPTER_NAME, is_eager=True, help="Adapter name (new or existing).")

@@ -172,3 +172,76 @@ def test_row_from_before_0004_takes_its_bases_scheme(ws, old_and_new):
     assert re.fullmatch(r"[0-9a-f]{64}", out.state_root)
     assert out.state_root == measure_folder(info.path, scheme=SHA256)[0].root()
     assert dep.revert(ws, "d").state_root == info.base_state_root
+
+
+# -- base rehash: moving a base measured with sha256 to BLAKE3 -----------------------------------------------
+
+
+def test_base_rehash_moves_new_deployments_to_blake3_and_old_ones_keep_sha256(ws, old_and_new, tiny_llama_dir):
+    from click.testing import CliRunner
+
+    from adapterhub.apply import deploy_folders
+    from adapterhub.cli.main import cli
+
+    a, b = old_and_new
+    d0 = dep.get(ws, "d")
+    dep.apply(ws, "d", a)
+    out = deploy_folders.rehash_base(ws, "old")
+    want = measure_folder(tiny_llama_dir, scheme=BLAKE3)[0].root()
+    assert out == {"base": "old", "previous": d0.state_root, "state_root": want, "changed": True, "scheme": "blake3",
+                   "deployments": {"d": "sha256"}}
+    assert ws.deployment_rows.base_state_root(d0.base_id) == want
+    n = dep.create(ws, "n", "old")  # a new deployment hashes with BLAKE3 and starts at the base's new root
+    assert n.state_root == want and json.loads((n.path / ".adapterhub" / "state.json").read_bytes())["hash"] == "blake3"
+    # the old deployment keeps sha256 through every operation; its empty stack's root and fingerprint are known
+    assert re.fullmatch(r"[0-9a-f]{64}", dep.apply(ws, "d", b).state_root)
+    dep.revert(ws, "d")
+    back = dep.revert(ws, "d")
+    assert back.state_root == d0.state_root and back.state_fingerprint == ws.get_base("old").fingerprint
+    assert dep.verify(ws, "d")["ok"] and dep.verify(ws, "n")["ok"]
+    assert dep.rollback(ws, "d", 0, verify=True).state_root == d0.state_root
+    # once BLAKE3, nothing to do; the CLI says so (and names the deployment that keeps sha256)
+    r = CliRunner().invoke(cli, ["--home", str(ws.home), "base", "rehash", "old", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {**out, "previous": want, "changed": False,
+                                    "deployments": {"d": "sha256", "n": "blake3"}}
+    r = CliRunner().invoke(cli, ["--home", str(ws.home), "base", "rehash", "old"])
+    assert r.exit_code == 0 and r.stdout.splitlines() == [
+        f"old: state root {short_root(want, 16)} is already blake3", "deployments keeping their sha256 roots: d"]
+
+
+def test_base_rehash_of_a_changed_or_never_measured_base(ws, tmp_path, tiny_llama_dir, monkeypatch):
+    """A base whose folder changed is refused (one line, exit 1, nothing changed); one whose files are symlinks
+    (a Hugging Face cache snapshot) is measured through them; a base never measured has nothing to do."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from adapterhub.apply import deploy_folders
+    from adapterhub.cli.main import cli
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(tiny_llama_dir, blobs)
+    snap.mkdir()
+    for f in blobs.iterdir():
+        (snap / f.name).symlink_to(f)
+    ws.add_base("linked", str(snap))
+    ws.add_base("fresh", str(tiny_llama_dir))
+    monkeypatch.setattr(state_mod, "DEFAULT_SCHEME", SHA256)
+    old = dep.create(ws, "d", "linked").state_root
+    monkeypatch.undo()
+    home = str(ws.home)
+    r = CliRunner().invoke(cli, ["--home", home, "base", "rehash", "fresh"])
+    assert r.exit_code == 0 and r.stdout.strip() == "fresh: not measured yet; its first deploy create measures it with blake3"
+    weights = next(blobs.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # the last tensor's bytes: the base is not what was registered any more
+    weights.write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["--home", home, "base", "rehash", "linked"])
+    assert r.exit_code == 1 and "no longer matches its registered fingerprint" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert ws.deployment_rows.base_state_root(dep.get(ws, "d").base_id) == old  # nothing changed
+    data[-3] ^= 0x40
+    weights.write_bytes(bytes(data))
+    out = deploy_folders.rehash_base(ws, "linked")
+    assert out["changed"] and out["state_root"] == measure_folder(blobs, scheme=BLAKE3)[0].root()

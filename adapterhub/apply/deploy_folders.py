@@ -35,6 +35,7 @@ from ..faults import fault_point
 from ..fsutil import atomic_write_bytes, fsync_dir
 from ..gapcode import decode_gaps
 from ..safe_read import open_regular
+from . import state as _state
 from .deploy_ownership import (
     _committed,
     _control,
@@ -61,7 +62,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..workspace import Workspace
 
-__all__ = ["create", "remove", "Removed", "verify", "why_not_ok", "check_all", "remove_temp_files", "undo_doc"]
+__all__ = ["create", "remove", "Removed", "verify", "why_not_ok", "check_all", "remove_temp_files", "undo_doc",
+           "rehash_base"]
 
 _SKIP_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".gguf", ".onnx", ".ot"}
 
@@ -244,6 +246,41 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     with contextlib.suppress(OSError):  # "creating" -> "ready"; if this is lost, the next write does it
         _write_marker(target, name, uid, hid, "ready")
     return get(ws, name)
+
+
+def rehash_base(ws: Workspace, base: str) -> dict[str, Any]:
+    """Give base ``base`` a state root of the default scheme (BLAKE3) when the one it has is of an older scheme
+    (sha256: measured before catalog revision 0008), so that its new deployments hash with it.
+
+    The base's own folder is measured now (its files may be symlinks to regular files, as in a Hugging Face cache
+    snapshot) and its identity fingerprint is checked in the same pass. Deployments made before keep their roots
+    and their scheme: each follows its own root, and an empty stack's root stays the one their ``create`` event
+    recorded with the base's fingerprint. A base never measured (no deployment yet) gets its root at its first
+    ``deploy create``, as always: nothing to do.
+
+    Returns: ``{"base", "previous", "state_root", "changed", "scheme", "deployments"}`` (the base's deployments,
+    name -> the scheme of its root).
+    Raises: NameError_ (unknown base), BaseModelError (the folder no longer matches the base's fingerprint),
+    DeploymentError (unreadable files; the root changed meanwhile). Nothing is changed on any error.
+    """
+    binfo = ws.get_base(base)
+    old = ws.deployment_rows.base_state_root(binfo.id)
+    scheme = _state.DEFAULT_SCHEME
+    deps = {d.name: scheme_of(d.state_root or old).name for d in ws.deployment_rows.list_all() if d.base_id == binfo.id}
+    out: dict[str, Any] = {"base": binfo.name, "previous": old, "state_root": old, "changed": False,
+                           "scheme": scheme.name, "deployments": deps}
+    if old is None or scheme_of(old) is scheme:
+        return out
+    state, ident = measure_folder(Path(binfo.path), scheme=scheme, identity=True, follow_links=True)
+    if ident != binfo.fingerprint:
+        raise BaseModelError(f"base {binfo.name!r} folder {binfo.path} no longer matches its registered fingerprint "
+                             f"({binfo.fingerprint[:12]}); its weights changed; nothing was changed")
+    root = state.root()
+    if not ws.deployment_rows.replace_base_state_root(binfo.id, old, root):
+        raise DeploymentError(f"base {binfo.name!r}: its state root was changed by another command meanwhile; "
+                              "run it again")
+    out.update(state_root=root, changed=True)
+    return out
 
 
 def _is_orphan(ws: Workspace, m: dict[str, Any], name: str | None, hid: str,

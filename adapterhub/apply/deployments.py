@@ -77,6 +77,7 @@ from .deploy_folders import (
     _prepare,
     check_all,
     create,
+    rehash_base,
     remove,
     remove_temp_files,
     verify,
@@ -125,7 +126,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["DeploymentInfo", "EventInfo", "create", "get", "list_deployments", "apply", "revert", "rollback", "remove", "Removed",
            "history", "verify", "recover", "check_all", "remove_temp_files", "current_home_id", "why_not_ok",
-           "weights_path", "CONTROL_DIR", "HOME_ID_FILE"]
+           "weights_path", "CONTROL_DIR", "HOME_ID_FILE", "rehash_base"]
 
 
 

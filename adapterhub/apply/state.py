@@ -367,9 +367,9 @@ def _entries(folder: Path) -> list[tuple[str, str, str, tuple[int, ...], int, in
     return out
 
 
-def _open_map(path: Path) -> tuple[int, mmap.mmap | None]:
+def _open_map(path: Path, follow_links: bool = False) -> tuple[int, mmap.mmap | None]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
     except OSError as e:
         raise DeploymentError(f"cannot read {path}: {e.strerror or e.__class__.__name__}") from None
     st = os.fstat(fd)
@@ -381,13 +381,14 @@ def _open_map(path: Path) -> tuple[int, mmap.mmap | None]:
 
 
 def measure_folder(folder: Path, *, scheme: RootScheme, files: Iterable[str] | None = None, identity: bool = False,
-                   base: FolderState | None = None) -> tuple[FolderState, str | None]:
+                   base: FolderState | None = None, follow_links: bool = False) -> tuple[FolderState, str | None]:
     """Hash the weights of ``folder`` chunk by chunk (a full measurement).
 
     Takes: the folder; ``scheme``: the hashes' (that of the root the result is compared with; ``base``'s when
     given); ``files``: only these weights files (the other tensors are taken from ``base``);
     ``identity``: also compute the base identity fingerprint (the same bytes, in the same pass — for
-    catalogs made before state roots existed).
+    catalogs made before state roots existed); ``follow_links``: weights files may be symlinks to regular files
+    (a base's own folder, e.g. a Hugging Face cache snapshot; a deployment's files never are).
     Returns: (the state, with fresh ``stat`` data of the measured files; the identity fingerprint or None).
     Raises: DeploymentError if a file is unreadable, truncated or malformed, or a tensor appears twice.
     """
@@ -415,7 +416,7 @@ def measure_folder(folder: Path, *, scheme: RootScheme, files: Iterable[str] | N
     maps: dict[str, tuple[int, mmap.mmap | None]] = {}
     try:
         for fname in by_file:
-            maps[fname] = _open_map(folder / fname)
+            maps[fname] = _open_map(folder / fname, follow_links)
         todo: list[TensorState] = []
         for fname, names in by_file.items():
             _, mm = maps[fname]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import DeploymentError
@@ -195,6 +195,14 @@ class DeploymentCatalog:
             row = s.get(BaseModel, base_id)
             if row is not None and row.state_root is None:
                 row.state_root = root
+
+    def replace_base_state_root(self, base_id: int, old: str | None, new: str) -> bool:
+        """Base ``base_id``'s state root becomes ``new`` if it is still ``old`` (False, nothing changed, if another
+        process changed it meanwhile)."""
+        same = BaseModel.state_root.is_(None) if old is None else BaseModel.state_root == old
+        with self._session() as s:  # one conditional UPDATE: atomic on SQLite and PostgreSQL alike
+            done = s.execute(update(BaseModel).where(BaseModel.id == base_id, same).values(state_root=new))
+            return bool(getattr(done, "rowcount", 0) == 1)
 
     def base_state_root(self, base_id: int) -> str | None:
         """Base ``base_id``'s state root, or None if it was never measured."""
