@@ -475,11 +475,9 @@ class DiskTransaction:
               on_patched: Callable[[str, torch.Tensor], None] | None = None) -> list[UndoEntry]:
         """Apply sparse params (name -> SparseParam) in place; returns their undo entries (with the values written, ``patched``).
 
-        ``fault``: a fault point hit half-way through the tensors. Nothing is synced for it: a process killed
-        there (the crash tests' SIGKILL) leaves its half-written pages in the page cache, where the next process
-        reads them, as after any crash of the process. (Up to this version every apply, revert and rollback
-        msynced and fsynced the touched files there, in production too: one more full write-back of the touched
-        pages per operation, for the tests' sake alone.)
+        ``fault``: a fault point hit half-way through the tensors (the crash tests kill the process there).
+        Nothing is synced for it: a killed process leaves its half-written pages in the page cache, where the next
+        process reads them.
         ``on_patched(name, indices)``: called after each tensor is written (e.g. to start hashing it).
         Raises: NonFiniteWeightsError (see :func:`patch_flat`; :func:`check_finite_plan` refuses earlier).
         """
