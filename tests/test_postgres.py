@@ -100,3 +100,28 @@ def test_a_lock_held_by_another_client_is_waited_for_at_most_the_lock_timeout(pg
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert waited < 30, waited  # bounded: without a lock timeout this register would wait forever
     assert json.loads(_run(home, pg_url, "list", "--json").stdout) == []
+
+
+def test_base_rehash_on_a_shared_catalog_is_one_conditional_update(pg_url, tmp_path, tiny_llama_dir, monkeypatch):
+    """Home A made a sha256 deployment (before revision 0008); home B moves the base to BLAKE3 on the shared
+    PostgreSQL catalog; A's deployment keeps its sha256 root, and a stale compare-and-set changes nothing."""
+    from adapterhub.apply import deployments as dep, state as state_mod
+    from adapterhub.workspace import Workspace
+
+    a = Workspace.open(tmp_path / "h1", pg_url)
+    b = Workspace.open(tmp_path / "h2", pg_url)
+    try:
+        a.add_base("tiny", str(tiny_llama_dir))
+        monkeypatch.setattr(state_mod, "DEFAULT_SCHEME", state_mod.SHA256)
+        old = dep.create(a, "d", "tiny")
+        monkeypatch.undo()
+        out = dep.rehash_base(b, "tiny")
+        assert out["changed"] and out["previous"] == old.state_root and out["state_root"].startswith("blake3:")
+        assert out["deployments"] == {"d": "sha256"}
+        assert a.deployment_rows.base_state_root(old.base_id) == out["state_root"]
+        assert not b.deployment_rows.replace_base_state_root(old.base_id, old.state_root, "x" * 64)  # stale: refused
+        assert a.deployment_rows.base_state_root(old.base_id) == out["state_root"]
+        assert dep.verify(a, "d")["ok"] and dep.get(a, "d").state_root == old.state_root
+    finally:
+        a.close()
+        b.close()
