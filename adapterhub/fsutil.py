@@ -29,13 +29,18 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync the directory ``path`` (a rename or unlink in it becomes durable)."""
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync the file or directory at ``path`` (opened read-only for it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync the directory ``path`` (a rename or unlink in it becomes durable)."""
+    fsync_path(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) -> None:

@@ -32,7 +32,7 @@ from ..catalog.deployments import DeploymentInfo
 from ..catalog.names import validate_name
 from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatError, HeaderError
 from ..faults import fault_point
-from ..fsutil import atomic_write_bytes, fsync_dir
+from ..fsutil import atomic_write_bytes, fsync_dir, fsync_path
 from ..gapcode import decode_gaps
 from ..safe_read import open_regular
 from . import state as _state
@@ -114,14 +114,6 @@ def _clone_file(fin: int, fout: int) -> None:
     os.lseek(fout, 0, os.SEEK_SET)
     with os.fdopen(os.dup(fin), "rb") as a, os.fdopen(os.dup(fout), "wb") as b:
         shutil.copyfileobj(a, b, 1 << 20)
-
-
-def _fsync_file(w: Path) -> None:
-    fd = os.open(w, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_base_folder(src: Path, dst: Path, on_copied: Callable[[Path], None] | None = None) -> None:
@@ -206,7 +198,7 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     def on_copied(f: Path) -> None:
         if f.parent == tmp and f.suffix == ".safetensors":
             f.chmod(0o644)  # here, not on the worker: it changes the ctime, which the measurement records
-            synced.append(syncer.submit(_fsync_file, f))
+            synced.append(syncer.submit(fsync_path, f))
 
     try:
         try:

@@ -31,7 +31,7 @@ import torch
 from .. import st_io
 from ..errors import DeploymentError, FormatError, HeaderError
 from ..faults import fault_point
-from ..fsutil import atomic_write_bytes, fsync_dir
+from ..fsutil import atomic_write_bytes, fsync_dir, fsync_path
 from ..gapcode import decode_gaps, encode_gaps
 from .patching import (
     NonFiniteWeightsError,
@@ -119,11 +119,7 @@ class SafetensorsFile:
         """msync the mapping and fsync the file."""
         if self._mm is not None:
             self._mm.flush()
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.path)
 
     def close(self) -> None:
         if self._mm is not None:
