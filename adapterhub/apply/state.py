@@ -59,6 +59,7 @@ from blake3 import blake3
 
 from .. import st_io
 from ..errors import DeploymentError, HeaderError
+from ..safe_read import NotRegularFile, open_regular
 
 __all__ = ["CHUNK", "ROOT_PREFIX", "STATE_FORMAT", "RootScheme", "SCHEMES", "SHA256", "BLAKE3", "DEFAULT_SCHEME",
            "scheme_of", "short_root", "TensorState", "FolderState", "chunk_count", "leaf_hash",
@@ -368,15 +369,13 @@ def _entries(folder: Path) -> list[tuple[str, str, str, tuple[int, ...], int, in
 
 
 def _open_map(path: Path, follow_links: bool = False) -> tuple[int, mmap.mmap | None]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
+    try:  # the one opener of regular files (a planted FIFO cannot block it; no symlink unless follow_links)
+        fd = open_regular(path, follow=follow_links)
+    except NotRegularFile:
+        raise DeploymentError(f"{path} is not a regular file") from None
     except OSError as e:
         raise DeploymentError(f"cannot read {path}: {e.strerror or e.__class__.__name__}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise DeploymentError(f"{path} is not a regular file")
-    size = st.st_size
+    size = os.fstat(fd).st_size
     return fd, (mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None)
 
 
