@@ -212,8 +212,7 @@ def merge(ws: Workspace, refs: Sequence[str], method: str, *, weights: Sequence[
     sources: list[ExpertSource] = []
     try:
         for i in infos:
-            sources.append(LazyAdapterFile(ws.store.path(i.content_hash), key=i.content_hash, label=i.ref,
-                                           expected_sha256=i.content_hash, base_fingerprint=i.base_fingerprint))
+            sources.append(LazyAdapterFile.of_version(ws, i))
         res = merge_adapters(sources, method, weights=weights, lam=lam, density=density, seed=seed, gamma=gamma,
                              rng=rng, progress=progress, values_dtype=values_dtype, packed=True)
     finally:

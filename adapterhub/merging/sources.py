@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -19,6 +19,16 @@ from .. import format as fmt
 from ..errors import FormatError
 from ..format import SparseAdapter, SparseParam
 from ..fsutil import sha256_file, sha256_hex
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..catalog.records import VersionInfo
+    from ..store import Store
+
+
+class HasStore(Protocol):
+    """A catalog whose blobs :meth:`LazyAdapterFile.of_version` reads (a Workspace)."""
+
+    store: Store
 
 __all__ = ["ExpertSource", "InMemoryExpert", "LazyAdapterFile"]
 
@@ -125,6 +135,13 @@ class LazyAdapterFile(ExpertSource):
         self.label = label or self.key[:12]
         self.base_fingerprint = (base_fingerprint if base_fingerprint is not None
                                  else _card_fingerprint(self._reader.card))
+
+    @classmethod
+    def of_version(cls, ws: HasStore, info: VersionInfo) -> LazyAdapterFile:
+        """A catalogued version's blob (a verified local copy: ``ws.store.path``), its hash checked by streaming
+        it once, then read one parameter at a time; keyed by its content hash, labelled by its ref."""
+        return cls(ws.store.path(info.content_hash), key=info.content_hash, label=info.ref,
+                   expected_sha256=info.content_hash, base_fingerprint=info.base_fingerprint)
 
     def param_names(self) -> list[str]:
         return self._reader.keys()

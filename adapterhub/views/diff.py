@@ -171,8 +171,7 @@ def diff_versions(ws: Workspace, ref_a: str, ref_b: str) -> AdapterDiff:
     srcs: list[LazyAdapterFile] = []
     try:
         for i in infos:
-            srcs.append(LazyAdapterFile(ws.store.path(i.content_hash), key=i.content_hash, label=i.ref,
-                                        expected_sha256=i.content_hash, base_fingerprint=i.base_fingerprint))
+            srcs.append(LazyAdapterFile.of_version(ws, i))
         return diff_sources(srcs[0], srcs[1], name_a=infos[0].ref, name_b=infos[1].ref)
     finally:
         for src in srcs:
