@@ -30,6 +30,7 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _encode_json_str
 from pathlib import Path
@@ -429,8 +430,24 @@ def _container_header(specs: dict[str, tuple[str, list[int]]], metadata: dict[st
 
 def _write_container(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     specs = {n: (_DTYPE_TO_ST[t.dtype], list(t.shape)) for n, t in tensors.items()}
-    head, names, _ = _container_header(specs, metadata)
-    return head + b"".join(_tensor_bytes(tensors[n]) for n in names)
+    return b"".join(container_pieces(specs, metadata, tensors.__getitem__))
+
+
+def container_pieces(specs: Mapping[str, tuple[str, list[int]]], metadata: dict[str, str],
+                     tensor: Callable[[str], torch.Tensor]) -> Iterator[Any]:
+    """The bytes of a safetensors container holding tensors ``{name: (st dtype, shape)}``, piece by piece: the
+    canonical header (:func:`_container_header`), then each tensor's bytes in data order, asked of ``tensor(name)``
+    only when its turn comes — so a writer that takes the pieces as they come (``fsutil.atomic_write_bytes``)
+    holds one tensor at a time, never the file (issue 19: the PEFT export). Pieces are bytes or buffers.
+    Raises FormatError when a produced tensor's dtype or shape is not the one its spec declared."""
+    head, names, _ = _container_header(dict(specs), metadata)
+    yield head
+    for n in names:
+        t = tensor(n)
+        dt, shape = specs[n]
+        if _DTYPE_TO_ST.get(t.dtype) != dt or list(t.shape) != [int(d) for d in shape]:
+            raise FormatError(f"{n}: produced {t.dtype} {list(t.shape)}, declared {dt} {list(shape)}")
+        yield _le_array(t).data
 
 
 def _read_container(data: bytes, source: str | None = None) -> tuple[dict[str, st_io.TensorEntry], dict[str, str], int]:

@@ -148,6 +148,59 @@ def test_peft_export_of_a_huge_layer_pads_without_a_mask(tmp_path, monkeypatch):
     assert float(t["base_model.model.layer.shira_weight"][idx.numel():].abs().sum()) == 0.0
 
 
+class _CountingSource(InMemoryExpert):
+    """An expert that hands out fresh copies of its parameters and remembers them weakly, so a test sees how
+    many parameters a reader still holds when it asks for the next one."""
+
+    def __init__(self, adapter: SparseAdapter) -> None:
+        super().__init__(adapter, key="k", label="counting")
+        self.handed: list = []
+        self.most_held = 0
+
+    def get_param(self, name: str) -> SparseParam:
+        import gc
+        import weakref
+
+        gc.collect()
+        self.most_held = max(self.most_held, sum(r() is not None for r in self.handed))
+        p = self.adapter.params[name]
+        q = SparseParam(p.shape, p.indices.clone(), p.values.clone(), block_size=p.block_size)
+        self.handed.append(weakref.ref(q))
+        return q
+
+
+def test_peft_export_streams_one_layer_at_a_time_and_writes_the_same_bytes_each_time(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(sys.modules, "peft", types.SimpleNamespace(__version__="0"))
+    shapes = {f"layer{i}.weight": (64 + 8 * i, 96) for i in range(6)}
+    a = make_adapter(shapes, density=0.05, seed=3)
+    src = _CountingSource(a)
+    res = export_peft_shira(src, tmp_path / "one")
+    # each layer is decoded twice (counted, then written), and none is still held when the next is asked for
+    assert len(src.handed) == 2 * len(shapes) and src.most_held == 0
+    raw = (tmp_path / "one" / "adapter_model.safetensors").read_bytes()
+    export_peft_shira(a, tmp_path / "two")  # the loaded adapter itself: the same bytes
+    assert hashlib.sha256((tmp_path / "two" / "adapter_model.safetensors").read_bytes()).hexdigest() == \
+        hashlib.sha256(raw).hexdigest()
+    fmt.st_io.parse_header(raw)  # the project's strict reader takes it (tiling, offsets, dtypes)
+    t = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert sorted(t) == sorted(f"base_model.model.{n[:-len('.weight')]}.shira_{k}" for n in shapes
+                               for k in ("indices", "weight"))
+    for name, p in a.params.items():
+        m, n = p.shape
+        coo = t[f"base_model.model.{name[:-len('.weight')]}.shira_indices"]
+        w = t[f"base_model.model.{name[:-len('.weight')]}.shira_weight"]
+        assert coo.dtype == torch.int32 and coo.shape == (2, res.r * (m + n)) and w.shape == (res.r * (m + n),)
+        flat = coo[0].to(torch.int64) * n + coo[1]
+        assert torch.equal(flat[: p.nnz], p.indices) and torch.equal(w[: p.nnz], p.values.float())
+        assert not bool(w[p.nnz:].any()) and not bool(torch.isin(flat[p.nnz:], p.indices).any())
+    assert res.padded == sum(res.r * sum(p.shape) - p.nnz for p in a.params.values())
+
+
 def test_diff_of_huge_tensors():
     a, b = _huge_expert(1).adapter, _huge_expert(2).adapter
     d = diff_adapters(a, a)

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 import torch
 
-from .. import format as fmt, safe_read
+from .. import format as fmt, safe_read, st_io
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes
+from ..merging.sources import ExpertSource, InMemoryExpert, LazyAdapterFile
 from .modules import PEFT_PREFIX, map_module_to_tensor
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ class Catalog(Protocol):
     store: Store
 
     def resolve(self, ref: str) -> VersionInfo: ...
-
-    def load_adapter(self, ref: str | VersionInfo) -> fmt.SparseAdapter: ...
 
     def get_base(self, name: str, *, resolve_path: bool = True) -> BaseInfo: ...
 
@@ -369,70 +368,96 @@ def first_free_positions(idx: torch.Tensor, k: int) -> torch.Tensor:
     return j + torch.searchsorted(below, j, right=True)
 
 
-def export_peft_shira(adapter: fmt.SparseAdapter, out: str | os.PathLike[str], *, base_folder: Path | None = None,
-                      base_name_or_path: str | None = None, drop_extras: bool = False) -> PeftExport:
+def _shira_pair(p: fmt.SparseParam, want: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One parameter as PEFT SHiRA stores it: ``(2, want)`` int32 (row, col) coordinates and ``want`` fp32 values
+    (the mask's entries, then zero-valued padding at the first positions outside the mask)."""
+    n = p.shape[1]
+    idx, vals = p.flat()
+    extra = want - idx.numel()
+    if extra:
+        idx = torch.cat([idx, first_free_positions(idx, extra)])
+        vals = torch.cat([vals.to(torch.float32), torch.zeros(extra, dtype=torch.float32)])
+    coo = torch.stack([torch.div(idx, n, rounding_mode="floor"), idx % n]).to(torch.int32).contiguous()
+    return coo, vals.to(torch.float32).contiguous()
+
+
+def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.PathLike[str], *,
+                      base_folder: Path | None = None, base_name_or_path: str | None = None,
+                      drop_extras: bool = False) -> PeftExport:
     """Write ``adapter`` as a PEFT SHiRA folder that ``peft.PeftModel.from_pretrained`` loads.
 
-    Takes the adapter, the output folder (created; existing adapter files are replaced atomically), the base
-    folder (to check that targets are ``nn.Linear`` weights) and the name recorded in the config.
+    Takes the adapter (loaded, or an :class:`~adapterhub.merging.sources.ExpertSource` read one parameter at a
+    time: :func:`export_version` passes the store's blob), the output folder (created; existing adapter files are
+    replaced atomically), the base folder (to check that targets are ``nn.Linear`` weights) and the name recorded
+    in the config. The weights file is written as it is produced (issue 19): each parameter is decoded twice,
+    once for its count (the rank every layer is padded to is the densest layer's) and once when its turn in the
+    file comes, so memory holds one layer's entries, never the adapter or the file.
     Dense extras ``peft.modules_to_save.<module>.<param>`` (imported heads) become ``modules_to_save``
     tensors with the imported ``task_type``; other extras (our trained heads) go to ``adapterhub_extras.safetensors``
     beside them unless ``drop_extras`` (then they are listed in ``dropped_extras``).
     Returns a :class:`PeftExport`. Raises FormatError when a parameter cannot be expressed in SHiRA
     (not a 2-D Linear weight, too dense for any rank).
     """
+    src = adapter if isinstance(adapter, ExpertSource) else InMemoryExpert(adapter, key="", label="adapter")
     out = Path(out)
-    mts_extras = {k: v for k, v in adapter.extras.items() if k.startswith(MTS_PREFIX)}
-    own_extras = {k: v for k, v in adapter.extras.items() if not k.startswith(MTS_PREFIX)}
+    extras = src.extras()
+    mts_extras = {k: v for k, v in extras.items() if k.startswith(MTS_PREFIX)}
+    own_extras = {k: v for k, v in extras.items() if not k.startswith(MTS_PREFIX)}
+    card = src.card()
     linear = _linear_weights(base_folder)
-    need_r = 1
-    for name in sorted(adapter.params):
-        p = adapter.params[name]
-        if len(p.shape) != 2 or not name.endswith(".weight"):
+    names = sorted(src.param_names())
+    need_r, nnz = 1, {}
+    for name in names:
+        shape = src.param_shape(name)
+        if len(shape) != 2 or not name.endswith(".weight"):
             raise FormatError(f"{name}: PEFT SHiRA only adapts 2-D nn.Linear weights")
         if linear is not None and name not in linear:
             raise FormatError(f"{name}: not an nn.Linear weight of the base architecture; PEFT SHiRA cannot adapt it")
-        m, n = p.shape
-        need_r = max(need_r, math.ceil(p.nnz / (m + n)))
-    for name in sorted(adapter.params):
-        m, n = adapter.params[name].shape
+        nnz[name] = src.get_param(name).nnz  # decoded and dropped: the count alone is kept
+        need_r = max(need_r, math.ceil(nnz[name] / sum(shape)))
+    for name in names:
+        m, n = src.param_shape(name)
         if need_r * (m + n) > m * n:
             raise FormatError(f"{name}: SHiRA rank {need_r} needed by the densest layer would exceed this "
                               f"{m}x{n} weight's size; export the layers separately")
-    tensors: dict[str, torch.Tensor] = {}
-    padded = 0
-    modules = []
-    for name in sorted(adapter.params):
-        p = adapter.params[name]
-        m, n = p.shape
-        idx, vals = p.flat()
-        want = need_r * (m + n)
-        extra = want - idx.numel()
-        if extra:
-            free = first_free_positions(idx, extra)
-            idx = torch.cat([idx, free])
-            vals = torch.cat([vals.to(torch.float32), torch.zeros(extra, dtype=torch.float32)])
-            padded += extra
-        module = name[: -len(".weight")]
-        modules.append(module)
-        coo = torch.stack([torch.div(idx, n, rounding_mode="floor"), idx % n]).to(torch.int32).contiguous()
-        tensors[f"{PEFT_PREFIX}{module}{_I}"] = coo
-        tensors[f"{PEFT_PREFIX}{module}{_W}"] = vals.to(torch.float32).contiguous()
-    mts_modules = sorted({k[len(MTS_PREFIX):].rpartition(".")[0] for k in mts_extras})
-    for k, v in sorted(mts_extras.items()):
-        tensors[PEFT_PREFIX + k[len(MTS_PREFIX):]] = v.contiguous()
-    imported = adapter.card.get("imported")
+    imported = card.get("imported")
     task_type = imported.get("task_type") if isinstance(imported, dict) else None
     if task_type not in TASK_TYPES:
         task_type = None
     prefix = imported.get("module_prefix") if isinstance(imported, dict) and task_type else None
-    if isinstance(prefix, str) and _PREFIX_RE.match(prefix):  # the task model wraps the base (bert.encoder...)
-        for module in list(modules):
-            for suffix in (_I, _W):
-                tensors[f"{PEFT_PREFIX}{prefix}{module}{suffix}"] = tensors.pop(f"{PEFT_PREFIX}{module}{suffix}")
-        modules = [prefix + m for m in modules]
+    if not (isinstance(prefix, str) and _PREFIX_RE.match(prefix)):  # the task model wraps the base (bert.encoder...)
+        prefix = ""
+    specs: dict[str, tuple[str, list[int]]] = {}
+    owner: dict[str, tuple[str, int]] = {}  # file tensor -> (parameter, 0 coordinates / 1 values)
+    modules = []
+    for name in names:
+        module = prefix + name[: -len(".weight")]
+        modules.append(module)
+        want = need_r * sum(src.param_shape(name))
+        specs[f"{PEFT_PREFIX}{module}{_I}"] = ("I32", [2, want])
+        specs[f"{PEFT_PREFIX}{module}{_W}"] = ("F32", [want])
+        owner[f"{PEFT_PREFIX}{module}{_I}"], owner[f"{PEFT_PREFIX}{module}{_W}"] = (name, 0), (name, 1)
+    mts_modules = sorted({k[len(MTS_PREFIX):].rpartition(".")[0] for k in mts_extras})
+    dense = {PEFT_PREFIX + k[len(MTS_PREFIX):]: v.contiguous() for k, v in sorted(mts_extras.items())}
+    for k, v in dense.items():
+        if k in specs or st_io.st_name(v.dtype) is None:
+            raise FormatError(f"{k}: cannot be written beside the SHiRA tensors")
+        specs[k] = (str(st_io.st_name(v.dtype)), list(v.shape))
+    last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the one layer held: its two tensors sit side by side
+
+    def tensor(key: str) -> torch.Tensor:
+        if key in dense:
+            return dense[key]
+        name, part = owner[key]
+        if name not in last:
+            last.clear()
+            p = src.get_param(name)
+            if p.nnz != nnz[name]:
+                raise FormatError(f"{name}: {p.nnz} entries now, {nnz[name]} when counted")
+            last[name] = _shira_pair(p, need_r * sum(p.shape))
+        return last[name][part]
+
     import peft  # only for the version recorded in the config
-    from safetensors.torch import save as st_save
 
     config = {
         "auto_mapping": None, "base_model_name_or_path": base_name_or_path, "fan_in_fan_out": False,
@@ -441,16 +466,17 @@ def export_peft_shira(adapter: fmt.SparseAdapter, out: str | os.PathLike[str], *
         "random_seed": None, "revision": None, "target_modules": modules, "task_type": task_type,
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(out / PEFT_WEIGHTS, fmt.container_pieces(specs, {"format": "pt"}, tensor))
     atomic_write_bytes(out / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     extras_file = None
     if own_extras and not drop_extras:
-        card = {"format": fmt.FORMAT_ID, "kind": "extras", "task": adapter.card.get("task"),
-                "labels": adapter.card.get("labels")}
-        atomic_write_bytes(out / EXTRAS_FILE, fmt.save(fmt.SparseAdapter({}, dict(own_extras), card)))
+        extras_card = {"format": fmt.FORMAT_ID, "kind": "extras", "task": card.get("task"),
+                       "labels": card.get("labels")}
+        atomic_write_bytes(out / EXTRAS_FILE, fmt.save(fmt.SparseAdapter({}, dict(own_extras), extras_card)))
         extras_file = EXTRAS_FILE
     elif (out / EXTRAS_FILE).is_file():
         (out / EXTRAS_FILE).unlink()  # a stale one from an earlier export must not come back on import
+    padded = sum(need_r * sum(src.param_shape(n)) - nnz[n] for n in names)
     return PeftExport(out, need_r, modules, padded, mts_modules or None, extras_file,
                       sorted(own_extras) if drop_extras else None)
 
@@ -473,12 +499,15 @@ def export_version(ws: Catalog, ref: str, out: str | os.PathLike[str], *, to: st
     if to == "peft":
         if out.exists() and not out.is_dir():
             raise FormatError(f"{out}: exists and is not a folder")
-        adapter = ws.load_adapter(info)
         base = ws.get_base(info.base)
         from ..hub.cards import base_hub_id
 
-        res = export_peft_shira(adapter, out, base_folder=base.path,
-                                base_name_or_path=base_hub_id(base.source) or base.name, drop_extras=drop_extras)
+        src = LazyAdapterFile.of_version(ws, info)  # one parameter at a time from the blob (issue 19)
+        try:
+            res = export_peft_shira(src, out, base_folder=base.path,
+                                    base_name_or_path=base_hub_id(base.source) or base.name, drop_extras=drop_extras)
+        finally:
+            src.close()
         doc = res.to_json()
         doc["ref"] = info.ref
         return doc
