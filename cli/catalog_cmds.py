@@ -575,7 +575,7 @@ def export_cmd(c: Ctx, ref: str, out: str, to: str, drop_extras: bool, as_json: 
 
     Example: adapterhub export rt-sentiment@prod ./rt-peft --format peft
     """
-    from adapterhub.interop.peft import export_version
+    from adapterhub.interop.export import export_version
 
     doc = export_version(c.ws, ref, out, to=to, drop_extras=drop_extras)
     if doc.get("dropped_extras"):

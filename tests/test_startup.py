@@ -86,3 +86,29 @@ def test_the_command_collects_garbage_less_often_than_python_by_default():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "(700, 10, 10) (100000, 10, 10) 100000 True"
+
+
+def test_export_of_our_own_file_does_not_import_torch(tmp_path, tiny_bert_dir):
+    """``export --format safetensors`` is a verified copy of the store's blob: it runs without torch (0.5 s
+    instead of ~1.9 s through the CLI); the PEFT export decodes the adapter and imports it."""
+    from adapterhub import format as fmt
+    from adapterhub.workspace import Workspace
+    from catalog_util import make_adapter
+
+    home = tmp_path / "home"
+    with Workspace.open(home) as ws:
+        base = ws.add_base("tiny", str(tiny_bert_dir))
+        a = make_adapter(density=0.2, seed=1)
+        a.card = {"base": {"name": "tiny", "fingerprint": base.fingerprint}, "task": "t", "kind": "expert"}
+        fmt.save_file(a, tmp_path / "a.safetensors")
+        v = ws.register(tmp_path / "a.safetensors", name="a", task="t", base="tiny")
+        blob = ws.adapter_bytes(v)
+    code = ("import sys, json; from adapterhub.cli.main import cli; from click.testing import CliRunner\n"
+            "r = CliRunner().invoke(cli, ['--home', sys.argv[1], 'export', 'a@1', sys.argv[2], '--json'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(home), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert (tmp_path / "out.safetensors").read_bytes() == blob

@@ -29,30 +29,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import Any, Mapping
 
 import torch
 
 from .. import format as fmt, safe_read, st_io
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes
-from ..merging.sources import ExpertSource, InMemoryExpert, LazyAdapterFile
+from ..merging.sources import ExpertSource, InMemoryExpert
+from .export import export_version
 from .modules import PEFT_PREFIX, map_module_to_tensor
-
-if TYPE_CHECKING:
-    from ..catalog.records import BaseInfo, VersionInfo
-    from ..store import Store
-
-
-class Catalog(Protocol):
-    """What :func:`export_version` uses of a :class:`~adapterhub.workspace.Workspace` (typed structurally:
-    the workspace imports this module to read PEFT folders in ``register``, so it cannot be imported here)."""
-
-    store: Store
-
-    def resolve(self, ref: str) -> VersionInfo: ...
-
-    def get_base(self, name: str, *, resolve_path: bool = True) -> BaseInfo: ...
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -479,39 +465,6 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     padded = sum(need_r * sum(src.param_shape(n)) - nnz[n] for n in names)
     return PeftExport(out, need_r, modules, padded, mts_modules or None, extras_file,
                       sorted(own_extras) if drop_extras else None)
-
-
-def export_version(ws: Catalog, ref: str, out: str | os.PathLike[str], *, to: str = "safetensors",
-                   drop_extras: bool = False) -> dict[str, Any]:
-    """Export a catalogued version: ``safetensors`` copies the verified blob, ``peft`` writes a SHiRA folder.
-
-    For ``safetensors`` an ``out`` that is an existing folder gets ``<name>-v<N>.safetensors`` inside it.
-    Returns a JSON-able summary. Raises AdapterHubError subclasses (unknown ref, corrupt blob, FormatError).
-    """
-    info = ws.resolve(ref)
-    out = Path(out)
-    if to == "safetensors":
-        data = ws.store.get_bytes(info.content_hash)
-        dest = out / f"{info.name}-v{info.number}.safetensors" if out.is_dir() else out
-        atomic_write_bytes(dest, data)
-        return {"ref": info.ref, "format": "safetensors", "path": str(dest), "content_hash": info.content_hash,
-                "size_bytes": len(data)}
-    if to == "peft":
-        if out.exists() and not out.is_dir():
-            raise FormatError(f"{out}: exists and is not a folder")
-        base = ws.get_base(info.base)
-        from ..hub.cards import base_hub_id
-
-        src = LazyAdapterFile.of_version(ws, info)  # one parameter at a time from the blob (issue 19)
-        try:
-            res = export_peft_shira(src, out, base_folder=base.path,
-                                    base_name_or_path=base_hub_id(base.source) or base.name, drop_extras=drop_extras)
-        finally:
-            src.close()
-        doc = res.to_json()
-        doc["ref"] = info.ref
-        return doc
-    raise FormatError(f"unknown export format {to!r}; use safetensors or peft")
 
 
 __all__ = ["import_peft_shira", "import_peft_lora_folder", "peft_type", "export_peft_shira", "export_version", "read_adapter_source", "is_peft_folder",
