@@ -154,3 +154,23 @@ def test_real_cli_subprocess_honours_hf_endpoint_env(hub_server: HubServer, tmp_
     assert json.loads(r.stdout)["registered"] is True
     r = sh("--home", str(tmp_path / "b"), "pull", "eve/rt@v9")
     assert r.returncode == 1 and r.stderr.strip().startswith("Error: ") and "v9" in r.stderr
+
+
+def test_push_and_hub_versions_do_not_import_torch(hub_server: HubServer, tmp_path: Path) -> None:
+    """push uploads the store's blob and a card built from the catalog, and ``hub versions`` reads refs and cards:
+    no tensor is decoded, so neither imports torch (through the CLI a push took ~2 s, ~1.3 s of it the import);
+    pull parses the downloaded weights and does."""
+    import subprocess
+    import sys
+
+    a = _home(tmp_path, "a", adapters=1)
+    code = ("import sys, json; from adapterhub.cli.main import cli; from click.testing import CliRunner\n"
+            "for args in (['push', 'rt@1', '--repo', 'alice/rt', '--json'], ['hub', 'versions', 'alice/rt', '--json']):\n"
+            "    r = CliRunner().invoke(cli, ['--home', sys.argv[1], *args])\n"
+            "    assert r.exit_code == 0, (args, r.output)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(a)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    v = run(a, "hub", "versions", "alice/rt", "--json")
+    assert [x["tag"] for x in json.loads(v.stdout)["versions"]] == ["v1"]

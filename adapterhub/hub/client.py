@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from .. import format as fmt
 from ..errors import AdapterHubError, HubError, RefError
 from ..faults import fault_point
 from ..fsutil import sha256_file, sha256_hex
@@ -1391,6 +1390,8 @@ def _plan_pull(ws: "Workspace", hub: _Hub, plan: _Plan, spec: str, *, name: str 
                             where=f"{repo}@{revision}")  # hashed while streaming into the store's staged file
     # The bytes are parsed while the worker finishes their sha256 (issue 19); nothing uses them before verify().
     # Bytes that are not the card's are refused as such, whatever the parse says.
+    from .. import format as fmt  # here, not at import: push and the Hub's read commands run without torch
+
     try:
         adapter = fmt.load_canonical(data, source_sha256=digest)  # canonical bytes: stored as they are
     except AdapterHubError:
