@@ -21,3 +21,23 @@ def lazy_exports(module: str, exports: Mapping[str, str]) -> tuple[Callable[[str
         return sorted(set(vars(sys.modules[module])) | set(exports))
 
     return __getattr__, __dir__
+
+
+class _LazyModule:
+    """Stands for module ``name`` in a namespace until an attribute of it is first read: then the module is
+    imported, put in the namespace in place of this stand-in (later reads cost nothing) and answered."""
+
+    def __init__(self, name: str, namespace: dict[str, Any], alias: str) -> None:
+        self._name, self._namespace, self._alias = name, namespace, alias
+
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._name)
+        self._namespace[self._alias] = module
+        return getattr(module, attr)
+
+
+def lazy_module(name: str, namespace: dict[str, Any], alias: str | None = None) -> Any:
+    """Module ``name`` if already imported, else a stand-in bound as ``alias`` (default: ``name``) in
+    ``namespace`` (a module's ``globals()``) that imports it on first use. For modules whose every use of the
+    module is an attribute read (``torch.float32``, ``torch.zeros(...)``), so that importing them stays cheap."""
+    return sys.modules.get(name) or _LazyModule(name, namespace, alias or name)

@@ -20,9 +20,13 @@ Design points (why, not what):
 * Loading parses and validates the header *before* touching tensor data: declared sizes must
   match the offsets and the file length (a crafted header cannot make us allocate), then
   dtypes, counts, sortedness, ranges and finiteness are checked. Nothing is ever unpickled.
+* Importing this module does not import torch (it is imported on the first use of a tensor): ``register``
+  and ``pull`` of a canonical file validate it on numpy views of its bytes (:func:`load_canonical`) and run
+  without it, so those commands do not pay its ~1 s import.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -34,12 +38,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _encode_json_str
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
 
 from . import st_io
+from ._lazy import lazy_module
 from .errors import FormatError
 from .fsutil import atomic_write_bytes, sha256_hex  # re-exported: part of this module's API
 from .gapcode import GAP_LIMIT, decode_gaps, encode_gaps
@@ -51,21 +55,56 @@ METADATA_KEY = "adapterhub"
 MAX_HEADER_BYTES = st_io.MAX_HEADER_BYTES
 MAX_NUMEL = 1 << 62  # flat positions (and block-expanded ones) must stay inside int64
 
-# The dtype table lives in st_io (the one safetensors reader); these are views of it.
-_ST_TO_DTYPE: dict[str, torch.dtype] = st_io.torch_dtypes()
-_DTYPE_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _ST_TO_DTYPE.items()}
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch", globals())
+
 _ITEMSIZE = st_io.DTYPE_SIZES
-VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-EXTRA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
-_EXTRA_ST = tuple(_DTYPE_TO_ST[d] for d in EXTRA_DTYPES)
+_VALUE_ST = ("F32", "BF16", "F16")
+_EXTRA_ST = ("F32", "BF16", "F16", "F64", "I64", "I32")
+_ST_SHORT = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}  # value dtypes as the catalog and CLI name them
+
+
+@dataclass(frozen=True)
+class _Dtypes:
+    """The torch side of the dtype table (it lives in st_io, the one safetensors reader): built on first use,
+    which imports torch."""
+
+    st_to_dtype: dict[str, torch.dtype]
+    dtype_to_st: dict[torch.dtype, str]
+    value: tuple[torch.dtype, ...]
+    extra: tuple[torch.dtype, ...]
+    short: dict[torch.dtype, str]
+    exp_mask: dict[torch.dtype, int]  # exponent bits of the half-precision formats: all ones means inf or NaN
+
+
+@functools.cache
+def _dtypes() -> _Dtypes:
+    st_to = st_io.torch_dtypes()
+    return _Dtypes(st_to, {v: k for k, v in st_to.items()}, tuple(st_to[n] for n in _VALUE_ST),
+                   tuple(st_to[n] for n in _EXTRA_ST), {st_to[n]: short for n, short in _ST_SHORT.items()},
+                   {torch.bfloat16: 0x7F80, torch.float16: 0x7C00})
+
+
+_LAZY_NAMES = {"VALUE_DTYPES": "value", "EXTRA_DTYPES": "extra", "_ST_TO_DTYPE": "st_to_dtype",
+               "_DTYPE_TO_ST": "dtype_to_st"}
+if TYPE_CHECKING:
+    VALUE_DTYPES: tuple[torch.dtype, ...]  # fp32, bf16, fp16: what a parameter's values may be
+    EXTRA_DTYPES: tuple[torch.dtype, ...]  # those, fp64, int64 and int32: what a dense extra may be
+    _ST_TO_DTYPE: dict[str, torch.dtype]
+    _DTYPE_TO_ST: dict[torch.dtype, str]
+else:
+    def __getattr__(name: str) -> Any:
+        """The dtype tables for other modules (``fmt.VALUE_DTYPES``), built (and torch imported) on first read."""
+        if name in _LAZY_NAMES:
+            return getattr(_dtypes(), _LAZY_NAMES[name])
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """Short name of a value dtype as the catalog and CLI show it (``fp32``, ``bf16``, ``fp16``)."""
-    return _SHORT_NAMES.get(dtype) or str(dtype).replace("torch.", "")
-
-
-_SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return _dtypes().short.get(dtype) or str(dtype).replace("torch.", "")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -88,10 +127,6 @@ def _view2d(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-# exponent bits of the half-precision formats: all ones means inf or NaN
-_EXP_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every value of a floating tensor is finite (the answer of ``torch.isfinite(t).all()``).
 
@@ -100,7 +135,7 @@ def all_finite(t: torch.Tensor) -> bool:
     the exponent bits on an int16 view (all ones means inf or NaN; numpy has no bf16)."""
     if t.device.type != "cpu" or not t.is_contiguous() or t.requires_grad:
         return bool(torch.isfinite(t).all())
-    mask = _EXP_MASK.get(t.dtype)
+    mask = _dtypes().exp_mask.get(t.dtype)
     if mask is not None:
         return not bool(np.any((t.view(torch.int16).numpy() & mask) == mask))
     if t.dtype in (torch.float32, torch.float64):
@@ -146,6 +181,11 @@ class SparseParam:
     @property
     def dtype(self) -> torch.dtype:
         return self.values.dtype
+
+    @property
+    def dtype_label(self) -> str:
+        """The values' dtype as the catalog names it (``fp32``, ``bf16``, ``fp16``)."""
+        return dtype_name(self.values.dtype)
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Element indices (int64, sorted) and 1-D values, whatever the layout."""
@@ -231,7 +271,7 @@ class SparseParam:
         idx, vals = self.indices, self.values
         if idx.dtype != torch.int64 or idx.dim() != 1:
             raise FormatError(f"{name}: indices must be a 1-D int64 tensor")
-        if vals.dtype not in VALUE_DTYPES:
+        if vals.dtype not in _dtypes().value:
             raise FormatError(f"{name}: values dtype {vals.dtype} not allowed (fp32, bf16, fp16)")
         if any(s <= 0 for s in self.shape) or len(self.shape) > 8 or self.numel >= MAX_NUMEL:
             raise FormatError(f"{name}: invalid shape {self.shape}")
@@ -262,7 +302,7 @@ class SparseParam:
 
 class ParamStats:
     """What the catalog reads of an adapter, derived from ``self.params`` (name -> an object with ``shape``,
-    ``nnz``, ``numel`` and ``dtype``): shared by :class:`SparseAdapter`, :class:`PackedAdapter` and
+    ``nnz``, ``numel``, ``dtype`` and ``dtype_label``): shared by :class:`SparseAdapter`, :class:`PackedAdapter` and
     :class:`ScannedAdapter`."""
 
     params: Mapping[str, Any]
@@ -284,6 +324,13 @@ class ParamStats:
     def dtype(self) -> torch.dtype | None:
         dts = {p.dtype for p in self.params.values()}
         return dts.pop() if len(dts) == 1 else None
+
+    @property
+    def dtype_label(self) -> str:
+        """The values' dtype as the catalog records it (``fp32``, ``bf16``, ``fp16``; ``mixed`` for several or
+        none), read without torch for a scanned or packed adapter."""
+        names = {p.dtype_label for p in self.params.values()}
+        return names.pop() if len(names) == 1 else "mixed"
 
     def nnz_per_param(self) -> dict[str, int]:
         return {k: int(self.params[k].nnz) for k in sorted(self.params)}
@@ -331,7 +378,7 @@ class SparseAdapter(ParamStats):
         for name in sorted(self.extras):
             _check_name(name)
             t = self.extras[name]
-            if t.dtype not in EXTRA_DTYPES:
+            if t.dtype not in _dtypes().extra:
                 raise FormatError(f"extra {name}: dtype {t.dtype} not allowed")
             if not allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 raise FormatError(f"extra {name}: values contain NaN or infinity")
@@ -392,7 +439,7 @@ _INT_OF_SIZE = {1: "<i1", 2: "<i2", 4: "<i4", 8: "<i8"}
 def _tensor_from_buffer(data: Any, offset: int, nbytes: int, st_dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor owning a copy of ``nbytes`` little-endian bytes of ``data`` (bytes, mmap, any buffer) from
     ``offset``: one copy (numpy allocates it aligned), through a signed integer view of the same width."""
-    dtype = _ST_TO_DTYPE[st_dtype]
+    dtype = _dtypes().st_to_dtype[st_dtype]
     if not nbytes:
         return torch.zeros(shape, dtype=dtype)
     size = _ITEMSIZE[st_dtype]
@@ -429,7 +476,7 @@ def _container_header(specs: dict[str, tuple[str, list[int]]], metadata: dict[st
 
 
 def _write_container(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    specs = {n: (_DTYPE_TO_ST[t.dtype], list(t.shape)) for n, t in tensors.items()}
+    specs = {n: (_dtypes().dtype_to_st[t.dtype], list(t.shape)) for n, t in tensors.items()}
     return b"".join(container_pieces(specs, metadata, tensors.__getitem__))
 
 
@@ -445,7 +492,7 @@ def container_pieces(specs: Mapping[str, tuple[str, list[int]]], metadata: dict[
     for n in names:
         t = tensor(n)
         dt, shape = specs[n]
-        if _DTYPE_TO_ST.get(t.dtype) != dt or list(t.shape) != [int(d) for d in shape]:
+        if _dtypes().dtype_to_st.get(t.dtype) != dt or list(t.shape) != [int(d) for d in shape]:
             raise FormatError(f"{n}: produced {t.dtype} {list(t.shape)}, declared {dt} {list(shape)}")
         yield _le_array(t).data
 
@@ -500,13 +547,13 @@ def _reusable(adapter: SparseAdapter, raw: bytes, allow_nonfinite: bool) -> bool
             esc = escapes.get(f"param::{name}::esc")
             if esc is not None and esc != (0,):  # an empty escape list is never written
                 specs[f"param::{name}::esc"] = ("I64", [int(d) for d in esc])
-            specs[f"param::{name}::val"] = (_DTYPE_TO_ST[p.values.dtype], list(p.values.shape))
+            specs[f"param::{name}::val"] = (_dtypes().dtype_to_st[p.values.dtype], list(p.values.shape))
         for name in sorted(adapter.extras):
             _check_name(name)
             t = adapter.extras[name]
-            if t.dtype not in EXTRA_DTYPES:
+            if t.dtype not in _dtypes().extra:
                 return False
-            specs[f"extra::{name}"] = (_DTYPE_TO_ST[t.dtype], list(t.shape))
+            specs[f"extra::{name}"] = (_dtypes().dtype_to_st[t.dtype], list(t.shape))
         head, _, size = _container_header(specs, _doc_json(adapter))
     except (FormatError, KeyError):
         return False
@@ -548,13 +595,22 @@ class PackedParam:
     shape: tuple[int, ...]
     count: int
     nnz: int
-    dtype: torch.dtype
+    st: str  # the values' safetensors dtype (F32, BF16, F16): named without torch
     block_size: None = None
     layout: str = "element"
 
     @property
     def numel(self) -> int:
         return _numel(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The values' torch dtype (imports torch)."""
+        return _dtypes().st_to_dtype[self.st]
+
+    @property
+    def dtype_label(self) -> str:
+        return _ST_SHORT[self.st]
 
 
 class PackedAdapter(ParamStats):
@@ -595,10 +651,10 @@ class PackedAdapter(ParamStats):
         if esc.numel():
             self._tensors[f"param::{name}::esc"] = ("I64", [int(esc.numel())], esc_bytes)
         vals = p.values.detach().cpu().contiguous()
-        self._tensors[f"param::{name}::val"] = (_DTYPE_TO_ST[vals.dtype], list(vals.shape), _tensor_bytes(vals))
+        self._tensors[f"param::{name}::val"] = (_dtypes().dtype_to_st[vals.dtype], list(vals.shape), _tensor_bytes(vals))
         # the mask hash of definition 2 is over these very index bytes (adapterhub.maskhash)
         self._mask.add_encoded(name, p.shape, gap_bytes, int(gaps.numel()), esc_bytes, int(esc.numel()))
-        self.params[name] = PackedParam(p.shape, int(p.indices.numel()), p.nnz, vals.dtype)
+        self.params[name] = PackedParam(p.shape, int(p.indices.numel()), p.nnz, _dtypes().dtype_to_st[vals.dtype])
         self._last = name
 
     def with_card(self, card: dict[str, Any]) -> PackedAdapter:
@@ -617,16 +673,16 @@ class PackedAdapter(ParamStats):
         for name in sorted(self.extras):
             _check_name(name)
             t = self.extras[name]
-            if t.dtype not in EXTRA_DTYPES:
+            if t.dtype not in _dtypes().extra:
                 raise FormatError(f"extra {name}: dtype {t.dtype} not allowed")
             if not self.allow_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 raise FormatError(f"extra {name}: values contain NaN or infinity")
         tensors = dict(self._tensors)
         for name in sorted(self.extras):
             t = self.extras[name].detach().cpu().contiguous()
-            tensors[f"extra::{name}"] = (_DTYPE_TO_ST[t.dtype], list(t.shape), _tensor_bytes(t))
+            tensors[f"extra::{name}"] = (_dtypes().dtype_to_st[t.dtype], list(t.shape), _tensor_bytes(t))
         layout = {n: {"shape": list(p.shape), "layout": "element", "block_size": None, "count": p.count,
-                      "nnz": p.nnz, "dtype": dtype_name(p.dtype)} for n, p in sorted(self.params.items())}
+                      "nnz": p.nnz, "dtype": p.dtype_label} for n, p in sorted(self.params.items())}
         specs = {n: (dt, shape) for n, (dt, shape, _) in tensors.items()}
         head, names, size = _container_header(specs, _doc_meta(layout, self.extras, self.card))
         return head, names, size, tensors
@@ -762,7 +818,7 @@ class AdapterReader:
         dt = self._entries[tname][0]
         if dt not in ("F32", "BF16", "F16"):
             raise FormatError(f"{tname}: dtype {dt} not allowed here (expected F32 or BF16 or F16)")
-        return _ST_TO_DTYPE[dt]
+        return _dtypes().st_to_dtype[dt]
 
     def get_param(self, name: str, *, allow_nonfinite: bool | None = None) -> SparseParam:
         """Decode and validate one sparse parameter.
@@ -912,14 +968,15 @@ class ScannedAdapter(ParamStats):
     ``pull`` of canonical bytes cost about what hashing and copying the file costs).
 
     Made by :func:`load_canonical`. It holds the file's bytes (``source_bytes``), the parameters' shapes,
-    counts and value dtypes (``params``, as :class:`PackedParam`), the dense extras and the card; its mask
+    counts and value dtypes (``params``, as :class:`PackedParam`), the dense extras' dtypes and shapes
+    (:class:`ScannedExtra`: checked, not decoded) and the card; its mask
     hash was computed from the file's own index bytes. Catalog code reads it like a SparseAdapter (``nnz``,
     ``density``, ``dtype``, ``nnz_per_param()``, ``mask_hash()``, ``extras``, ``card``, ``check_base``); the
     file is stored as it is when :meth:`canonical_with` says so for the card being registered.
     """
 
     def __init__(self, data: bytes, params: dict[str, PackedParam], escapes: dict[str, int],
-                 extras: dict[str, torch.Tensor], card: dict[str, Any], mask: str, *, allow_nonfinite: bool,
+                 extras: dict[str, ScannedExtra], card: dict[str, Any], mask: str, *, allow_nonfinite: bool,
                  source_sha256: str | None) -> None:
         self.source_bytes = data
         self.params = params
@@ -943,12 +1000,12 @@ class ScannedAdapter(ParamStats):
             specs[f"param::{name}::idx"] = ("U16", [p.count])
             if self._escapes.get(name):
                 specs[f"param::{name}::esc"] = ("I64", [self._escapes[name]])
-            specs[f"param::{name}::val"] = (_DTYPE_TO_ST[p.dtype], [p.count])
+            specs[f"param::{name}::val"] = (p.st, [p.count])
             layout[name] = {"shape": list(p.shape), "layout": "element", "block_size": None, "count": p.count,
-                            "nnz": p.nnz, "dtype": dtype_name(p.dtype)}
+                            "nnz": p.nnz, "dtype": p.dtype_label}
         for name in sorted(self.extras):
-            t = self.extras[name]
-            specs[f"extra::{name}"] = (_DTYPE_TO_ST[t.dtype], list(t.shape))
+            x = self.extras[name]
+            specs[f"extra::{name}"] = (x.st, list(x.shape))
         try:
             head, _, size = _container_header(specs, _doc_meta(layout, self.extras, card))
         except FormatError:
@@ -960,6 +1017,39 @@ class ScannedAdapter(ParamStats):
         """The full :class:`SparseAdapter` (decoded and validated again; keeps the source bytes)."""
         return load(self.source_bytes, allow_nonfinite=self.allow_nonfinite, keep_source=True,
                     source_sha256=self.source_sha256)
+
+
+@dataclass(frozen=True)
+class ScannedExtra:
+    """A dense extra of a scanned file: its safetensors dtype and shape (its values checked, not decoded)."""
+
+    st: str
+    shape: tuple[int, ...]
+
+
+def _scan_extras(r: AdapterReader, mv: memoryview) -> dict[str, ScannedExtra] | None:
+    """The dense extras of ``r``, accepted exactly as :meth:`AdapterReader.get_extra` accepts them (a listed name,
+    its tensor present in an allowed dtype, finite floating values unless allowed), checked on views of the bytes
+    ``mv`` without torch; None (the full path decides, with its error) at any doubt."""
+    out: dict[str, ScannedExtra] = {}
+    names: list[Any] = r.extra_names()  # from the card: not necessarily strings
+    for name in names:
+        if not isinstance(name, str):
+            return None
+        _check_name(name)
+        e = r._entries.get(f"extra::{name}")
+        if e is None or e[0] not in _EXTRA_ST:
+            return None
+        if not r.allow_nonfinite and e[0] in _FLOAT_ST + ("F64",) and e[3] > e[2]:
+            vals = np.frombuffer(mv[r._start + e[2]:r._start + e[3]], dtype={"F32": "<f4", "F64": "<f8"}.get(e[0], "<u2"))
+            if e[0] in _FINITE_BITS:
+                low, exp = _FINITE_BITS[e[0]]
+                if int((vals & low).max()) >= exp:
+                    return None
+            elif not bool(np.isfinite(vals).all()):
+                return None
+        out[name] = ScannedExtra(e[0], tuple(e[1]))
+    return out
 
 
 _FINITE_BITS = {"BF16": (0x7FFF, 0x7F80), "F16": (0x7FFF, 0x7C00)}
@@ -1048,7 +1138,7 @@ def _scan_params(r: AdapterReader, mv: memoryview, hasher: MaskHasher
         n_esc = (ee[3] - ee[2]) // 8 if ee is not None else 0
         hasher.add_encoded(name, shape, mv[at + ie[2]:at + ie[3]], count,
                            mv[at + ee[2]:at + ee[3]] if ee is not None else b"", n_esc)
-        params[name] = PackedParam(shape, count, count, _ST_TO_DTYPE[ve[0]])
+        params[name] = PackedParam(shape, count, count, ve[0])
         escapes[name] = n_esc
     return params, escapes
 
@@ -1094,8 +1184,8 @@ def load_canonical(data: bytes, *, allow_nonfinite: bool = False, source: str | 
             got = _scan_params(r, mv, hasher)
             if got is not None:
                 params, escapes = got
-                if not r.unknown_tensors():
-                    extras = {n: r.get_extra(n) for n in r.extra_names()}
+                extras = _scan_extras(r, mv)
+                if extras is not None and not r.unknown_tensors():
                     return ScannedAdapter(data, params, escapes, extras, r.card, hasher.hexdigest(),
                                           allow_nonfinite=allow_nonfinite, source_sha256=source_sha256)
     except (FormatError, KeyError, ValueError, TypeError, OverflowError):
@@ -1114,7 +1204,7 @@ def cast_values(adapter: SparseAdapter, dtype: torch.dtype | str | None) -> Spar
     if dtype is None:
         return adapter
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if dt not in VALUE_DTYPES:
+    if dt not in _dtypes().value:
         raise FormatError(f"values dtype {dt} not allowed (fp32, bf16, fp16)")
     olds = sorted({dtype_name(p.values.dtype) for p in adapter.params.values() if p.values.dtype != dt})
     if not olds:

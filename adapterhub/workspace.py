@@ -477,9 +477,8 @@ class Workspace:
         if isinstance(adapter, fmt.ScannedAdapter):  # canonical under this card: the file's own bytes, hashed once
             if adapter.canonical_with(card, allow_nonfinite=spec.allow_nonfinite):
                 raw = adapter.source_bytes
-                vdt = adapter.dtype
                 return _PreparedVersion(spec, binfo, adapter, card, raw, adapter.source_sha256 or sha256_hex(raw),
-                                        fmt.dtype_name(vdt) if vdt is not None else "mixed")
+                                        adapter.dtype_label)
             adapter = adapter.load()  # another card: re-serialised by the full path
         if isinstance(adapter, fmt.PackedAdapter):  # a merge's result: written piece by piece, never joined
             if spec.allow_nonfinite:
@@ -487,9 +486,7 @@ class Workspace:
             packed = adapter.with_card(card)
             data: Any = fmt.serialised(packed)
             digest = fmt.serialised_sha256(data)
-            dtype = packed.dtype
-            return _PreparedVersion(spec, binfo, packed, card, data, digest,
-                                    fmt.dtype_name(dtype) if dtype is not None else "mixed")
+            return _PreparedVersion(spec, binfo, packed, card, data, digest, packed.dtype_label)
         adapter = fmt.SparseAdapter(adapter.params, adapter.extras, card, source_bytes=adapter.source_bytes,
                                     source_allow_nonfinite=adapter.source_allow_nonfinite,
                                     source_sha256=adapter.source_sha256, source_escapes=adapter.source_escapes)
@@ -497,9 +494,7 @@ class Workspace:
         # hashed once: a pull's bytes were hashed while downloading (source_sha256), others here
         digest = (adapter.source_sha256 if data is adapter.source_bytes and adapter.source_sha256
                   else sha256_hex(data))
-        dtype = adapter.dtype
-        return _PreparedVersion(spec, binfo, adapter, card, data, digest,
-                                fmt.dtype_name(dtype) if dtype is not None else "mixed")
+        return _PreparedVersion(spec, binfo, adapter, card, data, digest, adapter.dtype_label)
 
     def prepare_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
         """What :meth:`add_base` would record for ``name``/``source``, without recording it (``id`` is 0).

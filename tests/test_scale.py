@@ -494,6 +494,37 @@ def test_scan_refuses_what_load_refuses_with_the_same_error():
     assert isinstance(fmt.load_canonical(bad_val, allow_nonfinite=True), fmt.ScannedAdapter)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                                   torch.int32])
+def test_scanned_extras_are_checked_as_load_checks_them_without_torch_tensors(dtype):
+    """The scan reads a dense extra's dtype and shape from the header and checks its values on a view of the bytes
+    (no tensor made): the same acceptance and the same refusal, word for word, as the full load."""
+    a = _escaping_adapter(1)
+    g = torch.Generator().manual_seed(2)
+    head = (torch.randn(4, 3, generator=g) * 100).to(dtype)
+    a.extras = {"head.w": head, "head.b": torch.zeros(0, dtype=dtype)}
+    data = fmt.save(a)
+    s = fmt.load_canonical(data)
+    assert isinstance(s, fmt.ScannedAdapter) and s.canonical_with(a.card)
+    assert s.extras["head.w"] == fmt.ScannedExtra(fmt.st_io.st_name(dtype), (4, 3))
+    if not dtype.is_floating_point:
+        return
+    h = fmt.st_io.parse_header(data)
+    e = h.entries["extra::head.w"]
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        b = bytearray(data)
+        one = torch.tensor([bad_value], dtype=dtype)
+        raw = (one.view(torch.int16) if dtype in (torch.bfloat16, torch.float16) else one).numpy().tobytes()
+        at = h.data_start + e.begin + 5 * len(raw)
+        b[at:at + len(raw)] = raw
+        with pytest.raises(fmt.FormatError) as full:
+            fmt.load(bytes(b))
+        with pytest.raises(fmt.FormatError) as scanned:
+            fmt.load_canonical(bytes(b))
+        assert str(scanned.value) == str(full.value) and "NaN or infinity" in str(full.value)
+        assert isinstance(fmt.load_canonical(bytes(b), allow_nonfinite=True), fmt.ScannedAdapter)
+
+
 def test_register_of_a_canonical_file_takes_the_scan(ws, tmp_path, tiny_bert_dir, monkeypatch):
     path = _canonical_file(ws, tmp_path, tiny_bert_dir, dtype=torch.bfloat16)
     monkeypatch.setattr(fmt, "decode_indices", lambda *a: pytest.fail("decoded the indices"))
