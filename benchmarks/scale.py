@@ -292,7 +292,7 @@ def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1)
     elif op == "export_peft":
         import peft  # noqa: F401 - imported before timing: export reads its version
 
-        from adapterhub.interop.peft import export_version
+        from adapterhub.interop.export import export_version
 
         dest = home.parent / "export-peft"
         out["seconds"] = _median(lambda: export_version(ws, refs[0], dest, to="peft"), repeat,

@@ -234,7 +234,7 @@ def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str,
     Example: adapterhub register rt.safetensors --name rt-sentiment --task rt --base minilm
     """
     from adapterhub.catalog.records import Parent
-    from adapterhub.interop.peft import is_peft_folder
+    from adapterhub.interop.modules import is_peft_folder
 
     pairs = _pair_parents(ctx, parents, relations)
     c: Ctx = ctx.obj
@@ -243,12 +243,17 @@ def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str,
         raise click.UsageError("--density and --block-size apply only to PEFT LoRA folders", ctx)
     if block_size is not None and density is None:
         raise click.UsageError("--block-size needs --density", ctx)
-    # the one reader of files and folders, shared with Workspace.register(path)
-    adapter, source, imported = ws.read_adapter_path(file, base, allow_nonfinite=allow_nonfinite, density=density,
-                                                     block_size=block_size)
-    plist = [Parent(ref, rel) for ref, rel in pairs] + imported
-    info = ws.register(adapter, name=name, task=task, base=base, kind=kind, parents=plist,
-                       allow_nonfinite=allow_nonfinite, values_dtype=values_dtype)
+    # Workspace.register(path) is the one reader of files and folders: our own file is validated on views of its
+    # bytes and stored as it is when canonical (no torch); a PEFT folder is imported with its provenance edge
+    source = "adapterhub"
+    if is_peft_folder(file):
+        from adapterhub.interop.peft import peft_type
+
+        source = "peft-lora" if peft_type(file) == "LORA" else "peft-shira"
+    plist = [Parent(ref, rel) for ref, rel in pairs]
+    info = ws.register(file, name=name, task=task, base=base, kind=kind, parents=plist,
+                       allow_nonfinite=allow_nonfinite, density=density, block_size=block_size,
+                       values_dtype=values_dtype)
     if not info.created:
         echo_err(f"same content is already {info.ref}; nothing added")
     if as_json:

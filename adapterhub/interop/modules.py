@@ -1,11 +1,21 @@
-"""PEFT module paths mapped to a base model's tensor names (shared by the SHiRA and LoRA imports)."""
+"""PEFT folders recognised and PEFT module paths mapped to a base model's tensor names (shared by the SHiRA and
+LoRA imports; no torch, so ``register`` of our own file can ask without importing it)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Mapping
 
 from ..errors import FormatError
 
 PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG = "adapter_config.json"
+
+
+def is_peft_folder(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a folder with a PEFT ``adapter_config.json``."""
+    p = Path(path)
+    return p.is_dir() and (p / PEFT_CONFIG).is_file()
 
 
 def map_module_to_tensor(module: str, base_shapes: Mapping[str, tuple[int, ...]]) -> str:

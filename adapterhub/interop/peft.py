@@ -37,10 +37,8 @@ from .. import format as fmt, safe_read, st_io
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes
 from ..merging.sources import ExpertSource, InMemoryExpert
-from .export import export_version
-from .modules import PEFT_PREFIX, map_module_to_tensor
+from .modules import PEFT_CONFIG, PEFT_PREFIX, is_peft_folder, map_module_to_tensor
 
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _W = ".shira_weight"
 _I = ".shira_indices"
@@ -48,12 +46,6 @@ EXTRAS_FILE = "adapterhub_extras.safetensors"
 MTS_PREFIX = "peft.modules_to_save."
 TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _MAX_LORA_DENSE = 1 << 28  # entries of one dense ΔW computed during a LoRA import
-
-
-def is_peft_folder(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` is a folder with a PEFT ``adapter_config.json``."""
-    p = Path(path)
-    return p.is_dir() and (p / PEFT_CONFIG).is_file()
 
 
 def _read_peft_config(folder: Path) -> dict[str, Any]:
@@ -373,9 +365,9 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     """Write ``adapter`` as a PEFT SHiRA folder that ``peft.PeftModel.from_pretrained`` loads.
 
     Takes the adapter (loaded, or an :class:`~adapterhub.merging.sources.ExpertSource` read one parameter at a
-    time: :func:`export_version` passes the store's blob), the output folder (created; existing adapter files are
-    replaced atomically), the base folder (to check that targets are ``nn.Linear`` weights) and the name recorded
-    in the config. The weights file is written as it is produced (issue 19): each parameter is decoded twice,
+    time: :func:`adapterhub.interop.export.export_version` passes the store's blob), the output folder (created;
+    existing adapter files are replaced atomically), the base folder (to check that targets are ``nn.Linear``
+    weights) and the name recorded in the config. The weights file is written as it is produced (issue 19): each parameter is decoded twice,
     once for its count (the rank every layer is padded to is the densest layer's) and once when its turn in the
     file comes, so memory holds one layer's entries, never the adapter or the file.
     Dense extras ``peft.modules_to_save.<module>.<param>`` (imported heads) become ``modules_to_save``
@@ -467,5 +459,5 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
                       sorted(own_extras) if drop_extras else None)
 
 
-__all__ = ["import_peft_shira", "import_peft_lora_folder", "peft_type", "export_peft_shira", "export_version", "read_adapter_source", "is_peft_folder",
+__all__ = ["import_peft_shira", "import_peft_lora_folder", "peft_type", "export_peft_shira", "read_adapter_source", "is_peft_folder",
            "map_module_to_tensor", "PeftExport"]
