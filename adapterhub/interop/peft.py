@@ -435,12 +435,17 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
             last[name] = _shira_pair(p, need_r * sum(p.shape))
         return last[name][part]
 
-    import peft  # only for the version recorded in the config
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the version recorded in the config, read without importing peft (seconds: transformers and more)
+        peft_version: str | None = version("peft")
+    except PackageNotFoundError:  # not installed here: PEFT fills in its own when it loads the folder
+        peft_version = None
 
     config = {
         "auto_mapping": None, "base_model_name_or_path": base_name_or_path, "fan_in_fan_out": False,
         "inference_mode": True, "init_weights": True, "mask_type": "random",
-        "modules_to_save": mts_modules or None, "peft_type": "SHIRA", "peft_version": peft.__version__, "r": need_r,
+        "modules_to_save": mts_modules or None, "peft_type": "SHIRA", "peft_version": peft_version, "r": need_r,
         "random_seed": None, "revision": None, "target_modules": modules, "task_type": task_type,
     }
     out.mkdir(parents=True, exist_ok=True)
