@@ -43,3 +43,17 @@ def test_gpu_check_script_names_what_exists():
         assert (ROOT / p).is_file(), p
     for script in ("benchmarks/apply_revert.py", "benchmarks/scale.py"):
         assert "--device" in _run(script, "--help")
+
+
+def test_cli_startup_fragment_is_what_its_json_gives(tmp_path):
+    """docs/bench/cli_startup.md is generated from the run's JSON (the full run needs the 135M checkpoint and
+    minutes); regenerating it from that JSON gives the committed text, and every adapter-moving command is
+    recorded as running without torch."""
+    import json
+
+    _run("benchmarks/cli_startup.py", "--md-only", "--md", str(tmp_path / "f.md"))
+    assert (tmp_path / "f.md").read_text() == (ROOT / "docs" / "bench" / "cli_startup.md").read_text()
+    doc = json.loads((ROOT / "docs" / "bench" / "cli_startup.json").read_text())
+    moving = [k for k in doc["commands"] if k.split("`")[1].split()[0] in ("register", "push", "pull", "hub")
+              or k.startswith("`export` (our file")]
+    assert len(moving) == 6 and not any(doc["commands"][k]["imports_torch"]["this"] for k in moving)
