@@ -627,9 +627,13 @@ def fragment(doc: dict[str, Any]) -> str:
         "(about 1 ms per request: only the two sides' own work counts); *pull catalog* — from the \"registering\" "
         "step to the end (target < 0.1 s).", "",
         summary(doc), "", *verdicts(doc), "",
-        "The same targets in the previous run (the previous version, another machine of the same kind): register "
-        "0.98-14.51x, push 1.00-1.01x (40 ms) / 1.08-1.19x (1 ms), pull 0.42-0.71x (40 ms) / 0.91-1.02x (1 ms), "
-        "pull catalog time 0.006-0.010 s, in memory 1% ÷ 0.1% at 1.1B 8.5×. An earlier round's run gave 4.6× there "
+        "The same targets in the previous run (the previous version, the same machine): register 0.92-8.63x, push "
+        "0.92-1.02x (40 ms) / 1.06-1.23x (1 ms), pull 0.41-0.70x (40 ms) / 0.68-0.95x (1 ms), pull catalog time "
+        "0.004-0.007 s, in memory 1% ÷ 0.1% at 1.1B 7.1×; the run before it (another machine of the same kind): "
+        "register 0.98-14.51x, push 1.00-1.01x / 1.08-1.19x, in memory 8.5×. The millisecond figures move between "
+        "runs by more than the code changes them: `register` of the 0.5 MB file, the old and the new code "
+        "alternating in one sitting, gave 8.5, 8.4, 9.2 ms (old) against 8.6, 8.2, 9.7 ms (new), while the runs of "
+        "this page measured it at 7.8 and 17 ms. An earlier round's run gave 4.6× there "
         "(0.494 s / 0.107 s, each the median of 3 cycles; two re-runs right after it gave 8.4× and 7.7×): the 0.1% "
         "side is a few tens of milliseconds, so with 3 cycles one hiccup of 30 ms moved the ratio by half, and the "
         "in-memory cycles are now repeated until they add up to "
@@ -668,8 +672,9 @@ def fragment(doc: dict[str, Any]) -> str:
         "adapter read, a first apply timed apart); the ratio of the 1% adapter to the 0.1% adapter on the 1.1B "
         "model is the target (≥ 5×). On a GPU (`--device cuda`, not run here: no GPU was lent) the indices and "
         "values are moved to the device on the first apply and kept (`SparseParam.flat_on`).", "",
-        "Export (`export --format peft`) and `diff` read the adapter one tensor at a time; their times are in the "
-        "JSON with their peak RSS. `base add` fingerprints every weight file once (sha256 of the bytes), so it "
+        "Export (`export --format peft`) and `diff` read the adapter one tensor at a time, and the export writes "
+        "its file as it produces it (the run before this one held the decoded adapter and the whole file: 287 MB "
+        "above warm-up at 1.1B 1%, 35 MB at 135M 1%); their times are in the JSON with their peak RSS. `base add` fingerprints every weight file once (sha256 of the bytes), so it "
         "follows the model by design: the anchor is a plain sha256 of the same files.", ""])
 
 

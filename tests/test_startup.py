@@ -14,7 +14,8 @@ def test_cli_and_catalog_api_do_not_import_torch(tmp_path):
 
     with Workspace.open(tmp_path / "home"):
         pass
-    code = ("import sys; import adapterhub.cli.main, adapterhub.workspace, adapterhub.store; "
+    code = ("import sys; import adapterhub.cli.main, adapterhub.workspace, adapterhub.store, adapterhub.format, "
+            "adapterhub.hub.client, adapterhub.interop.export, adapterhub.interop.modules; "
             "from adapterhub.cli.main import cli; "
             "from click.testing import CliRunner; "
             "r = CliRunner().invoke(cli, ['--home', sys.argv[1], 'list', '--json']); "
