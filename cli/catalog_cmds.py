@@ -469,6 +469,8 @@ def diff_cmd(c: Ctx, ref_a: str, ref_b: str, as_json: bool) -> None:
 
     Example: adapterhub diff rt-sentiment@1 rt-sentiment@2
     """
+    for ref in (ref_a, ref_b):  # an unknown REF is reported before torch is imported
+        c.ws.resolve(ref)
     from adapterhub.views.diff import diff_versions
 
     d = diff_versions(c.ws, ref_a, ref_b)

@@ -15,6 +15,16 @@ if TYPE_CHECKING:
     from adapterhub.catalog.deployments import DeploymentInfo
 
 
+def _known(c: Ctx, deployment: str, ref: str | None = None) -> None:
+    """Report an unknown deployment or REF before the patching code (and torch, about a second) is imported:
+    the same one-line errors the operation gives, from the torch-free catalog reads."""
+    from adapterhub.apply.deploy_ownership import get
+
+    get(c.ws, deployment)
+    if ref is not None:
+        c.ws.resolve(ref)
+
+
 def _method_names() -> list[str]:
     from adapterhub.merging import method_names
 
@@ -134,6 +144,7 @@ def deploy_apply(c: Ctx, name: str, ref: str, scale: float, as_json: bool) -> No
 
     Example: adapterhub deploy apply prod rt-sentiment@2 --scale 0.5
     """
+    _known(c, name, ref)
     from adapterhub.apply import deployments
 
     _show(deployments.apply(c.ws, name, ref, scale), as_json)
@@ -150,6 +161,7 @@ def deploy_revert(c: Ctx, name: str, ref: str | None, as_json: bool) -> None:
 
     Example: adapterhub deploy revert prod rt-sentiment@2
     """
+    _known(c, name, ref)
     from adapterhub.apply import deployments
 
     _show(deployments.revert(c.ws, name, ref), as_json)
@@ -195,6 +207,7 @@ def deploy_rollback(c: Ctx, name: str, to: int, verify: bool, as_json: bool) -> 
 
     Example: adapterhub deploy rollback prod --to 3 --verify
     """
+    _known(c, name)
     from adapterhub.apply import deployments
 
     _show(deployments.rollback(c.ws, name, to, verify=verify), as_json)

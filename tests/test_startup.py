@@ -146,3 +146,18 @@ def test_register_of_our_own_file_does_not_import_torch(tmp_path, tiny_bert_dir)
         assert ws.adapter_bytes("a@1") == (tmp_path / "a.safetensors").read_bytes()
         assert ws.resolve("a@1").mask_hash == a.mask_hash()
 
+
+
+def test_unknown_deployments_and_refs_are_reported_before_torch_is_imported(tmp_path, tiny_llama_dir):
+    """apply, revert, rollback and diff name an unknown deployment or REF in one line, exit 1, without first paying
+    for the patching code's import of torch."""
+    assert not _imports_torch(tiny_llama_dir, tmp_path, (
+        "r = CliRunner().invoke(cli, ['--home', h, 'deploy', 'create', 'd', '--base', 'b'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "for args, want in ((['deploy', 'apply', 'nope', 'x@1'], \"unknown deployment 'nope'\"),\n"
+        "                   (['deploy', 'apply', 'd', 'x@1'], \"unknown adapter 'x'\"),\n"
+        "                   (['deploy', 'revert', 'd', 'x@1'], \"unknown adapter 'x'\"),\n"
+        "                   (['deploy', 'rollback', 'nope', '--to', '0'], \"unknown deployment 'nope'\"),\n"
+        "                   (['diff', 'x@1', 'y@1'], \"unknown adapter 'x'\")):\n"
+        "    r = CliRunner().invoke(cli, ['--home', h, *args])\n"
+        "    assert r.exit_code == 1 and want in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)\n"))
