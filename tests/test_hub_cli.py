@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from adapterhub.cli.main import cli
 from adapterhub.testing.hubserver import HubServer
 from adapterhub.workspace import Workspace
+from fresh_cli import run_fresh
 from test_hub import make_adapter
 
 SECRET = "hf_sEcReT0123456789abcdefTOKEN"
@@ -160,38 +161,20 @@ def test_push_and_hub_versions_do_not_import_torch(hub_server: HubServer, tmp_pa
     """push uploads the store's blob and a card built from the catalog, and ``hub versions`` reads refs and cards:
     no tensor is decoded, so neither imports torch (through the CLI a push took ~2 s, ~1.3 s of it the import);
     pull parses the downloaded weights and does."""
-    import subprocess
-    import sys
-
     a = _home(tmp_path, "a", adapters=1)
-    code = ("import sys, json; from adapterhub.cli.main import cli; from click.testing import CliRunner\n"
-            "for args in (['push', 'rt@1', '--repo', 'alice/rt', '--json'], ['hub', 'versions', 'alice/rt', '--json']):\n"
-            "    r = CliRunner().invoke(cli, ['--home', sys.argv[1], *args])\n"
-            "    assert r.exit_code == 0, (args, r.output)\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(a)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
-    v = run(a, "hub", "versions", "alice/rt", "--json")
-    assert [x["tag"] for x in json.loads(v.stdout)["versions"]] == ["v1"]
+    imported, (_, versions) = run_fresh(a, ["push", "rt@1", "--repo", "alice/rt", "--json"],
+                                        ["hub", "versions", "alice/rt", "--json"])
+    assert not imported
+    assert [x["tag"] for x in json.loads(versions)["versions"]] == ["v1"]
 
 
 def test_pull_does_not_import_torch(hub_server: HubServer, tmp_path: Path) -> None:
     """pull validates the downloaded weights on numpy views of their bytes (the scan ``register`` uses) and stores
     them as they are: no torch either (a pull of a small adapter through the CLI was ~1.1 s of import)."""
-    import subprocess
-    import sys
-
     a = _home(tmp_path, "a", adapters=1)
     assert run(a, "push", "rt@1", "--repo", "alice/rt").exit_code == 0
     b = tmp_path / "b"
-    code = ("import sys, json; from adapterhub.cli.main import cli; from click.testing import CliRunner\n"
-            "r = CliRunner().invoke(cli, ['--home', sys.argv[1], 'pull', 'alice/rt@v1', '--name', 'rt', '--json'])\n"
-            "assert r.exit_code == 0, r.output\n"
-            "assert json.loads(r.stdout)['registered'] is True, r.stdout\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(b)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    imported, (out,) = run_fresh(b, ["pull", "alice/rt@v1", "--name", "rt", "--json"])
+    assert not imported and json.loads(out)["registered"] is True
     with Workspace.open(a) as wa, Workspace.open(b) as wb:
         assert wb.adapter_bytes("rt@1") == wa.adapter_bytes("rt@1")

@@ -1,10 +1,13 @@
 """Catalog commands start fast: importing the CLI and the catalog API must not import torch."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import torch  # this process may; the commands run in fresh processes below
+
+from fresh_cli import run_fresh
 
 
 def test_cli_and_catalog_api_do_not_import_torch(tmp_path):
@@ -106,14 +109,8 @@ def test_export_of_our_own_file_does_not_import_torch(tmp_path, tiny_bert_dir):
         fmt.save_file(a, tmp_path / "a.safetensors")
         v = ws.register(tmp_path / "a.safetensors", name="a", task="t", base="tiny")
         blob = ws.adapter_bytes(v)
-    code = ("import sys, json; from adapterhub.cli.main import cli; from click.testing import CliRunner\n"
-            "r = CliRunner().invoke(cli, ['--home', sys.argv[1], 'export', 'a@1', sys.argv[2], '--json'])\n"
-            "assert r.exit_code == 0, r.output\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(home), str(tmp_path / "out.safetensors")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    imported, _ = run_fresh(home, ["export", "a@1", str(tmp_path / "out.safetensors"), "--json"])
+    assert not imported
     assert (tmp_path / "out.safetensors").read_bytes() == blob
 
 
@@ -132,16 +129,11 @@ def test_register_of_our_own_file_does_not_import_torch(tmp_path, tiny_bert_dir)
                      extras={"heads.t.weight": torch.randn(3, 8, generator=torch.Generator().manual_seed(0))})
     a.card = {"base": {"name": "tiny", "fingerprint": base.fingerprint}, "task": "t", "kind": "expert"}
     fmt.save_file(a, tmp_path / "a.safetensors")
-    code = ("import sys, json; from adapterhub.cli.main import cli; from click.testing import CliRunner\n"
-            "r = CliRunner().invoke(cli, ['--home', sys.argv[1], 'register', sys.argv[2], '--name', 'a', '--task', 't',"
-            " '--base', 'tiny', '--json'])\n"
-            "assert r.exit_code == 0, r.output\n"
-            "doc = json.loads(r.stdout)\n"
-            "print('torch' in sys.modules, doc['source_format'], doc['mask']['dtype'], doc['mask']['nnz'])")
-    out = subprocess.run([sys.executable, "-c", code, str(home), str(tmp_path / "a.safetensors")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "adapterhub", "bf16", str(a.nnz)]
+    imported, (out,) = run_fresh(home, ["register", str(tmp_path / "a.safetensors"), "--name", "a", "--task", "t",
+                                        "--base", "tiny", "--json"])
+    doc = json.loads(out)
+    assert not imported
+    assert (doc["source_format"], doc["mask"]["dtype"], doc["mask"]["nnz"]) == ("adapterhub", "bf16", a.nnz)
     with Workspace.open(home) as ws:
         assert ws.adapter_bytes("a@1") == (tmp_path / "a.safetensors").read_bytes()
         assert ws.resolve("a@1").mask_hash == a.mask_hash()
