@@ -371,15 +371,16 @@ def _in_memory(base: Path, adapter_file: Path, repeat: int, device: str) -> dict
 
 
 def _deploy(ws: Any, ref: str, repeat: int) -> dict[str, Any]:
-    """On disk, in process: ``apply`` and ``revert`` of this density's expert on a deployment of the base (made
-    once per home and kept; ``benchmarks/deploy_scale.py`` times ``deploy create`` and ``rm`` and the same
-    non-zeros at both sizes), ``rollback`` of one layer (its apply untimed), and ``verify`` (a full measurement).
-    Checks that the stack ends empty at the base's state root."""
-    from adapterhub.apply import deployments
+    """On disk, in process: ``apply`` and ``revert`` of this density's expert on a new deployment of the base
+    (``benchmarks/deploy_scale.py`` times ``deploy create`` and ``rm`` and the same non-zeros at both sizes; it
+    says why each run starts from new files), ``rollback`` of one layer (its apply untimed), and ``verify`` (a full
+    measurement). Checks that the stack ends empty at the base's state root."""
+    from adapterhub.apply import deploy_folders, deployments
 
     name = "scale"
-    if name not in {d.name for d in deployments.list_deployments(ws)}:
-        deployments.create(ws, name, "b")
+    if name in {d.name for d in deployments.list_deployments(ws)}:
+        deploy_folders.remove(ws, name)
+    deployments.create(ws, name, "b")
     times: dict[str, list[float]] = {"apply": [], "revert": []}
 
     def cycle() -> None:
