@@ -153,3 +153,26 @@ def test_unknown_deployments_and_refs_are_reported_before_torch_is_imported(tmp_
         "                   (['diff', 'x@1', 'y@1'], \"unknown adapter 'x'\")):\n"
         "    r = CliRunner().invoke(cli, ['--home', h, *args])\n"
         "    assert r.exit_code == 1 and want in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)\n"))
+
+
+def test_lazy_module_imports_on_first_attribute_and_then_steps_aside():
+    """The stand-in ``adapterhub.format`` keeps for torch: nothing imported until an attribute is read; then the
+    real module replaces the stand-in in the namespace, so later reads are plain module attribute reads."""
+    import types
+
+    from adapterhub._lazy import lazy_module
+
+    name = "adapterhub_lazy_probe"
+    mod = types.ModuleType(name)
+    mod.VALUE = 41
+    ns: dict = {}
+    sys.modules.pop(name, None)
+    stand_in = lazy_module(name, ns)
+    ns[name] = stand_in
+    assert name not in sys.modules and ns[name] is stand_in
+    sys.modules[name] = mod  # what an import of it finds from now on
+    try:
+        assert stand_in.VALUE == 41 and ns[name] is mod
+        assert lazy_module(name, {}) is mod  # already imported: the module itself, no stand-in
+    finally:
+        sys.modules.pop(name, None)
