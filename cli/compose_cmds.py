@@ -61,6 +61,8 @@ def merge_cmd(c: Ctx, refs: tuple[str, ...], method: str, weights: list[float] |
         raise click.UsageError("merge needs at least two REFs")
     if weights is not None and len(weights) != len(refs):
         raise click.UsageError(f"--weights has {len(weights)} values for {len(refs)} REFs")
+    for ref in refs:  # an unknown REF is reported before the merge code (and torch) is imported
+        c.ws.resolve(ref)
     from adapterhub.merging import merge
 
     with progress("merging") as prog:

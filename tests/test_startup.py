@@ -141,7 +141,7 @@ def test_register_of_our_own_file_does_not_import_torch(tmp_path, tiny_bert_dir)
 
 
 def test_unknown_deployments_and_refs_are_reported_before_torch_is_imported(tmp_path, tiny_llama_dir):
-    """apply, revert, rollback and diff name an unknown deployment or REF in one line, exit 1, without first paying
+    """apply, revert, rollback, diff and merge name an unknown deployment or REF in one line, exit 1, without first paying
     for the patching code's import of torch."""
     assert not _imports_torch(tiny_llama_dir, tmp_path, (
         "r = CliRunner().invoke(cli, ['--home', h, 'deploy', 'create', 'd', '--base', 'b'])\n"
@@ -150,7 +150,8 @@ def test_unknown_deployments_and_refs_are_reported_before_torch_is_imported(tmp_
         "                   (['deploy', 'apply', 'd', 'x@1'], \"unknown adapter 'x'\"),\n"
         "                   (['deploy', 'revert', 'd', 'x@1'], \"unknown adapter 'x'\"),\n"
         "                   (['deploy', 'rollback', 'nope', '--to', '0'], \"unknown deployment 'nope'\"),\n"
-        "                   (['diff', 'x@1', 'y@1'], \"unknown adapter 'x'\")):\n"
+        "                   (['diff', 'x@1', 'y@1'], \"unknown adapter 'x'\"),\n"
+        "                   (['merge', 'x@1', 'y@1', '--method', 'ties', '--name', 'm'], \"unknown adapter 'x'\")):\n"
         "    r = CliRunner().invoke(cli, ['--home', h, *args])\n"
         "    assert r.exit_code == 1 and want in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)\n"))
 
@@ -176,3 +177,12 @@ def test_lazy_module_imports_on_first_attribute_and_then_steps_aside():
         assert lazy_module(name, {}) is mod  # already imported: the module itself, no stand-in
     finally:
         sys.modules.pop(name, None)
+
+
+def test_help_of_train_and_merge_lists_the_registries_without_torch(tmp_path, tiny_llama_dir):
+    """``train --help`` and ``merge --help`` list the mask and merge methods from their registries, whose modules
+    import torch on first use, not at import: help is read without paying for it."""
+    assert not _imports_torch(tiny_llama_dir, tmp_path, (
+        "for args, want in ((['train', '--help'], 'connection-sensitivity'), (['merge', '--help'], 'breadcrumbs')):\n"
+        "    r = CliRunner().invoke(cli, args)\n"
+        "    assert r.exit_code == 0 and want in r.output, (args, r.output)\n"))

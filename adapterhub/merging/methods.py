@@ -56,12 +56,16 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
+from .._lazy import lazy_module
 from ..errors import MergeError
 from ..params import ParamDef, configure
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch", globals())  # imported on first use: listing the methods (``--help``) needs none
 
 __all__ = [
     "DENSITY", "ExpertEntry", "GAMMA", "GeneralizedTaskArithmeticMerge", "LAMBDA", "METHODS", "MergeMethod", "RNG",

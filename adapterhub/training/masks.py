@@ -30,10 +30,9 @@ from __future__ import annotations
 import math
 from abc import ABC
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import TYPE_CHECKING, ClassVar, Mapping
 
-import torch
-
+from .._lazy import lazy_module
 from ..errors import TrainingError
 from ..params import ParamDef, configure
 from .config import (  # noqa: F401 - SCORE_MODES re-exported; each defined once, with TrainConfig
@@ -44,6 +43,11 @@ from .config import (  # noqa: F401 - SCORE_MODES re-exported; each defined once
     SCORE_BATCHES,
     SCORE_MODES,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch", globals())  # imported on first use: listing the methods (``--help``) needs none
 
 
 @dataclass
