@@ -11,6 +11,7 @@ import click
 
 from .common import (
     Ctx,
+    check_known,
     echo,
     echo_err,
     handle_errors,
@@ -469,8 +470,7 @@ def diff_cmd(c: Ctx, ref_a: str, ref_b: str, as_json: bool) -> None:
 
     Example: adapterhub diff rt-sentiment@1 rt-sentiment@2
     """
-    for ref in (ref_a, ref_b):  # an unknown REF is reported before torch is imported
-        c.ws.resolve(ref)
+    check_known(c, [ref_a, ref_b])
     from adapterhub.views.diff import diff_versions
 
     d = diff_versions(c.ws, ref_a, ref_b)

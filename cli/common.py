@@ -448,6 +448,17 @@ def parse_lock_timeout(value: str | None) -> float | None:
     return t
 
 
+def check_known(c: Ctx, refs: Sequence[str] = (), *, deployment: str | None = None) -> None:
+    """Report an unknown deployment or REF before a command imports the code that computes with tensors (and torch,
+    about a second): the same one-line errors the operation gives, from the torch-free catalog reads."""
+    if deployment is not None:
+        from adapterhub.apply.deploy_ownership import get
+
+        get(c.ws, deployment)
+    for ref in refs:
+        c.ws.resolve(ref)
+
+
 def check_one_of(*names: str, exactly: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Refuse, while parsing, a command line with more than one (or, ``exactly``, none) of the options
     ``names`` (parameter names): a usage error (exit 2) before any lazily filled choice is converted.

@@ -7,22 +7,24 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import Ctx, LazyChoice, echo, echo_err, handle_errors, json_option, output, pass_ctx, print_json, progress
+from .common import (
+    Ctx,
+    LazyChoice,
+    check_known,
+    echo,
+    echo_err,
+    handle_errors,
+    json_option,
+    output,
+    pass_ctx,
+    print_json,
+    progress,
+)
 from .options import values_dtype_option
 from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF, FiniteFloat, WeightsType
 
 if TYPE_CHECKING:
     from adapterhub.catalog.deployments import DeploymentInfo
-
-
-def _known(c: Ctx, deployment: str, ref: str | None = None) -> None:
-    """Report an unknown deployment or REF before the patching code (and torch, about a second) is imported:
-    the same one-line errors the operation gives, from the torch-free catalog reads."""
-    from adapterhub.apply.deploy_ownership import get
-
-    get(c.ws, deployment)
-    if ref is not None:
-        c.ws.resolve(ref)
 
 
 def _method_names() -> list[str]:
@@ -61,8 +63,7 @@ def merge_cmd(c: Ctx, refs: tuple[str, ...], method: str, weights: list[float] |
         raise click.UsageError("merge needs at least two REFs")
     if weights is not None and len(weights) != len(refs):
         raise click.UsageError(f"--weights has {len(weights)} values for {len(refs)} REFs")
-    for ref in refs:  # an unknown REF is reported before the merge code (and torch) is imported
-        c.ws.resolve(ref)
+    check_known(c, refs)
     from adapterhub.merging import merge
 
     with progress("merging") as prog:
@@ -146,7 +147,7 @@ def deploy_apply(c: Ctx, name: str, ref: str, scale: float, as_json: bool) -> No
 
     Example: adapterhub deploy apply prod rt-sentiment@2 --scale 0.5
     """
-    _known(c, name, ref)
+    check_known(c, [ref], deployment=name)
     from adapterhub.apply import deployments
 
     _show(deployments.apply(c.ws, name, ref, scale), as_json)
@@ -163,7 +164,7 @@ def deploy_revert(c: Ctx, name: str, ref: str | None, as_json: bool) -> None:
 
     Example: adapterhub deploy revert prod rt-sentiment@2
     """
-    _known(c, name, ref)
+    check_known(c, [ref] if ref is not None else [], deployment=name)
     from adapterhub.apply import deployments
 
     _show(deployments.revert(c.ws, name, ref), as_json)
@@ -209,7 +210,7 @@ def deploy_rollback(c: Ctx, name: str, to: int, verify: bool, as_json: bool) -> 
 
     Example: adapterhub deploy rollback prod --to 3 --verify
     """
-    _known(c, name)
+    check_known(c, deployment=name)
     from adapterhub.apply import deployments
 
     _show(deployments.rollback(c.ws, name, to, verify=verify), as_json)
