@@ -816,7 +816,7 @@ class AdapterReader:
         if tname not in self._entries:
             raise FormatError(f"{tname}: tensor missing from file")
         dt = self._entries[tname][0]
-        if dt not in ("F32", "BF16", "F16"):
+        if dt not in _VALUE_ST:
             raise FormatError(f"{tname}: dtype {dt} not allowed here (expected F32 or BF16 or F16)")
         return _dtypes().st_to_dtype[dt]
 
@@ -843,7 +843,7 @@ class AdapterReader:
         if esc.dim() != 1:
             raise FormatError(f"{name}: escape list must be 1-D")
         idx = decode_indices(gaps, esc, name)
-        vals = self._tensor(f"param::{name}::val", ("F32", "BF16", "F16"))
+        vals = self._tensor(f"param::{name}::val", _VALUE_ST)
         p = SparseParam(shape, idx, vals, block_size=block)
         # decode_indices checked every gap (>= 1, escapes >= 65536): the indices are strictly increasing
         p.validate(name, allow_nonfinite=self.allow_nonfinite if allow_nonfinite is None else allow_nonfinite,
@@ -1040,19 +1040,26 @@ def _scan_extras(r: AdapterReader, mv: memoryview) -> dict[str, ScannedExtra] | 
         e = r._entries.get(f"extra::{name}")
         if e is None or e[0] not in _EXTRA_ST:
             return None
-        if not r.allow_nonfinite and e[0] in _FLOAT_ST + ("F64",) and e[3] > e[2]:
-            vals = np.frombuffer(mv[r._start + e[2]:r._start + e[3]], dtype={"F32": "<f4", "F64": "<f8"}.get(e[0], "<u2"))
-            if e[0] in _FINITE_BITS:
-                low, exp = _FINITE_BITS[e[0]]
-                if int((vals & low).max()) >= exp:
-                    return None
-            elif not bool(np.isfinite(vals).all()):
-                return None
+        if not r.allow_nonfinite and e[0] in _FLOAT_LE and not _bytes_finite(mv[r._start + e[2]:r._start + e[3]], e[0]):
+            return None
         out[name] = ScannedExtra(e[0], tuple(e[1]))
     return out
 
 
 _FINITE_BITS = {"BF16": (0x7FFF, 0x7F80), "F16": (0x7FFF, 0x7C00)}
+_FLOAT_LE = {"F32": "<f4", "F64": "<f8", "BF16": "<u2", "F16": "<u2"}  # how the floating dtypes are viewed in numpy
+
+
+def _bytes_finite(part: Any, st: str) -> bool:
+    """Whether every value of floating dtype ``st`` in the little-endian bytes ``part`` is finite (numpy's
+    isfinite; the half formats, which numpy cannot hold, on their exponent bits)."""
+    vals = np.frombuffer(part, dtype=_FLOAT_LE[st])
+    if not vals.size:
+        return True
+    if st in _FINITE_BITS:
+        low, exp = _FINITE_BITS[st]
+        return int((vals & low).max()) < exp
+    return bool(np.isfinite(vals).all())
 # parameters of at most this many indices are checked together (one numpy call per check for all of them: a
 # 0.5 MB file of 210 parameters paid ~20 us of call overhead per parameter); larger ones one at a time, on views
 _BATCH_COUNT = 1 << 14
@@ -1083,7 +1090,7 @@ def _scan_params(r: AdapterReader, mv: memoryview, hasher: MaskHasher
             return None
         ie, ve = ents.get(f"param::{name}::idx"), ents.get(f"param::{name}::val")
         ee = ents.get(f"param::{name}::esc")
-        if ie is None or ve is None or ie[0] != "U16" or ie[1] != (count,) or ve[0] not in _FLOAT_ST \
+        if ie is None or ve is None or ie[0] != "U16" or ie[1] != (count,) or ve[0] not in _VALUE_ST \
                 or ve[1] != (count,) or (ee is not None and (ee[0] != "I64" or len(ee[1]) != 1)):
             return None
         if not count and ee is not None and ee[3] > ee[2]:
@@ -1143,28 +1150,18 @@ def _scan_params(r: AdapterReader, mv: memoryview, hasher: MaskHasher
     return params, escapes
 
 
-_FLOAT_ST = ("F32", "BF16", "F16")
 
 
 def _values_finite(rows: list[Any], mv: memoryview, at: int) -> bool:
     """Whether every value of the scanned parameters ``rows`` is finite: the small ones of each dtype joined
     and tested at once, the large ones one at a time (the half formats on their exponent bits)."""
-    import numpy as np
-
-    for dt in _FLOAT_ST:
+    for dt in _VALUE_ST:
         spans = [(at + row[5][2], at + row[5][3]) for row in rows if row[5][0] == dt and row[3]]
         small = [mv[b:e] for b, e in spans if e - b <= _BATCH_COUNT * 4]
         parts: list[bytes | memoryview] = [b"".join(small)] if small else []
         parts += [mv[b:e] for b, e in spans if e - b > _BATCH_COUNT * 4]
-        for part in parts:
-            vals = np.frombuffer(part, dtype="<f4" if dt == "F32" else "<u2")
-            if dt == "F32":
-                if not bool(np.isfinite(vals).all()):
-                    return False
-            else:
-                low, exp = _FINITE_BITS[dt]
-                if int((vals & low).max()) >= exp:
-                    return False
+        if not all(_bytes_finite(part, dt) for part in parts):
+            return False
     return True
 
 
