@@ -367,9 +367,9 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     Takes the adapter (loaded, or an :class:`~adapterhub.merging.sources.ExpertSource` read one parameter at a
     time: :func:`adapterhub.interop.export.export_version` passes the store's blob), the output folder (created;
     existing adapter files are replaced atomically), the base folder (to check that targets are ``nn.Linear``
-    weights) and the name recorded in the config. The weights file is written as it is produced (issue 19): each parameter is decoded twice,
-    once for its count (the rank every layer is padded to is the densest layer's) and once when its turn in the
-    file comes, so memory holds one layer's entries, never the adapter or the file.
+    weights) and the name recorded in the config. The weights file is written as it is produced (issue 19): each
+    parameter is decoded twice, once for its count (the rank every layer is padded to is the densest layer's) and
+    once when its turn in the file comes, so memory holds one layer's entries, never the adapter or the file.
     Dense extras ``peft.modules_to_save.<module>.<param>`` (imported heads) become ``modules_to_save``
     tensors with the imported ``task_type``; other extras (our trained heads) go to ``adapterhub_extras.safetensors``
     beside them unless ``drop_extras`` (then they are listed in ``dropped_extras``).
@@ -393,9 +393,10 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
             raise FormatError(f"{name}: not an nn.Linear weight of the base architecture; PEFT SHiRA cannot adapt it")
         nnz[name] = src.get_param(name).nnz  # decoded and dropped: the count alone is kept
         need_r = max(need_r, math.ceil(nnz[name] / sum(shape)))
+    want = {name: need_r * sum(src.param_shape(name)) for name in names}  # entries per layer, padding included
     for name in names:
         m, n = src.param_shape(name)
-        if need_r * (m + n) > m * n:
+        if want[name] > m * n:
             raise FormatError(f"{name}: SHiRA rank {need_r} needed by the densest layer would exceed this "
                               f"{m}x{n} weight's size; export the layers separately")
     imported = card.get("imported")
@@ -411,9 +412,8 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     for name in names:
         module = prefix + name[: -len(".weight")]
         modules.append(module)
-        want = need_r * sum(src.param_shape(name))
-        specs[f"{PEFT_PREFIX}{module}{_I}"] = ("I32", [2, want])
-        specs[f"{PEFT_PREFIX}{module}{_W}"] = ("F32", [want])
+        specs[f"{PEFT_PREFIX}{module}{_I}"] = ("I32", [2, want[name]])
+        specs[f"{PEFT_PREFIX}{module}{_W}"] = ("F32", [want[name]])
         owner[f"{PEFT_PREFIX}{module}{_I}"], owner[f"{PEFT_PREFIX}{module}{_W}"] = (name, 0), (name, 1)
     mts_modules = sorted({k[len(MTS_PREFIX):].rpartition(".")[0] for k in mts_extras})
     dense = {PEFT_PREFIX + k[len(MTS_PREFIX):]: v.contiguous() for k, v in sorted(mts_extras.items())}
@@ -432,7 +432,7 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
             p = src.get_param(name)
             if p.nnz != nnz[name]:
                 raise FormatError(f"{name}: {p.nnz} entries now, {nnz[name]} when counted")
-            last[name] = _shira_pair(p, need_r * sum(p.shape))
+            last[name] = _shira_pair(p, want[name])
         return last[name][part]
 
     from importlib.metadata import PackageNotFoundError, version
@@ -459,7 +459,7 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
         extras_file = EXTRAS_FILE
     elif (out / EXTRAS_FILE).is_file():
         (out / EXTRAS_FILE).unlink()  # a stale one from an earlier export must not come back on import
-    padded = sum(need_r * sum(src.param_shape(n)) - nnz[n] for n in names)
+    padded = sum(want[n] - nnz[n] for n in names)
     return PeftExport(out, need_r, modules, padded, mts_modules or None, extras_file,
                       sorted(own_extras) if drop_extras else None)
 
