@@ -85,39 +85,34 @@ def measure(work: Path, repeat: int, compare: str | None) -> dict[str, Any]:
             _run(envs[s], homes[s], "register", str(files["4.3 MB"]), "--name", "x", "--task", "t", "--base", "b")
         n = {s: 0 for s in sides}
 
-        def commands(s: str) -> dict[str, tuple[str, ...]]:
-            """The commands of one round on side ``s`` (fresh names: each run does the whole work)."""
+        def commands(s: str) -> dict[str, tuple[Path, tuple[str, ...]]]:
+            """The commands of one round on side ``s``, each with the home it runs in (fresh names: each run does
+            the whole work; the pull goes to a new home without the adapter)."""
             n[s] += 1
-            i = n[s]
+            i, h = n[s], homes[s]
             fresh = tmp / f"pull-{s}-{i}"
             shutil.copytree(template, fresh)
             return {
-                "`adapterhub --version` (bare start-up)": ("--version",),
-                **{f"`register` ({label})": ("register", str(f), "--name", f"r{i}-{label[0]}", "--task", "t",
-                                             "--base", "b") for label, f in files.items()},
-                "`push` (4.3 MB, new repo)": ("push", "x@1", "--repo", f"u/{s}-{i}"),
-                "`pull` (4.3 MB, a home without it)": ("@" + str(fresh), "pull", f"u/{s}-{i}@v1", "--name", "p"),
-                "`hub versions`": ("hub", "versions", f"u/{s}-{i}"),
-                "`export` (our file, 4.3 MB)": ("export", "x@1", str(tmp / f"e-{s}-{i}.safetensors")),
-                "`export --format peft` (4.3 MB)": ("export", "x@1", str(tmp / f"p-{s}-{i}"), "--format", "peft"),
-                "`list`": ("list",),
+                "`adapterhub --version` (bare start-up)": (h, ("--version",)),
+                **{f"`register` ({label})": (h, ("register", str(f), "--name", f"r{i}-{label[0]}", "--task", "t",
+                                                 "--base", "b")) for label, f in files.items()},
+                "`push` (4.3 MB, new repo)": (h, ("push", "x@1", "--repo", f"u/{s}-{i}")),
+                "`pull` (4.3 MB, a home without it)": (fresh, ("pull", f"u/{s}-{i}@v1", "--name", "p")),
+                "`hub versions`": (h, ("hub", "versions", f"u/{s}-{i}")),
+                "`export` (our file, 4.3 MB)": (h, ("export", "x@1", str(tmp / f"e-{s}-{i}.safetensors"))),
+                "`export --format peft` (4.3 MB)": (h, ("export", "x@1", str(tmp / f"p-{s}-{i}"), "--format", "peft")),
+                "`list`": (h, ("list",)),
             }
-
-        def one(s: str, args: tuple[str, ...], importtime: bool = False) -> tuple[float, bool]:
-            home = homes[s]
-            if args[0].startswith("@"):
-                home, args = Path(args[0][1:]), args[1:]
-            return _run(envs[s], home, *args, importtime=importtime)
 
         times: dict[str, dict[str, list[float]]] = {}
         torch_in: dict[str, dict[str, bool]] = {}
         for s in sides:  # warm-up round (compiles the modules' bytecode), recording which commands import torch
-            for label, args in commands(s).items():
-                torch_in.setdefault(label, {})[s] = one(s, args, importtime=True)[1]
+            for label, (home, args) in commands(s).items():
+                torch_in.setdefault(label, {})[s] = _run(envs[s], home, *args, importtime=True)[1]
         for r in range(repeat):
             for s in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-                for label, args in commands(s).items():
-                    times.setdefault(label, {}).setdefault(s, []).append(one(s, args)[0])
+                for label, (home, args) in commands(s).items():
+                    times.setdefault(label, {}).setdefault(s, []).append(_run(envs[s], home, *args)[0])
         t_torch = []
         for _ in range(repeat):
             t0 = time.perf_counter()
