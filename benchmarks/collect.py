@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "docs" / "bench"
 PAGE = ROOT / "docs" / "benchmarks.md"
 # the page's sections, in reading order (docs/bench/<stem>.md)
-ORDER = ["catalog", "training", "composer", "deploy_scale", "scale", "register_floor", "hub", "cli_startup",
+ORDER = ["catalog", "training", "composer", "deploy_scale", "scale", "scale_8b", "register_floor", "hub", "cli_startup",
          "unlearning_summary", "merge_study", "generative_study", "generative_study_long", "reliability", "ui", "demo"]
 # full result tables a section links to instead of inlining (too long for the page)
 DETAILS = {"unlearning"}

@@ -27,7 +27,9 @@ are printed against anchors measured in the same child.
 
 Usage:  nice -n 10 .venv/bin/python benchmarks/scale.py [--sizes 135m,1.1b] [--repeat 3]
         [--work /tmp/adapterhub-scale] [--json docs/bench/scale.json] [--with-deploy]
-``--sizes 135m`` is the quick run. ``--with-deploy`` adds the deployment half's figures
+``--sizes 135m`` is the quick run. ``--sizes 8b`` (Llama-3-8B shapes, 16 GB in bf16, 4 shards; written tensor by
+tensor, see :func:`_build_streamed`) needs ~40 GB free and more memory than the page cache can give it here: run it
+with ``--ops`` (docs/bench/scale_8b.md gives the commands). ``--with-deploy`` adds the deployment half's figures
 (``benchmarks/deploy_scale.py``'s ``run_size(work, size, repeat)``, same checkpoints) to the JSON under
 ``deploy``; :func:`add_section` is the hook for any other measurement that wants to join the same run.
 The checkpoints and homes are kept under ``--work`` and reused (delete the folder to rebuild).
@@ -55,7 +57,12 @@ SHAPES: dict[str, dict[str, Any]] = {
              "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
     "1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
              "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False},
+    # Llama-3-8B shapes (16 GB in bf16): written tensor by tensor (:func:`_build_streamed`), never held whole
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False},
 }
+NEEDS_GIB = {"1.1b": 12, "8b": 40}  # free space a run of that size needs (checkpoint, deployment, adapters, homes)
+STREAMED = {"8b": "5GB"}  # size -> shard size: built by _build_streamed (as Meta-Llama-3-8B ships: 4 shards of <= 5 GB)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DENSITIES = (0.01, 0.001)
 EXPERTS = 4
@@ -76,6 +83,8 @@ def build(folder: Path, size: str) -> None:
     """A random bf16 Llama of shape ``size`` saved sharded into ``folder`` (skipped if it is there)."""
     if (folder / "config.json").is_file():
         return
+    if size in STREAMED:
+        return _build_streamed(folder, size)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,6 +100,48 @@ def build(folder: Path, size: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="500MB")
     del model
+    tmp.rename(folder)
+
+
+def _build_streamed(folder: Path, size: str) -> None:
+    """:func:`build` for a model too big to hold twice in this machine's memory: the tensor names and shapes are
+    those of ``LlamaForCausalLM`` (instantiated on the meta device), each tensor is made on its own (normal(0, 0.02)
+    weights, as ``transformers`` initialises them; norms all ones) and written shard by shard with
+    ``safetensors.torch.save_file``, with ``save_pretrained``'s file names, index (``model.safetensors.index.json``)
+    and ``config.json``. Peak memory is one shard (``STREAMED[size]``)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[size], max_position_embeddings=8192, torch_dtype="bfloat16")
+    with torch.device("meta"):
+        specs = [(n, tuple(t.shape)) for n, t in LlamaForCausalLM(cfg).state_dict().items()]
+    limit = int(float(STREAMED[size].removesuffix("GB")) * 1e9)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for n, shape in specs:
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append((n, shape))
+        used += nbytes
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: (torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else
+                       torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)) for n, shape in shard}
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+        weight_map.update({n: fname for n, _ in shard})
+    total = sum(2 * math.prod(shape) for _, shape in specs)
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    cfg.save_pretrained(tmp)
     tmp.rename(folder)
 
 
@@ -571,8 +622,9 @@ def main() -> None:
             raise SystemExit(f"unknown size {s!r}; use {', '.join(SHAPES)}")
     args.work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.work).free
-    if "1.1b" in sizes and free < 12 * 2**30:
-        raise SystemExit(f"{args.work}: {free / 2**30:.1f} GiB free; the 1.1B run needs about 12 GiB")
+    need = max((NEEDS_GIB.get(s, 0) for s in sizes), default=0)
+    if free < need * 2**30:
+        raise SystemExit(f"{args.work}: {free / 2**30:.1f} GiB free; the run needs about {need} GiB")
     if args.with_deploy:
         sys.path.insert(0, str(Path(__file__).parent))
         import deploy_scale

@@ -57,3 +57,40 @@ def test_cli_startup_fragment_is_what_its_json_gives(tmp_path):
     moving = [k for k in doc["commands"] if k.split("`")[1].split()[0] in ("register", "push", "pull", "hub")
               or k.startswith("`export` (our file")]
     assert len(moving) == 6 and not any(doc["commands"][k]["imports_torch"]["this"] for k in moving)
+
+
+def test_streamed_checkpoint_has_save_pretrained_layout(tmp_path, monkeypatch):
+    """benchmarks/scale.py writes its 8B checkpoint tensor by tensor (it cannot hold the model twice in memory).
+    On a tiny shape the folder it writes has what ``save_pretrained`` writes: the same tensor names, shapes and
+    dtype, an index naming each tensor's shard, several shards when the limit is small, a config that
+    ``transformers`` loads the weights with (no missing or unexpected keys), and our own reader's shapes."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scale
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from adapterhub.bases.sources import tensor_shapes
+
+    tiny = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 96, "tie_word_embeddings": False}
+    monkeypatch.setitem(scale.SHAPES, "tiny", tiny)
+    monkeypatch.setitem(scale.STREAMED, "tiny", "0.00005GB")  # 50 kB shards: several of them
+    scale.build(tmp_path / "streamed", "tiny")
+    ref = LlamaForCausalLM(LlamaConfig(**tiny, max_position_embeddings=8192)).to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "ref", max_shard_size="50KB")
+
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "streamed").glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    shapes = tensor_shapes(tmp_path / "streamed")
+    assert shapes == tensor_shapes(tmp_path / "ref")
+    assert index["metadata"]["total_size"] == sum(2 * torch.Size(s).numel() for s in shapes.values())
+    model, info = LlamaForCausalLM.from_pretrained(tmp_path / "streamed", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    sd = model.state_dict()
+    assert sd["model.norm.weight"].eq(1).all() and 0.01 < float(sd["model.layers.0.mlp.up_proj.weight"].float().std()) < 0.03
