@@ -5,10 +5,11 @@ commands (``list``, ``show``, ``tag``...) start without importing torch.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -61,5 +62,36 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[byte
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def new_or_existing_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """The folder to write ``path``'s files into, so that a failure never leaves a half-made new folder.
+
+    When ``path`` does not exist yet, yields a hidden temp folder beside it (``.<name>.<random>``); once the
+    block ends without an error it is fsynced and renamed to ``path`` (``FileExistsError`` if something took
+    the name meanwhile, or if ``path`` is a file), and on an error it is removed: ``path`` then appears whole or not at all. An existing
+    folder is yielded as it is (its files are the caller's to replace one by one, atomically each).
+    """
+    import shutil
+
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path}: exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if path.exists() or path.is_symlink():  # made meanwhile (rename would replace an empty folder)
+            raise FileExistsError(f"{path}: appeared while it was being written; nothing was put there")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)

@@ -202,6 +202,48 @@ def test_peft_export_streams_one_layer_at_a_time_and_writes_the_same_bytes_each_
     assert json.loads((tmp_path / "one" / "adapter_config.json").read_text())["peft_version"] == version("peft")
 
 
+class _ShiftingSource(_CountingSource):
+    """An expert whose layers hold one entry fewer from the moment the exporter reads them a second time (as if
+    the blob changed under it)."""
+
+    def get_param(self, name: str) -> SparseParam:
+        p = super().get_param(name)
+        if len(self.handed) > len(self.adapter.params):
+            return SparseParam(p.shape, p.indices[1:], p.values[1:], block_size=p.block_size)
+        return p
+
+
+def test_a_failed_peft_export_leaves_no_folder_and_keeps_an_existing_one(tmp_path):
+    shapes = {f"layer{i}.weight": (24, 16) for i in range(3)}
+    a = make_adapter(shapes, density=0.2, seed=5)
+    with pytest.raises(fmt.FormatError, match="entries now"):
+        export_peft_shira(_ShiftingSource(a), tmp_path / "new" / "peft")
+    assert list((tmp_path / "new").iterdir()) == []  # neither the folder nor a hidden temp one
+    export_peft_shira(a, tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    with pytest.raises(fmt.FormatError, match="entries now"):
+        export_peft_shira(_ShiftingSource(a), tmp_path / "old")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+
+
+def test_new_or_existing_folder(tmp_path):
+    from adapterhub.fsutil import new_or_existing_folder
+
+    with new_or_existing_folder(tmp_path / "a") as f:
+        assert f.parent == tmp_path and f.name.startswith(".a.") and not (tmp_path / "a").exists()
+        (f / "x").write_text("1")
+    assert (tmp_path / "a" / "x").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    with new_or_existing_folder(tmp_path / "a") as f:  # an existing folder is written in place
+        assert f == tmp_path / "a"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError), new_or_existing_folder(tmp_path / "file"):
+        pass
+    with pytest.raises(FileExistsError, match="appeared"), new_or_existing_folder(tmp_path / "b") as f:
+        (f / "y").write_text("2")
+        (tmp_path / "b").mkdir()  # someone else took the name meanwhile: nothing is put there
+    assert list((tmp_path / "b").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "file"]
+
+
 def test_diff_of_huge_tensors():
     a, b = _huge_expert(1).adapter, _huge_expert(2).adapter
     d = diff_adapters(a, a)

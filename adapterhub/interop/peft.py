@@ -35,7 +35,7 @@ import torch
 
 from .. import format as fmt, safe_read, st_io
 from ..errors import FormatError
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, new_or_existing_folder
 from ..merging.sources import ExpertSource, InMemoryExpert
 from .modules import PEFT_CONFIG, PEFT_PREFIX, is_peft_folder, map_module_to_tensor
 
@@ -365,8 +365,9 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     """Write ``adapter`` as a PEFT SHiRA folder that ``peft.PeftModel.from_pretrained`` loads.
 
     Takes the adapter (loaded, or an :class:`~adapterhub.merging.sources.ExpertSource` read one parameter at a
-    time: :func:`adapterhub.interop.export.export_version` passes the store's blob), the output folder (created;
-    existing adapter files are replaced atomically), the base folder (to check that targets are ``nn.Linear``
+    time: :func:`adapterhub.interop.export.export_version` passes the store's blob), the output folder (a new one
+    is written beside it and renamed into place, so a failure leaves none; in an existing one each adapter file
+    is replaced atomically), the base folder (to check that targets are ``nn.Linear``
     weights) and the name recorded in the config. The weights file is written as it is produced (issue 19): each
     parameter is decoded twice, once for its count (the rank every layer is padded to is the densest layer's) and
     once when its turn in the file comes, so memory holds one layer's entries, never the adapter or the file.
@@ -448,17 +449,16 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
         "modules_to_save": mts_modules or None, "peft_type": "SHIRA", "peft_version": peft_version, "r": need_r,
         "random_seed": None, "revision": None, "target_modules": modules, "task_type": task_type,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / PEFT_WEIGHTS, fmt.container_pieces(specs, {"format": "pt"}, tensor))
-    atomic_write_bytes(out / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    extras_file = None
-    if own_extras and not drop_extras:
-        extras_card = {"format": fmt.FORMAT_ID, "kind": "extras", "task": card.get("task"),
-                       "labels": card.get("labels")}
-        atomic_write_bytes(out / EXTRAS_FILE, fmt.save(fmt.SparseAdapter({}, dict(own_extras), extras_card)))
-        extras_file = EXTRAS_FILE
-    elif (out / EXTRAS_FILE).is_file():
-        (out / EXTRAS_FILE).unlink()  # a stale one from an earlier export must not come back on import
+    extras_file = EXTRAS_FILE if own_extras and not drop_extras else None
+    with new_or_existing_folder(out) as folder:  # a new folder appears whole or not at all
+        atomic_write_bytes(folder / PEFT_WEIGHTS, fmt.container_pieces(specs, {"format": "pt"}, tensor))
+        atomic_write_bytes(folder / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        if extras_file is not None:
+            extras_card = {"format": fmt.FORMAT_ID, "kind": "extras", "task": card.get("task"),
+                           "labels": card.get("labels")}
+            atomic_write_bytes(folder / extras_file, fmt.save(fmt.SparseAdapter({}, dict(own_extras), extras_card)))
+        elif (folder / EXTRAS_FILE).is_file():
+            (folder / EXTRAS_FILE).unlink()  # a stale one from an earlier export must not come back on import
     padded = sum(want[n] - nnz[n] for n in names)
     return PeftExport(out, need_r, modules, padded, mts_modules or None, extras_file,
                       sorted(own_extras) if drop_extras else None)
