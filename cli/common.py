@@ -320,6 +320,22 @@ def parse_progress_every(value: str | None) -> ProgressEvery:
     return ProgressEvery(percent, steps, seconds)
 
 
+def progress_after_s(default: float = 1.0) -> float:
+    """``ADAPTERHUB_PROGRESS_AFTER``: how long (seconds) a deployment command runs before its progress is shown
+    (unset or empty: ``default``). Raises ConfigError (exit 2) on anything but a number from 0 to 3600."""
+    value = os.environ.get("ADAPTERHUB_PROGRESS_AFTER")
+    if value is None or not value.strip():
+        return default
+    try:
+        after = float(value)
+        if not 0 <= after <= 3600:
+            raise ValueError(value)
+    except ValueError:
+        raise ConfigError(f"invalid ADAPTERHUB_PROGRESS_AFTER {safe_text(value[:40])!r}: use a number of seconds "
+                          "from 0 to 3600") from None
+    return after
+
+
 class LogProgress:
     """The stand-in for rich's ``Progress`` when stderr is not a terminal: plain lines a log keeps.
 

@@ -321,6 +321,50 @@ def test_cli_deploy_and_merge(setup, home):
     assert "rollback" in r.output
 
 
+def test_cli_deploy_progress(setup, home, monkeypatch):
+    """The deployment commands report their phases on stderr once they have run ADAPTERHUB_PROGRESS_AFTER seconds
+    (0 here, so every phase shows; as plain lines, stderr not being a terminal); not with --json, nor before the
+    delay; a malformed delay is a usage error and changes nothing."""
+    ws, base_dir, (a, b, c) = setup
+    monkeypatch.setenv("ADAPTERHUB_PROGRESS_AFTER", "0")
+
+    def phases(text: str) -> list[str]:
+        seen = re.findall(r"\[(copying|hashing|checking|patching|writing back|recording)\]", text)
+        return [p for i, p in enumerate(seen) if i == 0 or seen[i - 1] != p]
+
+    r = invoke(["deploy", "create", "srv", "--base", "tiny"], home)
+    assert r.exit_code == 0, r.output
+    assert phases(r.stderr) == ["copying", "hashing"] and " GB [hashing]" in r.stderr
+    r = invoke(["deploy", "apply", "srv", a], home)
+    assert r.exit_code == 0, r.output
+    assert phases(r.stderr) == ["checking", "patching", "writing back", "recording"]
+    n = len(ws.load_adapter(a).params)
+    assert f"{n}/{n} tensors [patching]" in r.stderr, r.stderr  # every tensor counted
+    r = invoke(["deploy", "verify", "srv"], home)
+    assert r.exit_code == 0 and phases(r.stderr) == ["hashing"]
+    r = invoke(["deploy", "rollback", "srv", "--to", "0", "--verify"], home)
+    assert r.exit_code == 0, r.output
+    assert phases(r.stderr) == ["checking", "hashing", "patching", "hashing", "writing back", "recording"]
+    r = invoke(["deploy", "apply", "srv", b, "--json"], home)
+    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["stack"][0]["ref"] == b
+    monkeypatch.setenv("ADAPTERHUB_PROGRESS_AFTER", "3600")
+    r = invoke(["deploy", "revert", "srv"], home)
+    assert r.exit_code == 0 and r.stderr == ""
+    monkeypatch.setenv("ADAPTERHUB_PROGRESS_AFTER", "soon")
+    r = invoke(["deploy", "apply", "srv", a], home)
+    assert r.exit_code == 2 and "ADAPTERHUB_PROGRESS_AFTER" in r.output
+    assert dep.get(ws, "srv").stack == []
+
+
+def test_measure_reports_every_byte_it_hashes(setup):
+    ws, base_dir, _ = setup
+    seen: list[tuple[str, int, int]] = []
+    state, _ = measure_folder(base_dir, scheme=DEFAULT_SCHEME, progress=lambda *a: seen.append(a))
+    total = sum(t.end - t.begin for t in state.tensors.values())
+    assert seen[0] == ("hashing", 0, total) and seen[-1] == ("hashing", total, total) and total > 0
+    assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen)
+
+
 def test_cli_errors(setup, home):
     ws, base_dir, (a, b, c) = setup
     invoke(["deploy", "create", "srv", "--base", "tiny"], home)

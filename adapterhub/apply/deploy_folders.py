@@ -56,6 +56,7 @@ from .deploy_ownership import (
     get,
     list_deployments,
 )
+from .progress import Progress
 from .state import StateFileError, measure_folder, scheme_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -156,12 +157,14 @@ def _copy_base_folder(src: Path, dst: Path, on_copied: Callable[[Path], None] | 
     walk(src, dst, 0)
 
 
-def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | None = None) -> DeploymentInfo:
+def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | None = None, *,
+           progress: Progress | None = None) -> DeploymentInfo:
     """Materialise base ``base`` as deployment ``name`` (a loadable HF folder).
 
     Takes: a Workspace, the deployment name, a registered base name, an optional target folder
     (default ``<home>/deployments/<name>``; must not exist or be empty — the only non-empty folder it
-    replaces is the leftover of this home's own create that crashed before its catalog row).
+    replaces is the leftover of this home's own create that crashed before its catalog row), and a
+    :data:`~adapterhub.apply.progress.Progress` callback (``copying``, then ``hashing``).
     Returns: the new DeploymentInfo (stack empty, state fingerprint == base fingerprint), owned by this home.
     Raises: NameError_, BaseModelError (unknown base, or its folder no longer matches its
     fingerprint), DeploymentError (name taken, target folder not empty or another deployment's).
@@ -194,11 +197,18 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     # state file is written.
     syncer = ThreadPoolExecutor(1)
     synced: list[Future[None]] = []
+    report = progress or (lambda phase, done, total: None)
+    # the total only sizes the bar (a symlink's target's size; the copy itself refuses what it must)
+    copy_total, copied = sum(_size_or_zero(f) for f in src.glob("*.safetensors")), 0
+    report("copying", 0, copy_total)
 
     def on_copied(f: Path) -> None:
+        nonlocal copied
         if f.parent == tmp and f.suffix == ".safetensors":
             f.chmod(0o644)  # here, not on the worker: it changes the ctime, which the measurement records
             synced.append(syncer.submit(fsync_path, f))
+            copied += f.stat().st_size
+            report("copying", copied, copy_total)
 
     try:
         try:
@@ -208,7 +218,7 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
             # else, one never measured (catalogs from before revision 0004) also gets its identity fingerprint
             # checked in the same pass, and its root recorded.
             base_root = ws.deployment_rows.base_state_root(binfo.id)  # its scheme is the deployment's for good
-            state, ident = _measure(tmp, scheme=scheme_of(base_root), identity=base_root is None)
+            state, ident = _measure(tmp, scheme=scheme_of(base_root), identity=base_root is None, progress=progress)
         finally:
             syncer.shutdown(wait=True)
         for fut in synced:
@@ -288,7 +298,14 @@ def _is_orphan(ws: Workspace, m: dict[str, Any], name: str | None, hid: str,
     return not ws.deployment_rows.uid_exists(uid)
 
 
-def verify(ws: Workspace, name: str, *, measure: bool = True) -> dict[str, Any]:
+def _size_or_zero(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def verify(ws: Workspace, name: str, *, measure: bool = True, progress: Progress | None = None) -> dict[str, Any]:
     """Re-hash the weights and compare with the recorded state fingerprint; check the folder's marker
     names this deployment and that every undo record the stack needs (to revert or roll back) is there,
     intact (its sha256 is the stack's) and of its layer.
@@ -296,7 +313,8 @@ def verify(ws: Workspace, name: str, *, measure: bool = True) -> dict[str, Any]:
     ``measure=False`` (a quick look, e.g. the web view's page): when the folder's state file gives the
     recorded root and no weights file's ``stat`` data changed since (nor is racily clean), the recorded root
     is reported without reading the weights (``"measured": False``); otherwise every byte is hashed as usual.
-    Works on deployments of other homes too (read-only). Does not change anything.
+    Works on deployments of other homes too (read-only). Does not change anything. ``progress``: told of the
+    hashing (:data:`~adapterhub.apply.progress.Progress`).
     Returns: {"name", "ok", "expected", "actual" (state roots; the identity-style fingerprint for a row made
     before revision 0004 and not yet measured), "measured", "pending_recovery", "stack", "problems": [one-line
     strings], "read_only"}.
@@ -325,7 +343,7 @@ def verify(ws: Workspace, name: str, *, measure: bool = True) -> dict[str, Any]:
     was_measured = actual is None
     if actual is None:
         try:
-            measured, ident = measure_folder(info.path, scheme=scheme_of(info.state_root),
+            measured, ident = measure_folder(info.path, scheme=scheme_of(info.state_root), progress=progress,
                                              identity=info.state_root is None)
             actual = measured.root() if info.state_root is not None else str(ident)
         except AdapterHubError as e:

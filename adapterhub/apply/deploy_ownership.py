@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
 from ..catalog.deployments import DeploymentInfo, EventInfo
 from ..errors import DeploymentError
 from ..fsutil import atomic_write_bytes, fsync_dir
+from .progress import Progress
 from .state import FolderState, RootScheme, StateFileError, measure_folder, read_state_file, scheme_of, short_root
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -320,12 +321,13 @@ def weights_path(ws: Workspace, name: str) -> Path:
 # -- state files (adapterhub.apply.state) ------------------------------------------------------
 
 
-def _measure(folder: Path, *, scheme: RootScheme, identity: bool = False) -> tuple[FolderState, str | None]:
+def _measure(folder: Path, *, scheme: RootScheme, identity: bool = False,
+             progress: Progress | None = None) -> tuple[FolderState, str | None]:
     """A full measurement of ``folder``'s weights under ``scheme``, the ``stat`` data taken (after a clock
     reading) before the bytes are read, so a write during the hashing shows as a change next time."""
     pre = FolderState({}, {})
     pre.stamp(folder, [p.name for p in folder.glob("*.safetensors")])
-    state, ident = measure_folder(folder, scheme=scheme, identity=identity)
+    state, ident = measure_folder(folder, scheme=scheme, identity=identity, progress=progress)
     state.files = pre.files
     return state, ident
 
@@ -350,13 +352,14 @@ def _recorded_state(info: DeploymentInfo) -> FolderState | None:
 
 
 def _checked_state(ws: Workspace, info: DeploymentInfo, *, full: bool,
-                   check: bool = True) -> tuple[FolderState, bool]:
+                   check: bool = True, progress: Progress | None = None) -> tuple[FolderState, bool]:
     """The chunk hashes of ``info``'s weights, shown to be the catalog's recorded state before anything is written.
 
     ``full`` (``--verify``), a missing or stale state file, or a row made before revision 0004: a full
     measurement (a pre-0004 row is checked against its identity-style fingerprint, then gets its root).
     Otherwise the cheap check: files whose ``stat`` data changed (or are racily clean) are re-hashed in full
-    and compared; ``check=False`` skips it. Returns (state, measured: every byte was hashed).
+    and compared; ``check=False`` skips it. ``progress``: told of the hashing, if any.
+    Returns (state, measured: every byte was hashed).
     Raises: DeploymentError (the weights differ from the record; nothing was changed).
     """
     st = None if full else _recorded_state(info)
@@ -369,7 +372,7 @@ def _checked_state(ws: Workspace, info: DeploymentInfo, *, full: bool,
     if st is None:
         # (a row from before revision 0004 gets a root of its base's scheme, so that an empty stack has its base's root)
         new, ident = _measure(info.path, scheme=scheme_of(info.state_root or info.base_state_root),
-                              identity=info.state_root is None)
+                              identity=info.state_root is None, progress=progress)
         root = new.root()
         if info.state_root is None:
             if ident != info.state_fingerprint:
@@ -382,7 +385,7 @@ def _checked_state(ws: Workspace, info: DeploymentInfo, *, full: bool,
     if stale:
         pre = FolderState({}, {})
         pre.stamp(info.path, stale)
-        new, _ = measure_folder(info.path, scheme=st.scheme, files=stale, base=st)
+        new, _ = measure_folder(info.path, scheme=st.scheme, files=stale, base=st, progress=progress)
         root = new.root()
         if root != info.state_root:
             raise _mismatch(info.name, root, str(info.state_root), f" ({', '.join(stale)}, changed since the last operation)")

@@ -110,6 +110,7 @@ from .disk import (
     encode_undo,
 )
 from .patching import UndoEntry
+from .progress import Progress
 from .state import (
     CHUNK,
     FolderState,
@@ -263,10 +264,15 @@ def _load_layer_undo(path: Path, layer: dict[str, Any]) -> list[UndoEntry]:
     return entries
 
 
+def _quiet(phase: str, done: int, total: int) -> None:
+    """The :data:`~adapterhub.apply.progress.Progress` of a caller that gave none."""
+
+
 def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, applies: Sequence[_ApplyStep] = (),
              version_id: int | None = None, scale: float | None = None, details: dict[str, Any] | None = None,
              check: bool = True, verify: bool = False, fault: str | None = None,
-             planned_on: Sequence[dict[str, Any]] | None = None, seen: DeploymentInfo | None = None) -> DeploymentInfo:
+             planned_on: Sequence[dict[str, Any]] | None = None, seen: DeploymentInfo | None = None,
+             progress: Progress | None = None) -> DeploymentInfo:
     """Revert the top ``revert_layers`` layers, then apply ``applies``, crash-safely; record the event.
 
     ``planned_on`` is the stack the caller planned against; if another process changed it
@@ -274,8 +280,9 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
     ``check``: the cheap check of the weights against the recorded state (stat data; changed files re-hashed).
     ``verify``: measure instead — hash every byte before, and after the patch (must equal the derived root).
     ``seen``: the caller's :func:`_writable` record, read without the lock (it only says which folder to lock:
-    everything is read again under it).
+    everything is read again under it). ``progress``: told the phases (:mod:`adapterhub.apply.progress`).
     """
+    report = progress or _quiet
     info = seen if seen is not None else _writable(ws, name)
     with _locked(info.path):
         info, recovered = _prepare(ws, name, _writable(ws, name, adopt=True))
@@ -285,9 +292,10 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
         try:
             for st in applies:
                 _check_fit(weights, st.adapter, st.info.ref)
-            state, _ = _checked_state(ws, info, full=verify, check=check)
+            report("checking", 0, 0)
+            state, _ = _checked_state(ws, info, full=verify, check=check, progress=progress)
             if not _layout_matches(state, weights):  # a state file out of step with the files: measure them
-                state, _ = _checked_state(ws, info, full=True)
+                state, _ = _checked_state(ws, info, full=True, progress=progress)
             stack = list(info.stack)
             if revert_layers > len(stack):
                 raise DeploymentError("nothing to revert")
@@ -322,15 +330,27 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
             hasher = ThreadPoolExecutor(1) if len(applies) == 1 and not verify else None
             early: dict[str, Future[tuple[list[int], list[bytes]]]] = {}
 
+            steps = sum(len(ents) for _, ents in undone) + sum(len(st.adapter.params) for st in applies)
+            patched = 0
+
+            def count(n: int) -> None:
+                nonlocal patched
+                patched += n
+                report("patching", patched, steps)
+
             def on_patched(n: str, idx: torch.Tensor) -> None:
                 if hasher is not None:
                     early[n] = hasher.submit(book.hash_written, n, idx)
+                count(1)
 
             try:
                 with DiskTransaction(weights, _wal(info.path), wal_meta, touched, prepared, saved_in=saved_in,
                                      saved_patched=current is not None, current=current) as tx:
+                    count(0)
                     new_stack, root = _patch(name, info, tx, book, undone, applies, stack, revert_layers, on_patched,
-                                             early, fault=fault, verify=verify, saved_in=early_record)
+                                             early, fault=fault, verify=verify, saved_in=early_record, count=count,
+                                             progress=report)
+                    report("recording", 0, 0)
                     state.stamp(info.path, {weights.file_of(n) for n in touched})  # fsync'ed files: final stat data
                     state.op_id = op_id
                     atomic_write_bytes(_state_next(info.path), state.to_bytes(root))
@@ -363,13 +383,16 @@ def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBoo
            undone: Sequence[tuple[dict[str, Any], list[UndoEntry]]], applies: Sequence[_ApplyStep],
            stack: list[dict[str, Any]], revert_layers: int, on_patched: Callable[[str, torch.Tensor], None],
            early: dict[str, Future[tuple[list[int], list[bytes]]]], *,
-           fault: str | None, verify: bool, saved_in: str | None = None) -> tuple[list[dict[str, Any]], str]:
+           fault: str | None, verify: bool, saved_in: str | None = None, count: Callable[[int], None] = lambda n: None,
+           progress: Progress = _quiet) -> tuple[list[dict[str, Any]], str]:
     """The writes of :func:`_execute` inside its transaction, up to the durable weights (``tx.commit``).
-    ``saved_in``: the digest of the lone apply's undo record, already written (:func:`_early_record`).
+    ``saved_in``: the digest of the lone apply's undo record, already written (:func:`_early_record`); ``count(n)``:
+    ``n`` more tensors patched (an apply's are counted by ``on_patched``); ``progress``: the later phases.
     Returns (the new stack, the new state root)."""
     for _, ents in undone:
         tx.restore(ents, fault=fault if fault and not applies else None)
         book.restored(ents)
+        count(len(ents))
     new_layers, records = [], []
     for st in applies:
         written = tx.apply(st.adapter.params, st.scale, fault=fault, on_patched=on_patched)
@@ -388,16 +411,18 @@ def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBoo
     # keeps them (see _committed), so an error past that point leaves the WAL for it.
     if verify:  # measured: every byte hashed again, and it must agree with the derivation
         root = book.finish()
-        whole, _ = measure_folder(info.path, scheme=book.state.scheme)
+        whole, _ = measure_folder(info.path, scheme=book.state.scheme, progress=progress)
         if whole.root() != root:
             raise DeploymentError(f"deployment {name!r}: the measured state {short_root(whole.root())} differs from "
                                   f"the derived {short_root(root)} (the weights changed during the operation); "
                                   "nothing was changed")
+        progress("writing back", 0, 0)
         tx.commit()
     else:  # derived: the rest of the touched chunks re-hashed from the hot pages during the write-back
         pool = ThreadPoolExecutor(1)  # not the background hasher: finish takes back what that has not started
         derived = pool.submit(book.finish, early)
         try:
+            progress("writing back", 0, 0)
             tx.commit()
         finally:
             pool.shutdown(wait=True)  # it reads the memory map: never unmap it under the hasher
@@ -446,11 +471,12 @@ def _load_step(ws: Workspace, dep: DeploymentInfo, ref: str, scale: float) -> _A
 
 
 def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool = True,
-          verify: bool = False) -> DeploymentInfo:
+          verify: bool = False, progress: Progress | None = None) -> DeploymentInfo:
     """Apply adapter ``ref`` on top of deployment ``name``'s stack, in place on disk.
 
     The new state root is derived from the chunks the patch touched; ``verify`` measures it instead (every
-    weight byte hashed before and after; see :func:`_execute`).
+    weight byte hashed before and after; see :func:`_execute`). ``progress``: told the phases
+    (:data:`~adapterhub.apply.progress.Progress`).
 
     Raises: DeploymentError (unknown deployment, corrupt weights), RefError, BaseModelError (other base,
     shape mismatch). On any error the deployment is unchanged.
@@ -459,14 +485,14 @@ def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool
     step = _load_step(ws, dep, ref, scale)
     return _execute(ws, name, action="apply", applies=[step], version_id=step.info.id, scale=step.scale,
                     details={"ref": step.info.ref}, check=check, verify=verify, fault="deploy.apply.mid-patch",
-                    seen=dep)
+                    seen=dep, progress=progress)
 
 
 def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = True,
-           verify: bool = False) -> DeploymentInfo:
+           verify: bool = False, progress: Progress | None = None) -> DeploymentInfo:
     """Revert the top layer, or the topmost layer holding version ``ref`` (re-applying those above it).
 
-    ``verify``: measure the resulting state instead of deriving it (as :func:`apply`).
+    ``verify``: measure the resulting state instead of deriving it (as :func:`apply`); ``progress`` as there.
 
     Raises: DeploymentError (empty stack, ref not applied, another home's deployment), RefError.
     """
@@ -491,14 +517,16 @@ def revert(ws: Workspace, name: str, ref: str | None = None, *, check: bool = Tr
                     version_id=target["version_id"], scale=target["scale"],
                     details={"ref": target["ref"], "reapplied": [layer["ref"] for layer in above]}, check=check,
                     verify=verify,
-                    fault="deploy.revert.mid-patch", planned_on=stack, seen=dep)
+                    fault="deploy.revert.mid-patch", planned_on=stack, seen=dep, progress=progress)
 
 
-def rollback(ws: Workspace, name: str, to: int, *, check: bool = True, verify: bool = False) -> DeploymentInfo:
+def rollback(ws: Workspace, name: str, to: int, *, check: bool = True, verify: bool = False,
+             progress: Progress | None = None) -> DeploymentInfo:
     """Restore the state after event ``to`` (its stack), exactly.
 
     ``verify`` (``rollback --verify``): measure — hash every weight byte before and after; the event records a
-    measured state, and a rollback whose result differs from the derived root is undone.
+    measured state, and a rollback whose result differs from the derived root is undone. ``progress``: as
+    :func:`apply`'s.
 
     Raises: DeploymentError (unknown event, another home's deployment).
     """
@@ -518,4 +546,4 @@ def rollback(ws: Workspace, name: str, to: int, *, check: bool = True, verify: b
     return _execute(ws, name, action="rollback", revert_layers=len(cur) - p, applies=steps,
                     details={"to": to, "ref": None, "stack": [layer["ref"] for layer in target]}, check=check,
                     verify=verify,
-                    fault="deploy.rollback.mid-patch", planned_on=cur, seen=dep)
+                    fault="deploy.rollback.mid-patch", planned_on=cur, seen=dep, progress=progress)

@@ -60,6 +60,7 @@ from blake3 import blake3
 from .. import st_io
 from ..errors import DeploymentError, HeaderError
 from ..safe_read import NotRegularFile, open_regular
+from .progress import Progress
 
 __all__ = ["CHUNK", "ROOT_PREFIX", "STATE_FORMAT", "RootScheme", "SCHEMES", "SHA256", "BLAKE3", "DEFAULT_SCHEME",
            "scheme_of", "short_root", "TensorState", "FolderState", "chunk_count", "leaf_hash",
@@ -179,32 +180,39 @@ _BATCH = 16  # chunks (4 MiB) per task of the pool: large enough that a task's o
 
 
 def hash_chunk_sets(jobs: Sequence[tuple[Any, int, int, Iterable[int] | None]], *, scheme: RootScheme,
-                    threads: bool = True) -> list[tuple[list[int], list[bytes]]]:
+                    threads: bool = True, on_bytes: Callable[[int], None] | None = None
+                    ) -> list[tuple[list[int], list[bytes]]]:
     """:func:`hash_chunks` of several tensors (``(buf, begin, end, chunks)`` each), on one pool of threads
     shared by all of them: hashlib and blake3 release the GIL on large buffers, so the cores hash side by side however
-    small each tensor is (a pool per tensor left one core idle on the many small ones). Returns, per job,
-    (chunk ids, digests)."""
+    small each tensor is (a pool per tensor left one core idle on the many small ones). ``on_bytes(n)`` is called in
+    the calling thread as batches of ``n`` bytes are done (progress). Returns, per job, (chunk ids, digests)."""
     ids = [list(range(chunk_count(e - b))) if c is None else sorted(set(c)) for _, b, e, c in jobs]
     views = [memoryview(buf) for buf, *_ in jobs]
     out: list[list[bytes]] = [[b""] * len(i) for i in ids]
     chunk = scheme.chunk
 
-    def run(task: tuple[int, int]) -> None:
+    def run(task: tuple[int, int]) -> int:
         j, k = task
         mv, (_, begin, end, _) = views[j], jobs[j]
         dig = out[j]
+        done = 0
         for pos in range(k, min(k + _BATCH, len(ids[j]))):
             a = begin + ids[j][pos] * CHUNK
-            dig[pos] = chunk(mv[a:min(a + CHUNK, end)])
+            piece = mv[a:min(a + CHUNK, end)]
+            dig[pos] = chunk(piece)
+            done += len(piece)
+        return done
 
     tasks = [(j, k) for j, i in enumerate(ids) for k in range(0, len(i), _BATCH)]
+    report = on_bytes or (lambda n: None)
     try:
         if not threads or _workers() == 1 or sum(map(len, ids)) < 8:
             for t in tasks:
-                run(t)
+                report(run(t))
         else:
             with ThreadPoolExecutor(_workers()) as ex:
-                list(ex.map(run, tasks))
+                for n in ex.map(run, tasks):
+                    report(n)
     finally:
         for mv in views:
             mv.release()
@@ -380,14 +388,16 @@ def _open_map(path: Path, follow_links: bool = False) -> tuple[int, mmap.mmap | 
 
 
 def measure_folder(folder: Path, *, scheme: RootScheme, files: Iterable[str] | None = None, identity: bool = False,
-                   base: FolderState | None = None, follow_links: bool = False) -> tuple[FolderState, str | None]:
+                   base: FolderState | None = None, follow_links: bool = False,
+                   progress: Progress | None = None) -> tuple[FolderState, str | None]:
     """Hash the weights of ``folder`` chunk by chunk (a full measurement).
 
     Takes: the folder; ``scheme``: the hashes' (that of the root the result is compared with; ``base``'s when
     given); ``files``: only these weights files (the other tensors are taken from ``base``);
     ``identity``: also compute the base identity fingerprint (the same bytes, in the same pass — for
     catalogs made before state roots existed); ``follow_links``: weights files may be symlinks to regular files
-    (a base's own folder, e.g. a Hugging Face cache snapshot; a deployment's files never are).
+    (a base's own folder, e.g. a Hugging Face cache snapshot; a deployment's files never are); ``progress``:
+    told ``("hashing", bytes done, bytes in all)`` as the chunks are hashed.
     Returns: (the state, with fresh ``stat`` data of the measured files; the identity fingerprint or None).
     Raises: DeploymentError if a file is unreadable, truncated or malformed, or a tensor appears twice.
     """
@@ -425,7 +435,18 @@ def measure_folder(folder: Path, *, scheme: RootScheme, files: Iterable[str] | N
                     raise DeploymentError(f"{fname}: truncated tensor data in {n}")
                 if mm is not None:
                     todo.append(t)
-        hashed = hash_chunk_sets([(maps[t.file][1], t.begin, t.end, None) for t in todo], scheme=scheme)
+        total, done = sum(t.end - t.begin for t in todo), 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress("hashing", done, total)
+
+        if progress is not None:
+            progress("hashing", 0, total)
+        hashed = hash_chunk_sets([(maps[t.file][1], t.begin, t.end, None) for t in todo], scheme=scheme,
+                                 on_bytes=on_bytes)
         for t, (_, digests) in zip(todo, hashed, strict=True):
             t.hashes = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, _HASH).copy()
         if ident is not None:  # fingerprint_folder's definition: name order across files
