@@ -13,9 +13,11 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -88,23 +90,28 @@ _MAX_COPY_ENTRIES = 10_000
 _FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS with reflink, bcachefs, ...)
 
 
-def _clone_file(fin: int, fout: int) -> None:
+_COPY_STEP = 256 << 20  # bytes per copy_file_range call: the copy's progress moves at least this often
+
+
+def _clone_file(fin: int, fout: int, on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """Copy file ``fin`` into the empty file ``fout``: a reflink (copy-on-write clone, no data written) where
     the filesystem offers one, else ``copy_file_range`` (in-kernel, server-side on NFS), else a plain copy —
-    ``cp --reflink=auto``'s order."""
+    ``cp --reflink=auto``'s order. ``on_bytes(n)``: ``n`` more bytes copied (progress)."""
+    size = os.fstat(fin).st_size
     try:
         fcntl.ioctl(fout, _FICLONE, fin)
+        on_bytes(size)
         return
     except OSError:
         pass
-    size = os.fstat(fin).st_size
     done = 0
     try:
         while done < size:
-            n = os.copy_file_range(fin, fout, size - done, done, done)
+            n = os.copy_file_range(fin, fout, min(size - done, _COPY_STEP), done, done)
             if n == 0:
                 break
             done += n
+            on_bytes(n)
         if done == size:
             return
     except OSError as e:
@@ -113,11 +120,15 @@ def _clone_file(fin: int, fout: int) -> None:
     os.ftruncate(fout, 0)
     os.lseek(fin, 0, os.SEEK_SET)
     os.lseek(fout, 0, os.SEEK_SET)
+    on_bytes(-done)  # started again from the first byte
     with os.fdopen(os.dup(fin), "rb") as a, os.fdopen(os.dup(fout), "wb") as b:
-        shutil.copyfileobj(a, b, 1 << 20)
+        while block := a.read(1 << 20):
+            b.write(block)
+            on_bytes(len(block))
 
 
-def _copy_base_folder(src: Path, dst: Path, on_copied: Callable[[Path], None] | None = None) -> None:
+def _copy_base_folder(src: Path, dst: Path, on_copied: Callable[[Path], None] | None = None,
+                      on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """Copy base folder ``src`` into the new deployment folder ``dst`` as real files only; ``on_copied(path)`` is
     called with each copied file's path as soon as it is written.
 
@@ -147,7 +158,7 @@ def _copy_base_folder(src: Path, dst: Path, on_copied: Callable[[Path], None] | 
                 raise DeploymentError(f"base folder {src}: {rel} is a symlink to a folder; refusing to copy it")
             try:
                 with os.fdopen(open_regular(item), "rb") as fin, open(d / item.name, "xb") as fout:
-                    _clone_file(fin.fileno(), fout.fileno())
+                    _clone_file(fin.fileno(), fout.fileno(), on_bytes)
             except OSError as e:
                 raise DeploymentError(f"base folder {src}: cannot copy {rel} "
                                       f"({e.strerror or e.__class__.__name__})") from None
@@ -198,21 +209,25 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     syncer = ThreadPoolExecutor(1)
     synced: list[Future[None]] = []
     report = progress or (lambda phase, done, total: None)
-    # the total only sizes the bar (a symlink's target's size; the copy itself refuses what it must)
-    copy_total, copied = sum(_size_or_zero(f) for f in src.glob("*.safetensors")), 0
+    # the total only sizes the bar: the top folder's files, as many as the copy accepts (it refuses what it must)
+    copy_total = sum(_size_or_zero(f) for f in itertools.islice(src.iterdir(), _MAX_COPY_ENTRIES + 1)
+                     if not f.name.startswith(".") and f.suffix.lower() not in _SKIP_SUFFIXES)
+    copied = 0
     report("copying", 0, copy_total)
 
-    def on_copied(f: Path) -> None:
+    def on_bytes(n: int) -> None:
         nonlocal copied
+        copied += n
+        report("copying", copied, max(copy_total, copied))
+
+    def on_copied(f: Path) -> None:
         if f.parent == tmp and f.suffix == ".safetensors":
             f.chmod(0o644)  # here, not on the worker: it changes the ctime, which the measurement records
             synced.append(syncer.submit(fsync_path, f))
-            copied += f.stat().st_size
-            report("copying", copied, copy_total)
 
     try:
         try:
-            _copy_base_folder(src, tmp, on_copied)
+            _copy_base_folder(src, tmp, on_copied, on_bytes)
             _control(tmp).mkdir()
             # The copy is hashed once, chunk by chunk (its state root); a base measured before needs nothing
             # else, one never measured (catalogs from before revision 0004) also gets its identity fingerprint
@@ -299,10 +314,12 @@ def _is_orphan(ws: Workspace, m: dict[str, Any], name: str | None, hid: str,
 
 
 def _size_or_zero(p: Path) -> int:
+    """A regular file's size (a symlink's target's), else 0 (a folder, a device, a dangling link...)."""
     try:
-        return p.stat().st_size
+        st = p.stat()
     except OSError:
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def verify(ws: Workspace, name: str, *, measure: bool = True, progress: Progress | None = None) -> dict[str, Any]:
