@@ -283,8 +283,10 @@ class Workspace:
 
     # -- bases ------------------------------------------------------------------------------------
 
-    def add_base(self, name: str, source: str, revision: str | None = None) -> BaseInfo:
-        """Register a base model from a local HF folder or a built-in source; computes its fingerprint.
+    def add_base(self, name: str, source: str, revision: str | None = None, *,
+                 progress: Callable[[str, int, int], None] | None = None) -> BaseInfo:
+        """Register a base model from a local HF folder or a built-in source; computes its fingerprint
+        (``progress``: told ``("hashing", bytes done, bytes in all)`` meanwhile).
 
         Re-adding the same name with the same source is a no-op; a different source is refused.
         """
@@ -297,7 +299,7 @@ class Workspace:
                 if existing.source != src:
                     raise CatalogError(f"base {name!r} already exists with source {existing.source}")
                 return self._base_info(existing)
-        info = inspect_folder(path)
+        info = inspect_folder(path, progress)
 
         def txn() -> BaseInfo:
             with self.session() as s:

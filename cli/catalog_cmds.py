@@ -18,6 +18,7 @@ from .common import (
     json_option,
     output,
     pass_ctx,
+    phase_progress,
     print_json,
     progress,
     safe_doc,
@@ -150,7 +151,8 @@ def base_add(c: Ctx, name: str, source: str, revision: str | None, as_json: bool
 
     Example: adapterhub base add minilm minilm
     """
-    info = c.ws.add_base(name, source, revision)
+    with phase_progress(as_json, "base") as prog:  # a 16 GB base is read and hashed for seconds
+        info = c.ws.add_base(name, source, revision, progress=prog)
     if as_json:
         print_json(info.to_json())
     else:

@@ -1,11 +1,13 @@
 """Shared CLI plumbing: the Workspace from global options, output helpers, error handling."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -334,6 +336,46 @@ def progress_after_s(default: float = 1.0) -> float:
         raise ConfigError(f"invalid ADAPTERHUB_PROGRESS_AFTER {safe_text(value[:40])!r}: use a number of seconds "
                           "from 0 to 3600") from None
     return after
+
+
+_BYTE_PHASES = ("copying", "hashing")  # the library's phases counted in bytes (adapterhub.apply.progress)
+
+
+def _phase_info(phase: str, done: int, total: int) -> str:
+    """The text beside the bar: sizes for the byte phases, tensors while patching; ``[phase]`` last (the log form
+    prints a line whenever it changes)."""
+    if phase in _BYTE_PHASES and total:
+        return f"{done / 1e9:.2f}/{total / 1e9:.2f} GB [{phase}]"
+    if total:
+        return f"{done}/{total} tensors [{phase}]"
+    return f"[{phase}]"
+
+
+@contextlib.contextmanager
+def phase_progress(quiet: bool, label: str) -> Iterator[Callable[[str, int, int], None] | None]:
+    """Progress of a library call that reports ``(phase, done, total)`` (:mod:`adapterhub.apply.progress`: the
+    deployment commands, ``base add``), on stderr as ``label`` (a bar on a terminal, plain lines in a log), shown
+    from the first report once the command has run ``ADAPTERHUB_PROGRESS_AFTER`` seconds (default 1: a 135M apply
+    is over before and prints nothing; at 8B a create copies and hashes for half a minute). ``quiet`` (``--json``):
+    none."""
+    after = progress_after_s()
+    if quiet:
+        yield None
+        return
+    start = time.monotonic()
+    shown: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        def report(phase: str, done: int, total: int) -> None:
+            info = _phase_info(phase, done, total)
+            if not shown:
+                if time.monotonic() - start < after:
+                    return
+                prog: Any = stack.enter_context(progress(counts=False))
+                shown.update(prog=prog, task=prog.add_task(label, total=total or None, completed=done, info=info))
+                return
+            shown["prog"].update(shown["task"], total=total or None, completed=done, info=info)
+
+        yield report
 
 
 class LogProgress:

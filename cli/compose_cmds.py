@@ -3,10 +3,7 @@ adapterhub.apply.deployments. Only the commands that patch weights (apply, rever
 and torch with it; the others use its torch-free parts (adapterhub.apply.deploy_ownership, deploy_folders)."""
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,9 +17,9 @@ from .common import (
     json_option,
     output,
     pass_ctx,
+    phase_progress,
     print_json,
     progress,
-    progress_after_s,
 )
 from .options import values_dtype_option
 from .paramtypes import ADAPTER_NAME, BASE_NAME, DEPLOYMENT_NAME, REF, FiniteFloat, WeightsType
@@ -104,49 +101,9 @@ def deploy_create(c: Ctx, name: str, base: str, path: str | None, as_json: bool)
     """
     from adapterhub.apply import deploy_folders
 
-    with _deploy_progress(as_json) as prog:
+    with phase_progress(as_json, "deployment") as prog:
         info = deploy_folders.create(c.ws, name, base, path, progress=prog)
     _show(info, as_json)
-
-
-_BYTE_PHASES = ("copying", "hashing")  # the library's phases counted in bytes (adapterhub.apply.progress)
-
-
-def _phase_info(phase: str, done: int, total: int) -> str:
-    """The text beside the bar: sizes for the byte phases, tensors while patching; ``[phase]`` last (the log form
-    prints a line whenever it changes)."""
-    if phase in _BYTE_PHASES and total:
-        return f"{done / 1e9:.2f}/{total / 1e9:.2f} GB [{phase}]"
-    if total:
-        return f"{done}/{total} tensors [{phase}]"
-    return f"[{phase}]"
-
-
-@contextlib.contextmanager
-def _deploy_progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """The deployment operations' progress on stderr (a bar on a terminal, plain lines in a log), shown from the
-    first phase reported once the command has run ``ADAPTERHUB_PROGRESS_AFTER`` seconds (default 1: a 135M apply
-    is over before and prints nothing; at 8B a create copies and hashes for half a minute). ``quiet``
-    (``--json``): none."""
-    after = progress_after_s()
-    if quiet:
-        yield None
-        return
-    start = time.monotonic()
-    shown: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        def report(phase: str, done: int, total: int) -> None:
-            info = _phase_info(phase, done, total)
-            if not shown:
-                if time.monotonic() - start < after:
-                    return
-                prog: Any = stack.enter_context(progress(counts=False))
-                shown.update(prog=prog, task=prog.add_task("deployment", total=total or None, completed=done,
-                                                           info=info))
-                return
-            shown["prog"].update(shown["task"], total=total or None, completed=done, info=info)
-
-        yield report
 
 
 def _show(info: DeploymentInfo, as_json: bool) -> None:
@@ -195,7 +152,7 @@ def deploy_apply(c: Ctx, name: str, ref: str, scale: float, as_json: bool) -> No
     check_known(c, [ref], deployment=name)
     from adapterhub.apply import deployments
 
-    with _deploy_progress(as_json) as prog:
+    with phase_progress(as_json, "deployment") as prog:
         info = deployments.apply(c.ws, name, ref, scale, progress=prog)
     _show(info, as_json)
 
@@ -214,7 +171,7 @@ def deploy_revert(c: Ctx, name: str, ref: str | None, as_json: bool) -> None:
     check_known(c, [ref] if ref is not None else [], deployment=name)
     from adapterhub.apply import deployments
 
-    with _deploy_progress(as_json) as prog:
+    with phase_progress(as_json, "deployment") as prog:
         info = deployments.revert(c.ws, name, ref, progress=prog)
     _show(info, as_json)
 
@@ -262,7 +219,7 @@ def deploy_rollback(c: Ctx, name: str, to: int, verify: bool, as_json: bool) -> 
     check_known(c, deployment=name)
     from adapterhub.apply import deployments
 
-    with _deploy_progress(as_json) as prog:
+    with phase_progress(as_json, "deployment") as prog:
         info = deployments.rollback(c.ws, name, to, verify=verify, progress=prog)
     _show(info, as_json)
 
@@ -313,7 +270,7 @@ def deploy_verify(c: Ctx, name: str, as_json: bool) -> None:
     from adapterhub.apply import deploy_folders
     from adapterhub.apply.state import short_root
 
-    with _deploy_progress(as_json) as prog:
+    with phase_progress(as_json, "deployment") as prog:
         r = deploy_folders.verify(c.ws, name, progress=prog)
     if as_json:
         print_json(r)

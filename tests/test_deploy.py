@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from adapterhub.apply import deployments as dep
 from adapterhub.apply.patching import apply_adapter, state_root
 from adapterhub.apply.state import DEFAULT_SCHEME, measure_folder
-from adapterhub.bases.sources import tensor_shapes
+from adapterhub.bases.sources import fingerprint_folder, tensor_shapes
 from adapterhub.errors import BaseModelError, DeploymentError, RefError
 from adapterhub.format import SparseAdapter, SparseParam
+from adapterhub.st_io import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight",
@@ -356,6 +357,19 @@ def test_cli_deploy_progress(setup, home, monkeypatch):
     assert dep.get(ws, "srv").stack == []
 
 
+def test_cli_base_add_progress(setup, tmp_path, monkeypatch):
+    """`base add` reads and hashes the whole folder (16 GB at 8B): it reports the bytes as the deployment
+    commands do, up to the last one; nothing with --json."""
+    ws, base_dir, _ = setup
+    monkeypatch.setenv("ADAPTERHUB_PROGRESS_AFTER", "0")
+    r = invoke(["base", "add", "b2", str(base_dir)], tmp_path / "h2")
+    assert r.exit_code == 0, r.output
+    total = sum(v.end - v.begin for f in base_dir.glob("*.safetensors") for v in read_header(f).entries.values())
+    assert re.findall(r"^base\s+(\S+) GB \[hashing\]", r.stderr, re.M)[-1] == f"{total / 1e9:.2f}/{total / 1e9:.2f}"
+    r = invoke(["base", "add", "b3", str(base_dir), "--json"], tmp_path / "h2")
+    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["name"] == "b3"
+
+
 def test_measure_reports_every_byte_it_hashes(setup):
     ws, base_dir, _ = setup
     seen: list[tuple[str, int, int]] = []
@@ -363,6 +377,9 @@ def test_measure_reports_every_byte_it_hashes(setup):
     total = sum(t.end - t.begin for t in state.tensors.values())
     assert seen[0] == ("hashing", 0, total) and seen[-1] == ("hashing", total, total) and total > 0
     assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen)
+    seen.clear()  # the base's identity fingerprint (`base add`) reads the same bytes
+    fingerprint_folder(base_dir, progress=lambda *a: seen.append(a))
+    assert seen[0] == ("hashing", 0, total) and seen[-1] == ("hashing", total, total)
 
 
 def test_cli_errors(setup, home):

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,17 +158,22 @@ def _open_weights(f: Path) -> "io.BufferedReader":
         raise BaseModelError(f"{f.name}: cannot read ({e.strerror or e.__class__.__name__})") from None
 
 
-def fingerprint_folder(folder: Path) -> str:
+def fingerprint_folder(folder: Path, progress: Callable[[str, int, int], None] | None = None) -> str:
     """sha256 over tensor names, shapes, dtypes and bytes, in name order, across the safetensors files.
 
     Independent of how the tensors are laid out in files, so a deployment folder patched and
-    reverted back to the base gives the base's fingerprint again.
+    reverted back to the base gives the base's fingerprint again. ``progress``: told
+    ``("hashing", bytes done, bytes in all)`` as it reads (the deployments' convention,
+    :mod:`adapterhub.apply.progress`).
     """
     entries: list[tuple[str, TensorEntry, Path, int]] = []
     for f in weight_files(folder):
         header = read_header(f)
         entries += [(k, v, f, header.data_start) for k, v in header.entries.items()]
     entries.sort(key=lambda e: e[0])
+    total, done = sum(info.end - info.begin for _, info, _, _ in entries), 0
+    report = progress or (lambda phase, n, of: None)
+    report("hashing", 0, total)
     h = hashlib.sha256()
     handles: dict[Path, io.BufferedReader] = {}
     try:
@@ -183,6 +189,8 @@ def fingerprint_folder(folder: Path) -> str:
                     raise BaseModelError(f"{f.name}: truncated tensor data in {name}")
                 h.update(data)
                 left -= len(data)
+                done += len(data)
+                report("hashing", done, total)
     finally:
         for fh in handles.values():
             fh.close()
@@ -217,8 +225,9 @@ class FolderInfo:
     fingerprint: str
 
 
-def inspect_folder(folder: Path) -> FolderInfo:
-    """Architecture (from config.json), parameter count and fingerprint of a model folder."""
+def inspect_folder(folder: Path, progress: Callable[[str, int, int], None] | None = None) -> FolderInfo:
+    """Architecture (from config.json), parameter count and fingerprint of a model folder (``progress``: as
+    :func:`fingerprint_folder`'s)."""
     arch = architecture(folder)
     shapes = tensor_shapes(folder)
     n = 0
@@ -227,4 +236,4 @@ def inspect_folder(folder: Path) -> FolderInfo:
         for d in s:
             k *= d
         n += k
-    return FolderInfo(arch, n, fingerprint_folder(folder))
+    return FolderInfo(arch, n, fingerprint_folder(folder, progress))
