@@ -364,9 +364,15 @@ def phase_progress(quiet: bool, label: str) -> Iterator[Callable[[str, int, int]
         return
     start = time.monotonic()
     shown: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        def report(phase: str, done: int, total: int) -> None:
-            info = _phase_info(phase, done, total)
+    stack = contextlib.ExitStack()
+
+    def report(phase: str, done: int, total: int) -> None:
+        # called mid-operation (inside a deployment's transaction): a display that fails (stderr closed, a pipe
+        # gone) stops showing and never fails the operation
+        if shown.get("broken"):
+            return
+        info = _phase_info(phase, done, total)
+        try:
             if not shown:
                 if time.monotonic() - start < after:
                     return
@@ -374,8 +380,14 @@ def phase_progress(quiet: bool, label: str) -> Iterator[Callable[[str, int, int]
                 shown.update(prog=prog, task=prog.add_task(label, total=total or None, completed=done, info=info))
                 return
             shown["prog"].update(shown["task"], total=total or None, completed=done, info=info)
+        except (OSError, ValueError):  # ValueError: a write to a closed file
+            shown["broken"] = True
 
+    try:
         yield report
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            stack.close()
 
 
 class LogProgress:

@@ -357,6 +357,22 @@ def test_cli_deploy_progress(setup, home, monkeypatch):
     assert dep.get(ws, "srv").stack == []
 
 
+def test_a_closed_stderr_does_not_fail_a_deployment_command(setup, home):
+    """Progress is written mid-operation (inside the transaction): with stderr a pipe nobody reads any more, the
+    display stops and the command still completes."""
+    ws, base_dir, (a, b, c) = setup
+    for args in (["deploy", "create", "srv", "--base", "tiny"], ["deploy", "apply", "srv", a]):
+        r, w = os.pipe()
+        os.close(r)  # every write to stderr now fails (EPIPE)
+        try:
+            proc = subprocess.run(_adapterhub() + args, env=_cli_env(home, ADAPTERHUB_PROGRESS_AFTER="0"),
+                                  stdout=subprocess.DEVNULL, stderr=w, timeout=300)
+        finally:
+            os.close(w)
+        assert proc.returncode == 0, args
+    assert [layer["ref"] for layer in dep.get(ws, "srv").stack] == [a]
+
+
 def test_cli_base_add_progress(setup, tmp_path, monkeypatch):
     """`base add` reads and hashes the whole folder (16 GB at 8B): it reports the bytes as the deployment
     commands do, up to the last one; nothing with --json."""
