@@ -475,7 +475,8 @@ def diff_cmd(c: Ctx, ref_a: str, ref_b: str, as_json: bool) -> None:
     check_known(c, [ref_a, ref_b])
     from adapterhub.views.diff import diff_versions
 
-    d = diff_versions(c.ws, ref_a, ref_b)
+    with phase_progress(as_json, "diff") as prog:  # an 8B adapter's 224 tensors take seconds
+        d = diff_versions(c.ws, ref_a, ref_b, progress=prog)
     doc = d.to_json()
 
     def f(x: float | None) -> str:
@@ -586,7 +587,8 @@ def export_cmd(c: Ctx, ref: str, out: str, to: str, drop_extras: bool, as_json: 
     """
     from adapterhub.interop.export import export_version
 
-    doc = export_version(c.ws, ref, out, to=to, drop_extras=drop_extras)
+    with phase_progress(as_json, "export") as prog:
+        doc = export_version(c.ws, ref, out, to=to, drop_extras=drop_extras, progress=prog)
     if doc.get("dropped_extras"):
         echo_err(f"left out {len(doc['dropped_extras'])} extra(s): {', '.join(doc['dropped_extras'])}")
     if as_json:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 
 from adapterhub.errors import AdapterHubError
+from adapterhub.progress import BYTE_PHASES
 from adapterhub.textsafe import visible
 
 if TYPE_CHECKING:  # rich is imported when a bar is drawn, not at start-up
@@ -338,13 +339,10 @@ def progress_after_s(default: float = 1.0) -> float:
     return after
 
 
-_BYTE_PHASES = ("copying", "hashing")  # the library's phases counted in bytes (adapterhub.apply.progress)
-
-
 def _phase_info(phase: str, done: int, total: int) -> str:
     """The text beside the bar: sizes for the byte phases, tensors while patching; ``[phase]`` last (the log form
     prints a line whenever it changes)."""
-    if phase in _BYTE_PHASES and total:
+    if phase in BYTE_PHASES and total:
         return f"{done / 1e9:.2f}/{total / 1e9:.2f} GB [{phase}]"
     if total:
         return f"{done}/{total} tensors [{phase}]"
@@ -353,8 +351,8 @@ def _phase_info(phase: str, done: int, total: int) -> str:
 
 @contextlib.contextmanager
 def phase_progress(quiet: bool, label: str) -> Iterator[Callable[[str, int, int], None] | None]:
-    """Progress of a library call that reports ``(phase, done, total)`` (:mod:`adapterhub.apply.progress`: the
-    deployment commands, ``base add``), on stderr as ``label`` (a bar on a terminal, plain lines in a log), shown
+    """Progress of a library call that reports ``(phase, done, total)`` (:mod:`adapterhub.progress`: the
+    deployment commands, ``base add``, ``export``, ``diff``), on stderr as ``label`` (a bar on a terminal, plain lines in a log), shown
     from the first report once the command has run ``ADAPTERHUB_PROGRESS_AFTER`` seconds (default 1: a 135M apply
     is over before and prints nothing; at 8B a create copies and hashes for half a minute). ``quiet`` (``--json``):
     none."""

@@ -37,9 +37,10 @@ def render(root: click.Command | None = None, prog: str = "adapterhub") -> str:
            "otherwise (logs, CI) one line every 10% of the total and at least every 30 s, plus one when the "
            "phase changes (training: warm-up, mask selection, values-only; eval: loading, scoring). "
            "`ADAPTERHUB_PROGRESS_EVERY` sets the period: `N%`, `Ns` or `N` steps, comma-separated "
-           "(`5%,60s`). The deployment commands (`deploy create`, `apply`, `revert`, `rollback`, `verify`) and "
-           "`base add` show their phase (copying and hashing in GB, patching in tensors, writing back, recording) "
-           "once they have run `ADAPTERHUB_PROGRESS_AFTER` seconds (default 1), and nothing with `--json`.", "",
+           "(`5%,60s`). The deployment commands (`deploy create`, `apply`, `revert`, `rollback`, `verify`), "
+           "`base add`, `export` and `diff` show their phase (copying and hashing in GB; patching, counting, "
+           "writing and comparing in tensors; writing back, recording) once they have run "
+           "`ADAPTERHUB_PROGRESS_AFTER` seconds (default 1), and nothing with `--json`.", "",
            "Shell completion (names, tags, `@latest`, `@~1` and version numbers from your catalog, and task "
            "names): add `eval \"$(_ADAPTERHUB_COMPLETE=bash_source adapterhub)\"` to `~/.bashrc` "
            "(zsh: `zsh_source` in `~/.zshrc`; fish: `_ADAPTERHUB_COMPLETE=fish_source adapterhub | source`).",

@@ -190,6 +190,25 @@ def test_diff(hub, tmp_path):
     hub("diff", "a", code=2)
 
 
+def test_export_and_diff_progress(hub, tmp_path, monkeypatch):
+    """`export --format peft` and `diff` read an adapter tensor by tensor (seconds at 8B): with
+    ADAPTERHUB_PROGRESS_AFTER=0 they report their phases on stderr up to the last tensor; --json keeps it quiet."""
+    import re
+
+    a = make_adapter(seed=1, density=0.3)
+    fmt.save_file(a, tmp_path / "a.safetensors")
+    hub("register", tmp_path / "a.safetensors", "--name", "a", "--task", "t", "--base", "tiny")
+    monkeypatch.setenv("ADAPTERHUB_PROGRESS_AFTER", "0")
+    n = len(a.params)
+    r = hub("export", "a", tmp_path / "peft", "--format", "peft")
+    assert re.findall(r"\[(\w+)\]", r.stderr)[0] == "counting" and f"{n}/{n} tensors [writing]" in r.stderr
+    assert r.stderr.index("[counting]") < r.stderr.index("[writing]")
+    r = hub("diff", "a", "a")
+    assert f"{n}/{n} tensors [comparing]" in r.stderr and "TOTAL" in r.stdout
+    r = hub("diff", "a", "a", "--json")
+    assert r.stderr == "" and json.loads(r.stdout)["total"]["jaccard"] == 1.0
+
+
 def test_verify_and_gc(hub, home, tmp_path):
     hub("register", write_adapter(tmp_path / "a.safetensors", seed=1), "--name", "a", "--task", "t", "--base", "tiny")
     hub("register", write_adapter(tmp_path / "b.safetensors", seed=2), "--name", "b", "--task", "t", "--base", "tiny")

@@ -36,6 +36,7 @@ from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatErr
 from ..faults import fault_point
 from ..fsutil import atomic_write_bytes, fsync_dir, fsync_path
 from ..gapcode import decode_gaps
+from ..progress import Progress
 from ..safe_read import open_regular
 from . import state as _state
 from .deploy_ownership import (
@@ -58,7 +59,6 @@ from .deploy_ownership import (
     get,
     list_deployments,
 )
-from .progress import Progress
 from .state import StateFileError, measure_folder, scheme_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -175,7 +175,7 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     Takes: a Workspace, the deployment name, a registered base name, an optional target folder
     (default ``<home>/deployments/<name>``; must not exist or be empty — the only non-empty folder it
     replaces is the leftover of this home's own create that crashed before its catalog row), and a
-    :data:`~adapterhub.apply.progress.Progress` callback (``copying``, then ``hashing``).
+    :data:`~adapterhub.progress.Progress` callback (``copying``, then ``hashing``).
     Returns: the new DeploymentInfo (stack empty, state fingerprint == base fingerprint), owned by this home.
     Raises: NameError_, BaseModelError (unknown base, or its folder no longer matches its
     fingerprint), DeploymentError (name taken, target folder not empty or another deployment's).
@@ -331,7 +331,7 @@ def verify(ws: Workspace, name: str, *, measure: bool = True, progress: Progress
     recorded root and no weights file's ``stat`` data changed since (nor is racily clean), the recorded root
     is reported without reading the weights (``"measured": False``); otherwise every byte is hashed as usual.
     Works on deployments of other homes too (read-only). Does not change anything. ``progress``: told of the
-    hashing (:data:`~adapterhub.apply.progress.Progress`).
+    hashing (:data:`~adapterhub.progress.Progress`).
     Returns: {"name", "ok", "expected", "actual" (state roots; the identity-style fingerprint for a row made
     before revision 0004 and not yet measured), "measured", "pending_recovery", "stack", "problems": [one-line
     strings], "read_only"}.

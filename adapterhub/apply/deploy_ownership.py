@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
 from ..catalog.deployments import DeploymentInfo, EventInfo
 from ..errors import DeploymentError
 from ..fsutil import atomic_write_bytes, fsync_dir
-from .progress import Progress
+from ..progress import Progress
 from .state import FolderState, RootScheme, StateFileError, measure_folder, read_state_file, scheme_of, short_root
 
 if TYPE_CHECKING:  # pragma: no cover

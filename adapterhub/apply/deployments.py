@@ -70,6 +70,7 @@ from ..errors import BaseModelError, DeploymentError, FormatError
 from ..faults import fault_point
 from ..format import SparseAdapter
 from ..fsutil import atomic_write_bytes
+from ..progress import Progress
 from .deploy_folders import (
     Removed,
     _check_layer_doc,
@@ -110,7 +111,6 @@ from .disk import (
     encode_undo,
 )
 from .patching import UndoEntry
-from .progress import Progress
 from .state import (
     CHUNK,
     FolderState,
@@ -265,7 +265,7 @@ def _load_layer_undo(path: Path, layer: dict[str, Any]) -> list[UndoEntry]:
 
 
 def _quiet(phase: str, done: int, total: int) -> None:
-    """The :data:`~adapterhub.apply.progress.Progress` of a caller that gave none."""
+    """The :data:`~adapterhub.progress.Progress` of a caller that gave none."""
 
 
 def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, applies: Sequence[_ApplyStep] = (),
@@ -280,7 +280,7 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
     ``check``: the cheap check of the weights against the recorded state (stat data; changed files re-hashed).
     ``verify``: measure instead — hash every byte before, and after the patch (must equal the derived root).
     ``seen``: the caller's :func:`_writable` record, read without the lock (it only says which folder to lock:
-    everything is read again under it). ``progress``: told the phases (:mod:`adapterhub.apply.progress`).
+    everything is read again under it). ``progress``: told the phases (:mod:`adapterhub.progress`).
     """
     report = progress or _quiet
     info = seen if seen is not None else _writable(ws, name)
@@ -476,7 +476,7 @@ def apply(ws: Workspace, name: str, ref: str, scale: float = 1.0, *, check: bool
 
     The new state root is derived from the chunks the patch touched; ``verify`` measures it instead (every
     weight byte hashed before and after; see :func:`_execute`). ``progress``: told the phases
-    (:data:`~adapterhub.apply.progress.Progress`).
+    (:data:`~adapterhub.progress.Progress`).
 
     Raises: DeploymentError (unknown deployment, corrupt weights), RefError, BaseModelError (other base,
     shape mismatch). On any error the deployment is unchanged.

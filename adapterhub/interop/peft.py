@@ -37,6 +37,7 @@ from .. import format as fmt, safe_read, st_io
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes, new_or_existing_folder
 from ..merging.sources import ExpertSource, InMemoryExpert
+from ..progress import Progress
 from .modules import PEFT_CONFIG, PEFT_PREFIX, is_peft_folder, map_module_to_tensor
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -361,7 +362,7 @@ def _shira_pair(p: fmt.SparseParam, want: int) -> tuple[torch.Tensor, torch.Tens
 
 def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.PathLike[str], *,
                       base_folder: Path | None = None, base_name_or_path: str | None = None,
-                      drop_extras: bool = False) -> PeftExport:
+                      drop_extras: bool = False, progress: Progress | None = None) -> PeftExport:
     """Write ``adapter`` as a PEFT SHiRA folder that ``peft.PeftModel.from_pretrained`` loads.
 
     Takes the adapter (loaded, or an :class:`~adapterhub.merging.sources.ExpertSource` read one parameter at a
@@ -374,9 +375,11 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     Dense extras ``peft.modules_to_save.<module>.<param>`` (imported heads) become ``modules_to_save``
     tensors with the imported ``task_type``; other extras (our trained heads) go to ``adapterhub_extras.safetensors``
     beside them unless ``drop_extras`` (then they are listed in ``dropped_extras``).
+    ``progress`` (:data:`~adapterhub.progress.Progress`) is told ``"counting"`` then ``"writing"``, in layers.
     Returns a :class:`PeftExport`. Raises FormatError when a parameter cannot be expressed in SHiRA
     (not a 2-D Linear weight, too dense for any rank).
     """
+    report = progress or (lambda phase, done, total: None)
     src = adapter if isinstance(adapter, ExpertSource) else InMemoryExpert(adapter, key="", label="adapter")
     out = Path(out)
     extras = src.extras()
@@ -386,7 +389,8 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     linear = _linear_weights(base_folder)
     names = sorted(src.param_names())
     need_r, nnz = 1, {}
-    for name in names:
+    for i, name in enumerate(names):
+        report("counting", i, len(names))
         shape = src.param_shape(name)
         if len(shape) != 2 or not name.endswith(".weight"):
             raise FormatError(f"{name}: PEFT SHiRA only adapts 2-D nn.Linear weights")
@@ -394,7 +398,8 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
             raise FormatError(f"{name}: not an nn.Linear weight of the base architecture; PEFT SHiRA cannot adapt it")
         nnz[name] = src.get_param(name).nnz  # decoded and dropped: the count alone is kept
         need_r = max(need_r, math.ceil(nnz[name] / sum(shape)))
-    want = {name: need_r * sum(src.param_shape(name)) for name in names}  # entries per layer, padding included
+    want = {name: need_r * sum(src.param_shape(name)) for name in names}
+    position = {name: i for i, name in enumerate(names)}  # entries per layer, padding included
     for name in names:
         m, n = src.param_shape(name)
         if want[name] > m * n:
@@ -430,6 +435,7 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
         name, part = owner[key]
         if name not in last:
             last.clear()
+            report("writing", position[name], len(names))
             p = src.get_param(name)
             if p.nnz != nnz[name]:
                 raise FormatError(f"{name}: {p.nnz} entries now, {nnz[name]} when counted")
@@ -459,6 +465,7 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
             atomic_write_bytes(folder / extras_file, fmt.save(fmt.SparseAdapter({}, dict(own_extras), extras_card)))
         elif (folder / EXTRAS_FILE).is_file():
             (folder / EXTRAS_FILE).unlink()  # a stale one from an earlier export must not come back on import
+    report("writing", len(names), len(names))
     padded = sum(want[n] - nnz[n] for n in names)
     return PeftExport(out, need_r, modules, padded, mts_modules or None, extras_file,
                       sorted(own_extras) if drop_extras else None)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..format import SparseAdapter, SparseParam
+from ..progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..workspace import Workspace
@@ -143,26 +144,33 @@ def diff_adapters(a: SparseAdapter, b: SparseAdapter, *, name_a: str = "a", name
     return out
 
 
-def diff_sources(a: ParamSource, b: ParamSource, *, name_a: str = "a", name_b: str = "b") -> AdapterDiff:
+def diff_sources(a: ParamSource, b: ParamSource, *, name_a: str = "a", name_b: str = "b",
+                 progress: Progress | None = None) -> AdapterDiff:
     """As :func:`diff_adapters`, reading one parameter of each side at a time (lazy files).
 
-    Takes: two sources (``param_names()``, ``get_param(name)``). Returns: the :class:`AdapterDiff`.
+    Takes: two sources (``param_names()``, ``get_param(name)``) and a :data:`~adapterhub.progress.Progress`
+    (``"comparing"``, tensors). Returns: the :class:`AdapterDiff`.
     Raises: FormatError for a malformed parameter.
     """
     out = AdapterDiff(name_a, name_b)
     held_a, held_b = set(a.param_names()), set(b.param_names())
-    for name in sorted(held_a | held_b):
+    names = sorted(held_a | held_b)
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress("comparing", i, len(names))
         pa = a.get_param(name) if name in held_a else None
         pb = b.get_param(name) if name in held_b else None
         out.params.append(diff_params(name, pa, pb))
         del pa, pb
+    if progress is not None:
+        progress("comparing", len(names), len(names))
     return out
 
 
-def diff_versions(ws: Workspace, ref_a: str, ref_b: str) -> AdapterDiff:
+def diff_versions(ws: Workspace, ref_a: str, ref_b: str, *, progress: Progress | None = None) -> AdapterDiff:
     """Compare two catalogued versions, reading their blobs lazily (each hash-checked by streaming first).
 
-    Takes: a Workspace and two REFs. Returns: the :class:`AdapterDiff` named by the versions' refs.
+    Takes: a Workspace, two REFs and a progress callback (as :func:`diff_sources`). Returns: the :class:`AdapterDiff` named by the versions' refs.
     Raises: RefError (unknown ref), FormatError (a corrupt blob).
     """
     from ..merging.sources import LazyAdapterFile
@@ -172,7 +180,7 @@ def diff_versions(ws: Workspace, ref_a: str, ref_b: str) -> AdapterDiff:
     try:
         for i in infos:
             srcs.append(LazyAdapterFile.of_version(ws, i))
-        return diff_sources(srcs[0], srcs[1], name_a=infos[0].ref, name_b=infos[1].ref)
+        return diff_sources(srcs[0], srcs[1], name_a=infos[0].ref, name_b=infos[1].ref, progress=progress)
     finally:
         for src in srcs:
             src.close()
