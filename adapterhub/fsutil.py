@@ -72,8 +72,9 @@ def new_or_existing_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     When ``path`` does not exist yet, yields a hidden temp folder beside it (``.<name>.<random>``); once the
     block ends without an error it is fsynced and renamed to ``path`` (``FileExistsError`` if something took
-    the name meanwhile, or if ``path`` is a file), and on an error it is removed: ``path`` then appears whole or not at all. An existing
-    folder is yielded as it is (its files are the caller's to replace one by one, atomically each).
+    the name meanwhile, or if ``path`` is a file), and on an error it is removed: ``path`` then appears whole or
+    not at all. An existing folder is yielded as it is (its files are the caller's to replace one by one,
+    atomically each).
     """
     import shutil
 

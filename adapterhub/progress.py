@@ -22,4 +22,9 @@ from collections.abc import Callable
 Progress = Callable[[str, int, int], None]
 BYTE_PHASES = ("copying", "hashing")  # the phases whose counts are bytes; the others count tensors
 
-__all__ = ["BYTE_PHASES", "Progress"]
+
+def quiet(phase: str, done: int, total: int) -> None:
+    """The :data:`Progress` of a caller that gave none: an operation calls ``(progress or quiet)(...)``."""
+
+
+__all__ = ["BYTE_PHASES", "Progress", "quiet"]

@@ -38,6 +38,7 @@ from .catalog.records import BaseInfo, NewVersion, Parent, VersionInfo, iso_utc 
 from .catalog.refs import parse_ref
 from .errors import AdapterHubError, BaseModelError, CatalogError, FormatError, NameError_, RefError, StoreError
 from .fsutil import sha256_hex
+from .progress import Progress
 from .store import GcResult, Store, open_store
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ class Workspace:
     # -- bases ------------------------------------------------------------------------------------
 
     def add_base(self, name: str, source: str, revision: str | None = None, *,
-                 progress: Callable[[str, int, int], None] | None = None) -> BaseInfo:
+                 progress: Progress | None = None) -> BaseInfo:
         """Register a base model from a local HF folder or a built-in source; computes its fingerprint
         (``progress``: told ``("hashing", bytes done, bytes in all)`` meanwhile).
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 
 from adapterhub.errors import AdapterHubError
-from adapterhub.progress import BYTE_PHASES
+from adapterhub.progress import BYTE_PHASES, Progress as PhaseProgress
 from adapterhub.textsafe import visible
 
 if TYPE_CHECKING:  # rich is imported when a bar is drawn, not at start-up
@@ -324,8 +324,8 @@ def parse_progress_every(value: str | None) -> ProgressEvery:
 
 
 def progress_after_s(default: float = 1.0) -> float:
-    """``ADAPTERHUB_PROGRESS_AFTER``: how long (seconds) a deployment command runs before its progress is shown
-    (unset or empty: ``default``). Raises ConfigError (exit 2) on anything but a number from 0 to 3600."""
+    """``ADAPTERHUB_PROGRESS_AFTER``: how long (seconds) a command run through :func:`phase_progress` runs before its
+    progress is shown (unset or empty: ``default``). Raises ConfigError (exit 2) on anything but a number from 0 to 3600."""
     value = os.environ.get("ADAPTERHUB_PROGRESS_AFTER")
     if value is None or not value.strip():
         return default
@@ -340,8 +340,8 @@ def progress_after_s(default: float = 1.0) -> float:
 
 
 def _phase_info(phase: str, done: int, total: int) -> str:
-    """The text beside the bar: sizes for the byte phases, tensors while patching; ``[phase]`` last (the log form
-    prints a line whenever it changes)."""
+    """The text beside the bar: GB for the byte phases (:data:`adapterhub.progress.BYTE_PHASES`), tensors for the
+    others; ``[phase]`` last (the log form prints a line whenever it changes)."""
     if phase in BYTE_PHASES and total:
         return f"{done / 1e9:.2f}/{total / 1e9:.2f} GB [{phase}]"
     if total:
@@ -350,12 +350,12 @@ def _phase_info(phase: str, done: int, total: int) -> str:
 
 
 @contextlib.contextmanager
-def phase_progress(quiet: bool, label: str) -> Iterator[Callable[[str, int, int], None] | None]:
+def phase_progress(quiet: bool, label: str) -> Iterator[PhaseProgress | None]:
     """Progress of a library call that reports ``(phase, done, total)`` (:mod:`adapterhub.progress`: the
-    deployment commands, ``base add``, ``export``, ``diff``), on stderr as ``label`` (a bar on a terminal, plain lines in a log), shown
-    from the first report once the command has run ``ADAPTERHUB_PROGRESS_AFTER`` seconds (default 1: a 135M apply
-    is over before and prints nothing; at 8B a create copies and hashes for half a minute). ``quiet`` (``--json``):
-    none."""
+    deployment commands, ``base add``, ``export``, ``diff``), on stderr as ``label`` (a bar on a terminal, plain
+    lines in a log), shown from the first report once the command has run ``ADAPTERHUB_PROGRESS_AFTER`` seconds
+    (default 1: a 135M apply is over before and prints nothing; at 8B a create copies and hashes for half a
+    minute). ``quiet`` (``--json``): none."""
     after = progress_after_s()
     if quiet:
         yield None

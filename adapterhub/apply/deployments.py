@@ -70,7 +70,7 @@ from ..errors import BaseModelError, DeploymentError, FormatError
 from ..faults import fault_point
 from ..format import SparseAdapter
 from ..fsutil import atomic_write_bytes
-from ..progress import Progress
+from ..progress import Progress, quiet
 from .deploy_folders import (
     Removed,
     _check_layer_doc,
@@ -264,10 +264,6 @@ def _load_layer_undo(path: Path, layer: dict[str, Any]) -> list[UndoEntry]:
     return entries
 
 
-def _quiet(phase: str, done: int, total: int) -> None:
-    """The :data:`~adapterhub.progress.Progress` of a caller that gave none."""
-
-
 def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, applies: Sequence[_ApplyStep] = (),
              version_id: int | None = None, scale: float | None = None, details: dict[str, Any] | None = None,
              check: bool = True, verify: bool = False, fault: str | None = None,
@@ -282,7 +278,7 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
     ``seen``: the caller's :func:`_writable` record, read without the lock (it only says which folder to lock:
     everything is read again under it). ``progress``: told the phases (:mod:`adapterhub.progress`).
     """
-    report = progress or _quiet
+    report = progress or quiet
     info = seen if seen is not None else _writable(ws, name)
     with _locked(info.path):
         info, recovered = _prepare(ws, name, _writable(ws, name, adopt=True))
@@ -384,7 +380,7 @@ def _patch(name: str, info: DeploymentInfo, tx: DiskTransaction, book: _ChunkBoo
            stack: list[dict[str, Any]], revert_layers: int, on_patched: Callable[[str, torch.Tensor], None],
            early: dict[str, Future[tuple[list[int], list[bytes]]]], *,
            fault: str | None, verify: bool, saved_in: str | None = None, count: Callable[[int], None] = lambda n: None,
-           progress: Progress = _quiet) -> tuple[list[dict[str, Any]], str]:
+           progress: Progress = quiet) -> tuple[list[dict[str, Any]], str]:
     """The writes of :func:`_execute` inside its transaction, up to the durable weights (``tx.commit``).
     ``saved_in``: the digest of the lone apply's undo record, already written (:func:`_early_record`); ``count(n)``:
     ``n`` more tensors patched (an apply's are counted by ``on_patched``); ``progress``: the later phases.

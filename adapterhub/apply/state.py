@@ -59,7 +59,7 @@ from blake3 import blake3
 
 from .. import st_io
 from ..errors import DeploymentError, HeaderError
-from ..progress import Progress
+from ..progress import Progress, quiet
 from ..safe_read import NotRegularFile, open_regular
 
 __all__ = ["CHUNK", "ROOT_PREFIX", "STATE_FORMAT", "RootScheme", "SCHEMES", "SHA256", "BLAKE3", "DEFAULT_SCHEME",
@@ -436,15 +436,14 @@ def measure_folder(folder: Path, *, scheme: RootScheme, files: Iterable[str] | N
                 if mm is not None:
                     todo.append(t)
         total, done = sum(t.end - t.begin for t in todo), 0
+        report = progress or quiet
 
         def on_bytes(n: int) -> None:
             nonlocal done
             done += n
-            if progress is not None:
-                progress("hashing", done, total)
+            report("hashing", done, total)
 
-        if progress is not None:
-            progress("hashing", 0, total)
+        report("hashing", 0, total)
         hashed = hash_chunk_sets([(maps[t.file][1], t.begin, t.end, None) for t in todo], scheme=scheme,
                                  on_bytes=on_bytes)
         for t, (_, digests) in zip(todo, hashed, strict=True):

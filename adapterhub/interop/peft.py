@@ -37,7 +37,7 @@ from .. import format as fmt, safe_read, st_io
 from ..errors import FormatError
 from ..fsutil import atomic_write_bytes, new_or_existing_folder
 from ..merging.sources import ExpertSource, InMemoryExpert
-from ..progress import Progress
+from ..progress import Progress, quiet
 from .modules import PEFT_CONFIG, PEFT_PREFIX, is_peft_folder, map_module_to_tensor
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -379,7 +379,7 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
     Returns a :class:`PeftExport`. Raises FormatError when a parameter cannot be expressed in SHiRA
     (not a 2-D Linear weight, too dense for any rank).
     """
-    report = progress or (lambda phase, done, total: None)
+    report = progress or quiet
     src = adapter if isinstance(adapter, ExpertSource) else InMemoryExpert(adapter, key="", label="adapter")
     out = Path(out)
     extras = src.extras()
@@ -398,8 +398,8 @@ def export_peft_shira(adapter: fmt.SparseAdapter | ExpertSource, out: str | os.P
             raise FormatError(f"{name}: not an nn.Linear weight of the base architecture; PEFT SHiRA cannot adapt it")
         nnz[name] = src.get_param(name).nnz  # decoded and dropped: the count alone is kept
         need_r = max(need_r, math.ceil(nnz[name] / sum(shape)))
-    want = {name: need_r * sum(src.param_shape(name)) for name in names}
-    position = {name: i for i, name in enumerate(names)}  # entries per layer, padding included
+    want = {name: need_r * sum(src.param_shape(name)) for name in names}  # entries per layer, padding included
+    position = {name: i for i, name in enumerate(names)}
     for name in names:
         m, n = src.param_shape(name)
         if want[name] > m * n:

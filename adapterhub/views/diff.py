@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..format import SparseAdapter, SparseParam
-from ..progress import Progress
+from ..progress import Progress, quiet
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..workspace import Workspace
@@ -155,22 +155,22 @@ def diff_sources(a: ParamSource, b: ParamSource, *, name_a: str = "a", name_b: s
     out = AdapterDiff(name_a, name_b)
     held_a, held_b = set(a.param_names()), set(b.param_names())
     names = sorted(held_a | held_b)
+    report = progress or quiet
     for i, name in enumerate(names):
-        if progress is not None:
-            progress("comparing", i, len(names))
+        report("comparing", i, len(names))
         pa = a.get_param(name) if name in held_a else None
         pb = b.get_param(name) if name in held_b else None
         out.params.append(diff_params(name, pa, pb))
         del pa, pb
-    if progress is not None:
-        progress("comparing", len(names), len(names))
+    report("comparing", len(names), len(names))
     return out
 
 
 def diff_versions(ws: Workspace, ref_a: str, ref_b: str, *, progress: Progress | None = None) -> AdapterDiff:
     """Compare two catalogued versions, reading their blobs lazily (each hash-checked by streaming first).
 
-    Takes: a Workspace, two REFs and a progress callback (as :func:`diff_sources`). Returns: the :class:`AdapterDiff` named by the versions' refs.
+    Takes: a Workspace, two REFs and a progress callback (as :func:`diff_sources`). Returns: the
+    :class:`AdapterDiff` named by the versions' refs.
     Raises: RefError (unknown ref), FormatError (a corrupt blob).
     """
     from ..merging.sources import LazyAdapterFile
