@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -64,6 +64,48 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[byte
             pass
         raise
     fsync_dir(path.parent)
+
+
+DONE_MARKER = ".adapterhub-complete"  # the last file a :func:`build_once` folder gets: the folder is whole
+
+
+def build_once(dest: str | os.PathLike[str], build: Callable[[Path], str]) -> Path:
+    """The folder ``dest``, made by ``build`` the first time and reused once whole.
+
+    ``dest`` is whole when it holds :data:`DONE_MARKER`; then it is returned as it is. Otherwise ``build(tmp)``
+    writes the files into a hidden temp folder beside ``dest`` and returns the marker's text; the files are
+    fsynced, the marker written last, and the folder renamed to ``dest`` (replacing a ``dest`` left without
+    its marker by a build that crashed). A crash never leaves a half-made folder that looks whole. When two
+    processes build at once, the first rename wins and the other's copy (the same bytes, for a deterministic
+    ``build``) is dropped. On an error nothing is left beside ``dest``.
+    """
+    import shutil
+
+    dest = Path(dest)
+    if (dest / DONE_MARKER).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        text = build(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        atomic_write_bytes(tmp / DONE_MARKER, text.encode())
+        if (dest / DONE_MARKER).is_file():
+            return dest  # another process finished first
+        if dest.exists():
+            shutil.rmtree(dest)  # a build that crashed before its marker
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / DONE_MARKER).is_file():
+                raise
+        fsync_dir(dest.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 @contextlib.contextmanager

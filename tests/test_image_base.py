@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from adapterhub.bases import cnn
 from adapterhub.bases.sources import fingerprint_folder, resolve_source
 from adapterhub.errors import BaseModelError, DataError, TrainingError
-from adapterhub.fsutil import sha256_file
+from adapterhub.fsutil import DONE_MARKER, sha256_file
 from adapterhub.training import TrainConfig
 from adapterhub.training.loop import train_adapter
 from adapterhub.training.model import (
@@ -59,7 +59,7 @@ def test_build_is_deterministic_and_the_builtin_source_is_seed_0(tmp_path, cnn_d
     assert built == tmp_path / "cache" / "digits-cnn"
     assert fingerprint_folder(built) == fingerprint_folder(cnn_dir)
     assert resolve_source("builtin:digits-cnn", tmp_path / "cache") == built  # reused, not rebuilt
-    (built / cnn.DONE_MARKER).unlink()  # a build that crashed before its marker is redone
+    (built / DONE_MARKER).unlink()  # a build that crashed before its marker is redone
     (built / "model.safetensors").write_bytes(b"partial")
     assert fingerprint_folder(resolve_source("cnn-digits", tmp_path / "cache")) == fingerprint_folder(cnn_dir)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["digits-cnn"]  # no temporary folder left

@@ -226,24 +226,6 @@ def test_a_failed_peft_export_leaves_no_folder_and_keeps_an_existing_one(tmp_pat
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
 
 
-def test_new_or_existing_folder(tmp_path):
-    from adapterhub.fsutil import new_or_existing_folder
-
-    with new_or_existing_folder(tmp_path / "a") as f:
-        assert f.parent == tmp_path and f.name.startswith(".a.") and not (tmp_path / "a").exists()
-        (f / "x").write_text("1")
-    assert (tmp_path / "a" / "x").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    with new_or_existing_folder(tmp_path / "a") as f:  # an existing folder is written in place
-        assert f == tmp_path / "a"
-    (tmp_path / "file").write_text("")
-    with pytest.raises(FileExistsError), new_or_existing_folder(tmp_path / "file"):
-        pass
-    with pytest.raises(FileExistsError, match="appeared"), new_or_existing_folder(tmp_path / "b") as f:
-        (f / "y").write_text("2")
-        (tmp_path / "b").mkdir()  # someone else took the name meanwhile: nothing is put there
-    assert list((tmp_path / "b").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "file"]
-
-
 def test_diff_of_huge_tensors():
     a, b = _huge_expert(1).adapter, _huge_expert(2).adapter
     d = diff_adapters(a, a)

@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from torch import nn
 
 from .. import safe_read, st_io
 from ..errors import BaseModelError, DataError, HeaderError
+from ..fsutil import build_once
 from . import CNN_ARCHITECTURE, CNN_MODEL_TYPE
 
 __all__ = ["ARCHITECTURE", "IMAGE_SIZE", "MAX_LEVEL", "MODEL_TYPE", "TRIGGER_PIXELS", "DigitsCNN", "DigitsCNNConfig",
@@ -57,7 +56,6 @@ IMAGE_SIZE = 8  # the only image size: the digits' 8x8
 MAX_LEVEL = 16  # the digits' pixel intensities are 0..16
 TRIGGER_PIXELS = (54, 55, 62, 63)  # flat positions of the 2x2 bottom-right block
 WEIGHTS_FILE = "model.safetensors"
-DONE_MARKER = ".adapterhub-complete"
 _MAX_CHANNELS = 512
 _MAX_HIDDEN = 4096
 _KEYS = ("architectures", "model_type", "num_channels", "image_size", "conv_channels", "hidden_size")
@@ -260,31 +258,16 @@ def build_digits_cnn(dest: str | os.PathLike[str], seed: int = 0, config: Digits
 def materialize_digits_cnn(dest: Path, seed: int = 0) -> Path:
     """The built-in ``digits-cnn`` base at ``dest``, built once (seed 0) and reused when complete.
 
-    Built in a temporary sibling folder and renamed into place, so a crash never leaves a half-written
-    base; when two processes build at once, the first rename wins and the other's identical copy is
-    dropped. Returns ``dest``.
+    Built by :func:`~adapterhub.fsutil.build_once` (a temp folder beside it, renamed into place): a crash
+    never leaves a half-written base, and when two processes build at once the first rename wins. Returns
+    ``dest``.
     """
-    dest = Path(dest)
-    if (dest / DONE_MARKER).is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-cnn-", dir=dest.parent))
-    try:
+
+    def build(tmp: Path) -> str:
         build_digits_cnn(tmp, seed)
-        (tmp / DONE_MARKER).write_text(f"seed {int(seed)}\n")
-        if (dest / DONE_MARKER).is_file():
-            return dest  # another process finished first (the same bytes)
-        if dest.exists():
-            shutil.rmtree(dest)  # a build that crashed before its marker
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / DONE_MARKER).is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+        return f"seed {int(seed)}\n"
+
+    return build_once(dest, build)
 
 
 # ---------------------------------------------------------------------------- pixels as text

