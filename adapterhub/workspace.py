@@ -384,6 +384,7 @@ class Workspace:
         if not isinstance(adapter, (str, os.PathLike)) and (density is not None or block_size is not None):
             raise FormatError("density and block_size apply only to a PEFT LoRA folder given by its path",
                               keywords=("density", "block_size"))
+        source = None  # what a path turned out to hold (VersionInfo.source_format)
         with contextlib.ExitStack() as stack:
             staged = None
             if isinstance(adapter, (str, os.PathLike)):
@@ -396,8 +397,9 @@ class Workspace:
                     raw = fmt.read_bytes_checked(path)
                     staged = self._stage(raw, stack)  # its write + fsync overlap the validation and the hash
                     adapter = _load_hashed(raw, allow_nonfinite=allow_nonfinite, source=path.name)
+                    source = "adapterhub"
                 else:
-                    adapter, _source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
+                    adapter, source, extra = self.read_adapter_path(adapter, base, allow_nonfinite=allow_nonfinite,
                                                                      density=density, block_size=block_size)
                     parents = [*parents, *extra]
             if values_dtype is not None:
@@ -424,7 +426,9 @@ class Workspace:
                 # hashed once, in _prepare_version; a staged temp file holding these bytes is renamed into place
                 digest = self.store.put_bytes(prep.data, digest=prep.digest, staged=staged)
                 fault_point("register.after-blob")
-                return self._retry(lambda: self._insert_version(**prep.row_args(digest)))
+                info = self._retry(lambda: self._insert_version(**prep.row_args(digest)))
+        info.source_format = source
+        return info
 
     def _stage(self, raw: bytes, stack: contextlib.ExitStack) -> Any:
         """For a file of 1 MiB or more on a local store: take the store's shared lock (until ``stack`` closes)

@@ -248,11 +248,6 @@ def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str,
         raise click.UsageError("--block-size needs --density", ctx)
     # Workspace.register(path) is the one reader of files and folders: our own file is validated on views of its
     # bytes and stored as it is when canonical (no torch); a PEFT folder is imported with its provenance edge
-    source = "adapterhub"
-    if is_peft_folder(file):
-        from adapterhub.interop.peft import peft_type
-
-        source = "peft-lora" if peft_type(file) == "LORA" else "peft-shira"
     plist = [Parent(ref, rel) for ref, rel in pairs]
     info = ws.register(file, name=name, task=task, base=base, kind=kind, parents=plist,
                        allow_nonfinite=allow_nonfinite, density=density, block_size=block_size,
@@ -262,7 +257,7 @@ def register_cmd(ctx: click.Context, file: str, name: str, task: str, base: str,
     if as_json:
         doc = info.to_json()
         doc["created"] = info.created
-        doc["source_format"] = source
+        doc["source_format"] = info.source_format
         print_json(doc)
     else:
         echo(info.ref)

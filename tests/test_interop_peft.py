@@ -40,6 +40,23 @@ def _lora_folder(arch, folder, dest, *, r=4, alpha=8, rslora=False, seed=0, task
     return pm
 
 
+def test_register_reads_a_peft_folders_config_once(home, tmp_path, tiny_bert_dir, monkeypatch):
+    """What decides the kind (LoRA or SHiRA) is the config that gets imported: one read, and register says
+    which kind it read (the CLI's source_format)."""
+    from adapterhub.interop import peft as peft_mod
+    from adapterhub.workspace import Workspace
+
+    _lora_folder("bert", tiny_bert_dir, tmp_path / "lora")
+    reads = []
+    real = peft_mod._read_peft_config
+    monkeypatch.setattr(peft_mod, "_read_peft_config", lambda folder: reads.append(folder) or real(folder))
+    with Workspace.open(home) as ws:
+        ws.add_base("b", str(tiny_bert_dir))
+        info = ws.register(tmp_path / "lora", name="imp", task="t", base="b", density=0.5)
+        assert info.source_format == "peft-lora" and len(reads) == 1
+        assert ws.register(ws.load_adapter("imp"), name="again", task="t", base="b").source_format is None
+
+
 def _hand_deltas(dest, scale):
     """ΔW = B @ A * scale computed by hand from the saved file, keyed by the PEFT module path."""
     from safetensors.torch import load_file

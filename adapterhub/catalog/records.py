@@ -107,6 +107,7 @@ class VersionInfo:
     hub_endpoint: str | None = None
     tags: list[str] = field(default_factory=list)
     created: bool = True
+    source_format: str | None = None  # what this register call read: "adapterhub", "peft-shira" or "peft-lora"
     deprecated_at: dt.datetime | None = None  # retired with Workspace.deprecate (revision 0003)
 
     @property

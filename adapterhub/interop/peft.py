@@ -165,15 +165,16 @@ def _read_peft_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]], *,
-                      allow_nonfinite: bool = False) -> fmt.SparseAdapter:
+                      allow_nonfinite: bool = False, config: Mapping[str, Any] | None = None) -> fmt.SparseAdapter:
     """Convert a PEFT SHiRA folder into a :class:`SparseAdapter` whose params are the base's tensor names.
 
     Takes the folder and the base model's ``{tensor name: shape}``. Returns the adapter (fp32 values as PEFT
     stores them; duplicate coordinates are summed, as PEFT's sparse add does). Raises FormatError naming the
-    tensor when the folder is malformed (wrong dtypes, shapes, out-of-range coordinates, NaN...).
+    tensor when the folder is malformed (wrong dtypes, shapes, out-of-range coordinates, NaN...). ``config``:
+    the folder's ``adapter_config.json`` as :func:`read_adapter_source` already read and checked it (else read here).
     """
     folder = Path(folder)
-    cfg = _read_peft_config(folder)
+    cfg = _read_peft_config(folder) if config is None else config
     tensors = _read_peft_tensors(folder)
     modules = sorted({k[:-len(_W)] for k in tensors if k.endswith(_W)} | {k[:-len(_I)] for k in tensors if k.endswith(_I)})
     if not modules:
@@ -234,15 +235,17 @@ def import_peft_shira(folder: str | os.PathLike[str], base_shapes: Mapping[str, 
 
 def import_peft_lora_folder(folder: str | os.PathLike[str], base_shapes: Mapping[str, tuple[int, ...]], *,
                             density: float, block_size: int | None = None,
-                            allow_nonfinite: bool = False) -> fmt.SparseAdapter:
+                            allow_nonfinite: bool = False, config: Mapping[str, Any] | None = None
+                            ) -> fmt.SparseAdapter:
     """Convert a PEFT LoRA folder into a sparse adapter: ΔW = B·A·scale per target, top ``density`` of it by
     magnitude (or ``block_size`` blocks by norm); the card's ``imported.reconstruction_error`` holds
     ``‖ΔW − sparse‖/‖ΔW‖`` per tensor. ``modules_to_save`` heads become dense extras. Raises FormatError
-    (malformed folder, DoRA...) or TrainingError (bad density, shape not divisible into blocks)."""
+    (malformed folder, DoRA...) or TrainingError (bad density, shape not divisible into blocks). ``config``: as
+    :func:`import_peft_shira`'s."""
     from .lora import import_peft_lora
 
     folder = Path(folder)
-    cfg = _read_peft_config(folder)
+    cfg = _read_peft_config(folder) if config is None else config
     if str(cfg["peft_type"]).upper() != "LORA":
         raise FormatError(f"{PEFT_CONFIG}: peft_type is {safe_read.clip(cfg['peft_type'], 40)}, not LORA")
     tensors = _read_peft_tensors(folder)
@@ -279,16 +282,18 @@ def read_adapter_source(path: str | os.PathLike[str], base_shapes: Mapping[str, 
             raise FormatError(f"{p}: a folder must be a PEFT SHiRA or LoRA adapter (adapter_config.json missing)")
         if base_shapes is None:
             raise FormatError("a PEFT folder can only be imported against a base model")
-        if peft_type(p) == "LORA":
+        cfg = _read_peft_config(p)  # read once: what decides the kind is what gets imported
+        if str(cfg["peft_type"]).upper() == "LORA":
             if density is None:
                 raise FormatError(f"{p}: a LoRA adapter is dense; give the density to keep (--density)",
                                   keywords=("density",))
             return import_peft_lora_folder(p, base_shapes, density=density, block_size=block_size,
-                                           allow_nonfinite=allow_nonfinite), "peft-lora"
+                                           allow_nonfinite=allow_nonfinite, config=cfg), "peft-lora"
+        if density is not None or block_size is not None:
+            raise FormatError("density and block size apply only to PEFT LoRA folders", keywords=("density",))
+        return import_peft_shira(p, base_shapes, allow_nonfinite=allow_nonfinite, config=cfg), "peft-shira"
     if density is not None or block_size is not None:
         raise FormatError("density and block size apply only to PEFT LoRA folders", keywords=("density",))
-    if p.is_dir():
-        return import_peft_shira(p, base_shapes or {}, allow_nonfinite=allow_nonfinite), "peft-shira"
     # keep_source: register stores a canonical file's own bytes instead of re-serialising them (issue 19)
     return fmt.load_file(p, allow_nonfinite=allow_nonfinite, keep_source=True), "adapterhub"
 
