@@ -357,6 +357,7 @@ def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1)
         out.update(_in_memory(base, Path(cfg["files"][key][0]), repeat, DEVICE))
     elif op == "deploy":
         out.update(_deploy(ws, refs[0], repeat))
+        out.update(_bare(base, Path(cfg["files"][key][0]), repeat))  # refs[0] was registered from files[key][0]
     elif op in ("hub", "hub_nodelay"):
         dst = Workspace.open(Path(cfg["dst_home"]))
         try:
@@ -460,6 +461,23 @@ def _deploy(ws: Any, ref: str, repeat: int) -> dict[str, Any]:
         raise SystemExit("deploy: the deployment did not end at the base's state, verified")
     return {"seconds": cycle_s, "apply_s": statistics.median(times["apply"][1:]),
             "revert_s": statistics.median(times["revert"][1:]), "rollback_s": rollback_s, "verify_s": verify_s}
+
+
+def _bare(base: Path, adapter_file: Path, repeat: int) -> dict[str, Any]:
+    """The anchor of ``_deploy``'s apply + revert: the bare patch of the same entries (``deploy_scale.bare_patch``:
+    gather, add, scatter into the memory-mapped shards, msync + fsync, then the originals back; no hashing, no
+    record, no catalog) on a new copy of the base's weights files (``deploy_scale.bare_copy``). Timed after the
+    deployment's cycles, not between them: at 8B the two 16 GB copies do not both fit in the page cache, and
+    alternating would make each find the other's pages evicted. A warm-up patch, then the median of ``repeat``."""
+    from deploy_scale import bare_copy, bare_patch  # benchmarks/ is the script's folder, so on sys.path
+
+    folder = bare_copy(base.parent, base.name.removeprefix("llama-"))
+    try:
+        bare_patch(folder, adapter_file)
+        secs = statistics.median(bare_patch(folder, adapter_file) for _ in range(repeat))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # 16 GB at 8B: not kept beside the deployment
+    return {"bare_s": secs}
 
 
 def _stamp(stamps: list[tuple[str, float]], msg: str) -> None:
@@ -792,15 +810,19 @@ def summary(doc: dict[str, Any]) -> str:
         lines.append(f"| {s} | {r['weights_bytes'] / 1e9:.2f} GB | {r['shards']} | {b['seconds']:.2f} | {b['ratio']:.2f}x |")
     dep = [(s, r) for s, r in doc["sizes"].items() if all("deploy" in r[f"{d:g}"] for d in DENSITIES)]
     if dep:
+        bare = all("bare_s" in r[f"{d:g}"]["deploy"] for _, r in dep for d in DENSITIES)  # runs before it: none
         lines += ["", "On disk, in process, one deployment of the base per size (medians; warm page cache):", "",
-                  "| size | density | nnz | apply (s) | revert (s) | apply + revert (s) | rollback, one layer (s) | "
-                  "verify, full measurement (s) | peak RSS above warm-up (MB; counts the mapped weight pages touched) |",
-                  "|" + "---|" * 9]
+                  "| size | density | nnz | apply (s) | revert (s) | apply + revert (s) | "
+                  + ("bare patch (s) | apply + revert ÷ bare (target ≤ 1.5×) | " if bare else "")
+                  + "rollback, one layer (s) | verify, full measurement (s) | "
+                  "peak RSS above warm-up (MB; counts the mapped weight pages touched) |",
+                  "|" + "---|" * (11 if bare else 9)]
         for s, r in dep:
             for key in (f"{d:g}" for d in DENSITIES):
                 x = r[key]["deploy"]
+                anchor = f"{x['bare_s']:.3f} | {x['seconds'] / x['bare_s']:.2f}× | " if bare else ""
                 lines.append(f"| {s} | {float(key):.1%} | {r[key]['nnz']:,} | {x['apply_s']:.3f} | {x['revert_s']:.3f} | "
-                             f"{x['seconds']:.3f} | {x['rollback_s']:.3f} | {x['verify_s']:.2f} | "
+                             f"{x['seconds']:.3f} | {anchor}{x['rollback_s']:.3f} | {x['verify_s']:.2f} | "
                              f"{x['peak_rss_mb'] - x['rss_after_warmup_mb']:.1f} |")
     rss_ops = ("register", "merge_ties", "merge_uniform_sparse", "export_peft", "diff", "hub_nodelay")
     lines += ["", "Peak RSS of each operation above its process's RSS after a warm-up call (MB; the imports and the "
