@@ -14,8 +14,8 @@ seven projections (random positions, bf16 values, i.e. 4 bytes per non-zero), it
   once in the same run as the "before" figure;
 * ``export --format peft`` and ``diff`` (lazy, one tensor at a time);
 * on disk, in process: ``deploy apply``, ``revert``, ``rollback`` (one layer) and ``verify`` of the expert on a
-  deployment of the base (``benchmarks/deploy_scale.py`` has the CLI, ``create``/``rm`` and the bare-patch
-  anchor, with the same non-zeros at both sizes);
+  deployment of the base, and the anchor of apply + revert, the bare patch of the same entries (target <= 1.5x;
+  ``benchmarks/deploy_scale.py`` has the CLI, ``create``/``rm`` and the same non-zeros at every size);
 * ``push`` and ``pull`` against the test Hub server (adapterhub.testing.hubserver) vs raw
   ``upload_folder`` / ``snapshot_download`` of the same files (targets <= 1.1x; catalog time of a pull,
   from the "registering" progress step to the end, < 0.1 s).
