@@ -398,6 +398,24 @@ def test_measure_reports_every_byte_it_hashes(setup):
     assert seen[0] == ("hashing", 0, total) and seen[-1] == ("hashing", total, total)
 
 
+def test_fingerprint_of_a_file_that_shrinks_while_read(tmp_path):
+    """A weights file cut short after its header was read (someone else's folder) is a one-line error."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    f = folder / "model.safetensors"
+    save_file({"w": torch.arange(4 << 20, dtype=torch.float32)}, str(f))  # 16 MiB: several reads
+    assert len(fingerprint_folder(folder)) == 64
+
+    def cut(phase, done, total):
+        if done == 0:
+            os.truncate(f, f.stat().st_size - (9 << 20))
+
+    with pytest.raises(BaseModelError, match="truncated tensor data in w"):
+        fingerprint_folder(folder, progress=cut)
+
+
 def test_cli_errors(setup, home):
     ws, base_dir, (a, b, c) = setup
     invoke(["deploy", "create", "srv", "--base", "tiny"], home)
