@@ -700,10 +700,11 @@ def fragment(doc: dict[str, Any]) -> str:
         "(about 1 ms per request: only the two sides' own work counts); *pull catalog* — from the \"registering\" "
         "step to the end (target < 0.1 s).", "",
         summary(doc), "", *verdicts(doc), "",
-        "The same targets in the previous run (the previous version, the same machine): register 0.92-8.63x, push "
-        "0.92-1.02x (40 ms) / 1.06-1.23x (1 ms), pull 0.41-0.70x (40 ms) / 0.68-0.95x (1 ms), pull catalog time "
-        "0.004-0.007 s, in memory 1% ÷ 0.1% at 1.1B 7.1×; the run before it (another machine of the same kind): "
-        "register 0.98-14.51x, push 1.00-1.01x / 1.08-1.19x, in memory 8.5×. The millisecond figures move between "
+        "The same targets in the previous run (an earlier version, the same machine): register 0.99-9.15x, push "
+        "0.93-1.02x (40 ms) / 1.09-1.28x (1 ms), pull 0.40-0.73x (40 ms) / 0.59-1.18x (1 ms), pull catalog time "
+        "0.004-0.007 s, in memory 1% ÷ 0.1% at 1.1B 6.8×; the run before it: register 0.92-8.63x, push 0.92-1.02x / "
+        "1.06-1.23x, pull 0.41-0.70x / 0.68-0.95x, in memory 7.1×; the one before that (another machine of the same "
+        "kind): register 0.98-14.51x, push 1.00-1.01x / 1.08-1.19x, in memory 8.5×. The millisecond figures move between "
         "runs by more than the code changes them: `register` of the 0.5 MB file, the old and the new code "
         "alternating in one sitting, gave 8.5, 8.4, 9.2 ms (old) against 8.6, 8.2, 9.7 ms (new), while three runs of "
         "this page measured it at 7.8, 17 and 9 ms; `snapshot_download` of the 4.3 MB adapter at ~1 ms per request, "
