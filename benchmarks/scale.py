@@ -776,6 +776,10 @@ def verdicts(doc: dict[str, Any]) -> list[str]:
             ("pull catalog time (s)", lambda x: x["hub"]["pull_catalog_s"], 0.1)):
         v, where = worst(f)
         lines.append(f"* {label}: {v:.2f} ({where}); target ≤ {target:g}: {'met' if v <= target else 'NOT met'}")
+    if all("bare_s" in x.get("deploy", {}) for _, _, x in rows):  # runs before the anchor was timed: none
+        v, where = worst(lambda x: x["deploy"]["seconds"] / x["deploy"]["bare_s"])
+        lines.append(f"* on disk, apply + revert ÷ the bare patch of the same entries: {v:.2f} ({where}); "
+                     f"target ≤ 1.5: {'met' if v <= 1.5 else 'NOT met'}")
     for s, r in doc["sizes"].items():
         if s == "1.1b" and all("memory" in r[f"{d:g}"] for d in DENSITIES):
             v = r["0.01"]["memory"]["seconds"] / r["0.001"]["memory"]["seconds"]
