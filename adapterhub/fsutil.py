@@ -77,8 +77,11 @@ def build_once(dest: str | os.PathLike[str], build: Callable[[Path], str]) -> Pa
     fsynced, the marker written last, and the folder renamed to ``dest`` (replacing a ``dest`` left without
     its marker by a build that crashed). A crash never leaves a half-made folder that looks whole. When two
     processes build at once, the first rename wins and the other's copy (the same bytes, for a deterministic
-    ``build``) is dropped. On an error nothing is left beside ``dest``.
+    ``build``) is dropped. On an error nothing is left beside ``dest``. The builds run side by side; putting one in
+    place is done under an exclusive ``flock`` of the parent folder, so a folder left without its marker is
+    removed by one builder only, and a whole one never.
     """
+    import fcntl
     import shutil
 
     dest = Path(dest)
@@ -92,16 +95,19 @@ def build_once(dest: str | os.PathLike[str], build: Callable[[Path], str]) -> Pa
             if f.is_file():
                 fsync_path(f)
         atomic_write_bytes(tmp / DONE_MARKER, text.encode())
-        if (dest / DONE_MARKER).is_file():
-            return dest  # another process finished first
-        if dest.exists():
-            shutil.rmtree(dest)  # a build that crashed before its marker
+        lock = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (dest / DONE_MARKER).is_file():
+                return dest  # another builder finished first
+            if dest.exists() or dest.is_symlink():
+                if not dest.is_dir() or dest.is_symlink():
+                    raise FileExistsError(f"{dest}: exists and is not a folder")
+                shutil.rmtree(dest)  # a build that crashed before its marker
             os.replace(tmp, dest)
-        except OSError:
-            if not (dest / DONE_MARKER).is_file():
-                raise
-        fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
+        finally:
+            os.close(lock)  # releases the lock
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -57,3 +57,34 @@ def test_build_once(tmp_path):
     assert build_once(tmp_path / "raced", raced) == tmp_path / "raced"
     assert (tmp_path / "raced" / DONE_MARKER).read_text() == "theirs\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "raced"]
+
+
+def test_build_once_concurrent_builders_over_a_crashed_build(tmp_path):
+    """Builders racing over a folder a crashed build left without its marker: one of them removes it, each
+    returns the whole folder, none fails, nothing is left beside it."""
+    import threading
+
+    def build(tmp):
+        (tmp / "w").write_text("weights")
+        return "ok\n"
+
+    for trial in range(10):
+        dest = tmp_path / f"t{trial}" / "base"
+        dest.mkdir(parents=True)
+        (dest / "junk").write_text("left by a crash")
+        errors, got = [], []
+
+        def run(dest=dest, errors=errors, got=got):
+            try:
+                got.append(build_once(dest, build))
+            except Exception as e:  # collected for the assertion
+                errors.append(e)
+
+        threads = [threading.Thread(target=run) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and got == [dest] * 8
+        assert sorted(p.name for p in dest.iterdir()) == [DONE_MARKER, "w"]
+        assert [p.name for p in dest.parent.iterdir()] == ["base"]
