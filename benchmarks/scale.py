@@ -357,6 +357,9 @@ def child(op: str, cfg: dict[str, Any], key: str, repeat: int, threads: int = 1)
         out.update(_in_memory(base, Path(cfg["files"][key][0]), repeat, DEVICE))
     elif op == "deploy":
         out.update(_deploy(ws, refs[0], repeat))
+        from adapterhub.apply import deploy_folders
+
+        deploy_folders.remove(ws, DEPLOYMENT)  # its copy of the weights is not kept beside the bare patch's
         out.update(_bare(base, Path(cfg["files"][key][0]), repeat))  # refs[0] was registered from files[key][0]
     elif op in ("hub", "hub_nodelay"):
         dst = Workspace.open(Path(cfg["dst_home"]))
@@ -429,7 +432,7 @@ def _deploy(ws: Any, ref: str, repeat: int) -> dict[str, Any]:
     measurement). Checks that the stack ends empty at the base's state root."""
     from adapterhub.apply import deploy_folders, deployments
 
-    name = "scale"
+    name = DEPLOYMENT
     if name in {d.name for d in deployments.list_deployments(ws)}:
         deploy_folders.remove(ws, name)
     deployments.create(ws, name, "b")
@@ -471,12 +474,15 @@ def _bare(base: Path, adapter_file: Path, repeat: int) -> dict[str, Any]:
     alternating would make each find the other's pages evicted. A warm-up patch, then the median of ``repeat``."""
     from deploy_scale import bare_copy, bare_patch  # benchmarks/ is the script's folder, so on sys.path
 
-    folder = bare_copy(base.parent, base.name.removeprefix("llama-"))
+    size = base.name.removeprefix("llama-")
+    folder = base.parent / f"bare-{size}"
     try:
+        bare_copy(base.parent, size)
         bare_patch(folder, adapter_file)
         secs = statistics.median(bare_patch(folder, adapter_file) for _ in range(repeat))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # 16 GB at 8B: not kept beside the deployment
+    finally:  # 16 GB at 8B, not kept: the copy, or a copy that failed half-way (a full disk)
+        for left in (folder, folder.with_name(folder.name + ".tmp")):
+            shutil.rmtree(left, ignore_errors=True)
     return {"bare_s": secs}
 
 
@@ -560,6 +566,7 @@ def run_child(op: str, cfg: dict[str, Any], key: str, repeat: int) -> dict[str, 
     return doc
 
 
+DEPLOYMENT = "scale"  # the deployment the deploy operation makes (and removes) in each size's home
 THREADS = 1  # torch intra-op threads in the children (--threads)
 DEVICE = "cpu"  # where the in-memory apply + revert runs (--device)
 MEMORY_MIN_SECONDS = 2.0  # the in-memory cycles are repeated until their timed total reaches this
