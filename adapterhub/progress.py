@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 Progress = Callable[[str, int, int], None]
+Count = Callable[[int], None]  # ``add(n)``: ``n`` more units of a phase done (negative: some started again)
 BYTE_PHASES = ("copying", "hashing")  # the phases whose counts are bytes; the others count tensors
 
 
@@ -27,4 +28,22 @@ def quiet(phase: str, done: int, total: int) -> None:
     """The :data:`Progress` of a caller that gave none: an operation calls ``(progress or quiet)(...)``."""
 
 
-__all__ = ["BYTE_PHASES", "Progress", "quiet"]
+def counter(progress: Progress | None, phase: str, total: int, *, every: int = 0) -> Count:
+    """The :data:`Count` of ``phase`` toward ``total``: reports ``(phase, 0, total)`` now, then
+    ``(phase, done, max(total, done))`` as ``add(n)`` adds to ``done`` — on every call, or (``every``) once that
+    many more are done since the last report, and when ``done`` reaches ``total``."""
+    report = progress or quiet
+    done = told = 0
+    report(phase, 0, total)
+
+    def add(n: int) -> None:
+        nonlocal done, told
+        done += n
+        if abs(done - told) >= every or done == total:
+            report(phase, done, max(total, done))
+            told = done
+
+    return add
+
+
+__all__ = ["BYTE_PHASES", "Count", "Progress", "counter", "quiet"]

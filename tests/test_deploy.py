@@ -398,6 +398,22 @@ def test_measure_reports_every_byte_it_hashes(setup):
     assert seen[0] == ("hashing", 0, total) and seen[-1] == ("hashing", total, total)
 
 
+def test_progress_counter():
+    from adapterhub.progress import counter
+
+    seen: list[tuple[str, int, int]] = []
+    add = counter(lambda *a: seen.append(a), "copying", 10)
+    for n in (4, 4, -8, 10, 2):  # a restart from the first byte, then more than the total
+        add(n)
+    assert seen == [("copying", 0, 10), ("copying", 4, 10), ("copying", 8, 10), ("copying", 0, 10),
+                    ("copying", 10, 10), ("copying", 12, 12)]
+    seen.clear()
+    add = counter(lambda *a: seen.append(a), "hashing", 25, every=10)
+    for _ in range(5):
+        add(5)
+    assert seen == [("hashing", 0, 25), ("hashing", 10, 25), ("hashing", 20, 25), ("hashing", 25, 25)]
+
+
 def test_fingerprint_of_a_file_that_shrinks_while_read(tmp_path):
     """A weights file cut short after its header was read (someone else's folder) is a one-line error."""
     from safetensors.torch import save_file

@@ -36,7 +36,7 @@ from ..errors import AdapterHubError, BaseModelError, DeploymentError, FormatErr
 from ..faults import fault_point
 from ..fsutil import atomic_write_bytes, fsync_dir, fsync_path
 from ..gapcode import decode_gaps
-from ..progress import Progress, quiet
+from ..progress import Progress, counter
 from ..safe_read import open_regular
 from . import state as _state
 from .deploy_ownership import (
@@ -208,17 +208,10 @@ def create(ws: Workspace, name: str, base: str, path: str | os.PathLike[str] | N
     # state file is written.
     syncer = ThreadPoolExecutor(1)
     synced: list[Future[None]] = []
-    report = progress or quiet
     # the total only sizes the bar: the top folder's files, as many as the copy accepts (it refuses what it must)
     copy_total = sum(_size_or_zero(f) for f in itertools.islice(src.iterdir(), _MAX_COPY_ENTRIES + 1)
                      if not f.name.startswith(".") and f.suffix.lower() not in _SKIP_SUFFIXES)
-    copied = 0
-    report("copying", 0, copy_total)
-
-    def on_bytes(n: int) -> None:
-        nonlocal copied
-        copied += n
-        report("copying", copied, max(copy_total, copied))
+    on_bytes = counter(progress, "copying", copy_total)
 
     def on_copied(f: Path) -> None:
         if f.parent == tmp and f.suffix == ".safetensors":

