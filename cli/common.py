@@ -367,13 +367,11 @@ def phase_progress(quiet: bool, label: str) -> Iterator[PhaseProgress | None]:
     def report(phase: str, done: int, total: int) -> None:
         # called mid-operation (inside a deployment's transaction): a display that fails (stderr closed, a pipe
         # gone) stops showing and never fails the operation
-        if shown.get("broken"):
+        if shown.get("broken") or (not shown and time.monotonic() - start < after):
             return
         info = _phase_info(phase, done, total)
         try:
             if not shown:
-                if time.monotonic() - start < after:
-                    return
                 prog: Any = stack.enter_context(progress(counts=False))
                 shown.update(prog=prog, task=prog.add_task(label, total=total or None, completed=done, info=info))
                 return
