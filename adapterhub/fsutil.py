@@ -6,8 +6,10 @@ commands (``list``, ``show``, ``tag``...) start without importing torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -44,10 +46,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     fsync_path(path)
 
 
+def check_replaceable(path: str | os.PathLike[str]) -> None:
+    """Raise FileExistsError unless ``path`` is absent, a regular file or a symlink (a rename over a symlink
+    replaces the link, never its target): a rename would otherwise put a file in place of a folder's entry that is
+    a device (``/dev/null``), a FIFO or a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise FileExistsError(errno.EEXIST, "exists and is not a regular file; nothing was written there",
+                              os.fspath(path))
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Iterable[bytes]) -> None:
     """Write ``data`` (bytes, or pieces written in turn) to ``path`` atomically: temp file in the same folder,
-    fsync, rename, fsync dir."""
+    fsync, rename, fsync dir. A ``path`` that exists as anything but a regular file or a symlink (a device, a FIFO,
+    a socket, a folder) is refused before anything is written (:func:`check_replaceable`)."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -957,6 +957,12 @@ class Workspace:
         shows. Each version's ``metrics`` is the presented overlay (:func:`adapterhub.catalog.metrics.present`,
         every current figure, those of ``columns`` included), read with one more query.
         """
+        if (limit is not None and limit < 0) or offset < 0:
+            raise CatalogError(f"limit and offset must be >= 0, not {limit} and {offset}")
+        if limit is not None and limit > db.SQL_INT_MAX:
+            limit = None  # more rows than a catalog can hold: all of them (SQL's LIMIT takes a 64-bit integer)
+        if offset > db.SQL_INT_MAX:
+            return []
         v = AdapterVersion.__table__.c
         cols = _version_columns()  # labelled with VersionInfo's field names, so each row becomes VersionInfo(**row)
         # A page (``limit``) takes two steps: its ids, filtered and ordered through the indexes over narrow rows

@@ -15,7 +15,7 @@ import click
 
 from adapterhub.errors import AdapterHubError
 from adapterhub.progress import BYTE_PHASES, Progress as PhaseProgress
-from adapterhub.textsafe import visible
+from adapterhub.textsafe import excerpt, visible
 
 if TYPE_CHECKING:  # rich is imported when a bar is drawn, not at start-up
     from rich.progress import Progress, TaskID
@@ -318,7 +318,7 @@ def parse_progress_every(value: str | None) -> ProgressEvery:
             if not ok:
                 raise ValueError(part)
     except ValueError:
-        raise ConfigError(f"invalid ADAPTERHUB_PROGRESS_EVERY {safe_text(value[:40])!r}: use N% (of the total), "
+        raise ConfigError(f"invalid ADAPTERHUB_PROGRESS_EVERY {safe_text(excerpt(value))!r}: use N% (of the total), "
                           "Ns (seconds) or N (steps), comma-separated, e.g. 10%,30s") from None
     return ProgressEvery(percent, steps, seconds)
 
@@ -334,7 +334,7 @@ def progress_after_s(default: float = 1.0) -> float:
         if not 0 <= after <= 3600:
             raise ValueError(value)
     except ValueError:
-        raise ConfigError(f"invalid ADAPTERHUB_PROGRESS_AFTER {safe_text(value[:40])!r}: use a number of seconds "
+        raise ConfigError(f"invalid ADAPTERHUB_PROGRESS_AFTER {safe_text(excerpt(value))!r}: use a number of seconds "
                           "from 0 to 3600") from None
     return after
 
@@ -509,7 +509,7 @@ def parse_lock_timeout(value: str | None) -> float | None:
     except (TypeError, ValueError):
         t = math.nan
     if not math.isfinite(t) or t <= 0:
-        raise ConfigError(f"invalid lock timeout {safe_text(str(value)[:40])!r} (--lock-timeout / "
+        raise ConfigError(f"invalid lock timeout {safe_text(excerpt(value))!r} (--lock-timeout / "
                           "ADAPTERHUB_LOCK_TIMEOUT): give a number of seconds > 0")
     return t
 

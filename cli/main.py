@@ -1,7 +1,10 @@
 """The ``adapterhub`` command: global options and the command groups of each capability."""
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -19,7 +22,34 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 GC_THRESHOLD = 100_000
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+@contextlib.contextmanager
+def _passwords_redacted() -> Iterator[None]:
+    """click's own usage errors quote what was typed ("Invalid value for 'NAME': ...", "Got unexpected extra
+    argument (...)"): the password of any URL in them is replaced before click shows them."""
+    from adapterhub.textsafe import redact_urls
+
+    try:
+        yield
+    except click.ClickException as e:
+        e.message = redact_urls(e.message)  # type: ignore[misc] # declared Final; only its shown text changes
+        raise
+
+
+class RootGroup(click.Group):
+    """The ``adapterhub`` group: every usage error of the command line, its subcommands' included (they are
+    parsed inside the root's ``invoke``), is shown without URL passwords."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        with _passwords_redacted():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _passwords_redacted():
+            return super().invoke(ctx)
+
+
+@click.group(cls=RootGroup, context_settings=CONTEXT_SETTINGS)
 @click.option("--home", envvar="ADAPTERHUB_HOME", type=click.Path(), default=None,
               help="Home directory (store, catalog, deployments). Env: ADAPTERHUB_HOME. Default: ~/.adapterhub")
 @click.option("--db", "db_url", envvar="ADAPTERHUB_DB_URL", default=None, metavar="URL",

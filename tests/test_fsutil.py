@@ -1,9 +1,12 @@
-"""fsutil: folders that appear whole or not at all."""
+"""fsutil: folders that appear whole or not at all; atomic writes that never replace a special file."""
 from __future__ import annotations
+
+import os
+import stat
 
 import pytest
 
-from adapterhub.fsutil import DONE_MARKER, build_once, new_or_existing_folder
+from adapterhub.fsutil import DONE_MARKER, atomic_write_bytes, build_once, new_or_existing_folder
 
 
 def test_new_or_existing_folder(tmp_path):
@@ -88,3 +91,25 @@ def test_build_once_concurrent_builders_over_a_crashed_build(tmp_path):
         assert errors == [] and got == [dest] * 8
         assert sorted(p.name for p in dest.iterdir()) == [DONE_MARKER, "w"]
         assert [p.name for p in dest.parent.iterdir()] == ["base"]
+
+
+def test_atomic_write_replaces_files_and_links_but_never_a_special_file(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"old")
+    atomic_write_bytes(f, b"new")
+    assert f.read_bytes() == b"new"
+    target = tmp_path / "target"
+    target.write_bytes(b"kept")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    atomic_write_bytes(link, b"file")  # the link is replaced, its target untouched
+    assert not link.is_symlink() and link.read_bytes() == b"file" and target.read_bytes() == b"kept"
+    fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for p in (fifo, folder):
+        with pytest.raises(FileExistsError, match="not a regular file"):
+            atomic_write_bytes(p, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp file left

@@ -18,11 +18,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from ..errors import CatalogError
+from ..textsafe import excerpt
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 #: How long a command waits for another process's catalog write lock before giving up (seconds).
+# The largest integer SQL takes as a value, a LIMIT or an OFFSET (SQLite's INTEGER, PostgreSQL's BIGINT);
+# Python's ints do not stop there.
+SQL_INT_MAX = 2**63 - 1
+
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 #: After this long waiting for the lock, the "waiting for the catalog lock" notice is given.
 LOCK_NOTICE_AFTER_S = 2.0
@@ -66,9 +71,9 @@ def lock_timeout_setting(value: float | str | None = None) -> float:
     try:
         t = float(value)
     except (TypeError, ValueError):
-        raise CatalogError(f"{source} must be a number of seconds > 0, not {str(value)[:40]!r}") from None
+        raise CatalogError(f"{source} must be a number of seconds > 0, not {excerpt(value)!r}") from None
     if not math.isfinite(t) or t <= 0:
-        raise CatalogError(f"{source} must be a number of seconds > 0, not {str(value)[:40]!r}")
+        raise CatalogError(f"{source} must be a number of seconds > 0, not {excerpt(value)!r}")
     return t
 
 
@@ -202,6 +207,8 @@ def upgrade(engine: Engine, revision: str = "head", *, blob_reader: Callable[[st
     from alembic import command
     from alembic.util import CommandError
 
+    if not revision.strip():  # Alembic asserts on an empty one
+        raise CatalogError("cannot migrate the catalog database: the target revision is empty (e.g. 'head')")
     with _upgrade_lock:
         try:
             with engine.begin() as conn:

@@ -54,12 +54,13 @@ def parse_ref(text: object) -> Ref:
         if rest.startswith("~"):
             k = rest[1:]
             if not (k.isascii() and k.isdigit() and len(k) <= 9):
-                raise RefError(f"invalid ref {text!r}: a relative ref is name@~N with N = 0, 1, 2...")
+                raise RefError(f"invalid ref {text!r}: a relative ref is name@~N with N = 0, 1, 2... (at most 9 digits)")
             return Ref(name=name, back=int(k))
         if rest.isascii() and rest.isdigit():  # not '²' or other Unicode digits
             n = int(rest)
             if n < 1 or len(rest) > 9:
-                raise RefError(f"invalid ref {text!r}: version numbers start at 1")
+                raise RefError(f"invalid ref {text!r}: version numbers start at 1"
+                               + (" and have at most 9 digits" if len(rest) > 9 else ""))
             return Ref(name=name, number=n)
         validate_name(rest, "tag")
     except NameError_ as e:

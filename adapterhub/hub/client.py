@@ -57,6 +57,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import AdapterHubError, HubError, RefError
 from ..faults import fault_point
 from ..fsutil import sha256_file, sha256_hex
+from ..textsafe import excerpt, redact_urls
 from .cards import (
     CARD_FILE,
     README_FILE,
@@ -163,19 +164,8 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     except ValueError:  # a malformed port or netloc
         ok = False
     if not ok:
-        raise HubError(f"invalid Hub endpoint {_redact_url(url)!r}: give an http(s) URL")
+        raise HubError(f"invalid Hub endpoint {redact_urls(url)!r}: give an http(s) URL")
     return url
-
-
-def _redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` part replaced by ``***@`` (for error messages)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}://{netloc}{slash}{tail}"
 
 
 def public_endpoint(endpoint: str) -> str:
@@ -393,14 +383,14 @@ def pull_limits(timeout: str | float | None = None, max_bytes: str | int | None 
         except ValueError:
             t = math.nan
         if not math.isfinite(t) or t <= 0 or t > 10 ** 7:
-            raise HubError(f"invalid pull timeout {str(t_raw)[:40]!r} (timeout / {PULL_TIMEOUT_ENV}): give a number "
+            raise HubError(f"invalid pull timeout {excerpt(t_raw)!r} (timeout / {PULL_TIMEOUT_ENV}): give a number "
                            "of seconds > 0", keywords=("timeout",))
     b = DEFAULT_PULL_MAX_BYTES
     if b_raw is not None:
         m = _BYTES_RE.match(str(b_raw).strip()) if not isinstance(b_raw, bool) else None
         b = int(m.group(1)) * _UNITS[m.group(2).lower()] if m else 0
         if b <= 0:
-            raise HubError(f"invalid pull size limit {str(b_raw)[:40]!r} (max_bytes / {PULL_MAX_BYTES_ENV}): give a "
+            raise HubError(f"invalid pull size limit {excerpt(b_raw)!r} (max_bytes / {PULL_MAX_BYTES_ENV}): give a "
                            "byte count > 0, e.g. 500M or 4GiB", keywords=("max_bytes",))
     return PullLimits(t, b)
 

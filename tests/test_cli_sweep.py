@@ -1,0 +1,223 @@
+"""Hostile values in every place of the command line: each leaf command, each of its arguments and valued
+options given values a user (or a script fed from outside) could type — empty, path tricks, huge and
+non-finite numbers, escapes, URLs with passwords. Whatever the value, the command ends with exit 0, 1 or
+2, never a traceback; an error is a short message that shows no password of a URL.
+
+Also the cases this sweep found, one test each: ``list --limit`` above SQL's 64-bit range, an empty
+``db upgrade --revision``, a password in a misplaced ``--lock-timeout``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from adapterhub.cli.main import cli
+from adapterhub.textsafe import excerpt, redact_urls, visible
+from catalog_util import all_commands, write_adapter
+
+SECRET = "s3cr3tPa55"
+# Paths stay inside the test's own temp folders (the commands obey the paths they are given, and the tests may
+# run as root): "fifo" is a FIFO the test makes in its working folder, "../up" lands in pytest's temp root.
+HOSTILE = ["", "..", "../up/passwd", "fifo", "x" * 3000, "\x1b[31mred\x1b[0m", "名前@1", "a@b@c", "nope@99",
+           "v@0", "-1", "1e999", "nan", "0", "999999999999999999999", "%s%n", "a\nb", "   ", "{}",
+           f"postgresql://u:{SECRET}@127.0.0.1:1/x", f"http://u:{SECRET}@h/x"]
+# long-running with any valid value: a server (ui), the demo; the model commands are swept as a second case
+SKIP = {"ui", "demo"}
+MODEL_COMMANDS = {"train", "fed", "unlearn", "eval"}
+
+
+def _leaves(models: bool) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for path in all_commands(cli):
+        cmd: click.Command = cli
+        for name in path:
+            cmd = cast(click.Group, cmd).commands[name]
+        if not isinstance(cmd, click.Group) and path[0] not in SKIP and (path[0] in MODEL_COMMANDS) == models:
+            yield path, cmd
+
+
+def _invocations(cmd: click.Command, ref: str) -> Iterator[list[str]]:
+    pos = [p for p in cmd.params if isinstance(p, click.Argument)]
+    opts = [p for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and p.name != "help"]
+    base = [ref if "ref" in (p.name or "") else "x" for p in pos]
+    for i in range(len(pos)):
+        for h in HOSTILE:
+            yield base[:i] + [h] + base[i + 1:]
+    for o in opts:
+        for h in HOSTILE:
+            yield base + [o.opts[0], h]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> tuple[Path, str]:
+    """A small home: a base, two adapters (one version each, one with a tag), copied afresh for every call."""
+    from adapterhub.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("sweep")
+    home = root / "home0"
+    with Workspace.open(home) as ws:
+        ws.add_base("tiny", str(tiny_bert_dir))
+        a = ws.register(write_adapter(root / "a.safetensors", seed=1), name="a", task="t", base="tiny")
+        ws.register(write_adapter(root / "b.safetensors", seed=2), name="b", task="t", base="tiny")
+        ws.tag(a.ref, "prod")
+    return home, a.ref
+
+
+def _check(res: click.testing.Result, argv: list[str]) -> None:
+    e = res.exception
+    if e is not None and not isinstance(e, SystemExit):
+        pytest.fail(f"{argv[:8]!r} raised {''.join(traceback.format_exception(e))[-1500:]}")
+    assert "Traceback" not in res.output, (argv[:8], res.output[-800:])
+    assert res.exit_code in (0, 1, 2), (argv[:8], res.exit_code, res.output[-400:])
+    if res.exit_code:  # (a success may echo what it was told to write: `export REF OUT` names OUT, a path)
+        assert SECRET not in res.output, (argv[:8], res.output[-400:])
+        assert len(res.output) < 4000, (argv[:8], res.output[-400:])
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("models", [False, True], ids=["catalog-hub-deploy", "model-commands"])  # ~5-10 s each
+def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, models: bool) -> None:
+    """About 1,700 in-process invocations (about 3,000 for the model commands), each on a fresh copy of a small
+    home."""
+    home0, ref = seeded
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # output paths typed as hostile values land here, not in the checkout
+    os.mkfifo(work / "fifo")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub commands must not leave the machine
+    runner = CliRunner()
+    n = 0
+    for path, cmd in _leaves(models):
+        for args in _invocations(cmd, ref):
+            home = tmp_path / "home"
+            shutil.rmtree(home, ignore_errors=True)
+            shutil.copytree(home0, home)
+            argv = ["--home", str(home), *path, *args]
+            _check(runner.invoke(cli, argv), argv)
+            n += 1
+    assert n > 1000
+    assert stat.S_ISFIFO(os.lstat(work / "fifo").st_mode)  # never replaced by a file
+
+
+def test_export_never_replaces_a_fifo_or_a_socket(seeded: tuple[Path, str], tmp_path: Path) -> None:
+    import socket
+
+    home = tmp_path / "home"
+    shutil.copytree(seeded[0], home)
+    fifo, sock = tmp_path / "fifo", tmp_path / "sock"
+    os.mkfifo(fifo)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    try:
+        for out, is_kind in ((fifo, stat.S_ISFIFO), (sock, stat.S_ISSOCK)):
+            res = CliRunner().invoke(cli, ["--home", str(home), "export", seeded[1], str(out)])
+            assert res.exit_code == 1 and "not a regular file" in res.output, res.output
+            assert is_kind(os.lstat(out).st_mode)
+            assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    finally:
+        s.close()
+
+
+def test_list_limit_beyond_sql_integers_lists_everything(seeded: tuple[Path, str], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(seeded[0], home)
+    runner = CliRunner()
+    every = runner.invoke(cli, ["--home", str(home), "list", "--json"])
+    huge = runner.invoke(cli, ["--home", str(home), "list", "--json", "--limit", "9" * 30])
+    assert every.exit_code == huge.exit_code == 0, huge.output
+    assert huge.output == every.output
+
+
+def test_library_limit_and_offset_bounds(seeded: tuple[Path, str], tmp_path: Path) -> None:
+    from adapterhub.errors import CatalogError
+    from adapterhub.workspace import Workspace
+
+    home = tmp_path / "home"
+    shutil.copytree(seeded[0], home)
+    with Workspace.open(home) as ws:
+        every = [v.ref for v in ws.list_versions()]
+        assert [v.ref for v in ws.list_versions(limit=2**70)] == every
+        assert [v.ref for v in ws.list_versions(limit=2**63 - 1)] == every
+        assert ws.list_versions(limit=5, offset=2**70) == []
+        with pytest.raises(CatalogError, match=">= 0"):
+            ws.list_versions(limit=-1)
+
+
+def test_empty_upgrade_revision_is_one_line_and_changes_nothing(seeded: tuple[Path, str], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(seeded[0], home)
+    before = (home / "catalog.db").read_bytes()
+    res = CliRunner().invoke(cli, ["--home", str(home), "db", "upgrade", "--revision", ""])
+    assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+    assert res.output.strip().count("\n") == 0 and "revision is empty" in res.output
+    assert (home / "catalog.db").read_bytes() == before
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_password_in_a_misplaced_value_is_not_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        how: str) -> None:
+    url = f"postgresql://alice:{SECRET}@127.0.0.1:1/hub"
+    if how == "env":
+        monkeypatch.setenv("ADAPTERHUB_LOCK_TIMEOUT", url)
+    argv = ["--home", str(tmp_path / "h")] + (["--lock-timeout", url] if how == "flag" else []) + ["list"]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2, res.output
+    assert SECRET not in res.output and "postgresql://***@127.0.0.1:1/hub" in res.output
+
+
+@pytest.mark.parametrize("value", [f"http://u:{SECRET}@h", f"postgresql://alice:{SECRET * 6}@h/x"])
+def test_library_lock_timeout_error_has_no_password(value: str) -> None:
+    """Also when the password is longer than the quoted excerpt: passwords go first, the cut after."""
+    from adapterhub.catalog.db import lock_timeout_setting
+    from adapterhub.errors import CatalogError
+
+    with pytest.raises(CatalogError) as e:
+        lock_timeout_setting(value)
+    assert SECRET[:4] not in str(e.value) and "***@" in str(e.value)
+
+
+def test_excerpt_redacts_before_it_cuts() -> None:
+    long = f"postgresql://alice:{SECRET * 6}@db.example/hub"
+    assert redact_urls(long[:40]) == "postgresql://***"  # cut first: only the cut-userinfo rule catches it
+    assert excerpt(long) == "postgresql://***@db.example/hub"
+    assert excerpt("x" * 100, 10) == "x" * 10
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    (f"postgresql://u:{SECRET}@127.0.0.1:1/x", "postgresql://***@127.0.0.1:1/x"),
+    (f"postgresql://u:p@{SECRET}@h/x", "postgresql://***@h/x"),  # an unencoded @ in the password
+    (f"see http://a:{SECRET}@h/x and s3://k:{SECRET}@b/p", "see http://***@h/x and s3://***@b/p"),
+    ("user@example.com", "user@example.com"),
+    ("http://h/x@y", "http://h/x@y"),
+    ("http://host and user@mail", "http://host and user@mail"),
+    ("plain", "plain"),
+    (f"adapter name 'postgresql://u:{SECRET}' contains", "adapter name 'postgresql://***' contains"),  # cut at '@'
+    ("'http://host:8080'", "'http://host:8080'"),  # a port is not a password
+    ("http://host:8080/x and http://[::1]:8080/x", "http://host:8080/x and http://[::1]:8080/x"),
+    ("sqlite:////tmp/catalog.db", "sqlite:////tmp/catalog.db"),
+])
+def test_redact_urls(text: str, shown: str) -> None:
+    assert redact_urls(text) == shown
+    assert visible(text) == shown
+
+
+def test_ref_number_limits_say_so() -> None:
+    from adapterhub.catalog.refs import parse_ref
+    from adapterhub.errors import RefError
+
+    with pytest.raises(RefError, match="at most 9 digits"):
+        parse_ref("a@" + "1" * 10)
+    with pytest.raises(RefError, match="at most 9 digits"):
+        parse_ref("a@~" + "1" * 10)
+    with pytest.raises(RefError) as e:
+        parse_ref("a@0")
+    assert "digits" not in str(e.value)
