@@ -44,10 +44,13 @@ def _leaves(models: bool) -> Iterator[tuple[tuple[str, ...], click.Command]]:
             yield path, cmd
 
 
-def _invocations(cmd: click.Command, ref: str) -> Iterator[list[str]]:
+def _invocations(path: tuple[str, ...], cmd: click.Command, ref: str) -> Iterator[list[str]]:
+    """The command with one hostile value at a time; every other argument names something that exists (a REF,
+    the adapter, the deployment), so the hostile value is what the command meets beyond its first lookup."""
     pos = [p for p in cmd.params if isinstance(p, click.Argument)]
     opts = [p for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and p.name != "help"]
-    base = [ref if "ref" in (p.name or "") else "x" for p in pos]
+    good = {"ref": ref, "refs": ref, "name": "d" if path[0] == "deploy" else "a", "tag": "prod"}
+    base = [good.get(p.name or "", ref if "ref" in (p.name or "") else "x") for p in pos]
     for i in range(len(pos)):
         for h in HOSTILE:
             yield base[:i] + [h] + base[i + 1:]
@@ -56,19 +59,38 @@ def _invocations(cmd: click.Command, ref: str) -> Iterator[list[str]]:
             yield base + [o.opts[0], h]
 
 
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> tuple[Path, str]:
-    """A small home: a base, two adapters (one version each, one with a tag), copied afresh for every call."""
+def _build_home(root: Path, base_dir: Path) -> tuple[Path, str]:
+    """A small home: a base, two adapters (one version each, one tagged ``prod``), a deployment ``d`` with ``a@1``
+    applied. Returns the home and ``a@1``."""
     from adapterhub.workspace import Workspace
 
-    root = tmp_path_factory.mktemp("sweep")
     home = root / "home0"
     with Workspace.open(home) as ws:
-        ws.add_base("tiny", str(tiny_bert_dir))
+        ws.add_base("tiny", str(base_dir))
         a = ws.register(write_adapter(root / "a.safetensors", seed=1), name="a", task="t", base="tiny")
         ws.register(write_adapter(root / "b.safetensors", seed=2), name="b", task="t", base="tiny")
         ws.tag(a.ref, "prod")
+    _ensure_deployment(home, a.ref)
     return home, a.ref
+
+
+def _ensure_deployment(home: Path, ref: str) -> None:
+    """Deployment ``d`` of ``home`` exists, with ``ref`` applied when it is made anew (a swept command may have
+    removed it)."""
+    from adapterhub.apply import deployments
+    from adapterhub.workspace import Workspace
+
+    with Workspace.open(home) as ws:
+        if not ws.deployment_rows.exists("d"):
+            deployments.create(ws, "d", "tiny")
+            deployments.apply(ws, "d", ref)
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> tuple[Path, str]:
+    """:func:`_build_home`, copied afresh by each test that changes it (a copied home sees its deployments
+    read-only: the deployment commands are swept on a home of their own)."""
+    return _build_home(tmp_path_factory.mktemp("sweep"), tiny_bert_dir)
 
 
 def _check(res: click.testing.Result, argv: list[str]) -> None:
@@ -84,11 +106,13 @@ def _check(res: click.testing.Result, argv: list[str]) -> None:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("models", [False, True], ids=["catalog-hub-deploy", "model-commands"])  # ~5-10 s each
-def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_path: Path,
+def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_path: Path, tiny_bert_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch, models: bool) -> None:
     """About 1,700 in-process invocations (about 3,000 for the model commands), each on a fresh copy of a small
-    home."""
+    home; the deployment commands on one live home whose deployment ``d`` they may change (a copied home's
+    deployments are read-only to it), remade when one removed it."""
     home0, ref = seeded
+    live, _ = _build_home(tmp_path / "live", tiny_bert_dir)
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)  # output paths typed as hostile values land here, not in the checkout
@@ -97,12 +121,15 @@ def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_pat
     runner = CliRunner()
     n = 0
     for path, cmd in _leaves(models):
-        for args in _invocations(cmd, ref):
-            home = tmp_path / "home"
-            shutil.rmtree(home, ignore_errors=True)
-            shutil.copytree(home0, home)
+        for args in _invocations(path, cmd, ref):
+            home = live if path[0] == "deploy" else tmp_path / "home"
+            if home != live:
+                shutil.rmtree(home, ignore_errors=True)
+                shutil.copytree(home0, home)
             argv = ["--home", str(home), *path, *args]
             _check(runner.invoke(cli, argv), argv)
+            if home == live:
+                _ensure_deployment(live, ref)
             n += 1
     assert n > 1000
     assert stat.S_ISFIFO(os.lstat(work / "fifo").st_mode)  # never replaced by a file

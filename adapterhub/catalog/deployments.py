@@ -22,6 +22,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import DeploymentError
+from .db import SQL_INT_MAX
 from .models import Adapter, AdapterVersion, BaseModel, Deployment, DeploymentEvent
 from .records import iso_utc
 
@@ -283,6 +284,8 @@ class DeploymentCatalog:
         """The stack recorded by event ``seq`` of deployment ``name``; None if there is no such event."""
         with self._session() as s:
             row = _row(s, name)
+            if not 0 <= seq <= SQL_INT_MAX:  # no event has that number (and SQL could not compare it)
+                return None
             ev = s.scalar(select(DeploymentEvent).where(DeploymentEvent.deployment_id == row.id,
                                                         DeploymentEvent.seq == seq))
             return None if ev is None else list(ev.stack or [])
