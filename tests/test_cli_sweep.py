@@ -14,7 +14,7 @@ import stat
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import click
 import pytest
@@ -133,6 +133,44 @@ def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_pat
             n += 1
     assert n > 1000
     assert stat.S_ISFIFO(os.lstat(work / "fifo").st_mode)  # never replaced by a file
+
+
+HUB_VALUES = [*HOSTILE, "bob/x", "bob/x@v1", "bob/x@v99", "bob/../x", "../../x", "bob/x@refs/pr/1", "bob/x@main",
+              "bob/x@" + "a" * 40]
+
+
+@pytest.mark.timeout(600)
+def test_hub_commands_survive_hostile_values_against_a_live_hub(seeded: tuple[Path, str], tmp_path: Path,
+                                                                 hub_server: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``push``, ``pull`` and every ``hub`` command against the test Hub server holding ``bob/x@v1``: each argument
+    and valued option given the hostile values and Hub-shaped ones (other revisions, traversal in a repo id)."""
+    home0, ref = seeded
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    os.mkfifo(work / "fifo")
+    runner = CliRunner()
+    home = tmp_path / "home"
+    shutil.copytree(home0, home)
+    first = runner.invoke(cli, ["--home", str(home), "push", ref, "--repo", "bob/x"])
+    assert first.exit_code == 0, first.output
+    hub_group = cast(click.Group, cli.commands["hub"])
+    n = 0
+    for path in [("push",), ("pull",), *(("hub", k) for k in sorted(hub_group.commands))]:
+        cmd = cli.commands[path[0]] if len(path) == 1 else hub_group.commands[path[1]]
+        pos = [p for p in cmd.params if isinstance(p, click.Argument)]
+        opts = [p for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and p.name != "help"]
+        good = [ref if p.name == "ref" else "bob/x@v1" for p in pos]
+        sets = [good[:i] + [h] + good[i + 1:] for i in range(len(pos)) for h in HUB_VALUES]
+        sets += [good + [o.opts[0], h] for o in opts for h in HUB_VALUES]
+        for args in sets:
+            shutil.rmtree(home)
+            shutil.copytree(home0, home)
+            argv = ["--home", str(home), *path, *args]
+            _check(runner.invoke(cli, argv), argv)
+            n += 1
+    assert n > 200
 
 
 def test_export_never_replaces_a_fifo_or_a_socket(seeded: tuple[Path, str], tmp_path: Path) -> None:
