@@ -1,7 +1,8 @@
 """Hostile values in every place of the command line: each leaf command, each of its arguments and valued
 options given values a user (or a script fed from outside) could type — empty, path tricks, huge and
 non-finite numbers, escapes, URLs with passwords. Whatever the value, the command ends with exit 0, 1 or
-2, never a traceback; an error is a short message that shows no password of a URL.
+2, never a traceback; an error is a short message that shows no password of a URL, and a refused command
+changed nothing (every file of the home and its size, every catalog row).
 
 Also the cases this sweep found, one test each: ``list --limit`` above SQL's 64-bit range, an empty
 ``db upgrade --revision``, a password in a misplaced ``--lock-timeout``.
@@ -22,7 +23,7 @@ from click.testing import CliRunner
 
 from adapterhub.cli.main import cli
 from adapterhub.textsafe import excerpt, redact_urls, visible
-from catalog_util import all_commands, write_adapter
+from catalog_util import all_commands, home_snapshot, write_adapter
 
 SECRET = "s3cr3tPa55"
 # Paths stay inside the test's own temp folders (the commands obey the paths they are given, and the tests may
@@ -110,7 +111,7 @@ def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_pat
                                                monkeypatch: pytest.MonkeyPatch, models: bool) -> None:
     """About 1,700 in-process invocations (about 3,000 for the model commands), each on a fresh copy of a small
     home; the deployment commands on one live home whose deployment ``d`` they may change (a copied home's
-    deployments are read-only to it), remade when one removed it."""
+    deployments are read-only to it), remade when one removed it. A refused invocation leaves the home as it was."""
     home0, ref = seeded
     live, _ = _build_home(tmp_path / "live", tiny_bert_dir)
     work = tmp_path / "cwd"
@@ -120,6 +121,7 @@ def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub commands must not leave the machine
     runner = CliRunner()
     n = 0
+    base_snap = home_snapshot(home0)
     for path, cmd in _leaves(models):
         for args in _invocations(path, cmd, ref):
             home = live if path[0] == "deploy" else tmp_path / "home"
@@ -127,7 +129,14 @@ def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_pat
                 shutil.rmtree(home, ignore_errors=True)
                 shutil.copytree(home0, home)
             argv = ["--home", str(home), *path, *args]
-            _check(runner.invoke(cli, argv), argv)
+            before = home_snapshot(home) if home == live else base_snap
+            res = runner.invoke(cli, argv)
+            _check(res, argv)
+            if res.exit_code:  # refused: nothing changed (every file and size, every catalog row)
+                after = home_snapshot(home)
+                assert after == before, (argv[2:8], res.output[-300:],
+                                         sorted(set(after[0]) ^ set(before[0])),
+                                         [t for t in after[1] if after[1][t] != before[1].get(t)])
             if home == live:
                 _ensure_deployment(live, ref)
             n += 1
