@@ -50,14 +50,16 @@ def _invocations(path: tuple[str, ...], cmd: click.Command, ref: str) -> Iterato
     the adapter, the deployment), so the hostile value is what the command meets beyond its first lookup."""
     pos = [p for p in cmd.params if isinstance(p, click.Argument)]
     opts = [p for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and p.name != "help"]
-    good = {"ref": ref, "refs": ref, "name": "d" if path[0] == "deploy" else "a", "tag": "prod"}
-    base = [good.get(p.name or "", ref if "ref" in (p.name or "") else "x") for p in pos]
+    good = {"ref": [ref], "refs": [ref, "b@1"], "name": ["d" if path[0] == "deploy" else "a"], "tag": ["prod"]}
+    # a variadic argument (merge's REFS...) gets two REFs: one would be refused before any option is looked at
+    base = [good.get(p.name or "", [ref] if "ref" in (p.name or "") else ["x"]) for p in pos]
+    flat = [v for vs in base for v in vs]
     for i in range(len(pos)):
         for h in HOSTILE:
-            yield base[:i] + [h] + base[i + 1:]
+            yield [v for vs in base[:i] for v in vs] + [h] + [v for vs in base[i + 1:] for v in vs]
     for o in opts:
         for h in HOSTILE:
-            yield base + [o.opts[0], h]
+            yield flat + [o.opts[0], h]
 
 
 def _build_home(root: Path, base_dir: Path) -> tuple[Path, str]:
