@@ -23,11 +23,11 @@ from ..textsafe import excerpt
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-#: How long a command waits for another process's catalog write lock before giving up (seconds).
-# The largest integer SQL takes as a value, a LIMIT or an OFFSET (SQLite's INTEGER, PostgreSQL's BIGINT);
-# Python's ints do not stop there.
+#: The largest integer SQL takes as a value, a LIMIT or an OFFSET (SQLite's INTEGER, PostgreSQL's BIGINT);
+#: Python's ints do not stop there.
 SQL_INT_MAX = 2**63 - 1
 
+#: How long a command waits for another process's catalog write lock before giving up (seconds).
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 #: After this long waiting for the lock, the "waiting for the catalog lock" notice is given.
 LOCK_NOTICE_AFTER_S = 2.0
