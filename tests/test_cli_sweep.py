@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,21 +45,27 @@ def _leaves(models: bool) -> Iterator[tuple[tuple[str, ...], click.Command]]:
             yield path, cmd
 
 
-def _invocations(path: tuple[str, ...], cmd: click.Command, ref: str) -> Iterator[list[str]]:
-    """The command with one hostile value at a time; every other argument names something that exists (a REF,
-    the adapter, the deployment), so the hostile value is what the command meets beyond its first lookup."""
+def _invocations(cmd: click.Command, good: Callable[[click.Argument], list[str]],
+                 values: list[str]) -> Iterator[list[str]]:
+    """``cmd``'s arguments with one of ``values`` at a time: each argument in turn, every other argument given
+    ``good(argument)`` (something that exists, so the value is what the command meets beyond its first lookup),
+    then each valued option after all the good arguments."""
     pos = [p for p in cmd.params if isinstance(p, click.Argument)]
     opts = [p for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and p.name != "help"]
-    good = {"ref": [ref], "refs": [ref, "b@1"], "name": ["d" if path[0] == "deploy" else "a"], "tag": ["prod"]}
-    # a variadic argument (merge's REFS...) gets two REFs: one would be refused before any option is looked at
-    base = [good.get(p.name or "", [ref] if "ref" in (p.name or "") else ["x"]) for p in pos]
-    flat = [v for vs in base for v in vs]
+    base = [good(p) for p in pos]
     for i in range(len(pos)):
-        for h in HOSTILE:
+        for h in values:
             yield [v for vs in base[:i] for v in vs] + [h] + [v for vs in base[i + 1:] for v in vs]
     for o in opts:
-        for h in HOSTILE:
-            yield flat + [o.opts[0], h]
+        for h in values:
+            yield [v for vs in base for v in vs] + [o.opts[0], h]
+
+
+def _good_arguments(path: tuple[str, ...], ref: str) -> Callable[[click.Argument], list[str]]:
+    """What exists in :func:`_build_home`, by argument name: the REF, the adapter or deployment ``d``, the tag,
+    and two REFs for a variadic argument (merge's REFS...: one is refused before any option is looked at)."""
+    good = {"ref": [ref], "refs": [ref, "b@1"], "name": ["d" if path[0] == "deploy" else "a"], "tag": ["prod"]}
+    return lambda p: good.get(p.name or "", [ref] if "ref" in (p.name or "") else ["x"])
 
 
 def _build_home(root: Path, base_dir: Path) -> tuple[Path, str]:
@@ -108,7 +114,7 @@ def _check(res: click.testing.Result, argv: list[str]) -> None:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("models", [False, True], ids=["catalog-hub-deploy", "model-commands"])  # ~5-10 s each
+@pytest.mark.parametrize("models", [False, True], ids=["catalog-hub-deploy", "model-commands"])  # ~12 s, ~17 s
 def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_path: Path, tiny_bert_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch, models: bool) -> None:
     """About 1,700 in-process invocations (about 3,000 for the model commands), each on a fresh copy of a small
@@ -125,7 +131,7 @@ def test_every_command_survives_hostile_values(seeded: tuple[Path, str], tmp_pat
     n = 0
     base_snap = home_snapshot(home0)
     for path, cmd in _leaves(models):
-        for args in _invocations(path, cmd, ref):
+        for args in _invocations(cmd, _good_arguments(path, ref), HOSTILE):
             home = live if path[0] == "deploy" else tmp_path / "home"
             if home != live:
                 shutil.rmtree(home, ignore_errors=True)
@@ -170,12 +176,7 @@ def test_hub_commands_survive_hostile_values_against_a_live_hub(seeded: tuple[Pa
     n = 0
     for path in [("push",), ("pull",), *(("hub", k) for k in sorted(hub_group.commands))]:
         cmd = cli.commands[path[0]] if len(path) == 1 else hub_group.commands[path[1]]
-        pos = [p for p in cmd.params if isinstance(p, click.Argument)]
-        opts = [p for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and p.name != "help"]
-        good = [ref if p.name == "ref" else "bob/x@v1" for p in pos]
-        sets = [good[:i] + [h] + good[i + 1:] for i in range(len(pos)) for h in HUB_VALUES]
-        sets += [good + [o.opts[0], h] for o in opts for h in HUB_VALUES]
-        for args in sets:
+        for args in _invocations(cmd, lambda p: [ref if p.name == "ref" else "bob/x@v1"], HUB_VALUES):
             shutil.rmtree(home)
             shutil.copytree(home0, home)
             argv = ["--home", str(home), *path, *args]
